@@ -1,0 +1,192 @@
+"""Typed configs: pydantic models loaded from YAML, with `a.b=value` overrides from the command line.
+
+    job = load_config(SFTJob, "recipes/sft_arith.yaml", ["sft.steps=200", "model.n_layer=2"])
+
+Every section forbids unknown keys, so a typo is an error that names the key and the closest
+valid one; a wrong type or an out-of-range value names the key and what was given. Values in
+overrides are parsed as YAML scalars (`3` is an int, `true` a bool, `[1, 2]` a list).
+"""
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config problem, phrased for the person who wrote the config."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RunConfig(Section):
+    name: str = Field("sft", min_length=1, description="folder under out_dir")
+    out_dir: str = "runs"
+    seed: int = 0
+    threads: int = Field(0, ge=0, description="torch threads; 0 = leave torch's default")
+    progress: bool = True
+
+
+class ModelConfig(Section):
+    """gpt_mini's shape (see rlpt.gpt_mini.model.GPTConfig). vocab_size comes from the tokenizer."""
+    n_layer: int = Field(4, ge=1)
+    n_head: int = Field(4, ge=1)
+    n_kv_head: int = Field(4, ge=1)
+    d_model: int = Field(128, ge=8)
+    d_ff: int = Field(352, ge=1)
+    max_seq_len: int = Field(64, ge=8)
+    rope_theta: float = Field(10000.0, gt=0)
+    tie_embeddings: bool = True
+
+    @model_validator(mode="after")
+    def _shapes(self):
+        if self.d_model % self.n_head:
+            raise ValueError(f"model.d_model ({self.d_model}) must be divisible by model.n_head ({self.n_head})")
+        if self.n_head % self.n_kv_head:
+            raise ValueError(f"model.n_head ({self.n_head}) must be divisible by model.n_kv_head ({self.n_kv_head})")
+        return self
+
+
+class TaskConfig(Section):
+    min_operands: int = Field(2, ge=1)
+    max_operands: int = Field(4, ge=1)
+    min_value: int = Field(0, ge=0)
+    max_value: int = Field(9, ge=0)
+    heldout_frac: float = Field(0.1, gt=0, lt=1)
+    split_seed: int = 0
+
+    @model_validator(mode="after")
+    def _ranges(self):
+        if self.max_operands < self.min_operands:
+            raise ValueError("task.max_operands must be >= task.min_operands")
+        if self.max_value < self.min_value:
+            raise ValueError("task.max_value must be >= task.min_value")
+        return self
+
+
+class OptimConfig(Section):
+    lr: float = Field(3e-3, gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    warmup_steps: int = Field(50, ge=0)
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = Field(1.0, gt=0)
+
+
+class EvalConfig(Section):
+    every: int = Field(100, ge=1, description="held-out eval every N steps (and at the end)")
+    size: int = Field(200, ge=1, description="number of held-out problems")
+    pass_k: int = Field(4, ge=1, description="k of pass@k at the final eval")
+    max_tokens: int = Field(40, ge=1)
+
+
+class SFTConfig(Section):
+    steps: int = Field(600, ge=1)
+    batch_size: int = Field(64, ge=1)
+    format: Literal["direct", "cot"] = "direct"
+    log_every: int = Field(10, ge=1)
+    ckpt_every: int = Field(200, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    optim: OptimConfig = OptimConfig()
+
+
+class SFTJob(Section):
+    run: RunConfig = RunConfig()
+    model: ModelConfig = ModelConfig()
+    task: TaskConfig = TaskConfig()
+    sft: SFTConfig = SFTConfig()
+    eval: EvalConfig = EvalConfig()
+    init_from: str | None = Field(None, description="checkpoint to start from (else random init)")
+
+
+Job = TypeVar("Job", bound=BaseModel)
+
+
+def _valid_keys(cls: type[BaseModel], prefix: str = "") -> list[str]:
+    keys = []
+    for name, f in cls.model_fields.items():
+        keys.append(prefix + name)
+        ann = f.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            keys += _valid_keys(ann, prefix + name + ".")
+    return keys
+
+
+def _format_error(cls: type[BaseModel], err: ValidationError, source: str) -> str:
+    lines = []
+    valid = _valid_keys(cls)
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            lines.append(f"unknown config key '{key}'.{hint}")
+        elif e["type"] == "value_error" or not key:
+            lines.append(e["msg"].removeprefix("Value error, "))
+        else:
+            lines.append(f"config key '{key}': {e['msg']} (got {e.get('input')!r})")
+    return f"invalid config ({source}):\n  " + "\n  ".join(lines)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not of the form key.sub=value (for example sft.steps=200)")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def read_yaml(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} does not exist (or is not a file); "
+                          "pass an existing YAML file, for example one under recipes/")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(p)!r} must hold a mapping of keys, not a {type(data).__name__}")
+    return data
+
+
+def load_config(cls: type[Job], path: str | Path | None = None, overrides: list[str] = (),
+                base: dict | None = None) -> Job:
+    data = dict(base or {})
+    if path is not None:
+        data = _deep_merge(data, read_yaml(path))
+    for item in overrides:
+        keys, value = parse_override(item)
+        node = data
+        for k in keys[:-1]:
+            if not isinstance(node.get(k, {}), dict):
+                raise ConfigError(f"override {item!r}: '{k}' is a value, not a section")
+            node = node.setdefault(k, {})
+        node[keys[-1]] = value
+    try:
+        return cls.model_validate(data)
+    except ValidationError as e:
+        src = str(path) if path else "defaults"
+        if overrides:
+            src += " + overrides " + " ".join(overrides)
+        raise ConfigError(_format_error(cls, e, src)) from None
+
+
+def _deep_merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def dump_config(cfg: BaseModel) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

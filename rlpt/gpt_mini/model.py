@@ -1,0 +1,216 @@
+"""gpt_mini: the course's tiny Llama-style decoder.
+
+    h = x + Attn(RMSNorm(x));  out = h + SwiGLU(RMSNorm(h));  logits = W_out RMSNorm(out_L)
+
+RMSNorm (Zhang & Sennrich 2019), rotary positions (Su et al. 2021), SwiGLU (Shazeer 2020),
+optional grouped-query attention (Ainslie et al. 2023) and optionally tied input/output
+embeddings: the same block as Llama, so `rlpt.models.hf` converts it to `LlamaForCausalLM`
+and back with equal logits. No biases, no dropout (dropout would make the trainer's log-probs
+differ from the rollout's: spec part 1 §4.6 trap 4).
+
+The protocol every rlpt policy obeys is `model(input_ids) -> logits (B, T, V)`. For decoding,
+`model(input_ids, cache=cache, positions=pos, key_mask=km)` appends this chunk's keys and values to a
+`KVCache` and attends to everything cached so far; its logits equal the full forward's to 1e-5.
+
+    python -c "from rlpt.gpt_mini.model import GPT, GPTConfig; print(GPT(GPTConfig()).num_params())"
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 24
+    n_layer: int = 4
+    n_head: int = 4
+    n_kv_head: int = 4          # < n_head: grouped-query attention (n_head % n_kv_head == 0)
+    d_model: int = 128
+    d_ff: int = 352             # SwiGLU hidden size (≈ 8/3 · d_model, rounded)
+    max_seq_len: int = 64
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+
+    def __post_init__(self):
+        if self.d_model % self.n_head:
+            raise ValueError(f"model.d_model={self.d_model} must be divisible by model.n_head={self.n_head}")
+        if self.n_head % self.n_kv_head:
+            raise ValueError(f"model.n_head={self.n_head} must be divisible by model.n_kv_head={self.n_kv_head}")
+        if (self.d_model // self.n_head) % 2:
+            raise ValueError("head dim (model.d_model / model.n_head) must be even for rotary positions")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
+
+
+def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape (max_len, head_dim), in the half-split layout HF Llama uses."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    freqs = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)   # (L, hd/2)
+    emb = torch.cat([freqs, freqs], dim=-1)                                      # (L, hd)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (B, H, T, hd); cos/sin (B, 1, T, hd)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+class KVCache:
+    """Pre-allocated per-layer keys/values (B, H_kv, max_len, hd) plus which slots hold real tokens.
+
+    Rows may be left-padded (prompts of different lengths); `valid` marks the slots a query may attend to.
+    """
+
+    def __init__(self, cfg: GPTConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):
+        shape = (batch_size, cfg.n_kv_head, max_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
+        self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
+        self.pos = 0            # number of slots written so far
+        self.max_len = max_len
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep only `rows` (drop finished sequences from the batch)."""
+        self.k = [k[rows] for k in self.k]
+        self.v = [v[rows] for v in self.v]
+        self.valid = self.valid[rows]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.cfg = cfg
+        hd = cfg.head_dim
+        self.q_proj = nn.Linear(cfg.d_model, cfg.n_head * hd, bias=False)
+        self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_head * hd, bias=False)
+        self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_head * hd, bias=False)
+        self.o_proj = nn.Linear(cfg.n_head * hd, cfg.d_model, bias=False)
+
+    def forward(self, x, cos, sin, layer: int, cache: KVCache | None, mask: torch.Tensor | None):
+        B, T, _ = x.shape
+        H, Hkv, hd = self.cfg.n_head, self.cfg.n_kv_head, self.cfg.head_dim
+        q = self.q_proj(x).view(B, T, H, hd).transpose(1, 2)       # (B, H, T, hd)
+        k = self.k_proj(x).view(B, T, Hkv, hd).transpose(1, 2)     # (B, Hkv, T, hd)
+        v = self.v_proj(x).view(B, T, Hkv, hd).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            p = cache.pos
+            cache.k[layer][:, :, p:p + T] = k
+            cache.v[layer][:, :, p:p + T] = v
+            k, v = cache.k[layer][:, :, :p + T], cache.v[layer][:, :, :p + T]
+        if Hkv != H:   # GQA: each group of H/Hkv query heads reads one kv head
+            k = k.repeat_interleave(H // Hkv, dim=1)
+            v = v.repeat_interleave(H // Hkv, dim=1)
+        if mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, H * hd))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
+        self.up_proj = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
+        self.down_proj = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.input_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.post_attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, layer, cache, mask):
+        x = x + self.attn(self.input_norm(x), cos, sin, layer, cache, mask)
+        return x + self.mlp(self.post_attn_norm(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.apply(self._init)
+        for name, p in self.named_parameters():   # GPT-2 style scaled init of residual projections
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    @staticmethod
+    def _init(m: nn.Module):
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
+        p = self.embed.weight
+        return KVCache(self.cfg, batch_size, max_len or self.cfg.max_seq_len, p.device, p.dtype)
+
+    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None,
+                positions: torch.Tensor | None = None, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids (B, T) -> logits (B, T, V).
+
+        Without a cache: a plain causal forward from position 0 (right padding is harmless).
+        With a cache: `positions` (B, T) are each token's rotary positions (default: cache.pos + arange)
+        and `key_mask` (B, T) marks real tokens (False for left padding) for this chunk.
+        """
+        B, T = input_ids.shape
+        start = cache.pos if cache is not None else 0
+        if start + T > self.cfg.max_seq_len:
+            raise ValueError(f"sequence of {start + T} tokens exceeds model.max_seq_len={self.cfg.max_seq_len}")
+        if positions is None:
+            positions = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
+        cos = self.rope_cos[positions].unsqueeze(1)   # (B, 1, T, hd)
+        sin = self.rope_sin[positions].unsqueeze(1)
+        mask = None
+        if cache is not None:
+            cache.valid[:, start:start + T] = True if key_mask is None else key_mask
+            q_pos = torch.arange(start, start + T, device=input_ids.device)[:, None]
+            k_pos = torch.arange(start + T, device=input_ids.device)[None, :]
+            mask = (k_pos <= q_pos) & cache.valid[:, None, :start + T]        # (B, T, S)
+            # A left-pad query sees no valid key and would give NaN: let it see itself.
+            mask = (mask | (k_pos == q_pos)).unsqueeze(1)                      # (B, 1, T, S)
+        x = self.embed(input_ids)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, i, cache, mask)
+        if cache is not None:
+            cache.pos += T
+        return self.lm_head(self.norm(x))

@@ -1,0 +1,58 @@
+"""End-of-run output: a summary table on the terminal, and report.md with plots in the run folder.
+
+    write_report(run, "SFT", final_metrics, plots={"accuracy": ["acc/heldout"], "loss": ["loss/sft"]})
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def table(rows: list[tuple[str, str]], headers: tuple[str, str] = ("metric", "value")) -> str:
+    """A markdown table (also readable as plain text on a terminal)."""
+    w0 = max(len(headers[0]), *(len(r[0]) for r in rows)) if rows else len(headers[0])
+    w1 = max(len(headers[1]), *(len(r[1]) for r in rows)) if rows else len(headers[1])
+    lines = [f"| {headers[0]:<{w0}} | {headers[1]:>{w1}} |", f"|{'-' * (w0 + 2)}|{'-' * (w1 + 1)}:|"]
+    lines += [f"| {a:<{w0}} | {b:>{w1}} |" for a, b in rows]
+    return "\n".join(lines)
+
+
+def fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def plot_series(metrics: list[dict], keys: list[str], path: Path, title: str = "") -> Path | None:
+    """Plot each key against step (points where the key was logged). None when nothing to plot."""
+    series = {k: [(r["step"], r[k]) for r in metrics if isinstance(r.get(k), (int, float))] for k in keys}
+    series = {k: v for k, v in series.items() if v}
+    if not series:
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for k, pts in series.items():
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="." if len(pts) < 40 else None, label=k)
+    ax.set_xlabel("step")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def write_report(run, title: str, final: dict, plots: dict[str, list[str]], notes: str = "") -> Path:
+    metrics = run.read_metrics()
+    parts = [f"# {title}: {run.dir.name}", "", table([(k, fmt(v)) for k, v in final.items()]), ""]
+    for name, keys in plots.items():
+        png = plot_series(metrics, keys, run.dir / f"{name}.png", title=name)
+        if png is not None:
+            parts += [f"![{name}]({png.name})", ""]
+    if notes:
+        parts += [notes, ""]
+    path = run.dir / "report.md"
+    path.write_text("\n".join(parts))
+    return path
