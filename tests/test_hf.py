@@ -87,17 +87,25 @@ def test_round_trip_state_dict_identical(n_kv_head, tie):
 
 
 @pytest.mark.parametrize("overrides,field", [
-    (dict(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}), "rope_parameters"),
+    (dict(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}), "rope_scaling"),
+    (dict(rope_scaling={"rope_type": "dynamic", "factor": 2.0}), "rope_scaling"),
+    (dict(rope_parameters={"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}), "rope"),
     (dict(attention_bias=True), "attention_bias"),
     (dict(mlp_bias=True), "mlp_bias"),
     (dict(hidden_act="gelu"), "hidden_act"),
     (dict(head_dim=32), "head_dim"),
     (dict(attention_dropout=0.1), "attention_dropout"),
-    (dict(num_attention_heads=8, num_key_value_heads=8, hidden_size=8 * 5), "head dim"),   # odd head dim
 ])
 def test_unrepresentable_config_names_field(overrides, field):
     with pytest.raises(ValueError, match=field):
         gpt_config_from_hf(_llama_config(**overrides))
+
+
+def test_non_llama_config_names_model_type():
+    cfg = transformers.MistralConfig(vocab_size=30, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2)
+    with pytest.raises(ValueError, match="model_type"):
+        gpt_config_from_hf(cfg)
 
 
 def test_unrepresentable_model_raises_on_conversion():

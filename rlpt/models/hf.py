@@ -70,8 +70,8 @@ def _rope_theta(config) -> float:
         kind = rp.get("rope_type", rp.get("type", "default"))
         extra = set(rp) - {"rope_type", "type", "rope_theta"}
         if kind != "default" or extra:
-            raise ValueError(f"HF config field {field}={rp!r} (RoPE scaling) cannot be represented by "
-                             "gpt_mini, which implements plain RoPE only")
+            raise ValueError(f"HF config field {field}={rp!r} (rope_scaling: RoPE scaling or partial rotary) "
+                             "cannot be represented by gpt_mini, which implements plain RoPE only")
         if "rope_theta" in rp:
             return float(rp["rope_theta"])
     return float(getattr(config, "rope_theta", 10000.0))
