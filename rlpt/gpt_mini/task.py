@@ -37,7 +37,9 @@ class Problem:
         return f"{self.gold}{EOS}"
 
     def cot(self) -> str:
-        """Partial sums, one addition at a time: 3+4=7,7+5=12#."""
+        """Partial sums, one addition at a time: 3+4=7,7+5=12#. One operand has no step: `5#`."""
+        if len(self.operands) == 1:
+            return self.direct()
         steps, acc = [], self.operands[0]
         for x in self.operands[1:]:
             steps.append(f"{acc}+{x}={acc + x}")
