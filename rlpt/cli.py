@@ -2,6 +2,7 @@
 `key.sub=value` overrides, writes a run folder and prints a summary table.
 
     rlpt sft [recipe.yaml] [key=value ...] [--resume]
+    rlpt train [recipe.yaml] [key=value ...] [--resume]
     rlpt eval CHECKPOINT [key=value ...] [--split heldout|train] [--pass-k K]
 """
 from __future__ import annotations
@@ -34,6 +35,19 @@ def cmd_sft(args) -> int:
     job = load_config(SFTJob, path, overrides)
     model, run, final = train_sft(job, resume=args.resume)
     report = write_report(run, "SFT", final, plots={"accuracy": ["acc/heldout"], "loss": ["loss/sft"]})
+    print(table([(k, fmt(v)) for k, v in final.items()] + [("run folder", str(run.dir)), ("report", str(report))]))
+    return 0
+
+
+def cmd_train(args) -> int:
+    from rlpt.report import fmt, table, write_report
+    from rlpt.train import load_train_job, run_train
+    path, overrides = _split_args(args.items)
+    job = load_train_job(path, overrides)
+    ctl, run, final = run_train(job, resume=args.resume)
+    report = write_report(run, f"RL ({job.algorithm['name']})", final,
+                          plots={"heldout_accuracy_and_reward": ["acc/heldout", "reward/mean"],
+                                 "kl_and_clip": ["kl/mean", "clip/frac"]})
     print(table([(k, fmt(v)) for k, v in final.items()] + [("run folder", str(run.dir)), ("report", str(report))]))
     return 0
 
@@ -75,6 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("items", nargs="*", metavar="[recipe.yaml] [key=value ...]")
     s.add_argument("--resume", action="store_true", help="continue the run folder from its latest checkpoint")
     s.set_defaults(fn=cmd_sft)
+    t = sub.add_parser("train", help="RL on a recipe: the six roles and the seven-step loop (GRPO by default)")
+    t.add_argument("items", nargs="*", metavar="[recipe.yaml] [key=value ...]")
+    t.add_argument("--resume", action="store_true", help="continue the run folder from its latest checkpoint")
+    t.set_defaults(fn=cmd_train)
     e = sub.add_parser("eval", help="held-out greedy accuracy and pass@k of a checkpoint")
     e.add_argument("checkpoint", help="a checkpoint folder, or a run folder (its latest checkpoint)")
     e.add_argument("items", nargs="*", metavar="key=value", help="task.* and eval.* overrides")
@@ -90,12 +108,16 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "fn", None):
         parser.print_help()
         return 0
+    from rlpt.framework.controller import LogpMismatchError
     from rlpt.run import CheckpointError, StopRequested
     try:
         return args.fn(args)
     except (ConfigError, CheckpointError, FileExistsError) as e:
         print(f"rlpt {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except LogpMismatchError as e:
+        print(f"rlpt {args.command}: stopped: {e}", file=sys.stderr)
+        return 3
     except StopRequested as e:
         print(f"rlpt {args.command}: {e}", file=sys.stderr)
         return 130

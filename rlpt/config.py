@@ -161,7 +161,9 @@ def read_yaml(path: str | Path) -> dict:
 
 def load_config(cls: type[Job], path: str | Path | None = None, overrides: list[str] = (),
                 base: dict | None = None) -> Job:
-    data = dict(base or {})
+    # Start from the job's own defaults, so a partial override of a section whose defaults differ
+    # from its class's (e.g. the RL trainer's optimizer) keeps the rest of that section's defaults.
+    data = _deep_merge(cls().model_dump(), base or {})
     if path is not None:
         data = _deep_merge(data, read_yaml(path))
     for item in overrides:

@@ -14,18 +14,17 @@ from __future__ import annotations
 
 import math
 import random
-import time
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from rlpt.config import EvalConfig, ModelConfig, OptimConfig, SFTJob, TaskConfig
 from rlpt.gpt_mini.generate import SamplingParams, generate
 from rlpt.gpt_mini.model import GPT, GPTConfig
 from rlpt.gpt_mini.task import ArithmeticTask, Problem, verify
 from rlpt.gpt_mini.tokenizer import CharTokenizer
-from rlpt.run import CheckpointError, GracefulInterrupt, Run, StopRequested, load_state, load_weights, read_checkpoint_meta, resolve_checkpoint, \
+from rlpt.loop import train_loop
+from rlpt.run import CheckpointError, Run, load_state, load_weights, read_checkpoint_meta, resolve_checkpoint, \
     rng_state, set_rng_state
 
 
@@ -153,41 +152,27 @@ def train_sft(job: SFTJob, resume: bool = False, model: GPT | None = None) -> tu
                  "rng": rng_state(), "data_rng": data_rng.getstate()}
         return run.save(step, model, meta, state, keep=job.sft.keep_checkpoints)
 
-    t0 = time.perf_counter()
-    bar = tqdm(range(start, job.sft.steps), desc="sft", initial=start, total=job.sft.steps,
-               disable=not job.run.progress, dynamic_ncols=True)
-    with GracefulInterrupt() as stop:
-        for step in bar:
-            if stop.requested:
-                path = save(step)
-                bar.close()
-                run.close()
-                raise StopRequested(f"interrupted at step {step}: saved {path}; continue with --resume")
-            model.train()
-            problems = [task.sample(data_rng, "train") for _ in range(job.sft.batch_size)]
-            ids, mask = sft_batch(problems, job.sft.format, tok)
-            loss = sft_loss(model, ids, mask)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            gn = torch.nn.utils.clip_grad_norm_(model.parameters(), job.sft.optim.grad_clip)
-            opt.step()
-            sched.step()
-            done = step + 1
-            metrics = {}
-            if done % job.sft.log_every == 0 or done == job.sft.steps:
-                metrics.update({"loss/sft": loss.item(), "grad/norm": gn.item(), "lr": sched.get_last_lr()[0],
-                                "tokens/step": int(mask.sum())})
-            if done % job.eval.every == 0 or done == job.sft.steps:
-                ev = evaluate(model, tok, heldout, job.eval)
-                metrics.update({"acc/heldout": ev["acc"], "response/len_mean": ev["len"]})
-                bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{ev['acc']:.3f}")
-            if metrics:
-                metrics["time/elapsed"] = time.perf_counter() - t0
-                run.log(done, metrics)
-            if done % job.sft.ckpt_every == 0 and done < job.sft.steps:
-                save(done)
-    bar.close()
-    save(job.sft.steps)
+    def step_fn(step: int) -> dict:
+        model.train()
+        problems = [task.sample(data_rng, "train") for _ in range(job.sft.batch_size)]
+        ids, mask = sft_batch(problems, job.sft.format, tok)
+        loss = sft_loss(model, ids, mask)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gn = torch.nn.utils.clip_grad_norm_(model.parameters(), job.sft.optim.grad_clip)
+        opt.step()
+        sched.step()
+        if (step + 1) % job.sft.log_every and step + 1 != job.sft.steps:
+            return {}
+        return {"loss/sft": loss.item(), "grad/norm": gn.item(), "lr": sched.get_last_lr()[0],
+                "tokens/step": int(mask.sum())}
+
+    def eval_fn() -> dict:
+        ev = evaluate(model, tok, heldout, job.eval)
+        return {"acc/heldout": ev["acc"], "response/len_mean": ev["len"]}
+
+    train_loop(run, start, job.sft.steps, step_fn, eval_fn, save, job.eval.every, job.sft.ckpt_every,
+               job.run.progress, desc="sft", show=("loss/sft", "acc/heldout"))
     ev = evaluate(model, tok, heldout, job.eval, pass_k=job.eval.pass_k, seed=job.run.seed)
     k = job.eval.pass_k
     final = {"acc/heldout": ev["acc"], f"pass@{k}/heldout": ev[f"pass@{k}"], "response/len_mean": ev["len"]}
