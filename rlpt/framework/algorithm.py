@@ -1,0 +1,157 @@
+"""Algorithm: the plugin interface, and the pieces every algorithm's loss is made of.
+
+    compute_advantages(groups)           writes traj.advantage (and info["degenerate"]) in place
+    compute_loss(batch, new_logp)        -> (loss, metrics); gradient flows through new_logp only
+
+    loss = agg(pg_tok · mask) + β · agg(kl_tok · mask),   kl_tok = k(new_logp, ref_logp) estimating KL(π_θ ‖ π_ref)
+
+The trainer and the rollout never know which algorithm runs: swapping GRPO for DAPO is a config
+change. Algorithms register with one decorator and carry their own pydantic config, so a recipe's
+`algorithm:` section is validated by the algorithm it names and errors name `algorithm.<key>`.
+
+Aggregation modes (how per-token terms become one number; spec part 2 §7):
+  token-mean                Σ x·m / Σ m over the batch      every token weighs the same (DAPO)
+  seq-mean-token-mean       mean_i( Σ_t x·m / |y_i| )       a token of a short answer weighs more (GRPO paper)
+  seq-mean-token-sum-norm   Σ x·m / (B · L)                  L a constant (max_tokens): no length bias (Dr.GRPO)
+Denominators come from the batch (`agg_tokens`, `agg_seqs`), so micro-batch losses add up exactly.
+"""
+from __future__ import annotations
+
+import difflib
+from typing import Literal, Protocol
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from rlpt.framework.trajectory import Batch, Trajectory
+
+AggMode = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
+KLEstimator = Literal["k1", "k2", "k3"]
+
+
+class AlgorithmConfig(BaseModel):
+    """Fields every algorithm shares; subclasses add their own."""
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    name: str
+    beta: float = Field(0.05, ge=0, description="weight of the KL(π_θ‖π_ref) loss term")
+    kl_estimator: KLEstimator = "k3"
+    loss_agg: AggMode | None = Field(None, description="None = the algorithm's own mode")
+    norm_len: int = Field(0, ge=0, description="L of seq-mean-token-sum-norm; 0 = rollout.max_tokens")
+
+
+class Algorithm(Protocol):
+    cfg: AlgorithmConfig
+    needs_groups: bool          # True when the advantage needs K ≥ 2 samples per prompt
+
+    def compute_advantages(self, groups: list[list[Trajectory]]) -> None: ...
+
+    def compute_loss(self, batch: Batch, new_logp: torch.Tensor) -> tuple[torch.Tensor, dict]: ...
+
+
+ALGORITHMS: dict[str, type] = {}
+
+
+def register(name: str):
+    """@register("grpo") on a class with a nested `Config(AlgorithmConfig)`."""
+    def deco(cls):
+        cls.name = name
+        ALGORITHMS[name] = cls
+        return cls
+    return deco
+
+
+class AlgorithmConfigError(ValueError):
+    pass
+
+
+def make_algorithm(section: dict, group_size: int, max_tokens: int):
+    """Build the registered algorithm `section["name"]`, validating the rest of the section."""
+    import rlpt.algorithms  # noqa: F401 - registers the bundled algorithms
+    name = section.get("name")
+    if name not in ALGORITHMS:
+        close = difflib.get_close_matches(str(name), ALGORITHMS, n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise AlgorithmConfigError(f"unknown algorithm '{name}' (config key algorithm.name).{hint} "
+                                   f"Registered: {sorted(ALGORITHMS)}")
+    cls = ALGORITHMS[name]
+    try:
+        cfg = cls.Config.model_validate(section)
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            key = "algorithm." + ".".join(str(p) for p in err["loc"]) if err["loc"] else "algorithm"
+            if err["type"] == "extra_forbidden":
+                close = difflib.get_close_matches(key, ["algorithm." + f for f in cls.Config.model_fields], n=1)
+                lines.append(f"unknown config key '{key}' for {name}." + (f" Did you mean '{close[0]}'?" if close else ""))
+            else:
+                lines.append(f"config key '{key}': {err['msg'].removeprefix('Value error, ')} (got {err.get('input')!r})")
+        raise AlgorithmConfigError("invalid algorithm config:\n  " + "\n  ".join(lines)) from None
+    if cls.needs_groups and group_size < 2:
+        raise AlgorithmConfigError(f"{name} needs a group baseline, so rollout.k must be >= 2 (got {group_size})")
+    if cfg.norm_len == 0:
+        cfg.norm_len = max_tokens
+    return cls(cfg)
+
+
+# -- shared pieces ----------------------------------------------------------------------------------
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
+    """Σ x·m / Σ m, with an all-zero mask giving 0 (never NaN)."""
+    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+
+
+def aggregate(x: torch.Tensor, batch: Batch, mode: AggMode, norm_len: int) -> torch.Tensor:
+    """Per-token x (B, T-1) -> scalar, with denominators of the whole (mini-)batch (see module doc)."""
+    m = batch.mask
+    if mode == "token-mean":
+        return (x * m).sum() / max(batch.agg_tokens, 1.0)
+    if mode == "seq-mean-token-mean":
+        per_seq = (x * m).sum(-1) / m.sum(-1).clamp(min=1)     # (B,)
+        return per_seq.sum() / max(batch.agg_seqs, 1.0)
+    if mode == "seq-mean-token-sum-norm":
+        return (x * m).sum() / (max(batch.agg_seqs, 1.0) * norm_len)
+    raise ValueError(f"unknown loss aggregation mode {mode!r}")
+
+
+def kl_estimate(new_logp: torch.Tensor, ref_logp: torch.Tensor, kind: KLEstimator = "k3") -> torch.Tensor:
+    """Per-token estimate of KL(π_θ ‖ π_ref) from tokens sampled from π_θ (Schulman 2020).
+
+    r = log π_θ − log π_ref.  k1 = r (unbiased, signed, noisy);  k2 = r²/2 (biased, ≥ 0);
+    k3 = e^{−r} + r − 1 (unbiased, ≥ 0). The order matters: swapping the arguments estimates
+    KL(π_ref ‖ π_θ) and silently changes what is optimised.
+    """
+    r = new_logp - ref_logp.detach()
+    if kind == "k1":
+        return r
+    if kind == "k2":
+        return 0.5 * r * r
+    if kind == "k3":
+        return torch.exp(-r) + r - 1
+    raise ValueError(f"unknown KL estimator {kind!r}")
+
+
+def clipped_surrogate(new_logp, old_logp, adv, mask, eps_low: float, eps_high: float):
+    """PPO's pessimistic surrogate per token: −min(ρA, clip(ρ, 1−ε_low, 1+ε_high)A), and clip stats.
+
+    log ρ is masked before exp so padding gives ρ = 1, never overflow (spec part 1 §6.6).
+    """
+    log_ratio = (new_logp - old_logp) * mask
+    ratio = torch.exp(log_ratio)
+    pg_tok = -torch.min(ratio * adv, ratio.clamp(1 - eps_low, 1 + eps_high) * adv)
+    with torch.no_grad():
+        n = mask.sum().clamp(min=1)
+        stats = {"clip/frac_low": (((ratio < 1 - eps_low) & (adv < 0)).float() * mask).sum() / n,
+                 "clip/frac_high": (((ratio > 1 + eps_high) & (adv > 0)).float() * mask).sum() / n,
+                 "clip/frac": (((ratio < 1 - eps_low) | (ratio > 1 + eps_high)).float() * mask).sum() / n,
+                 "ratio/abs_log_mean": (log_ratio.abs() * mask).sum() / n,
+                 "ratio/abs_log_max": (log_ratio.abs() * mask).max()}
+    return pg_tok, stats
+
+
+def kl_term(batch: Batch, new_logp: torch.Tensor, cfg: AlgorithmConfig, mode: AggMode) -> tuple[torch.Tensor, dict]:
+    kl_tok = kl_estimate(new_logp, batch.ref_logp, cfg.kl_estimator)
+    kl = aggregate(kl_tok, batch, mode, cfg.norm_len)
+    return cfg.beta * kl, {"kl/mean": masked_mean(kl_tok.detach(), batch.mask)}
+
+
+def group_rewards(group: list[Trajectory]) -> torch.Tensor:
+    return torch.tensor([t.reward for t in group], dtype=torch.float32)

@@ -1,0 +1,75 @@
+"""Controller: the seven-step loop, one line per role, timed per role.
+
+    1 rollout.generate(env, K)  2 reference.score  3 algorithm.compute_advantages  4 collate
+    5 trainer.train_step(batch, algorithm.compute_loss)  6 syncer.sync(trainer, rollout)  7 metrics
+
+It never touches parameters, logits or rewards, and never knows which algorithm or task it runs
+(a test checks this file for tensor operations). Groups the algorithm marks degenerate (all
+rewards equal: zero advantage, zero gradient) are dropped before collate; when every group is
+degenerate the step is skipped: no forward, no optimizer step, no sync, parameters bit-identical.
+"""
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+from rlpt.framework.trajectory import collate, flatten, rollout_metrics
+
+
+class LogpMismatchError(RuntimeError):
+    pass
+
+
+@dataclass
+class Controller:
+    rollout: object
+    env: object
+    reference: object
+    algorithm: object
+    trainer: object
+    syncer: object
+    k: int
+    pad_id: int
+    logp_tol: float | None = 1e-5       # on the mean |Δ|; None: no check (top-p/top-k sampling)
+    logp_tol_max: float = 1e-3          # on the worst token
+    timings: dict = field(default_factory=dict)
+
+    @contextmanager
+    def timed(self, role: str):
+        t0 = time.perf_counter()
+        yield
+        self.timings[f"time/{role}"] = time.perf_counter() - t0
+
+    def step(self) -> dict:
+        self.timings = {}
+        with self.timed("rollout"):
+            groups = self.rollout.generate(self.env, self.k)                        # 1 sample + verify
+        self.timings["time/verify"] = self.rollout.stats.get("time/verify", 0.0)
+        self.timings["time/rollout"] -= self.timings["time/verify"]
+        with self.timed("ref"):
+            self.reference.score(flatten(groups), self.pad_id)                      # 2 π_ref
+        self.algorithm.compute_advantages(groups)                                   # 3 advantages
+        kept = [t for t in flatten(groups) if not t.info.get("degenerate")]
+        metrics = {**rollout_metrics(groups), "groups/kept": len(kept) / len(flatten(groups))}
+        if kept:
+            batch = collate(kept, self.pad_id)                                      # 4 collate
+            with self.timed("train"):
+                metrics |= self.trainer.train_step(batch, self.algorithm.compute_loss)   # 5 train
+            with self.timed("sync"):
+                metrics["sync/done"] = float(self.syncer.sync(self.trainer, self.rollout))   # 6 sync
+        metrics["step/skipped"] = float(not kept)
+        self._check(metrics)
+        return metrics | self.timings                                               # 7 metrics
+
+    def _check(self, metrics: dict) -> None:
+        mean, worst = metrics.get("check/logp_mismatch_mean"), metrics.get("check/logp_mismatch")
+        if self.logp_tol is None or mean is None:
+            return
+        if mean > self.logp_tol or worst > self.logp_tol_max:
+            raise LogpMismatchError(
+                f"trainer log-probs differ from the rollout's old_logp by {mean:.3g} on average and {worst:.3g} "
+                f"at worst (limits check.logp_tol={self.logp_tol:g}, check.logp_tol_max={self.logp_tol_max:g}) "
+                "on a batch sampled with the trainer's current weights. The rollout and "
+                "trainer disagree: look for a temperature applied on one side only, dropout left on, an "
+                "off-by-one in collate, or different precision.")

@@ -1,0 +1,83 @@
+"""Rollout: sample K responses for each of B prompts, record π_old, attach the verifier's reward.
+
+    for each prompt x_b:  y_bk ~ π_old(·|x_b),  old_logp_bk,t = log π_old(y_bk,t | x_b, y_bk,<t),  r_bk = verify(x_b, y_bk)
+
+`old_logp` is recorded at sampling time from the very distribution sampled from (temperature,
+top-k, top-p applied) and is never recomputed after an optimizer step: recomputing it makes the
+PPO ratio ≡ 1 and silently turns the clipped surrogate into plain REINFORCE (spec part 1 §4.6).
+The EOS `#` is the policy's decision to stop, so it is trained (mask 1); nothing after it is.
+A response cut by `max_tokens` keeps mask 1 on what was sampled and is marked
+`info["finish_reason"] = "length"`; it still gets the verifier's verdict.
+
+The model here is the rollout's own copy, updated only by `WeightSyncer`; `version` is the
+version of the weights it holds and is stamped on every trajectory.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from rlpt.framework.environment import Prompt, safe_verify
+from rlpt.framework.trajectory import Trajectory
+from rlpt.gpt_mini.generate import SamplingParams, generate
+
+
+class RolloutEngine:
+    def __init__(self, model, tokenizer, prompts_per_step: int, sampling: SamplingParams, seed: int = 0,
+                 batch_limit: int = 512):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.prompts_per_step = prompts_per_step
+        self.sampling = sampling
+        self.generator = torch.Generator().manual_seed(seed)
+        self.batch_limit = batch_limit      # most sequences decoded together
+        self.version = 0
+        self.stats: dict = {}
+
+    def _sample(self, prompts: list[list[int]], sp: SamplingParams, generator=None, model=None):
+        out = []
+        for i in range(0, len(prompts), self.batch_limit):
+            out += generate(model or self.model, prompts[i:i + self.batch_limit], sp, self.tokenizer.eos_id,
+                            self.tokenizer.pad_id, generator)
+        return out
+
+    def generate(self, env, K: int) -> list[list[Trajectory]]:
+        """B = prompts_per_step groups of K trajectories each, rewards attached."""
+        prompts = [env.reset("train") for _ in range(self.prompts_per_step)]
+        t0 = time.perf_counter()
+        samples = self._sample([p.ids for p in prompts for _ in range(K)], self.sampling, self.generator)
+        t1 = time.perf_counter()
+        groups = []
+        for b, prompt in enumerate(prompts):
+            groups.append([self._trajectory(prompt, samples[b * K + k], env, b) for k in range(K)])
+        self.stats = {"time/generate": t1 - t0, "time/verify": time.perf_counter() - t1}
+        return groups
+
+    def _trajectory(self, prompt: Prompt, s, env, group: int) -> Trajectory:
+        text = self.tokenizer.decode(s.tokens)
+        verdict = safe_verify(env, prompt, text)
+        R = len(s.tokens)
+        return Trajectory(prompt_ids=list(prompt.ids), response_ids=list(s.tokens),
+                          response_mask=torch.ones(R), old_logp=torch.tensor(s.logps, dtype=torch.float32),
+                          reward=float(verdict.reward),
+                          info={"group": group, "weights_version": self.version, "finish_reason": s.finish_reason,
+                                "text": text, "prompt": prompt.text, **verdict.info})
+
+    @torch.no_grad()
+    def evaluate(self, env, prompts: list[Prompt], model=None) -> dict:
+        """Greedy accuracy on `prompts` (held-out) of `model` (default: the rollout's weights)."""
+        sp = SamplingParams(max_tokens=self.sampling.max_tokens, temperature=0.0)
+        samples = self._sample([p.ids for p in prompts], sp, model=model)
+        rewards = [safe_verify(env, p, self.tokenizer.decode(s.tokens)).reward for p, s in zip(prompts, samples)]
+        return {"acc": sum(r > 0 for r in rewards) / len(prompts),
+                "len": sum(len(s.tokens) for s in samples) / len(prompts)}
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state(), "version": self.version,
+                "model": {k: v.clone() for k, v in self.model.state_dict().items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+        self.version = state["version"]
+        self.model.load_state_dict(state["model"])

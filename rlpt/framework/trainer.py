@@ -1,0 +1,122 @@
+"""Trainer: the only place in the system where gradients flow.
+
+    for epoch, mini-batch:  Σ_chunks  loss_fn(chunk, per_token_logp(model, chunk.input_ids)).backward()
+                            clip_grad_norm_(1.0);  AdamW.step()   (wd 0, betas 0.9/0.95)
+
+The loss is a callable (`algorithm.compute_loss`): the trainer never knows which algorithm runs.
+Micro-batch chunks keep their mini-batch's aggregation denominators, so the accumulated gradient
+equals the full mini-batch gradient (tested), whatever the chunk size. Several epochs or
+mini-batches per rollout batch are what make the PPO ratio and clip act at all: with one
+update per batch, new_logp == old_logp when the gradient is taken and the clip is a no-op
+(spec part 1 §4.6 trap 5).
+
+The first forward of a step sees weights that have not moved since the batch was sampled, so it
+doubles as the run-time log-prob check (`check/logp_mismatch`) at no extra cost.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from rlpt.framework.trajectory import Batch, per_token_logp
+
+LossFn = Callable[[Batch, torch.Tensor], tuple[torch.Tensor, dict]]
+
+
+def _merge(parts: list[tuple[float, dict]]) -> dict:
+    """Combine metric dicts: 'loss/*' add up (they are shares of one loss), '*_max' take the max,
+    the rest are weighted means (weight = tokens of each part)."""
+    out: dict = {}
+    total = sum(w for w, _ in parts) or 1.0
+    for w, m in parts:
+        for k, v in m.items():
+            v = float(v)
+            if k.startswith("loss/") or k == "loss":
+                out[k] = out.get(k, 0.0) + v
+            elif k.endswith("_max"):
+                out[k] = max(out.get(k, v), v)
+            else:
+                out[k] = out.get(k, 0.0) + v * w / total
+    return out
+
+
+def _mean_over_steps(steps: list[dict]) -> dict:
+    out = {}
+    for k in steps[0]:
+        vals = [s[k] for s in steps if k in s]
+        out[k] = max(vals) if k.endswith("_max") else sum(vals) / len(vals)
+    return out
+
+
+class TrainerEngine:
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, grad_clip: float = 1.0,
+                 micro_batch_size: int = 0, mini_batches: int = 1, epochs: int = 1, temperature: float = 1.0,
+                 seed: int = 0):
+        self.model = model
+        self.opt = optimizer
+        self.sched = scheduler
+        self.grad_clip = grad_clip
+        self.micro_batch_size = micro_batch_size
+        self.mini_batches = mini_batches
+        self.epochs = epochs
+        self.temperature = temperature
+        self.generator = torch.Generator().manual_seed(seed)   # mini-batch shuffling
+        self.version = 0                                       # bumps whenever the weights change
+
+    def accumulate_grads(self, batch: Batch, loss_fn: LossFn, check: dict | None = None) -> dict:
+        """Forward + backward over micro-batch chunks, adding into .grad (no optimizer step)."""
+        parts = []
+        for chunk in batch.chunks(self.micro_batch_size):
+            new_logp, entropy = per_token_logp(self.model, chunk.input_ids, self.temperature, with_entropy=True)
+            if check is not None:   # weights untouched since sampling: new must equal old
+                fresh = (chunk.weights_version == self.version)[:, None] * chunk.mask
+                if fresh.any():
+                    gap = (new_logp.detach() - chunk.old_logp).abs() * fresh
+                    check["check/logp_mismatch"] = max(check.get("check/logp_mismatch", 0.0), gap.max().item())
+                    check["check/logp_mismatch_sum"] = check.get("check/logp_mismatch_sum", 0.0) + gap.sum().item()
+                    check["check/logp_tokens"] = check.get("check/logp_tokens", 0.0) + fresh.sum().item()
+            loss, metrics = loss_fn(chunk, new_logp)
+            loss.backward()
+            n = float(chunk.mask.sum())
+            metrics = {**metrics, "loss": loss.detach(),
+                       "policy/entropy": (entropy * chunk.mask).sum() / max(n, 1.0)}
+            parts.append((n, metrics))
+        return _merge(parts)
+
+    def train_step(self, batch: Batch, loss_fn: LossFn) -> dict:
+        self.model.train()
+        steps, check = [], {}
+        for epoch in range(self.epochs):
+            for mb in batch.minibatches(self.mini_batches, self.generator):
+                m = self.accumulate_grads(mb, loss_fn, check if not steps else None)
+                m["grad/norm"] = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip))
+                self.opt.step()
+                self.opt.zero_grad(set_to_none=True)
+                if self.sched is not None:
+                    self.sched.step()
+                steps.append(m)
+        self.version += 1
+        out = _mean_over_steps(steps)
+        out["train/optimizer_steps"] = float(len(steps))
+        out["lr"] = self.opt.param_groups[0]["lr"]
+        if check:
+            out["check/logp_mismatch"] = check["check/logp_mismatch"]
+            out["check/logp_mismatch_mean"] = check["check/logp_mismatch_sum"] / max(check["check/logp_tokens"], 1.0)
+        return out
+
+    @torch.no_grad()
+    def logp(self, batch: Batch) -> torch.Tensor:
+        """(B, T-1) log-probs under the current weights, no grad (for checks and tests)."""
+        return per_token_logp(self.model, batch.input_ids, self.temperature)
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict() if self.sched else None,
+                "generator": self.generator.get_state(), "version": self.version}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.opt.load_state_dict(state["optimizer"])
+        if self.sched is not None and state["scheduler"] is not None:
+            self.sched.load_state_dict(state["scheduler"])
+        self.generator.set_state(state["generator"])
+        self.version = state["version"]

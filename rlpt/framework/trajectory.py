@@ -1,0 +1,151 @@
+"""The data contract: what flows between the roles.
+
+    Trajectory  response-local, one sample:      prompt_ids, response_ids, response_mask (R,), old_logp (R,), ...
+    Batch       full-sequence, padded, aligned:  input_ids (B, T); every per-token tensor (B, T-1)
+
+Column j of a (B, T-1) tensor is about token j+1 predicted from tokens ≤ j, the layout of
+`per_token_logp(model, input_ids)`. Response token i of a trajectory with a P-token prompt sits at
+full position P+i, so its log-prob lives in column P+i-1. That shift is the likeliest off-by-one
+in an RL system (spec part 1 §7.6 trap 4); `collate` is the one place it happens.
+
+Aggregation denominators (`agg_tokens`, `agg_seqs`) are fixed when a batch is made and kept by its
+micro-batch chunks, so the sum of chunk losses equals the whole batch's loss exactly.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class Trajectory:
+    prompt_ids: list[int]
+    response_ids: list[int]
+    response_mask: torch.Tensor            # (R,) 1 = sampled by the policy (EOS included); 0 = tool output / after EOS
+    old_logp: torch.Tensor                 # (R,) at sampling time, from the distribution sampled from; 0 where mask 0
+    ref_logp: torch.Tensor | None = None   # (R,) filled by the reference
+    reward: float = 0.0
+    advantage: float | torch.Tensor = 0.0  # scalar (broadcast over the response) or (R,) per token (PPO)
+    info: dict = field(default_factory=dict)   # degenerate, weights_version, group, gold, text, turns, ...
+
+    def __post_init__(self):
+        R = len(self.response_ids)
+        if self.response_mask.shape != (R,) or self.old_logp.shape != (R,):
+            raise ValueError(f"trajectory tensors must have shape ({R},): response_mask "
+                             f"{tuple(self.response_mask.shape)}, old_logp {tuple(self.old_logp.shape)}")
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor        # (B, T) prompt + response, right-padded
+    mask: torch.Tensor             # (B, T-1) 1 where the target token is a trainable response token
+    old_logp: torch.Tensor         # (B, T-1)
+    ref_logp: torch.Tensor         # (B, T-1)
+    advantage: torch.Tensor        # (B, T-1) scalar advantages broadcast over each response
+    reward: torch.Tensor           # (B,)
+    prompt_len: torch.Tensor       # (B,)
+    weights_version: torch.Tensor  # (B,) version of the weights each row was sampled with
+    agg_tokens: float              # Σ mask over the whole (mini-)batch this chunk belongs to
+    agg_seqs: float                # number of sequences in that (mini-)batch
+    extra: dict = field(default_factory=dict)   # algorithm-specific (B, T-1) tensors, e.g. PPO's values/returns
+
+    @property
+    def size(self) -> int:
+        return self.input_ids.shape[0]
+
+    def select(self, rows: torch.Tensor, renormalize: bool) -> "Batch":
+        """Rows `rows`; `renormalize=True` makes it a batch of its own (a PPO mini-batch),
+        False keeps the parent's denominators (a gradient-accumulation chunk)."""
+        sub = {k: getattr(self, k)[rows] for k in ("input_ids", "mask", "old_logp", "ref_logp", "advantage",
+                                                    "reward", "prompt_len", "weights_version")}
+        m = sub["mask"]
+        norm = dict(agg_tokens=float(m.sum()), agg_seqs=float(m.shape[0])) if renormalize else \
+            dict(agg_tokens=self.agg_tokens, agg_seqs=self.agg_seqs)
+        return replace(self, **sub, **norm, extra={k: v[rows] for k, v in self.extra.items()})
+
+    def chunks(self, micro_batch_size: int) -> list["Batch"]:
+        """Gradient-accumulation chunks of at most `micro_batch_size` rows (0 = one chunk)."""
+        if micro_batch_size <= 0 or micro_batch_size >= self.size:
+            return [self]
+        idx = torch.arange(self.size)
+        return [self.select(idx[i:i + micro_batch_size], renormalize=False)
+                for i in range(0, self.size, micro_batch_size)]
+
+    def minibatches(self, n: int, generator: torch.Generator | None = None) -> list["Batch"]:
+        """`n` shuffled mini-batches, each normalised on its own (one optimizer step each)."""
+        if n <= 1:
+            return [self]
+        perm = torch.randperm(self.size, generator=generator)
+        return [self.select(part, renormalize=True) for part in perm.chunk(n) if len(part)]
+
+
+def collate(trajs: list[Trajectory], pad_id: int) -> Batch:
+    """Response-local trajectories -> one padded full-sequence Batch aligned to (B, T-1)."""
+    if not trajs:
+        raise ValueError("collate() got no trajectories")
+    B = len(trajs)
+    T = max(len(t.prompt_ids) + len(t.response_ids) for t in trajs)
+    ids = torch.full((B, T), pad_id, dtype=torch.long)
+    per_tok = {k: torch.zeros(B, T - 1) for k in ("mask", "old_logp", "ref_logp", "advantage")}
+    for b, t in enumerate(trajs):
+        P, R = len(t.prompt_ids), len(t.response_ids)
+        ids[b, :P + R] = torch.tensor(t.prompt_ids + t.response_ids, dtype=torch.long)
+        cols = slice(P - 1, P - 1 + R)          # response token i is predicted at column P+i-1
+        per_tok["mask"][b, cols] = t.response_mask
+        per_tok["old_logp"][b, cols] = t.old_logp * t.response_mask
+        if t.ref_logp is not None:
+            per_tok["ref_logp"][b, cols] = t.ref_logp * t.response_mask
+        adv = t.advantage if torch.is_tensor(t.advantage) else torch.full((R,), float(t.advantage))
+        per_tok["advantage"][b, cols] = adv * t.response_mask
+    mask = per_tok["mask"]
+    return Batch(input_ids=ids, **per_tok,
+                 reward=torch.tensor([float(t.reward) for t in trajs]),
+                 prompt_len=torch.tensor([len(t.prompt_ids) for t in trajs]),
+                 weights_version=torch.tensor([int(t.info.get("weights_version", -1)) for t in trajs]),
+                 agg_tokens=float(mask.sum()), agg_seqs=float(B))
+
+
+def response_slice(batch_row_prompt_len: int, response_len: int) -> slice:
+    """Columns of a (B, T-1) tensor that hold a trajectory's response tokens."""
+    return slice(batch_row_prompt_len - 1, batch_row_prompt_len - 1 + response_len)
+
+
+def per_token_logp(model, input_ids: torch.Tensor, temperature: float = 1.0,
+                   with_entropy: bool = False):
+    """log π(ids[:, j+1] | ids[:, ≤j]) -> (B, T-1); optionally also the entropy per position (B, T-1).
+
+    `temperature` must be the rollout's: old_logp was recorded under logits / temperature
+    (spec part 1 §4.6 trap 3).
+    """
+    logits = model(input_ids)[:, :-1].float()                   # (B, T-1, V)
+    if temperature != 1.0:
+        logits = logits / temperature
+    logp_all = F.log_softmax(logits, dim=-1)                    # (B, T-1, V)
+    logp = logp_all.gather(-1, input_ids[:, 1:, None]).squeeze(-1)   # (B, T-1)
+    if not with_entropy:
+        return logp
+    with torch.no_grad():
+        entropy = -(logp_all.exp() * logp_all).sum(-1)         # (B, T-1)
+    return logp, entropy
+
+
+def flatten(groups: list[list[Trajectory]]) -> list[Trajectory]:
+    return [t for g in groups for t in g]
+
+
+def rollout_metrics(groups: list[list[Trajectory]]) -> dict:
+    """Reward and length statistics of what was sampled (before any filtering)."""
+    trajs = flatten(groups)
+    r = torch.tensor([t.reward for t in trajs])
+    lens = torch.tensor([float(t.response_mask.sum()) for t in trajs])
+    out = {"reward/mean": r.mean().item(), "reward/std": r.std().item() if len(r) > 1 else 0.0,
+           "acc/train": sum(t.info.get("correct", t.reward > 0) for t in trajs) / len(trajs),
+           "response/len_mean": lens.mean().item(), "response/len_max": lens.max().item(),
+           "response/truncated_frac": sum(t.info.get("finish_reason") == "length" for t in trajs) / len(trajs),
+           "groups/degenerate_frac": sum(bool(g[0].info.get("degenerate")) for g in groups) / len(groups)}
+    errors = sum(1 for t in trajs if "verify_error" in t.info)
+    if errors:
+        out["verify/errors"] = float(errors)
+    return out

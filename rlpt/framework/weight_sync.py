@@ -1,0 +1,52 @@
+"""Weight sync: push the trainer's fresh weights into the rollout engine's copy.
+
+    every `every` train steps:  for each tensor  p_rollout.copy_(p_trainer);  rollout.version = trainer.version
+
+In place (`copy_`), so the destination keeps its storage: anything holding those buffers (a KV
+cache, a CUDA graph, a cuBLAS workspace) stays valid. Per tensor, because that is where a real
+system gathers shards, casts (bf16 → fp8) and reshards. Names and shapes are checked, not zipped
+blindly. With `every > 1` the rollout samples from stale weights: the PPO ratio drifts away from 1
+and the clip fraction climbs (lesson 06) — that is what the knob is for. Production variants
+(NCCL broadcast, shared memory, resharding) keep this interface.
+"""
+from __future__ import annotations
+
+import torch
+
+
+class WeightSyncer:
+    def __init__(self, every: int = 1):
+        if every < 1:
+            raise ValueError(f"sync.every must be >= 1, got {every}")
+        self.every = every
+        self.steps = 0
+        self.syncs = 0
+
+    @staticmethod
+    @torch.no_grad()
+    def copy_weights(src: torch.nn.Module, dst: torch.nn.Module) -> None:
+        src_p = dict(src.named_parameters())
+        dst_p = dict(dst.named_parameters())
+        if src_p.keys() != dst_p.keys():
+            diff = sorted(set(src_p) ^ set(dst_p))[:4]
+            raise ValueError(f"trainer and rollout models differ in parameter names: {diff}")
+        for name, p in dst_p.items():
+            if p.shape != src_p[name].shape:
+                raise ValueError(f"{name}: trainer {tuple(src_p[name].shape)} vs rollout {tuple(p.shape)}")
+            p.copy_(src_p[name])
+
+    def sync(self, trainer, rollout) -> bool:
+        """Called once per train step; copies on every `every`-th call. Returns whether it copied."""
+        self.steps += 1
+        if self.steps % self.every:
+            return False
+        self.copy_weights(trainer.model, rollout.model)
+        rollout.version = trainer.version
+        self.syncs += 1
+        return True
+
+    def state_dict(self) -> dict:
+        return {"steps": self.steps, "syncs": self.syncs}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.steps, self.syncs = state["steps"], state["syncs"]

@@ -1,0 +1,205 @@
+"""`rlpt train`: build the six roles from a recipe, run the controller, keep the run folder.
+
+    rlpt train recipes/grpo_arith.yaml [key=value ...] [--resume]
+
+The recipe starts from `init_from` (an SFT checkpoint or run folder); when none is given, it first
+trains one with the recipe's `sft:` section into `runs/<name>/sft/` (kept short on purpose: RL
+needs a policy that is right sometimes, not always). The SFT weights become three separate
+copies: the trainer's policy, the rollout's copy (updated only by weight sync) and the frozen
+reference. Checkpoints hold the trainer, the rollout copy, the env's and every generator's state,
+so `--resume` continues bit-identically.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import Field, model_validator
+
+import rlpt.algorithms  # noqa: F401 - registers the algorithms
+from rlpt.config import ConfigError, EvalConfig, ModelConfig, OptimConfig, RunConfig, Section, SFTConfig, \
+    TaskConfig, load_config
+from rlpt.framework.algorithm import AlgorithmConfigError, make_algorithm
+from rlpt.framework.controller import Controller
+from rlpt.framework.environment import make_env
+from rlpt.framework.reference import ReferenceEngine
+from rlpt.framework.rollout import RolloutEngine
+from rlpt.framework.trainer import TrainerEngine
+from rlpt.framework.weight_sync import WeightSyncer
+from rlpt.gpt_mini.generate import SamplingParams
+from rlpt.gpt_mini.sft import load_model, make_optimizer, make_task, train_sft
+from rlpt.gpt_mini.tokenizer import CharTokenizer
+from rlpt.loop import train_loop
+from rlpt.run import Run, latest_checkpoint, load_state, load_weights, rng_state, set_rng_state
+
+
+class EnvConfig(Section):
+    name: str = "arithmetic"
+
+
+class RolloutConfig(Section):
+    k: int = Field(8, ge=1, description="samples per prompt (the group)")
+    prompts_per_step: int = Field(8, ge=1, description="B prompts per step")
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0)
+    max_tokens: int = Field(32, ge=1)
+
+
+class TrainerConfig(Section):
+    optim: OptimConfig = OptimConfig(lr=5e-4, warmup_steps=0, schedule="constant")
+    micro_batch_size: int = Field(0, ge=0, description="rows per forward/backward chunk; 0 = whole mini-batch")
+    mini_batches: int = Field(1, ge=1, description="optimizer steps per epoch over the rollout batch")
+    epochs: int = Field(1, ge=1, description="passes over each rollout batch")
+
+
+class SyncConfig(Section):
+    every: int = Field(1, ge=1, description="sync rollout weights every N train steps")
+
+
+class CheckConfig(Section):
+    """Right after a sync, trainer log-probs must equal old_logp. fp32 kernels of different shapes
+    (cached decode vs full forward) differ by ~1e-7 typically and up to ~1e-5 on rare low-probability
+    tokens, so the mean is held to 1e-5 and the worst token to 1e-3; a real bug (temperature on one
+    side, dropout, an off-by-one) moves the mean by orders of magnitude more."""
+    logp_tol: float = Field(1e-5, gt=0, description="limit on the mean |trainer logp − old_logp|")
+    logp_tol_max: float = Field(1e-3, gt=0, description="limit on the worst token")
+    enabled: bool = True
+
+
+class TrainJob(Section):
+    run: RunConfig = RunConfig(name="grpo")
+    model: ModelConfig = ModelConfig()
+    task: TaskConfig = TaskConfig()
+    env: EnvConfig = EnvConfig()
+    init_from: str | None = None
+    sft: SFTConfig = SFTConfig(steps=150)
+    rollout: RolloutConfig = RolloutConfig()
+    algorithm: dict[str, Any] = Field(default_factory=lambda: {"name": "grpo"})
+    trainer: TrainerConfig = TrainerConfig()
+    sync: SyncConfig = SyncConfig()
+    check: CheckConfig = CheckConfig()
+    steps: int = Field(100, ge=1)
+    eval: EvalConfig = EvalConfig(every=10)
+    ckpt_every: int = Field(25, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+
+    @model_validator(mode="after")
+    def _algorithm(self):
+        try:   # validate the algorithm section against the algorithm it names, at load time
+            make_algorithm(self.algorithm, self.rollout.k, self.rollout.max_tokens)
+        except AlgorithmConfigError as e:
+            raise ValueError(str(e)) from None
+        return self
+
+
+def load_train_job(path: str | None, overrides: list[str], base: dict | None = None) -> TrainJob:
+    return load_config(TrainJob, path, overrides, base=base)
+
+
+def sft_init(job: TrainJob, resume: bool) -> Path:
+    """The SFT checkpoint RL starts from: `init_from`, or one trained now into runs/<name>/sft."""
+    if job.init_from:
+        return Path(job.init_from)
+    sft_dir = Path(job.run.out_dir) / job.run.name / "sft"
+    ck = latest_checkpoint(sft_dir)
+    if ck is not None and load_state(ck)["step"] >= job.sft.steps:
+        return ck
+    from rlpt.config import SFTJob
+    sft_job = SFTJob(run=job.run.model_copy(update={"out_dir": str(sft_dir.parent), "name": "sft"}),
+                     model=job.model, task=job.task, sft=job.sft, eval=job.eval.model_copy(update={"pass_k": 1}))
+    print(f"[rlpt] no init_from: training the SFT start ({job.sft.steps} steps) into {sft_dir}")
+    train_sft(sft_job, resume=ck is not None)
+    return latest_checkpoint(sft_dir)
+
+
+def build(job: TrainJob, init: Path):
+    """The six roles, wired. Returns (controller, heldout prompts)."""
+    tok = CharTokenizer()
+    policy = load_model(init, job.model, tok)
+    try:
+        env = make_env(job.env.name, task=make_task(job.task), seed=job.run.seed, tokenizer=tok)
+    except KeyError as e:
+        raise ConfigError(str(e.args[0])) from None
+    sp = SamplingParams(max_tokens=job.rollout.max_tokens, temperature=job.rollout.temperature,
+                        top_p=job.rollout.top_p, top_k=job.rollout.top_k)
+    algo = make_algorithm(job.algorithm, job.rollout.k, job.rollout.max_tokens)
+    rollout = RolloutEngine(copy.deepcopy(policy), tok, job.rollout.prompts_per_step, sp, seed=job.run.seed)
+    reference = ReferenceEngine(policy, temperature=job.rollout.temperature)
+    t = job.trainer
+    total_opt_steps = job.steps * t.epochs * t.mini_batches
+    opt, sched = make_optimizer(policy, t.optim, total_opt_steps)
+    trainer = TrainerEngine(policy, opt, sched, t.optim.grad_clip, t.micro_batch_size, t.mini_batches, t.epochs,
+                            temperature=job.rollout.temperature, seed=job.run.seed)
+    exact = job.rollout.top_p == 1.0 and job.rollout.top_k == 0   # else old_logp is from a truncated dist
+    ctl = Controller(rollout, env, reference, algo, trainer, WeightSyncer(job.sync.every), job.rollout.k,
+                     tok.pad_id, logp_tol=job.check.logp_tol if job.check.enabled and exact else None,
+                     logp_tol_max=job.check.logp_tol_max)
+    return ctl, env.heldout(job.eval.size)
+
+
+def run_train(job: TrainJob, resume: bool = False) -> tuple[Controller, Run, dict]:
+    if job.run.threads:
+        torch.set_num_threads(job.run.threads)
+    torch.manual_seed(job.run.seed)
+    init = sft_init(job, resume)
+    run = Run(job.run.out_dir, job.run.name, job, resume=resume)
+    ctl, heldout = build(job, init)
+    start = 0
+    ck = run.latest_checkpoint() if resume else None
+    if ck is not None:
+        load_weights(ck, ctl.trainer.model)
+        state = load_state(ck)
+        ctl.trainer.load_state_dict(state["trainer"])
+        ctl.rollout.load_state_dict(state["rollout"])
+        ctl.env.load_state_dict(state["env"])
+        ctl.syncer.load_state_dict(state["sync"])
+        set_rng_state(state["rng"])
+        start = state["step"]
+        run.truncate_metrics(start)
+        print(f"[rlpt] resumed {run.dir} from {ck.name} (step {start})")
+    meta = ctl.trainer.model.cfg.to_dict()
+
+    def save(step: int):
+        state = {"step": step, "init": str(init), "trainer": ctl.trainer.state_dict(),
+                 "rollout": ctl.rollout.state_dict(), "env": ctl.env.state_dict(), "sync": ctl.syncer.state_dict(),
+                 "rng": rng_state()}
+        return run.save(step, ctl.trainer.model, meta, state, keep=job.keep_checkpoints)
+
+    def eval_fn() -> dict:
+        ev = ctl.rollout.evaluate(ctl.env, heldout, model=ctl.trainer.model)
+        return {"acc/heldout": ev["acc"], "response/len_heldout": ev["len"]}
+
+    if start == 0:
+        run.log(0, eval_fn())
+    train_loop(run, start, job.steps, lambda step: ctl.step(), eval_fn, save, job.eval.every, job.ckpt_every,
+               job.run.progress, desc=job.algorithm["name"], show=("reward/mean", "acc/heldout"))
+    final = summarize(run.read_metrics())
+    run.close()
+    return ctl, run, final
+
+
+def summarize(rows: list[dict]) -> dict:
+    acc = [(r["step"], r["acc/heldout"]) for r in rows if "acc/heldout" in r]
+    steps = [r for r in rows if "reward/mean" in r]
+    out = {"acc/heldout_start": acc[0][1], "acc/heldout_final": acc[-1][1],
+           "acc/heldout_best": max(a for _, a in acc)}
+    if steps:
+        out["reward/mean_last10"] = sum(r["reward/mean"] for r in steps[-10:]) / len(steps[-10:])
+        out["steps/skipped"] = sum(r.get("step/skipped", 0) for r in steps)
+        roles = ("time/rollout", "time/verify", "time/ref", "time/train", "time/sync")
+        out["time/step_median"] = _median([sum(r.get(k, 0.0) for k in roles) for r in steps])
+    return out
+
+
+def _median(xs: list[float]) -> float:
+    xs = sorted(xs)
+    return xs[len(xs) // 2] if xs else 0.0
+
+
+def main_for_algorithm(name: str, argv: list[str]) -> int:
+    """`python -m rlpt.algorithms.<name> [key=value ...]`: that algorithm on the default task."""
+    from rlpt.cli import main
+    return main(["train", f"algorithm.name={name}", f"run.name={name}", *argv])
