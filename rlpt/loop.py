@@ -34,8 +34,7 @@ def train_loop(run: Run, start: int, total: int, step_fn: Callable[[int], dict],
                 if metrics:
                     metrics["time/elapsed"] = time.perf_counter() - t0
                     run.log(done, metrics)
-                    shown = {k.split("/")[-1] if k != "acc/heldout" else "heldout": f"{metrics[k]:.3g}"
-                             for k in show if k in metrics}
+                    shown = {_label(k): f"{metrics[k]:.3g}" for k in show if k in metrics}
                     if shown:
                         bar.set_postfix(shown)
                 bar.update(1)
@@ -44,3 +43,10 @@ def train_loop(run: Run, start: int, total: int, step_fn: Callable[[int], dict],
     finally:
         bar.close()
     save_fn(total)
+
+
+def _label(key: str) -> str:
+    """Short progress-bar name: 'reward/mean' -> reward, 'kl/mean' -> kl, 'grad/norm' -> grad,
+    'clip/frac' -> clip, 'acc/heldout' -> heldout, 'loss/sft' -> sft."""
+    parts = key.split("/")
+    return parts[0] if parts[-1] in ("mean", "norm", "frac") else parts[-1]

@@ -19,11 +19,11 @@ import torch
 from pydantic import Field, model_validator
 
 import rlpt.algorithms  # noqa: F401 - registers the algorithms
-from rlpt.config import ConfigError, EvalConfig, ModelConfig, OptimConfig, RunConfig, Section, SFTConfig, \
+from rlpt.config import EvalConfig, ModelConfig, OptimConfig, RunConfig, Section, SFTConfig, \
     TaskConfig, load_config
 from rlpt.framework.algorithm import AlgorithmConfigError, make_algorithm
 from rlpt.framework.controller import Controller
-from rlpt.framework.environment import make_env
+from rlpt.framework.environment import env_class, make_env
 from rlpt.framework.reference import ReferenceEngine
 from rlpt.framework.rollout import RolloutEngine
 from rlpt.framework.trainer import TrainerEngine
@@ -87,11 +87,14 @@ class TrainJob(Section):
     keep_checkpoints: int = Field(2, ge=1)
 
     @model_validator(mode="after")
-    def _algorithm(self):
+    def _names(self):
         try:   # validate the algorithm section against the algorithm it names, at load time
             make_algorithm(self.algorithm, self.rollout.k, self.rollout.max_tokens)
+            env_class(self.env.name)
         except AlgorithmConfigError as e:
             raise ValueError(str(e)) from None
+        except KeyError as e:
+            raise ValueError(str(e.args[0])) from None
         return self
 
 
@@ -119,20 +122,22 @@ def build(job: TrainJob, init: Path):
     """The six roles, wired. Returns (controller, heldout prompts)."""
     tok = CharTokenizer()
     policy = load_model(init, job.model, tok)
-    try:
-        env = make_env(job.env.name, task=make_task(job.task), seed=job.run.seed, tokenizer=tok)
-    except KeyError as e:
-        raise ConfigError(str(e.args[0])) from None
+    env = make_env(job.env.name, task=make_task(job.task), seed=job.run.seed, tokenizer=tok)
     sp = SamplingParams(max_tokens=job.rollout.max_tokens, temperature=job.rollout.temperature,
                         top_p=job.rollout.top_p, top_k=job.rollout.top_k)
     algo = make_algorithm(job.algorithm, job.rollout.k, job.rollout.max_tokens)
-    rollout = RolloutEngine(copy.deepcopy(policy), tok, job.rollout.prompts_per_step, sp, seed=job.run.seed)
-    reference = ReferenceEngine(policy, temperature=job.rollout.temperature)
+    # the algorithm's optional hooks (rlpt.framework.algorithm): a critic, a group filter
+    critic = algo.make_critic(policy) if hasattr(algo, "make_critic") else None
+    rollout = RolloutEngine(copy.deepcopy(policy), tok, job.rollout.prompts_per_step, sp, seed=job.run.seed,
+                            group_filter=getattr(algo, "group_filter", None))
+    reference = ReferenceEngine(policy, temperature=job.rollout.temperature,
+                                scorers={"values": critic} if critic is not None else None)
     t = job.trainer
     total_opt_steps = job.steps * t.epochs * t.mini_batches
-    opt, sched = make_optimizer(policy, t.optim, total_opt_steps)
+    trained = policy if critic is None else torch.nn.ModuleList([policy, critic])   # one optimizer for both
+    opt, sched = make_optimizer(trained, t.optim, total_opt_steps)
     trainer = TrainerEngine(policy, opt, sched, t.optim.grad_clip, t.micro_batch_size, t.mini_batches, t.epochs,
-                            temperature=job.rollout.temperature, seed=job.run.seed)
+                            temperature=job.rollout.temperature, seed=job.run.seed, critic=critic)
     exact = job.rollout.top_p == 1.0 and job.rollout.top_k == 0   # else old_logp is from a truncated dist
     ctl = Controller(rollout, env, reference, algo, trainer, WeightSyncer(job.sync.every), job.rollout.k,
                      tok.pad_id, logp_tol=job.check.logp_tol if job.check.enabled and exact else None,
@@ -156,6 +161,8 @@ def run_train(job: TrainJob, resume: bool = False) -> tuple[Controller, Run, dic
         ctl.rollout.load_state_dict(state["rollout"])
         ctl.env.load_state_dict(state["env"])
         ctl.syncer.load_state_dict(state["sync"])
+        if hasattr(ctl.algorithm, "load_state_dict"):
+            ctl.algorithm.load_state_dict(state["algorithm"])
         set_rng_state(state["rng"])
         start = state["step"]
         run.truncate_metrics(start)
@@ -166,6 +173,8 @@ def run_train(job: TrainJob, resume: bool = False) -> tuple[Controller, Run, dic
         state = {"step": step, "init": str(init), "trainer": ctl.trainer.state_dict(),
                  "rollout": ctl.rollout.state_dict(), "env": ctl.env.state_dict(), "sync": ctl.syncer.state_dict(),
                  "rng": rng_state()}
+        if hasattr(ctl.algorithm, "state_dict"):   # e.g. REINFORCE's running-mean baseline
+            state["algorithm"] = ctl.algorithm.state_dict()
         return run.save(step, ctl.trainer.model, meta, state, keep=job.keep_checkpoints)
 
     def eval_fn() -> dict:
@@ -175,10 +184,17 @@ def run_train(job: TrainJob, resume: bool = False) -> tuple[Controller, Run, dic
     if start == 0:
         run.log(0, eval_fn())
     train_loop(run, start, job.steps, lambda step: ctl.step(), eval_fn, save, job.eval.every, job.ckpt_every,
-               job.run.progress, desc=job.algorithm["name"], show=("reward/mean", "acc/heldout"))
+               job.run.progress, desc=job.algorithm["name"], show=PROGRESS)
     final = summarize(run.read_metrics())
     run.close()
     return ctl, run, final
+
+
+# shown on the progress bar each step, and averaged over the last 10 steps in the end-of-run table
+PROGRESS = ("reward/mean", "acc/heldout", "loss", "kl/mean", "grad/norm", "clip/frac")
+LAST10 = ("reward/mean", "loss", "loss/pg", "loss/kl", "loss/value", "kl/mean", "grad/norm", "grad/norm_critic",
+          "clip/frac", "clip/frac_low", "clip/frac_high", "policy/entropy", "response/len_mean",
+          "groups/degenerate_frac", "sampling/groups_drawn", "sampling/cap_hit")
 
 
 def summarize(rows: list[dict]) -> dict:
@@ -187,7 +203,10 @@ def summarize(rows: list[dict]) -> dict:
     out = {"acc/heldout_start": acc[0][1], "acc/heldout_final": acc[-1][1],
            "acc/heldout_best": max(a for _, a in acc)}
     if steps:
-        out["reward/mean_last10"] = sum(r["reward/mean"] for r in steps[-10:]) / len(steps[-10:])
+        for k in LAST10:   # over the last 10 steps that logged k (a skipped step logs no loss)
+            vals = [r[k] for r in steps if k in r][-10:]
+            if vals:
+                out[f"{k}_last10"] = sum(vals) / len(vals)
         out["steps/skipped"] = sum(r.get("step/skipped", 0) for r in steps)
         roles = ("time/rollout", "time/verify", "time/ref", "time/train", "time/sync")
         out["time/step_median"] = _median([sum(r.get(k, 0.0) for k in roles) for r in steps])
@@ -199,7 +218,8 @@ def _median(xs: list[float]) -> float:
     return xs[len(xs) // 2] if xs else 0.0
 
 
-def main_for_algorithm(name: str, argv: list[str]) -> int:
-    """`python -m rlpt.algorithms.<name> [key=value ...]`: that algorithm on the default task."""
+def main_for_algorithm(name: str, argv: list[str], defaults: tuple[str, ...] = ()) -> int:
+    """`python -m rlpt.algorithms.<name> [key=value ...]`: that algorithm on the default task.
+    `defaults` are the algorithm's own overrides (PPO: several epochs); argv comes later and wins."""
     from rlpt.cli import main
-    return main(["train", f"algorithm.name={name}", f"run.name={name}", *argv])
+    return main(["train", f"algorithm.name={name}", f"run.name={name}", *defaults, *argv])

@@ -57,13 +57,17 @@ def register_env(name: str):
     return deco
 
 
-def make_env(name: str, **kwargs):
+def env_class(name: str) -> type:
     if name not in ENVS:
         import difflib
         close = difflib.get_close_matches(name, ENVS, n=1)
         hint = f" Did you mean '{close[0]}'?" if close else ""
         raise KeyError(f"unknown env '{name}' (config key env.name).{hint} Registered: {sorted(ENVS)}")
-    return ENVS[name](**kwargs)
+    return ENVS[name]
+
+
+def make_env(name: str, **kwargs):
+    return env_class(name)(**kwargs)
 
 
 def safe_verify(env, prompt: Prompt, response: str) -> Verdict:

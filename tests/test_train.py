@@ -1,0 +1,99 @@
+"""`rlpt train`: recipes, run folders, bit-identical resume, bad input, the run-time log-prob check."""
+import json
+
+import pytest
+import torch
+
+from rlpt.cli import main
+from rlpt.config import ConfigError
+from rlpt.framework.controller import LogpMismatchError
+from rlpt.run import CheckpointError, latest_checkpoint
+from rlpt.train import build, load_train_job, run_train
+
+TINY = ["model.n_layer=2", "model.n_head=2", "model.n_kv_head=1", "model.d_model=32", "model.d_ff=64",
+        "model.max_seq_len=48", "sft.steps=30", "sft.batch_size=16", "sft.format=cot", "sft.ckpt_every=30",
+        "rollout.k=4", "rollout.prompts_per_step=4", "rollout.max_tokens=24", "eval.size=16", "eval.every=3",
+        "run.progress=false", "task.max_operands=3", "trainer.optim.lr=1e-3"]
+
+
+def job(tmp_path, *overrides):
+    return load_train_job(None, [*TINY, f"run.out_dir={tmp_path / 'runs'}", *overrides])
+
+
+def rows(run_dir):
+    return [{k: v for k, v in json.loads(line).items() if not k.startswith("time/")}
+            for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_train_trains_an_sft_start_first_and_leaves_a_run_folder(tmp_path):
+    ctl, run, final = run_train(job(tmp_path, "steps=4"))
+    assert (run.dir / "sft" / "checkpoints" / "latest").exists()      # the SFT start, trained first
+    assert (run.dir / "config.yaml").exists() and latest_checkpoint(run.dir).name == "step_00000004"
+    r = rows(run.dir)
+    assert [x["step"] for x in r if "acc/heldout" in x] == [0, 3, 4]
+    needed = {"reward/mean", "reward/std", "acc/train", "loss/pg", "loss/kl", "clip/frac_low", "clip/frac_high",
+              "policy/entropy", "ratio/abs_log_mean", "ratio/abs_log_max", "response/len_mean",
+              "groups/degenerate_frac", "grad/norm", "check/logp_mismatch"}
+    trained = [x for x in r if x.get("step/skipped") == 0.0]
+    assert trained and needed <= set(trained[0])
+    full = [json.loads(line) for line in (run.dir / "metrics.jsonl").read_text().splitlines()]
+    times = next(x for x in full if x.get("step/skipped") == 0.0)
+    assert {"time/rollout", "time/verify", "time/ref", "time/train", "time/sync"} <= set(times)
+    assert final["acc/heldout_start"] == r[0]["acc/heldout"]
+
+
+def test_rl_resume_is_bit_identical(tmp_path):
+    straight = job(tmp_path, "run.name=straight", "steps=6", "ckpt_every=3")
+    ctl_a, run_a, _ = run_train(straight)
+    init = str(run_a.dir / "sft")
+    # a crash after step 4: rerun to 6 with the step-3 checkpoint only
+    broken = job(tmp_path, "run.name=resumed", "steps=6", "ckpt_every=3", f"init_from={init}")
+    ctl_b, run_b, _ = run_train(broken.model_copy(update={"steps": 4}))
+    import shutil
+    shutil.rmtree(run_b.dir / "checkpoints" / "step_00000004")
+    (run_b.dir / "checkpoints" / "latest").write_text("step_00000003")
+    ctl_b, run_b, _ = run_train(broken, resume=True)
+    for (k, a), b in zip(ctl_a.trainer.model.state_dict().items(), ctl_b.trainer.model.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert rows(run_a.dir)[1:] == rows(run_b.dir)[1:]
+
+
+def test_bad_recipes_name_the_key(tmp_path):
+    with pytest.raises(ConfigError, match="algorithm.name.*Did you mean 'grpo'"):
+        job(tmp_path, "algorithm.name=grpoo")
+    with pytest.raises(ConfigError, match="rollout.k must be >= 2"):
+        job(tmp_path, "rollout.k=1")
+    with pytest.raises(ConfigError, match="algorithm.clip_epz.*Did you mean 'algorithm.clip_eps'"):
+        job(tmp_path, "algorithm.clip_epz=0.1")
+    with pytest.raises(ConfigError, match="algorithm.clip_eps"):
+        job(tmp_path, "algorithm.clip_eps=0")
+    with pytest.raises(ConfigError, match="clip_eps_high"):
+        job(tmp_path, "algorithm.clip_eps=0.3", "algorithm.clip_eps_high=0.2")
+    with pytest.raises(ConfigError, match="env.name.*Did you mean 'arithmetic'"):
+        job(tmp_path, "env.name=arithmatic")
+
+
+def test_checkpoint_of_another_shape_is_a_clear_error(tmp_path):
+    ctl, run, _ = run_train(job(tmp_path, "steps=1"))
+    with pytest.raises(CheckpointError, match="model.n_layer: checkpoint 2 vs config 3"):
+        run_train(job(tmp_path, "run.name=other", "model.n_layer=3", f"init_from={run.dir / 'sft'}"))
+
+
+def test_logp_check_stops_a_run_whose_trainer_disagrees_with_rollout(tmp_path):
+    ctl, run, _ = run_train(job(tmp_path, "steps=1"))
+    j = job(tmp_path, "run.name=bad", f"init_from={run.dir / 'sft'}", "steps=3")
+    ctl, _ = build(j, run.dir / "sft")
+    ctl.trainer.temperature = 0.9          # the classic bug: temperature on one side only
+    with pytest.raises(LogpMismatchError, match="temperature"):
+        for _ in range(10):     # until a step is not skipped as all-degenerate
+            ctl.step()
+
+
+def test_cli_train_and_algorithm_module(tmp_path, capsys):
+    out = tmp_path / "runs"
+    assert main(["train", *TINY, f"run.out_dir={out}", "steps=2"]) == 0
+    assert "acc/heldout_final" in capsys.readouterr().out
+    assert (out / "grpo" / "report.md").exists() and (out / "grpo" / "heldout_accuracy_and_reward.png").exists()
+    assert main(["train", *TINY, f"run.out_dir={out}", "steps=2"]) == 2          # exists: needs --resume
+    assert main(["train", *TINY, f"run.out_dir={out}", "steps=3", "--resume"]) == 0
+    assert main(["train", *TINY, f"run.out_dir={out}", "algorithm.nme=x"]) == 2
