@@ -167,7 +167,9 @@ def test_policy_cached_chunks_match_full_forward(policy):
         cache = policy.new_cache(1)
         parts = [policy(ids[:, :5], cache=cache), policy(ids[:, 5:7], cache=cache)]
         parts += [policy(ids[:, t:t + 1], cache=cache) for t in range(7, ids.shape[1])]
-    torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=ATOL, rtol=0)
+    # this fixture's weights are scaled up (logits in the tens), so fp32 rounding of HF's cached vs
+    # uncached kernels shows at ~1e-5 absolute: hold it to 1e-5 relative as well
+    torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=ATOL, rtol=1e-5)
 
 
 def test_policy_greedy_batch_equals_per_row(policy):

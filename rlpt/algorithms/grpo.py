@@ -76,5 +76,5 @@ class GRPO:
 if __name__ == "__main__":
     import sys
 
-    from rlpt.framework.job import main_for_algorithm
+    from rlpt.train import main_for_algorithm
     sys.exit(main_for_algorithm("grpo", sys.argv[1:]))

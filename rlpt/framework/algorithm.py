@@ -5,6 +5,12 @@
 
     loss = agg(pg_tok · mask) + β · agg(kl_tok · mask),   kl_tok = k(new_logp, ref_logp) estimating KL(π_θ ‖ π_ref)
 
+Optional hooks, each used generically by `rlpt.train.build` (none is looked up by algorithm name):
+    make_critic(policy) -> nn.Module        a value model: trained by the trainer, scored as "values"
+                                            by the reference side, passed to compute_loss as values=
+    group_filter: GroupFilter | None        dynamic sampling: the rollout re-draws until groups pass
+    state_dict() / load_state_dict(state)   state across steps (a running baseline), checkpointed
+
 The trainer and the rollout never know which algorithm runs: swapping GRPO for DAPO is a config
 change. Algorithms register with one decorator and carry their own pydantic config, so a recipe's
 `algorithm:` section is validated by the algorithm it names and errors name `algorithm.<key>`.
@@ -37,6 +43,11 @@ class AlgorithmConfig(BaseModel):
     kl_estimator: KLEstimator = "k3"
     loss_agg: AggMode | None = Field(None, description="None = the algorithm's own mode")
     norm_len: int = Field(0, ge=0, description="L of seq-mean-token-sum-norm; 0 = rollout.max_tokens")
+
+    def resolve(self, group_size: int, max_tokens: int) -> None:
+        """Fill the defaults that depend on the rollout (0 = derive it); a ValueError names the key."""
+        if self.norm_len == 0:
+            self.norm_len = max_tokens
 
 
 class Algorithm(Protocol):
@@ -88,8 +99,10 @@ def make_algorithm(section: dict, group_size: int, max_tokens: int):
         raise AlgorithmConfigError("invalid algorithm config:\n  " + "\n  ".join(lines)) from None
     if cls.needs_groups and group_size < 2:
         raise AlgorithmConfigError(f"{name} needs a group baseline, so rollout.k must be >= 2 (got {group_size})")
-    if cfg.norm_len == 0:
-        cfg.norm_len = max_tokens
+    try:
+        cfg.resolve(group_size, max_tokens)
+    except ValueError as e:
+        raise AlgorithmConfigError(f"invalid algorithm config:\n  {e}") from None
     return cls(cfg)
 
 

@@ -7,6 +7,8 @@ It never touches parameters, logits or rewards, and never knows which algorithm 
 (a test checks this file for tensor operations). Groups the algorithm marks degenerate (all
 rewards equal: zero advantage, zero gradient) are dropped before collate; when every group is
 degenerate the step is skipped: no forward, no optimizer step, no sync, parameters bit-identical.
+The rollout's own `stats` (its timings; `sampling/*` when an algorithm's dynamic sampling re-draws)
+join the metrics.
 """
 from __future__ import annotations
 
@@ -51,7 +53,7 @@ class Controller:
             self.reference.score(flatten(groups), self.pad_id)                      # 2 π_ref
         self.algorithm.compute_advantages(groups)                                   # 3 advantages
         kept = [t for t in flatten(groups) if not t.info.get("degenerate")]
-        metrics = {**rollout_metrics(groups), "groups/kept": len(kept) / len(flatten(groups))}
+        metrics = {**rollout_metrics(groups), **self.rollout.stats, "groups/kept": len(kept) / len(flatten(groups))}
         if kept:
             batch = collate(kept, self.pad_id)                                      # 4 collate
             with self.timed("train"):

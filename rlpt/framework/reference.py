@@ -6,21 +6,30 @@ A deep copy made once, before any RL step: no parameter requires grad, it is in 
 never aliases the trainer's or the rollout's weights, so weight decay, a sync or an optimizer bug
 cannot make the anchor drift (spec part 1 §5.6). π_old and π_ref coincide at step 0 and part from
 step 1 on.
+
+It is also where anything else that scores a fresh batch forward-only runs, on the same collated
+ids: named `scorers`, each `fn(input_ids) -> (B, T-1)`, write `traj.extra[name]` (R,). PPO attaches
+its critic as `scorers={"values": critic}`, so V_old is recorded before any update on the batch
+(verl computes ref log-probs and values in the same phase). Scorers are live models owned by the
+trainer, not frozen copies: they are only read here, under no_grad.
 """
 from __future__ import annotations
 
 import copy
+from typing import Callable
 
 import torch
 
-from rlpt.framework.trajectory import Trajectory, collate, per_token_logp
+from rlpt.framework.trajectory import Trajectory, collate, per_token_logp, response_slice
 
 
 class ReferenceEngine:
-    def __init__(self, model: torch.nn.Module, temperature: float = 1.0, micro_batch_size: int = 256):
+    def __init__(self, model: torch.nn.Module, temperature: float = 1.0, micro_batch_size: int = 256,
+                 scorers: dict[str, Callable[[torch.Tensor], torch.Tensor]] | None = None):
         self.model = copy.deepcopy(model)
         self.temperature = temperature
         self.micro_batch_size = micro_batch_size
+        self.scorers = dict(scorers or {})
         self.freeze()
 
     def freeze(self) -> None:
@@ -30,11 +39,14 @@ class ReferenceEngine:
 
     @torch.no_grad()
     def score(self, trajs: list[Trajectory], pad_id: int) -> None:
-        """Fill `ref_logp` (R,) on each trajectory, 0 where response_mask is 0."""
+        """Fill `ref_logp` (R,), and `extra[name]` (R,) for each scorer, 0 where response_mask is 0."""
         for i in range(0, len(trajs), self.micro_batch_size):
             part = trajs[i:i + self.micro_batch_size]
             batch = collate(part, pad_id)
             logp = per_token_logp(self.model, batch.input_ids, self.temperature)   # (b, T-1)
+            scored = {name: fn(batch.input_ids) for name, fn in self.scorers.items()}   # each (b, T-1)
             for row, t in enumerate(part):
-                P, R = len(t.prompt_ids), len(t.response_ids)
-                t.ref_logp = logp[row, P - 1:P - 1 + R] * t.response_mask
+                cols = response_slice(len(t.prompt_ids), len(t.response_ids))
+                t.ref_logp = logp[row, cols] * t.response_mask
+                for name, x in scored.items():
+                    t.extra[name] = x[row, cols].float() * t.response_mask

@@ -11,10 +11,21 @@ A response cut by `max_tokens` keeps mask 1 on what was sampled and is marked
 
 The model here is the rollout's own copy, updated only by `WeightSyncer`; `version` is the
 version of the weights it holds and is stamped on every trajectory.
+
+Dynamic sampling (DAPO, spec part 2 §6.2 fix 2) is a `GroupFilter` an algorithm may declare: the
+rollout then draws ⌈need · oversample⌉ fresh prompts per round, keeps the groups that pass, and
+repeats until `prompts_per_step` groups passed (surplus dropped) or `max_draws` rounds were made.
+At the cap it returns what passed, fewer groups than asked; if none passed, the last round as
+drawn, which the algorithm marks degenerate so the step is skipped. It never loops forever.
+`stats` reports `sampling/draws`, `sampling/groups_drawn`, `sampling/groups_kept`,
+`sampling/filtered_frac` (the measured degenerate fraction) and `sampling/cap_hit`.
 """
 from __future__ import annotations
 
+import math
 import time
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -23,9 +34,22 @@ from rlpt.framework.trajectory import Trajectory
 from rlpt.gpt_mini.generate import SamplingParams, generate
 
 
+@dataclass
+class GroupFilter:
+    """Which groups are worth training on, and how hard to look for them (see module doc)."""
+    keep: Callable[[list[Trajectory]], bool]
+    max_draws: int = 4          # sampling rounds per step at most: the retry cap
+    oversample: float = 1.0     # prompts drawn per round = ⌈still needed · oversample⌉
+
+    def __post_init__(self):
+        if self.max_draws < 1 or self.oversample < 1.0:
+            raise ValueError(f"GroupFilter needs max_draws >= 1 and oversample >= 1, "
+                             f"got {self.max_draws} and {self.oversample}")
+
+
 class RolloutEngine:
     def __init__(self, model, tokenizer, prompts_per_step: int, sampling: SamplingParams, seed: int = 0,
-                 batch_limit: int = 512):
+                 batch_limit: int = 512, group_filter: GroupFilter | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.prompts_per_step = prompts_per_step
@@ -33,6 +57,7 @@ class RolloutEngine:
         self.generator = torch.Generator().manual_seed(seed)
         self.batch_limit = batch_limit      # most sequences decoded together
         self.version = 0
+        self.group_filter = group_filter
         self.stats: dict = {}
 
     def _sample(self, prompts: list[list[int]], sp: SamplingParams, generator=None, model=None):
@@ -43,15 +68,35 @@ class RolloutEngine:
         return out
 
     def generate(self, env, K: int) -> list[list[Trajectory]]:
-        """B = prompts_per_step groups of K trajectories each, rewards attached."""
-        prompts = [env.reset("train") for _ in range(self.prompts_per_step)]
+        """B = prompts_per_step groups of K trajectories each, rewards attached (filtered: see module doc)."""
+        self.stats = {"time/generate": 0.0, "time/verify": 0.0}
+        target, f = self.prompts_per_step, self.group_filter
+        if f is None:
+            return self._draw(env, K, target, first=0)
+        kept, last, draws, drawn, rewards = [], [], 0, 0, []
+        while len(kept) < target and draws < f.max_draws:
+            last = self._draw(env, K, math.ceil((target - len(kept)) * f.oversample), first=drawn)
+            draws, drawn = draws + 1, drawn + len(last)
+            rewards += [t.reward for g in last for t in g]
+            kept += [g for g in last if f.keep(g)]
+        self.stats |= {"sampling/draws": float(draws), "sampling/groups_drawn": float(drawn),
+                       "sampling/groups_kept": float(min(len(kept), target)),
+                       "sampling/filtered_frac": 1.0 - len(kept) / drawn,
+                       "sampling/cap_hit": float(len(kept) < target),
+                       "sampling/reward_mean_drawn": sum(rewards) / len(rewards)}
+        return kept[:target] or last
+
+    def _draw(self, env, K: int, n: int, first: int) -> list[list[Trajectory]]:
+        """n fresh prompts, K samples each; groups numbered from `first`."""
+        prompts = [env.reset("train") for _ in range(n)]
         t0 = time.perf_counter()
         samples = self._sample([p.ids for p in prompts for _ in range(K)], self.sampling, self.generator)
         t1 = time.perf_counter()
         groups = []
         for b, prompt in enumerate(prompts):
-            groups.append([self._trajectory(prompt, samples[b * K + k], env, b) for k in range(K)])
-        self.stats = {"time/generate": t1 - t0, "time/verify": time.perf_counter() - t1}
+            groups.append([self._trajectory(prompt, samples[b * K + k], env, first + b) for k in range(K)])
+        self.stats["time/generate"] += t1 - t0
+        self.stats["time/verify"] += time.perf_counter() - t1
         return groups
 
     def _trajectory(self, prompt: Prompt, s, env, group: int) -> Trajectory:

@@ -12,16 +12,25 @@ update per batch, new_logp == old_logp when the gradient is taken and the clip i
 
 The first forward of a step sees weights that have not moved since the batch was sampled, so it
 doubles as the run-time log-prob check (`check/logp_mismatch`) at no extra cost.
+
+An optional `critic` (rlpt.framework.critic, built by an algorithm that wants values, i.e. PPO) is
+trained alongside the policy: its values come from the same chunk (a shared-trunk critic reads the
+policy forward's hidden state, no second trunk pass) and reach the loss as a keyword,
+`loss_fn(chunk, new_logp, values=...)`; its parameters sit in the same optimizer, are clipped on
+their own (`grad/norm_critic`, as verl clips its critic separately) and are checkpointed with the
+trainer's state. Without a critic nothing changes: `loss_fn(chunk, new_logp)`.
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Callable
 
 import torch
 
+from rlpt.framework.critic import capture_hidden
 from rlpt.framework.trajectory import Batch, per_token_logp
 
-LossFn = Callable[[Batch, torch.Tensor], tuple[torch.Tensor, dict]]
+LossFn = Callable[..., tuple[torch.Tensor, dict]]   # (batch, new_logp[, values=]) -> (loss, metrics)
 
 
 def _merge(parts: list[tuple[float, dict]]) -> dict:
@@ -52,8 +61,9 @@ def _mean_over_steps(steps: list[dict]) -> dict:
 class TrainerEngine:
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, grad_clip: float = 1.0,
                  micro_batch_size: int = 0, mini_batches: int = 1, epochs: int = 1, temperature: float = 1.0,
-                 seed: int = 0):
+                 seed: int = 0, critic: torch.nn.Module | None = None):
         self.model = model
+        self.critic = critic
         self.opt = optimizer
         self.sched = scheduler
         self.grad_clip = grad_clip
@@ -68,7 +78,7 @@ class TrainerEngine:
         """Forward + backward over micro-batch chunks, adding into .grad (no optimizer step)."""
         parts = []
         for chunk in batch.chunks(self.micro_batch_size):
-            new_logp, entropy = per_token_logp(self.model, chunk.input_ids, self.temperature, with_entropy=True)
+            new_logp, entropy, outputs = self._forward(chunk.input_ids)
             if check is not None:   # weights untouched since sampling: new must equal old
                 fresh = (chunk.weights_version == self.version)[:, None] * chunk.mask
                 if fresh.any():
@@ -76,7 +86,7 @@ class TrainerEngine:
                     check["check/logp_mismatch"] = max(check.get("check/logp_mismatch", 0.0), gap.max().item())
                     check["check/logp_mismatch_sum"] = check.get("check/logp_mismatch_sum", 0.0) + gap.sum().item()
                     check["check/logp_tokens"] = check.get("check/logp_tokens", 0.0) + fresh.sum().item()
-            loss, metrics = loss_fn(chunk, new_logp)
+            loss, metrics = loss_fn(chunk, new_logp, **outputs)
             loss.backward()
             n = float(chunk.mask.sum())
             metrics = {**metrics, "loss": loss.detach(),
@@ -84,13 +94,27 @@ class TrainerEngine:
             parts.append((n, metrics))
         return _merge(parts)
 
+    def _forward(self, input_ids: torch.Tensor):
+        """-> new_logp (B, T-1), entropy (B, T-1), extra loss inputs ({} or {"values": (B, T-1)})."""
+        shared = self.critic is not None and self.critic.shared
+        with capture_hidden(self.model) if shared else nullcontext([]) as hidden:
+            new_logp, entropy = per_token_logp(self.model, input_ids, self.temperature, with_entropy=True)
+        if self.critic is None:
+            return new_logp, entropy, {}
+        return new_logp, entropy, {"values": self.critic(input_ids, hidden[-1] if hidden else None)}
+
     def train_step(self, batch: Batch, loss_fn: LossFn) -> dict:
         self.model.train()
+        if self.critic is not None:
+            self.critic.train()
         steps, check = [], {}
         for epoch in range(self.epochs):
             for mb in batch.minibatches(self.mini_batches, self.generator):
                 m = self.accumulate_grads(mb, loss_fn, check if not steps else None)
                 m["grad/norm"] = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip))
+                if self.critic is not None:
+                    m["grad/norm_critic"] = float(torch.nn.utils.clip_grad_norm_(self.critic.parameters(),
+                                                                                 self.grad_clip))
                 self.opt.step()
                 self.opt.zero_grad(set_to_none=True)
                 if self.sched is not None:
@@ -111,10 +135,17 @@ class TrainerEngine:
         return per_token_logp(self.model, batch.input_ids, self.temperature)
 
     def state_dict(self) -> dict:
+        """Everything but the policy's weights (those go to safetensors); the critic's weights included."""
         return {"optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict() if self.sched else None,
-                "generator": self.generator.get_state(), "version": self.version}
+                "generator": self.generator.get_state(), "version": self.version,
+                "critic": {k: v.clone() for k, v in self.critic.state_dict().items()} if self.critic else None}
 
     def load_state_dict(self, state: dict) -> None:
+        if (state.get("critic") is None) != (self.critic is None):
+            raise ValueError("checkpoint and trainer disagree on having a critic (algorithm changed since the "
+                             "checkpoint?)")
+        if self.critic is not None:
+            self.critic.load_state_dict(state["critic"])
         self.opt.load_state_dict(state["optimizer"])
         if self.sched is not None and state["scheduler"] is not None:
             self.sched.load_state_dict(state["scheduler"])

@@ -10,6 +10,9 @@ in an RL system (spec part 1 §7.6 trap 4); `collate` is the one place it happen
 
 Aggregation denominators (`agg_tokens`, `agg_seqs`) are fixed when a batch is made and kept by its
 micro-batch chunks, so the sum of chunk losses equals the whole batch's loss exactly.
+
+Algorithm-specific per-token tensors (PPO's old values and returns) travel in `Trajectory.extra`
+(R,) and come out of `collate` in `Batch.extra` (B, T-1), shifted like `old_logp`.
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ class Trajectory:
     reward: float = 0.0
     advantage: float | torch.Tensor = 0.0  # scalar (broadcast over the response) or (R,) per token (PPO)
     info: dict = field(default_factory=dict)   # degenerate, weights_version, group, gold, text, turns, ...
+    extra: dict = field(default_factory=dict)  # name -> (R,) per-token algorithm tensor (PPO: values, returns)
 
     def __post_init__(self):
         R = len(self.response_ids)
@@ -100,11 +104,27 @@ def collate(trajs: list[Trajectory], pad_id: int) -> Batch:
         adv = t.advantage if torch.is_tensor(t.advantage) else torch.full((R,), float(t.advantage))
         per_tok["advantage"][b, cols] = adv * t.response_mask
     mask = per_tok["mask"]
-    return Batch(input_ids=ids, **per_tok,
+    return Batch(input_ids=ids, **per_tok, extra=_collate_extra(trajs, T),
                  reward=torch.tensor([float(t.reward) for t in trajs]),
                  prompt_len=torch.tensor([len(t.prompt_ids) for t in trajs]),
                  weights_version=torch.tensor([int(t.info.get("weights_version", -1)) for t in trajs]),
                  agg_tokens=float(mask.sum()), agg_seqs=float(B))
+
+
+def _collate_extra(trajs: list[Trajectory], T: int) -> dict:
+    """Each trajectory's `extra` (R,) tensors -> (B, T-1), aligned and masked like old_logp."""
+    keys = set(trajs[0].extra)
+    if any(set(t.extra) != keys for t in trajs):
+        raise ValueError(f"collate(): trajectories carry different extra tensors: "
+                         f"{sorted({k for t in trajs for k in t.extra})}")
+    out = {k: torch.zeros(len(trajs), T - 1) for k in keys}
+    for b, t in enumerate(trajs):
+        P, R = len(t.prompt_ids), len(t.response_ids)
+        for k, v in t.extra.items():
+            if v.shape != (R,):
+                raise ValueError(f"trajectory extra[{k!r}] must have shape ({R},), got {tuple(v.shape)}")
+            out[k][b, P - 1:P - 1 + R] = v * t.response_mask
+    return out
 
 
 def response_slice(batch_row_prompt_len: int, response_len: int) -> slice:
@@ -145,6 +165,9 @@ def rollout_metrics(groups: list[list[Trajectory]]) -> dict:
            "response/len_mean": lens.mean().item(), "response/len_max": lens.max().item(),
            "response/truncated_frac": sum(t.info.get("finish_reason") == "length" for t in trajs) / len(trajs),
            "groups/degenerate_frac": sum(bool(g[0].info.get("degenerate")) for g in groups) / len(groups)}
+    shaped = [t.info["shaped_reward"] for t in trajs if "shaped_reward" in t.info]
+    if shaped:   # an algorithm reshaped the verifier's reward (DAPO's overlong penalty)
+        out["reward/shaped_mean"] = sum(shaped) / len(shaped)
     errors = sum(1 for t in trajs if "verify_error" in t.info)
     if errors:
         out["verify/errors"] = float(errors)

@@ -1,0 +1,82 @@
+"""Critic: the value model V_φ(s_t) that PPO's GAE needs, as a head on a language model's trunk.
+
+    V(s_t) = w · h_t + b        h_t = the trunk's final hidden state at position t (the input of its lm_head)
+
+`critic(input_ids) -> (B, T-1)`, aligned with `per_token_logp`: column j is the value of the state
+that has seen tokens ≤ j, i.e. the state in which token j+1 is chosen (spec part 2 §3.1, "a single
+linear projection from the final hidden state to a scalar").
+
+Two layouts, one class:
+  separate  a deep copy of the policy (its trunk starts from the SFT weights) with its own head:
+            verl / OpenRLHF / InstructGPT's critic; ≈ 2× the trainable memory (lesson 10).
+  shared    a head on the policy's own trunk: the hidden state is read from the policy's forward
+            (a hook on its output projection, so any causal LM works unchanged), and the value loss's
+            gradient flows into the policy's trunk. The trunk is not registered as a submodule: its
+            parameters stay the policy's, counted, clipped and checkpointed once.
+
+Who uses it: the algorithm builds it (`make_critic(policy)`); the reference side records V_old
+on every trajectory before the update (`ReferenceEngine(scorers={"values": critic})`); the trainer
+optimises it and passes its fresh values to the loss as `values=`. The head starts at zero
+(V ≡ 0: the first advantages are the plain returns) and uses no randomness, so building a critic
+leaves every RNG untouched.
+"""
+from __future__ import annotations
+
+import copy
+from contextlib import contextmanager
+
+import torch
+import torch.nn as nn
+
+
+def output_projection(model: nn.Module) -> nn.Module:
+    """The module that maps a causal LM's final hidden state to logits (gpt_mini, HF, HFPolicy)."""
+    for m in (model, getattr(model, "model", None)):
+        if m is None:
+            continue
+        get = getattr(m, "get_output_embeddings", None)
+        head = get() if callable(get) else getattr(m, "lm_head", None)
+        if isinstance(head, nn.Module):
+            return head
+    raise TypeError(f"{type(model).__name__} has no output projection (lm_head / get_output_embeddings()): "
+                    "a value head needs the trunk's final hidden state")
+
+
+@contextmanager
+def capture_hidden(model: nn.Module):
+    """Within the block, every forward of `model` appends its final hidden state (B, T, d) to the list."""
+    store: list[torch.Tensor] = []
+    handle = output_projection(model).register_forward_hook(lambda mod, args, out: store.append(args[0]))
+    try:
+        yield store
+    finally:
+        handle.remove()
+
+
+class Critic(nn.Module):
+    def __init__(self, policy: nn.Module, shared: bool = False):
+        super().__init__()
+        self.shared = shared
+        if shared:
+            self._policy = [policy]          # a list hides it from nn.Module: not our parameters
+        else:
+            self.trunk = copy.deepcopy(policy)
+        head_in = output_projection(policy)
+        d = head_in.in_features if hasattr(head_in, "in_features") else head_in.weight.shape[1]
+        self.head = nn.Linear(d, 1, device=head_in.weight.device)   # fp32: hidden states are cast up
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    @property
+    def trunk_model(self) -> nn.Module:
+        return self._policy[0] if self.shared else self.trunk
+
+    def forward(self, input_ids: torch.Tensor, policy_hidden: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T) -> values (B, T-1). A shared critic reuses `policy_hidden` (B, T, d) from the policy's
+        forward when given (the trainer's case); otherwise it runs its trunk itself."""
+        hidden = policy_hidden if self.shared else None
+        if hidden is None:
+            with capture_hidden(self.trunk_model) as store:
+                self.trunk_model(input_ids)
+            hidden = store[-1]
+        return self.head(hidden[:, :-1].float()).squeeze(-1)          # (B, T-1)
