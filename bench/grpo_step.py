@@ -6,7 +6,8 @@ Setup (stated in the JSON): gpt_mini default (4 × 128, 0.81 M parameters), chai
 arithmetic, B prompts × K samples × max_tokens, one epoch, sync every step. The baseline measured in
 the same run is a bare loop doing the same work without the framework: `generate` on the same
 prompts, one `per_token_logp` under no_grad for the reference, one forward + backward + AdamW step
-on the same collated batch. The ratio framework / bare shows the framework's overhead.
+on the same collated batch. The ratio framework / bare shows the framework's overhead; the two
+policies train apart, so compare their response lengths (both in the JSON) before reading it.
 
     python bench/grpo_step.py [--threads 2] [--steps 12] [--prompts 16] [--k 8] [--max-tokens 32]
 """
@@ -58,7 +59,7 @@ def main() -> None:
     tok = ctl.rollout.tokenizer
     bare_policy = copy.deepcopy(ctl.trainer.model)   # the bare loop trains its own copy
     bare_opt = torch.optim.AdamW(bare_policy.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.0)
-    fw, bare = [], []
+    fw, bare, bare_len = [], [], []
     for i in range(3 + args.steps):
         t0 = time.perf_counter()
         m = ctl.step()
@@ -80,6 +81,7 @@ def main() -> None:
         bare_opt.zero_grad(set_to_none=True)
         if i >= 3:
             bare.append(time.perf_counter() - t0)
+            bare_len.append(sum(len(x.tokens) for x in samples) / len(samples))
 
     med = {k: statistics.median(s[k] for s in fw) for k in (*roles, "total")}
     bare_med = statistics.median(bare)
@@ -95,7 +97,8 @@ def main() -> None:
                       "step_s_median": round(med["total"], 4), "bare_s_median": round(bare_med, 4),
                       "overhead_ratio": round(med["total"] / bare_med, 3),
                       **{k.replace("time/", "") + "_s": round(med[k], 4) for k in roles},
-                      "response_len_mean": round(statistics.median(s["tokens"] for s in fw), 2)}))
+                      "response_len_mean": round(statistics.median(s["tokens"] for s in fw), 2),
+                      "bare_response_len_mean": round(statistics.median(bare_len), 2)}))
 
 
 if __name__ == "__main__":

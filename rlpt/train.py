@@ -41,15 +41,15 @@ class EnvConfig(Section):
 
 class RolloutConfig(Section):
     k: int = Field(8, ge=1, description="samples per prompt (the group)")
-    prompts_per_step: int = Field(8, ge=1, description="B prompts per step")
-    temperature: float = Field(1.0, gt=0)
+    prompts_per_step: int = Field(32, ge=1, description="B prompts per step")
+    temperature: float = Field(0.7, gt=0, description="the trainer and reference score at the same temperature")
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(0, ge=0)
     max_tokens: int = Field(32, ge=1)
 
 
 class TrainerConfig(Section):
-    optim: OptimConfig = OptimConfig(lr=5e-4, warmup_steps=0, schedule="constant")
+    optim: OptimConfig = OptimConfig(lr=3e-5, warmup_steps=0, schedule="constant")
     micro_batch_size: int = Field(0, ge=0, description="rows per forward/backward chunk; 0 = whole mini-batch")
     mini_batches: int = Field(1, ge=1, description="optimizer steps per epoch over the rollout batch")
     epochs: int = Field(1, ge=1, description="passes over each rollout batch")
@@ -75,14 +75,14 @@ class TrainJob(Section):
     task: TaskConfig = TaskConfig()
     env: EnvConfig = EnvConfig()
     init_from: str | None = None
-    sft: SFTConfig = SFTConfig(steps=150)
+    sft: SFTConfig = SFTConfig(steps=200, format="cot")
     rollout: RolloutConfig = RolloutConfig()
     algorithm: dict[str, Any] = Field(default_factory=lambda: {"name": "grpo"})
     trainer: TrainerConfig = TrainerConfig()
     sync: SyncConfig = SyncConfig()
     check: CheckConfig = CheckConfig()
-    steps: int = Field(100, ge=1)
-    eval: EvalConfig = EvalConfig(every=10)
+    steps: int = Field(250, ge=1)
+    eval: EvalConfig = EvalConfig(every=25)
     ckpt_every: int = Field(25, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
 
