@@ -19,8 +19,10 @@ import torch
 from pydantic import Field, model_validator
 
 import rlpt.algorithms  # noqa: F401 - registers the algorithms
+import rlpt.envs  # noqa: F401 - registers the environments beyond arithmetic
 from rlpt.config import EvalConfig, ModelConfig, OptimConfig, RunConfig, Section, SFTConfig, \
     TaskConfig, load_config
+from rlpt.framework.agent_loop import MultiTurnRolloutEngine
 from rlpt.framework.algorithm import AlgorithmConfigError, make_algorithm
 from rlpt.framework.controller import Controller
 from rlpt.framework.environment import env_class, make_env
@@ -45,7 +47,9 @@ class RolloutConfig(Section):
     temperature: float = Field(0.7, gt=0, description="the trainer and reference score at the same temperature")
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(0, ge=0)
-    max_tokens: int = Field(32, ge=1)
+    max_tokens: int = Field(32, ge=1, description="response tokens per trajectory (multi-turn: tool output included)")
+    max_turns: int = Field(4, ge=1, description="assistant turns per trajectory (multi-turn envs only)")
+    turn_tokens: int = Field(0, ge=0, description="tokens per assistant turn (multi-turn envs only); 0 = max_tokens")
 
 
 class TrainerConfig(Section):
@@ -128,8 +132,12 @@ def build(job: TrainJob, init: Path):
     algo = make_algorithm(job.algorithm, job.rollout.k, job.rollout.max_tokens)
     # the algorithm's optional hooks (rlpt.framework.algorithm): a critic, a group filter
     critic = algo.make_critic(policy) if hasattr(algo, "make_critic") else None
-    rollout = RolloutEngine(copy.deepcopy(policy), tok, job.rollout.prompts_per_step, sp, seed=job.run.seed,
-                            group_filter=getattr(algo, "group_filter", None))
+    # an env that answers turns (`multi_turn`, e.g. the calculator) gets the agent loop; same interface
+    multi = {"max_turns": job.rollout.max_turns, "turn_tokens": job.rollout.turn_tokens} \
+        if getattr(env, "multi_turn", False) else {}
+    rollout = (MultiTurnRolloutEngine if multi else RolloutEngine)(
+        copy.deepcopy(policy), tok, job.rollout.prompts_per_step, sp, seed=job.run.seed,
+        group_filter=getattr(algo, "group_filter", None), **multi)
     reference = ReferenceEngine(policy, temperature=job.rollout.temperature,
                                 scorers={"values": critic} if critic is not None else None)
     t = job.trainer

@@ -11,7 +11,7 @@ from rlpt.gpt_mini.tokenizer import ALPHABET, EOS, PAD, CharTokenizer, UnknownCh
 
 def test_ids_are_fixed():
     tok = CharTokenizer()
-    assert tok.vocab_size == len(ALPHABET) == 24
+    assert tok.vocab_size == len(ALPHABET) == 50
     assert tok.pad_id == 0 and tok.decode([tok.pad_id]) == ""
     assert tok.alphabet[tok.eos_id] == EOS == "#"
     assert tok.encode("0") == [1] and tok.encode("9") == [10]
@@ -41,14 +41,14 @@ def test_round_trip_task_text():
 def test_unknown_character_names_char_and_position():
     tok = CharTokenizer()
     with pytest.raises(UnknownCharacterError) as e:
-        tok.encode("<3+x>")
+        tok.encode("<3+X>")
     msg = str(e.value)
-    assert "'x'" in msg and "position 3" in msg
+    assert "'X'" in msg and "position 3" in msg
     assert isinstance(e.value, ValueError)
-    with pytest.raises(UnknownCharacterError, match=r"'a' \(position 0"):
-        tok.encode("abc")
+    with pytest.raises(UnknownCharacterError, match=r"'A' \(position 0"):
+        tok.encode("Abc")
     with pytest.raises(UnknownCharacterError, match="position 5"):
-        tok.encode("12+34.5")   # first unknown character, reported by where it is
+        tok.encode("12+34!5")   # first unknown character, reported by where it is
 
 
 def test_decode_drops_pad():
@@ -58,7 +58,7 @@ def test_decode_drops_pad():
     assert tok.decode([]) == ""
 
 
-@pytest.mark.parametrize("bad", [-1, 24, 1000])
+@pytest.mark.parametrize("bad", [-1, 50, 1000])
 def test_decode_bad_id(bad):
     tok = CharTokenizer()
     with pytest.raises(ValueError, match=f"token id {bad} is outside the vocabulary"):

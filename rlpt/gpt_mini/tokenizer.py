@@ -3,14 +3,16 @@
     encode("<3+4+5>12#") == [ids of '<', '3', '+', ...];  decode(encode(s)) == s
 
 The alphabet is the lessons' (digits, `< > + = , c ( )`, space, `#` end-of-turn) plus `- * /` for
-the calculator tool's expressions, and a pad token that no text contains. Ids are fixed forever:
+the calculator tool's expressions, then the other lowercase letters and `.` (appended, so older ids
+stay) for the multi-turn example `let me compute c(123+456+789)#` and math answers like `0.75`,
+and a pad token that no text contains. Ids are fixed forever:
 a checkpoint trained today decodes the same way tomorrow.
 """
 from __future__ import annotations
 
 PAD = "\x00"   # never appears in text; decode() drops it
 EOS = "#"      # end of turn: the policy stops here and the EOS token itself is trained (mask 1)
-ALPHABET = PAD + "0123456789<>+=,c() #-*/"
+ALPHABET = PAD + "0123456789<>+=,c() #-*/" + "abdefghijklmnopqrstuvwxyz."
 
 
 class UnknownCharacterError(ValueError):

@@ -1,0 +1,16 @@
+"""Verifiers behind the environment protocol (lesson 18); importing this package registers them.
+
+    calculator  multi-turn arithmetic with a `c(...)` tool          rlpt.envs.calculator
+    math        answers checked with math-verify (3/4 = 0.75)         rlpt.envs.math_answer
+    code        programs run in a sandbox against hidden tests        rlpt.envs.code_sandbox
+    judge       an rlpt model as LLM-as-judge, order randomised       rlpt.envs.judge
+    leaky       a deliberately hackable verifier (reward-hacking demo) rlpt.envs.leaky
+"""
+import importlib
+
+for _name in ("calculator", "math_answer", "code_sandbox", "judge", "leaky"):
+    try:
+        importlib.import_module(f"rlpt.envs.{_name}")
+    except ModuleNotFoundError as _e:   # an env still being written, or an optional dependency missing
+        if _e.name not in (f"rlpt.envs.{_name}", "math_verify"):
+            raise

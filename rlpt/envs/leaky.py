@@ -1,0 +1,22 @@
+"""A deliberately leaky verifier for the reward-hacking demo (lesson 18 §11.4): never train on it for real.
+
+    reward = 1 if the gold's digits appear anywhere in the response     (the honest check: last integer == gold)
+
+"Digit soup" (`1234567890#`-style responses) collects reward without doing the sum. The verifier
+checklist (tests/test_envs.py) catches it: its random baseline scores far above 0. Train on
+`env.name=leaky` and watch `reward/mean` (the leaky reward) climb away from `acc/train` (from
+`info["correct"]`, the honest check): the gap of spec part 2 §11.3 item 5. Note `acc/heldout` is
+scored by this same leaky reward (`rollout.evaluate`), so compare with an honest eval of the run.
+"""
+from __future__ import annotations
+
+from rlpt.framework.environment import ArithmeticEnv, Prompt, Verdict, register_env
+from rlpt.gpt_mini.task import verify
+
+
+@register_env("leaky")
+class LeakyArithmeticEnv(ArithmeticEnv):
+    def verify(self, prompt: Prompt, response: str) -> Verdict:
+        honest = verify(response, prompt.gold)
+        leaked = float(str(prompt.gold) in response)
+        return Verdict(leaked, {"correct": honest == 1.0, "hacked": leaked > honest})

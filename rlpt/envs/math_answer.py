@@ -1,0 +1,121 @@
+"""Math answers checked by value, not by string: `math-verify` (Hugging Face) behind the env protocol.
+
+    answer  = extract(response)      \\boxed{...}  >  "the answer is X"  >  the last number-like token
+    reward  = 1 if math_verify.verify(parse(gold), parse(answer)) else 0
+
+Why a CAS and not string equality (spec part 2 §11.2–11.3): "1/2" vs "0.5" false negatives teach the
+policy the gold's format instead of the math, and over-eager normalisation (stripping all
+whitespace) lets "1 2" match 12. So exactly one answer is extracted (a response that lists many
+candidates gets only its last one judged, never "any of them"), case and trailing whitespace and
+the `#` EOS are dropped, and math-verify compares values: 3/4 = 0.75 = \\frac{3}{4} = 6/8.
+
+The built-in task adds two fractions, `<1/2+1/3>` with gold 5/6, so it fits gpt_mini's alphabet.
+"""
+from __future__ import annotations
+
+import random
+import re
+from fractions import Fraction
+
+from math_verify import parse, verify as mv_verify
+
+from rlpt.framework.environment import Prompt, Verdict, register_env
+
+_BOXED = re.compile(r"\\boxed\s*\{")
+_ANSWER_IS = re.compile(r"answer\s*(?:is|:|=)\s*(.+)", re.I | re.S)
+_MATH_SPAN = re.compile(r"\$+([^$]+)\$+")
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?(?:\s*/\s*\d+)?|-?\.\d+")
+
+
+def _boxed(text: str) -> str | None:
+    m = None
+    for m in _BOXED.finditer(text):
+        pass
+    if m is None:
+        return None
+    depth, start = 1, m.end()
+    for j in range(start, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return text[start:j]
+    return None
+
+
+def extract_answer(response: str) -> str | None:
+    """The one answer a response gives, as text (None if it gives none)."""
+    text = response.replace("#", " ").strip()
+    boxed = _boxed(text)
+    if boxed is not None:
+        return boxed.strip()
+    m = _ANSWER_IS.search(text)
+    if m:
+        text = m.group(1).strip().rstrip(".").strip()
+    spans = _MATH_SPAN.findall(text)
+    if spans:                               # LaTeX in $...$: the last span
+        return spans[-1].strip()
+    if "\\" in text:                        # bare LaTeX (\frac{3}{4}): the whole remaining text
+        return text
+    nums = _NUMBER.findall(text)
+    return nums[-1].replace(" ", "") if nums else None
+
+
+def _as_math(s: str):
+    return parse(f"${s}$") or parse(s)
+
+
+def is_equivalent(answer: str, gold: str) -> bool:
+    """Same value per math-verify (fractions, decimals, LaTeX, equivalent expressions)."""
+    a, g = _as_math(answer), _as_math(gold)
+    return bool(a) and bool(g) and bool(mv_verify(g, a))
+
+
+def verify_math(response: str, gold: str) -> tuple[float, dict]:
+    ans = extract_answer(response)
+    if ans is None:
+        return 0.0, {"correct": False, "answer": None}
+    ok = is_equivalent(ans, gold)
+    return float(ok), {"correct": ok, "answer": ans}
+
+
+@register_env("math")
+class MathAnswerEnv:
+    """`<a/b+c/d>` -> the sum as any equivalent form. `problems` (text, gold) replaces the built-in task."""
+
+    def __init__(self, problems: list[tuple[str, str]] | None = None, seed: int = 0, tokenizer=None,
+                 max_den: int = 6, **_):
+        self.problems = problems
+        self.tokenizer = tokenizer
+        self.max_den = max_den
+        self.rng = random.Random(seed)
+
+    def _make(self, rng: random.Random) -> tuple[str, str]:
+        if self.problems:
+            return self.problems[rng.randrange(len(self.problems))]
+        a, b = rng.randint(1, self.max_den), rng.randint(1, self.max_den)
+        x, y = rng.randint(1, a), rng.randint(1, b)
+        s = Fraction(x, a) + Fraction(y, b)
+        return f"<{x}/{a}+{y}/{b}>", str(s)
+
+    def _prompt(self, text: str, gold: str) -> Prompt:
+        try:
+            ids = self.tokenizer.encode(text) if self.tokenizer is not None else []
+        except ValueError:
+            ids = []
+        return Prompt(text, ids, gold)
+
+    def reset(self, split: str = "train") -> Prompt:
+        return self._prompt(*self._make(self.rng))
+
+    def verify(self, prompt: Prompt, response: str) -> Verdict:
+        r, info = verify_math(response, str(prompt.gold))
+        return Verdict(r, info)
+
+    def heldout(self, n: int) -> list[Prompt]:
+        rng = random.Random(1234)
+        return [self._prompt(*self._make(rng)) for _ in range(n)]
+
+    def state_dict(self) -> dict:
+        return {"rng": self.rng.getstate()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rng.setstate(state["rng"])

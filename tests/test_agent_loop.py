@@ -1,0 +1,223 @@
+"""Multi-turn rollout and the calculator tool (lesson 08): the mask, the budgets, the tool parser."""
+from __future__ import annotations
+
+import copy
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from rlpt.envs.calculator import CalculatorArithmeticEnv, evaluate, tool_reply, ToolError
+from rlpt.framework.agent_loop import MultiTurnRolloutEngine
+from rlpt.framework.algorithm import make_algorithm
+from rlpt.framework.controller import Controller
+from rlpt.framework.environment import Prompt
+from rlpt.framework.reference import ReferenceEngine
+from rlpt.framework.trainer import TrainerEngine
+from rlpt.framework.trajectory import collate, per_token_logp
+from rlpt.framework.weight_sync import WeightSyncer
+from rlpt.gpt_mini.generate import SamplingParams
+from rlpt.gpt_mini.model import GPT, GPTConfig
+from rlpt.gpt_mini.task import ArithmeticTask
+from rlpt.gpt_mini.tokenizer import CharTokenizer
+
+TOK = CharTokenizer()
+LESSON = "let me compute c(123+456+789)#" "=1368#" "the answer is 1368#"
+
+
+class ScriptedModel(torch.nn.Module):
+    """gpt_mini's incremental interface; the next token is `script(response text so far)`, logit +15 (others 0)."""
+
+    def __init__(self, script, max_seq_len=96):
+        super().__init__()
+        self.script = script
+        self.cfg = SimpleNamespace(max_seq_len=max_seq_len)
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+
+    def new_cache(self, B, L):
+        return {"hist": [[] for _ in range(B)]}
+
+    def forward(self, ids, cache=None, positions=None, key_mask=None):
+        B, T = ids.shape
+        logits = torch.zeros(B, T, TOK.vocab_size)
+        for b in range(B):
+            keep = ids[b][key_mask[b]] if key_mask is not None else ids[b]
+            cache["hist"][b] += keep.tolist()
+            text = TOK.decode(cache["hist"][b])
+            logits[b, -1, TOK.stoi[self.script(text.split(">", 1)[1])]] = 15.0
+        return logits
+
+
+def lesson_script(r):
+    return LESSON[len(r)] if LESSON.startswith(r) and len(r) < len(LESSON) else "#"
+
+
+def always_call(r):          # calls the tool every turn, never answers
+    partial = r.split("#")[-1]
+    return "c(1+1)#"[len(partial)] if len(partial) < 7 else "#"
+
+
+class FixedCalculator(CalculatorArithmeticEnv):
+    def reset(self, split="train"):
+        return Prompt("<123+456+789>", TOK.encode("<123+456+789>"), 1368)
+
+
+def engine(script, **kw):
+    sp = SamplingParams(max_tokens=kw.pop("max_tokens", 64), temperature=1.0)
+    return MultiTurnRolloutEngine(ScriptedModel(script), TOK, 1, sp, **kw)
+
+
+# -- the lesson-08 trajectory ------------------------------------------------------------------------
+def lesson_trajectory():
+    t = engine(lesson_script, max_turns=4).generate(FixedCalculator(tokenizer=TOK), 1)[0][0]
+    return t
+
+
+def test_lesson08_example_mask():
+    t = lesson_trajectory()
+    assert len(t.prompt_ids) == 13 and len(t.response_ids) == 55
+    assert t.info["text"] == LESSON
+    assert t.response_mask.tolist() == [1.0] * 30 + [0.0] * 6 + [1.0] * 19     # 49 of 55 scored
+    assert t.old_logp[30:36].tolist() == [0.0] * 6
+    assert (t.old_logp[t.response_mask == 1] < 0).all()          # real sampling log-probs elsewhere
+    assert t.reward == 1.0 and t.info["turns"] == 2 and t.info["tool_calls"] == 1
+    assert t.info["finish_reason"] == "stop" and t.info["tool_tokens"] == 6
+    b = collate([t], TOK.pad_id)
+    assert b.agg_tokens == 49.0
+    assert b.mask[0, 12:12 + 55].tolist() == t.response_mask.tolist()   # response token i at column P+i-1
+
+
+def test_tool_positions_do_not_change_the_loss_or_get_gradient():
+    t = lesson_trajectory()
+    g = torch.Generator().manual_seed(0)
+    t.ref_logp = (t.old_logp - 0.1 * torch.rand(55, generator=g)) * t.response_mask
+    t.advantage = 0.8
+    b = collate([t], TOK.pad_id)
+    algo = make_algorithm({"name": "grpo", "beta": 0.05, "loss_agg": "token-mean"}, group_size=2, max_tokens=64)
+    new = (b.old_logp + 0.05 * torch.randn(b.old_logp.shape, generator=g)) * b.mask
+    junk = torch.randn(b.old_logp.shape, generator=g) * 5 * (1 - b.mask)    # only where the mask is 0: tools
+    assert junk[0, 12 + 30:12 + 36].abs().sum() > 0
+    loss, _ = algo.compute_loss(b, new)
+    x = (new + junk).requires_grad_(True)
+    loss2, _ = algo.compute_loss(b, x)
+    assert float(loss2.detach()) == float(loss)
+    loss2.backward()
+    assert x.grad[0, 12 + 30:12 + 36].abs().sum() == 0 and x.grad[b.mask == 1].abs().sum() > 0
+
+
+# -- the tool --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("text,reply", [
+    ("let me compute c(123+456+789)#", "=1368#"),
+    ("c(2*(3+4))#", "=14#"), ("c(1 + 2)#", "=3#"), ("c(-5+2)#", "=-3#"), ("c(7/2)#", "=3#"),
+    ("c(1)c(2)#", "=1#"),                                       # the first call only
+    ("c(1/0)#", "=error division by zero#"), ("c(1/(2-2))#", "=error division by zero#"),
+    ("c(1+)#", "=error malformed#"), ("c(12+34#", "=error malformed#"), ("c(1.5)#", "=error malformed#"),
+    ("c()#", "=error empty#"), ("c(c(1))#", "=error nested call#"), ("c((((((1))))))#", "=error too deep#"),
+    ("c(1234567890123+1)#", "=error number too long#"),
+    ("c(999999999999*999999999999*999999999999)#", "=error result too big#"),
+    ("c(" + "1+" * 60 + "1)#", "=error expression too long#"),
+    ("the answer is 12#", None), ("12#", None),
+])
+def test_tool_call_parsing(text, reply):
+    assert tool_reply(text) == reply
+    if reply is not None:
+        TOK.encode(reply)            # every reply, errors included, is in the alphabet
+
+
+def test_evaluate_never_uses_eval():
+    with pytest.raises(ToolError):
+        evaluate("__import__('os')")
+    assert evaluate("((1+2)*(3+4))-5") == 16
+
+
+def test_calculator_env_step():
+    env = CalculatorArithmeticEnv(tokenizer=TOK)
+    st = env.start(Prompt("<3+4>", [], 7))
+    assert env.step("c(3+4)#", st)[:3] == ("=7#", 0.0, False)
+    assert env.step("the answer is 7#", st)[1:3] == (1.0, True)
+    assert env.step("42#", st)[1:3] == (0.0, True)
+
+
+# -- budgets -------------------------------------------------------------------------------------------------
+def test_max_turns_gives_reward_zero_and_valid_masks():
+    t = engine(always_call, max_turns=3).generate(FixedCalculator(tokenizer=TOK), 2)[0][0]
+    assert t.info["turns"] == 3 and t.info["finish_reason"] == "max_turns" and t.reward == 0.0
+    assert t.info["text"] == "c(1+1)#=2#" * 2 + "c(1+1)#=2#"
+    assert t.response_mask.tolist() == ([1.0] * 7 + [0.0] * 3) * 3
+    assert t.old_logp[t.response_mask == 0].abs().sum() == 0
+
+
+def test_turn_budget_and_total_budget():
+    t = engine(lambda r: "a", max_turns=3, turn_tokens=5).generate(FixedCalculator(tokenizer=TOK), 1)[0][0]
+    assert (t.info["text"], t.info["finish_reason"], t.info["turns"], t.reward) == ("aaaaa", "length", 1, 0.0)
+    assert t.response_mask.tolist() == [1.0] * 5
+    t = engine(always_call, max_turns=10, max_tokens=25).generate(FixedCalculator(tokenizer=TOK), 1)[0][0]
+    assert t.info["finish_reason"] == "length" and t.reward == 0.0
+    assert len(t.response_ids) <= 25 and t.info["turns"] == 3    # 10 + 10 + 5 sampled
+    assert t.response_mask.sum() == 7 + 7 + 5 and len(t.response_mask) == len(t.old_logp) == len(t.response_ids)
+
+
+# -- a real model: old_logp equals the trainer's log-probs through tool tokens, controller unchanged --------------
+class ReplyOnceEnv(CalculatorArithmeticEnv):
+    """First turn gets a tool reply whatever it says; the second is scored by length parity (mixed rewards)."""
+
+    def step(self, text, state):
+        state["n"] = state.get("n", 0) + 1
+        if state["n"] == 1:
+            return "=12#", 0.0, False, {}
+        return "", float(len(text) % 2 == 0), True, {}
+
+
+def tiny_gpt():
+    torch.manual_seed(0)
+    return GPT(GPTConfig(vocab_size=TOK.vocab_size, n_layer=2, n_head=2, n_kv_head=1, d_model=32, d_ff=64,
+                         max_seq_len=48))
+
+
+def test_real_model_multiturn_step_with_logp_check():
+    policy = tiny_gpt()
+    sp = SamplingParams(max_tokens=20, temperature=1.0)
+    rollout = MultiTurnRolloutEngine(copy.deepcopy(policy), TOK, 3, sp, seed=0, max_turns=2, turn_tokens=6)
+    env = ReplyOnceEnv(ArithmeticTask(max_operands=3), tokenizer=TOK)
+    groups = rollout.generate(env, 4)
+    trajs = [t for g in groups for t in g]
+    assert any(t.info["tool_tokens"] == 4 for t in trajs)
+    for t in trajs:
+        assert t.info["turns"] <= 2 and t.response_mask.sum() <= 12
+    b = collate(trajs, TOK.pad_id)
+    with torch.no_grad():
+        lp = per_token_logp(rollout.model, b.input_ids)
+    assert ((lp - b.old_logp).abs() * b.mask).max() < 1e-5
+    opt = torch.optim.AdamW(policy.parameters(), lr=1e-2)
+    trainer = TrainerEngine(policy, opt, None, 1.0, 0, 1, 1, temperature=1.0)
+    algo = make_algorithm({"name": "grpo"}, 4, 20)
+    ctl = Controller(rollout, env, ReferenceEngine(policy), algo, trainer, WeightSyncer(1), 4, TOK.pad_id)
+    for _ in range(2):
+        m = ctl.step()      # raises LogpMismatchError if tool tokens leaked into the ratio check
+    assert "reward/mean" in m
+    ev = rollout.evaluate(env, env.heldout(4))
+    assert 0 <= ev["acc"] <= 1 and ev["turns"] <= 2
+
+
+def test_train_job_accepts_calculator_and_picks_agent_loop():
+    from rlpt.train import load_train_job
+    job = load_train_job(None, ["env.name=calculator", "rollout.max_turns=3"])
+    assert job.env.name == "calculator" and job.rollout.max_turns == 3
+    from rlpt.framework.environment import make_env
+    assert getattr(make_env("calculator", tokenizer=TOK), "multi_turn", False)
+
+
+def test_tool_use_sft_trace_matches_the_rollout_mask():
+    from rlpt.envs.calculator import tool_use_trace
+    text, mask = tool_use_trace((123, 456, 789))
+    t = lesson_trajectory()
+    assert text == LESSON and mask == t.response_mask.tolist()
+
+
+def test_rlpt_train_runs_the_calculator_env(tmp_path):
+    from test_train import job
+    from rlpt.train import run_train
+    ctl, run, final = run_train(job(tmp_path, "steps=2", "env.name=calculator", "rollout.max_turns=2",
+                                    "rollout.turn_tokens=12", "eval.every=2"))
+    assert isinstance(ctl.rollout, MultiTurnRolloutEngine) and ctl.rollout.max_turns == 2
+    assert "acc/heldout_final" in final
