@@ -98,9 +98,14 @@ def test_old_logp_is_the_sampling_distribution(temperature):
 
 def test_ratio_is_one_right_after_sync():
     ctl = roles(lr=1e-2)
-    for _ in range(3):
+    trained = 0
+    for _ in range(10):
         m = ctl.step()
+        if m["step/skipped"]:       # all groups degenerate: nothing trained, nothing to check
+            continue
         assert m["check/logp_mismatch"] < 1e-5   # first forward of each step saw fresh weights
+        trained += 1
+    assert trained >= 3
     groups = ctl.rollout.generate(ctl.env, 4)
     b = collate([t for g in groups for t in g], TOK.pad_id)
     assert ((ctl.trainer.logp(b) - b.old_logp).abs() * b.mask).max() < 1e-5

@@ -1,0 +1,63 @@
+"""The RL rollout backend: `rlpt.gpt_mini.generate.generate`'s contract, served by the paged engine.
+
+    samples = generate(model, prompts, SamplingParams(max_tokens, temperature, top_p, top_k), eos_id, pad_id, generator)
+    samples[i].tokens / .logps / .finish_reason          # one Sample per prompt, in order
+
+Drop-in for `rlpt.framework.rollout`: identical prompts in one call (the K samples of a GRPO group)
+become one request with n = K, so the prompt is prefilled once and its blocks are shared. Seeds come
+from `generator` (one draw per distinct prompt, then one key per sample: `Sequence.seed`), so a run is reproducible
+from the generator's state; with `generator=None` they come from torch's global RNG, like
+`torch.multinomial` in the simple sampler. One engine (KV pool, prefix cache) is kept per model
+object; a weight change (a trainer step, `WeightSyncer.copy_weights`) is detected from the
+parameters' version counters and drops the stale prefix cache. Differences from the simple sampler:
+each prompt may generate up to `max_seq_len - len(prompt)` tokens (not `- len(longest prompt)`),
+and `pad_id` is unused (nothing is padded).
+"""
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+from rlpt.engine.llm import LLM
+from rlpt.engine.sampling import SamplingParams
+from rlpt.gpt_mini.generate import Sample
+
+
+class EngineBackend:
+    def __init__(self, **llm_kwargs):
+        self.llm_kwargs = llm_kwargs
+        self._engines: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    def engine(self, model) -> LLM:
+        llm = self._engines.get(model)
+        if llm is None:
+            llm = self._engines[model] = LLM(model, **self.llm_kwargs)
+        return llm
+
+    def __call__(self, model, prompts: list[list[int]], sp, eos_id: int, pad_id: int,
+                 generator: torch.Generator | None = None) -> list[Sample]:
+        if not prompts:
+            raise ValueError("generate() needs at least one prompt")
+        empty = [i for i, p in enumerate(prompts) if len(p) == 0]
+        if empty:
+            raise ValueError(f"every prompt needs at least one token; prompts {empty[:4]} are empty")
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, p in enumerate(prompts):
+            groups.setdefault(tuple(p), []).append(i)
+        keys = list(groups)
+        seeds = torch.randint(0, 2 ** 62, (len(keys),), generator=generator).tolist() if sp.temperature > 0 \
+            else [0] * len(keys)                    # greedy draws nothing, like the simple sampler
+        params = [SamplingParams(n=len(groups[k]), temperature=sp.temperature, top_p=sp.top_p, top_k=sp.top_k,
+                                 max_tokens=sp.max_tokens, seed=s) for k, s in zip(keys, seeds)]
+        llm = self.engine(model)
+        llm.eos_id = eos_id
+        outs = llm.generate([list(k) for k in keys], params)
+        samples: list[Sample | None] = [None] * len(prompts)
+        for k, out in zip(keys, outs):
+            for i, c in zip(groups[k], out.outputs):
+                samples[i] = Sample(list(c.token_ids), list(c.token_logprobs), c.finish_reason)
+        return samples
+
+
+generate = EngineBackend()

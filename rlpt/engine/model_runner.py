@@ -1,0 +1,151 @@
+"""Model runner: one forward over every token scheduled this step, prefill chunks and decodes together.
+
+    x = embed(tokens of all sequences, flattened)  (N, d);   per layer: x += o(paged_attn(rope(qkv(x))));  x += mlp(x)
+    logits = lm_head(norm(x[rows that need logits]))   (M, V)
+
+The batch is flat (vLLM v1 style): projections and MLPs run on (N, d) with no padding; only attention
+groups tokens by sequence. A decode-only step (every sequence feeds one token) reads K/V in place
+(`paged_decode_attention`); steps with prefill chunks pad queries per sequence and gather tiles.
+Host-side metadata (positions, slots, block tables) is built in numpy and moved once. The runner drives gpt_mini's own modules and weights (norms, embedding, lm_head) and
+keeps fused copies of q|k|v and gate|up so each layer does 4 matmuls, not 7: fewer launches is what
+counts at this size. The fused copies are rebuilt whenever a parameter changes (its version counter
+or storage), so a trainer's in-place step or `WeightSyncer.copy_weights` is seen on the next call.
+RoPE uses x·cos + flip_halves(x)·[-sin, sin], bit-identical to `apply_rope`'s x·cos + [-x2, x1]·sin.
+
+    logits = ModelRunner(model, num_blocks=64, block_size=16).run([Chunk([5, 6, 7], 0, [3], 1)])   # (1, V)
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from rlpt.engine.block_manager import cdiv
+from rlpt.engine.paged_attention import (PagedKVCache, attention_bias, decode_pattern, paged_attention,
+                                         paged_decode_attention)
+
+
+@dataclass
+class Chunk:
+    tokens: list[int]        # tokens fed this step (their K/V get written)
+    start: int               # position of tokens[0]
+    block_table: list[int]   # covers positions [0, start + len(tokens))
+    n_logits: int            # how many trailing positions need logits (0: mid-prefill chunk)
+
+
+@dataclass
+class ForwardBatch:
+    input_ids: torch.Tensor      # (N,)
+    positions: torch.Tensor      # (N,)
+    slots: torch.Tensor          # (N·H_kv,) where each token's K/V go, per kv head
+    B: int
+    T: int                       # longest chunk; 1 on a decode-only step
+    S: int                       # keys per sequence attended (padded, masked)
+    logits_index: torch.Tensor   # (M,)
+    # decode step (T == 1): pool rows read in place
+    index: torch.Tensor | None = None      # (B·H·S,) pool row of each (sequence, head, key position)
+    pattern: torch.Tensor | None = None    # CSR (B·H, pool rows) with the 0/-inf bias as values
+    # prefill / mixed step: gathered tiles, padded queries
+    tiles: torch.Tensor | None = None      # (2·B·H_kv·nb,) K then V tiles of each sequence's blocks
+    pad_index: torch.Tensor | None = None  # (N,) row of each token in the (B·T) padded grid
+    bias: torch.Tensor | None = None       # (B·H_kv, g·T, S)
+
+
+class ModelRunner:
+    def __init__(self, model, num_blocks: int, block_size: int):
+        self.model = model
+        c = model.cfg
+        self.H, self.Hkv, self.hd = c.n_head, c.n_kv_head, c.head_dim
+        p = model.embed.weight
+        self.kv = PagedKVCache(c.n_layer, c.n_kv_head, c.head_dim, num_blocks, block_size, p.device, p.dtype)
+        self.block_size = block_size
+        # In-place decode attention uses sparse CSR kernels tested on CPU; elsewhere the gather path runs
+        # (a real deployment would call a fused paged-attention kernel there instead).
+        self.decode_in_place = p.device.type == "cpu"
+        half = c.head_dim // 2
+        self.cos = model.rope_cos.unsqueeze(1)                                          # (L, 1, hd)
+        self.sin = torch.cat([-model.rope_sin[:, :half], model.rope_sin[:, half:]], -1).unsqueeze(1)
+        self._signature = None
+        self.refresh()
+
+    # -- weights ------------------------------------------------------------------------------
+    def _weights_signature(self) -> tuple:
+        return tuple((p.data_ptr(), p._version) for p in self.model.parameters())
+
+    @torch.no_grad()
+    def refresh(self) -> bool:
+        """Rebuild the fused weights if any parameter changed since the last call; True if it did."""
+        sig = self._weights_signature()
+        if sig == self._signature:
+            return False
+        self.w_qkv = [torch.cat([l.attn.q_proj.weight, l.attn.k_proj.weight, l.attn.v_proj.weight])
+                      for l in self.model.layers]
+        self.w_gate_up = [torch.cat([l.mlp.gate_proj.weight, l.mlp.up_proj.weight]) for l in self.model.layers]
+        self._signature = sig
+        return True
+
+    # -- inputs -------------------------------------------------------------------------------
+    def prepare(self, chunks: list[Chunk]) -> ForwardBatch:
+        """Host-side metadata for one forward, in numpy, then moved to the model's device once."""
+        B, bs, H, Hkv = len(chunks), self.block_size, self.H, self.Hkv
+        q_lens = np.fromiter((len(c.tokens) for c in chunks), np.int64, B)
+        starts = np.fromiter((c.start for c in chunks), np.int64, B)
+        n_logits = np.fromiter((c.n_logits for c in chunks), np.int64, B)
+        T, N = int(q_lens.max()), int(q_lens.sum())
+        nb = cdiv(int((starts + q_lens).max()), bs)
+        ids = np.fromiter(itertools.chain.from_iterable(c.tokens for c in chunks), np.int64, N)
+        tables = np.array([c.block_table[:nb] + [0] * (nb - len(c.block_table)) for c in chunks], np.int64)
+        ends = np.cumsum(q_lens)                                                     # logits: last n of each chunk
+        M = int(n_logits.sum())
+        logits_index = np.repeat(ends - n_logits, n_logits) + np.arange(M) - np.repeat(np.cumsum(n_logits) - n_logits, n_logits)
+        dev = self.cos.device
+        t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(dev)
+        if T == 1 and self.decode_in_place:                          # decode: sequence b feeds token b
+            slots = self.kv.slots(tables[np.arange(B), starts // bs], starts % bs)
+            S = int(starts.max()) + 1
+            index, bias = self.kv.decode_index(tables, starts + 1, S, H)
+            index = t(index)
+            pattern = decode_pattern(index, t(bias), B * H, S, self.kv.num_blocks * Hkv * bs)
+            return ForwardBatch(t(ids), t(starts), t(slots), B, 1, S, t(logits_index), index=index, pattern=pattern)
+        seq = np.repeat(np.arange(B), q_lens)                                        # (N,)
+        local = np.arange(N) - (ends - q_lens)[seq]
+        positions = starts[seq] + local
+        slots = self.kv.slots(tables[seq, positions // bs], positions % bs)
+        q_pos = starts[:, None] + np.arange(T)                                       # (B, T); pad rows harmless
+        return ForwardBatch(t(ids), t(positions), t(slots), B, T, nb * bs, t(logits_index), tiles=t(self.kv.tiles(tables)),
+                            pad_index=t(seq * T + local), bias=t(attention_bias(q_pos, nb * bs, Hkv, H // Hkv)))
+
+    # -- forward ------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def forward(self, fb: ForwardBatch) -> torch.Tensor:
+        """-> logits (M, V) for the rows in fb.logits_index."""
+        m, H, Hkv, hd = self.model, self.H, self.Hkv, self.hd
+        g, B, T = H // Hkv, fb.B, fb.T
+        N = fb.input_ids.shape[0]
+        cos, sin = self.cos[fb.positions], self.sin[fb.positions]                   # (N, 1, hd)
+        x = m.embed(fb.input_ids)                                                   # (N, d)
+        for i, layer in enumerate(m.layers):
+            qkv = F.linear(layer.input_norm(x), self.w_qkv[i]).view(N, H + 2 * Hkv, hd)
+            qk = qkv[:, :H + Hkv]
+            qk = qk * cos + qk.view(N, H + Hkv, 2, hd // 2).flip(2).view(N, H + Hkv, hd) * sin   # RoPE
+            self.kv.write(i, qk[:, H:], qkv[:, H + Hkv:], fb.slots)
+            if fb.pattern is not None:                                              # decode: in place
+                k_rows, v_rows = self.kv.rows(i)
+                o = paged_decode_attention(qk[:, :H].reshape(B * H, hd), k_rows, v_rows, fb.pattern, fb.index,
+                                           fb.S).view(N, H * hd)
+            else:                                                                   # prefill: gather tiles
+                k, v = self.kv.gather(i, fb.tiles, B)                               # (B·H_kv, S, hd)
+                q = qk.new_zeros(B * T, H, hd).index_copy_(0, fb.pad_index, qk[:, :H])
+                q = q.view(B, T, Hkv, g, hd).permute(0, 2, 3, 1, 4).reshape(B * Hkv, g * T, hd)
+                o = paged_attention(q, k, v, fb.bias).view(B, Hkv, g, T, hd)        # (B, H_kv, g, T, hd)
+                o = o.permute(0, 3, 1, 2, 4).reshape(B * T, H * hd)[fb.pad_index]
+            x = x + layer.attn.o_proj(o)
+            gate, up = F.linear(layer.post_attn_norm(x), self.w_gate_up[i]).chunk(2, dim=-1)
+            x = x + layer.mlp.down_proj(F.silu(gate) * up)
+        return m.lm_head(m.norm(x[fb.logits_index])).float()                        # (M, V)
+
+    def run(self, chunks: list[Chunk]) -> torch.Tensor:
+        return self.forward(self.prepare(chunks))

@@ -1,0 +1,134 @@
+"""Sampling: vLLM-shaped `SamplingParams`, and a counter-based sampler whose draws depend only on
+(seed, output position, stream), never on what else is in the batch.
+
+    logp = processed_logp(logits, params)      # temperature, top-k, top-p: rlpt.gpt_mini.generate's semantics
+    u    = uniform(seed_j, i, stream)          # a hash of (seed, output index i): no generator state at all
+    y    = min{v : CDF_v > u}                  # inverse-CDF draw;  temperature 0: y = argmax, logp untempered
+
+Sample j of a request with `seed` draws with the key (seed · C + j) mod 2^62 (vLLM's per-request seed,
+extended to n samples; `Sequence.seed`).
+Why a counter-based RNG (the Philox idea, spec part 3 §15 trap 19) rather than a torch.Generator per
+sequence: a draw is a pure function of its coordinates, so a sequence samples the same tokens alone or
+in a batch of 256, and after being preempted and recomputed; and the whole batch draws in one
+vectorised call, where 256 generators would be a Python loop per token. The hash is Wellons'
+`lowbias32`, chained over (seed, index, stream), two of them giving a 53-bit double.
+
+    pytest tests/test_engine.py -k "rng or processed or batch_or_preemption"
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from rlpt.gpt_mini.generate import processed_logp
+
+_M32 = 0xFFFFFFFF
+
+
+@dataclass
+class SamplingParams:
+    n: int = 1                        # samples per prompt; they share the prompt's KV blocks
+    temperature: float = 1.0          # 0 = greedy (the reported logps then come from the untempered softmax)
+    top_p: float = 1.0
+    top_k: int = 0                    # 0 (or vLLM's -1) = off
+    max_tokens: int = 16
+    stop: str | list[str] | None = None          # stop strings: the text is cut before them
+    stop_token_ids: list[int] | None = None      # extra stop tokens besides the tokenizer's EOS
+    ignore_eos: bool = False
+    seed: int | None = None           # None: drawn per request from the engine's generator. As in vLLM, one
+                                      # seed on many requests gives them one random stream (correlated draws)
+    logprobs: int | None = None       # also return the top-`logprobs` tokens' log-probs per position
+
+    def __post_init__(self):
+        def bad(field, want):
+            return ValueError(f"SamplingParams.{field} {want}, got {getattr(self, field)!r}")
+        if not isinstance(self.n, int) or self.n < 1:
+            raise bad("n", "must be an int >= 1")
+        if not isinstance(self.max_tokens, int) or self.max_tokens <= 0:
+            raise bad("max_tokens", "must be an int > 0")
+        if not 0.0 < self.top_p <= 1.0:
+            raise bad("top_p", "must be in (0, 1]")
+        if self.temperature < 0:
+            raise bad("temperature", "must be >= 0")
+        if self.top_k == -1:
+            self.top_k = 0
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise bad("top_k", "must be an int >= 0 (0 or -1 = off)")
+        if self.seed is not None and not 0 <= self.seed < 2 ** 62:
+            raise bad("seed", "must be in [0, 2**62)")
+        if self.logprobs is not None and self.logprobs < 0:
+            raise bad("logprobs", "must be >= 0")
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        if self.stop is not None and any(not isinstance(s, str) or not s for s in self.stop):
+            raise bad("stop", "must be non-empty strings")
+        self.stop_token_ids = list(self.stop_token_ids or [])
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    @property
+    def key(self) -> tuple:
+        """What the processed distribution depends on: rows with equal keys are processed together."""
+        return (self.temperature, self.top_k, self.top_p)
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """(x * c) mod 2^32 for x < 2^32, in int64 without overflow: multiply the 16-bit halves apart."""
+    return ((x & 0xFFFF) * c + (((x >> 16) * c) & 0xFFFF) * 65536) & _M32
+
+
+def _hash32(x: torch.Tensor) -> torch.Tensor:
+    """Wellons' lowbias32: a bijection of 32-bit integers with near-ideal avalanche."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def uniform(seed: torch.Tensor, index: torch.Tensor, stream: int) -> torch.Tensor:
+    """(M,) int64 seeds and output indices -> (M,) float64 uniforms in [0, 1), one per (seed, index, stream)."""
+    key = _hash32(seed & _M32)
+    key = _hash32(key ^ ((seed >> 32) & _M32))
+    key = _hash32(key ^ (index & _M32))
+    key = _hash32(key ^ ((stream * 0x9E3779B9) & _M32))
+    a, b = _hash32(key ^ 0x68E31DA4), _hash32(key ^ 0xB5297A4D)
+    return ((a >> 5) * 67108864 + (b >> 6)).double() / 9007199254740992.0
+
+
+def processed_logp_rows(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """(M, V) logits, one SamplingParams per row -> (M, V) log-probs of the distribution each row samples from."""
+    first = params[0]
+    if all(p is first for p in params) or all(p.key == first.key for p in params):   # the common case
+        return processed_logp(logits, first)
+    out = torch.empty(logits.shape, dtype=torch.float32, device=logits.device)
+    groups: dict[tuple, list[int]] = {}
+    for i, p in enumerate(params):
+        groups.setdefault(p.key, []).append(i)
+    for rows in groups.values():
+        idx = torch.tensor(rows, device=logits.device)
+        out[idx] = processed_logp(logits[idx], params[rows[0]])
+    return out
+
+
+def draw(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF draw: (M, V) non-negative weights (need not sum to 1), (M,) uniforms -> (M,) tokens.
+    A zero-weight token is never drawn: its CDF step is empty."""
+    cdf = probs.double().cumsum(-1)                                        # (M, V)
+    x = (u * cdf[:, -1]).unsqueeze(1)                                      # (M, 1)
+    return torch.searchsorted(cdf, x, right=True).squeeze(1).clamp_(max=probs.shape[-1] - 1)
+
+
+def sample(logp: torch.Tensor, greedy: list[bool], seeds: list[int], index: list[int], stream: int = 0) -> torch.Tensor:
+    """(M, V) processed log-probs -> (M,) tokens: argmax where greedy, else an inverse-CDF draw."""
+    if all(greedy):
+        return logp.argmax(-1)
+    meta = torch.tensor([seeds, index], device=logp.device)
+    tok = draw(logp.exp(), uniform(meta[0], meta[1], stream))
+    if any(greedy):
+        g = torch.tensor(greedy, device=logp.device)
+        tok = torch.where(g, logp.argmax(-1), tok)
+    return tok
