@@ -53,9 +53,9 @@ class RolloutConfig(Section):
 
 
 class TrainerConfig(Section):
-    optim: OptimConfig = OptimConfig(lr=3e-5, warmup_steps=0, schedule="constant")
+    optim: OptimConfig = OptimConfig(lr=5e-5, warmup_steps=0, schedule="cosine")
     micro_batch_size: int = Field(0, ge=0, description="rows per forward/backward chunk; 0 = whole mini-batch")
-    mini_batches: int = Field(1, ge=1, description="optimizer steps per epoch over the rollout batch")
+    mini_batches: int = Field(2, ge=1, description="optimizer steps per epoch over the rollout batch")
     epochs: int = Field(1, ge=1, description="passes over each rollout batch")
 
 
@@ -79,14 +79,14 @@ class TrainJob(Section):
     task: TaskConfig = TaskConfig()
     env: EnvConfig = EnvConfig()
     init_from: str | None = None
-    sft: SFTConfig = SFTConfig(steps=200, format="cot")
+    sft: SFTConfig = SFTConfig(steps=250, format="cot")
     rollout: RolloutConfig = RolloutConfig()
     algorithm: dict[str, Any] = Field(default_factory=lambda: {"name": "grpo"})
     trainer: TrainerConfig = TrainerConfig()
     sync: SyncConfig = SyncConfig()
     check: CheckConfig = CheckConfig()
-    steps: int = Field(250, ge=1)
-    eval: EvalConfig = EvalConfig(every=25)
+    steps: int = Field(300, ge=1)
+    eval: EvalConfig = EvalConfig(every=25, size=400)
     ckpt_every: int = Field(25, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
 
