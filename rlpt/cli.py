@@ -3,6 +3,7 @@
 
     rlpt sft [recipe.yaml] [key=value ...] [--resume]
     rlpt train [recipe.yaml] [key=value ...] [--resume]
+    rlpt compare [recipe.yaml] [--algos a,b,...] [key=value ...]
     rlpt eval CHECKPOINT [key=value ...] [--split heldout|train] [--pass-k K]
 """
 from __future__ import annotations
@@ -52,6 +53,15 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    from rlpt.compare import run_compare
+    path, overrides = _split_args(args.items)
+    out, rows = run_compare(path, overrides, args.algos)
+    print((out / "compare.md").read_text())
+    print(f"compare folder: {out}")
+    return 0
+
+
 def cmd_eval(args) -> int:
     import random
 
@@ -93,6 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("items", nargs="*", metavar="[recipe.yaml] [key=value ...]")
     t.add_argument("--resume", action="store_true", help="continue the run folder from its latest checkpoint")
     t.set_defaults(fn=cmd_train)
+    c = sub.add_parser("compare", help="several algorithms from one SFT start, seed and budget: a table and a plot")
+    c.add_argument("items", nargs="*", metavar="[recipe.yaml] [key=value ...]")
+    c.add_argument("--algos", default=None, metavar="a,b,...",
+                   help="comma-separated registered algorithms (default: all, in lineage order)")
+    c.set_defaults(fn=cmd_compare)
     e = sub.add_parser("eval", help="held-out greedy accuracy and pass@k of a checkpoint")
     e.add_argument("checkpoint", help="a checkpoint folder, or a run folder (its latest checkpoint)")
     e.add_argument("items", nargs="*", metavar="key=value", help="task.* and eval.* overrides")
