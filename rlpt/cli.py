@@ -54,9 +54,10 @@ def cmd_train(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from rlpt.compare import run_compare
-    path, overrides = _split_args(args.items)
-    out, rows = run_compare(path, overrides, args.algos)
+    from rlpt.compare import run_compare, take_algos
+    items, algos = take_algos(args.items, args.algos)
+    path, overrides = _split_args(items)
+    out, _ = run_compare(path, overrides, algos)
     print((out / "compare.md").read_text())
     print(f"compare folder: {out}")
     return 0
@@ -104,7 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue the run folder from its latest checkpoint")
     t.set_defaults(fn=cmd_train)
     c = sub.add_parser("compare", help="several algorithms from one SFT start, seed and budget: a table and a plot")
-    c.add_argument("items", nargs="*", metavar="[recipe.yaml] [key=value ...]")
+    c.add_argument("items", nargs=argparse.REMAINDER, metavar="[recipe.yaml] [key=value ...]",
+                   help="--algos may also come after the recipe")
     c.add_argument("--algos", default=None, metavar="a,b,...",
                    help="comma-separated registered algorithms (default: all, in lineage order)")
     c.set_defaults(fn=cmd_compare)

@@ -5,24 +5,28 @@
 Every algorithm (default: all registered, in lineage order) becomes an ordinary `rlpt train` run
 folder, runs/<name>/<algo>/, built the way `python -m rlpt.algorithms.<algo>` builds it: the recipe,
 then the algorithm's own defaults (PPO: trainer.epochs=4), then the overrides, which win. A
-`run.name=` override names the comparison ("compare" without one: the recipe's run name is a single run's). The SFT start is resolved once (`init_from`, or
-trained into runs/<name>/sft/) and written into every run's config as its `init_from`, so all start
-from the same weights. The recipe's algorithm keys go to the algorithms that have them (`clip_eps`
-to PPO and the GRPO family, not to REINFORCE or RLOO; the skipped ones are listed); a key that no
-registered algorithm knows is an error.
+`run.name=` override names the comparison ("compare" without one: the recipe's run name is one
+run's). The SFT start is resolved once (`init_from`, or trained into runs/<name>/sft/) and written
+into every run's config as its `init_from`, so all start from the same weights. The recipe's
+algorithm keys go to the algorithms that have them (`clip_eps` to PPO and the GRPO family, not to
+REINFORCE or RLOO; the skipped ones are listed); a key that no registered algorithm knows is an error.
 
 Written to runs/<name>/: compare.md and compare.json (one row per algorithm: final and best held-out
 accuracy, steps and seconds to first reach `target` held-out, peak memory, mean response length,
 wall seconds) and heldout_accuracy.png (held-out accuracy against step, one line per algorithm).
 
 Peak memory is measured per run by running each algorithm in its own Python process
-(`python -m rlpt.compare JOB.json RESULT.json`, which calls rlpt.train.run_train): the row gives that
-process's resident-set high-water mark (getrusage ru_maxrss) at the end of the run, and how far it
-rose above the same process's mark taken just before run_train (interpreter, torch, rlpt and
-TensorBoard imported: the floor every run shares). In one shared process the mark only ever rises,
-so each run would inherit the largest earlier one; torch's CPU allocator keeps no peak statistics,
-and tracemalloc does not see its allocations. RSS is what the OS holds for the process (allocator
-caches included), an upper bound on tensor bytes, not a count of them.
+(`python -m rlpt.compare JOB.json RESULT.json`, which calls rlpt.train.run_train). Just before
+run_train (interpreter, torch, rlpt and TensorBoard imported) the child resets its resident-set
+high-water mark to its current RSS (Linux: `5 > /proc/self/clear_refs`) and notes that RSS; at the
+end it reads the mark (VmHWM). The row gives that peak, and in brackets its rise over the RSS at the
+start: what the run itself added (weights, optimizer state, critic, activations, rollout buffers).
+Not getrusage's ru_maxrss: after fork + exec it also holds the parent's high-water mark (here the
+parent that trained the SFT start), and in one shared process the mark only rises, so each run would
+inherit the largest earlier one; torch's CPU allocator keeps no peak statistics and tracemalloc does
+not see its allocations. RSS is what the OS holds for the process (allocator caches included), an
+upper bound on tensor bytes, not a count of them. Where /proc is missing, ru_maxrss is used and the
+method says so in compare.json.
 
 Times: "wall s" is run_train in the child, call to return (build, step-0 eval, steps, evals,
 checkpoints; not the ~3 s of process start). "s to target" is the run's own loop clock
@@ -43,11 +47,12 @@ from pathlib import Path
 
 from rlpt.config import ConfigError, load_config, parse_override, read_yaml
 from rlpt.framework.algorithm import ALGORITHMS
+from rlpt.run import resolve_checkpoint
 from rlpt.train import TrainJob, sft_init, summarize
 
 TARGET = 0.8
-MEMORY_METHOD = ("peak RSS: getrusage ru_maxrss of a separate process per algorithm, at the end of its run; "
-                 "(+x) = rise over the same process's mark just before run_train (python + torch + rlpt imported)")
+MEMORY_METHOD = ("peak RSS = high-water mark (VmHWM) of a separate process per algorithm, reset just before "
+                 "run_train; (+x) = its rise over the RSS at that moment (python, torch, rlpt imported)")
 
 
 # -- which algorithms, and how each is configured ------------------------------------------------
@@ -70,6 +75,24 @@ def parse_algos(spec: str | None) -> list[str]:
     return out
 
 
+def take_algos(items: list[str], algos: str | None = None) -> tuple[list[str], str | None]:
+    """Pull `--algos a,b` / `--algos=a,b` out of the command line's items: argparse takes options only
+    before the first positional, and the usage puts --algos after the recipe."""
+    rest, it = [], iter(items)
+    for x in it:
+        if x == "--algos":
+            algos = next(it, None)
+            if algos is None:
+                raise ConfigError("--algos needs a value, e.g. --algos ppo,grpo")
+        elif x.startswith("--algos="):
+            algos = x.split("=", 1)[1]
+        elif x.startswith("-"):
+            raise ConfigError(f"unknown option {x!r} for rlpt compare (it takes --algos a,b,... only)")
+        else:
+            rest.append(x)
+    return rest, algos
+
+
 def algorithm_defaults(name: str) -> tuple[str, ...]:
     """The overrides `python -m rlpt.algorithms.<name>` adds: a module-level DEFAULTS if the module
     has one, else the `defaults=` of its `main_for_algorithm(...)` call, read from the source, so the
@@ -78,7 +101,8 @@ def algorithm_defaults(name: str) -> tuple[str, ...]:
     if hasattr(mod, "DEFAULTS"):
         return tuple(mod.DEFAULTS)
     for node in ast.walk(ast.parse(inspect.getsource(mod))):
-        if isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", "")) == "main_for_algorithm":
+        called = getattr(node, "func", None)
+        if isinstance(node, ast.Call) and getattr(called, "id", getattr(called, "attr", "")) == "main_for_algorithm":
             given = [kw.value for kw in node.keywords if kw.arg == "defaults"] + node.args[2:3]
             return tuple(ast.literal_eval(given[0])) if given else ()
     return ()
@@ -136,7 +160,8 @@ def run_row(algo: str, rows: list[dict], result: dict, target: float = TARGET) -
     return {"algorithm": algo, "acc_start": s["acc/heldout_start"], "acc_final": s["acc/heldout_final"],
             "acc_best": s["acc/heldout_best"], "steps_to_target": reach[0] if reach else None,
             "seconds_to_target": reach[1] if reach else None,
-            "rss_peak_mib": result["rss_peak_kib"] / 1024, "rss_rise_mib": (result["rss_peak_kib"] - result["rss_base_kib"]) / 1024,
+            "rss_peak_mib": result["rss_peak_kib"] / 1024,
+            "rss_rise_mib": (result["rss_peak_kib"] - result["rss_base_kib"]) / 1024,
             "response_len_mean": sum(lens) / len(lens) if lens else None, "wall_s": result["wall_s"],
             "steps": max(r["step"] for r in rows)}
 
@@ -182,7 +207,8 @@ def plot_heldout(curves: dict[str, list[tuple[int, float]]], path: Path, target:
 
 # -- running -------------------------------------------------------------------------------------
 def run_isolated(job: TrainJob) -> dict:
-    """run_train(job) in a fresh Python process; -> {wall_s, rss_base_kib, rss_peak_kib}."""
+    """run_train(job) in a fresh Python process; -> {wall_s, rss_base_kib, rss_peak_kib, memory_method}.
+    A failure comes back as the child's exception type where the CLI knows it (exit 2 / 3), else RuntimeError."""
     from rlpt.framework.controller import LogpMismatchError
     from rlpt.run import CheckpointError
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(Path(__file__).parents[1]),
@@ -192,7 +218,7 @@ def run_isolated(job: TrainJob) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         spec, out = Path(tmp) / "job.json", Path(tmp) / "result.json"
         spec.write_text(job.model_dump_json())
-        proc = subprocess.run([sys.executable, "-m", "rlpt.compare", str(spec), str(out)], env=env)
+        proc = subprocess.run([sys.executable, "-m", "rlpt.compare", str(spec), str(out)], env=env, check=False)
         result = json.loads(out.read_text()) if out.exists() else {}
     if proc.returncode == 0 and "wall_s" in result:
         return result
@@ -215,13 +241,12 @@ def run_compare(path: str | None, overrides: list[str], algos: str | list[str] |
     if first.run.threads:
         torch.set_num_threads(first.run.threads)
     torch.manual_seed(first.run.seed)
-    from rlpt.run import resolve_checkpoint
     sft = resolve_checkpoint(sft_init(first.model_copy(update={"run": first.run.model_copy(update={"name": name})}),
                                       resume=False))
     for algo, keys in skipped.items():
         if keys:
             print(f"[rlpt] compare: {algo} has no " + ", ".join(f"algorithm.{k}" for k in keys) + " (not applied)")
-    rows, curves = [], {}
+    rows, curves, methods = [], {}, []
     for i, algo in enumerate(algos, 1):
         job = jobs[algo]
         job = job.model_copy(update={"run": job.run.model_copy(update={"out_dir": str(out), "name": algo}),
@@ -230,35 +255,55 @@ def run_compare(path: str | None, overrides: list[str], algos: str | list[str] |
         result = run_isolated(job)
         metrics = [json.loads(line) for line in (out / algo / "metrics.jsonl").read_text().splitlines() if line]
         rows.append(run_row(algo, metrics, result, target))
+        methods.append(result["memory_method"])
         r = rows[-1]
         print(f"[rlpt] compare: {algo}: held-out {r['acc_start']:.3f} -> {r['acc_final']:.3f} "
               f"(best {r['acc_best']:.3f}) in {r['wall_s']:.0f} s", flush=True)
         curves[algo] = [(r["step"], r["acc/heldout"]) for r in metrics if "acc/heldout" in r]
     plot_heldout(curves, out / "heldout_accuracy.png", target)
     table = markdown(rows, target)
+    memory = MEMORY_METHOD if all(m == "VmHWM" for m in methods) else "peak RSS = ru_maxrss of each run's process"
+    command = " ".join(["rlpt compare", *([path] if path else []),
+                        *([] if algos == list(ALGORITHMS) else ["--algos", ",".join(algos)]), *overrides])
+    setup = (f"{len(algos)} algorithms, {first.steps} steps each, seed {first.run.seed}, from the SFT start "
+             f"`{sft}` (held-out {rows[0]['acc_start']:.3f}).")
+    skipped = {a: k for a, k in skipped.items() if k}
+    notes = [f"    {command}", "", setup, "", table, "", f"Memory: {memory}."]
+    if skipped:
+        notes.append("Recipe keys an algorithm does not have (not applied to it): " + "; ".join(
+            f"{a}: " + ", ".join(f"algorithm.{k}" for k in keys) for a, keys in skipped.items()) + ".")
+    notes += ["", "![held-out accuracy](heldout_accuracy.png)", ""]
     (out / "compare.json").write_text(json.dumps(
-        {"name": name, "recipe": path, "overrides": overrides, "algorithms": algos, "sft_start": str(sft),
-         "target": target, "steps": first.steps, "seed": first.run.seed, "memory_method": MEMORY_METHOD,
-         "skipped_algorithm_keys": {a: k for a, k in skipped.items() if k}, "rows": rows}, indent=1))
-    start = rows[0]["acc_start"]
-    notes = [f"{len(algos)} algorithms, {first.steps} steps each, seed {first.run.seed}, from the SFT start "
-             f"`{sft}` (held-out {start:.3f}).", "", table, "", f"Memory: {MEMORY_METHOD}.", "",
-             "![held-out accuracy](heldout_accuracy.png)", ""]
+        {"name": name, "command": command, "recipe": path, "overrides": overrides, "algorithms": algos,
+         "sft_start": str(sft), "target": target, "steps": first.steps, "seed": first.run.seed,
+         "memory_method": memory, "skipped_algorithm_keys": skipped, "rows": rows}, indent=1))
     (out / "compare.md").write_text("\n".join([f"# rlpt compare: {name}", "", *notes]))
     return out, rows
 
 
+def _memory_kib(reset: bool = False) -> tuple[int, int, str]:
+    """-> (resident KiB now, high-water KiB, method); with reset, the high-water mark restarts from now."""
+    try:
+        if reset:
+            Path("/proc/self/clear_refs").write_text("5")
+        status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+        return int(status["VmRSS"].split()[0]), int(status["VmHWM"].split()[0]), "VmHWM"
+    except OSError:   # no /proc (macOS) or not writable: the process's ru_maxrss, never reset
+        import resource
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // (1024 if sys.platform == "darwin" else 1)
+        return peak, peak, "ru_maxrss"
+
+
 def _child(job_path: str, result_path: str) -> int:
-    """One algorithm's run, alone in this process, reporting its wall time and RSS high-water marks."""
-    import resource
+    """One algorithm's run, alone in this process, reporting its wall time and memory."""
     import traceback
 
-    import torch.utils.tensorboard  # noqa: F401 - every run logs to TensorBoard: part of the shared floor
+    import torch.utils.tensorboard  # noqa: F401 - every run logs to TensorBoard: imported before the baseline
 
     from rlpt.train import run_train
-    kib = (lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // (1024 if sys.platform == "darwin" else 1))
     job = TrainJob.model_validate_json(Path(job_path).read_text())
-    base, t0 = kib(), time.perf_counter()
+    base, _, method = _memory_kib(reset=True)
+    t0 = time.perf_counter()
     try:
         run_train(job)
     except Exception as e:   # noqa: BLE001 - reported to the parent, which re-raises it by type
@@ -266,10 +311,15 @@ def _child(job_path: str, result_path: str) -> int:
             traceback.print_exc()
         Path(result_path).write_text(json.dumps({"error": str(e), "error_type": type(e).__name__}))
         return 1
-    Path(result_path).write_text(json.dumps({"wall_s": time.perf_counter() - t0, "rss_base_kib": base,
-                                             "rss_peak_kib": kib()}))
+    wall = time.perf_counter() - t0
+    _, peak, _ = _memory_kib()
+    Path(result_path).write_text(json.dumps({"wall_s": wall, "rss_base_kib": base, "rss_peak_kib": peak,
+                                             "memory_method": method}))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(_child(*sys.argv[1:3]))
+    if len(sys.argv) != 3:
+        sys.exit("python -m rlpt.compare JOB.json RESULT.json is rlpt compare's per-algorithm worker; "
+                 "run `rlpt compare [recipe.yaml] [--algos a,b] [key=value ...]`")
+    sys.exit(_child(sys.argv[1], sys.argv[2]))
