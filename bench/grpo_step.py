@@ -9,7 +9,7 @@ prompts, one `per_token_logp` under no_grad for the reference, one forward + bac
 on the same collated batch. The ratio framework / bare shows the framework's overhead; the two
 policies train apart, so compare their response lengths (both in the JSON) before reading it.
 
-    python bench/grpo_step.py [--threads 2] [--steps 12] [--prompts 16] [--k 8] [--max-tokens 32]
+    python bench/grpo_step.py [--threads 2] [--steps 12] [--prompts 16] [--k 8] [--max-tokens 32] [--backend engine]
 """
 from __future__ import annotations
 
@@ -40,6 +40,8 @@ def main() -> None:
     p.add_argument("--prompts", type=int, default=16)
     p.add_argument("--k", type=int, default=8)
     p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--backend", default="simple", choices=["simple", "engine"],
+                   help="rollout.backend (the bare loop always uses the simple sampler)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -50,7 +52,8 @@ def main() -> None:
     model = make_model(ModelConfig(), CharTokenizer())
     save_checkpoint(tmp / "init", model, model.cfg.to_dict(), {"step": 0})
     job = load_train_job(None, [f"init_from={tmp / 'init'}", f"rollout.prompts_per_step={args.prompts}",
-                                f"rollout.k={args.k}", f"rollout.max_tokens={args.max_tokens}", "run.progress=false"])
+                                f"rollout.k={args.k}", f"rollout.max_tokens={args.max_tokens}", "run.progress=false",
+                                f"rollout.backend={args.backend}"])
     ctl, _ = build(job, tmp / "init")
     ctl.env.verify = lambda prompt, response: float(len(response) % 2)
     ctl.logp_tol = None
@@ -92,7 +95,7 @@ def main() -> None:
         print(f"{k:<14}{med[k]:>10.4f}{med[k] / med['total']:>8.1%}")
     print(f"{'total':<14}{med['total']:>10.4f}")
     print(f"{'bare loop':<14}{bare_med:>10.4f}   (same sampling + ref forward + fwd/bwd/AdamW, no framework)")
-    print(json.dumps({"bench": "grpo_step", "prompts": args.prompts, "k": args.k, "max_tokens": args.max_tokens,
+    print(json.dumps({"bench": "grpo_step", "backend": args.backend, "prompts": args.prompts, "k": args.k, "max_tokens": args.max_tokens,
                       "threads": args.threads, "steps": args.steps,
                       "step_s_median": round(med["total"], 4), "bare_s_median": round(bare_med, 4),
                       "overhead_ratio": round(med["total"] / bare_med, 3),

@@ -35,6 +35,11 @@ class EngineBackend:
             llm = self._engines[model] = LLM(model, **self.llm_kwargs)
         return llm
 
+    def reset_prefix_caches(self) -> None:
+        """Forget every cached prefix (their blocks return to the pool); the engines stay."""
+        for llm in list(self._engines.values()):
+            llm.reset_prefix_cache()
+
     def __call__(self, model, prompts: list[list[int]], sp, eos_id: int, pad_id: int,
                  generator: torch.Generator | None = None) -> list[Sample]:
         if not prompts:

@@ -154,7 +154,7 @@ class LLM:
         if not sched.scheduled:
             raise RuntimeError("scheduler made no progress (KV pool too small for the waiting sequence?)")
         if sched.copies:                                             # copy-on-write, both K/V pools
-            src, dst = (torch.tensor(x, device=self.runner.cos.device) for x in zip(*sched.copies))
+            src, dst = (torch.tensor(x, device=self.runner.cis.device) for x in zip(*sched.copies))
             self.runner.kv.copy_blocks(src, dst)
             if self.spec is not None:
                 self.spec.runner.kv.copy_blocks(src, dst)

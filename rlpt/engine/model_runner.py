@@ -6,11 +6,23 @@
 The batch is flat (vLLM v1 style): projections and MLPs run on (N, d) with no padding; only attention
 groups tokens by sequence. A decode-only step (every sequence feeds one token) reads K/V in place
 (`paged_decode_attention`); steps with prefill chunks pad queries per sequence and gather tiles.
-Host-side metadata (positions, slots, block tables) is built in numpy and moved once. The runner drives gpt_mini's own modules and weights (norms, embedding, lm_head) and
-keeps fused copies of q|k|v and gate|up so each layer does 4 matmuls, not 7: fewer launches is what
-counts at this size. The fused copies are rebuilt whenever a parameter changes (its version counter
-or storage), so a trainer's in-place step or `WeightSyncer.copy_weights` is seen on the next call.
-RoPE uses x·cos + flip_halves(x)·[-sin, sin], bit-identical to `apply_rope`'s x·cos + [-x2, x1]·sin.
+Host-side metadata (positions, slots, block tables) is built in numpy and moved once. The runner
+reads gpt_mini's own weights (embedding, norms, o / down projections, lm_head) through plain tensor
+functions, no module calls, and keeps fused copies of q|k|v and gate|up so each layer does 4 matmuls,
+not 7: fewer ops is what counts at this size. The fused copies are rebuilt whenever a parameter changes
+(its version counter or storage), so a trainer's in-place step or `WeightSyncer.copy_weights` is seen
+on the next call. RoPE is one complex multiply on pair-interleaved q and k (see `__init__`); the
+residual adds ride on the o / down projections (`addmm`).
+
+Where a decode step's time goes (gpt_mini, B=64, context ~32, one thread of a shared 2-core box, CPU
+time, `bench/engine.py` and per-op timing): ~4.7 ms per step against HF generate()'s ~6.7 ms. The 17
+GEMMs take ~1.4 ms at ~75 GFLOP/s with hot caches (~2 ms in the step, where K/V reads evict the weights);
+paged decode attention ~0.6 ms hot, ~1.1 ms in the step (it must read B·S·H_kv·hd·2 floats, ~2 MB per
+layer); norms, RoPE, K/V writes and SwiGLU ~0.8 ms; scheduling, metadata and sampling ~0.5 ms of Python.
+That is ~150 eager op dispatches per step, the GEMMs and the K/V bytes being the part no schedule removes.
+What fused kernels would change (vLLM's CUDA graphs + paged-attention kernel, or compiled CPU code):
+norm + RoPE + K/V write as one kernel per layer, attention reading each K/V block once with an online
+softmax, and the whole step replayed as one graph instead of ~150 dispatches of 2–5 us each.
 
     logits = ModelRunner(model, num_blocks=64, block_size=16).run([Chunk([5, 6, 7], 0, [3], 1)])   # (1, V)
 """
@@ -44,10 +56,11 @@ class ForwardBatch:
     B: int
     T: int                       # longest chunk; 1 on a decode-only step
     S: int                       # keys per sequence attended (padded, masked)
-    logits_index: torch.Tensor   # (M,)
+    logits_index: torch.Tensor | None   # (M,); None: every row (a decode step)
     # decode step (T == 1): pool rows read in place
     index: torch.Tensor | None = None      # (B·H·S,) pool row of each (sequence, head, key position)
     pattern: torch.Tensor | None = None    # CSR (B·H, pool rows) with the 0/-inf bias as values
+    offsets: torch.Tensor | None = None    # (B·H,) start of each row's S entries in index
     # prefill / mixed step: gathered tiles, padded queries
     tiles: torch.Tensor | None = None      # (2·B·H_kv·nb,) K then V tiles of each sequence's blocks
     pad_index: torch.Tensor | None = None  # (N,) row of each token in the (B·T) padded grid
@@ -66,8 +79,13 @@ class ModelRunner:
         # (a real deployment would call a fused paged-attention kernel there instead).
         self.decode_in_place = p.device.type == "cpu"
         half = c.head_dim // 2
-        self.cos = model.rope_cos.unsqueeze(1)                                          # (L, 1, hd)
-        self.sin = torch.cat([-model.rope_sin[:, :half], model.rope_sin[:, half:]], -1).unsqueeze(1)
+        # RoPE as one complex multiply: q and k head dims are stored pair-interleaved (x_i, x_{i+hd/2})
+        # by permuting the rows of W_q and W_k (scores q·k are unchanged by a permutation applied to
+        # both; V is untouched), so rotating is view_as_complex(x) · e^{iθ}. The cached K carries the
+        # same permutation. One op instead of mul, flip, mul, add.
+        self.perm = torch.stack([torch.arange(half), torch.arange(half) + half], -1).reshape(-1)
+        self.cis = torch.complex(model.rope_cos[:, :half], model.rope_sin[:, :half]).unsqueeze(1)   # (L, 1, hd/2)
+        self.eps = c.norm_eps
         self._signature = None
         self.refresh()
 
@@ -81,9 +99,13 @@ class ModelRunner:
         sig = self._weights_signature()
         if sig == self._signature:
             return False
-        self.w_qkv = [torch.cat([l.attn.q_proj.weight, l.attn.k_proj.weight, l.attn.v_proj.weight])
-                      for l in self.model.layers]
+        H, Hkv, hd = self.H, self.Hkv, self.hd
+        perm = lambda w, n: w.view(n, hd, -1)[:, self.perm].reshape(n * hd, -1)      # pair-interleave heads
+        self.w_qkv = [torch.cat([perm(l.attn.q_proj.weight, H), perm(l.attn.k_proj.weight, Hkv),
+                                 l.attn.v_proj.weight]) for l in self.model.layers]
         self.w_gate_up = [torch.cat([l.mlp.gate_proj.weight, l.mlp.up_proj.weight]) for l in self.model.layers]
+        self.wt_o = [l.attn.o_proj.weight.t() for l in self.model.layers]          # views: see in-place updates
+        self.wt_down = [l.mlp.down_proj.weight.t() for l in self.model.layers]
         self._signature = sig
         return True
 
@@ -101,7 +123,7 @@ class ModelRunner:
         ends = np.cumsum(q_lens)                                                     # logits: last n of each chunk
         M = int(n_logits.sum())
         logits_index = np.repeat(ends - n_logits, n_logits) + np.arange(M) - np.repeat(np.cumsum(n_logits) - n_logits, n_logits)
-        dev = self.cos.device
+        dev = self.cis.device
         t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(dev)
         if T == 1 and self.decode_in_place:                          # decode: sequence b feeds token b
             slots = self.kv.slots(tables[np.arange(B), starts // bs], starts % bs)
@@ -109,7 +131,9 @@ class ModelRunner:
             index, bias = self.kv.decode_index(tables, starts + 1, S, H)
             index = t(index)
             pattern = decode_pattern(index, t(bias), B * H, S, self.kv.num_blocks * Hkv * bs)
-            return ForwardBatch(t(ids), t(starts), t(slots), B, 1, S, t(logits_index), index=index, pattern=pattern)
+            offsets = torch.arange(0, B * H * S, S, device=dev)
+            return ForwardBatch(t(ids), t(starts), t(slots), B, 1, S, None if M == N else t(logits_index),
+                                index=index, pattern=pattern, offsets=offsets)
         seq = np.repeat(np.arange(B), q_lens)                                        # (N,)
         local = np.arange(N) - (ends - q_lens)[seq]
         positions = starts[seq] + local
@@ -121,31 +145,38 @@ class ModelRunner:
     # -- forward ------------------------------------------------------------------------------
     @torch.inference_mode()
     def forward(self, fb: ForwardBatch) -> torch.Tensor:
-        """-> logits (M, V) for the rows in fb.logits_index."""
-        m, H, Hkv, hd = self.model, self.H, self.Hkv, self.hd
+        """-> logits (M, V) for the rows in fb.logits_index.
+
+        Every op is a plain tensor function (no nn.Module calls: their hooks cost ~3 us each), the residual
+        adds ride on the projections (addmm: x + o·W_o^T in one BLAS call) and RMSNorm is one
+        `F.rms_norm`; at gpt_mini's size each op saved is ~1 % of a decode step."""
+        m, H, Hkv, hd, eps = self.model, self.H, self.Hkv, self.hd, self.eps
         g, B, T = H // Hkv, fb.B, fb.T
         N = fb.input_ids.shape[0]
-        cos, sin = self.cos[fb.positions], self.sin[fb.positions]                   # (N, 1, hd)
-        x = m.embed(fb.input_ids)                                                   # (N, d)
+        d = m.cfg.d_model
+        cis = self.cis[fb.positions]                                                # (N, 1, hd/2) complex
+        x = F.embedding(fb.input_ids, m.embed.weight)                               # (N, d)
         for i, layer in enumerate(m.layers):
-            qkv = F.linear(layer.input_norm(x), self.w_qkv[i]).view(N, H + 2 * Hkv, hd)
-            qk = qkv[:, :H + Hkv]
-            qk = qk * cos + qk.view(N, H + Hkv, 2, hd // 2).flip(2).view(N, H + Hkv, hd) * sin   # RoPE
-            self.kv.write(i, qk[:, H:], qkv[:, H + Hkv:], fb.slots)
+            qkv = F.linear(F.rms_norm(x, (d,), layer.input_norm.weight, eps), self.w_qkv[i])   # (N, (H+2H_kv)·hd)
+            q = torch.view_as_real(torch.view_as_complex(qkv[:, :H * hd].view(N, H, hd // 2, 2)) * cis)
+            k = torch.view_as_real(torch.view_as_complex(qkv[:, H * hd:(H + Hkv) * hd].view(N, Hkv, hd // 2, 2)) * cis)
+            self.kv.write(i, k, qkv[:, (H + Hkv) * hd:], fb.slots)                 # RoPE'd k, v
             if fb.pattern is not None:                                              # decode: in place
                 k_rows, v_rows = self.kv.rows(i)
-                o = paged_decode_attention(qk[:, :H].reshape(B * H, hd), k_rows, v_rows, fb.pattern, fb.index,
-                                           fb.S).view(N, H * hd)
+                o = paged_decode_attention(q.view(B * H, hd), k_rows, v_rows, fb.pattern, fb.index, fb.S,
+                                           fb.offsets).view(N, H * hd)
             else:                                                                   # prefill: gather tiles
                 k, v = self.kv.gather(i, fb.tiles, B)                               # (B·H_kv, S, hd)
-                q = qk.new_zeros(B * T, H, hd).index_copy_(0, fb.pad_index, qk[:, :H])
+                q = q.new_zeros(B * T, H, hd).index_copy_(0, fb.pad_index, q.view(N, H, hd))
                 q = q.view(B, T, Hkv, g, hd).permute(0, 2, 3, 1, 4).reshape(B * Hkv, g * T, hd)
                 o = paged_attention(q, k, v, fb.bias).view(B, Hkv, g, T, hd)        # (B, H_kv, g, T, hd)
                 o = o.permute(0, 3, 1, 2, 4).reshape(B * T, H * hd)[fb.pad_index]
-            x = x + layer.attn.o_proj(o)
-            gate, up = F.linear(layer.post_attn_norm(x), self.w_gate_up[i]).chunk(2, dim=-1)
-            x = x + layer.mlp.down_proj(F.silu(gate) * up)
-        return m.lm_head(m.norm(x[fb.logits_index])).float()                        # (M, V)
+            x = torch.addmm(x, o, self.wt_o[i])                                     # x + o_proj(o)
+            gate_up = F.linear(F.rms_norm(x, (d,), layer.post_attn_norm.weight, eps), self.w_gate_up[i])
+            gate, up = gate_up.chunk(2, dim=-1)
+            x = torch.addmm(x, F.silu(gate) * up, self.wt_down[i])                  # x + down(silu(gate)·up)
+        h = F.rms_norm(x if fb.logits_index is None else x[fb.logits_index], (d,), m.norm.weight, eps)
+        return F.linear(h, m.lm_head.weight).float()                                # (M, V)
 
     def run(self, chunks: list[Chunk]) -> torch.Tensor:
         return self.forward(self.prepare(chunks))

@@ -37,6 +37,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+# torch warns once per process that sparse CSR support is in beta: spend that warning here, silenced,
+# instead of paying ~10 us for a catch_warnings around every decode step's pattern
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    torch.sparse_csr_tensor(torch.tensor([0, 1]), torch.tensor([0]), torch.zeros(1), size=(1, 1))
+
 
 class PagedKVCache:
     def __init__(self, n_layer: int, n_kv_head: int, head_dim: int, num_blocks: int, block_size: int,
@@ -44,6 +50,7 @@ class PagedKVCache:
         self.n_kv_head, self.head_dim, self.block_size, self.num_blocks = n_kv_head, head_dim, block_size, num_blocks
         shape = (2, num_blocks, n_kv_head, block_size, head_dim)
         self.kv = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+        self._rows = [tuple(kv.view(2, -1, head_dim).unbind(0)) for kv in self.kv]   # views, made once
 
     @property
     def bytes_per_block(self) -> int:
@@ -68,27 +75,25 @@ class PagedKVCache:
 
     def rows(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of the whole pool as (num_blocks·H_kv·block_size, hd) row views (no copy)."""
-        kv = self.kv[layer].view(2, -1, self.head_dim)
-        return kv[0], kv[1]
+        return self._rows[layer]
 
     def decode_index(self, tables: np.ndarray, ctx: np.ndarray, S: int, n_head: int) -> tuple[np.ndarray, np.ndarray]:
         """(B, nb) tables, (B,) context lengths -> (B·H·S,) pool row of each (sequence, query head, key
-        position), and the 0 / -inf bias hiding positions >= ctx (they point at row 0 of the sequence)."""
-        B, Hkv, bs = tables.shape[0], self.n_kv_head, self.block_size
-        pos = np.arange(S)
-        valid = pos < ctx[:, None]                                                  # (B, S)
-        pos = np.where(valid, pos, 0)
-        blk = np.take_along_axis(tables, pos // bs, 1)                              # (B, S)
+        position), and the 0 / -inf bias hiding positions >= ctx. A hidden position reads whatever its
+        block (or block 0, for table padding) holds: finite, and weighted exp(-inf) = 0."""
+        B, nb = tables.shape
+        Hkv, bs = self.n_kv_head, self.block_size
         kv_head = np.arange(n_head) // (n_head // Hkv)                              # (H,)
-        index = ((blk[:, None, :] * Hkv + kv_head[:, None]) * bs + (pos % bs)[:, None, :]).reshape(-1)
-        bias = np.where(valid, np.float32(0), np.float32(-np.inf))
+        first = (tables[:, None, :] * Hkv + kv_head[:, None]) * bs                  # (B, H, nb) row of each tile
+        index = (first[..., None] + np.arange(bs)).reshape(B, n_head, nb * bs)[:, :, :S].reshape(-1)
+        bias = np.where(np.arange(S) < ctx[:, None], np.float32(0), np.float32(-np.inf))   # (B, S)
         return index, np.broadcast_to(bias[:, None, :], (B, n_head, S)).reshape(-1)
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
         """k, v (N, H_kv, hd) of the step's tokens -> their slots (N·H_kv,)."""
-        kv = self.kv[layer].view(2, -1, self.head_dim)
-        kv[0].index_copy_(0, slots, k.reshape(-1, self.head_dim))
-        kv[1].index_copy_(0, slots, v.reshape(-1, self.head_dim))
+        k_rows, v_rows = self._rows[layer]
+        k_rows.index_copy_(0, slots, k.reshape(-1, self.head_dim))
+        v_rows.index_copy_(0, slots, v.reshape(-1, self.head_dim))
 
     def gather(self, layer: int, tiles: torch.Tensor, B: int) -> tuple[torch.Tensor, torch.Tensor]:
         """-> K, V of every sequence's blocks, each (B·H_kv, S, hd), one copy for both."""
@@ -123,17 +128,16 @@ def decode_pattern(index: torch.Tensor, bias: torch.Tensor, n_rows: int, S: int,
     Rows hold S entries each, in block-table order (not sorted, possibly repeated at masked
     positions): sampled_addmm's CPU kernel only loops over the entries, so invariants are not checked."""
     crow = torch.arange(0, n_rows * S + 1, S, device=index.device)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")          # "sparse CSR support is in beta"
-        return torch.sparse_csr_tensor(crow, index, bias, size=(n_rows, n_pool_rows), check_invariants=False)
+    return torch.sparse_csr_tensor(crow, index, bias, size=(n_rows, n_pool_rows), check_invariants=False)
 
 
 def paged_decode_attention(q: torch.Tensor, k_rows: torch.Tensor, v_rows: torch.Tensor, pattern: torch.Tensor,
-                           index: torch.Tensor, S: int) -> torch.Tensor:
+                           index: torch.Tensor, S: int, offsets: torch.Tensor | None = None) -> torch.Tensor:
     """q (R, hd), one row per (sequence, head); k_rows, v_rows (pool rows, hd) -> (R, hd), reading K and V
     in place through `index` (R·S,) and `pattern` (decode_pattern of index and the bias)."""
     R = q.shape[0]
     scores = torch.sparse.sampled_addmm(pattern, q, k_rows.t(), alpha=1.0 / math.sqrt(q.shape[-1]))
     p = scores.values().view(R, S).softmax(-1)                                  # (R, S)
-    offsets = torch.arange(0, R * S, S, device=q.device)
+    if offsets is None:
+        offsets = torch.arange(0, R * S, S, device=q.device)
     return F.embedding_bag(index, v_rows, offsets, mode="sum", per_sample_weights=p.view(-1))

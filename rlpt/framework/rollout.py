@@ -19,6 +19,19 @@ At the cap it returns what passed, fewer groups than asked; if none passed, the 
 drawn, which the algorithm marks degenerate so the step is skipped. It never loops forever.
 `stats` reports `sampling/draws`, `sampling/groups_drawn`, `sampling/groups_kept`,
 `sampling/filtered_frac` (the measured degenerate fraction) and `sampling/cap_hit`.
+
+Two sampling backends behind `_sample`, chosen by `rollout.backend`: "simple" (`rlpt.gpt_mini.generate`:
+padded batches of `batch_limit`, a dense KV cache per call, draws from `torch.multinomial`) and "engine"
+(`rlpt.engine`: paged KV, continuous batching over every prompt at once, the K samples of a group as one
+request with n = K so the prompt is prefilled once; draws are counter-based from per-prompt seeds taken
+from `self.generator`). Both record old_logp the same way (`processed_logp` of the sampled token) and
+are reproducible from the generator's state, so a checkpoint holds the same state either way; they
+draw different tokens at temperature > 0 and the same at temperature 0. The engine backend serves gpt_mini
+models only (HF policies: convert with `rlpt.models.hf.hf_to_gpt_mini`) and sees weight sync through the
+parameters' version counters (in-place `copy_` bumps them: its fused weights are rebuilt, its prefix cache
+dropped). Its prefix cache is also dropped at the start of every `generate`, so what a step samples
+depends only on (weights, prompts, generator state) — the bit-identical resume contract — while the
+turns of one multi-turn step still reuse each other's K/V.
 """
 from __future__ import annotations
 
@@ -29,9 +42,12 @@ from typing import Callable
 
 import torch
 
+from rlpt.engine.backend import EngineBackend
 from rlpt.framework.environment import Prompt, safe_verify
 from rlpt.framework.trajectory import Trajectory
 from rlpt.gpt_mini.generate import SamplingParams, generate
+
+BACKENDS = ("simple", "engine")
 
 
 @dataclass
@@ -49,7 +65,7 @@ class GroupFilter:
 
 class RolloutEngine:
     def __init__(self, model, tokenizer, prompts_per_step: int, sampling: SamplingParams, seed: int = 0,
-                 batch_limit: int = 512, group_filter: GroupFilter | None = None):
+                 batch_limit: int = 512, group_filter: GroupFilter | None = None, backend: str = "simple"):
         self.model = model
         self.tokenizer = tokenizer
         self.prompts_per_step = prompts_per_step
@@ -59,8 +75,20 @@ class RolloutEngine:
         self.version = 0
         self.group_filter = group_filter
         self.stats: dict = {}
+        self.use_backend(backend)
+
+    def use_backend(self, backend: str) -> None:
+        """Pick the sampler (see module doc); subclasses need not forward a constructor argument."""
+        if backend not in BACKENDS:
+            raise ValueError(f"rollout.backend must be one of {BACKENDS}, got {backend!r}")
+        self.backend = backend
+        # one paged engine per model object (the rollout copy; evaluate may pass the trainer's)
+        self._engine = EngineBackend(max_num_seqs=min(self.batch_limit, 256)) if backend == "engine" else None
 
     def _sample(self, prompts: list[list[int]], sp: SamplingParams, generator=None, model=None):
+        if self._engine is not None:            # continuous batching: every prompt in one call
+            return self._engine(model or self.model, prompts, sp, self.tokenizer.eos_id, self.tokenizer.pad_id,
+                                generator)
         out = []
         for i in range(0, len(prompts), self.batch_limit):
             out += generate(model or self.model, prompts[i:i + self.batch_limit], sp, self.tokenizer.eos_id,
@@ -70,6 +98,8 @@ class RolloutEngine:
     def generate(self, env, K: int) -> list[list[Trajectory]]:
         """B = prompts_per_step groups of K trajectories each, rewards attached (filtered: see module doc)."""
         self.stats = {"time/generate": 0.0, "time/verify": 0.0}
+        if self._engine is not None:
+            self._engine.reset_prefix_caches()
         target, f = self.prompts_per_step, self.group_filter
         if f is None:
             return self._draw(env, K, target, first=0)
@@ -111,12 +141,17 @@ class RolloutEngine:
 
     @torch.no_grad()
     def evaluate(self, env, prompts: list[Prompt], model=None) -> dict:
-        """Greedy accuracy on `prompts` (held-out) of `model` (default: the rollout's weights)."""
+        """Greedy accuracy on `prompts` (held-out) of `model` (default: the rollout's weights): `acc` by the
+        env's reward, and `acc_honest` by `info["correct"]` when the env reports it. The two differ only for
+        a verifier whose reward is not its correctness check (e.g. `leaky`, where `acc` is hackable)."""
         sp = SamplingParams(max_tokens=self.sampling.max_tokens, temperature=0.0)
         samples = self._sample([p.ids for p in prompts], sp, model=model)
-        rewards = [safe_verify(env, p, self.tokenizer.decode(s.tokens)).reward for p, s in zip(prompts, samples)]
-        return {"acc": sum(r > 0 for r in rewards) / len(prompts),
-                "len": sum(len(s.tokens) for s in samples) / len(prompts)}
+        verdicts = [safe_verify(env, p, self.tokenizer.decode(s.tokens)) for p, s in zip(prompts, samples)]
+        out = {"acc": sum(v.reward > 0 for v in verdicts) / len(prompts),
+               "len": sum(len(s.tokens) for s in samples) / len(prompts)}
+        if all("correct" in v.info for v in verdicts):
+            out["acc_honest"] = sum(bool(v.info["correct"]) for v in verdicts) / len(prompts)
+        return out
 
     def state_dict(self) -> dict:
         return {"generator": self.generator.get_state(), "version": self.version,
