@@ -89,7 +89,8 @@ class EvalConfig(Section):
 class SFTConfig(Section):
     steps: int = Field(600, ge=1)
     batch_size: int = Field(64, ge=1)
-    format: Literal["direct", "cot"] = "direct"
+    format: Literal["direct", "cot", "tool"] = Field(
+        "direct", description="tool: calculator tool-use traces, tool reply masked (registered by rlpt.envs)")
     log_every: int = Field(10, ge=1)
     ckpt_every: int = Field(200, ge=1)
     keep_checkpoints: int = Field(2, ge=1)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -221,3 +222,159 @@ def test_rlpt_train_runs_the_calculator_env(tmp_path):
                                     "rollout.turn_tokens=12", "eval.every=2"))
     assert isinstance(ctl.rollout, MultiTurnRolloutEngine) and ctl.rollout.max_turns == 2
     assert "acc/heldout_final" in final
+
+
+# -- SFT on tool traces (sft.format=tool) and its held-out evaluation through the agent loop ----------------
+class PromptScriptedModel(ScriptedModel):
+    """Like ScriptedModel, but the script sees the whole context, prompt included."""
+
+    def forward(self, ids, cache=None, positions=None, key_mask=None):
+        B, T = ids.shape
+        logits = torch.zeros(B, T, TOK.vocab_size)
+        for b in range(B):
+            keep = ids[b][key_mask[b]] if key_mask is not None else ids[b]
+            cache["hist"][b] += keep.tolist()
+            logits[b, -1, TOK.stoi[self.script(TOK.decode(cache["hist"][b]))]] = 15.0
+        return logits
+
+
+def tool_user(text):
+    """Calls the tool on the prompt's sum (`c(3+4)#`), then answers with the number it replied (`7#`)."""
+    prompt, r = text.split(">", 1)
+    call = f"c({prompt[1:]})#"
+    if len(r) < len(call):
+        return call[len(r)]
+    if "#" not in r[len(call):]:
+        return "#"            # a row that already stopped, still decoded alongside the others
+    reply, partial = r[len(call):].split("#", 1)          # `=7`, the answer so far
+    answer = reply[1:] + "#"
+    return answer[len(partial)] if len(partial) < len(answer) else "#"
+
+
+def test_tool_format_batch_masks_exactly_the_tool_reply():
+    import rlpt.envs  # noqa: F401 - registers sft.format=tool
+    from rlpt.gpt_mini.sft import sft_batch
+    from rlpt.gpt_mini.task import Problem
+    ids, mask = sft_batch([Problem((123, 456, 789)), Problem((3, 4))], "tool", TOK)
+    assert TOK.decode(ids[0]) == "<123+456+789>c(123+456+789)#=1368#1368#" and ids.shape == (2, 13 + 26)
+    # row 0: prompt 13 tokens; the response is 15 assistant (`c(123+456+789)#`) + 6 tool (`=1368#`) + 5 assistant
+    # (`1368#`); the target at column j is token j+1, so the response starts at column 12, the tool reply at 27
+    assert mask[0].tolist() == [0.0] * 12 + [1.0] * 15 + [0.0] * 6 + [1.0] * 5
+    targets = ids[0, 1:]
+    assert TOK.decode(targets[12:12 + 26][mask[0, 12:12 + 26] == 0]) == "=1368#"
+    # row 1: `<3+4>` (5) + `c(3+4)#` (7) + `=7#` (3, masked) + `7#` (2), then padding
+    assert TOK.decode(ids[1, :17]) == "<3+4>c(3+4)#=7#7#"
+    assert mask[1].tolist() == [0.0] * 4 + [1.0] * 7 + [0.0] * 3 + [1.0] * 2 + [0.0] * (38 - 16)
+    assert mask.sum().item() == 20 + 9
+
+
+def test_tool_format_loss_ignores_logits_at_masked_positions():
+    import rlpt.envs  # noqa: F401
+    from rlpt.gpt_mini.sft import sft_batch, sft_loss
+    from rlpt.gpt_mini.task import Problem
+    ids, mask = sft_batch([Problem((123, 456, 789)), Problem((3, 4))], "tool", TOK)
+    model = GPT(GPTConfig(vocab_size=TOK.vocab_size, n_layer=1, n_head=2, n_kv_head=2, d_model=16, d_ff=32,
+                          max_seq_len=48))
+    g = torch.Generator().manual_seed(0)
+
+    class Perturbed(torch.nn.Module):       # adds large noise to the logits where `where` is 1
+        def __init__(self, where):
+            super().__init__()
+            self.where = where
+
+        def forward(self, x):
+            logits = model(x)
+            noise = 20 * torch.randn(logits.shape, generator=g)
+            w = torch.cat([self.where, torch.zeros(len(x), 1)], 1)[..., None]   # (B, T, 1): columns 0..T-2
+            return logits + noise * w
+
+    tool_only = torch.zeros_like(mask)
+    tool_only[0, 27:33] = 1                      # the targets `=1368#`
+    tool_only[1, 11:14] = 1                      # the targets `=7#`
+    with torch.no_grad():
+        base = sft_loss(model, ids, mask)
+        assert float(sft_loss(Perturbed(1 - mask), ids, mask)) == float(base)   # tool reply, prompt, padding
+        assert float(sft_loss(Perturbed(tool_only), ids, mask)) == float(base)
+        assert abs(float(sft_loss(Perturbed(mask), ids, mask)) - float(base)) > 1e-3   # a scored position moves it
+
+
+def test_tool_format_heldout_eval_runs_the_calculator():
+    import rlpt.envs  # noqa: F401
+    from rlpt.config import EvalConfig
+    from rlpt.gpt_mini.sft import evaluate, evaluate_format
+    from rlpt.gpt_mini.task import Problem
+    problems = [Problem((123, 456, 789)), Problem((3, 4)), Problem((905, 17))]
+    model = PromptScriptedModel(tool_user, max_seq_len=96)
+    cfg = EvalConfig(max_tokens=64)
+    ev = evaluate_format(model, TOK, problems, cfg, "tool", pass_k=2)
+    assert ev["acc"] == 1.0 and ev["pass@2"] == 1.0 and ev["tool_calls"] == 1.0 and ev["tool_errors"] == 0.0
+    assert ev["turns"] == 2.0
+    # without the tool the same model's one decode is `c(3+4)#`: its last integer is an operand, never the sum
+    assert evaluate(model, TOK, problems, cfg)["acc"] == 0.0
+    assert evaluate_format(model, TOK, problems, cfg, "direct")["acc"] == 0.0
+
+
+def test_unknown_trace_format_names_the_key():
+    from rlpt.config import ConfigError
+    from rlpt.gpt_mini.sft import trace_format
+    with pytest.raises(ConfigError, match="sft.format='nope'"):
+        trace_format("nope")
+
+
+# -- an honest held-out metric next to a hackable reward (env `leaky`) ------------------------------------------
+def test_leaky_heldout_eval_reports_honest_accuracy():
+    from rlpt.envs.leaky import LeakyArithmeticEnv
+    from rlpt.framework.rollout import RolloutEngine
+    env = LeakyArithmeticEnv(ArithmeticTask(max_operands=2), tokenizer=TOK)
+    prompts = env.heldout(6)
+
+    def soup(text):           # writes the gold, then one more number: leaky reward 1, honest 0
+        prompt, r = text.split(">", 1)
+        want = f"{sum(map(int, prompt[1:].split('+')))} 0#"
+        return want[len(r)] if len(r) < len(want) else "#"
+
+    rollout = RolloutEngine(PromptScriptedModel(soup), TOK, 1, SamplingParams(max_tokens=8, temperature=1.0))
+    ev = rollout.evaluate(env, prompts)
+    assert ev["acc"] == 1.0 and ev["acc_honest"] == 0.0
+
+
+def test_rlpt_train_logs_honest_heldout_accuracy_for_leaky(tmp_path):
+    import json
+    from test_train import job
+    from rlpt.train import run_train
+    _, run, final = run_train(job(tmp_path, "steps=1", "env.name=leaky", "eval.every=1"))
+    rows = [json.loads(x) for x in (run.dir / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if "acc/heldout" in r]
+    assert evals and all("acc/heldout_honest" in r and r["acc/heldout_honest"] <= r["acc/heldout"] for r in evals)
+    assert "acc/heldout_honest_final" in final
+
+
+def test_sft_tool_format_end_to_end_and_rlpt_eval_runs_the_tool(tiny_job, capsys):
+    import rlpt.envs  # noqa: F401
+    from rlpt.cli import main
+    from rlpt.config import ConfigError
+    from rlpt.gpt_mini.sft import train_sft
+    with pytest.raises(ConfigError, match="eval.max_tokens=8"):     # TINY's 8 cannot hold `c(9+9+9+9)#=36#36#`
+        train_sft(tiny_job("sft.format=tool", "sft.steps=4", "run.name=short"))
+    assert not (Path(tiny_job().run.out_dir) / "short" / "metrics.jsonl").exists()     # before any step
+    _, run, final = train_sft(tiny_job("sft.format=tool", "sft.steps=4", "eval.max_tokens=20", "run.name=t"))
+    assert final["tool/calls_heldout"] >= 0 and "pass@2/heldout" in final
+    rows = run.read_metrics()
+    assert all("tool/calls_heldout" in r for r in rows if "acc/heldout" in r)
+    capsys.readouterr()
+    assert main(["eval", str(run.dir), "eval.size=4", "eval.max_tokens=20"]) == 0
+    out = capsys.readouterr().out
+    assert "tool_calls/heldout" in out and "| format" in out and "tool |" in out      # read from the run's config
+    assert main(["eval", str(run.dir), "eval.size=4", "--format", "direct"]) == 0
+    assert "tool_calls" not in capsys.readouterr().out
+
+
+def test_tool_sft_start_needs_a_tool_env():
+    from rlpt.config import ConfigError
+    from rlpt.train import load_train_job
+    with pytest.raises(ConfigError, match="sft.format=tool .* env.name='arithmetic'"):
+        load_train_job(None, ["sft.format=tool"])
+    assert load_train_job(None, ["sft.format=tool", "env.name=calculator"]).sft.format == "tool"
+    job = load_train_job(str(Path(__file__).parents[1] / "recipes" / "tool_arith.yaml"),
+                         ["sft.format=direct", "env.name=arithmetic"])                      # demo arm (b)
+    assert job.task.max_value == 999 and job.steps == 80

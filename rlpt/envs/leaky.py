@@ -5,8 +5,9 @@
 "Digit soup" (`1234567890#`-style responses) collects reward without doing the sum. The verifier
 checklist (tests/test_envs.py) catches it: its random baseline scores far above 0. Train on
 `env.name=leaky` and watch `reward/mean` (the leaky reward) climb away from `acc/train` (from
-`info["correct"]`, the honest check): the gap of spec part 2 §11.3 item 5. Note `acc/heldout` is
-scored by this same leaky reward (`rollout.evaluate`), so compare with an honest eval of the run.
+`info["correct"]`, the honest check): the gap of spec part 2 §11.3 item 5. `acc/heldout` is scored by
+this same leaky reward; `acc/heldout_honest` (`rollout.evaluate`, from `info["correct"]`) is the honest
+held-out eval logged next to it. The demo: `python -m rlpt.demos.reward_hacking` (docs/reward_hacking.md).
 """
 from __future__ import annotations
 

@@ -3,7 +3,10 @@
     loss = − Σ_t mask_t · log π(y_t | x, y_<t) / Σ_t mask_t      (mask = 1 on response tokens only)
 
 The prompt is context, not a target: predicting `<3+4+5>` would only teach the model the prompt
-distribution. AdamW with linear warmup then cosine (or linear) decay; held-out greedy accuracy every
+distribution. A trace format (`sft.format=tool`, registered by `rlpt.envs.calculator`) brings its
+own per-character mask: the calculator's reply `=1368#` is mask 0, so the model learns to call the tool
+and to read its reply, never to predict it (spec part 1 §10.6 trap 1); its held-out evaluation runs the
+tool in the agent loop. AdamW with linear warmup then cosine (or linear) decay; held-out greedy accuracy every
 `eval.every` steps and pass@k at the end. Checkpoints hold weights, optimizer, schedule, RNG and the
 data sampler's state, so `--resume` continues bit-identically.
 
@@ -14,11 +17,13 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from rlpt.config import EvalConfig, ModelConfig, OptimConfig, SFTJob, TaskConfig
+from rlpt.config import ConfigError, EvalConfig, ModelConfig, OptimConfig, SFTJob, TaskConfig
 from rlpt.gpt_mini.generate import SamplingParams, generate
 from rlpt.gpt_mini.model import GPT, GPTConfig
 from rlpt.gpt_mini.task import ArithmeticTask, Problem, verify
@@ -74,15 +79,56 @@ def make_optimizer(model: torch.nn.Module, cfg: OptimConfig, total_steps: int):
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
+# -- response formats with their own mask and evaluation (registered from above, like envs) ---------
+@dataclass(frozen=True)
+class TraceFormat:
+    """A demonstration format whose response carries a per-character loss mask (0 = text the policy
+    does not produce, e.g. a tool's reply) and, when answering takes more than one decode, its own
+    held-out evaluation `evaluate(model, tok, problems, eval_cfg, pass_k, seed) -> {"acc", "len", ...}`;
+    `check(problems, eval_cfg)` raises ConfigError before training when the eval could not work."""
+    trace: Callable[[Problem], tuple[str, list[float]]]
+    evaluate: Callable[..., dict] | None = None
+    check: Callable[..., None] | None = None
+
+
+TRACE_FORMATS: dict[str, TraceFormat] = {}
+
+
+def register_trace_format(name: str, trace: Callable[[Problem], tuple[str, list[float]]],
+                          evaluate: Callable[..., dict] | None = None,
+                          check: Callable[..., None] | None = None) -> None:
+    TRACE_FORMATS[name] = TraceFormat(trace, evaluate, check)
+
+
+def trace_format(fmt: str) -> TraceFormat | None:
+    """None for the plain formats ('direct', 'cot'); else the registered format, or an error naming the key."""
+    if fmt in ("direct", "cot"):
+        return None
+    if fmt not in TRACE_FORMATS:
+        raise ConfigError(f"sft.format={fmt!r} is not registered (known: 'direct', 'cot', {sorted(TRACE_FORMATS)}); "
+                         "trace formats such as 'tool' are registered by importing rlpt.envs")
+    return TRACE_FORMATS[fmt]
+
+
 def sft_batch(problems: list[Problem], fmt: str, tok: CharTokenizer) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> input_ids (B, T) right-padded, loss_mask (B, T-1) = 1 where the target is a response token."""
-    seqs = [(tok.encode(p.prompt), tok.encode(p.response(fmt))) for p in problems]
-    T = max(len(a) + len(b) for a, b in seqs)
+    """-> input_ids (B, T) right-padded, loss_mask (B, T-1) = 1 where the target is a response token
+    (and, for a trace format, one its mask keeps: a tool's reply is context, not a target)."""
+    tf = trace_format(fmt)
+    seqs = []
+    for p in problems:
+        text, m = tf.trace(p) if tf else (p.response(fmt), None)
+        b = tok.encode(text)
+        if m is not None and len(m) != len(b):
+            raise ValueError(f"sft.format={fmt!r}: the trace's mask has {len(m)} entries for {len(b)} tokens "
+                             "(a per-character mask needs the character tokenizer)")
+        seqs.append((tok.encode(p.prompt), b, m))
+    T = max(len(a) + len(b) for a, b, _ in seqs)
     ids = torch.full((len(seqs), T), tok.pad_id, dtype=torch.long)
     mask = torch.zeros(len(seqs), T - 1)
-    for i, (a, b) in enumerate(seqs):
+    for i, (a, b, m) in enumerate(seqs):
         ids[i, :len(a) + len(b)] = torch.tensor(a + b)
-        mask[i, len(a) - 1:len(a) + len(b) - 1] = 1.0   # target at column j is token j+1
+        # target at column j is token j+1
+        mask[i, len(a) - 1:len(a) + len(b) - 1] = 1.0 if m is None else torch.tensor(m)
     return ids, mask
 
 
@@ -117,9 +163,19 @@ def evaluate(model, tok: CharTokenizer, problems: list[Problem], cfg: EvalConfig
     return out
 
 
+def evaluate_format(model, tok: CharTokenizer, problems: list[Problem], cfg: EvalConfig, fmt: str,
+                    pass_k: int = 0, seed: int = 0) -> dict:
+    """`evaluate`, or the format's own evaluation (the tool format runs the calculator in the agent loop)."""
+    tf = trace_format(fmt)
+    if tf is not None and tf.evaluate is not None:
+        return tf.evaluate(model, tok, problems, cfg, pass_k=pass_k, seed=seed)
+    return evaluate(model, tok, problems, cfg, pass_k=pass_k, seed=seed)
+
+
 # -- the SFT job ----------------------------------------------------------------------------------
 def train_sft(job: SFTJob, resume: bool = False, model: GPT | None = None) -> tuple[GPT, Run, dict]:
     """Run SFT as a run folder; returns (model, run, final metrics)."""
+    tf = trace_format(job.sft.format)   # an unregistered format fails here, before the run folder exists
     if job.run.threads:
         torch.set_num_threads(job.run.threads)
     tok, task = CharTokenizer(), make_task(job.task)
@@ -130,6 +186,8 @@ def train_sft(job: SFTJob, resume: bool = False, model: GPT | None = None) -> tu
     opt, sched = make_optimizer(model, job.sft.optim, job.sft.steps)
     data_rng = random.Random(job.run.seed)
     heldout = task.heldout_set(job.eval.size)
+    if tf is not None and tf.check is not None:
+        tf.check(heldout, job.eval)    # e.g. eval.max_tokens too short for a tool trace: fail before any step
     start = 0
     ckpt = run.latest_checkpoint() if resume else None
     if resume and ckpt is None:
@@ -168,14 +226,20 @@ def train_sft(job: SFTJob, resume: bool = False, model: GPT | None = None) -> tu
                 "tokens/step": int(mask.sum())}
 
     def eval_fn() -> dict:
-        ev = evaluate(model, tok, heldout, job.eval)
-        return {"acc/heldout": ev["acc"], "response/len_mean": ev["len"]}
+        ev = evaluate_format(model, tok, heldout, job.eval, job.sft.format)
+        return {"acc/heldout": ev["acc"], "response/len_mean": ev["len"], **_tool_metrics(ev)}
 
     train_loop(run, start, job.sft.steps, step_fn, eval_fn, save, job.eval.every, job.sft.ckpt_every,
                job.run.progress, desc="sft", show=("loss/sft", "acc/heldout"))
-    ev = evaluate(model, tok, heldout, job.eval, pass_k=job.eval.pass_k, seed=job.run.seed)
+    ev = evaluate_format(model, tok, heldout, job.eval, job.sft.format, pass_k=job.eval.pass_k, seed=job.run.seed)
     k = job.eval.pass_k
-    final = {"acc/heldout": ev["acc"], f"pass@{k}/heldout": ev[f"pass@{k}"], "response/len_mean": ev["len"]}
+    final = {"acc/heldout": ev["acc"], f"pass@{k}/heldout": ev[f"pass@{k}"], "response/len_mean": ev["len"],
+             **_tool_metrics(ev)}
     run.log(job.sft.steps, final)
     run.close()
     return model, run, final
+
+
+def _tool_metrics(ev: dict) -> dict:
+    """Tool calls and tool errors per held-out response, when the evaluation ran a tool."""
+    return {f"tool/{k}_heldout": ev[f"tool_{k}"] for k in ("calls", "errors") if f"tool_{k}" in ev}
