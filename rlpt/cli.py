@@ -3,13 +3,17 @@
 
     rlpt sft [recipe.yaml] [key=value ...] [--resume]
     rlpt train [recipe.yaml] [key=value ...] [--resume]
+    rlpt dpo [recipe.yaml] [key=value ...] [--resume]
+    rlpt rm [recipe.yaml] [key=value ...] [--resume]
     rlpt compare [recipe.yaml] [--algos a,b,...] [key=value ...]
-    rlpt eval CHECKPOINT [key=value ...] [--split heldout|train] [--pass-k K]
+    rlpt pipeline [recipe.yaml] [key=value ...] [--resume]       SFT -> CoT -> DPO -> RLVR (`make run`)
+    rlpt eval CHECKPOINT [key=value ...] [--split heldout|train] [--pass-k K] [--format direct|cot|tool]
 """
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from rlpt.config import ConfigError
 
@@ -29,6 +33,7 @@ def _split_args(items: list[str]) -> tuple[str | None, list[str]]:
 
 
 def cmd_sft(args) -> int:
+    import rlpt.envs  # noqa: F401 - registers trace formats (sft.format=tool)
     from rlpt.config import SFTJob, load_config
     from rlpt.gpt_mini.sft import train_sft
     from rlpt.report import fmt, table, write_report
@@ -53,6 +58,43 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_dpo(args) -> int:
+    from rlpt.config import load_config
+    from rlpt.preference.dpo import DPOJob, run_dpo
+    from rlpt.report import fmt, table, write_report
+    path, overrides = _split_args(args.items)
+    job = load_config(DPOJob, path, overrides)
+    _, run, final = run_dpo(job, resume=args.resume)
+    report = write_report(run, f"Preference ({job.dpo.method})", final,
+                          plots={"accuracy": ["acc/heldout", "reward/accuracy"], "margin": ["reward/margin"],
+                                 "logp": ["logp/chosen", "logp/rejected"]})
+    print(table([(k, fmt(v)) for k, v in final.items()] + [("run folder", str(run.dir)), ("report", str(report))]))
+    return 0
+
+
+def cmd_rm(args) -> int:
+    from rlpt.config import load_config
+    from rlpt.preference.reward_model import RMJob, train_rm
+    from rlpt.report import fmt, table, write_report
+    path, overrides = _split_args(args.items)
+    job = load_config(RMJob, path, overrides)
+    _, run, final = train_rm(job, resume=args.resume)
+    report = write_report(run, "Reward model (Bradley-Terry)", final,
+                          plots={"pair_accuracy": ["rm/pair_acc_heldout", "rm/pair_acc"], "loss": ["loss/bt"]})
+    print(table([(k, fmt(v)) for k, v in final.items()] + [("run folder", str(run.dir)), ("report", str(report))]))
+    return 0
+
+
+def cmd_pipeline(args) -> int:
+    from rlpt.pipeline import load_pipeline_job, pipeline_table, run_pipeline
+    path, overrides = _split_args(args.items)
+    job = load_pipeline_job(path, overrides)
+    root, rows = run_pipeline(job, resume=args.resume)
+    print(pipeline_table(job, rows))
+    print(f"pipeline folder: {root}   report: {root / 'report.md'}")
+    return 0
+
+
 def cmd_compare(args) -> int:
     from rlpt.compare import run_compare, take_algos
     items, algos = take_algos(args.items, args.algos)
@@ -66,8 +108,9 @@ def cmd_compare(args) -> int:
 def cmd_eval(args) -> int:
     import random
 
+    import rlpt.envs  # noqa: F401 - registers the tool format's evaluation
     from rlpt.config import EvalConfig, Section, TaskConfig, load_config
-    from rlpt.gpt_mini.sft import evaluate, load_model, make_task
+    from rlpt.gpt_mini.sft import evaluate_format, load_model, make_task
     from rlpt.gpt_mini.tokenizer import CharTokenizer
     from rlpt.report import fmt, table
 
@@ -86,9 +129,27 @@ def cmd_eval(args) -> int:
     else:
         rng = random.Random(0)
         problems = [task.sample(rng, "train") for _ in range(job.eval.size)]
-    res = evaluate(model, tok, problems, job.eval, pass_k=args.pass_k)
-    print(table([(f"{k}/{args.split}", fmt(v)) for k, v in res.items()] + [("problems", str(len(problems)))]))
+    form = args.format or _run_format(args.checkpoint)
+    res = evaluate_format(model, tok, problems, job.eval, form, pass_k=args.pass_k)
+    print(table([(f"{k}/{args.split}", fmt(v)) for k, v in res.items()]
+                + [("problems", str(len(problems))), ("format", form)]))
     return 0
+
+
+def _run_format(checkpoint: str) -> str:
+    """The response format a checkpoint's run was trained on, from its run folder's config.yaml:
+    'tool' for a tool-using model (sft.format=tool, or RL with env.name=calculator), else 'direct'."""
+    import yaml
+
+    from rlpt.run import resolve_checkpoint
+    ck = resolve_checkpoint(checkpoint)
+    for cfg in (ck.parent.parent / "config.yaml", Path(checkpoint) / "config.yaml"):
+        if cfg.is_file():
+            data = yaml.safe_load(cfg.read_text()) or {}
+            if (data.get("env") or {}).get("name") == "calculator" or (data.get("sft") or {}).get("format") == "tool":
+                return "tool"
+            return "direct"
+    return "direct"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -104,6 +165,19 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("items", nargs="*", metavar="[recipe.yaml] [key=value ...]")
     t.add_argument("--resume", action="store_true", help="continue the run folder from its latest checkpoint")
     t.set_defaults(fn=cmd_train)
+    pl = sub.add_parser("pipeline", help="the gpt_mini pipeline SFT -> CoT -> DPO -> RLVR, with a per-stage report "
+                                         "(the README's main job, `make run`)")
+    pl.add_argument("items", nargs="*", metavar="[recipe.yaml] [key=value ...]")
+    pl.add_argument("--resume", action="store_true", help="skip finished stages, continue the unfinished one")
+    pl.set_defaults(fn=cmd_pipeline)
+    d = sub.add_parser("dpo", help="DPO / IPO / KTO / ORPO / SimPO from an SFT checkpoint on preference pairs")
+    d.add_argument("items", nargs="*", metavar="[recipe.yaml] [key=value ...]")
+    d.add_argument("--resume", action="store_true", help="continue the run folder from its latest checkpoint")
+    d.set_defaults(fn=cmd_dpo)
+    r = sub.add_parser("rm", help="a Bradley-Terry reward model (SFT trunk + scalar head) on preference pairs")
+    r.add_argument("items", nargs="*", metavar="[recipe.yaml] [key=value ...]")
+    r.add_argument("--resume", action="store_true", help="continue the run folder from its latest checkpoint")
+    r.set_defaults(fn=cmd_rm)
     c = sub.add_parser("compare", help="several algorithms from one SFT start, seed and budget: a table and a plot")
     c.add_argument("items", nargs=argparse.REMAINDER, metavar="[recipe.yaml] [key=value ...]",
                    help="--algos may also come after the recipe")
@@ -115,6 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("items", nargs="*", metavar="key=value", help="task.* and eval.* overrides")
     e.add_argument("--split", choices=["heldout", "train"], default="heldout")
     e.add_argument("--pass-k", type=int, default=0, help="also report pass@k from k samples at temperature 1")
+    e.add_argument("--format", choices=["direct", "cot", "tool"], default=None,
+                   help="how the model answers; tool runs the calculator in the agent loop "
+                        "(default: from the run folder's config.yaml, else direct)")
     e.set_defaults(fn=cmd_eval)
     return p
 

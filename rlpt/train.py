@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import Field, model_validator
 
 import rlpt.algorithms  # noqa: F401 - registers the algorithms
 import rlpt.envs  # noqa: F401 - registers the environments beyond arithmetic
+import rlpt.preference  # noqa: F401 - registers the reward_model env
 from rlpt.config import EvalConfig, ModelConfig, OptimConfig, RunConfig, Section, SFTConfig, \
     TaskConfig, load_config
 from rlpt.framework.agent_loop import MultiTurnRolloutEngine
@@ -39,6 +40,8 @@ from rlpt.run import Run, latest_checkpoint, load_state, load_weights, rng_state
 
 class EnvConfig(Section):
     name: str = "arithmetic"
+    model_path: str | None = Field(None, description="checkpoint or run folder of the model an env scores with "
+                                   "(reward_model: an `rlpt rm` run; judge: an SFT checkpoint)")
 
 
 class RolloutConfig(Section):
@@ -50,6 +53,9 @@ class RolloutConfig(Section):
     max_tokens: int = Field(32, ge=1, description="response tokens per trajectory (multi-turn: tool output included)")
     max_turns: int = Field(4, ge=1, description="assistant turns per trajectory (multi-turn envs only)")
     turn_tokens: int = Field(0, ge=0, description="tokens per assistant turn (multi-turn envs only); 0 = max_tokens")
+    backend: Literal["simple", "engine"] = Field(
+        "simple", description="sampler: 'simple' (rlpt.gpt_mini.generate) or 'engine' (rlpt.engine: paged KV, "
+                              "continuous batching, one prefill per group)")
 
 
 class TrainerConfig(Section):
@@ -79,7 +85,7 @@ class TrainJob(Section):
     task: TaskConfig = TaskConfig()
     env: EnvConfig = EnvConfig()
     init_from: str | None = None
-    sft: SFTConfig = SFTConfig(steps=250, format="cot")
+    sft: SFTConfig = SFTConfig(steps=180, format="cot")
     rollout: RolloutConfig = RolloutConfig()
     algorithm: dict[str, Any] = Field(default_factory=lambda: {"name": "grpo"})
     trainer: TrainerConfig = TrainerConfig()
@@ -94,12 +100,30 @@ class TrainJob(Section):
     def _names(self):
         try:   # validate the algorithm section against the algorithm it names, at load time
             make_algorithm(self.algorithm, self.rollout.k, self.rollout.max_tokens)
-            env_class(self.env.name)
+            env_model_kwargs(self.env)
         except AlgorithmConfigError as e:
             raise ValueError(str(e)) from None
         except KeyError as e:
             raise ValueError(str(e.args[0])) from None
+        if self.sft.format == "tool" and self.init_from is None \
+                and not getattr(env_class(self.env.name), "multi_turn", False):
+            raise ValueError(f"sft.format=tool trains a tool user, but env.name={self.env.name!r} runs no tool: "
+                             "set env.name=calculator, or sft.format=direct / cot")
         return self
+
+
+def env_model_kwargs(env: EnvConfig) -> dict:
+    """`env.model_path` as the keyword its env takes (`model_path_arg`: the RM env's model_path, the
+    judge's judge_path); an env that needs a model and got none, or got one it cannot use, is an error."""
+    arg = getattr(env_class(env.name), "model_path_arg", None)
+    if arg is None:
+        if env.model_path is not None:
+            raise ValueError(f"env.model_path is set but env '{env.name}' scores without a model: "
+                             "remove env.model_path or pick an env that takes one (reward_model, judge)")
+        return {}
+    if env.model_path is None:
+        raise ValueError(f"env '{env.name}' needs a model: set env.model_path=<checkpoint or run folder>")
+    return {arg: env.model_path}
 
 
 def load_train_job(path: str | None, overrides: list[str], base: dict | None = None) -> TrainJob:
@@ -126,7 +150,8 @@ def build(job: TrainJob, init: Path):
     """The six roles, wired. Returns (controller, heldout prompts)."""
     tok = CharTokenizer()
     policy = load_model(init, job.model, tok)
-    env = make_env(job.env.name, task=make_task(job.task), seed=job.run.seed, tokenizer=tok)
+    env = make_env(job.env.name, task=make_task(job.task), seed=job.run.seed, tokenizer=tok,
+                   **env_model_kwargs(job.env))
     sp = SamplingParams(max_tokens=job.rollout.max_tokens, temperature=job.rollout.temperature,
                         top_p=job.rollout.top_p, top_k=job.rollout.top_k)
     algo = make_algorithm(job.algorithm, job.rollout.k, job.rollout.max_tokens)
@@ -138,6 +163,7 @@ def build(job: TrainJob, init: Path):
     rollout = (MultiTurnRolloutEngine if multi else RolloutEngine)(
         copy.deepcopy(policy), tok, job.rollout.prompts_per_step, sp, seed=job.run.seed,
         group_filter=getattr(algo, "group_filter", None), **multi)
+    rollout.use_backend(job.rollout.backend)
     reference = ReferenceEngine(policy, temperature=job.rollout.temperature,
                                 scorers={"values": critic} if critic is not None else None)
     t = job.trainer
@@ -187,7 +213,12 @@ def run_train(job: TrainJob, resume: bool = False) -> tuple[Controller, Run, dic
 
     def eval_fn() -> dict:
         ev = ctl.rollout.evaluate(ctl.env, heldout, model=ctl.trainer.model)
-        return {"acc/heldout": ev["acc"], "response/len_heldout": ev["len"]}
+        # acc/heldout is scored by the env's reward; acc/heldout_honest by its info["correct"] (they part
+        # ways only under a hackable verifier such as `leaky`); tool/* when the env runs a tool
+        named = {"acc_honest": "acc/heldout_honest", "tool_calls": "tool/calls_heldout",
+                 "tool_errors": "tool/errors_heldout"}
+        return {"acc/heldout": ev["acc"], "response/len_heldout": ev["len"],
+                **{named[k]: v for k, v in ev.items() if k in named}}
 
     if start == 0:
         run.log(0, eval_fn())
@@ -210,6 +241,9 @@ def summarize(rows: list[dict]) -> dict:
     steps = [r for r in rows if "reward/mean" in r]
     out = {"acc/heldout_start": acc[0][1], "acc/heldout_final": acc[-1][1],
            "acc/heldout_best": max(a for _, a in acc)}
+    honest = [r["acc/heldout_honest"] for r in rows if "acc/heldout_honest" in r]
+    if honest:
+        out |= {"acc/heldout_honest_start": honest[0], "acc/heldout_honest_final": honest[-1]}
     if steps:
         for k in LAST10:   # over the last 10 steps that logged k (a skipped step logs no loss)
             vals = [r[k] for r in steps if k in r][-10:]

@@ -61,14 +61,15 @@ class LogLikelihoodJudge:
 @register_env("judge")
 class JudgeEnv(ArithmeticEnv):
     """Arithmetic prompts judged against the reference answer `{gold}#` by a local model."""
+    model_path_arg = "judge_path"     # rlpt.train passes env.model_path here
 
     def __init__(self, task=None, seed: int = 0, tokenizer=None, judge_model=None, judge_path: str | None = None,
                  margin: float = 0.5):
         super().__init__(task, seed, tokenizer)
         if judge_model is None:
             if judge_path is None:
-                raise ValueError("env 'judge' needs a judge model: JudgeEnv(judge_model=...) or judge_path= "
-                                 "an SFT checkpoint")
+                raise ValueError("env 'judge' needs a judge model: set env.model_path=<an SFT checkpoint> "
+                                 "(or JudgeEnv(judge_model=...) / judge_path= in code)")
             from rlpt.gpt_mini.sft import load_model
             judge_model = load_model(judge_path)
         self.judge = LogLikelihoodJudge(judge_model, self.tokenizer, margin)

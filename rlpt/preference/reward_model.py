@@ -1,0 +1,355 @@
+"""A Bradley–Terry reward model: the amortised human of RLHF (lesson 15).
+
+    r̂(x, y) = w · h_last + b        h_last = the trunk's final hidden state at the last real token of x ⧺ y
+    P(y_w ≻ y_l | x) = σ(r̂(x, y_w) − r̂(x, y_l));   L_RM = −E log σ(r̂_w − r̂_l)
+
+The trunk starts from the SFT policy (InstructGPT: the RM is initialised from π_SFT, spec part 2
+§8.1), so it already reads the task; the head starts at zero, so every score starts at 0 (the
+widget of §8.4). Only differences of scores mean anything: BT leaves an additive offset free. After
+training, the offset is pinned so that 0 lies halfway between the mean score of the held-out
+chosen and rejected responses; then `reward > 0` reads "looks preferred", which is what `rlpt
+train`'s `acc/heldout` (fraction of reward > 0) counts when the RM is the env. Healthy held-out
+|r̂_w − r̂_l| is 0.5–4 (σ(1) = 0.73, σ(3) = 0.95): much larger is overconfident, much smaller undertrained.
+
+Pairs: a JSONL file (rlpt.preference.data.load_pairs) or sampled from the SFT policy and ranked by a
+named preference (`PREFERENCES`): `correct` (the verifier) or `human`, the hidden "human" taste of
+the RLHF demo: right and concise ≻ right and verbose ≻ wrong. Held-out pairs come from held-out prompts.
+
+The `reward_model` env (any algorithm can train against it) scores each response with the RM and
+keeps the gold verdict in `info["correct"]`, so over-optimisation is visible: reward up, gold flat.
+
+    rlpt rm init_from=runs/sft_cot [rm.pairs.preference=human] [key=value ...] [--resume]
+    rlpt train env.name=reward_model env.model_path=runs/rm algorithm.name=ppo
+"""
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import nn
+
+from rlpt.config import (
+    ConfigError,
+    ModelConfig,
+    OptimConfig,
+    RunConfig,
+    Section,
+    TaskConfig,
+)
+from rlpt.framework.critic import capture_hidden
+from rlpt.framework.environment import ArithmeticEnv, Prompt, Verdict, register_env
+from rlpt.gpt_mini.generate import SamplingParams, generate
+from rlpt.gpt_mini.model import GPT, GPTConfig
+from rlpt.gpt_mini.task import ArithmeticTask, Problem, verify
+from rlpt.gpt_mini.tokenizer import CharTokenizer
+from rlpt.loop import train_loop
+from rlpt.preference.data import PreferencePair, collate_pairs, load_pairs, save_pairs
+from rlpt.run import (
+    CheckpointError,
+    Run,
+    load_state,
+    load_weights,
+    read_checkpoint_meta,
+    resolve_checkpoint,
+    rng_state,
+    set_rng_state,
+)
+
+KIND = "reward_model"
+
+
+# -- preferences: how a (hidden) labeller scores a response -------------------------------------------
+def correct_score(response: str, gold: int) -> float:
+    return verify(response, gold)
+
+
+def is_concise(response: str) -> bool:
+    """Just the answer (`12#`): no worked steps."""
+    return "+" not in response and "=" not in response
+
+
+def human_score(response: str, gold: int) -> float:
+    """The RLHF demo's hidden taste: 2 = right and concise, 1 = right and verbose (CoT), 0 = wrong."""
+    return 0.0 if not verify(response, gold) else (2.0 if is_concise(response) else 1.0)
+
+
+PREFERENCES: dict[str, Callable[[str, int], float]] = {"correct": correct_score, "human": human_score}
+
+
+@torch.no_grad()
+def sample_ranked_pairs(policy, tok: CharTokenizer, problems: list[Problem], k: int, temperature: float,
+                        max_tokens: int, score: Callable[[str, int], float], seed: int,
+                        max_pairs_per_prompt: int = 4, batch: int = 512) -> tuple[list[PreferencePair], dict]:
+    """k samples per prompt, scored by `score`; pairs of distinct samples with different scores (higher ≻ lower)."""
+    rng, gen = random.Random(seed), torch.Generator().manual_seed(seed)
+    sp = SamplingParams(max_tokens=max_tokens, temperature=temperature)
+    prompts = [tok.encode(p.prompt) for p in problems for _ in range(k)]
+    outs = []
+    for i in range(0, len(prompts), batch):
+        outs += generate(policy, prompts[i:i + batch], sp, tok.eos_id, tok.pad_id, gen)
+    texts = [tok.decode(o.tokens) for o in outs]
+    pairs, flat = [], 0
+    for j, p in enumerate(problems):
+        scored = {t: score(t, p.gold) for t in texts[j * k:(j + 1) * k]}
+        cands = [(a, b) for a in sorted(scored) for b in sorted(scored) if scored[a] > scored[b]]
+        if not cands:
+            flat += 1
+            continue
+        rng.shuffle(cands)
+        pairs += [PreferencePair(p.prompt, a, b) for a, b in cands[:max_pairs_per_prompt]]
+    scores = [score(t, problems[i // k].gold) for i, t in enumerate(texts)]
+    return pairs, {"prompts": len(problems), "prompts_no_pair": flat, "pairs": len(pairs),
+                   "sample_score_mean": sum(scores) / len(scores)}
+
+
+# -- the model ----------------------------------------------------------------------------------------------
+class RewardModel(nn.Module):
+    def __init__(self, trunk: nn.Module, pad_id: int):
+        super().__init__()
+        self.trunk = trunk
+        self.pad_id = pad_id
+        d = trunk.cfg.d_model
+        self.head = nn.Linear(d, 1)
+        nn.init.zeros_(self.head.weight)   # every score starts at 0; no RNG consumed
+        nn.init.zeros_(self.head.bias)
+
+    @property
+    def cfg(self) -> GPTConfig:
+        return self.trunk.cfg
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """(B, T) right-padded -> scores (B,), read at each row's last non-pad token."""
+        last = (ids != self.pad_id).sum(-1) - 1                                 # (B,)
+        with capture_hidden(self.trunk) as store:
+            self.trunk(ids)
+        h = store[-1][torch.arange(ids.shape[0]), last]                        # (B, d)
+        return self.head(h.float()).squeeze(-1)
+
+    @torch.no_grad()
+    def score_texts(self, tok: CharTokenizer, rows: list[tuple[list[int], str]]) -> list[float]:
+        """[(prompt ids, response text)] -> scores, one padded forward."""
+        seqs = [(p, tok.encode(r)[: max(0, self.cfg.max_seq_len - len(p))]) for p, r in rows]
+        T = max(len(p) + len(r) for p, r in seqs)
+        ids = torch.full((len(seqs), T), self.pad_id, dtype=torch.long)
+        for i, (p, r) in enumerate(seqs):
+            ids[i, :len(p) + len(r)] = torch.tensor(p + r, dtype=torch.long)
+        was = self.training
+        self.eval()
+        out = self(ids).tolist()
+        self.train(was)
+        return out
+
+    def meta(self) -> dict:
+        return {**self.cfg.to_dict(), "kind": KIND}
+
+
+def load_reward_model(path, tok: CharTokenizer | None = None) -> RewardModel:
+    """A reward model from an `rlpt rm` checkpoint or run folder; a policy checkpoint is a clear error."""
+    path = resolve_checkpoint(path)
+    meta = dict(read_checkpoint_meta(path))
+    if meta.pop("kind", None) != KIND:
+        raise CheckpointError(f"checkpoint {str(path)!r} is a policy, not a reward model: train one with "
+                              "`rlpt rm init_from=<SFT checkpoint>` and point env.model_path at its run folder")
+    rm = RewardModel(GPT(GPTConfig(**meta)), (tok or CharTokenizer()).pad_id)
+    load_weights(path, rm)
+    return rm.eval()
+
+
+def bt_loss(r_w: torch.Tensor, r_l: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """−mean log σ(r̂_w − r̂_l). Gradient weight σ(r̂_l − r̂_w): ordered pairs fade out (logistic regression)."""
+    gap = r_w - r_l
+    loss = -F.logsigmoid(gap).mean()
+    return loss, {"loss/bt": loss.detach(), "rm/pair_acc": (gap > 0).float().mean(), "rm/score_gap": gap.detach().mean()}
+
+
+@torch.no_grad()
+def pair_metrics(rm: RewardModel, pairs: list[PreferencePair], tok: CharTokenizer, batch: int = 256) -> dict:
+    """Held-out pair accuracy (ties count half), mean gap r̂_w − r̂_l, and the mean chosen/rejected scores."""
+    was = rm.training
+    rm.eval()
+    gaps, w_all, l_all = [], [], []
+    for i in range(0, len(pairs), batch):
+        b = collate_pairs(pairs[i:i + batch], tok)
+        s = rm(b.ids)
+        w_all.append(s[:b.n])
+        l_all.append(s[b.n:])
+        gaps.append(s[:b.n] - s[b.n:])
+    rm.train(was)
+    g, w, l_ = torch.cat(gaps), torch.cat(w_all), torch.cat(l_all)
+    acc = ((g > 0).float() + 0.5 * (g == 0).float()).mean()
+    return {"rm/pair_acc_heldout": acc.item(), "rm/score_gap_heldout": g.mean().item(),
+            "rm/abs_gap_median_heldout": g.abs().median().item(),
+            "rm/chosen_mean_heldout": w.mean().item(), "rm/rejected_mean_heldout": l_.mean().item()}
+
+
+# -- the job -------------------------------------------------------------------------------------------------
+class RMPairsConfig(Section):
+    prompts: int = Field(512, ge=1, description="training prompts to sample from the SFT policy")
+    heldout_prompts: int = Field(128, ge=1, description="held-out prompts for the pair-accuracy eval")
+    k: int = Field(8, ge=2)
+    temperature: float = Field(1.0, gt=0)
+    max_tokens: int = Field(32, ge=1)
+    preference: Literal["correct", "human"] = "correct"
+    max_pairs_per_prompt: int = Field(4, ge=1)
+    file: str | None = Field(None, description="JSONL training pairs instead of sampling")
+    heldout_file: str | None = Field(None, description="JSONL held-out pairs (with file; else 10% of file)")
+
+
+class RMConfig(Section):
+    steps: int = Field(300, ge=1)
+    batch_size: int = Field(32, ge=1, description="pairs per step")
+    optim: OptimConfig = OptimConfig(lr=1e-4, warmup_steps=10, schedule="cosine")
+    pairs: RMPairsConfig = RMPairsConfig()
+    eval_every: int = Field(50, ge=1)
+    log_every: int = Field(10, ge=1)
+    ckpt_every: int = Field(100, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+
+
+class RMJob(Section):
+    run: RunConfig = RunConfig(name="rm")
+    model: ModelConfig = ModelConfig()
+    task: TaskConfig = TaskConfig()
+    init_from: str | None = Field(None, description="the SFT checkpoint: samples the pairs and initialises the trunk")
+    rm: RMConfig = RMConfig()
+
+
+def _distinct(task: ArithmeticTask, n: int, split: str, seed: int) -> list[Problem]:
+    rng, seen, out = random.Random(seed), set(), []
+    for _ in range(50 * n + 1000):
+        if len(out) == n:
+            break
+        p = task.sample(rng, split)
+        if p not in seen:
+            seen.add(p)
+            out.append(p)
+    return out
+
+
+def rm_pairs(job: RMJob, policy, tok: CharTokenizer, run: Run, resume: bool):
+    """(train pairs, held-out pairs, stats), saved in the run folder so a resume reuses them."""
+    tr_path, ho_path = run.dir / "pairs.jsonl", run.dir / "pairs_heldout.jsonl"
+    L = policy.cfg.max_seq_len
+    if resume and tr_path.exists() and ho_path.exists():
+        return load_pairs(tr_path, tok, L)[0], load_pairs(ho_path, tok, L)[0], {"source": "run folder (resume)"}
+    pc = job.rm.pairs
+    if pc.file:
+        train, skips = load_pairs(pc.file, tok, L)
+        if pc.heldout_file:
+            held, _ = load_pairs(pc.heldout_file, tok, L)
+        else:
+            random.Random(job.run.seed).shuffle(train)
+            n_ho = max(1, len(train) // 10)
+            held, train = train[:n_ho], train[n_ho:]
+        stats = {"source": pc.file, **{f"skipped_{k}": v for k, v in skips.items()}}
+    else:
+        task, score = ArithmeticTask(**job.task.model_dump()), PREFERENCES[pc.preference]
+        train, stats = sample_ranked_pairs(policy, tok, _distinct(task, pc.prompts, "train", job.run.seed), pc.k,
+                                           pc.temperature, pc.max_tokens, score, job.run.seed, pc.max_pairs_per_prompt)
+        held, _ = sample_ranked_pairs(policy, tok, _distinct(task, pc.heldout_prompts, "heldout", job.run.seed),
+                                      pc.k, pc.temperature, pc.max_tokens, score, job.run.seed + 1,
+                                      pc.max_pairs_per_prompt)
+        stats["source"] = f"sampled ({pc.preference})"
+    if not train or not held:
+        raise ConfigError(f"the reward model got {len(train)} training and {len(held)} held-out pairs: every "
+                          "prompt's samples scored alike. Raise rm.pairs.k / rm.pairs.temperature or give "
+                          "rm.pairs.file")
+    save_pairs(tr_path, train)
+    save_pairs(ho_path, held)
+    return train, held, {**stats, "pairs_heldout": len(held)}
+
+
+def train_rm(job: RMJob, resume: bool = False) -> tuple[RewardModel, Run, dict]:
+    """Train the RM as a run folder; returns (rm, run, final metrics)."""
+    if not job.init_from:
+        raise ConfigError("init_from is required for rlpt rm: set init_from=<an SFT checkpoint or run folder> "
+                          "(it samples the pairs and initialises the RM's trunk)")
+    from rlpt.gpt_mini.sft import load_model, make_optimizer
+    if job.run.threads:
+        torch.set_num_threads(job.run.threads)
+    tok, cfg = CharTokenizer(), job.rm
+    run = Run(job.run.out_dir, job.run.name, job, resume=resume)
+    torch.manual_seed(job.run.seed)
+    policy = load_model(job.init_from, job.model, tok)
+    ckpt = run.latest_checkpoint() if resume else None
+    train, held, stats = rm_pairs(job, policy, tok, run, resume=ckpt is not None)
+    print(f"[rlpt] reward model: {len(train)} training pairs, {len(held)} held-out ({stats['source']})")
+    rm = RewardModel(policy, tok.pad_id)      # the policy's weights become the trunk (nothing else uses them)
+    opt, sched = make_optimizer(rm, cfg.optim, cfg.steps)
+    data_rng, start = random.Random(job.run.seed), 0
+    if ckpt is not None:
+        load_weights(ckpt, rm)
+        state = load_state(ckpt)
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+        data_rng.setstate(state["data_rng"])
+        start = state["step"]
+        run.truncate_metrics(start)
+        print(f"[rlpt] resumed {run.dir} from {ckpt.name} (step {start})")
+
+    def save(step: int):
+        state = {"step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                 "rng": rng_state(), "data_rng": data_rng.getstate()}
+        return run.save(step, rm, rm.meta(), state, keep=cfg.keep_checkpoints)
+
+    def step_fn(step: int) -> dict:
+        rm.train()
+        idx = data_rng.sample(range(len(train)), min(cfg.batch_size, len(train)))
+        b = collate_pairs([train[i] for i in idx], tok)
+        s = rm(b.ids)                                                        # (2B,)
+        loss, m = bt_loss(s[:b.n], s[b.n:])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gn = torch.nn.utils.clip_grad_norm_(rm.parameters(), cfg.optim.grad_clip)
+        opt.step()
+        sched.step()
+        if (step + 1) % cfg.log_every and step + 1 != cfg.steps:
+            return {}
+        return {**{k: float(v) for k, v in m.items()}, "grad/norm": gn.item(), "lr": sched.get_last_lr()[0]}
+
+    if start == 0:
+        run.log(0, pair_metrics(rm, held, tok))
+    train_loop(run, start, cfg.steps, step_fn, lambda: pair_metrics(rm, held, tok), save, cfg.eval_every,
+               cfg.ckpt_every, job.run.progress, desc="rm", show=("loss/bt", "rm/pair_acc_heldout"))
+    calibrate(rm, held, tok)
+    final = pair_metrics(rm, held, tok)
+    save(cfg.steps)                             # the calibrated offset is part of the final checkpoint
+    run.log(cfg.steps, {"rm/offset": rm.head.bias.item()})
+    run.close()
+    return rm, run, {**final, "pairs/train": len(train), "pairs/heldout": len(held)}
+
+
+@torch.no_grad()
+def calibrate(rm: RewardModel, held: list[PreferencePair], tok: CharTokenizer) -> None:
+    """Pin BT's free offset: 0 halfway between the mean held-out chosen and rejected scores."""
+    m = pair_metrics(rm, held, tok)
+    rm.head.bias -= 0.5 * (m["rm/chosen_mean_heldout"] + m["rm/rejected_mean_heldout"])
+
+
+# -- the env -------------------------------------------------------------------------------------------------
+@register_env("reward_model")
+class RewardModelEnv(ArithmeticEnv):
+    """Arithmetic prompts, rewarded by a reward model's score; the gold verdict rides along in info."""
+    model_path_arg = "model_path"     # rlpt.train passes env.model_path here
+
+    def __init__(self, task=None, seed: int = 0, tokenizer=None, reward_model: RewardModel | None = None,
+                 model_path: str | None = None):
+        super().__init__(task, seed, tokenizer)
+        if reward_model is None:
+            if model_path is None:
+                raise ConfigError("env 'reward_model' needs a trained reward model: set env.model_path=<an rlpt rm "
+                                  "run folder or checkpoint> (train one with `rlpt rm init_from=<SFT checkpoint>`)")
+            reward_model = load_reward_model(model_path, self.tokenizer)
+        self.rm = reward_model.eval()
+        for p in self.rm.parameters():   # frozen during RL: the RM is an amortised human, not a learner
+            p.requires_grad_(False)
+
+    def verify(self, prompt: Prompt, response: str) -> Verdict:
+        score = self.rm.score_texts(self.tokenizer, [(prompt.ids, response)])[0]
+        return Verdict(score, {"correct": verify(response, prompt.gold) == 1.0,
+                               "human_score": human_score(response, prompt.gold)})
