@@ -16,8 +16,10 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# the main job: SFT -> CoT -> DPO -> RLVR on embedded defaults; --resume makes a second `make run`
+# skip the finished stages (it then only re-evaluates and re-prints the report). ARGS='key=value ...' to vary it.
 run: $(STAMP)
-	$(BIN)/rlpt sft
+	$(BIN)/rlpt pipeline --resume $(ARGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -1,0 +1,87 @@
+"""`rlpt pipeline`: four stages chained through their checkpoints, one report, resume, bad input."""
+import json
+
+import pytest
+import torch
+
+from rlpt.cli import main
+from rlpt.config import ConfigError
+from rlpt.gpt_mini.sft import load_model
+from rlpt.pipeline import STAGES, load_pipeline_job, run_pipeline
+from rlpt.run import latest_checkpoint, load_state, read_checkpoint_meta
+
+TINY = ["model.n_layer=2", "model.n_head=2", "model.n_kv_head=1", "model.d_model=32", "model.d_ff=64",
+        "model.max_seq_len=48", "task.max_operands=3", "task.max_value=4", "hard.operands=4",
+        "direct.steps=6", "direct.batch_size=16", "cot.steps=30", "cot.batch_size=16", "cot.optim.lr=3e-3",
+        "dpo.steps=3", "dpo.batch_size=4", "dpo.pairs.prompts=32", "dpo.pairs.k=4", "dpo.pairs.max_tokens=24",
+        "rl.steps=3", "rl.rollout.k=4", "rl.rollout.prompts_per_step=4", "rl.rollout.max_tokens=24",
+        "rl.eval_every=3", "eval.size=16", "eval.max_tokens=24", "run.progress=false"]
+
+
+def job(tmp_path, *overrides):
+    return load_pipeline_job(None, [*TINY, f"run.out_dir={tmp_path / 'runs'}", *overrides])
+
+
+def test_pipeline_chains_four_stages_and_reports_each(tmp_path):
+    j = job(tmp_path)
+    root, rows = run_pipeline(j)
+    assert [r["stage"] for r in rows] == list(STAGES)
+    steps = {"1_direct": 6, "2_cot": 30, "3_dpo": 3, "4_rlvr": 3}
+    for stage in STAGES:
+        ck = latest_checkpoint(root / stage)
+        assert ck is not None and load_state(ck)["step"] == steps[stage], stage
+    # each stage starts from the one before: its config names the previous stage's final checkpoint
+    for prev, stage in zip(STAGES, STAGES[1:]):
+        cfg = (root / stage / "config.yaml").read_text()
+        assert str(latest_checkpoint(root / prev)) in cfg, stage
+    for r in rows:
+        assert 0.0 <= r["acc/heldout"] <= 1.0 and 0.0 <= r["acc/hard"] <= 1.0
+    report = (root / "report.md").read_text()
+    assert all(s in report for s in STAGES) and "harder slice (4 operands)" in report
+    assert (root / "pipeline.png").exists()
+    # the weights really changed at every stage that took an optimizer step (the RL stage may skip steps
+    # whose groups are all-equal: then its weights are bit-identical to the DPO stage's, by design)
+    sds = {s: load_model(latest_checkpoint(root / s)).state_dict() for s in STAGES}
+    for prev, stage in zip(STAGES, STAGES[1:]):
+        same = all(torch.equal(a, b) for a, b in zip(sds[prev].values(), sds[stage].values()))
+        if stage == "4_rlvr":
+            trained = [json.loads(x) for x in (root / stage / "metrics.jsonl").read_text().splitlines()]
+            assert same == all(r.get("step/skipped", 1.0) == 1.0 for r in trained if "reward/mean" in r)
+        else:
+            assert not same, stage
+
+
+def test_pipeline_resume_skips_finished_stages(tmp_path, capsys):
+    j = job(tmp_path)
+    root, first = run_pipeline(j)
+    before = {s: (latest_checkpoint(root / s) / "model.safetensors").read_bytes() for s in STAGES}
+    capsys.readouterr()
+    root, again = run_pipeline(j, resume=True)
+    out = capsys.readouterr().out
+    assert all(f"{s} already finished" in out for s in STAGES)
+    assert {s: (latest_checkpoint(root / s) / "model.safetensors").read_bytes() for s in STAGES} == before
+    assert [r["acc/heldout"] for r in again] == [r["acc/heldout"] for r in first]   # same weights, same greedy eval
+    # without --resume an existing pipeline folder is an error that changes nothing
+    with pytest.raises(FileExistsError, match="--resume"):
+        run_pipeline(j)
+    assert {s: (latest_checkpoint(root / s) / "model.safetensors").read_bytes() for s in STAGES} == before
+
+
+def test_pipeline_bad_config_names_the_key(tmp_path):
+    with pytest.raises(ConfigError, match="hard.operands"):
+        job(tmp_path, "hard.operands=3")
+    with pytest.raises(ConfigError, match="rl.steps"):
+        job(tmp_path, "rl.stepz=3")
+    with pytest.raises(ConfigError, match="unknown algorithm|grpoo"):
+        job(tmp_path, "rl.algorithm.name=grpoo")
+    with pytest.raises(ConfigError, match="dpo.method"):
+        job(tmp_path, "dpo.method=dpp")
+
+
+def test_cli_pipeline(tmp_path, capsys):
+    rc = main(["pipeline", *TINY, f"run.out_dir={tmp_path / 'runs'}", "run.name=cli"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "4_rlvr" in out and "pipeline folder" in out
+    rc = main(["pipeline", *TINY, f"run.out_dir={tmp_path / 'runs'}", "run.name=cli"])
+    assert rc == 2 and "--resume" in capsys.readouterr().err
