@@ -44,6 +44,26 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state(state["numpy"])
 
 
+def training_state(step: int, opt, sched, data_rng: random.Random) -> dict:
+    """What a supervised-style job (SFT, DPO, RM) saves beside its weights to resume bit-identically."""
+    return {"step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": rng_state(),
+            "data_rng": data_rng.getstate()}
+
+
+def restore_training(run: "Run", ckpt: Path, model: torch.nn.Module, opt, sched, data_rng: random.Random) -> int:
+    """The inverse of `training_state`: weights, optimizer, schedule and every RNG from `ckpt`; metrics
+    logged after it are dropped. Returns the step to continue from."""
+    load_weights(ckpt, model)
+    state = load_state(ckpt)
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    set_rng_state(state["rng"])
+    data_rng.setstate(state["data_rng"])
+    run.truncate_metrics(state["step"])
+    print(f"[rlpt] resumed {run.dir} from {ckpt.name} (step {state['step']})")
+    return state["step"]
+
+
 def save_checkpoint(path: Path, model: torch.nn.Module, model_meta: dict, state: dict) -> Path:
     """Write `path` atomically: weights as safetensors (metadata: format + model config), state via torch."""
     path = Path(path)

@@ -140,7 +140,7 @@ def test_resume_after_ctrl_c_is_bit_identical(straight, tiny_job, monkeypatch):
     _assert_same(model_a, model_b)
     assert _strip_time(run_b.read_metrics()) == _strip_time(run_a.read_metrics())
     assert final_b == final_a
-    ca, cb = load_state(run_a.latest_checkpoint()), sft.load_state(run_b.latest_checkpoint())
+    ca, cb = load_state(run_a.latest_checkpoint()), load_state(run_b.latest_checkpoint())
     assert ca["step"] == cb["step"] == STEPS and ca["data_rng"] == cb["data_rng"]
 
 

@@ -29,8 +29,8 @@ from rlpt.gpt_mini.model import GPT, GPTConfig
 from rlpt.gpt_mini.task import ArithmeticTask, Problem, verify
 from rlpt.gpt_mini.tokenizer import CharTokenizer
 from rlpt.loop import train_loop
-from rlpt.run import CheckpointError, Run, load_state, load_weights, read_checkpoint_meta, resolve_checkpoint, \
-    rng_state, set_rng_state
+from rlpt.run import CheckpointError, Run, load_weights, read_checkpoint_meta, resolve_checkpoint, \
+    restore_training, training_state
 
 
 # -- building blocks shared with the RL side ---------------------------------------------------------
@@ -193,21 +193,12 @@ def train_sft(job: SFTJob, resume: bool = False, model: GPT | None = None) -> tu
     if resume and ckpt is None:
         print(f"[rlpt] --resume: no checkpoint in {run.dir}, starting from step 0")
     if ckpt is not None:
-        load_weights(ckpt, model)
-        state = load_state(ckpt)
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"])
-        data_rng.setstate(state["data_rng"])
-        start = state["step"]
-        run.truncate_metrics(start)
-        print(f"[rlpt] resumed {run.dir} from {ckpt.name} (step {start})")
+        start = restore_training(run, ckpt, model, opt, sched, data_rng)
 
     meta = model.cfg.to_dict()
 
     def save(step: int):
-        state = {"step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                 "rng": rng_state(), "data_rng": data_rng.getstate()}
+        state = training_state(step, opt, sched, data_rng)
         return run.save(step, model, meta, state, keep=job.sft.keep_checkpoints)
 
     def step_fn(step: int) -> dict:

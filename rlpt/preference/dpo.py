@@ -59,7 +59,7 @@ from rlpt.preference.data import (
     sample_pairs,
     save_pairs,
 )
-from rlpt.run import Run, load_state, load_weights, rng_state, set_rng_state
+from rlpt.run import Run, restore_training, training_state
 
 Method = Literal["dpo", "ipo", "kto", "orpo", "simpo"]
 NEEDS_REFERENCE = {"dpo": True, "ipo": True, "kto": True, "orpo": False, "simpo": False}
@@ -309,20 +309,11 @@ def run_dpo(job: DPOJob, resume: bool = False) -> tuple[torch.nn.Module, Run, di
     data_rng = random.Random(job.run.seed)
     start = 0
     if ckpt is not None:
-        load_weights(ckpt, policy)
-        state = load_state(ckpt)
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"])
-        data_rng.setstate(state["data_rng"])
-        start = state["step"]
-        run.truncate_metrics(start)
-        print(f"[rlpt] resumed {run.dir} from {ckpt.name} (step {start})")
+        start = restore_training(run, ckpt, policy, opt, sched, data_rng)
     meta = policy.cfg.to_dict()
 
     def save(step: int):
-        state = {"step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                 "rng": rng_state(), "data_rng": data_rng.getstate()}
+        state = training_state(step, opt, sched, data_rng)
         return run.save(step, policy, meta, state, keep=cfg.keep_checkpoints)
 
     def step_fn(step: int) -> dict:

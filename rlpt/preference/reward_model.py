@@ -51,12 +51,11 @@ from rlpt.preference.data import PreferencePair, collate_pairs, load_pairs, save
 from rlpt.run import (
     CheckpointError,
     Run,
-    load_state,
     load_weights,
     read_checkpoint_meta,
     resolve_checkpoint,
-    rng_state,
-    set_rng_state,
+    restore_training,
+    training_state,
 )
 
 KIND = "reward_model"
@@ -282,19 +281,10 @@ def train_rm(job: RMJob, resume: bool = False) -> tuple[RewardModel, Run, dict]:
     opt, sched = make_optimizer(rm, cfg.optim, cfg.steps)
     data_rng, start = random.Random(job.run.seed), 0
     if ckpt is not None:
-        load_weights(ckpt, rm)
-        state = load_state(ckpt)
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"])
-        data_rng.setstate(state["data_rng"])
-        start = state["step"]
-        run.truncate_metrics(start)
-        print(f"[rlpt] resumed {run.dir} from {ckpt.name} (step {start})")
+        start = restore_training(run, ckpt, rm, opt, sched, data_rng)
 
     def save(step: int):
-        state = {"step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                 "rng": rng_state(), "data_rng": data_rng.getstate()}
+        state = training_state(step, opt, sched, data_rng)
         return run.save(step, rm, rm.meta(), state, keep=cfg.keep_checkpoints)
 
     def step_fn(step: int) -> dict:
