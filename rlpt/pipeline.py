@@ -12,8 +12,10 @@ starting from the checkpoint the one before it left:
 
 The direct stage is short on purpose: it teaches the answer format, and the chain-of-thought
 stage then starts from a model that already stops with EOS. Every stage is evaluated the same way
-at the end (greedy, the same held-out problems), on the training distribution and on a harder
-slice with more operands than any training prompt, so the report compares like with like.
+at the end (the same held-out problems), on the training distribution and on a harder slice with
+more operands than any training prompt, so the report compares like with like: greedy accuracy,
+and the mean accuracy of k samples at temperature 1 (`final_eval`), which keeps measuring what DPO
+and RL change once greedy accuracy is within a few problems of 1.0.
 
 Re-running with `--resume` skips the stages that finished and continues the one that did not;
 every stage keeps its own checkpoints, so an interrupted pipeline loses at most one stage's
@@ -21,6 +23,7 @@ last few steps.
 """
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -30,12 +33,19 @@ from pydantic import Field, model_validator
 
 from rlpt.config import EvalConfig, ModelConfig, RunConfig, Section, SFTConfig, SFTJob, \
     TaskConfig, load_config
+from rlpt.gpt_mini.generate import SamplingParams, generate
 from rlpt.gpt_mini.sft import evaluate, load_model, make_task, train_sft
+from rlpt.gpt_mini.task import verify
 from rlpt.gpt_mini.tokenizer import CharTokenizer
 from rlpt.preference.dpo import DPOConfig, DPOJob, PairsConfig, run_dpo
-from rlpt.report import fmt, plot_series
 from rlpt.run import latest_checkpoint, load_state
 from rlpt.train import CheckConfig, RolloutConfig, SyncConfig, TrainerConfig, TrainJob, run_train
+
+
+class StageEval(Section):
+    """How every stage's final weights are scored at the end (the same problems for all stages)."""
+    samples: int = Field(4, ge=0, description="also score k samples per problem at `temperature` (0 = greedy only)")
+    temperature: float = Field(1.0, gt=0)
 
 
 class HardSlice(Section):
@@ -66,6 +76,7 @@ class PipelineJob(Section):
     dpo: DPOConfig = DPOConfig(pairs=PairsConfig(prompts=2048, temperature=1.3))
     rl: RLStage = RLStage()
     eval: EvalConfig = EvalConfig(every=200, size=1000, pass_k=1)
+    final_eval: StageEval = StageEval()
 
     @model_validator(mode="after")
     def _check(self):
@@ -98,14 +109,17 @@ def _finished(stage_dir: Path, steps: int) -> Path | None:
     return ck if ck is not None and load_state(ck)["step"] >= steps else None
 
 
+def _steps(job: PipelineJob, stage: str) -> int:
+    return {"1_direct": job.direct.steps, "2_cot": job.cot.steps, "3_dpo": job.dpo.steps, "4_rlvr": job.rl.steps}[stage]
+
+
 def run_stage(job: PipelineJob, stage: str, init: Path | None, resume: bool) -> Path:
     """Run one stage into runs/<run.name>/<stage>/ and return its final checkpoint. With `resume`, a
     finished stage is skipped and an unfinished one continues from its latest checkpoint."""
     root = Path(job.run.out_dir) / job.run.name
     stage_dir = root / stage
     run_cfg = job.run.model_copy(update={"out_dir": str(root), "name": stage})
-    steps = {"1_direct": job.direct.steps, "2_cot": job.cot.steps, "3_dpo": job.dpo.steps,
-             "4_rlvr": job.rl.steps}[stage]
+    steps = _steps(job, stage)
     if resume and (done := _finished(stage_dir, steps)) is not None:
         print(f"[rlpt] pipeline: {stage} already finished ({done}); skipping")
         return done
@@ -133,21 +147,43 @@ def run_pipeline(job: PipelineJob, resume: bool = False) -> tuple[Path, list[dic
         torch.set_num_threads(job.run.threads)
     root = Path(job.run.out_dir) / job.run.name
     root.mkdir(parents=True, exist_ok=True)
-    t_start = time.perf_counter()
-    ckpts, seconds, init = {}, {}, None
+    # each stage's wall clock, kept across invocations: a stage skipped on --resume keeps the time it took
+    times_path = root / "stage_seconds.json"
+    seconds = json.loads(times_path.read_text()) if resume and times_path.exists() else {}
+    ckpts, init = {}, None
     for stage in STAGES:
         t0 = time.perf_counter()
+        done = _finished(root / stage, _steps(job, stage)) if resume else None
         init = ckpts[stage] = run_stage(job, stage, init, resume)
-        seconds[stage] = time.perf_counter() - t0
+        if done is None:   # it ran (from scratch, or continued): add this invocation's time to what it had
+            seconds[stage] = (seconds.get(stage, 0.0) if resume else 0.0) + time.perf_counter() - t0
+            times_path.write_text(json.dumps(seconds))
+    t0 = time.perf_counter()
     rows = evaluate_stages(job, ckpts)
     for r in rows:
-        r["seconds"] = seconds[r["stage"]]
-    write_pipeline_report(job, root, rows, time.perf_counter() - t_start)
+        r["seconds"] = seconds.get(r["stage"], 0.0)
+    write_pipeline_report(job, root, rows, sum(seconds.values()), time.perf_counter() - t0)
     return root, rows
 
 
+@torch.no_grad()
+def sampled_accuracy(model, tok: CharTokenizer, problems, max_tokens: int, k: int, temperature: float,
+                     seed: int = 0, batch: int = 512) -> float:
+    """Mean reward of k samples per problem at `temperature`: the accuracy of the policy as RL samples it.
+    Greedy accuracy saturates near 1.0 while the sampled distribution still has errors that DPO and RL remove."""
+    g = torch.Generator().manual_seed(seed)   # its own generator: the same draws for every stage
+    sp = SamplingParams(max_tokens=max_tokens, temperature=temperature)
+    rep = [p for p in problems for _ in range(k)]
+    hits = 0.0
+    for i in range(0, len(rep), batch):
+        chunk = rep[i:i + batch]
+        outs = generate(model, [tok.encode(p.prompt) for p in chunk], sp, tok.eos_id, tok.pad_id, g)
+        hits += sum(verify(tok.decode(o.tokens), p.gold) for p, o in zip(chunk, outs))
+    return hits / len(rep)
+
+
 def evaluate_stages(job: PipelineJob, ckpts: dict[str, Path]) -> list[dict]:
-    """Greedy accuracy of every stage's final checkpoint on the same two held-out sets."""
+    """Greedy (and sampled) accuracy of every stage's final checkpoint on the same two held-out sets."""
     tok = CharTokenizer()
     train_dist = make_task(job.task).heldout_set(job.eval.size)
     hard_task = make_task(job.task.model_copy(update={"min_operands": job.hard.operands,
@@ -160,39 +196,63 @@ def evaluate_stages(job: PipelineJob, ckpts: dict[str, Path]) -> list[dict]:
         model = load_model(ck, job.model, tok)
         a = evaluate(model, tok, train_dist, job.eval)
         h = evaluate(model, tok, hard, hard_eval)
-        rows.append({"stage": stage, "checkpoint": str(ck), "acc/heldout": a["acc"], "acc/hard": h["acc"],
-                     "len/heldout": a["len"]})
+        row = {"stage": stage, "checkpoint": str(ck), "acc/heldout": a["acc"], "acc/hard": h["acc"],
+               "len/heldout": a["len"]}
+        fe = job.final_eval
+        if fe.samples:
+            row["acc/heldout_sampled"] = sampled_accuracy(model, tok, train_dist, job.eval.max_tokens, fe.samples,
+                                                          fe.temperature, seed=job.run.seed)
+        rows.append(row)
     return rows
 
 
 def pipeline_table(job: PipelineJob, rows: list[dict]) -> str:
     lo, hi = job.task.min_operands, job.task.max_operands
-    head = (f"| stage | held-out accuracy ({lo}–{hi} operands, {job.eval.size} problems) | "
-            f"harder slice ({job.hard.operands} operands) | mean response length | seconds |")
-    lines = [head, "|---|---:|---:|---:|---:|"]
+    fe = job.final_eval
+    sampled = f" sampled ({fe.samples} per problem, T={fe.temperature:g}) |" if fe.samples else ""
+    head = (f"| stage | held-out greedy ({lo}–{hi} operands, {job.eval.size} problems) |{sampled} "
+            f"harder slice, greedy ({job.hard.operands} operands) | mean response length | seconds |")
+    lines = [head, "|---|---:|" + ("---:|" if fe.samples else "") + "---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['stage']} | {r['acc/heldout']:.4f} | {r['acc/hard']:.4f} | {r['len/heldout']:.1f} | "
+        s = f" {r['acc/heldout_sampled']:.4f} |" if fe.samples else ""
+        lines.append(f"| {r['stage']} | {r['acc/heldout']:.4f} |{s} {r['acc/hard']:.4f} | {r['len/heldout']:.1f} | "
                      f"{r['seconds']:.0f} |")
     return "\n".join(lines)
 
 
-def write_pipeline_report(job: PipelineJob, root: Path, rows: list[dict], total_s: float) -> Path:
-    pts = [{"step": i + 1, "held-out (training distribution)": r["acc/heldout"],
-            f"harder slice ({job.hard.operands} operands)": r["acc/hard"]} for i, r in enumerate(rows)]
-    png = plot_series(pts, [k for k in pts[0] if k != "step"], root / "pipeline.png",
-                      title="greedy accuracy after each stage (1 direct, 2 CoT, 3 DPO, 4 RLVR)")
+def plot_stages(job: PipelineJob, rows: list[dict], path: Path) -> Path:
+    """Accuracy after each stage, one line per evaluation set, stages on the x axis."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    series = {"held-out greedy (training distribution)": "acc/heldout",
+              f"held-out sampled (T={job.final_eval.temperature:g})": "acc/heldout_sampled",
+              f"harder slice ({job.hard.operands} operands), greedy": "acc/hard"}
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    x = list(range(len(rows)))
+    for label, key in series.items():
+        if all(key in r for r in rows):
+            ax.plot(x, [r[key] for r in rows], marker="o", label=label)
+    ax.set_xticks(x, [r["stage"] for r in rows])
+    ax.set_ylim(0, 1.02)
+    ax.set_ylabel("accuracy")
+    ax.set_title("held-out accuracy after each stage")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def write_pipeline_report(job: PipelineJob, root: Path, rows: list[dict], train_s: float, eval_s: float) -> Path:
+    png = plot_stages(job, rows, root / "pipeline.png")
     parts = [f"# Pipeline {job.run.name}: SFT → CoT → DPO → RLVR", "", pipeline_table(job, rows), "",
-             f"Total wall clock: {total_s:.0f} s (stages skipped on --resume count 0).", ""]
-    if png is not None:
-        parts += [f"![accuracy after each stage]({png.name})", ""]
+             f"Wall clock: {train_s:.0f} s for the four stages (seconds column: each stage, summed over the "
+             f"invocations that ran it), {eval_s:.0f} s for this evaluation.", ""]
+    parts += [f"![accuracy after each stage]({png.name})", ""]
     path = root / "report.md"
     path.write_text("\n".join(parts))
     return path
 
 
-def summary_rows(rows: list[dict]) -> list[tuple[str, str]]:
-    out = []
-    for r in rows:
-        out.append((f"{r['stage']} acc/heldout", fmt(r["acc/heldout"])))
-        out.append((f"{r['stage']} acc/hard", fmt(r["acc/hard"])))
-    return out

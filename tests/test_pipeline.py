@@ -36,8 +36,10 @@ def test_pipeline_chains_four_stages_and_reports_each(tmp_path):
         assert str(latest_checkpoint(root / prev)) in cfg, stage
     for r in rows:
         assert 0.0 <= r["acc/heldout"] <= 1.0 and 0.0 <= r["acc/hard"] <= 1.0
+        assert 0.0 <= r["acc/heldout_sampled"] <= 1.0
     report = (root / "report.md").read_text()
-    assert all(s in report for s in STAGES) and "harder slice (4 operands)" in report
+    assert all(s in report for s in STAGES) and "harder slice, greedy (4 operands)" in report
+    assert "sampled (4 per problem, T=1)" in report
     assert (root / "pipeline.png").exists()
     # the weights really changed at every stage that took an optimizer step (the RL stage may skip steps
     # whose groups are all-equal: then its weights are bit-identical to the DPO stage's, by design)
@@ -60,7 +62,10 @@ def test_pipeline_resume_skips_finished_stages(tmp_path, capsys):
     out = capsys.readouterr().out
     assert all(f"{s} already finished" in out for s in STAGES)
     assert {s: (latest_checkpoint(root / s) / "model.safetensors").read_bytes() for s in STAGES} == before
-    assert [r["acc/heldout"] for r in again] == [r["acc/heldout"] for r in first]   # same weights, same greedy eval
+    assert [r["seconds"] for r in again] == [r["seconds"] for r in first] and all(r["seconds"] > 0 for r in first)
+    # same weights, same evaluation (the sampled one draws from its own seeded generator)
+    assert [(r["acc/heldout"], r["acc/heldout_sampled"]) for r in again] == \
+        [(r["acc/heldout"], r["acc/heldout_sampled"]) for r in first]
     # without --resume an existing pipeline folder is an error that changes nothing
     with pytest.raises(FileExistsError, match="--resume"):
         run_pipeline(j)
