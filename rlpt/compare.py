@@ -47,6 +47,7 @@ from pathlib import Path
 
 from rlpt.config import ConfigError, load_config, parse_override, read_yaml
 from rlpt.framework.algorithm import ALGORITHMS
+from rlpt.report import figure
 from rlpt.run import resolve_checkpoint
 from rlpt.train import TrainJob, sft_init, summarize
 
@@ -187,21 +188,14 @@ def markdown(rows: list[dict], target: float = TARGET) -> str:
 
 def plot_heldout(curves: dict[str, list[tuple[int, float]]], path: Path, target: float = TARGET) -> Path:
     """Held-out accuracy against step, every algorithm on one axis (rlpt.report.plot_series' style)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    for algo, pts in curves.items():
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="." if len(pts) < 40 else None, label=algo)
-    ax.axhline(target, color="grey", lw=0.8, ls="--")
-    ax.set_xlabel("step")
-    ax.set_ylabel("held-out accuracy")
-    ax.set_title("held-out accuracy (greedy)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    with figure(path, size=(6, 3.5)) as ax:
+        for algo, pts in curves.items():
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="." if len(pts) < 40 else None, label=algo)
+        ax.axhline(target, color="grey", lw=0.8, ls="--")
+        ax.set_xlabel("step")
+        ax.set_ylabel("held-out accuracy")
+        ax.set_title("held-out accuracy (greedy)")
+        ax.legend(fontsize=8)
     return path
 
 

@@ -38,6 +38,7 @@ from rlpt.gpt_mini.sft import evaluate, load_model, make_task, train_sft
 from rlpt.gpt_mini.task import verify
 from rlpt.gpt_mini.tokenizer import CharTokenizer
 from rlpt.preference.dpo import DPOConfig, DPOJob, PairsConfig, run_dpo
+from rlpt.report import figure
 from rlpt.run import latest_checkpoint, load_state
 from rlpt.train import CheckConfig, RolloutConfig, SyncConfig, TrainerConfig, TrainJob, run_train
 
@@ -222,26 +223,19 @@ def pipeline_table(job: PipelineJob, rows: list[dict]) -> str:
 
 def plot_stages(job: PipelineJob, rows: list[dict], path: Path) -> Path:
     """Accuracy after each stage, one line per evaluation set, stages on the x axis."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     series = {"held-out greedy (training distribution)": "acc/heldout",
               f"held-out sampled (T={job.final_eval.temperature:g})": "acc/heldout_sampled",
               f"harder slice ({job.hard.operands} operands), greedy": "acc/hard"}
-    fig, ax = plt.subplots(figsize=(6.5, 3.8))
     x = list(range(len(rows)))
-    for label, key in series.items():
-        if all(key in r for r in rows):
-            ax.plot(x, [r[key] for r in rows], marker="o", label=label)
-    ax.set_xticks(x, [r["stage"] for r in rows])
-    ax.set_ylim(0, 1.02)
-    ax.set_ylabel("accuracy")
-    ax.set_title("held-out accuracy after each stage")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    with figure(path) as ax:
+        for label, key in series.items():
+            if all(key in r for r in rows):
+                ax.plot(x, [r[key] for r in rows], marker="o", label=label)
+        ax.set_xticks(x, [r["stage"] for r in rows])
+        ax.set_ylim(0, 1.02)
+        ax.set_ylabel("accuracy")
+        ax.set_title("held-out accuracy after each stage")
+        ax.legend(fontsize=8)
     return path
 
 

@@ -4,6 +4,7 @@
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -22,25 +23,37 @@ def fmt(v) -> str:
     return str(v)
 
 
+@contextmanager
+def figure(path: Path, size: tuple[float, float] = (6.5, 3.8), ncols: int = 1, dpi: int = 100):
+    """A headless matplotlib figure written to `path` when the block ends (gridded, tight layout) and
+    always closed:  `with figure(p) as ax: ax.plot(...)`  (ncols > 1 gives an array of axes)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(1, ncols, figsize=size)
+    try:
+        yield ax
+        for a in (ax if ncols > 1 else [ax]):
+            a.grid(alpha=0.3)
+        fig.tight_layout()
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=dpi)
+    finally:
+        plt.close(fig)
+
+
 def plot_series(metrics: list[dict], keys: list[str], path: Path, title: str = "") -> Path | None:
     """Plot each key against step (points where the key was logged). None when nothing to plot."""
     series = {k: [(r["step"], r[k]) for r in metrics if isinstance(r.get(k), (int, float))] for k in keys}
     series = {k: v for k, v in series.items() if v}
     if not series:
         return None
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    for k, pts in series.items():
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="." if len(pts) < 40 else None, label=k)
-    ax.set_xlabel("step")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    with figure(path, size=(6, 3.5)) as ax:
+        for k, pts in series.items():
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="." if len(pts) < 40 else None, label=k)
+        ax.set_xlabel("step")
+        ax.set_title(title)
+        ax.legend()
     return path
 
 

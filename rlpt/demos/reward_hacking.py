@@ -15,36 +15,29 @@ import sys
 from pathlib import Path
 
 from rlpt.demos import f3, mean_last, read_rows, series, split_args
+from rlpt.report import figure
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "recipes" / "hack_arith.yaml"
 
 
 def write_page(job, argv: list[str], samples: list[tuple[str, str]]) -> Path:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     docs = ROOT / "docs"
     run_dir = Path(job.run.out_dir) / job.run.name
     rows = read_rows(run_dir)
     sft = read_rows(run_dir / "sft")
-    fig, ax = plt.subplots(figsize=(6.5, 3.8))
-    for key, label, style in (("reward/mean", "train reward (leaky), what GRPO maximises", "-"),
-                              ("acc/train", "train accuracy (honest check), same samples", "-"),
-                              ("acc/heldout", "held-out greedy, leaky reward", "--o"),
-                              ("acc/heldout_honest", "held-out greedy, honest check", "--o")):
-        pts = series(rows, key)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], style, markersize=3, label=label)
-    ax.set_xlabel("GRPO step (0 = the SFT start)")
-    ax.set_ylim(-0.02, 1.02)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    ax.set_title("GRPO on a leaky verifier: reward up, honest accuracy down")
-    fig.tight_layout()
     png = docs / "reward_hacking.png"
-    fig.savefig(png, dpi=100)
-    plt.close(fig)
+    with figure(png) as ax:
+        for key, label, style in (("reward/mean", "train reward (leaky), what GRPO maximises", "-"),
+                                  ("acc/train", "train accuracy (honest check), same samples", "-"),
+                                  ("acc/heldout", "held-out greedy, leaky reward", "--o"),
+                                  ("acc/heldout_honest", "held-out greedy, honest check", "--o")):
+            pts = series(rows, key)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, markersize=3, label=label)
+        ax.set_xlabel("GRPO step (0 = the SFT start)")
+        ax.set_ylim(-0.02, 1.02)
+        ax.legend(fontsize=7)
+        ax.set_title("GRPO on a leaky verifier: reward up, honest accuracy down")
 
     first = [r for r in rows if "reward/mean" in r][:10]
     def first10(k):

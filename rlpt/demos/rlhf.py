@@ -41,6 +41,7 @@ from rlpt.config import (
 from rlpt.gpt_mini.generate import SamplingParams, generate
 from rlpt.gpt_mini.sft import make_model, make_optimizer, make_task, sft_batch, sft_loss
 from rlpt.gpt_mini.tokenizer import CharTokenizer
+from rlpt.report import figure
 from rlpt.preference.reward_model import (
     RMConfig,
     RMJob,
@@ -175,24 +176,16 @@ def run_ppo(job: RLHFJob, sft_ck: Path, rm_dir: Path, beta: float, out_dir: Path
 
 
 def plot(results: dict[float, list[dict]], path: Path) -> Path:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    for beta, rows in results.items():
-        steps = [r["step"] for r in rows]
-        axes[0].plot(steps, [r["rm/score"] for r in rows], marker="o", label=f"β = {beta:g}")
-        axes[1].plot(steps, [r["gold/score"] for r in rows], marker="o", label=f"β = {beta:g}")
-    axes[0].set_title("proxy: reward-model score r̂ (held-out samples)")
-    axes[1].set_title("gold: hidden human score (same samples)")
-    for ax in axes:
-        ax.set_xlabel("PPO step")
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with figure(path, size=(10, 3.8), ncols=2, dpi=120) as axes:
+        for beta, rows in results.items():
+            steps = [r["step"] for r in rows]
+            axes[0].plot(steps, [r["rm/score"] for r in rows], marker="o", label=f"β = {beta:g}")
+            axes[1].plot(steps, [r["gold/score"] for r in rows], marker="o", label=f"β = {beta:g}")
+        axes[0].set_title("proxy: reward-model score r̂ (held-out samples)")
+        axes[1].set_title("gold: hidden human score (same samples)")
+        for ax in axes:
+            ax.set_xlabel("PPO step")
+            ax.legend()
     return path
 
 

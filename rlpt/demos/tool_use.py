@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from rlpt.demos import f3, mean_last, read_rows, series, split_args
+from rlpt.report import figure
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "recipes" / "tool_arith.yaml"
@@ -63,27 +64,19 @@ def where_it_fails(job, checkpoint: Path) -> dict:
 
 
 def write_page(js: dict, argv: list[str]) -> Path:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     docs = ROOT / "docs"
     rows = {n: read_rows(run_dir(j)) for n, j in js.items()}
     sft_rows = {n: read_rows(run_dir(j) / "sft") for n, j in js.items()}
-    fig, ax = plt.subplots(figsize=(6.5, 3.8))
-    for n, r in rows.items():
-        pts = series(r, "acc/heldout")
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", label=LABEL[n])
-    ax.set_xlabel("GRPO step (0 = the SFT start)")
-    ax.set_ylabel("held-out greedy accuracy")
-    ax.set_ylim(-0.02, 1.02)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    ax.set_title("3-digit addition: with the calculator tool vs without")
-    fig.tight_layout()
     png = docs / "tool_use_heldout.png"
-    fig.savefig(png, dpi=100)
-    plt.close(fig)
+    with figure(png) as ax:
+        for n, r in rows.items():
+            pts = series(r, "acc/heldout")
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", label=LABEL[n])
+        ax.set_xlabel("GRPO step (0 = the SFT start)")
+        ax.set_ylabel("held-out greedy accuracy")
+        ax.set_ylim(-0.02, 1.02)
+        ax.legend(fontsize=8)
+        ax.set_title("3-digit addition: with the calculator tool vs without")
 
     j = js["tool"]
     head = ("| run | SFT format | env | held-out acc, SFT start | held-out acc, after GRPO | best | "
