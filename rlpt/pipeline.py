@@ -39,7 +39,7 @@ from rlpt.gpt_mini.task import verify
 from rlpt.gpt_mini.tokenizer import CharTokenizer
 from rlpt.preference.dpo import DPOConfig, DPOJob, PairsConfig, run_dpo
 from rlpt.report import figure
-from rlpt.run import latest_checkpoint, load_state
+from rlpt.run import finished_checkpoint, latest_checkpoint
 from rlpt.train import CheckConfig, RolloutConfig, SyncConfig, TrainerConfig, TrainJob, run_train
 
 
@@ -105,11 +105,6 @@ def load_pipeline_job(path: str | None, overrides: list[str]) -> PipelineJob:
     return load_config(PipelineJob, path, overrides)
 
 
-def _finished(stage_dir: Path, steps: int) -> Path | None:
-    ck = latest_checkpoint(stage_dir)
-    return ck if ck is not None and load_state(ck)["step"] >= steps else None
-
-
 def _steps(job: PipelineJob, stage: str) -> int:
     return {"1_direct": job.direct.steps, "2_cot": job.cot.steps, "3_dpo": job.dpo.steps, "4_rlvr": job.rl.steps}[stage]
 
@@ -121,7 +116,7 @@ def run_stage(job: PipelineJob, stage: str, init: Path | None, resume: bool) -> 
     stage_dir = root / stage
     run_cfg = job.run.model_copy(update={"out_dir": str(root), "name": stage})
     steps = _steps(job, stage)
-    if resume and (done := _finished(stage_dir, steps)) is not None:
+    if resume and (done := finished_checkpoint(stage_dir, steps)) is not None:
         print(f"[rlpt] pipeline: {stage} already finished ({done}); skipping")
         return done
     again = resume and latest_checkpoint(stage_dir) is not None
@@ -154,7 +149,7 @@ def run_pipeline(job: PipelineJob, resume: bool = False) -> tuple[Path, list[dic
     ckpts, init = {}, None
     for stage in STAGES:
         t0 = time.perf_counter()
-        done = _finished(root / stage, _steps(job, stage)) if resume else None
+        done = finished_checkpoint(root / stage, _steps(job, stage)) if resume else None
         init = ckpts[stage] = run_stage(job, stage, init, resume)
         if done is None:   # it ran (from scratch, or continued): add this invocation's time to what it had
             seconds[stage] = (seconds.get(stage, 0.0) if resume else 0.0) + time.perf_counter() - t0

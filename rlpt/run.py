@@ -211,6 +211,12 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return Path(run_dir) / "checkpoints" / ptr.read_text().strip()
 
 
+def finished_checkpoint(run_dir: str | Path, steps: int) -> Path | None:
+    """The run's latest checkpoint if it has reached `steps` (the job is done), else None."""
+    ck = latest_checkpoint(run_dir)
+    return ck if ck is not None and load_state(ck)["step"] >= steps else None
+
+
 def resolve_checkpoint(path: str | Path) -> Path:
     """Accept a checkpoint folder or a run folder (takes its latest checkpoint)."""
     p = Path(path)

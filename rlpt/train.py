@@ -35,7 +35,7 @@ from rlpt.gpt_mini.generate import SamplingParams
 from rlpt.gpt_mini.sft import load_model, make_optimizer, make_task, train_sft
 from rlpt.gpt_mini.tokenizer import CharTokenizer
 from rlpt.loop import train_loop
-from rlpt.run import Run, latest_checkpoint, load_state, load_weights, rng_state, set_rng_state
+from rlpt.run import Run, finished_checkpoint, latest_checkpoint, load_state, load_weights, rng_state, set_rng_state
 
 
 class EnvConfig(Section):
@@ -135,9 +135,10 @@ def sft_init(job: TrainJob, resume: bool) -> Path:
     if job.init_from:
         return Path(job.init_from)
     sft_dir = Path(job.run.out_dir) / job.run.name / "sft"
+    done = finished_checkpoint(sft_dir, job.sft.steps)
+    if done is not None:
+        return done
     ck = latest_checkpoint(sft_dir)
-    if ck is not None and load_state(ck)["step"] >= job.sft.steps:
-        return ck
     from rlpt.config import SFTJob
     sft_job = SFTJob(run=job.run.model_copy(update={"out_dir": str(sft_dir.parent), "name": "sft"}),
                      model=job.model, task=job.task, sft=job.sft, eval=job.eval.model_copy(update={"pass_k": 1}))
