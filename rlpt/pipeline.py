@@ -33,7 +33,7 @@ from pydantic import Field, model_validator
 
 from rlpt.config import EvalConfig, ModelConfig, RunConfig, Section, SFTConfig, SFTJob, \
     TaskConfig, load_config
-from rlpt.gpt_mini.generate import SamplingParams, generate
+from rlpt.gpt_mini.generate import SamplingParams, sample_texts
 from rlpt.gpt_mini.sft import evaluate, load_model, make_task, train_sft
 from rlpt.gpt_mini.task import verify
 from rlpt.gpt_mini.tokenizer import CharTokenizer
@@ -169,13 +169,8 @@ def sampled_accuracy(model, tok: CharTokenizer, problems, max_tokens: int, k: in
     Greedy accuracy saturates near 1.0 while the sampled distribution still has errors that DPO and RL remove."""
     g = torch.Generator().manual_seed(seed)   # its own generator: the same draws for every stage
     sp = SamplingParams(max_tokens=max_tokens, temperature=temperature)
-    rep = [p for p in problems for _ in range(k)]
-    hits = 0.0
-    for i in range(0, len(rep), batch):
-        chunk = rep[i:i + batch]
-        outs = generate(model, [tok.encode(p.prompt) for p in chunk], sp, tok.eos_id, tok.pad_id, g)
-        hits += sum(verify(tok.decode(o.tokens), p.gold) for p, o in zip(chunk, outs))
-    return hits / len(rep)
+    texts = sample_texts(model, tok, [p.prompt for p in problems], k, sp, g, batch)
+    return sum(verify(t, problems[i // k].gold) for i, t in enumerate(texts)) / len(texts)
 
 
 def evaluate_stages(job: PipelineJob, ckpts: dict[str, Path]) -> list[dict]:

@@ -13,6 +13,7 @@ import torch
 from rlpt.config import ConfigError, load_config
 from rlpt.framework.environment import make_env
 from rlpt.gpt_mini import sft
+import rlpt.gpt_mini.generate
 from rlpt.gpt_mini.generate import Sample
 from rlpt.gpt_mini.model import GPT, GPTConfig
 from rlpt.gpt_mini.task import ArithmeticTask
@@ -301,7 +302,7 @@ def test_sample_pairs_on_scripted_samples(monkeypatch):
         calls.append(len(prompts))
         return res
 
-    monkeypatch.setattr(pdata, "generate", gen)
+    monkeypatch.setattr(rlpt.gpt_mini.generate, "generate", gen)   # what sample_texts calls
     pairs, stats = pdata.sample_pairs(None, TOK, task, n_prompts=20, k=4, temperature=1.0, max_tokens=16, seed=0,
                                       fmt="cot", max_pairs_per_prompt=2)
     assert stats["prompts"] == 20 and stats["samples"] == 80

@@ -111,3 +111,15 @@ def generate(model, prompts: list[list[int]], sp: SamplingParams, eos_id: int, p
         k = toks.index(eos_id) + 1 if eos_id in toks else n
         samples.append(Sample(toks[:k], out_logp[i, :k].tolist(), "stop" if eos_id in toks[:k] else "length"))
     return samples
+
+
+@torch.no_grad()
+def sample_texts(model, tok, prompts: list[str], k: int, sp: SamplingParams,
+                 generator: torch.Generator | None = None, batch: int = 512) -> list[str]:
+    """k decoded samples of each prompt text, in order: prompt i's samples are [i*k:(i+1)*k].
+    Batches of `batch` sequences, drawn from `generator` (a seeded one gives the same samples again)."""
+    ids = [tok.encode(p) for p in prompts for _ in range(k)]
+    outs = []
+    for i in range(0, len(ids), batch):
+        outs += generate(model, ids[i:i + batch], sp, tok.eos_id, tok.pad_id, generator)
+    return [tok.decode(o.tokens) for o in outs]

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from rlpt.config import ConfigError
-from rlpt.gpt_mini.generate import SamplingParams, generate
+from rlpt.gpt_mini.generate import SamplingParams, sample_texts
 from rlpt.gpt_mini.task import ArithmeticTask, verify
 from rlpt.gpt_mini.tokenizer import CharTokenizer, UnknownCharacterError
 
@@ -139,11 +139,7 @@ def sample_pairs(model, tok: CharTokenizer, task: ArithmeticTask, n_prompts: int
             problems.append(p)
     gen = torch.Generator().manual_seed(seed)
     sp = SamplingParams(max_tokens=max_tokens, temperature=temperature)
-    prompts = [tok.encode(p.prompt) for p in problems for _ in range(k)]
-    outs = []
-    for i in range(0, len(prompts), batch):
-        outs += generate(model, prompts[i:i + batch], sp, tok.eos_id, tok.pad_id, gen)
-    texts = [tok.decode(o.tokens) for o in outs]
+    texts = sample_texts(model, tok, [p.prompt for p in problems], k, sp, gen, batch)
     pairs, stats = [], {"prompts": len(problems), "samples": len(texts), "prompts_all_correct": 0,
                         "prompts_all_wrong": 0, "prompts_with_pairs": 0}
     n_correct = 0

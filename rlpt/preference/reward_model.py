@@ -42,7 +42,7 @@ from rlpt.config import (
 )
 from rlpt.framework.critic import capture_hidden
 from rlpt.framework.environment import ArithmeticEnv, Prompt, Verdict, register_env
-from rlpt.gpt_mini.generate import SamplingParams, generate
+from rlpt.gpt_mini.generate import SamplingParams, sample_texts
 from rlpt.gpt_mini.model import GPT, GPTConfig
 from rlpt.gpt_mini.task import ArithmeticTask, Problem, verify
 from rlpt.gpt_mini.tokenizer import CharTokenizer
@@ -86,11 +86,7 @@ def sample_ranked_pairs(policy, tok: CharTokenizer, problems: list[Problem], k: 
     """k samples per prompt, scored by `score`; pairs of distinct samples with different scores (higher ≻ lower)."""
     rng, gen = random.Random(seed), torch.Generator().manual_seed(seed)
     sp = SamplingParams(max_tokens=max_tokens, temperature=temperature)
-    prompts = [tok.encode(p.prompt) for p in problems for _ in range(k)]
-    outs = []
-    for i in range(0, len(prompts), batch):
-        outs += generate(policy, prompts[i:i + batch], sp, tok.eos_id, tok.pad_id, gen)
-    texts = [tok.decode(o.tokens) for o in outs]
+    texts = sample_texts(policy, tok, [p.prompt for p in problems], k, sp, gen, batch)
     pairs, flat = [], 0
     for j, p in enumerate(problems):
         scored = {t: score(t, p.gold) for t in texts[j * k:(j + 1) * k]}
