@@ -53,9 +53,9 @@ class RolloutConfig(Section):
     max_tokens: int = Field(32, ge=1, description="response tokens per trajectory (multi-turn: tool output included)")
     max_turns: int = Field(4, ge=1, description="assistant turns per trajectory (multi-turn envs only)")
     turn_tokens: int = Field(0, ge=0, description="tokens per assistant turn (multi-turn envs only); 0 = max_tokens")
-    backend: Literal["simple", "engine"] = Field(
-        "simple", description="sampler: 'simple' (rlpt.gpt_mini.generate) or 'engine' (rlpt.engine: paged KV, "
-                              "continuous batching, one prefill per group)")
+    backend: Literal["engine", "simple"] = Field(
+        "engine", description="sampler: 'engine' (rlpt.engine: paged KV, continuous batching, one prefill per "
+                              "group) or 'simple' (rlpt.gpt_mini.generate: padded batches, dense KV cache)")
 
 
 class TrainerConfig(Section):

@@ -65,7 +65,7 @@ class FixedCalculator(CalculatorArithmeticEnv):
 
 def engine(script, **kw):
     sp = SamplingParams(max_tokens=kw.pop("max_tokens", 64), temperature=1.0)
-    return MultiTurnRolloutEngine(ScriptedModel(script), TOK, 1, sp, **kw)
+    return MultiTurnRolloutEngine(ScriptedModel(script), TOK, 1, sp, backend="simple", **kw)   # a test double: not the engine's
 
 
 # -- the lesson-08 trajectory ------------------------------------------------------------------------
@@ -333,7 +333,8 @@ def test_leaky_heldout_eval_reports_honest_accuracy():
         want = f"{sum(map(int, prompt[1:].split('+')))} 0#"
         return want[len(r)] if len(r) < len(want) else "#"
 
-    rollout = RolloutEngine(PromptScriptedModel(soup), TOK, 1, SamplingParams(max_tokens=8, temperature=1.0))
+    rollout = RolloutEngine(PromptScriptedModel(soup), TOK, 1, SamplingParams(max_tokens=8, temperature=1.0),
+                            backend="simple")
     ev = rollout.evaluate(env, prompts)
     assert ev["acc"] == 1.0 and ev["acc_honest"] == 0.0
 

@@ -150,9 +150,23 @@ def test_resume_is_bit_identical(tmp_path, backend):
 
 def test_rollout_backend_config_key():
     job = load_train_job(None, ["rollout.backend=engine"])
-    assert job.rollout.backend == "engine" and load_train_job(None, []).rollout.backend == "simple"
+    assert job.rollout.backend == "engine" and load_train_job(None, []).rollout.backend == "engine"
+    assert load_train_job(None, ["rollout.backend=simple"]).rollout.backend == "simple"
     with pytest.raises(ConfigError, match="rollout.backend"):
         load_train_job(None, ["rollout.backend=vllm"])
+
+
+def test_the_engine_is_the_default_and_names_the_fix_for_models_it_cannot_serve():
+    from rlpt.framework.rollout import backend_for
+    sp = SamplingParams(max_tokens=4, temperature=1.0)
+    assert RolloutEngine(tiny_gpt(), TOK, 4, sp).backend == "engine"
+
+    class NotGPT(torch.nn.Module):           # e.g. an HF policy: the simple sampler drives it, the engine cannot
+        pass
+    other = RolloutEngine(NotGPT(), TOK, 1, sp)
+    with pytest.raises(ValueError, match="serves gpt_mini GPT models.*got NotGPT.*rollout.backend=simple"):
+        other.generate(ArithmeticEnv(ArithmeticTask(max_operands=2), tokenizer=TOK), 2)
+    assert backend_for(tiny_gpt()) == "engine" and backend_for(NotGPT()) == "simple"
 
 
 def test_build_wires_the_backend(tmp_path):

@@ -48,15 +48,18 @@ def test_rl_resume_is_bit_identical(tmp_path):
     ctl_a, run_a, _ = run_train(straight)
     init = str(run_a.dir / "sft")
     # a crash after step 4: rerun to 6 with the step-3 checkpoint only
+    # a crash after step 5: the run's metrics went past its last checkpoint (step 3), which resume truncates.
+    # The crashed run has the same `steps`, so its lr schedule is the same one (a shorter run would not be).
     broken = job(tmp_path, "run.name=resumed", "steps=6", "ckpt_every=3", f"init_from={init}")
-    ctl_b, run_b, _ = run_train(broken.model_copy(update={"steps": 4}))
+    ctl_b, run_b, _ = run_train(broken)
     import shutil
-    shutil.rmtree(run_b.dir / "checkpoints" / "step_00000004")
+    shutil.rmtree(run_b.dir / "checkpoints" / "step_00000006")
     (run_b.dir / "checkpoints" / "latest").write_text("step_00000003")
     ctl_b, run_b, _ = run_train(broken, resume=True)
     for (k, a), b in zip(ctl_a.trainer.model.state_dict().items(), ctl_b.trainer.model.state_dict().values()):
         assert torch.equal(a, b), k
     assert rows(run_a.dir)[1:] == rows(run_b.dir)[1:]
+    assert any(r["step"] > 3 and r.get("step/skipped") == 0.0 for r in rows(run_a.dir))   # resumed steps trained
 
 
 def test_bad_recipes_name_the_key(tmp_path):

@@ -19,7 +19,7 @@ import weakref
 
 import torch
 
-from rlpt.engine.llm import LLM
+from rlpt.engine.llm import LLM, serves
 from rlpt.engine.sampling import SamplingParams
 from rlpt.gpt_mini.generate import Sample
 
@@ -32,6 +32,10 @@ class EngineBackend:
     def engine(self, model) -> LLM:
         llm = self._engines.get(model)
         if llm is None:
+            if not serves(model):
+                raise ValueError(f"rollout.backend='engine' serves gpt_mini GPT models (rlpt.gpt_mini.model.GPT), got "
+                                 f"{type(model).__name__}: convert a HF Llama with rlpt.models.hf.hf_to_gpt_mini, or "
+                                 f"sample with rollout.backend=simple (RolloutEngine(..., backend='simple'))")
             llm = self._engines[model] = LLM(model, **self.llm_kwargs)
         return llm
 

@@ -31,8 +31,13 @@ from rlpt.engine.sequence import CompletionOutput, Request, RequestOutput, Seque
 from rlpt.engine.spec_decode import SpeculativeDecoder
 
 
+def serves(model) -> bool:
+    """Whether the engine can run `model`: a gpt_mini GPT (its weights are read directly, see ModelRunner)."""
+    return hasattr(model, "cfg") and hasattr(model, "layers") and hasattr(model, "embed")
+
+
 def _check_model(model, what: str) -> None:
-    if not (hasattr(model, "cfg") and hasattr(model, "layers") and hasattr(model, "embed")):
+    if not serves(model):
         raise ValueError(f"{what} must be a gpt_mini GPT (rlpt.gpt_mini.model.GPT); convert a HF Llama "
                          f"with rlpt.models.hf.hf_to_gpt_mini, got {type(model).__name__}")
 

@@ -29,6 +29,7 @@ import torch
 from rlpt.config import ConfigError
 from rlpt.framework.agent_loop import MultiTurnRolloutEngine
 from rlpt.framework.environment import ArithmeticEnv, Prompt, Verdict, register_env
+from rlpt.framework.rollout import backend_for
 from rlpt.gpt_mini.generate import SamplingParams
 from rlpt.gpt_mini.sft import register_trace_format
 from rlpt.gpt_mini.task import Problem, verify
@@ -212,7 +213,7 @@ def tool_heldout_eval(model, tok, problems: list[Problem], cfg, pass_k: int = 0,
     env = CalculatorArithmeticEnv(tokenizer=tok)
     prompts = [env._prompt(p) for p in problems]
     sp = SamplingParams(max_tokens=cfg.max_tokens, temperature=0.0)
-    eng = MultiTurnRolloutEngine(model, tok, 1, sp, max_turns=EVAL_MAX_TURNS)
+    eng = MultiTurnRolloutEngine(model, tok, 1, sp, max_turns=EVAL_MAX_TURNS, backend=backend_for(model))
     out = eng.evaluate(env, prompts)
     if pass_k > 0:
         g = torch.Generator().manual_seed(seed)   # own generator: eval never perturbs training RNG

@@ -89,8 +89,9 @@ def safe_step(env, text: str, state: dict) -> tuple[str, float, bool, dict]:
 
 class MultiTurnRolloutEngine(RolloutEngine):
     def __init__(self, model, tokenizer, prompts_per_step: int, sampling: SamplingParams, seed: int = 0,
-                 batch_limit: int = 512, group_filter=None, max_turns: int = 4, turn_tokens: int = 0):
-        super().__init__(model, tokenizer, prompts_per_step, sampling, seed, batch_limit, group_filter)
+                 batch_limit: int = 512, group_filter=None, max_turns: int = 4, turn_tokens: int = 0,
+                 backend: str = "engine"):
+        super().__init__(model, tokenizer, prompts_per_step, sampling, seed, batch_limit, group_filter, backend)
         if max_turns < 1:
             raise ValueError(f"max_turns must be >= 1, got {max_turns}")
         self.max_turns = max_turns

@@ -20,11 +20,12 @@ drawn, which the algorithm marks degenerate so the step is skipped. It never loo
 `stats` reports `sampling/draws`, `sampling/groups_drawn`, `sampling/groups_kept`,
 `sampling/filtered_frac` (the measured degenerate fraction) and `sampling/cap_hit`.
 
-Two sampling backends behind `_sample`, chosen by `rollout.backend`: "simple" (`rlpt.gpt_mini.generate`:
-padded batches of `batch_limit`, a dense KV cache per call, draws from `torch.multinomial`) and "engine"
-(`rlpt.engine`: paged KV, continuous batching over every prompt at once, the K samples of a group as one
-request with n = K so the prompt is prefilled once; draws are counter-based from per-prompt seeds taken
-from `self.generator`). Both record old_logp the same way (`processed_logp` of the sampled token) and
+Two sampling backends behind `_sample`, chosen by `rollout.backend`: "engine", the default (`rlpt.engine`:
+paged KV, continuous batching over every prompt at once, the K samples of a group as one request with
+n = K so the prompt is prefilled once; draws are counter-based from per-prompt seeds taken from
+`self.generator`) and "simple" (`rlpt.gpt_mini.generate`: padded batches of `batch_limit`, a dense KV
+cache per call, draws from `torch.multinomial`; it drives any model with the incremental interface,
+HF policies included: `backend_for(model)` picks it where the engine cannot serve the model). Both record old_logp the same way (`processed_logp` of the sampled token) and
 are reproducible from the generator's state, so a checkpoint holds the same state either way; they
 draw different tokens at temperature > 0 and the same at temperature 0. The engine backend serves gpt_mini
 models only (HF policies: convert with `rlpt.models.hf.hf_to_gpt_mini`) and sees weight sync through the
@@ -43,11 +44,18 @@ from typing import Callable
 import torch
 
 from rlpt.engine.backend import EngineBackend
+from rlpt.engine.llm import serves
 from rlpt.framework.environment import Prompt, safe_verify
 from rlpt.framework.trajectory import Trajectory
 from rlpt.gpt_mini.generate import SamplingParams, generate
 
-BACKENDS = ("simple", "engine")
+BACKENDS = ("engine", "simple")
+
+
+def backend_for(model) -> str:
+    """The default backend where the engine can serve `model` (a gpt_mini GPT); the simple sampler otherwise
+    (an HF policy, a test double): for library code that samples from whatever model it is handed."""
+    return "engine" if serves(model) else "simple"
 
 
 @dataclass
@@ -65,7 +73,7 @@ class GroupFilter:
 
 class RolloutEngine:
     def __init__(self, model, tokenizer, prompts_per_step: int, sampling: SamplingParams, seed: int = 0,
-                 batch_limit: int = 512, group_filter: GroupFilter | None = None, backend: str = "simple"):
+                 batch_limit: int = 512, group_filter: GroupFilter | None = None, backend: str = "engine"):
         self.model = model
         self.tokenizer = tokenizer
         self.prompts_per_step = prompts_per_step
