@@ -147,8 +147,9 @@ def test_markdown_shows_a_dash_when_the_target_was_never_reached():
 # These runs sample with the simple sampler (rollout.backend=simple, pinned): the numbers above and in
 # docs/compare.md were measured with it. With the engine (the default since; other draws at T = 0.7) the same
 # test gave reinforce 0.800, grpo 0.794, rloo 0.781, dapo 0.818, drgrpo 0.775, but ppo 0.726 at seed 0 (0.724
-# vs the start's 0.752 on 1000 held-out problems) and 0.775 / 0.760 at seeds 1 / 2: PPO's untrained critic
-# makes its first 30 steps the most seed-sensitive of the six, whichever sampler draws the tokens.
+# vs the start's 0.752 on 1000 held-out problems). PPO's first 30 steps (an untrained critic, 4 epochs per
+# batch) are the most seed-sensitive of the six, whichever sampler draws the tokens; ppo at seeds 0-3, mean
+# of the last two evals: engine 0.726 / 0.775 / 0.760 / 0.788, simple 0.775 / 0.790 / 0.773 / 0.719.
 SLOW = ["steps=30", "rollout.prompts_per_step=16", "rollout.k=8", "eval.size=400", "eval.every=10",
         "trainer.optim.lr=3e-5", "trainer.optim.schedule=constant", "trainer.mini_batches=1", "ckpt_every=30",
         "run.progress=false", "rollout.backend=simple"]
