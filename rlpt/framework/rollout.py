@@ -25,10 +25,10 @@ paged KV, continuous batching over every prompt at once, the K samples of a grou
 n = K so the prompt is prefilled once; draws are counter-based from per-prompt seeds taken from
 `self.generator`) and "simple" (`rlpt.gpt_mini.generate`: padded batches of `batch_limit`, a dense KV
 cache per call, draws from `torch.multinomial`; it drives any model with the incremental interface,
-HF policies included: `backend_for(model)` picks it where the engine cannot serve the model). Both record old_logp the same way (`processed_logp` of the sampled token) and
-are reproducible from the generator's state, so a checkpoint holds the same state either way; they
-draw different tokens at temperature > 0 and the same at temperature 0. The engine backend serves gpt_mini
-models only (HF policies: convert with `rlpt.models.hf.hf_to_gpt_mini`) and sees weight sync through the
+HF policies included: `backend_for(model)` picks it where the engine cannot serve the model).
+Both record old_logp the same way (`processed_logp` of the sampled token) and are reproducible from
+the generator's state, so a checkpoint holds the same state either way; they draw different tokens at
+temperature > 0 and the same at temperature 0. The engine backend serves gpt_mini models only (HF policies: convert with `rlpt.models.hf.hf_to_gpt_mini`) and sees weight sync through the
 parameters' version counters (in-place `copy_` bumps them: its fused weights are rebuilt, its prefix cache
 dropped). Its prefix cache is also dropped at the start of every `generate`, so what a step samples
 depends only on (weights, prompts, generator state) — the bit-identical resume contract — while the
