@@ -44,9 +44,12 @@ class ScriptedModel(torch.nn.Module):
         for b in range(B):
             keep = ids[b][key_mask[b]] if key_mask is not None else ids[b]
             cache["hist"][b] += keep.tolist()
-            text = TOK.decode(cache["hist"][b])
-            logits[b, -1, TOK.stoi[self.script(text.split(">", 1)[1])]] = 15.0
+            logits[b, -1, TOK.stoi[self.script(self.seen(TOK.decode(cache["hist"][b])))]] = 15.0
         return logits
+
+    def seen(self, context: str) -> str:
+        """What the script is shown: the response so far (the text after the prompt's `>`)."""
+        return context.split(">", 1)[1]
 
 
 def lesson_script(r):
@@ -228,14 +231,8 @@ def test_rlpt_train_runs_the_calculator_env(tmp_path):
 class PromptScriptedModel(ScriptedModel):
     """Like ScriptedModel, but the script sees the whole context, prompt included."""
 
-    def forward(self, ids, cache=None, positions=None, key_mask=None):
-        B, T = ids.shape
-        logits = torch.zeros(B, T, TOK.vocab_size)
-        for b in range(B):
-            keep = ids[b][key_mask[b]] if key_mask is not None else ids[b]
-            cache["hist"][b] += keep.tolist()
-            logits[b, -1, TOK.stoi[self.script(TOK.decode(cache["hist"][b]))]] = 15.0
-        return logits
+    def seen(self, context: str) -> str:
+        return context
 
 
 def tool_user(text):

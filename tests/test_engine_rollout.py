@@ -8,9 +8,9 @@ import shutil
 
 import pytest
 import torch
+from test_agent_loop import ReplyOnceEnv, tiny_gpt
 
 from rlpt.config import ConfigError, ModelConfig
-from rlpt.envs.calculator import CalculatorArithmeticEnv
 from rlpt.framework.agent_loop import MultiTurnRolloutEngine
 from rlpt.framework.algorithm import make_algorithm
 from rlpt.framework.controller import Controller
@@ -21,7 +21,6 @@ from rlpt.framework.trainer import TrainerEngine
 from rlpt.framework.trajectory import collate, per_token_logp
 from rlpt.framework.weight_sync import WeightSyncer
 from rlpt.gpt_mini.generate import SamplingParams
-from rlpt.gpt_mini.model import GPT, GPTConfig
 from rlpt.gpt_mini.sft import make_model
 from rlpt.gpt_mini.task import ArithmeticTask
 from rlpt.gpt_mini.tokenizer import CharTokenizer
@@ -39,24 +38,9 @@ def save_tiny_init(path):
     save_checkpoint(path, model, model.cfg.to_dict(), {"step": 0})
 
 
-def tiny_gpt(seed=0):
-    torch.manual_seed(seed)
-    return GPT(GPTConfig(vocab_size=TOK.vocab_size, n_layer=2, n_head=2, n_kv_head=1, d_model=32, d_ff=64,
-                         max_seq_len=48))
-
-
 class ParityEnv(ArithmeticEnv):
     def verify(self, prompt, response):
         return Verdict(float(len(response) % 2 == 0))
-
-
-class ReplyOnceEnv(CalculatorArithmeticEnv):
-    """First turn gets a tool reply whatever it says; the second is scored by length parity."""
-    def step(self, text, state):
-        state["n"] = state.get("n", 0) + 1
-        if state["n"] == 1:
-            return "=12#", 0.0, False, {}
-        return "", float(len(text) % 2 == 0), True, {}
 
 
 def test_backends_agree_at_temperature_zero():
