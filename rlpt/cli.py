@@ -32,57 +32,53 @@ def _split_args(items: list[str]) -> tuple[str | None, list[str]]:
     return path, overrides
 
 
+def _report(run, title: str, final: dict, plots: dict[str, list[str]]) -> int:
+    """A finished job's tail: report.md and plots in the run folder, then the summary table."""
+    from rlpt.report import fmt, table, write_report
+    report = write_report(run, title, final, plots=plots)
+    print(table([(k, fmt(v)) for k, v in final.items()] + [("run folder", str(run.dir)), ("report", str(report))]))
+    return 0
+
+
 def cmd_sft(args) -> int:
     import rlpt.envs  # noqa: F401 - registers trace formats (sft.format=tool)
     from rlpt.config import SFTJob, load_config
     from rlpt.gpt_mini.sft import train_sft
-    from rlpt.report import fmt, table, write_report
     path, overrides = _split_args(args.items)
     job = load_config(SFTJob, path, overrides)
-    model, run, final = train_sft(job, resume=args.resume)
-    report = write_report(run, "SFT", final, plots={"accuracy": ["acc/heldout"], "loss": ["loss/sft"]})
-    print(table([(k, fmt(v)) for k, v in final.items()] + [("run folder", str(run.dir)), ("report", str(report))]))
-    return 0
+    _, run, final = train_sft(job, resume=args.resume)
+    return _report(run, "SFT", final, {"accuracy": ["acc/heldout"], "loss": ["loss/sft"]})
 
 
 def cmd_train(args) -> int:
-    from rlpt.report import fmt, table, write_report
     from rlpt.train import load_train_job, run_train
     path, overrides = _split_args(args.items)
     job = load_train_job(path, overrides)
-    ctl, run, final = run_train(job, resume=args.resume)
-    report = write_report(run, f"RL ({job.algorithm['name']})", final,
-                          plots={"heldout_accuracy_and_reward": ["acc/heldout", "reward/mean"],
-                                 "kl_and_clip": ["kl/mean", "clip/frac"]})
-    print(table([(k, fmt(v)) for k, v in final.items()] + [("run folder", str(run.dir)), ("report", str(report))]))
-    return 0
+    _, run, final = run_train(job, resume=args.resume)
+    return _report(run, f"RL ({job.algorithm['name']})", final,
+                   {"heldout_accuracy_and_reward": ["acc/heldout", "reward/mean"],
+                    "kl_and_clip": ["kl/mean", "clip/frac"]})
 
 
 def cmd_dpo(args) -> int:
     from rlpt.config import load_config
     from rlpt.preference.dpo import DPOJob, run_dpo
-    from rlpt.report import fmt, table, write_report
     path, overrides = _split_args(args.items)
     job = load_config(DPOJob, path, overrides)
     _, run, final = run_dpo(job, resume=args.resume)
-    report = write_report(run, f"Preference ({job.dpo.method})", final,
-                          plots={"accuracy": ["acc/heldout", "reward/accuracy"], "margin": ["reward/margin"],
-                                 "logp": ["logp/chosen", "logp/rejected"]})
-    print(table([(k, fmt(v)) for k, v in final.items()] + [("run folder", str(run.dir)), ("report", str(report))]))
-    return 0
+    return _report(run, f"Preference ({job.dpo.method})", final,
+                   {"accuracy": ["acc/heldout", "reward/accuracy"], "margin": ["reward/margin"],
+                    "logp": ["logp/chosen", "logp/rejected"]})
 
 
 def cmd_rm(args) -> int:
     from rlpt.config import load_config
     from rlpt.preference.reward_model import RMJob, train_rm
-    from rlpt.report import fmt, table, write_report
     path, overrides = _split_args(args.items)
     job = load_config(RMJob, path, overrides)
     _, run, final = train_rm(job, resume=args.resume)
-    report = write_report(run, "Reward model (Bradley-Terry)", final,
-                          plots={"pair_accuracy": ["rm/pair_acc_heldout", "rm/pair_acc"], "loss": ["loss/bt"]})
-    print(table([(k, fmt(v)) for k, v in final.items()] + [("run folder", str(run.dir)), ("report", str(report))]))
-    return 0
+    return _report(run, "Reward model (Bradley-Terry)", final,
+                   {"pair_accuracy": ["rm/pair_acc_heldout", "rm/pair_acc"], "loss": ["loss/bt"]})
 
 
 def cmd_pipeline(args) -> int:
