@@ -22,7 +22,7 @@ engine could beat HF by on this machine (`max_speedup_vs_hf`); over the GEMM tim
 all (`max_speedup_vs_hf_zero_overhead`).
 One process; torch threads pinned to each of --threads in turn. Human tables, then one JSON line.
 
-    python bench/engine.py                                # default: ~4 min here (2 cores, load ~4)
+    python bench/engine.py                                # default: 1.5-2.5 min here; ~4 min with another job running
     python bench/engine.py --quick                        # smaller: batches 1,64, fewer tokens
     python bench/engine.py --threads 1 --models gpt_mini --batches 64 --repeats 5
 """

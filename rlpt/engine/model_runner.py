@@ -27,7 +27,10 @@ Measured, not assumed: `torch.compile` (inductor's CPU C++ backend, torch 2.13) 
 attention written as a dense gather (`pool[index]`, which it can trace; the sparse kernels it cannot) took
 5.6 ms per step against 2.9 ms eager (B=64, static or dynamic shapes; 9-21 s to compile): its generated
 gather-reduce loops are scalar. Writing K/V through a view of the pool was worse: the pool was copied every
-step (31 ms); `index_put_` on the pool itself or a custom op avoids that.
+step (31 ms); `index_put_` on the pool itself or a custom op avoids that. Compiling only the dense
+pieces between attentions (vLLM's piecewise scheme: norm + qkv + RoPE, then o-proj + norm + MLP, with
+RoPE in real arithmetic since inductor does not generate complex code) was slower too: 310 vs 215 ms per
+B=64 generate; entering a compiled region costs ~45 us here and its norm + MLP code was no faster.
 The ceiling that bounds any engine here, compiled or not, is in `bench/engine.py` (`zero_overhead`).
 
     logits = ModelRunner(model, num_blocks=64, block_size=16).run([Chunk([5, 6, 7], 0, [3], 1)])   # (1, V)
