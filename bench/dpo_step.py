@@ -25,7 +25,9 @@ import time
 import torch
 
 from rlpt.config import ModelConfig, TaskConfig
-from rlpt.gpt_mini.sft import make_model, make_optimizer, make_task
+from rlpt.gpt_mini.model import make_model
+from rlpt.optim import make_optimizer
+from rlpt.gpt_mini.task import make_task
 from rlpt.gpt_mini.tokenizer import CharTokenizer
 from rlpt.preference.data import PreferencePair, collate_pairs
 from rlpt.preference.dpo import (

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from rlpt.config import ModelConfig
-from rlpt.gpt_mini.sft import make_model
+from rlpt.gpt_mini.model import make_model
 from rlpt.gpt_mini.tokenizer import CharTokenizer
 from rlpt.run import save_checkpoint
 

@@ -2,7 +2,7 @@
 
     ratio = tokens/s(rlpt step) / tokens/s(bare forward + backward + AdamW)        goal: >= 0.9
 
-The rlpt side is the step `rlpt.gpt_mini.sft.train_sft` runs, built from the same functions:
+The rlpt side is the step `rlpt.sft.train_sft` runs, built from the same functions:
 `sft_batch` (tokenise + pad + mask, from `Problem`s) -> `sft_loss` -> backward -> `clip_grad_norm_`
 -> AdamW step (`make_optimizer`) -> LR schedule step, plus the trainer's `.item()` reads every
 `log_every` steps. The bare side runs the same `GPT` on the very tensors `sft_batch` built, with the
@@ -27,7 +27,10 @@ import torch.nn.functional as F
 
 from rlpt.config import ModelConfig, OptimConfig, SFTConfig, TaskConfig
 from rlpt.gpt_mini.model import GPT
-from rlpt.gpt_mini.sft import make_model, make_optimizer, make_task, sft_batch, sft_loss
+from rlpt.gpt_mini.model import make_model
+from rlpt.optim import make_optimizer
+from rlpt.gpt_mini.task import make_task
+from rlpt.sft import sft_batch, sft_loss
 from rlpt.gpt_mini.tokenizer import CharTokenizer
 
 
@@ -45,7 +48,7 @@ def parse_args():
 
 
 class RlptStep:
-    """The trainer's step (rlpt/gpt_mini/sft.py, train_sft.step_fn), on pre-sampled problems."""
+    """The trainer's step (rlpt/sft.py, train_sft.step_fn), on pre-sampled problems."""
 
     def __init__(self, model, optim: OptimConfig, total_steps: int, fmt: str, tok, log_every: int):
         self.model, self.fmt, self.tok, self.log_every, self.clip = model, fmt, tok, log_every, optim.grad_clip

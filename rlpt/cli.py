@@ -43,7 +43,7 @@ def _report(run, title: str, final: dict, plots: dict[str, list[str]]) -> int:
 def cmd_sft(args) -> int:
     import rlpt.envs  # noqa: F401 - registers trace formats (sft.format=tool)
     from rlpt.config import SFTJob, load_config
-    from rlpt.gpt_mini.sft import train_sft
+    from rlpt.sft import train_sft
     path, overrides = _split_args(args.items)
     job = load_config(SFTJob, path, overrides)
     _, run, final = train_sft(job, resume=args.resume)
@@ -104,11 +104,13 @@ def cmd_compare(args) -> int:
 def cmd_eval(args) -> int:
     import random
 
-    import rlpt.envs  # noqa: F401 - registers the tool format's evaluation
     from rlpt.config import EvalConfig, Section, TaskConfig, load_config
-    from rlpt.gpt_mini.sft import evaluate_format, load_model, make_task
+    from rlpt.framework.evaluate import evaluate
+    from rlpt.gpt_mini.model import load_model
+    from rlpt.gpt_mini.task import make_task
     from rlpt.gpt_mini.tokenizer import CharTokenizer
     from rlpt.report import fmt, table
+    from rlpt.sft import sft_env
 
     class EvalJob(Section):
         task: TaskConfig = TaskConfig()
@@ -120,15 +122,18 @@ def cmd_eval(args) -> int:
     job = load_config(EvalJob, None, overrides)
     model = load_model(args.checkpoint)
     tok, task = CharTokenizer(), make_task(job.task)
-    if args.split == "heldout":
-        problems = task.heldout_set(job.eval.size)
-    else:
-        rng = random.Random(0)
-        problems = [task.sample(rng, "train") for _ in range(job.eval.size)]
     form = args.format or _run_format(args.checkpoint)
-    res = evaluate_format(model, tok, problems, job.eval, form, pass_k=args.pass_k)
+    env = sft_env(form, task, tok)
+    if args.split == "heldout":
+        prompts = env.heldout(job.eval.size)
+    else:
+        env.rng = random.Random(0)
+        prompts = [env.reset("train") for _ in range(job.eval.size)]
+    res = evaluate(model, env, prompts, job.eval.max_tokens, k=args.pass_k)
+    if args.pass_k:
+        res.pop("acc_sampled")
     print(table([(f"{k}/{args.split}", fmt(v)) for k, v in res.items()]
-                + [("problems", str(len(problems))), ("format", form)]))
+                + [("problems", str(len(prompts))), ("format", form)]))
     return 0
 
 

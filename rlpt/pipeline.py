@@ -33,9 +33,11 @@ from pydantic import Field, model_validator
 
 from rlpt.config import EvalConfig, ModelConfig, RunConfig, Section, SFTConfig, SFTJob, \
     TaskConfig, load_config
-from rlpt.gpt_mini.generate import SamplingParams, sample_texts
-from rlpt.gpt_mini.sft import evaluate, load_model, make_task, train_sft
-from rlpt.gpt_mini.task import verify
+from rlpt.framework.environment import ArithmeticEnv
+from rlpt.framework.evaluate import evaluate
+from rlpt.gpt_mini.model import load_model
+from rlpt.gpt_mini.task import make_task
+from rlpt.sft import train_sft
 from rlpt.gpt_mini.tokenizer import CharTokenizer
 from rlpt.preference.dpo import DPOConfig, DPOJob, PairsConfig, run_dpo
 from rlpt.report import figure
@@ -162,37 +164,26 @@ def run_pipeline(job: PipelineJob, resume: bool = False) -> tuple[Path, list[dic
     return root, rows
 
 
-@torch.no_grad()
-def sampled_accuracy(model, tok: CharTokenizer, problems, max_tokens: int, k: int, temperature: float,
-                     seed: int = 0, batch: int = 512) -> float:
-    """Mean reward of k samples per problem at `temperature`: the accuracy of the policy as RL samples it.
-    Greedy accuracy saturates near 1.0 while the sampled distribution still has errors that DPO and RL remove."""
-    g = torch.Generator().manual_seed(seed)   # its own generator: the same draws for every stage
-    sp = SamplingParams(max_tokens=max_tokens, temperature=temperature)
-    texts = sample_texts(model, tok, [p.prompt for p in problems], k, sp, g, batch)
-    return sum(verify(t, problems[i // k].gold) for i, t in enumerate(texts)) / len(texts)
-
-
 def evaluate_stages(job: PipelineJob, ckpts: dict[str, Path]) -> list[dict]:
     """Greedy (and sampled) accuracy of every stage's final checkpoint on the same two held-out sets."""
     tok = CharTokenizer()
-    train_dist = make_task(job.task).heldout_set(job.eval.size)
-    hard_task = make_task(job.task.model_copy(update={"min_operands": job.hard.operands,
-                                                      "max_operands": job.hard.operands}))
-    hard = hard_task.heldout_set(job.eval.size)
+    env = ArithmeticEnv(make_task(job.task), tokenizer=tok)
+    hard_env = ArithmeticEnv(make_task(job.task.model_copy(update={"min_operands": job.hard.operands,
+                                                                   "max_operands": job.hard.operands})), tokenizer=tok)
+    train_dist, hard = env.heldout(job.eval.size), hard_env.heldout(job.eval.size)
     # a 5-operand chain of thought is ~6 characters per operand: give the harder slice room to finish
-    hard_eval = job.eval.model_copy(update={"max_tokens": max(job.eval.max_tokens, 8 * job.hard.operands)})
+    hard_tokens = max(job.eval.max_tokens, 8 * job.hard.operands)
+    fe = job.final_eval
     rows = []
     for stage, ck in ckpts.items():
         model = load_model(ck, job.model, tok)
-        a = evaluate(model, tok, train_dist, job.eval)
-        h = evaluate(model, tok, hard, hard_eval)
+        a = evaluate(model, env, train_dist, job.eval.max_tokens, k=fe.samples, temperature=fe.temperature,
+                     seed=job.run.seed)
+        h = evaluate(model, hard_env, hard, hard_tokens)
         row = {"stage": stage, "checkpoint": str(ck), "acc/heldout": a["acc"], "acc/hard": h["acc"],
                "len/heldout": a["len"]}
-        fe = job.final_eval
-        if fe.samples:
-            row["acc/heldout_sampled"] = sampled_accuracy(model, tok, train_dist, job.eval.max_tokens, fe.samples,
-                                                          fe.temperature, seed=job.run.seed)
+        if fe.samples:   # the mean of k samples at T: what greedy accuracy near 1.0 no longer shows
+            row["acc/heldout_sampled"] = a["acc_sampled"]
         rows.append(row)
     return rows
 

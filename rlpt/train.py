@@ -23,16 +23,20 @@ import rlpt.envs  # noqa: F401 - registers the environments beyond arithmetic
 import rlpt.preference  # noqa: F401 - registers the reward_model env
 from rlpt.config import EvalConfig, ModelConfig, OptimConfig, RunConfig, Section, SFTConfig, \
     TaskConfig, load_config
-from rlpt.framework.agent_loop import MultiTurnRolloutEngine
+from rlpt.framework.agent_loop import MultiTurnRollout
 from rlpt.framework.algorithm import AlgorithmConfigError, make_algorithm
 from rlpt.framework.controller import Controller
 from rlpt.framework.environment import env_class, make_env
-from rlpt.framework.reference import ReferenceEngine
-from rlpt.framework.rollout import RolloutEngine
-from rlpt.framework.trainer import TrainerEngine
+from rlpt.framework.evaluate import evaluate
+from rlpt.framework.reference import Reference
+from rlpt.framework.rollout import Rollout
+from rlpt.framework.trainer import Trainer
 from rlpt.framework.weight_sync import WeightSyncer
 from rlpt.gpt_mini.generate import SamplingParams
-from rlpt.gpt_mini.sft import load_model, make_optimizer, make_task, train_sft
+from rlpt.gpt_mini.model import load_model
+from rlpt.optim import make_optimizer
+from rlpt.gpt_mini.task import make_task
+from rlpt.sft import train_sft
 from rlpt.gpt_mini.tokenizer import CharTokenizer
 from rlpt.loop import train_loop
 from rlpt.run import Run, finished_checkpoint, latest_checkpoint, load_state, load_weights, rng_state, set_rng_state
@@ -161,17 +165,17 @@ def build(job: TrainJob, init: Path):
     # an env that answers turns (`multi_turn`, e.g. the calculator) gets the agent loop; same interface
     multi = {"max_turns": job.rollout.max_turns, "turn_tokens": job.rollout.turn_tokens} \
         if getattr(env, "multi_turn", False) else {}
-    rollout = (MultiTurnRolloutEngine if multi else RolloutEngine)(
+    rollout = (MultiTurnRollout if multi else Rollout)(
         copy.deepcopy(policy), tok, job.rollout.prompts_per_step, sp, seed=job.run.seed,
         group_filter=getattr(algo, "group_filter", None), **multi)
     rollout.use_backend(job.rollout.backend)
-    reference = ReferenceEngine(policy, temperature=job.rollout.temperature,
+    reference = Reference(policy, temperature=job.rollout.temperature,
                                 scorers={"values": critic} if critic is not None else None)
     t = job.trainer
     total_opt_steps = job.steps * t.epochs * t.mini_batches
     trained = policy if critic is None else torch.nn.ModuleList([policy, critic])   # one optimizer for both
     opt, sched = make_optimizer(trained, t.optim, total_opt_steps)
-    trainer = TrainerEngine(policy, opt, sched, t.optim.grad_clip, t.micro_batch_size, t.mini_batches, t.epochs,
+    trainer = Trainer(policy, opt, sched, t.optim.grad_clip, t.micro_batch_size, t.mini_batches, t.epochs,
                             temperature=job.rollout.temperature, seed=job.run.seed, critic=critic)
     exact = job.rollout.top_p == 1.0 and job.rollout.top_k == 0   # else old_logp is from a truncated dist
     ctl = Controller(rollout, env, reference, algo, trainer, WeightSyncer(job.sync.every), job.rollout.k,
@@ -213,7 +217,9 @@ def run_train(job: TrainJob, resume: bool = False) -> tuple[Controller, Run, dic
         return run.save(step, ctl.trainer.model, meta, state, keep=job.keep_checkpoints)
 
     def eval_fn() -> dict:
-        ev = ctl.rollout.evaluate(ctl.env, heldout, model=ctl.trainer.model)
+        r = job.rollout   # greedy, on the trainer's weights, with the rollout's budget, sampler and turns
+        ev = evaluate(ctl.trainer.model, ctl.env, heldout, r.max_tokens, backend=r.backend, max_turns=r.max_turns,
+                      turn_tokens=r.turn_tokens)
         # acc/heldout is scored by the env's reward; acc/heldout_honest by its info["correct"] (they part
         # ways only under a hackable verifier such as `leaky`); tool/* when the env runs a tool
         named = {"acc_honest": "acc/heldout_honest", "tool_calls": "tool/calls_heldout",

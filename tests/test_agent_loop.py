@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from rlpt.envs.calculator import CalculatorArithmeticEnv, evaluate, tool_reply, ToolError
-from rlpt.framework.agent_loop import MultiTurnRolloutEngine
+from rlpt.framework.agent_loop import MultiTurnRollout
 from rlpt.framework.algorithm import make_algorithm
 from rlpt.framework.controller import Controller
 from rlpt.framework.environment import Prompt
-from rlpt.framework.reference import ReferenceEngine
-from rlpt.framework.trainer import TrainerEngine
+from rlpt.framework.reference import Reference
+from rlpt.framework.trainer import Trainer
 from rlpt.framework.trajectory import collate, per_token_logp
 from rlpt.framework.weight_sync import WeightSyncer
 from rlpt.gpt_mini.generate import SamplingParams
@@ -68,7 +68,7 @@ class FixedCalculator(CalculatorArithmeticEnv):
 
 def engine(script, **kw):
     sp = SamplingParams(max_tokens=kw.pop("max_tokens", 64), temperature=1.0)
-    return MultiTurnRolloutEngine(ScriptedModel(script), TOK, 1, sp, backend="simple", **kw)   # a test double: not the engine's
+    return MultiTurnRollout(ScriptedModel(script), TOK, 1, sp, backend="simple", **kw)   # a test double: not the engine's
 
 
 # -- the lesson-08 trajectory ------------------------------------------------------------------------
@@ -181,7 +181,7 @@ def tiny_gpt():
 def test_real_model_multiturn_step_with_logp_check():
     policy = tiny_gpt()
     sp = SamplingParams(max_tokens=20, temperature=1.0)
-    rollout = MultiTurnRolloutEngine(copy.deepcopy(policy), TOK, 3, sp, seed=0, max_turns=2, turn_tokens=6)
+    rollout = MultiTurnRollout(copy.deepcopy(policy), TOK, 3, sp, seed=0, max_turns=2, turn_tokens=6)
     env = ReplyOnceEnv(ArithmeticTask(max_operands=3), tokenizer=TOK)
     groups = rollout.generate(env, 4)
     trajs = [t for g in groups for t in g]
@@ -193,14 +193,15 @@ def test_real_model_multiturn_step_with_logp_check():
         lp = per_token_logp(rollout.model, b.input_ids)
     assert ((lp - b.old_logp).abs() * b.mask).max() < 1e-5
     opt = torch.optim.AdamW(policy.parameters(), lr=1e-2)
-    trainer = TrainerEngine(policy, opt, None, 1.0, 0, 1, 1, temperature=1.0)
+    trainer = Trainer(policy, opt, None, 1.0, 0, 1, 1, temperature=1.0)
     algo = make_algorithm({"name": "grpo"}, 4, 20)
-    ctl = Controller(rollout, env, ReferenceEngine(policy), algo, trainer, WeightSyncer(1), 4, TOK.pad_id)
+    ctl = Controller(rollout, env, Reference(policy), algo, trainer, WeightSyncer(1), 4, TOK.pad_id)
     for _ in range(2):
         m = ctl.step()      # raises LogpMismatchError if tool tokens leaked into the ratio check
     assert "reward/mean" in m
-    ev = rollout.evaluate(env, env.heldout(4))
-    assert 0 <= ev["acc"] <= 1 and ev["turns"] <= 2
+    from rlpt.framework.evaluate import evaluate
+    ev = evaluate(rollout.model, env, env.heldout(4), 20, max_turns=2, turn_tokens=6)
+    assert 0 <= ev["acc"] <= 1 and 1 <= ev["turns"] <= 2
 
 
 def test_train_job_accepts_calculator_and_picks_agent_loop():
@@ -223,7 +224,7 @@ def test_rlpt_train_runs_the_calculator_env(tmp_path):
     from rlpt.train import run_train
     ctl, run, final = run_train(job(tmp_path, "steps=2", "env.name=calculator", "rollout.max_turns=2",
                                     "rollout.turn_tokens=12", "eval.every=2"))
-    assert isinstance(ctl.rollout, MultiTurnRolloutEngine) and ctl.rollout.max_turns == 2
+    assert isinstance(ctl.rollout, MultiTurnRollout) and ctl.rollout.max_turns == 2
     assert "acc/heldout_final" in final
 
 
@@ -250,7 +251,7 @@ def tool_user(text):
 
 def test_tool_format_batch_masks_exactly_the_tool_reply():
     import rlpt.envs  # noqa: F401 - registers sft.format=tool
-    from rlpt.gpt_mini.sft import sft_batch
+    from rlpt.sft import sft_batch
     from rlpt.gpt_mini.task import Problem
     ids, mask = sft_batch([Problem((123, 456, 789)), Problem((3, 4))], "tool", TOK)
     assert TOK.decode(ids[0]) == "<123+456+789>c(123+456+789)#=1368#1368#" and ids.shape == (2, 13 + 26)
@@ -267,7 +268,7 @@ def test_tool_format_batch_masks_exactly_the_tool_reply():
 
 def test_tool_format_loss_ignores_logits_at_masked_positions():
     import rlpt.envs  # noqa: F401
-    from rlpt.gpt_mini.sft import sft_batch, sft_loss
+    from rlpt.sft import sft_batch, sft_loss
     from rlpt.gpt_mini.task import Problem
     ids, mask = sft_batch([Problem((123, 456, 789)), Problem((3, 4))], "tool", TOK)
     model = GPT(GPTConfig(vocab_size=TOK.vocab_size, n_layer=1, n_head=2, n_kv_head=2, d_model=16, d_ff=32,
@@ -296,24 +297,23 @@ def test_tool_format_loss_ignores_logits_at_masked_positions():
 
 
 def test_tool_format_heldout_eval_runs_the_calculator():
-    import rlpt.envs  # noqa: F401
-    from rlpt.config import EvalConfig
-    from rlpt.gpt_mini.sft import evaluate, evaluate_format
+    from rlpt.framework.evaluate import evaluate
     from rlpt.gpt_mini.task import Problem
+    from rlpt.sft import sft_env
     problems = [Problem((123, 456, 789)), Problem((3, 4)), Problem((905, 17))]
     model = PromptScriptedModel(tool_user, max_seq_len=96)
-    cfg = EvalConfig(max_tokens=64)
-    ev = evaluate_format(model, TOK, problems, cfg, "tool", pass_k=2)
+    tool_env = sft_env("tool", ArithmeticTask(), TOK)
+    ev = evaluate(model, tool_env, [tool_env._prompt(p) for p in problems], 64, k=2)
     assert ev["acc"] == 1.0 and ev["pass@2"] == 1.0 and ev["tool_calls"] == 1.0 and ev["tool_errors"] == 0.0
-    assert ev["turns"] == 2.0
+    assert ev["turns"] == 2.0 and ev["acc_sampled"] == 1.0
     # without the tool the same model's one decode is `c(3+4)#`: its last integer is an operand, never the sum
-    assert evaluate(model, TOK, problems, cfg)["acc"] == 0.0
-    assert evaluate_format(model, TOK, problems, cfg, "direct")["acc"] == 0.0
+    plain = sft_env("direct", ArithmeticTask(), TOK)
+    assert evaluate(model, plain, [plain._prompt(p) for p in problems], 64)["acc"] == 0.0
 
 
 def test_unknown_trace_format_names_the_key():
     from rlpt.config import ConfigError
-    from rlpt.gpt_mini.sft import trace_format
+    from rlpt.gpt_mini.task import trace_format
     with pytest.raises(ConfigError, match="sft.format='nope'"):
         trace_format("nope")
 
@@ -321,7 +321,7 @@ def test_unknown_trace_format_names_the_key():
 # -- an honest held-out metric next to a hackable reward (env `leaky`) ------------------------------------------
 def test_leaky_heldout_eval_reports_honest_accuracy():
     from rlpt.envs.leaky import LeakyArithmeticEnv
-    from rlpt.framework.rollout import RolloutEngine
+    from rlpt.framework.rollout import Rollout
     env = LeakyArithmeticEnv(ArithmeticTask(max_operands=2), tokenizer=TOK)
     prompts = env.heldout(6)
 
@@ -330,9 +330,8 @@ def test_leaky_heldout_eval_reports_honest_accuracy():
         want = f"{sum(map(int, prompt[1:].split('+')))} 0#"
         return want[len(r)] if len(r) < len(want) else "#"
 
-    rollout = RolloutEngine(PromptScriptedModel(soup), TOK, 1, SamplingParams(max_tokens=8, temperature=1.0),
-                            backend="simple")
-    ev = rollout.evaluate(env, prompts)
+    from rlpt.framework.evaluate import evaluate
+    ev = evaluate(PromptScriptedModel(soup), env, prompts, 8)
     assert ev["acc"] == 1.0 and ev["acc_honest"] == 0.0
 
 
@@ -351,7 +350,7 @@ def test_sft_tool_format_end_to_end_and_rlpt_eval_runs_the_tool(tiny_job, capsys
     import rlpt.envs  # noqa: F401
     from rlpt.cli import main
     from rlpt.config import ConfigError
-    from rlpt.gpt_mini.sft import train_sft
+    from rlpt.sft import train_sft
     with pytest.raises(ConfigError, match="eval.max_tokens=8"):     # TINY's 8 cannot hold `c(9+9+9+9)#=36#36#`
         train_sft(tiny_job("sft.format=tool", "sft.steps=4", "run.name=short"))
     assert not (Path(tiny_job().run.out_dir) / "short" / "metrics.jsonl").exists()     # before any step

@@ -15,14 +15,14 @@ from rlpt.config import ConfigError, ModelConfig
 from rlpt.framework.algorithm import ALGORITHMS, AlgorithmConfigError, make_algorithm
 from rlpt.framework.controller import Controller
 from rlpt.framework.environment import ArithmeticEnv, Verdict, register_env
-from rlpt.framework.reference import ReferenceEngine
-from rlpt.framework.rollout import GroupFilter, RolloutEngine
-from rlpt.framework.trainer import TrainerEngine
+from rlpt.framework.reference import Reference
+from rlpt.framework.rollout import GroupFilter, Rollout
+from rlpt.framework.trainer import Trainer
 from rlpt.framework.trajectory import Trajectory, collate
 from rlpt.framework.weight_sync import WeightSyncer
 from rlpt.gpt_mini.generate import SamplingParams
 from rlpt.gpt_mini.model import GPT, GPTConfig
-from rlpt.gpt_mini.sft import make_model
+from rlpt.gpt_mini.model import make_model
 from rlpt.gpt_mini.task import ArithmeticTask
 from rlpt.gpt_mini.tokenizer import CharTokenizer
 from rlpt.loop import _label
@@ -215,12 +215,12 @@ def roles(section, env=None, prompts=3, k=4, epochs=1, lr=1e-2):
     policy = tiny_model()
     a = make_algorithm(section, k, 6)
     critic = a.make_critic(policy) if hasattr(a, "make_critic") else None
-    rollout = RolloutEngine(copy.deepcopy(policy), TOK, prompts, SamplingParams(max_tokens=6),
+    rollout = Rollout(copy.deepcopy(policy), TOK, prompts, SamplingParams(max_tokens=6),
                             group_filter=getattr(a, "group_filter", None))
-    ref = ReferenceEngine(policy, scorers={"values": critic} if critic else None)
+    ref = Reference(policy, scorers={"values": critic} if critic else None)
     params = torch.nn.ModuleList([policy, critic]) if critic else policy
     opt = torch.optim.AdamW(params.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
-    trainer = TrainerEngine(policy, opt, None, 1.0, 0, 1, epochs, critic=critic)
+    trainer = Trainer(policy, opt, None, 1.0, 0, 1, epochs, critic=critic)
     env = env or ParityEnv(ArithmeticTask(max_operands=3), seed=0, tokenizer=TOK)
     return Controller(rollout, env, ref, a, trainer, WeightSyncer(1), k, TOK.pad_id)
 
@@ -332,7 +332,7 @@ def mixed(g):
     (4, 2.0, 1, 8, 4, 0),    # over-sampling 2×: one round does it
     (4, 3.0, 1, 12, 4, 0)])  # 12 drawn, 6 pass, surplus dropped
 def test_dynamic_sampling_refills_respects_cap_and_reports(max_draws, oversample, draws, drawn, kept, cap):
-    rollout = RolloutEngine(tiny_model(), TOK, 4, SamplingParams(max_tokens=4),
+    rollout = Rollout(tiny_model(), TOK, 4, SamplingParams(max_tokens=4),
                             group_filter=GroupFilter(mixed, max_draws=max_draws, oversample=oversample))
     groups = rollout.generate(KindEnv(), 4)
     s = rollout.stats

@@ -11,17 +11,18 @@ import torch
 from test_agent_loop import ReplyOnceEnv, tiny_gpt
 
 from rlpt.config import ConfigError, ModelConfig
-from rlpt.framework.agent_loop import MultiTurnRolloutEngine
+from rlpt.framework.agent_loop import MultiTurnRollout
 from rlpt.framework.algorithm import make_algorithm
 from rlpt.framework.controller import Controller
 from rlpt.framework.environment import ArithmeticEnv, Verdict
-from rlpt.framework.reference import ReferenceEngine
-from rlpt.framework.rollout import RolloutEngine
-from rlpt.framework.trainer import TrainerEngine
+from rlpt.framework.evaluate import evaluate
+from rlpt.framework.reference import Reference
+from rlpt.framework.rollout import Rollout
+from rlpt.framework.trainer import Trainer
 from rlpt.framework.trajectory import collate, per_token_logp
 from rlpt.framework.weight_sync import WeightSyncer
 from rlpt.gpt_mini.generate import SamplingParams
-from rlpt.gpt_mini.sft import make_model
+from rlpt.gpt_mini.model import make_model
 from rlpt.gpt_mini.task import ArithmeticTask
 from rlpt.gpt_mini.tokenizer import CharTokenizer
 from rlpt.run import save_checkpoint
@@ -48,27 +49,27 @@ def test_backends_agree_at_temperature_zero():
     prompts = [env.reset("train") for _ in range(12)]           # ragged lengths
     m = tiny_gpt()
     sp = SamplingParams(max_tokens=12, temperature=0.0)
-    simple = RolloutEngine(m, TOK, 4, sp, backend="simple")
-    eng = RolloutEngine(m, TOK, 4, sp, backend="engine")
+    simple = Rollout(m, TOK, 4, sp, backend="simple")
+    eng = Rollout(m, TOK, 4, sp, backend="engine")
     a = simple._sample([p.ids for p in prompts], sp)
     b = eng._sample([p.ids for p in prompts], sp)
     assert [s.tokens for s in a] == [s.tokens for s in b]
     assert [s.finish_reason for s in a] == [s.finish_reason for s in b]
     for x, y in zip(a, b):
         assert torch.allclose(torch.tensor(x.logps), torch.tensor(y.logps), atol=1e-5)
-    assert simple.evaluate(env, prompts) == eng.evaluate(env, prompts)
+    assert evaluate(m, env, prompts, 12, backend="simple") == evaluate(m, env, prompts, 12, backend="engine")
     with pytest.raises(ValueError, match="rollout.backend must be one of"):
-        RolloutEngine(m, TOK, 4, sp, backend="vllm")
+        Rollout(m, TOK, 4, sp, backend="vllm")
 
 
 def test_engine_backend_grpo_steps_pass_the_logp_check_and_see_weight_sync():
     policy = tiny_gpt()
     env = ParityEnv(ArithmeticTask(max_operands=3), seed=0, tokenizer=TOK)
-    rollout = RolloutEngine(copy.deepcopy(policy), TOK, 3, SamplingParams(max_tokens=8, temperature=1.0),
+    rollout = Rollout(copy.deepcopy(policy), TOK, 3, SamplingParams(max_tokens=8, temperature=1.0),
                             backend="engine")
     opt = torch.optim.AdamW(policy.parameters(), lr=1e-2, betas=(0.9, 0.95), weight_decay=0.0)
-    trainer = TrainerEngine(policy, opt, None, 1.0, 0, 1, 1, temperature=1.0)
-    ctl = Controller(rollout, env, ReferenceEngine(policy, temperature=1.0),
+    trainer = Trainer(policy, opt, None, 1.0, 0, 1, 1, temperature=1.0)
+    ctl = Controller(rollout, env, Reference(policy, temperature=1.0),
                      make_algorithm({"name": "grpo"}, 4, 8), trainer, WeightSyncer(1), 4, TOK.pad_id)
     llm = None
     for step in range(3):
@@ -88,17 +89,14 @@ def test_engine_backend_grpo_steps_pass_the_logp_check_and_see_weight_sync():
 
 
 def test_engine_backend_multi_turn_matches_simple_at_temperature_zero_and_passes_logp_check():
-    sp0 = SamplingParams(max_tokens=20, temperature=0.0)
     env = ReplyOnceEnv(ArithmeticTask(max_operands=3), tokenizer=TOK)
     prompts = env.heldout(6)
     got = {}
     for backend in ("simple", "engine"):
-        r = MultiTurnRolloutEngine(tiny_gpt(), TOK, 3, sp0, seed=0, max_turns=2, turn_tokens=6)
-        r.use_backend(backend)
-        got[backend] = r.evaluate(env, prompts)
+        got[backend] = evaluate(tiny_gpt(), env, prompts, 20, backend=backend, max_turns=2, turn_tokens=6)
     assert got["simple"] == got["engine"]
     policy = tiny_gpt()
-    rollout = MultiTurnRolloutEngine(copy.deepcopy(policy), TOK, 3, SamplingParams(max_tokens=20, temperature=1.0),
+    rollout = MultiTurnRollout(copy.deepcopy(policy), TOK, 3, SamplingParams(max_tokens=20, temperature=1.0),
                                      seed=0, max_turns=2, turn_tokens=6)
     rollout.use_backend("engine")
     trajs = [t for g in rollout.generate(env, 4) for t in g]
@@ -143,11 +141,11 @@ def test_rollout_backend_config_key():
 def test_the_engine_is_the_default_and_names_the_fix_for_models_it_cannot_serve():
     from rlpt.framework.rollout import backend_for
     sp = SamplingParams(max_tokens=4, temperature=1.0)
-    assert RolloutEngine(tiny_gpt(), TOK, 4, sp).backend == "engine"
+    assert Rollout(tiny_gpt(), TOK, 4, sp).backend == "engine"
 
     class NotGPT(torch.nn.Module):           # e.g. an HF policy: the simple sampler drives it, the engine cannot
         pass
-    other = RolloutEngine(NotGPT(), TOK, 1, sp)
+    other = Rollout(NotGPT(), TOK, 1, sp)
     with pytest.raises(ValueError, match="serves gpt_mini GPT models.*got NotGPT.*rollout.backend=simple"):
         other.generate(ArithmeticEnv(ArithmeticTask(max_operands=2), tokenizer=TOK), 2)
     assert backend_for(tiny_gpt()) == "engine" and backend_for(NotGPT()) == "simple"

@@ -10,9 +10,9 @@ import torch
 from rlpt.framework.algorithm import aggregate, kl_estimate, make_algorithm, AlgorithmConfigError
 from rlpt.framework.controller import Controller
 from rlpt.framework.environment import ArithmeticEnv, Prompt, Verdict, safe_verify
-from rlpt.framework.reference import ReferenceEngine
-from rlpt.framework.rollout import RolloutEngine
-from rlpt.framework.trainer import TrainerEngine
+from rlpt.framework.reference import Reference
+from rlpt.framework.rollout import Rollout
+from rlpt.framework.trainer import Trainer
 from rlpt.framework.trajectory import Trajectory, collate, per_token_logp
 from rlpt.framework.weight_sync import WeightSyncer
 from rlpt.gpt_mini.generate import SamplingParams, processed_logp
@@ -48,10 +48,10 @@ class ParityEnv(ArithmeticEnv):
 def roles(sync_every=1, epochs=1, mini_batches=1, lr=1e-2, temperature=1.0, k=4, prompts=3):
     policy = tiny_model()
     env = ParityEnv(ArithmeticTask(max_operands=3), seed=0, tokenizer=TOK)
-    rollout = RolloutEngine(copy.deepcopy(policy), TOK, prompts, SamplingParams(max_tokens=6, temperature=temperature))
-    ref = ReferenceEngine(policy, temperature=temperature)
+    rollout = Rollout(copy.deepcopy(policy), TOK, prompts, SamplingParams(max_tokens=6, temperature=temperature))
+    ref = Reference(policy, temperature=temperature)
     opt = torch.optim.AdamW(policy.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
-    trainer = TrainerEngine(policy, opt, None, 1.0, 0, mini_batches, epochs, temperature=temperature)
+    trainer = Trainer(policy, opt, None, 1.0, 0, mini_batches, epochs, temperature=temperature)
     algo = make_algorithm({"name": "grpo", "loss_agg": "token-mean"}, k, 6)
     return Controller(rollout, env, ref, algo, trainer, WeightSyncer(sync_every), k, TOK.pad_id)
 

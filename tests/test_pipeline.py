@@ -6,7 +6,7 @@ import torch
 
 from rlpt.cli import main
 from rlpt.config import ConfigError
-from rlpt.gpt_mini.sft import load_model
+from rlpt.gpt_mini.model import load_model
 from rlpt.pipeline import STAGES, load_pipeline_job, run_pipeline
 from rlpt.run import latest_checkpoint, load_state, read_checkpoint_meta
 

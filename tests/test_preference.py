@@ -12,7 +12,8 @@ import torch
 
 from rlpt.config import ConfigError, load_config
 from rlpt.framework.environment import make_env
-from rlpt.gpt_mini import sft
+from rlpt import sft
+from rlpt.optim import make_optimizer
 import rlpt.gpt_mini.generate
 from rlpt.gpt_mini.generate import Sample
 from rlpt.gpt_mini.model import GPT, GPTConfig
@@ -201,7 +202,7 @@ def test_reference_frozen_excluded_and_absent_for_simpo_orpo():
     ref = dpo.make_reference(policy, "dpo")
     assert ref is not policy and not ref.training
     assert all(not p.requires_grad for p in ref.parameters())
-    opt, _ = sft.make_optimizer(policy, dpo.DPOConfig().optim, 10)
+    opt, _ = make_optimizer(policy, dpo.DPOConfig().optim, 10)
     in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
     assert not in_opt & {id(p) for p in ref.parameters()}
     for a, b in zip(policy.parameters(), ref.parameters()):      # a deep copy: separate storage, same values

@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import save_file
 
 from rlpt.config import ModelConfig, SFTJob, load_config
-from rlpt.gpt_mini.sft import load_model, make_model, train_sft
+from rlpt.gpt_mini.model import load_model, make_model
+from rlpt.sft import train_sft
 from rlpt.gpt_mini.tokenizer import CharTokenizer
 from rlpt.run import (CheckpointError, Run, latest_checkpoint, load_state, load_weights, read_checkpoint_meta,
                       resolve_checkpoint)

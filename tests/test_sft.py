@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlpt.gpt_mini import sft
+from rlpt import sft
+from rlpt.gpt_mini.model import load_model, make_model
+from rlpt.optim import make_optimizer
 from rlpt.cli import main
 from rlpt.config import OptimConfig, SFTJob, load_config
 from rlpt.gpt_mini.task import Problem
@@ -37,7 +39,7 @@ def test_sft_batch_fixture():
 def test_sft_loss_is_masked_mean_nll():
     tok = CharTokenizer()
     torch.manual_seed(0)
-    model = sft.make_model(load_config(SFTJob, None, ["model.n_layer=1", "model.d_model=16", "model.n_head=2",
+    model = make_model(load_config(SFTJob, None, ["model.n_layer=1", "model.d_model=16", "model.n_head=2",
                                                       "model.n_kv_head=2", "model.d_ff=32"]).model, tok)
     ids, mask = sft.sft_batch([Problem((3, 4)), Problem((12, 5, 9))], "direct", tok)
     logp = torch.log_softmax(model(ids), -1)
@@ -49,7 +51,7 @@ def test_sft_loss_is_masked_mean_nll():
 def test_lr_schedule():
     model = torch.nn.Linear(2, 2)
     cfg = OptimConfig(lr=1.0, warmup_steps=2, min_lr_ratio=0.1, schedule="cosine")
-    opt, sched = sft.make_optimizer(model, cfg, total_steps=10)
+    opt, sched = make_optimizer(model, cfg, total_steps=10)
     lrs = []
     for _ in range(10):
         lrs.append(sched.get_last_lr()[0])
@@ -59,9 +61,9 @@ def test_lr_schedule():
     want = [1 / 3, 2 / 3] + [0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (s - 2) / 8)) for s in range(2, 11)]
     assert lrs == pytest.approx(want, abs=1e-12)
     assert lrs[2] == pytest.approx(1.0) and lrs[6] == pytest.approx(0.55) and lrs[10] == pytest.approx(0.1)
-    _, lin = sft.make_optimizer(model, cfg.model_copy(update={"schedule": "linear"}), 10)
+    _, lin = make_optimizer(model, cfg.model_copy(update={"schedule": "linear"}), 10)
     assert [lin.lr_lambdas[0](s) for s in (0, 2, 6, 10)] == pytest.approx([1 / 3, 1.0, 0.55, 0.1])
-    _, const = sft.make_optimizer(model, cfg.model_copy(update={"schedule": "constant"}), 10)
+    _, const = make_optimizer(model, cfg.model_copy(update={"schedule": "constant"}), 10)
     assert [const.lr_lambdas[0](s) for s in (0, 1, 2, 9)] == pytest.approx([1 / 3, 2 / 3, 1.0, 1.0])
 
 
@@ -134,7 +136,7 @@ def test_resume_after_ctrl_c_is_bit_identical(straight, tiny_job, monkeypatch):
     assert (ck / "latest").read_text() == "step_00000006"          # saved at the step boundary
     assert sorted(p.name for p in ck.glob("step_*")) == ["step_00000004", "step_00000006"]
     assert signal.getsignal(signal.SIGINT) is handler              # Ctrl-C works normally again
-    _assert_same(sft.load_model(ck / "step_00000004"), sft.load_model(run_a.ckpt_dir / "step_00000004"))
+    _assert_same(load_model(ck / "step_00000004"), load_model(run_a.ckpt_dir / "step_00000004"))
     monkeypatch.undo()
     model_b, run_b, final_b = sft.train_sft(job, resume=True)
     _assert_same(model_a, model_b)

@@ -76,7 +76,7 @@ class PPO:
         for t in trajs:
             if "values" not in t.extra:
                 raise ValueError("ppo needs V_old on every trajectory: attach its critic to the reference "
-                                 "(ReferenceEngine(scorers={'values': critic}), as rlpt.train.build does)")
+                                 "(Reference(scorers={'values': critic}), as rlpt.train.build does)")
             policy = t.response_mask.nonzero().squeeze(-1)              # positions the policy chose
             adv, ret = torch.zeros(len(t.response_ids)), torch.zeros(len(t.response_ids))
             if len(policy):

@@ -148,7 +148,8 @@ def final_samples(job, n: int = 6) -> list[tuple[str, str]]:
     import rlpt.envs  # noqa: F401
     from rlpt.framework.environment import make_env
     from rlpt.gpt_mini.generate import SamplingParams, generate
-    from rlpt.gpt_mini.sft import load_model, make_task
+    from rlpt.gpt_mini.model import load_model
+    from rlpt.gpt_mini.task import make_task
     from rlpt.gpt_mini.tokenizer import CharTokenizer
     tok = CharTokenizer()
     model = load_model(Path(job.run.out_dir) / job.run.name)

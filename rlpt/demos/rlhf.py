@@ -39,7 +39,10 @@ from rlpt.config import (
     load_config,
 )
 from rlpt.gpt_mini.generate import SamplingParams, generate
-from rlpt.gpt_mini.sft import make_model, make_optimizer, make_task, sft_batch, sft_loss
+from rlpt.gpt_mini.model import make_model
+from rlpt.optim import make_optimizer
+from rlpt.gpt_mini.task import make_task
+from rlpt.sft import sft_batch, sft_loss
 from rlpt.gpt_mini.tokenizer import CharTokenizer
 from rlpt.report import figure
 from rlpt.preference.reward_model import (

@@ -39,15 +39,16 @@ def where_it_fails(job, checkpoint: Path) -> dict:
     """Greedy held-out episodes of a tool model, split by what went wrong: the call's operands (a bad copy of
     the prompt), or the final answer (a bad copy of the tool's reply)."""
     import rlpt.envs  # noqa: F401
-    from rlpt.framework.agent_loop import MultiTurnRolloutEngine
+    from rlpt.framework.agent_loop import MultiTurnRollout
     from rlpt.framework.environment import make_env
     from rlpt.gpt_mini.generate import SamplingParams
-    from rlpt.gpt_mini.sft import load_model, make_task
+    from rlpt.gpt_mini.model import load_model
+    from rlpt.gpt_mini.task import make_task
     from rlpt.gpt_mini.tokenizer import CharTokenizer
     tok = CharTokenizer()
     env = make_env(job.env.name, task=make_task(job.task), tokenizer=tok)
     greedy = SamplingParams(max_tokens=job.rollout.max_tokens, temperature=0.0)
-    eng = MultiTurnRolloutEngine(load_model(checkpoint), tok, 1, greedy, max_turns=job.rollout.max_turns,
+    eng = MultiTurnRollout(load_model(checkpoint), tok, 1, greedy, max_turns=job.rollout.max_turns,
                                  turn_tokens=job.rollout.turn_tokens)
     eps = [eng._start(env, q, i) for i, q in enumerate(env.heldout(job.eval.size))]
     eng.run_episodes(env, eps, greedy)

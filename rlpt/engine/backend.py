@@ -35,7 +35,7 @@ class EngineBackend:
             if not serves(model):
                 raise ValueError(f"rollout.backend='engine' serves gpt_mini GPT models (rlpt.gpt_mini.model.GPT), got "
                                  f"{type(model).__name__}: convert a HF Llama with rlpt.models.hf.hf_to_gpt_mini, or "
-                                 f"sample with rollout.backend=simple (RolloutEngine(..., backend='simple'))")
+                                 f"sample with rollout.backend=simple (Rollout(..., backend='simple'))")
             llm = self._engines[model] = LLM(model, **self.llm_kwargs)
         return llm
 

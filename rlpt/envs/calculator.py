@@ -16,23 +16,15 @@ never `eval`. `/` is floor division (Python's `//`).
 
 Importing this module registers the SFT format `tool` (`rlpt sft sft.format=tool`): demonstrations
 `c(123+456+789)#` `=1368#` `1368#` (`sft_tool_trace`) with the tool's reply masked out of the loss,
-evaluated by `tool_heldout_eval`, which runs the calculator in the agent loop (a tool-using model
-answers nothing without its tool).
+evaluated with this env (`rlpt.framework.evaluate` runs the calculator in the agent loop: a tool-using
+model answers nothing without its tool).
 """
 from __future__ import annotations
 
 import re
-from dataclasses import replace
-
-import torch
-
 from rlpt.config import ConfigError
-from rlpt.framework.agent_loop import MultiTurnRolloutEngine
 from rlpt.framework.environment import ArithmeticEnv, Prompt, Verdict, register_env
-from rlpt.framework.rollout import backend_for
-from rlpt.gpt_mini.generate import SamplingParams
-from rlpt.gpt_mini.sft import register_trace_format
-from rlpt.gpt_mini.task import Problem, verify
+from rlpt.gpt_mini.task import Problem, TraceFormat, register_trace_format, verify
 from rlpt.gpt_mini.tokenizer import EOS
 
 MAX_EXPR_CHARS = 80
@@ -193,35 +185,12 @@ def sft_tool_trace(p: Problem) -> tuple[str, list[float]]:
     return tool_use_trace(p.operands, preamble="", answer_prefix="")
 
 
-EVAL_MAX_TURNS = 4   # the agent loop's turns in SFT / `rlpt eval` (rlpt train uses rollout.max_turns)
-
-
-def check_eval_budget(problems: list[Problem], cfg) -> None:
+def check_eval_budget(problems: list[Problem], max_tokens: int) -> None:
     """eval.max_tokens must hold the longest tool-use answer (tool output included), or every eval scores 0."""
     longest = max((len(sft_tool_trace(p)[0]) for p in problems), default=0)
-    if cfg.max_tokens < longest:
-        raise ConfigError(f"eval.max_tokens={cfg.max_tokens} is shorter than a tool-use answer to these problems "
+    if max_tokens < longest:
+        raise ConfigError(f"eval.max_tokens={max_tokens} is shorter than a tool-use answer to these problems "
                           f"({longest} tokens, tool output included): raise eval.max_tokens to at least {longest}")
 
 
-@torch.no_grad()
-def tool_heldout_eval(model, tok, problems: list[Problem], cfg, pass_k: int = 0, seed: int = 0) -> dict:
-    """Greedy accuracy of a tool-using model with the calculator answering its calls (agent loop, at most
-    EVAL_MAX_TURNS turns and `eval.max_tokens` response tokens, tool output included), tool calls and
-    errors per response, and pass@k from k samples at temperature 1 when pass_k > 0."""
-    check_eval_budget(problems, cfg)
-    env = CalculatorArithmeticEnv(tokenizer=tok)
-    prompts = [env._prompt(p) for p in problems]
-    sp = SamplingParams(max_tokens=cfg.max_tokens, temperature=0.0)
-    eng = MultiTurnRolloutEngine(model, tok, 1, sp, max_turns=EVAL_MAX_TURNS, backend=backend_for(model))
-    out = eng.evaluate(env, prompts)
-    if pass_k > 0:
-        g = torch.Generator().manual_seed(seed)   # own generator: eval never perturbs training RNG
-        eps = [eng._start(env, p, i) for i, p in enumerate(prompts) for _ in range(pass_k)]
-        eng.run_episodes(env, eps, replace(sp, temperature=1.0), g)
-        hits = [e.reward > 0 for e in eps]
-        out[f"pass@{pass_k}"] = sum(max(hits[j * pass_k:(j + 1) * pass_k]) for j in range(len(prompts))) / len(prompts)
-    return out
-
-
-register_trace_format("tool", sft_tool_trace, tool_heldout_eval, check_eval_budget)
+register_trace_format("tool", TraceFormat(sft_tool_trace, env="calculator", check=check_eval_budget))

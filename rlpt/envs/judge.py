@@ -70,7 +70,7 @@ class JudgeEnv(ArithmeticEnv):
             if judge_path is None:
                 raise ValueError("env 'judge' needs a judge model: set env.model_path=<an SFT checkpoint> "
                                  "(or JudgeEnv(judge_model=...) / judge_path= in code)")
-            from rlpt.gpt_mini.sft import load_model
+            from rlpt.gpt_mini.model import load_model
             judge_model = load_model(judge_path)
         self.judge = LogLikelihoodJudge(judge_model, self.tokenizer, margin)
         self.order_rng = random.Random(seed + 1)

@@ -16,7 +16,7 @@ per-turn tokens, total tokens (`sampling.max_tokens`, tool tokens included), con
 without a final answer gets reward 0 and still valid masks (trap 5); `finish_reason` says which.
 
 Each turn decodes all K×B still-running contexts in one batch. Same `generate(env, K)` interface and
-group filter as `RolloutEngine`; `rlpt.train` picks this engine when the env says `multi_turn`.
+group filter as `Rollout`; `rlpt.train` picks this engine when the env says `multi_turn`.
 """
 from __future__ import annotations
 
@@ -26,8 +26,8 @@ from typing import Any, Protocol
 
 import torch
 
-from rlpt.framework.environment import Prompt
-from rlpt.framework.rollout import RolloutEngine
+from rlpt.framework.environment import Prompt, Verdict
+from rlpt.framework.rollout import Rollout
 from rlpt.framework.trajectory import Trajectory
 from rlpt.gpt_mini.generate import SamplingParams
 
@@ -87,7 +87,7 @@ def safe_step(env, text: str, state: dict) -> tuple[str, float, bool, dict]:
         return "", 0.0, True, {"verify_error": f"{type(e).__name__}: {e}", "correct": False}
 
 
-class MultiTurnRolloutEngine(RolloutEngine):
+class MultiTurnRollout(Rollout):
     def __init__(self, model, tokenizer, prompts_per_step: int, sampling: SamplingParams, seed: int = 0,
                  batch_limit: int = 512, group_filter=None, max_turns: int = 4, turn_tokens: int = 0,
                  backend: str = "engine"):
@@ -163,14 +163,14 @@ class MultiTurnRolloutEngine(RolloutEngine):
                                 "text": self.tokenizer.decode(e.response), "prompt": e.prompt.text})
 
     @torch.no_grad()
-    def evaluate(self, env, prompts: list[Prompt], model=None) -> dict:
-        """Greedy multi-turn accuracy on `prompts`."""
-        sp = replace(self.sampling, temperature=0.0)
+    def answer(self, env, prompts: list[Prompt], sp: SamplingParams, generator=None) -> list[Verdict]:
+        """One multi-turn episode per prompt, as verdicts: reward, the env's info, and `len` (response tokens,
+        tool output included), `turns`, and the tool's `tool_calls` / `tool_errors` where the env counts them."""
         eps = [self._start(env, p, i) for i, p in enumerate(prompts)]
-        self.run_episodes(env, eps, sp, model=model)
-        return {"acc": sum(e.reward > 0 for e in eps) / len(eps),
-                "len": sum(len(e.response) for e in eps) / len(eps),
-                "turns": sum(e.turns for e in eps) / len(eps), **episode_stats(eps)}
+        self.run_episodes(env, eps, sp, generator)
+        return [Verdict(e.reward, {**e.info, "len": len(e.response), "turns": e.turns,
+                                   **{k: e.state[k] for k in ("tool_calls", "tool_errors") if k in e.state}})
+                for e in eps]
 
 
 def episode_stats(eps: list[Episode]) -> dict:

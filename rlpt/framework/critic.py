@@ -15,7 +15,7 @@ Two layouts, one class:
             parameters stay the policy's, counted, clipped and checkpointed once.
 
 Who uses it: the algorithm builds it (`make_critic(policy)`); the reference side records V_old
-on every trajectory before the update (`ReferenceEngine(scorers={"values": critic})`); the trainer
+on every trajectory before the update (`Reference(scorers={"values": critic})`); the trainer
 optimises it and passes its fresh values to the loss as `values=`. The head starts at zero
 (V ≡ 0: the first advantages are the plain returns) and uses no randomness, so building a critic
 leaves every RNG untouched.

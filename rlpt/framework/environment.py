@@ -3,7 +3,7 @@
     prompt = env.reset(split)                      # a prompt with its gold data
     verdict = env.verify(prompt, response_text)    # reward (float) + info (dict)
 
-The verifier *is* the task (lesson 18): the rollout engine calls it right after sampling, and the
+The verifier *is* the task (lesson 18): the rollout calls it right after sampling, and the
 controller never sees how a reward was computed. `safe_verify` turns a verifier that raises on
 one response into reward 0 with the reason recorded, so one bad response cannot kill a batch.
 

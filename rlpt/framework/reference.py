@@ -23,7 +23,7 @@ import torch
 from rlpt.framework.trajectory import Trajectory, collate, per_token_logp, response_slice
 
 
-class ReferenceEngine:
+class Reference:
     def __init__(self, model: torch.nn.Module, temperature: float = 1.0, micro_batch_size: int = 256,
                  scorers: dict[str, Callable[[torch.Tensor], torch.Tensor]] | None = None):
         self.model = copy.deepcopy(model)

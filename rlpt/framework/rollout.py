@@ -45,7 +45,7 @@ import torch
 
 from rlpt.engine.backend import EngineBackend
 from rlpt.engine.llm import serves
-from rlpt.framework.environment import Prompt, safe_verify
+from rlpt.framework.environment import Prompt, Verdict, safe_verify
 from rlpt.framework.trajectory import Trajectory
 from rlpt.gpt_mini.generate import SamplingParams, generate
 
@@ -71,7 +71,7 @@ class GroupFilter:
                              f"got {self.max_draws} and {self.oversample}")
 
 
-class RolloutEngine:
+class Rollout:
     def __init__(self, model, tokenizer, prompts_per_step: int, sampling: SamplingParams, seed: int = 0,
                  batch_limit: int = 512, group_filter: GroupFilter | None = None, backend: str = "engine"):
         self.model = model
@@ -148,18 +148,12 @@ class RolloutEngine:
                                 "text": text, "prompt": prompt.text, **verdict.info})
 
     @torch.no_grad()
-    def evaluate(self, env, prompts: list[Prompt], model=None) -> dict:
-        """Greedy accuracy on `prompts` (held-out) of `model` (default: the rollout's weights): `acc` by the
-        env's reward, and `acc_honest` by `info["correct"]` when the env reports it. The two differ only for
-        a verifier whose reward is not its correctness check (e.g. `leaky`, where `acc` is hackable)."""
-        sp = SamplingParams(max_tokens=self.sampling.max_tokens, temperature=0.0)
-        samples = self._sample([p.ids for p in prompts], sp, model=model)
-        verdicts = [safe_verify(env, p, self.tokenizer.decode(s.tokens)) for p, s in zip(prompts, samples)]
-        out = {"acc": sum(v.reward > 0 for v in verdicts) / len(prompts),
-               "len": sum(len(s.tokens) for s in samples) / len(prompts)}
-        if all("correct" in v.info for v in verdicts):
-            out["acc_honest"] = sum(bool(v.info["correct"]) for v in verdicts) / len(prompts)
-        return out
+    def answer(self, env, prompts: list[Prompt], sp: SamplingParams, generator=None) -> list[Verdict]:
+        """One response per prompt, verified: the env's verdict with `info["len"]` (response tokens) added.
+        What `rlpt.framework.evaluate` scores; the training path is `generate`."""
+        samples = self._sample([p.ids for p in prompts], sp, generator)
+        return [_with_len(safe_verify(env, p, self.tokenizer.decode(s.tokens)), len(s.tokens))
+                for p, s in zip(prompts, samples)]
 
     def state_dict(self) -> dict:
         return {"generator": self.generator.get_state(), "version": self.version,
@@ -169,3 +163,7 @@ class RolloutEngine:
         self.generator.set_state(state["generator"])
         self.version = state["version"]
         self.model.load_state_dict(state["model"])
+
+
+def _with_len(v: Verdict, n: int) -> Verdict:
+    return Verdict(v.reward, {**v.info, "len": n})

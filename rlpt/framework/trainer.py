@@ -58,7 +58,7 @@ def _mean_over_steps(steps: list[dict]) -> dict:
     return out
 
 
-class TrainerEngine:
+class Trainer:
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, grad_clip: float = 1.0,
                  micro_batch_size: int = 0, mini_batches: int = 1, epochs: int = 1, temperature: float = 1.0,
                  seed: int = 0, critic: torch.nn.Module | None = None):

@@ -1,4 +1,4 @@
-"""Weight sync: push the trainer's fresh weights into the rollout engine's copy.
+"""Weight sync: push the trainer's fresh weights into the rollout's copy.
 
     every `every` train steps:  for each tensor  p_rollout.copy_(p_trainer);  rollout.version = trainer.version
 

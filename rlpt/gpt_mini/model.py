@@ -214,3 +214,33 @@ class GPT(nn.Module):
         if cache is not None:
             cache.pos += T
         return self.lm_head(self.norm(x))
+
+
+# -- building and loading (floor 0's config and checkpoints; the model's own shape checks) ----------
+def make_model(cfg, tok) -> GPT:
+    """A freshly initialised gpt_mini of `cfg` (rlpt.config.ModelConfig); vocab_size from the tokenizer."""
+    return GPT(GPTConfig(vocab_size=tok.vocab_size, **cfg.model_dump()))
+
+
+def load_model(path, expect=None, tok=None) -> GPT:
+    """Build gpt_mini from a checkpoint's stored config (a checkpoint or run folder) and load its weights.
+
+    With `expect` (a ModelConfig), a config whose shape differs from the checkpoint's is an error naming the keys.
+    """
+    from rlpt.gpt_mini.tokenizer import CharTokenizer
+    from rlpt.run import CheckpointError, load_weights, read_checkpoint_meta, resolve_checkpoint
+    path = resolve_checkpoint(path)
+    meta = read_checkpoint_meta(path)
+    if expect is not None:
+        want = GPTConfig(vocab_size=(tok or CharTokenizer()).vocab_size, **expect.model_dump()).to_dict()
+        diff = [f"model.{k}: checkpoint {meta.get(k)!r} vs config {v!r}" for k, v in want.items() if meta.get(k) != v]
+        if diff:
+            raise CheckpointError(f"checkpoint {str(path)!r} was trained with a different model than the config "
+                                  f"describes ({'; '.join(diff)}). Set those keys to the checkpoint's values "
+                                  "or start from a matching checkpoint.")
+    try:
+        model = GPT(GPTConfig(**meta))
+    except TypeError as e:
+        raise CheckpointError(f"checkpoint {str(path)!r} stores an unknown model config: {e}") from None
+    load_weights(path, model)
+    return model

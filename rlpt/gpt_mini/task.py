@@ -14,8 +14,10 @@ from __future__ import annotations
 import hashlib
 import random
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
+from rlpt.config import ConfigError
 from rlpt.gpt_mini.tokenizer import EOS
 
 _INT = re.compile(r"\d+")
@@ -115,3 +117,44 @@ class ArithmeticTask:
                 seen.add(p)
                 out.append(p)
         return out
+
+
+def make_task(cfg) -> ArithmeticTask:
+    """The task a `TaskConfig` (rlpt.config) describes."""
+    return ArithmeticTask(**cfg.model_dump())
+
+
+# -- response formats beyond 'direct' and 'cot' (registered from above, like envs) -------------------
+@dataclass(frozen=True)
+class TraceFormat:
+    """A demonstration format whose response carries a per-character loss mask (0 = text the policy does
+    not produce, e.g. a tool's reply). `env` names the environment that answers the model at evaluation
+    (the calculator for 'tool': a tool-using model answers nothing without its tool); `check(problems,
+    max_tokens)` raises a ConfigError before training when that evaluation could not work."""
+    trace: Callable[[Problem], tuple[str, list[float]]]
+    env: str
+    check: Callable[[list[Problem], int], None] | None = None
+
+
+TRACE_FORMATS: dict[str, TraceFormat] = {}
+PLAIN_FORMATS = ("direct", "cot")
+
+
+def register_trace_format(name: str, fmt: TraceFormat) -> None:
+    TRACE_FORMATS[name] = fmt
+
+
+def trace_format(fmt: str) -> TraceFormat | None:
+    """None for the plain formats ('direct', 'cot'); else the registered format, or a ConfigError naming the key."""
+    if fmt in PLAIN_FORMATS:
+        return None
+    if fmt not in TRACE_FORMATS:
+        raise ConfigError(f"sft.format={fmt!r} is not registered (known: 'direct', 'cot', {sorted(TRACE_FORMATS)}); "
+                         "trace formats such as 'tool' are registered by importing rlpt.envs")
+    return TRACE_FORMATS[fmt]
+
+
+def demonstration(p: Problem, fmt: str) -> tuple[str, list[float] | None]:
+    """The SFT target for `p` in format `fmt`: (response text, per-character mask or None = all ones)."""
+    tf = trace_format(fmt)
+    return tf.trace(p) if tf else (p.response(fmt), None)

@@ -47,7 +47,11 @@ from rlpt.config import (
     TaskConfig,
 )
 from rlpt.framework.trajectory import per_token_logp
-from rlpt.gpt_mini.sft import evaluate, load_model, make_optimizer, make_task
+from rlpt.framework.environment import ArithmeticEnv
+from rlpt.framework.evaluate import evaluate
+from rlpt.gpt_mini.model import load_model
+from rlpt.optim import make_optimizer
+from rlpt.gpt_mini.task import make_task
 from rlpt.gpt_mini.tokenizer import CharTokenizer
 from rlpt.loop import train_loop
 from rlpt.preference.data import (
@@ -296,7 +300,8 @@ def run_dpo(job: DPOJob, resume: bool = False) -> tuple[torch.nn.Module, Run, di
     torch.manual_seed(job.run.seed)
     policy = load_model(job.init_from, job.model, tok)
     reference = make_reference(policy, cfg.method)          # from init_from, before any resume
-    heldout = task.heldout_set(job.eval.size)
+    env = ArithmeticEnv(task, tokenizer=tok)
+    heldout = env.heldout(job.eval.size)
     ckpt = run.latest_checkpoint() if resume else None
     if resume and ckpt is None:
         print(f"[rlpt] --resume: no checkpoint in {run.dir}, starting from step 0")
@@ -332,7 +337,7 @@ def run_dpo(job: DPOJob, resume: bool = False) -> tuple[torch.nn.Module, Run, di
         return {**{k: float(v) for k, v in metrics.items()}, "grad/norm": gn.item(), "lr": sched.get_last_lr()[0]}
 
     def eval_fn() -> dict:
-        ev = evaluate(policy, tok, heldout, job.eval)
+        ev = evaluate(policy, env, heldout, job.eval.max_tokens)
         return {"acc/heldout": ev["acc"], "response/len_mean": ev["len"]}
 
     if start == 0:

@@ -263,7 +263,8 @@ def train_rm(job: RMJob, resume: bool = False) -> tuple[RewardModel, Run, dict]:
     if not job.init_from:
         raise ConfigError("init_from is required for rlpt rm: set init_from=<an SFT checkpoint or run folder> "
                           "(it samples the pairs and initialises the RM's trunk)")
-    from rlpt.gpt_mini.sft import load_model, make_optimizer
+    from rlpt.gpt_mini.model import load_model
+    from rlpt.optim import make_optimizer
     if job.run.threads:
         torch.set_num_threads(job.run.threads)
     tok, cfg = CharTokenizer(), job.rm
