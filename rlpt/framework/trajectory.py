@@ -85,6 +85,32 @@ class Batch:
         return [self.select(part, renormalize=True) for part in perm.chunk(n) if len(part)]
 
 
+def pad_sequences(prompts: list[list[int]], responses: list[list[int]], pad_id: int,
+                  masks: list | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """prompt + response rows -> input_ids (B, T) right-padded, and mask (B, T-1) over the response.
+
+    The one place the response-local → full-sequence shift happens: response token i of a row with a
+    P-token prompt sits at position P+i, so it is predicted at column P+i-1 of a (B, T-1) tensor. `masks`
+    (per row: a tensor or list of length R, or None for all ones) lets a row weigh its response tokens,
+    e.g. 0 on a tool's reply. Every job that pads sequences (collate, SFT, preference pairs, the reward
+    model, the judge) calls this.
+    """
+    if not prompts:
+        raise ValueError("pad_sequences() got no rows")
+    B = len(prompts)
+    T = max(len(p) + len(r) for p, r in zip(prompts, responses))
+    ids = torch.full((B, T), pad_id, dtype=torch.long)
+    mask = torch.zeros(B, T - 1)
+    for b, (p, r) in enumerate(zip(prompts, responses)):
+        P, R = len(p), len(r)
+        ids[b, :P + R] = torch.tensor(list(p) + list(r), dtype=torch.long)
+        m = masks[b] if masks is not None else None
+        if m is not None and len(m) != R:
+            raise ValueError(f"row {b}: a response mask of {len(m)} entries for {R} response tokens")
+        mask[b, P - 1:P - 1 + R] = 1.0 if m is None else torch.as_tensor(m, dtype=torch.float32)
+    return ids, mask
+
+
 def collate(trajs: list[Trajectory], pad_id: int) -> Batch:
     """Response-local trajectories -> one padded full-sequence Batch aligned to (B, T-1)."""
     if not trajs:
