@@ -85,7 +85,7 @@ def test_lesson08_example_mask():
     assert t.old_logp[30:36].tolist() == [0.0] * 6
     assert (t.old_logp[t.response_mask == 1] < 0).all()          # real sampling log-probs elsewhere
     assert t.reward == 1.0 and t.info["turns"] == 2 and t.info["tool_calls"] == 1
-    assert t.info["finish_reason"] == "stop" and t.info["tool_tokens"] == 6
+    assert t.finish_reason == "stop" and t.info["tool_tokens"] == 6
     b = collate([t], TOK.pad_id)
     assert b.agg_tokens == 49.0
     assert b.mask[0, 12:12 + 55].tolist() == t.response_mask.tolist()   # response token i at column P+i-1
@@ -145,7 +145,7 @@ def test_calculator_env_step():
 # -- budgets -------------------------------------------------------------------------------------------------
 def test_max_turns_gives_reward_zero_and_valid_masks():
     t = engine(always_call, max_turns=3).generate(FixedCalculator(tokenizer=TOK), 2)[0][0]
-    assert t.info["turns"] == 3 and t.info["finish_reason"] == "max_turns" and t.reward == 0.0
+    assert t.info["turns"] == 3 and t.finish_reason == "max_turns" and t.reward == 0.0
     assert t.info["text"] == "c(1+1)#=2#" * 2 + "c(1+1)#=2#"
     assert t.response_mask.tolist() == ([1.0] * 7 + [0.0] * 3) * 3
     assert t.old_logp[t.response_mask == 0].abs().sum() == 0
@@ -153,10 +153,10 @@ def test_max_turns_gives_reward_zero_and_valid_masks():
 
 def test_turn_budget_and_total_budget():
     t = engine(lambda r: "a", max_turns=3, turn_tokens=5).generate(FixedCalculator(tokenizer=TOK), 1)[0][0]
-    assert (t.info["text"], t.info["finish_reason"], t.info["turns"], t.reward) == ("aaaaa", "length", 1, 0.0)
+    assert (t.info["text"], t.finish_reason, t.info["turns"], t.reward) == ("aaaaa", "length", 1, 0.0)
     assert t.response_mask.tolist() == [1.0] * 5
     t = engine(always_call, max_turns=10, max_tokens=25).generate(FixedCalculator(tokenizer=TOK), 1)[0][0]
-    assert t.info["finish_reason"] == "length" and t.reward == 0.0
+    assert t.finish_reason == "length" and t.reward == 0.0
     assert len(t.response_ids) <= 25 and t.info["turns"] == 3    # 10 + 10 + 5 sampled
     assert t.response_mask.sum() == 7 + 7 + 5 and len(t.response_mask) == len(t.old_logp) == len(t.response_ids)
 

@@ -50,7 +50,7 @@ def group(rewards, lengths=None):
 def advs(name, rewards, **kw):
     g = group(rewards)
     algo(name, k=len(rewards), **kw).compute_advantages([g])
-    return [t.advantage for t in g], g[0].info["degenerate"]
+    return [t.advantage for t in g], g[0].degenerate
 
 
 # -- advantages (spec §14.1, §14.2) --------------------------------------------------------------------
@@ -175,7 +175,7 @@ def test_ppo_advantages_skip_tool_tokens_and_use_old_values():
     algo("ppo", gamma=0.9, lam=0.95, whiten=False).compute_advantages([[t]])
     assert t.advantage.tolist() == pytest.approx([0.5804575, 0.0, 0.3865, 0.3], abs=1e-6)
     assert t.extra["returns"].tolist() == pytest.approx([0.7804575, 0.0, 0.8865, 1.0], abs=1e-6)
-    assert t.info["degenerate"] is False
+    assert t.degenerate is False
     b = collate([t], pad_id=0)                       # per-token advantage and extras land in the logp columns
     assert b.advantage[0].tolist() == pytest.approx([0.5804575, 0.0, 0.3865, 0.3], abs=1e-6)
     assert b.extra["values"][0].tolist() == pytest.approx([0.2, 0.0, 0.5, 0.7])
@@ -296,14 +296,14 @@ def test_dapo_filter_on_raw_rewards_then_penalty():
     g = group([1, 1, 1, 1], lengths=[5, 5, 5, 32])   # all correct, one truncated
     algo("dapo", max_tokens=32).compute_advantages([g])
     assert [t.info["shaped_reward"] for t in g] == [1, 1, 1, 0]   # truncated: verifier credit − full penalty
-    assert g[0].info["degenerate"] and all(t.advantage == 0 for t in g)   # raw all equal: dropped
+    assert g[0].degenerate and all(t.advantage == 0 for t in g)   # raw all equal: dropped
     g = group([1, 1, 1, 1], lengths=[5, 5, 5, 32])
     algo("dapo", max_tokens=32, dynamic_sampling=False).compute_advantages([g])
-    assert not g[0].info["degenerate"]                               # no filter: the penalty is the signal
+    assert not g[0].degenerate                               # no filter: the penalty is the signal
     assert [t.advantage for t in g] == pytest.approx([0.5, 0.5, 0.5, -1.5], abs=1e-4)
     g = group([1, 0], lengths=[32, 5])               # mixed raw, but 1 − 1 = 0 − 0 after the penalty
     algo("dapo", k=2, max_tokens=32).compute_advantages([g])
-    assert g[0].info["degenerate"]
+    assert g[0].degenerate
 
 
 class KindEnv(ArithmeticEnv):
@@ -340,7 +340,7 @@ def test_dynamic_sampling_refills_respects_cap_and_reports(max_draws, oversample
     assert (s["sampling/draws"], s["sampling/groups_drawn"], s["sampling/groups_kept"], s["sampling/cap_hit"]) == \
         (draws, drawn, kept, cap)
     assert s["sampling/filtered_frac"] == pytest.approx(1 - (drawn // 2) / drawn)
-    assert len({g[0].info["group"] for g in groups}) == kept          # groups numbered across rounds
+    assert len({g[0].group for g in groups}) == kept          # groups numbered across rounds
 
 
 class ConstantEnv(ArithmeticEnv):

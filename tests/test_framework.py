@@ -115,7 +115,7 @@ def test_eos_is_trained_and_nothing_after_it():
     ctl = roles()
     for t in [t for g in ctl.rollout.generate(ctl.env, 4) for t in g]:
         assert t.response_mask.sum() == len(t.response_ids)
-        if t.info["finish_reason"] == "stop":
+        if t.finish_reason == "stop":
             assert t.response_ids[-1] == TOK.eos_id and TOK.eos_id not in t.response_ids[:-1]
 
 
@@ -125,7 +125,7 @@ def test_clip_fires_with_several_updates_per_batch_and_never_if_old_logp_recompu
     groups = ctl.rollout.generate(ctl.env, 4)
     ctl.reference.score([t for g in groups for t in g], TOK.pad_id)
     ctl.algorithm.compute_advantages(groups)
-    batch = collate([t for g in groups for t in g if not t.info["degenerate"]], TOK.pad_id)
+    batch = collate([t for g in groups for t in g if not t.degenerate], TOK.pad_id)
     honest = copy.deepcopy(ctl.trainer)
     m = honest.train_step(batch, ctl.algorithm.compute_loss)
     assert m["clip/frac"] > 0 and m["ratio/abs_log_max"] > 0.2
@@ -175,7 +175,7 @@ def test_grpo_advantages_unbiased_std():
 def test_degenerate_group_zero_advantage_flagged(r):
     g = group(r)
     grpo().compute_advantages([g])
-    assert all(t.advantage == 0 and t.info["degenerate"] for t in g)
+    assert all(t.advantage == 0 and t.degenerate for t in g)
 
 
 def test_group_of_one_is_an_error():

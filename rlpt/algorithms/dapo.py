@@ -90,7 +90,8 @@ class DAPO(GRPO):
                 adv, degenerate = torch.zeros_like(adv), True
             for t, a, s, p in zip(g, adv.tolist(), shaped.tolist(), pen.tolist()):
                 t.advantage = a
-                t.info |= {"degenerate": degenerate, "shaped_reward": s, "overlong_penalty": p}
+                t.degenerate = degenerate
+                t.info |= {"shaped_reward": s, "overlong_penalty": p}
 
 
 if __name__ == "__main__":

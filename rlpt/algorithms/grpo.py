@@ -6,7 +6,7 @@ Loss:      −(1/B) Σ_i (1/|y_i|) Σ_t min(ρ_t A_i, clip(ρ_t, 1−ε, 1+ε) A
 Diff from PPO: the value head and GAE are gone; the group mean is the baseline, divided by the group std.
 Length bias: the per-sequence 1/|y_i| (seq-mean-token-mean) makes each token of a short answer weigh
 more: a wrong long answer is punished less per token, so wrong answers drift longer (Dr.GRPO, §14).
-Degenerate groups (all rewards equal, std < 1e-8) get A = 0 and info["degenerate"] = True; the
+Degenerate groups (all rewards equal, std < 1e-8) get A = 0 and `degenerate = True`; the
 controller drops them (no gradient signal, and they would dilute the token mean).
 
     python -m rlpt.algorithms.grpo [key=value ...]     # or: rlpt train recipes/grpo_arith.yaml
@@ -62,7 +62,7 @@ class GRPO:
             adv, degenerate = self.group_advantages(group_rewards(g))
             for t, a in zip(g, adv.tolist()):
                 t.advantage = a
-                t.info["degenerate"] = degenerate
+                t.degenerate = degenerate
 
     def compute_loss(self, batch, new_logp):
         eps_high = self.cfg.clip_eps_high or self.cfg.clip_eps

@@ -84,7 +84,7 @@ class PPO:
                 r[-1] = t.reward                                        # terminal reward at the last token
                 adv[policy], ret[policy] = gae(r, t.extra["values"][policy], self.cfg.gamma, self.cfg.lam)
             t.advantage, t.extra["returns"] = adv, ret
-            t.info["degenerate"] = False
+            t.degenerate = False
         if self.cfg.whiten:
             a = torch.cat([t.advantage[t.response_mask > 0] for t in trajs])
             mean, std = a.mean(), (a.std() if len(a) > 1 else torch.tensor(0.0))

@@ -69,7 +69,7 @@ class REINFORCE:
                 t.advantage = t.reward - b
             degenerate = all(t.advantage == 0 for t in g)
             for t in g:
-                t.info["degenerate"] = degenerate
+                t.degenerate = degenerate
         if self.cfg.baseline:
             rewards = [t.reward for g in groups for t in g]
             d = self.cfg.baseline_decay

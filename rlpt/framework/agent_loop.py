@@ -157,9 +157,8 @@ class MultiTurnRollout(Rollout):
         return Trajectory(prompt_ids=list(e.prompt.ids), response_ids=list(e.response),
                           response_mask=torch.tensor(e.mask, dtype=torch.float32),
                           old_logp=torch.tensor(e.logp, dtype=torch.float32), reward=float(e.reward),
-                          info={"correct": e.reward > 0, **e.info, "group": e.group,
-                                "weights_version": self.version, "finish_reason": e.finish_reason,
-                                "turns": e.turns, "tool_tokens": e.tool_tokens,
+                          group=e.group, weights_version=self.version, finish_reason=e.finish_reason,
+                          info={"correct": e.reward > 0, **e.info, "turns": e.turns, "tool_tokens": e.tool_tokens,
                                 "text": self.tokenizer.decode(e.response), "prompt": e.prompt.text})
 
     @torch.no_grad()

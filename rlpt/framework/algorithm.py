@@ -1,6 +1,6 @@
 """Algorithm: the plugin interface, and the pieces every algorithm's loss is made of.
 
-    compute_advantages(groups)           writes traj.advantage (and info["degenerate"]) in place
+    compute_advantages(groups)           writes traj.advantage (and traj.degenerate) in place
     compute_loss(batch, new_logp)        -> (loss, metrics); gradient flows through new_logp only
 
     loss = agg(pg_tok · mask) + β · agg(kl_tok · mask),   kl_tok = k(new_logp, ref_logp) estimating KL(π_θ ‖ π_ref)

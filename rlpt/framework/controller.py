@@ -52,7 +52,7 @@ class Controller:
         with self.timed("ref"):
             self.reference.score(flatten(groups), self.pad_id)                      # 2 π_ref
         self.algorithm.compute_advantages(groups)                                   # 3 advantages
-        kept = [t for t in flatten(groups) if not t.info.get("degenerate")]
+        kept = [t for t in flatten(groups) if not t.degenerate]
         metrics = {**rollout_metrics(groups), **self.rollout.stats, "groups/kept": len(kept) / len(flatten(groups))}
         if kept:
             batch = collate(kept, self.pad_id)                                      # 4 collate

@@ -7,7 +7,7 @@ top-k, top-p applied) and is never recomputed after an optimizer step: recomputi
 PPO ratio ≡ 1 and silently turns the clipped surrogate into plain REINFORCE (spec part 1 §4.6).
 The EOS `#` is the policy's decision to stop, so it is trained (mask 1); nothing after it is.
 A response cut by `max_tokens` keeps mask 1 on what was sampled and is marked
-`info["finish_reason"] = "length"`; it still gets the verifier's verdict.
+`finish_reason = "length"`; it still gets the verifier's verdict.
 
 The model here is the rollout's own copy, updated only by `WeightSyncer`; `version` is the
 version of the weights it holds and is stamped on every trajectory.
@@ -143,9 +143,8 @@ class Rollout:
         R = len(s.tokens)
         return Trajectory(prompt_ids=list(prompt.ids), response_ids=list(s.tokens),
                           response_mask=torch.ones(R), old_logp=torch.tensor(s.logps, dtype=torch.float32),
-                          reward=float(verdict.reward),
-                          info={"group": group, "weights_version": self.version, "finish_reason": s.finish_reason,
-                                "text": text, "prompt": prompt.text, **verdict.info})
+                          reward=float(verdict.reward), group=group, weights_version=self.version,
+                          finish_reason=s.finish_reason, info={"text": text, "prompt": prompt.text, **verdict.info})
 
     @torch.no_grad()
     def answer(self, env, prompts: list[Prompt], sp: SamplingParams, generator=None) -> list[Verdict]:

@@ -11,6 +11,9 @@ in an RL system (spec part 1 §7.6 trap 4); `collate` is the one place it happen
 Aggregation denominators (`agg_tokens`, `agg_seqs`) are fixed when a batch is made and kept by its
 micro-batch chunks, so the sum of chunk losses equals the whole batch's loss exactly.
 
+`group`, `weights_version`, `finish_reason` and `degenerate` are typed fields every role reads; `info` holds
+only what a verifier or the agent loop adds (correct, text, turns, tool counts).
+
 Algorithm-specific per-token tensors (PPO's old values and returns) travel in `Trajectory.extra`
 (R,) and come out of `collate` in `Batch.extra` (B, T-1), shifted like `old_logp`.
 """
@@ -31,7 +34,11 @@ class Trajectory:
     ref_logp: torch.Tensor | None = None   # (R,) filled by the reference
     reward: float = 0.0
     advantage: float | torch.Tensor = 0.0  # scalar (broadcast over the response) or (R,) per token (PPO)
-    info: dict = field(default_factory=dict)   # degenerate, weights_version, group, gold, text, turns, ...
+    group: int = -1                        # which prompt's group of K it belongs to (numbered per step)
+    weights_version: int = -1              # version of the rollout weights it was sampled with (-1: unknown)
+    finish_reason: str = ""                # "stop" (EOS) | "length" | "max_turns" | "error" (multi-turn)
+    degenerate: bool = False               # set by the algorithm: its group carries no gradient, dropped before collate
+    info: dict = field(default_factory=dict)   # the verifier's and the agent loop's extras: correct, text, turns, ...
     extra: dict = field(default_factory=dict)  # name -> (R,) per-token algorithm tensor (PPO: values, returns)
 
     def __post_init__(self):
@@ -133,7 +140,7 @@ def collate(trajs: list[Trajectory], pad_id: int) -> Batch:
     return Batch(input_ids=ids, **per_tok, extra=_collate_extra(trajs, T),
                  reward=torch.tensor([float(t.reward) for t in trajs]),
                  prompt_len=torch.tensor([len(t.prompt_ids) for t in trajs]),
-                 weights_version=torch.tensor([int(t.info.get("weights_version", -1)) for t in trajs]),
+                 weights_version=torch.tensor([t.weights_version for t in trajs]),
                  agg_tokens=float(mask.sum()), agg_seqs=float(B))
 
 
@@ -189,8 +196,8 @@ def rollout_metrics(groups: list[list[Trajectory]]) -> dict:
     out = {"reward/mean": r.mean().item(), "reward/std": r.std().item() if len(r) > 1 else 0.0,
            "acc/train": sum(t.info.get("correct", t.reward > 0) for t in trajs) / len(trajs),
            "response/len_mean": lens.mean().item(), "response/len_max": lens.max().item(),
-           "response/truncated_frac": sum(t.info.get("finish_reason") == "length" for t in trajs) / len(trajs),
-           "groups/degenerate_frac": sum(bool(g[0].info.get("degenerate")) for g in groups) / len(groups)}
+           "response/truncated_frac": sum(t.finish_reason == "length" for t in trajs) / len(trajs),
+           "groups/degenerate_frac": sum(bool(g[0].degenerate) for g in groups) / len(groups)}
     shaped = [t.info["shaped_reward"] for t in trajs if "shaped_reward" in t.info]
     if shaped:   # an algorithm reshaped the verifier's reward (DAPO's overlong penalty)
         out["reward/shaped_mean"] = sum(shaped) / len(shaped)
