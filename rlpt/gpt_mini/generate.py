@@ -3,8 +3,8 @@
     logp = log_softmax(top_p(top_k(logits / T)));  y ~ exp(logp);  old_logp = logp[y]
 
 The log-prob of each sampled token is taken from the very distribution it was sampled from
-(temperature, top-k and top-p applied and renormalised), never recomputed: spec part 1 §4.6
-traps 1–2. Prompts of different lengths are left-padded; each row's rotary positions start at 0
+(temperature, top-k and top-p applied and renormalised), never recomputed (lesson 02,
+its traps 1–2). Prompts of different lengths are left-padded; each row's rotary positions start at 0
 at its first real token, so a row's logits do not depend on its neighbours.
 
 This is the simple sampler; `rlpt.engine` (paged KV, continuous batching) replaces it behind the

@@ -6,7 +6,7 @@ RMSNorm (Zhang & Sennrich 2019), rotary positions (Su et al. 2021), SwiGLU (Shaz
 optional grouped-query attention (Ainslie et al. 2023) and optionally tied input/output
 embeddings: the same block as Llama, so `rlpt.models.hf` converts it to `LlamaForCausalLM`
 and back with equal logits. No biases, no dropout (dropout would make the trainer's log-probs
-differ from the rollout's: spec part 1 §4.6 trap 4).
+differ from the rollout's: lesson 02).
 
 The protocol every rlpt policy obeys is `model(input_ids) -> logits (B, T, V)`. For decoding,
 `model(input_ids, cache=cache, positions=pos, key_mask=km)` appends this chunk's keys and values to a

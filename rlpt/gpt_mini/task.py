@@ -2,7 +2,7 @@
 
     prompt  "<3+4+5>"      gold 12
     direct  "12#"          chain of thought  "3+4=7,7+5=12#"   (the last integer is the answer)
-    reward  1 if last_integer(response) == gold else 0          (spec part 2 §1.2)
+    reward  1 if last_integer(response) == gold else 0          (the shared task of lessons 09–14)
 
 Prompts are drawn from a seeded generator, so the same `TaskConfig` gives the same problems on any
 machine. The train / held-out split is a pure function of the prompt text (a keyed hash), so the
