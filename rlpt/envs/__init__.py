@@ -6,11 +6,4 @@
     judge       an rlpt model as LLM-as-judge, order randomised       rlpt.envs.judge
     leaky       a deliberately hackable verifier (reward-hacking demo) rlpt.envs.leaky
 """
-import importlib
-
-for _name in ("calculator", "math_answer", "code_sandbox", "judge", "leaky"):
-    try:
-        importlib.import_module(f"rlpt.envs.{_name}")
-    except ModuleNotFoundError as _e:   # an env still being written, or an optional dependency missing
-        if _e.name not in (f"rlpt.envs.{_name}", "math_verify"):
-            raise
+from rlpt.envs import calculator, code_sandbox, judge, leaky, math_answer  # noqa: F401 - registers them

@@ -5,7 +5,7 @@
     reward = 1 if s(response) >= s(reference) - margin else 0
 
 The answer shown second is read after the first, so the judge can favour a position: order is
-randomised per verdict (spec part 2 §11.2, open-ended row), and every verdict is also taken in the
+randomised per verdict (lesson 18, the open-ended archetype), and every verdict is also taken in the
 swapped order (same batch, one forward) to measure `position_agreement`: the fraction of verdicts
 that do not depend on the order. A judge near 0.5 there is reading positions, not answers.
 
@@ -20,7 +20,7 @@ import random
 import torch
 
 from rlpt.framework.environment import ArithmeticEnv, Prompt, Verdict, register_env
-from rlpt.framework.trajectory import per_token_logp
+from rlpt.framework.trajectory import pad_sequences, per_token_logp, response_slice
 
 SEP = ","
 
@@ -38,11 +38,7 @@ class LogLikelihoodJudge:
     def batch_scores(self, rows: list[tuple[list[int], list[int], list[int]]]) -> list[tuple[float, float]]:
         """Mean log-prob of `first` after the prompt and of `second` after prompt + first + SEP, per row."""
         sep = self.tok.encode(SEP)
-        seqs = [p + a + sep + b for p, a, b in rows]
-        T = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), T), self.tok.pad_id, dtype=torch.long)
-        for i, s in enumerate(seqs):
-            ids[i, :len(s)] = torch.tensor(s)
+        ids, _ = pad_sequences([p for p, _, _ in rows], [a + sep + b for _, a, b in rows], self.tok.pad_id)
         was = getattr(self.model, "training", False)
         if hasattr(self.model, "eval"):
             self.model.eval()
@@ -51,9 +47,8 @@ class LogLikelihoodJudge:
             self.model.train()
         out = []
         for i, (p, a, b) in enumerate(rows):
-            P, A = len(p), len(a)
-            s_a = logp[i, P - 1:P - 1 + A].mean()
-            s_b = logp[i, P + A + len(sep) - 1:P + A + len(sep) - 1 + len(b)].mean()
+            s_a = logp[i, response_slice(len(p), len(a))].mean()
+            s_b = logp[i, response_slice(len(p) + len(a) + len(sep), len(b))].mean()
             out.append((float(s_a), float(s_b)))
         return out
 

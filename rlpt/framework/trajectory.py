@@ -6,7 +6,8 @@
 Column j of a (B, T-1) tensor is about token j+1 predicted from tokens ≤ j, the layout of
 `per_token_logp(model, input_ids)`. Response token i of a trajectory with a P-token prompt sits at
 full position P+i, so its log-prob lives in column P+i-1. That shift is the likeliest off-by-one
-in an RL system (spec part 1 §7.6 trap 4); `collate` is the one place it happens.
+in an RL system (lesson 05's traps); `response_slice` is the one place it is written, and
+`pad_sequences` (which `collate` calls) the one function that pads.
 
 Aggregation denominators (`agg_tokens`, `agg_seqs`) are fixed when a batch is made and kept by its
 micro-batch chunks, so the sum of chunk losses equals the whole batch's loss exactly.
@@ -92,15 +93,19 @@ class Batch:
         return [self.select(part, renormalize=True) for part in perm.chunk(n) if len(part)]
 
 
+def response_slice(prompt_len: int, response_len: int) -> slice:
+    """Columns of a (B, T-1) tensor that hold a row's response tokens: response token i of a row with a
+    P-token prompt sits at position P+i, so it is predicted at column P+i-1. The one place that shift is written."""
+    return slice(prompt_len - 1, prompt_len - 1 + response_len)
+
+
 def pad_sequences(prompts: list[list[int]], responses: list[list[int]], pad_id: int,
                   masks: list | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """prompt + response rows -> input_ids (B, T) right-padded, and mask (B, T-1) over the response.
 
-    The one place the response-local → full-sequence shift happens: response token i of a row with a
-    P-token prompt sits at position P+i, so it is predicted at column P+i-1 of a (B, T-1) tensor. `masks`
-    (per row: a tensor or list of length R, or None for all ones) lets a row weigh its response tokens,
-    e.g. 0 on a tool's reply. Every job that pads sequences (collate, SFT, preference pairs, the reward
-    model, the judge) calls this.
+    `masks` (per row: a tensor or list of length R, or None for all ones) lets a row weigh its response
+    tokens, e.g. 0 on a tool's reply. Every job that pads sequences (collate, SFT, preference pairs, the
+    reward model, the judge) calls this.
     """
     if not prompts:
         raise ValueError("pad_sequences() got no rows")
@@ -114,7 +119,7 @@ def pad_sequences(prompts: list[list[int]], responses: list[list[int]], pad_id: 
         m = masks[b] if masks is not None else None
         if m is not None and len(m) != R:
             raise ValueError(f"row {b}: a response mask of {len(m)} entries for {R} response tokens")
-        mask[b, P - 1:P - 1 + R] = 1.0 if m is None else torch.as_tensor(m, dtype=torch.float32)
+        mask[b, response_slice(P, R)] = 1.0 if m is None else torch.as_tensor(m, dtype=torch.float32)
     return ids, mask
 
 
@@ -122,26 +127,27 @@ def collate(trajs: list[Trajectory], pad_id: int) -> Batch:
     """Response-local trajectories -> one padded full-sequence Batch aligned to (B, T-1)."""
     if not trajs:
         raise ValueError("collate() got no trajectories")
-    B = len(trajs)
-    T = max(len(t.prompt_ids) + len(t.response_ids) for t in trajs)
-    ids = torch.full((B, T), pad_id, dtype=torch.long)
-    per_tok = {k: torch.zeros(B, T - 1) for k in ("mask", "old_logp", "ref_logp", "advantage")}
-    for b, t in enumerate(trajs):
-        P, R = len(t.prompt_ids), len(t.response_ids)
-        ids[b, :P + R] = torch.tensor(t.prompt_ids + t.response_ids, dtype=torch.long)
-        cols = slice(P - 1, P - 1 + R)          # response token i is predicted at column P+i-1
-        per_tok["mask"][b, cols] = t.response_mask
-        per_tok["old_logp"][b, cols] = t.old_logp * t.response_mask
-        if t.ref_logp is not None:
-            per_tok["ref_logp"][b, cols] = t.ref_logp * t.response_mask
-        adv = t.advantage if torch.is_tensor(t.advantage) else torch.full((R,), float(t.advantage))
-        per_tok["advantage"][b, cols] = adv * t.response_mask
-    mask = per_tok["mask"]
-    return Batch(input_ids=ids, **per_tok, extra=_collate_extra(trajs, T),
+    ids, mask = pad_sequences([t.prompt_ids for t in trajs], [t.response_ids for t in trajs], pad_id,
+                              masks=[t.response_mask for t in trajs])
+    T = ids.shape[1]
+    advantages = [t.advantage if torch.is_tensor(t.advantage) else torch.full((len(t.response_ids),),
+                                                                               float(t.advantage)) for t in trajs]
+    return Batch(input_ids=ids, mask=mask, old_logp=_columns(trajs, T, [t.old_logp for t in trajs]),
+                 ref_logp=_columns(trajs, T, [t.ref_logp for t in trajs]),
+                 advantage=_columns(trajs, T, advantages), extra=_collate_extra(trajs, T),
                  reward=torch.tensor([float(t.reward) for t in trajs]),
                  prompt_len=torch.tensor([len(t.prompt_ids) for t in trajs]),
                  weights_version=torch.tensor([t.weights_version for t in trajs]),
-                 agg_tokens=float(mask.sum()), agg_seqs=float(B))
+                 agg_tokens=float(mask.sum()), agg_seqs=float(len(trajs)))
+
+
+def _columns(trajs: list[Trajectory], T: int, values: list[torch.Tensor | None]) -> torch.Tensor:
+    """One (R,) tensor per trajectory (None: zeros) -> (B, T-1) at its response columns, 0 where mask is 0."""
+    out = torch.zeros(len(trajs), T - 1)
+    for b, (t, v) in enumerate(zip(trajs, values)):
+        if v is not None:
+            out[b, response_slice(len(t.prompt_ids), len(t.response_ids))] = v * t.response_mask
+    return out
 
 
 def _collate_extra(trajs: list[Trajectory], T: int) -> dict:
@@ -150,19 +156,12 @@ def _collate_extra(trajs: list[Trajectory], T: int) -> dict:
     if any(set(t.extra) != keys for t in trajs):
         raise ValueError(f"collate(): trajectories carry different extra tensors: "
                          f"{sorted({k for t in trajs for k in t.extra})}")
-    out = {k: torch.zeros(len(trajs), T - 1) for k in keys}
-    for b, t in enumerate(trajs):
-        P, R = len(t.prompt_ids), len(t.response_ids)
+    for t in trajs:
         for k, v in t.extra.items():
-            if v.shape != (R,):
-                raise ValueError(f"trajectory extra[{k!r}] must have shape ({R},), got {tuple(v.shape)}")
-            out[k][b, P - 1:P - 1 + R] = v * t.response_mask
-    return out
-
-
-def response_slice(batch_row_prompt_len: int, response_len: int) -> slice:
-    """Columns of a (B, T-1) tensor that hold a trajectory's response tokens."""
-    return slice(batch_row_prompt_len - 1, batch_row_prompt_len - 1 + response_len)
+            if v.shape != (len(t.response_ids),):
+                raise ValueError(f"trajectory extra[{k!r}] must have shape ({len(t.response_ids)},), "
+                                 f"got {tuple(v.shape)}")
+    return {k: _columns(trajs, T, [t.extra[k] for t in trajs]) for k in keys}
 
 
 def per_token_logp(model, input_ids: torch.Tensor, temperature: float = 1.0,
@@ -170,7 +169,7 @@ def per_token_logp(model, input_ids: torch.Tensor, temperature: float = 1.0,
     """log π(ids[:, j+1] | ids[:, ≤j]) -> (B, T-1); optionally also the entropy per position (B, T-1).
 
     `temperature` must be the rollout's: old_logp was recorded under logits / temperature
-    (spec part 1 §4.6 trap 3).
+    (lesson 02's traps).
     """
     logits = model(input_ids)[:, :-1].float()                   # (B, T-1, V)
     if temperature != 1.0:
