@@ -1,4 +1,4 @@
-"""The six algorithms against spec part 2 (§2–§7, §14, §15): hand-computed fixtures, exact identities,
+"""The six algorithms against lessons 09–14: hand-computed fixtures, exact identities,
 dynamic sampling, config errors, and a short run of each through `rlpt.train.run_train`."""
 import copy
 import math
@@ -53,7 +53,7 @@ def advs(name, rewards, **kw):
     return [t.advantage for t in g], g[0].degenerate
 
 
-# -- advantages (spec §14.1, §14.2) --------------------------------------------------------------------
+# -- advantages (lessons 11, 12) ------------------------------------------------------------------------
 @pytest.mark.parametrize("r,unbiased,population", [
     ([1, 0, 1, 0], [0.866, -0.866, 0.866, -0.866], [1, -1, 1, -1]),
     ([1, 1, 1, 0], [0.5, 0.5, 0.5, -1.5], [0.577, 0.577, 0.577, -1.732]),
@@ -98,7 +98,7 @@ def test_reinforce_raw_reward_and_running_baseline_state():
     assert again.baseline_value == r.baseline_value == pytest.approx((0.9 * 0.075 + 0.1 * 0.25) / (1 - 0.81))
 
 
-# -- clip (spec §3.4, §14.4, §15.4–5) -----------------------------------------------------------------
+# -- clip (lesson 10's clip table, lesson 13's clip-higher) ---------------------------------------------
 def one_token(name, rho, adv, **kw):
     """-min(ρA, clip(ρ)A) and its gradient, through the algorithm's own compute_loss (β = 0)."""
     t = traj([1], [2], adv=adv)
@@ -130,7 +130,7 @@ def test_dapo_clip_higher_is_asymmetric(rho, adv, objective, flows):
     assert one_token("grpo", 1.25, 1)[1] == 0        # symmetric ε = 0.2 clips what DAPO lets through
 
 
-# -- length bias (spec §7.3, §14.5) -------------------------------------------------------------------
+# -- length bias (lesson 14) ----------------------------------------------------------------------------
 def per_token_push(name, **kw):
     """∂(−loss)/∂logp for one token of a 10-token and one of a 200-token answer, both A = 0.5, K = 2."""
     ts = [traj([1], [2] * 10, adv=0.5), traj([1], [2] * 200, adv=0.5)]
@@ -157,7 +157,7 @@ def test_length_bias_ratios_grpo_dapo_drgrpo():
         assert s == pytest.approx(l)
 
 
-# -- GAE and the value loss (spec §3.2) ---------------------------------------------------------------
+# -- GAE and the value loss (lesson 10) -----------------------------------------------------------------
 def test_gae_hand_computed():
     r, v = torch.tensor([0.0, 0.0, 1.0]), torch.tensor([0.2, 0.5, 0.7])
     adv, ret = gae(r, v, 1.0, 1.0)                   # Monte-Carlo: A_t = R − V(s_t), returns = R
@@ -198,7 +198,7 @@ def test_ppo_value_loss_and_clipping(clip, loss, frac):
     assert (float(m["value/clip_frac"]) if frac is not None else None) == frac
 
 
-# -- the critic in the framework -----------------------------------------------------------------------
+# -- the critic in the framework ------------------------------------------------------------------------
 class ParityEnv(ArithmeticEnv):
     def verify(self, prompt, response):
         return Verdict(float(len(response) % 2 == 0))
@@ -275,7 +275,7 @@ def test_value_loss_grad_accumulation_equals_full_batch():
     assert all(torch.allclose(x, y, atol=1e-6) for x, y in zip(out[0][0], out[1][0]))
 
 
-# -- DAPO: degenerate fraction, overlong penalty, dynamic sampling (spec §6.2, §14.3) ---------------------
+# -- DAPO: degenerate fraction, overlong penalty, dynamic sampling (lesson 13) --------------------------
 @pytest.mark.parametrize("p,K,table", [(0.5, 4, 0.125), (0.7, 4, 0.248), (0.9, 4, 0.656), (0.5, 8, 0.0078),
                                        (0.7, 8, 0.058), (0.9, 8, 0.43), (0.9, 16, 0.185), (0.7, 16, 0.0033)])
 def test_degenerate_fraction_formula_and_simulation(p, K, table):
@@ -360,7 +360,7 @@ def test_dynamic_sampling_through_the_controller_and_nothing_passing():
     assert all(torch.equal(v, ctl.trainer.model.state_dict()[k]) for k, v in before.items())
 
 
-# -- config errors name the key ---------------------------------------------------------------------------
+# -- config errors name the key -------------------------------------------------------------------------
 @pytest.mark.parametrize("name,key,value", [
     ("grpo", "clip_eps", 0.0), ("grpo", "clip_eps", -0.1), ("drgrpo", "clip_eps", 0.0),
     ("dapo", "clip_eps_high", 0.1), ("dapo", "clip_eps", -1.0), ("dapo", "max_draws", 0), ("dapo", "oversample", 0.5),
@@ -388,7 +388,7 @@ def test_config_error_through_a_train_job_names_the_key():
         load_train_job(None, ["algorithm.name=ppo", "algorithm.lam=2"])
 
 
-# -- each algorithm through rlpt.train ----------------------------------------------------------------------
+# -- each algorithm through rlpt.train ------------------------------------------------------------------
 @register_env("test_first_char")
 class FirstCharEnv(ArithmeticEnv):
     """Reward 1 when the first character's code is even: mixed groups from a random model."""

@@ -1,4 +1,4 @@
-"""Verifier checklist (spec part 2 §11.3) on every env: trivial exploits score ≈ 0, formats do not flip it."""
+"""Verifier checklist (lesson 18) on every env: trivial exploits score ≈ 0, formats do not flip it."""
 from __future__ import annotations
 
 import random

@@ -1,4 +1,4 @@
-"""The six roles against spec part 1 §11.5: fixtures with hand-computed numbers, exact equivalences."""
+"""The six roles against the acceptance tests lessons 01–08 imply: fixtures with hand-computed numbers, exact equivalences."""
 import ast
 import copy
 import math

@@ -1,6 +1,6 @@
 """The algorithms, one file each; importing this package registers them with the framework.
 
-Lineage (spec part 2 §0), each file a small patch of its predecessor:
+Lineage (lessons 09–14), each file a small patch of its predecessor:
     reinforce -> ppo -> grpo -> rloo, dapo, drgrpo
 """
 from rlpt.algorithms import reinforce, ppo, grpo, rloo, dapo, drgrpo  # noqa: F401

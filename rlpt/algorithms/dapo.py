@@ -4,12 +4,12 @@ Paper: Yu et al. 2025, "DAPO: An Open-Source LLM Reinforcement Learning System a
 Advantage: A_i = (r̃_i − mean(r̃)) / (std(r̃) + 1e-6), r̃_i = r_i − λ·overlong(|y_i|), std unbiased as GRPO's.
 Loss:      −Σ_{i,t} min(ρ_t A_i, clip(ρ_t, 1−ε_low, 1+ε_high) A_i) / Σ_i |y_i|  + β·KL_k3 (same token mean)
 Diff from GRPO: ε_high = 0.28 > ε_low = 0.2, token-mean instead of per-sequence mean, degenerate
-groups re-drawn instead of wasted, and a length penalty on the reward (the four fixes, spec §6.2).
+groups re-drawn instead of wasted, and a length penalty on the reward (the four fixes of lesson 13).
 Length bias: none per token within a batch; Σ|y_i| changes per batch, a length-adaptive step size.
 
 overlong(L) = clamp((L − (L_max − buffer)) / buffer, 0, 1): 0 up to L_max − buffer tokens, rising
 linearly to 1 at L_max (`overlong_max_len`, default rollout.max_tokens; `overlong_buffer`, default
-20 % of it, the spec's L_thresh = 0.8·max_new), whether or not the response ended with EOS (the
+20 % of it, lesson 13's L_thresh = 0.8·max_new), whether or not the response ended with EOS (the
 formula, not the lesson's prose). λ = `overlong_coef` (1.0; 0 turns the penalty off).
 Truncated responses keep the verifier's credit (the lenient last-integer verdict) and take the full
 penalty: a truncated correct answer nets 1 − λ = 0, a truncated wrong one −λ.
@@ -20,7 +20,7 @@ penalised rewards come out all equal is marked degenerate and dropped too.
 Dynamic sampling: the rollout re-draws ⌈missing · oversample⌉ prompts per round until
 prompts_per_step groups are mixed or `max_draws` rounds were made (then it trains on what it has;
 `sampling/cap_hit`, `sampling/groups_drawn`). A prompt solved with probability p gives an all-equal
-group with probability p^K + (1−p)^K: 0.656 at p = 0.9, K = 4 (spec §14.3).
+group with probability p^K + (1−p)^K: 0.656 at p = 0.9, K = 4 (lesson 13).
 
     python -m rlpt.algorithms.dapo [algorithm.dynamic_sampling=false] [key=value ...]
 """

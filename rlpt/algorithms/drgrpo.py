@@ -7,7 +7,7 @@ Diff from GRPO: `scale_by_std=false` (bias A: a lone failure on an easy prompt n
 a 50/50 prompt) and the constant divisor B·L replaces Σ_t/|y_i| (bias B); clip, KL, K unchanged.
 Length bias: none: every token of every answer weighs A_i / (B·L), short or long, right or wrong.
 
-The lesson divides by K (spec §7.1); the paper's code divides by a constant generation budget, which
+Lesson 14 divides by K; the paper's code divides by a constant generation budget, which
 is what `norm_len` (default rollout.max_tokens) is: a constant either way, so the direction is the
 same and only the learning rate scale differs (norm_len=1 gives the lesson's A/K per token). DAPO,
 its sibling, divides by Σ|y_i| instead, which varies per batch. Giving up /std makes the update

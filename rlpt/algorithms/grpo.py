@@ -5,7 +5,7 @@ Advantage: A_i = (r_i − mean(r)) / (std(r) + 1e-6), std unbiased (ddof = 1, as
 Loss:      −(1/B) Σ_i (1/|y_i|) Σ_t min(ρ_t A_i, clip(ρ_t, 1−ε, 1+ε) A_i)  + β·KL_k3(π_θ ‖ π_ref)
 Diff from PPO: the value head and GAE are gone; the group mean is the baseline, divided by the group std.
 Length bias: the per-sequence 1/|y_i| (seq-mean-token-mean) makes each token of a short answer weigh
-more: a wrong long answer is punished less per token, so wrong answers drift longer (Dr.GRPO, §14).
+more: a wrong long answer is punished less per token, so wrong answers drift longer (Dr.GRPO, lesson 14).
 Degenerate groups (all rewards equal, std < 1e-8) get A = 0 and `degenerate = True`; the
 controller drops them (no gradient signal, and they would dilute the token mean).
 

@@ -12,7 +12,7 @@ The critic (rlpt.framework.critic) is a scalar head on the final hidden state: `
 (default; a copy of the policy trunk, the usual RLHF layout, ≈ 2× trainable memory) or `shared`
 (on the policy's own trunk; the value loss then also trains the policy's trunk). V_old is recorded
 by the reference side before any update, R_t = A_t + V_old(s_t) are the value targets, and the
-advantage never uses the fresh values (spec part 2 §3.6). With γ = λ = 1 (the defaults, lesson 10's
+advantage never uses the fresh values (lesson 10). With γ = λ = 1 (the defaults, lesson 10's
 Monte-Carlo choice) A_t = R − V_old(s_t): V learns P(prefix ends correct); λ = 0.95 trades bias for
 variance. GAE runs over the tokens the policy sampled (mask 1): tool output in between is part of
 the environment's transition. Advantages are whitened over the batch (`whiten`, the "batch-norm"

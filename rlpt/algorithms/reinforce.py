@@ -3,7 +3,7 @@
 Paper: Williams 1992, "Simple statistical gradient-following algorithms for connectionist RL".
 Advantage: A_i = r_i, or r_i − b with b a running mean of earlier steps' rewards (`baseline=true`; off by default).
 Loss:      −(1/(B·L)) Σ_i A_i Σ_t log π_θ(y_i,t | x, y_i,<t)  + β·KL_k3(π_θ ‖ π_ref)   (L = max_tokens, a constant)
-Diff from its predecessor: none, it is the root of the lineage (spec part 2 §2); the spec's
+Diff from its predecessor: none, it is the root of the lineage (lesson 09); the lesson's
 "−(1/K) Σ_i R_i Σ_t logp" divided by the constant L, so one learning rate suits every algorithm.
 Length bias: no per-token one (every token weighs A_i / (B·L)), but a sequence's total push grows with
 |y|; with binary rewards and no baseline only correct answers move (A = 0 for a wrong one).

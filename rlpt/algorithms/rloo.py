@@ -9,8 +9,8 @@ no /std, and REINFORCE's ratio-free loss instead of the clipped surrogate (as pu
 Length bias: none per token (constant divisor B·L, as Dr.GRPO); a sequence's total push grows with |y|.
 
 RLOO's advantage is GRPO's centred advantage (before /std) times K/(K−1): 2 at K = 2, 4/3 at K = 4,
-8/7 at K = 8 — a learning-rate factor only when GRPO also drops its /std and /|y| (spec part 2 §5.5).
-With no ratio it is on-policy: keep `trainer.epochs=1` and `sync.every=1` (spec §5.5 trap 3);
+8/7 at K = 8 — a learning-rate factor only when GRPO also drops its /std and /|y| (lesson 12).
+With no ratio it is on-policy: keep `trainer.epochs=1` and `sync.every=1` (lesson 12's traps);
 `ratio/abs_log_mean` shows how stale a batch was. All-equal groups have A = 0 and are dropped.
 
     python -m rlpt.algorithms.rloo [key=value ...]

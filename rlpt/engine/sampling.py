@@ -7,7 +7,7 @@
 
 Sample j of a request with `seed` draws with the key (seed · C + j) mod 2^62 (vLLM's per-request seed,
 extended to n samples; `Sequence.seed`).
-Why a counter-based RNG (the Philox idea, spec part 3 §15 trap 19) rather than a torch.Generator per
+Why a counter-based RNG (the Philox idea, lessons 24–25) rather than a torch.Generator per
 sequence: a draw is a pure function of its coordinates, so a sequence samples the same tokens alone or
 in a batch of 256, and after being preempted and recomputed; and the whole batch draws in one
 vectorised call, where 256 generators would be a Python loop per token. The hash is Wellons'

@@ -13,7 +13,7 @@ tests stream 2, residual/bonus draws stream 0, each at the emitted token's outpu
 
 The draft has its own paged K/V pool indexed by the same block tables (vLLM's draft worker): COW and
 prefix sharing need no extra bookkeeping; it catches up lazily (`draft_computed`) on tokens it has not
-seen (a prompt, the bonus token). Spec part 3 §4.4: disable for RL unless kernels match; it pays at
+seen (a prompt, the bonus token). Lesson 21: disable for RL unless kernels match; it pays at
 low temperature, where drafts are accepted.
 
     LLM(target, tok, draft_model=draft, num_speculative_tokens=4);   pytest tests/test_engine_spec.py

@@ -170,7 +170,7 @@ def tool_use_trace(operands: tuple[int, ...], preamble: str = "let me compute ",
     """An SFT demonstration of tool use for `<a+b+...>`: the response text and its per-character loss
     mask (1 = assistant, 0 = tool output), e.g. for (123, 456, 789):
     `let me compute c(123+456+789)#` `=1368#` `the answer is 1368#`  -> mask 30 ones, 6 zeros, 19 ones.
-    SFT on it must use the mask too, or it teaches tool-output mimicry (spec part 1 §10.6 trap 1)."""
+    SFT on it must use the mask too, or it teaches tool-output mimicry (lesson 08)."""
     call = f"{preamble}c({'+'.join(map(str, operands))}){EOS}"
     reply = tool_reply(call)
     answer = f"{answer_prefix}{sum(operands)}{EOS}"

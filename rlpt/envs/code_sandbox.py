@@ -13,7 +13,7 @@ clock, every process of that uid is killed with one `kill -9 -1` run as that uid
 daemons and fork-bomb children included). Output beyond RLIMIT_FSIZE fails the write (EFBIG; CPython
 ignores SIGXFSZ) or kills the program, so "print gigabytes" costs the host nothing.
 
-What this is not: a VM. Seccomp, gVisor or Firecracker (spec part 2 §11.2) also stop kernel
+What this is not: a VM. Seccomp, gVisor or Firecracker (lesson 18) also stop kernel
 exploits; the world-writable /tmp stays writable (a mount namespace would fix that). Where the
 host cannot make a network namespace or change uid, `capabilities()` says so, each result carries
 the note, and those guarantees do not hold.

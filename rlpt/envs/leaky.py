@@ -1,11 +1,11 @@
-"""A deliberately leaky verifier for the reward-hacking demo (lesson 18 §11.4): never train on it for real.
+"""A deliberately leaky verifier for the reward-hacking demo (lesson 18, its reward-hacking widget): never train on it for real.
 
     reward = 1 if the gold's digits appear anywhere in the response     (the honest check: last integer == gold)
 
 "Digit soup" (`1234567890#`-style responses) collects reward without doing the sum. The verifier
 checklist (tests/test_envs.py) catches it: its random baseline scores far above 0. Train on
 `env.name=leaky` and watch `reward/mean` (the leaky reward) climb away from `acc/train` (from
-`info["correct"]`, the honest check): the gap of spec part 2 §11.3 item 5. `acc/heldout` is scored by
+`info["correct"]`, the honest check): the gap lesson 18's verifier checklist warns of. `acc/heldout` is scored by
 this same leaky reward; `acc/heldout_honest` (`rollout.evaluate`, from `info["correct"]`) is the honest
 held-out eval logged next to it. The demo: `python -m rlpt.demos.reward_hacking` (docs/reward_hacking.md).
 """

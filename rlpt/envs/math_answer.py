@@ -3,7 +3,7 @@
     answer  = extract(response)      \\boxed{...}  >  "the answer is X"  >  the last number-like token
     reward  = 1 if math_verify.verify(parse(gold), parse(answer)) else 0
 
-Why a CAS and not string equality (spec part 2 §11.2–11.3): "1/2" vs "0.5" false negatives teach the
+Why a CAS and not string equality (lesson 18, its verifier checklist): "1/2" vs "0.5" false negatives teach the
 policy the gold's format instead of the math, and over-eager normalisation (stripping all
 whitespace) lets "1 2" match 12. So exactly one answer is extracted (a response that lists many
 candidates gets only its last one judged, never "any of them"), case and trailing whitespace and

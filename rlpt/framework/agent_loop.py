@@ -7,7 +7,7 @@
 
 The trajectory's response is everything after the prompt, tool output included, so the reference,
 collate and the loss see one flat sequence and only `response_mask` tells the two apart: tool
-tokens never carry advantage, ratio or KL (spec part 1 §10.6 traps 1 and 3). The mask is written
+tokens never carry advantage, ratio or KL (lesson 08). The mask is written
 here, at sampling time, because only the rollout knows which tokens it sampled (trap 2).
 
 The context of the next turn is the exact list of token ids recorded so far, never re-tokenized
@@ -73,7 +73,7 @@ class Episode:
 
     def stop(self, reason: str) -> None:
         self.finish_reason = reason
-        if reason != "stop":      # no final answer within the budget: reward 0 (spec part 1 §10.6 trap 5)
+        if reason != "stop":      # no final answer within the budget: reward 0 (lesson 08)
             self.reward = 0.0
             self.info["correct"] = False
 

@@ -15,7 +15,7 @@ The trainer and the rollout never know which algorithm runs: swapping GRPO for D
 change. Algorithms register with one decorator and carry their own pydantic config, so a recipe's
 `algorithm:` section is validated by the algorithm it names and errors name `algorithm.<key>`.
 
-Aggregation modes (how per-token terms become one number; spec part 2 §7):
+Aggregation modes (how per-token terms become one number; lesson 14):
   token-mean                Σ x·m / Σ m over the batch      every token weighs the same (DAPO)
   seq-mean-token-mean       mean_i( Σ_t x·m / |y_i| )       a token of a short answer weighs more (GRPO paper)
   seq-mean-token-sum-norm   Σ x·m / (B · L)                  L a constant (max_tokens): no length bias (Dr.GRPO)
@@ -145,7 +145,7 @@ def kl_estimate(new_logp: torch.Tensor, ref_logp: torch.Tensor, kind: KLEstimato
 def clipped_surrogate(new_logp, old_logp, adv, mask, eps_low: float, eps_high: float):
     """PPO's pessimistic surrogate per token: −min(ρA, clip(ρ, 1−ε_low, 1+ε_high)A), and clip stats.
 
-    log ρ is masked before exp so padding gives ρ = 1, never overflow (spec part 1 §6.6).
+    log ρ is masked before exp so padding gives ρ = 1, never overflow (lesson 04).
     """
     log_ratio = (new_logp - old_logp) * mask
     ratio = torch.exp(log_ratio)

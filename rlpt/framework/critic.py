@@ -3,7 +3,7 @@
     V(s_t) = w · h_t + b        h_t = the trunk's final hidden state at position t (the input of its lm_head)
 
 `critic(input_ids) -> (B, T-1)`, aligned with `per_token_logp`: column j is the value of the state
-that has seen tokens ≤ j, i.e. the state in which token j+1 is chosen (spec part 2 §3.1, "a single
+that has seen tokens ≤ j, i.e. the state in which token j+1 is chosen (lesson 10, "a single
 linear projection from the final hidden state to a scalar").
 
 Two layouts, one class:

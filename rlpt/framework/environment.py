@@ -80,7 +80,7 @@ def safe_verify(env, prompt: Prompt, response: str) -> Verdict:
 
 @register_env("arithmetic")
 class ArithmeticEnv:
-    """`<3+4+5>` → reward 1 iff the response's last integer is 12 (spec part 2 §1.2)."""
+    """`<3+4+5>` → reward 1 iff the response's last integer is 12 (the shared task of lessons 01–03)."""
 
     def __init__(self, task: ArithmeticTask | None = None, seed: int = 0, tokenizer: CharTokenizer | None = None):
         self.task = task or ArithmeticTask()

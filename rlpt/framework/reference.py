@@ -4,7 +4,7 @@
 
 A deep copy made once, before any RL step: no parameter requires grad, it is in no optimizer, it
 never aliases the trainer's or the rollout's weights, so weight decay, a sync or an optimizer bug
-cannot make the anchor drift (spec part 1 §5.6). π_old and π_ref coincide at step 0 and part from
+cannot make the anchor drift (lesson 03). π_old and π_ref coincide at step 0 and part from
 step 1 on.
 
 It is also where anything else that scores a fresh batch forward-only runs, on the same collated

@@ -4,7 +4,7 @@
 
 `old_logp` is recorded at sampling time from the very distribution sampled from (temperature,
 top-k, top-p applied) and is never recomputed after an optimizer step: recomputing it makes the
-PPO ratio ≡ 1 and silently turns the clipped surrogate into plain REINFORCE (spec part 1 §4.6).
+PPO ratio ≡ 1 and silently turns the clipped surrogate into plain REINFORCE (lesson 02).
 The EOS `#` is the policy's decision to stop, so it is trained (mask 1); nothing after it is.
 A response cut by `max_tokens` keeps mask 1 on what was sampled and is marked
 `finish_reason = "length"`; it still gets the verifier's verdict.
@@ -12,7 +12,7 @@ A response cut by `max_tokens` keeps mask 1 on what was sampled and is marked
 The model here is the rollout's own copy, updated only by `WeightSyncer`; `version` is the
 version of the weights it holds and is stamped on every trajectory.
 
-Dynamic sampling (DAPO, spec part 2 §6.2 fix 2) is a `GroupFilter` an algorithm may declare: the
+Dynamic sampling (DAPO's second fix, lesson 13) is a `GroupFilter` an algorithm may declare: the
 rollout then draws ⌈need · oversample⌉ fresh prompts per round, keeps the groups that pass, and
 repeats until `prompts_per_step` groups passed (surplus dropped) or `max_draws` rounds were made.
 At the cap it returns what passed, fewer groups than asked; if none passed, the last round as

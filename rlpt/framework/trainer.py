@@ -8,7 +8,7 @@ Micro-batch chunks keep their mini-batch's aggregation denominators, so the accu
 equals the full mini-batch gradient (tested), whatever the chunk size. Several epochs or
 mini-batches per rollout batch are what make the PPO ratio and clip act at all: with one
 update per batch, new_logp == old_logp when the gradient is taken and the clip is a no-op
-(spec part 1 §4.6 trap 5).
+(lesson 02's traps).
 
 The first forward of a step sees weights that have not moved since the batch was sampled, so it
 doubles as the run-time log-prob check (`check/logp_mismatch`) at no extra cost.
