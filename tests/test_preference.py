@@ -318,6 +318,17 @@ def test_sample_pairs_on_scripted_samples(monkeypatch):
         pdata.sample_pairs(None, TOK, task, 4, 1, 1.0, 16, 0)
 
 
+def test_sample_groups_draws_what_sample_texts_draws():
+    """The progress bar's chunks are sample_texts' own batches: the same samples, even when k does not
+    divide the batch (10 prompts x 3 samples in batches of 7)."""
+    from rlpt.gpt_mini.generate import SamplingParams, sample_texts
+    model, sp = tiny_gpt(), SamplingParams(max_tokens=6, temperature=1.0)
+    prompts = [f"<{a}+{a + 1}>" for a in range(10)]
+    want = sample_texts(model, TOK, prompts, 3, sp, torch.Generator().manual_seed(0), batch=7)
+    got = pdata.sample_groups(model, TOK, prompts, 3, sp, torch.Generator().manual_seed(0), batch=7, progress=True)
+    assert got == want and len(got) == 30
+
+
 def test_cut_at_first_error():
     cut = pdata.cut_at_first_error
     assert cut("7+6=13,13+4=17,17+7=24#", "7+6=13,13+4=18,18+7=25#") == "7+6=13,13+4=18,"

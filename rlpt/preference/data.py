@@ -5,7 +5,7 @@
              every prompt with at least one correct and one wrong sample gives pairs (correct ≻ wrong)
 
 Sampled pairs are on-policy for the SFT model, the data DPO's derivation assumes (π_ref = the
-policy that produced the data; spec part 2 §9.2): a pair the policy would never produce teaches
+policy that produced the data; lesson 16): a pair the policy would never produce teaches
 it little and moves it off its own distribution. Prompts whose k samples are all right or all
 wrong carry no preference and give no pair; `stats` counts them (the same degenerate groups GRPO
 skips, lesson 13). Among the correct samples of a prompt, the *cleanest* is chosen first: the
@@ -26,10 +26,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from rlpt.config import ConfigError
+from rlpt.framework.trajectory import pad_sequences
 from rlpt.gpt_mini.generate import SamplingParams, sample_texts
-from rlpt.gpt_mini.task import ArithmeticTask, verify
+from rlpt.gpt_mini.task import ArithmeticTask, Problem, verify
 from rlpt.gpt_mini.tokenizer import CharTokenizer, UnknownCharacterError
 
 FIELDS = ("prompt", "chosen", "rejected")
@@ -115,10 +117,39 @@ def cleanliness(response: str, canonical: str | None) -> tuple:
     return (response != canonical, not steps_valid(response), len(response), response)
 
 
+def distinct_problems(task: ArithmeticTask, rng: random.Random, n: int, split: str) -> list[Problem]:
+    """Up to n distinct problems of `split`, in the order `rng` draws them (a small task may hold fewer)."""
+    problems, seen = [], set()
+    for _ in range(50 * n + 1000):
+        if len(problems) == n:
+            break
+        p = task.sample(rng, split)
+        if p not in seen:
+            seen.add(p)
+            problems.append(p)
+    return problems
+
+
+@torch.no_grad()
+def sample_groups(model, tok: CharTokenizer, prompts: list[str], k: int, sp: SamplingParams,
+                  generator: torch.Generator, batch: int = 512, progress: bool = False) -> list[str]:
+    """`sample_texts` (k samples per prompt, prompt i's at [i*k:(i+1)*k]) with a progress bar: the same
+    batches drawn from the same generator in the same order, so the same samples. Sampling a thousand
+    prompts × 8 is the long silent part of `rlpt dpo` and `rlpt rm` (~15 s on a laptop CPU)."""
+    flat = [p for p in prompts for _ in range(k)]
+    texts = []
+    with tqdm(total=len(flat), desc="sampling pairs", unit="sample", disable=not progress, dynamic_ncols=True) as bar:
+        for i in range(0, len(flat), batch):
+            texts += sample_texts(model, tok, flat[i:i + batch], 1, sp, generator, batch)
+            bar.update(len(flat[i:i + batch]))
+    return texts
+
+
 @torch.no_grad()
 def sample_pairs(model, tok: CharTokenizer, task: ArithmeticTask, n_prompts: int, k: int, temperature: float,
                  max_tokens: int, seed: int, fmt: str | None = None, max_pairs_per_prompt: int = 2,
-                 rejected: str = "first_error", batch: int = 512) -> tuple[list[PreferencePair], dict]:
+                 rejected: str = "first_error", batch: int = 512,
+                 progress: bool = False) -> tuple[list[PreferencePair], dict]:
     """Pairs from the policy's own samples on `n_prompts` distinct training prompts (see module doc).
 
     -> (pairs, stats) with stats: prompts, samples, sample_acc (the policy's accuracy at this
@@ -129,17 +160,10 @@ def sample_pairs(model, tok: CharTokenizer, task: ArithmeticTask, n_prompts: int
     if k < 2:
         raise ValueError(f"sample_pairs needs k >= 2 samples per prompt to compare (got k={k}): set dpo.pairs.k")
     rng = random.Random(seed)
-    problems, seen = [], set()
-    for _ in range(50 * n_prompts + 1000):
-        if len(problems) == n_prompts:
-            break
-        p = task.sample(rng, "train")
-        if p not in seen:
-            seen.add(p)
-            problems.append(p)
+    problems = distinct_problems(task, rng, n_prompts, "train")
     gen = torch.Generator().manual_seed(seed)
     sp = SamplingParams(max_tokens=max_tokens, temperature=temperature)
-    texts = sample_texts(model, tok, [p.prompt for p in problems], k, sp, gen, batch)
+    texts = sample_groups(model, tok, [p.prompt for p in problems], k, sp, gen, batch, progress)
     pairs, stats = [], {"prompts": len(problems), "samples": len(texts), "prompts_all_correct": 0,
                         "prompts_all_wrong": 0, "prompts_with_pairs": 0}
     n_correct = 0
@@ -207,11 +231,6 @@ def collate_pairs(pairs: list[PreferencePair], tok: CharTokenizer) -> PairBatch:
 
 def collate_responses(seqs: list[tuple[list[int], list[int]]], pad_id: int, n: int = 0) -> PairBatch:
     """(prompt ids, response ids) rows -> right-padded ids (N, T) and response mask (N, T-1)."""
-    T = max(len(a) + len(b) for a, b in seqs)
-    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(seqs), T - 1)
-    for i, (a, b) in enumerate(seqs):
-        ids[i, :len(a) + len(b)] = torch.tensor(a + b, dtype=torch.long)
-        mask[i, len(a) - 1:len(a) + len(b) - 1] = 1.0     # response token i sits at column P+i-1
+    ids, mask = pad_sequences([a for a, _ in seqs], [b for _, b in seqs], pad_id)   # (N, T), (N, T-1)
     return PairBatch(ids, mask, n or len(seqs) // 2)
 

@@ -10,10 +10,10 @@
     SimPO  −log σ((β/|y_w|) log π(y_w) − (β/|y_l|) log π(y_l) − γ)   Meng et al. 2024 (no reference)
 
 Why it works: the KL-regularised RL optimum is π* ∝ π_ref·exp(r/β), so r = β log π*/π_ref + β log Z(x);
-put that into Bradley–Terry and Z(x) cancels between two responses to the same prompt (spec part 2
-§9.1). `β·log π_θ/π_ref` is the *implicit reward*; its chosen-minus-rejected gap (`reward/margin`) and
+put that into Bradley–Terry and Z(x) cancels between two responses to the same prompt (Rafailov et al.
+2023 §4). `β·log π_θ/π_ref` is the *implicit reward*; its chosen-minus-rejected gap (`reward/margin`) and
 how often it is positive (`reward/accuracy`) are the numbers to watch, next to the absolute
-`logp/chosen`, which usually falls too (§9.2: DPO pushes the pair apart, mostly by pushing y_l down).
+`logp/chosen`, which usually falls too (lesson 16: DPO pushes the pair apart, mostly by pushing y_l down).
 
 The reference is a frozen deep copy of the starting policy (eval mode, requires_grad False, not
 in the optimizer); SimPO and ORPO need none, so none is built. Since both the pairs and the
@@ -46,14 +46,13 @@ from rlpt.config import (
     Section,
     TaskConfig,
 )
-from rlpt.framework.trajectory import per_token_logp
 from rlpt.framework.environment import ArithmeticEnv
 from rlpt.framework.evaluate import evaluate
+from rlpt.framework.trajectory import per_token_logp
 from rlpt.gpt_mini.model import load_model
-from rlpt.optim import make_optimizer
 from rlpt.gpt_mini.task import make_task
 from rlpt.gpt_mini.tokenizer import CharTokenizer
-from rlpt.loop import train_loop
+from rlpt.loop import SupervisedLoop, open_run
 from rlpt.preference.data import (
     PairBatch,
     PreferencePair,
@@ -63,7 +62,7 @@ from rlpt.preference.data import (
     sample_pairs,
     save_pairs,
 )
-from rlpt.run import Run, restore_training, training_state
+from rlpt.run import Run
 
 Method = Literal["dpo", "ipo", "kto", "orpo", "simpo"]
 NEEDS_REFERENCE = {"dpo": True, "ipo": True, "kto": True, "orpo": False, "simpo": False}
@@ -78,7 +77,8 @@ DEFAULT_BETA = {"dpo": 0.5, "ipo": 0.1, "kto": 0.1, "orpo": 0.0, "simpo": 2.0}
 
 # -- sequence log-probs ----------------------------------------------------------------------------
 def sequence_logp(model, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> (Σ_t mask·log π(token), |y|) per row, both (N,). Only response tokens count (spec §15 trap 17)."""
+    """-> (Σ_t mask·log π(token), |y|) per row, both (N,). Only response tokens count: a prompt token is
+    context, not the policy's choice."""
     logp = per_token_logp(model, ids)                       # (N, T-1)
     return (logp * mask).sum(-1), mask.sum(-1)
 
@@ -166,7 +166,7 @@ class DPOConfig(Section):
     lam_u: float = Field(1.0, gt=0, description="KTO weight of undesirable responses")
     nll_weight: float = Field(0.0, ge=0, description="α of an extra per-token NLL on y_w (RPO); 0 = off")
     # 100: held-out accuracy peaked around step 50-100 and slid back by 200 (the pairs are few and
-    # fixed, so later steps mostly overfit them: §9.2's offline limit)
+    # fixed, so later steps mostly overfit them: offline DPO's limit, lesson 16)
     steps: int = Field(100, ge=1)
     batch_size: int = Field(32, ge=1, description="pairs per step")
     # 1e-5: Adam moves every weight ~lr per step whatever the gradient's size, and this 0.8 M-parameter
@@ -279,7 +279,7 @@ def prepare_pairs(job: DPOJob, policy, tok: CharTokenizer, run: Run, resume: boo
                        "skipped_too_long": skips["too_long"], "source": pc.file}
     pairs, stats = sample_pairs(policy, tok, make_task(job.task), pc.prompts, pc.k, pc.temperature, pc.max_tokens,
                                 seed=job.run.seed, fmt=pc.format, max_pairs_per_prompt=pc.max_pairs_per_prompt,
-                                rejected=pc.rejected)
+                                rejected=pc.rejected, progress=job.run.progress)
     if not pairs:
         raise ConfigError(f"sampling gave no preference pair ({stats}): every prompt's {pc.k} samples were all "
                           "right or all wrong. Raise dpo.pairs.k or dpo.pairs.temperature, or start from a "
@@ -293,63 +293,41 @@ def run_dpo(job: DPOJob, resume: bool = False) -> tuple[torch.nn.Module, Run, di
     if not job.init_from:
         raise ConfigError("init_from is required for rlpt dpo: set init_from=<an SFT checkpoint or run folder>, "
                           "e.g. init_from=runs/sft (DPO refines a policy; its reference is that policy)")
-    if job.run.threads:
-        torch.set_num_threads(job.run.threads)
     tok, task, cfg = CharTokenizer(), make_task(job.task), job.dpo
-    run = Run(job.run.out_dir, job.run.name, job, resume=resume)
-    torch.manual_seed(job.run.seed)
+    run, ckpt = open_run(job, resume)
     policy = load_model(job.init_from, job.model, tok)
     reference = make_reference(policy, cfg.method)          # from init_from, before any resume
     env = ArithmeticEnv(task, tokenizer=tok)
     heldout = env.heldout(job.eval.size)
-    ckpt = run.latest_checkpoint() if resume else None
-    if resume and ckpt is None:
-        print(f"[rlpt] --resume: no checkpoint in {run.dir}, starting from step 0")
     pairs, pair_stats = prepare_pairs(job, policy, tok, run, resume=ckpt is not None)
     print(f"[rlpt] {len(pairs)} preference pairs ({pair_stats.get('source')}): "
           + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in pair_stats.items()
                       if k != "source"))
     ref_table = precompute_reference(reference, pairs, tok) if reference is not None else None   # (N, 2)
-    opt, sched = make_optimizer(policy, cfg.optim, cfg.steps)
-    data_rng = random.Random(job.run.seed)
-    start = 0
-    if ckpt is not None:
-        start = restore_training(run, ckpt, policy, opt, sched, data_rng)
-    meta = policy.cfg.to_dict()
 
-    def save(step: int):
-        state = training_state(step, opt, sched, data_rng)
-        return run.save(step, policy, meta, state, keep=cfg.keep_checkpoints)
-
-    def step_fn(step: int) -> dict:
-        policy.train()
-        chosen = data_rng.sample(range(len(pairs)), min(cfg.batch_size, len(pairs)))
+    def loss_fn(rng: random.Random) -> tuple[torch.Tensor, dict]:
+        chosen = rng.sample(range(len(pairs)), min(cfg.batch_size, len(pairs)))
         batch = collate_pairs([pairs[i] for i in chosen], tok)
         ref = torch.cat([ref_table[chosen, 0], ref_table[chosen, 1]]) if ref_table is not None else None   # (2B,)
-        loss, metrics = preference_loss(cfg, policy, reference, batch, tok.pad_id, ref)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        gn = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.optim.grad_clip)
-        opt.step()
-        sched.step()
-        if (step + 1) % cfg.log_every and step + 1 != cfg.steps:
-            return {}
-        return {**{k: float(v) for k, v in metrics.items()}, "grad/norm": gn.item(), "lr": sched.get_last_lr()[0]}
+        return preference_loss(cfg, policy, reference, batch, tok.pad_id, ref)
 
     def eval_fn() -> dict:
         ev = evaluate(policy, env, heldout, job.eval.max_tokens)
         return {"acc/heldout": ev["acc"], "response/len_mean": ev["len"]}
 
-    if start == 0:
+    def final_fn() -> dict:
+        rows = run.read_metrics()
+        acc = [r["acc/heldout"] for r in rows if "acc/heldout" in r]
+        last = [r for r in rows if "reward/margin" in r][-1:]
+        final = {"acc/heldout_start": acc[0], "acc/heldout_final": acc[-1], "pairs": len(pairs)}
+        for k in ("reward/margin", "reward/accuracy", "logp/chosen", "logp/rejected", "loss"):
+            if last and k in last[0]:
+                final[k] = last[0][k]
+        return final
+
+    loop = SupervisedLoop(run, ckpt, policy, cfg, job.run.seed)
+    if loop.start == 0:
         run.log(0, {**eval_fn(), **{f"pairs/{k}": v for k, v in pair_stats.items() if not isinstance(v, str)}})
-    train_loop(run, start, cfg.steps, step_fn, eval_fn, save, job.eval.every, cfg.ckpt_every, job.run.progress,
-               desc=cfg.method, show=("loss", "reward/accuracy", "acc/heldout"))
-    rows = run.read_metrics()
-    acc = [r["acc/heldout"] for r in rows if "acc/heldout" in r]
-    last = [r for r in rows if "reward/margin" in r][-1:]
-    final = {"acc/heldout_start": acc[0], "acc/heldout_final": acc[-1], "pairs": len(pairs)}
-    for k in ("reward/margin", "reward/accuracy", "logp/chosen", "logp/rejected", "loss"):
-        if last and k in last[0]:
-            final[k] = last[0][k]
-    run.close()
+    final = loop.fit(loss_fn, eval_fn, job.eval.every, final_fn, job.run.progress, desc=cfg.method,
+                     show=("loss", "reward/accuracy", "acc/heldout"))
     return policy, run, final

@@ -3,9 +3,9 @@
     r̂(x, y) = w · h_last + b        h_last = the trunk's final hidden state at the last real token of x ⧺ y
     P(y_w ≻ y_l | x) = σ(r̂(x, y_w) − r̂(x, y_l));   L_RM = −E log σ(r̂_w − r̂_l)
 
-The trunk starts from the SFT policy (InstructGPT: the RM is initialised from π_SFT, spec part 2
-§8.1), so it already reads the task; the head starts at zero, so every score starts at 0 (the
-widget of §8.4). Only differences of scores mean anything: BT leaves an additive offset free. After
+The trunk starts from the SFT policy (InstructGPT, Ouyang et al. 2022: the RM is initialised from
+π_SFT), so it already reads the task; the head starts at zero, so every score starts at 0 (lesson 15's
+widget). Only differences of scores mean anything: BT leaves an additive offset free. After
 training, the offset is pinned so that 0 lies halfway between the mean score of the held-out
 chosen and rejected responses; then `reward > 0` reads "looks preferred", which is what `rlpt
 train`'s `acc/heldout` (fraction of reward > 0) counts when the RM is the env. Healthy held-out
@@ -42,20 +42,26 @@ from rlpt.config import (
 )
 from rlpt.framework.critic import capture_hidden
 from rlpt.framework.environment import ArithmeticEnv, Prompt, Verdict, register_env
-from rlpt.gpt_mini.generate import SamplingParams, sample_texts
-from rlpt.gpt_mini.model import GPT, GPTConfig
+from rlpt.framework.trajectory import pad_sequences
+from rlpt.gpt_mini.generate import SamplingParams
+from rlpt.gpt_mini.model import GPT, GPTConfig, load_model
 from rlpt.gpt_mini.task import ArithmeticTask, Problem, verify
 from rlpt.gpt_mini.tokenizer import CharTokenizer
-from rlpt.loop import train_loop
-from rlpt.preference.data import PreferencePair, collate_pairs, load_pairs, save_pairs
+from rlpt.loop import SupervisedLoop, open_run
+from rlpt.preference.data import (
+    PreferencePair,
+    collate_pairs,
+    distinct_problems,
+    load_pairs,
+    sample_groups,
+    save_pairs,
+)
 from rlpt.run import (
     CheckpointError,
     Run,
     load_weights,
     read_checkpoint_meta,
     resolve_checkpoint,
-    restore_training,
-    training_state,
 )
 
 KIND = "reward_model"
@@ -82,11 +88,12 @@ PREFERENCES: dict[str, Callable[[str, int], float]] = {"correct": correct_score,
 @torch.no_grad()
 def sample_ranked_pairs(policy, tok: CharTokenizer, problems: list[Problem], k: int, temperature: float,
                         max_tokens: int, score: Callable[[str, int], float], seed: int,
-                        max_pairs_per_prompt: int = 4, batch: int = 512) -> tuple[list[PreferencePair], dict]:
+                        max_pairs_per_prompt: int = 4, batch: int = 512,
+                        progress: bool = False) -> tuple[list[PreferencePair], dict]:
     """k samples per prompt, scored by `score`; pairs of distinct samples with different scores (higher ≻ lower)."""
     rng, gen = random.Random(seed), torch.Generator().manual_seed(seed)
     sp = SamplingParams(max_tokens=max_tokens, temperature=temperature)
-    texts = sample_texts(policy, tok, [p.prompt for p in problems], k, sp, gen, batch)
+    texts = sample_groups(policy, tok, [p.prompt for p in problems], k, sp, gen, batch, progress)
     pairs, flat = [], 0
     for j, p in enumerate(problems):
         scored = {t: score(t, p.gold) for t in texts[j * k:(j + 1) * k]}
@@ -127,11 +134,9 @@ class RewardModel(nn.Module):
     @torch.no_grad()
     def score_texts(self, tok: CharTokenizer, rows: list[tuple[list[int], str]]) -> list[float]:
         """[(prompt ids, response text)] -> scores, one padded forward."""
-        seqs = [(p, tok.encode(r)[: max(0, self.cfg.max_seq_len - len(p))]) for p, r in rows]
-        T = max(len(p) + len(r) for p, r in seqs)
-        ids = torch.full((len(seqs), T), self.pad_id, dtype=torch.long)
-        for i, (p, r) in enumerate(seqs):
-            ids[i, :len(p) + len(r)] = torch.tensor(p + r, dtype=torch.long)
+        prompts = [p for p, _ in rows]
+        responses = [tok.encode(r)[: max(0, self.cfg.max_seq_len - len(p))] for p, r in rows]
+        ids, _ = pad_sequences(prompts, responses, self.pad_id)                # (N, T)
         was = self.training
         self.eval()
         out = self(ids).tolist()
@@ -158,7 +163,8 @@ def bt_loss(r_w: torch.Tensor, r_l: torch.Tensor) -> tuple[torch.Tensor, dict]:
     """−mean log σ(r̂_w − r̂_l). Gradient weight σ(r̂_l − r̂_w): ordered pairs fade out (logistic regression)."""
     gap = r_w - r_l
     loss = -F.logsigmoid(gap).mean()
-    return loss, {"loss/bt": loss.detach(), "rm/pair_acc": (gap > 0).float().mean(), "rm/score_gap": gap.detach().mean()}
+    return loss, {"loss/bt": loss.detach(), "rm/pair_acc": (gap > 0).float().mean(),
+                  "rm/score_gap": gap.detach().mean()}
 
 
 @torch.no_grad()
@@ -213,18 +219,6 @@ class RMJob(Section):
     rm: RMConfig = RMConfig()
 
 
-def _distinct(task: ArithmeticTask, n: int, split: str, seed: int) -> list[Problem]:
-    rng, seen, out = random.Random(seed), set(), []
-    for _ in range(50 * n + 1000):
-        if len(out) == n:
-            break
-        p = task.sample(rng, split)
-        if p not in seen:
-            seen.add(p)
-            out.append(p)
-    return out
-
-
 def rm_pairs(job: RMJob, policy, tok: CharTokenizer, run: Run, resume: bool):
     """(train pairs, held-out pairs, stats), saved in the run folder so a resume reuses them."""
     tr_path, ho_path = run.dir / "pairs.jsonl", run.dir / "pairs_heldout.jsonl"
@@ -243,11 +237,13 @@ def rm_pairs(job: RMJob, policy, tok: CharTokenizer, run: Run, resume: bool):
         stats = {"source": pc.file, **{f"skipped_{k}": v for k, v in skips.items()}}
     else:
         task, score = ArithmeticTask(**job.task.model_dump()), PREFERENCES[pc.preference]
-        train, stats = sample_ranked_pairs(policy, tok, _distinct(task, pc.prompts, "train", job.run.seed), pc.k,
-                                           pc.temperature, pc.max_tokens, score, job.run.seed, pc.max_pairs_per_prompt)
-        held, _ = sample_ranked_pairs(policy, tok, _distinct(task, pc.heldout_prompts, "heldout", job.run.seed),
-                                      pc.k, pc.temperature, pc.max_tokens, score, job.run.seed + 1,
-                                      pc.max_pairs_per_prompt)
+        seed, sampling = job.run.seed, (pc.k, pc.temperature, pc.max_tokens, score)
+        train_problems = distinct_problems(task, random.Random(seed), pc.prompts, "train")
+        held_problems = distinct_problems(task, random.Random(seed), pc.heldout_prompts, "heldout")
+        train, stats = sample_ranked_pairs(policy, tok, train_problems, *sampling, seed, pc.max_pairs_per_prompt,
+                                           progress=job.run.progress)
+        held, _ = sample_ranked_pairs(policy, tok, held_problems, *sampling, seed + 1, pc.max_pairs_per_prompt,
+                                      progress=job.run.progress)
         stats["source"] = f"sampled ({pc.preference})"
     if not train or not held:
         raise ConfigError(f"the reward model got {len(train)} training and {len(held)} held-out pairs: every "
@@ -263,52 +259,32 @@ def train_rm(job: RMJob, resume: bool = False) -> tuple[RewardModel, Run, dict]:
     if not job.init_from:
         raise ConfigError("init_from is required for rlpt rm: set init_from=<an SFT checkpoint or run folder> "
                           "(it samples the pairs and initialises the RM's trunk)")
-    from rlpt.gpt_mini.model import load_model
-    from rlpt.optim import make_optimizer
-    if job.run.threads:
-        torch.set_num_threads(job.run.threads)
     tok, cfg = CharTokenizer(), job.rm
-    run = Run(job.run.out_dir, job.run.name, job, resume=resume)
-    torch.manual_seed(job.run.seed)
+    run, ckpt = open_run(job, resume)
     policy = load_model(job.init_from, job.model, tok)
-    ckpt = run.latest_checkpoint() if resume else None
     train, held, stats = rm_pairs(job, policy, tok, run, resume=ckpt is not None)
     print(f"[rlpt] reward model: {len(train)} training pairs, {len(held)} held-out ({stats['source']})")
     rm = RewardModel(policy, tok.pad_id)      # the policy's weights become the trunk (nothing else uses them)
-    opt, sched = make_optimizer(rm, cfg.optim, cfg.steps)
-    data_rng, start = random.Random(job.run.seed), 0
-    if ckpt is not None:
-        start = restore_training(run, ckpt, rm, opt, sched, data_rng)
 
-    def save(step: int):
-        state = training_state(step, opt, sched, data_rng)
-        return run.save(step, rm, rm.meta(), state, keep=cfg.keep_checkpoints)
-
-    def step_fn(step: int) -> dict:
-        rm.train()
-        idx = data_rng.sample(range(len(train)), min(cfg.batch_size, len(train)))
+    def loss_fn(rng: random.Random) -> tuple[torch.Tensor, dict]:
+        idx = rng.sample(range(len(train)), min(cfg.batch_size, len(train)))
         b = collate_pairs([train[i] for i in idx], tok)
         s = rm(b.ids)                                                        # (2B,)
-        loss, m = bt_loss(s[:b.n], s[b.n:])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        gn = torch.nn.utils.clip_grad_norm_(rm.parameters(), cfg.optim.grad_clip)
-        opt.step()
-        sched.step()
-        if (step + 1) % cfg.log_every and step + 1 != cfg.steps:
-            return {}
-        return {**{k: float(v) for k, v in m.items()}, "grad/norm": gn.item(), "lr": sched.get_last_lr()[0]}
+        return bt_loss(s[:b.n], s[b.n:])
 
-    if start == 0:
+    def final_fn() -> dict:
+        calibrate(rm, held, tok)
+        final = pair_metrics(rm, held, tok)
+        loop.save(cfg.steps)                    # the calibrated offset is part of the final checkpoint
+        run.log(cfg.steps, {"rm/offset": rm.head.bias.item()})
+        return {**final, "pairs/train": len(train), "pairs/heldout": len(held)}
+
+    loop = SupervisedLoop(run, ckpt, rm, cfg, job.run.seed, meta=rm.meta())
+    if loop.start == 0:
         run.log(0, pair_metrics(rm, held, tok))
-    train_loop(run, start, cfg.steps, step_fn, lambda: pair_metrics(rm, held, tok), save, cfg.eval_every,
-               cfg.ckpt_every, job.run.progress, desc="rm", show=("loss/bt", "rm/pair_acc_heldout"))
-    calibrate(rm, held, tok)
-    final = pair_metrics(rm, held, tok)
-    save(cfg.steps)                             # the calibrated offset is part of the final checkpoint
-    run.log(cfg.steps, {"rm/offset": rm.head.bias.item()})
-    run.close()
-    return rm, run, {**final, "pairs/train": len(train), "pairs/heldout": len(held)}
+    final = loop.fit(loss_fn, lambda: pair_metrics(rm, held, tok), cfg.eval_every, final_fn, job.run.progress,
+                     desc="rm", show=("loss/bt", "rm/pair_acc_heldout"))
+    return rm, run, final
 
 
 @torch.no_grad()
