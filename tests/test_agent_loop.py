@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+import rlpt.algorithms  # noqa: F401 - registers the algorithms make_algorithm builds
 from rlpt.envs.calculator import CalculatorArithmeticEnv, evaluate, tool_reply, ToolError
 from rlpt.framework.agent_loop import MultiTurnRollout
 from rlpt.framework.algorithm import make_algorithm

@@ -1,5 +1,6 @@
 """The six algorithms against lessons 09–14: hand-computed fixtures, exact identities,
 dynamic sampling, config errors, and a short run of each through `rlpt.train.run_train`."""
+import ast
 import copy
 import math
 import shutil
@@ -9,8 +10,10 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import TINY
+import rlpt.algorithms  # noqa: F401 - registers the algorithms make_algorithm builds
 from rlpt.algorithms.dapo import degenerate_fraction, overlong_penalty
 from rlpt.algorithms.ppo import gae
+from rlpt.cli import main as cli_main
 from rlpt.config import ConfigError, ModelConfig
 from rlpt.framework.algorithm import ALGORITHMS, AlgorithmConfigError, make_algorithm
 from rlpt.framework.controller import Controller
@@ -27,7 +30,7 @@ from rlpt.gpt_mini.task import ArithmeticTask
 from rlpt.gpt_mini.tokenizer import CharTokenizer
 from rlpt.loop import _label
 from rlpt.run import load_state, save_checkpoint
-from rlpt.train import LAST10, PROGRESS, load_train_job, main_for_algorithm, run_train
+from rlpt.train import LAST10, PROGRESS, load_train_job, run_train
 
 TOK = CharTokenizer()
 NAMES = ["reinforce", "ppo", "grpo", "rloo", "dapo", "drgrpo"]
@@ -214,15 +217,43 @@ def roles(section, env=None, prompts=3, k=4, epochs=1, lr=1e-2):
     """The six roles wired the way rlpt.train.build wires them (critic, group filter)."""
     policy = tiny_model()
     a = make_algorithm(section, k, 6)
-    critic = a.make_critic(policy) if hasattr(a, "make_critic") else None
-    rollout = Rollout(copy.deepcopy(policy), TOK, prompts, SamplingParams(max_tokens=6),
-                            group_filter=getattr(a, "group_filter", None))
+    critic = a.make_critic(policy)
+    rollout = Rollout(copy.deepcopy(policy), TOK, prompts, SamplingParams(max_tokens=6), group_filter=a.group_filter)
     ref = Reference(policy, scorers={"values": critic} if critic else None)
     params = torch.nn.ModuleList([policy, critic]) if critic else policy
     opt = torch.optim.AdamW(params.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
     trainer = Trainer(policy, opt, None, 1.0, 0, 1, epochs, critic=critic)
     env = env or ParityEnv(ArithmeticTask(max_operands=3), seed=0, tokenizer=TOK)
     return Controller(rollout, env, ref, a, trainer, WeightSyncer(1), k, TOK.pad_id)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_hook_has_a_neutral_default(name):
+    """Callers never probe: each hook exists on every algorithm, and only the algorithm that uses it sets it."""
+    a = algo(name)
+    assert (a.make_critic(tiny_model()) is not None) == (name == "ppo")
+    assert (a.group_filter is not None) == (name == "dapo")
+    assert algo(name, dynamic_sampling=False).group_filter is None if name == "dapo" else True
+    assert a.state_dict() == ({"ema": 0.0, "seen": 0} if name == "reinforce" else {})
+    if name != "reinforce":
+        a.load_state_dict({})                          # the state it saved: nothing
+        with pytest.raises(ValueError, match="keeps no state"):
+            a.load_state_dict({"ema": 0.5})            # a checkpoint from another algorithm fails loudly
+
+
+def test_controller_state_holds_the_algorithm_only_when_it_has_state_and_resumes_it():
+    base = roles({"name": "reinforce", "baseline": True, "baseline_decay": 0.5})
+    base.step()
+    state = base.state_dict()
+    assert set(state) == {"trainer", "rollout", "env", "sync", "algorithm"}
+    assert state["algorithm"] == {"ema": base.algorithm.ema, "seen": 1} and state["sync"]["syncs"] == 1
+    assert set(roles({"name": "grpo"}).state_dict()) == {"trainer", "rollout", "env", "sync"}
+    resumed = roles({"name": "reinforce", "baseline": True, "baseline_decay": 0.5})
+    resumed.load_state_dict(copy.deepcopy(state))   # as from disk: AdamW state is live
+    resumed.trainer.model.load_state_dict(base.trainer.model.state_dict())   # weights travel in safetensors
+    assert resumed.algorithm.baseline_value == base.algorithm.baseline_value != 0.0
+    strip = lambda m: {k: v for k, v in m.items() if not k.startswith("time/")}
+    assert strip(resumed.step()) == strip(base.step())
 
 
 def ppo_batch(ctl):
@@ -468,7 +499,7 @@ def test_checkpoint_resume_is_bit_identical(name, extra, init_ckpt, tmp_path):
 def test_cli_entry_point_prints_the_training_table(init_ckpt, tmp_path, capsys):
     argv = [*TINY, f"init_from={init_ckpt}", f"run.out_dir={tmp_path}", "env.name=test_first_char", "rollout.k=4",
             "rollout.prompts_per_step=2", "rollout.max_tokens=8", "steps=2", "trainer.epochs=2"]
-    assert main_for_algorithm("ppo", argv) == 0
+    assert cli_main(["train", "algorithm.name=ppo", *argv]) == 0
     out = capsys.readouterr().out
     for key in ("acc/heldout_final", "reward/mean_last10", "loss_last10", "kl/mean_last10", "grad/norm_last10",
                 "clip/frac_last10", "loss/value_last10", "run folder"):
@@ -477,11 +508,16 @@ def test_cli_entry_point_prints_the_training_table(init_ckpt, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_each_file_documents_itself_and_runs_alone(name):
+def test_each_file_documents_itself_and_imports_only_below_it(name):
     import importlib
     mod = importlib.import_module(f"rlpt.algorithms.{name}")
     doc = mod.__doc__
-    assert f"python -m rlpt.algorithms.{name}" in doc and "Paper:" in doc and "Length bias:" in doc
+    assert f"rlpt train algorithm.name={name}" in doc and "Paper:" in doc and "Length bias:" in doc
     assert "Advantage:" in doc and "Loss:" in doc and "Diff from" in doc
     assert len(doc.splitlines()) <= 40                # fits a screen with the code on the next
-    assert f'main_for_algorithm("{name}"' in open(mod.__file__).read()
+    tree = ast.parse(open(mod.__file__).read())
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)} | \
+        {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    assert all(m.split(".")[1] in ("framework", "algorithms") for m in imported if m.startswith("rlpt.")), imported
+    # what its runs want from the trainer is data on the class, read by `rlpt train algorithm.name=...`
+    assert ALGORITHMS[name].trainer_defaults == (("trainer.epochs=4",) if name == "ppo" else ())

@@ -10,6 +10,7 @@ import pytest
 import torch
 from test_agent_loop import ReplyOnceEnv, tiny_gpt
 
+import rlpt.algorithms  # noqa: F401 - registers the algorithms make_algorithm builds
 from rlpt.config import ConfigError, ModelConfig
 from rlpt.framework.agent_loop import MultiTurnRollout
 from rlpt.framework.algorithm import make_algorithm

@@ -22,7 +22,7 @@ prompts_per_step groups are mixed or `max_draws` rounds were made (then it train
 `sampling/cap_hit`, `sampling/groups_drawn`). A prompt solved with probability p gives an all-equal
 group with probability p^K + (1−p)^K: 0.656 at p = 0.9, K = 4 (lesson 13).
 
-    python -m rlpt.algorithms.dapo [algorithm.dynamic_sampling=false] [key=value ...]
+    rlpt train algorithm.name=dapo [algorithm.dynamic_sampling=false] [key=value ...]
 """
 from __future__ import annotations
 
@@ -92,10 +92,3 @@ class DAPO(GRPO):
                 t.advantage = a
                 t.degenerate = degenerate
                 t.info |= {"shaped_reward": s, "overlong_penalty": p}
-
-
-if __name__ == "__main__":
-    import sys
-
-    from rlpt.train import main_for_algorithm
-    sys.exit(main_for_algorithm("dapo", sys.argv[1:]))

@@ -13,7 +13,7 @@ same and only the learning rate scale differs (norm_len=1 gives the lesson's A/K
 its sibling, divides by Σ|y_i| instead, which varies per batch. Giving up /std makes the update
 scale with the reward scale ({0,1} → {0,100} is a 100× step).
 
-    python -m rlpt.algorithms.drgrpo [key=value ...]
+    rlpt train algorithm.name=drgrpo [key=value ...]
 """
 from __future__ import annotations
 
@@ -30,10 +30,3 @@ class DrGRPO(GRPO):
         scale_by_std: bool = Field(False, description="divide by the group std (GRPO's bias A); off")
 
     default_agg: AggMode = "seq-mean-token-sum-norm"
-
-
-if __name__ == "__main__":
-    import sys
-
-    from rlpt.train import main_for_algorithm
-    sys.exit(main_for_algorithm("drgrpo", sys.argv[1:]))

@@ -9,19 +9,18 @@ more: a wrong long answer is punished less per token, so wrong answers drift lon
 Degenerate groups (all rewards equal, std < 1e-8) get A = 0 and `degenerate = True`; the
 controller drops them (no gradient signal, and they would dilute the token mean).
 
-    python -m rlpt.algorithms.grpo [key=value ...]     # or: rlpt train recipes/grpo_arith.yaml
+    rlpt train algorithm.name=grpo [key=value ...]     # or: rlpt train recipes/grpo_arith.yaml
 """
 from __future__ import annotations
 
 import torch
 from pydantic import Field, model_validator
 
-from rlpt.framework.algorithm import AggMode, AlgorithmConfig, aggregate, clipped_surrogate, group_rewards, \
-    kl_term, register
+from rlpt.framework.algorithm import AggMode, Algorithm, AlgorithmConfig, clipped_surrogate, group_rewards, register
 
 
 @register("grpo")
-class GRPO:
+class GRPO(Algorithm):
     needs_groups = True
 
     class Config(AlgorithmConfig):
@@ -39,13 +38,6 @@ class GRPO:
             return self
 
     default_agg: AggMode = "seq-mean-token-mean"
-
-    def __init__(self, cfg: Config):
-        self.cfg = cfg
-
-    @property
-    def agg(self) -> AggMode:
-        return self.cfg.loss_agg or self.default_agg
 
     def group_advantages(self, r: torch.Tensor) -> tuple[torch.Tensor, bool]:
         """(K,) rewards -> (K,) advantages, degenerate flag."""
@@ -68,13 +60,6 @@ class GRPO:
         eps_high = self.cfg.clip_eps_high or self.cfg.clip_eps
         pg_tok, stats = clipped_surrogate(new_logp, batch.old_logp, batch.advantage, batch.mask,
                                           self.cfg.clip_eps, eps_high)
-        pg = aggregate(pg_tok, batch, self.agg, self.cfg.norm_len)
-        kl, kl_stats = kl_term(batch, new_logp, self.cfg, self.agg)
+        pg = self.aggregate(pg_tok, batch)
+        kl, kl_stats = self.kl_term(batch, new_logp)
         return pg + kl, {"loss/pg": pg.detach(), "loss/kl": kl.detach(), **stats, **kl_stats}
-
-
-if __name__ == "__main__":
-    import sys
-
-    from rlpt.train import main_for_algorithm
-    sys.exit(main_for_algorithm("grpo", sys.argv[1:]))

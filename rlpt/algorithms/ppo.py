@@ -4,7 +4,7 @@ Paper: Schulman et al. 2017, "Proximal Policy Optimization Algorithms"; GAE: Sch
 Advantage: A_t = Σ_k (γλ)^k δ_{t+k},  δ_t = r_t + γ V_old(s_{t+1}) − V_old(s_t);  r_t = R at the last token, else 0.
 Loss:      token-mean[ −min(ρ_t A_t, clip(ρ_t, 1−ε, 1+ε) A_t) ] + c_v · token-mean[ (V_φ(s_t) − R_t)² ] + β·KL_k3
 Diff from REINFORCE: a critic replaces the constant baseline, the importance ratio ρ and its clip
-allow several epochs per batch (`trainer.epochs`, 4 when run as below), advantages are per token.
+allow several epochs per batch (`trainer.epochs`, 4 in its runs: `trainer_defaults`), advantages are per token.
 Length bias: token-mean over the batch gives every token the same weight; the divisor Σ|y_i| changes
 from batch to batch (a length-adaptive step size, as DAPO's).
 
@@ -19,7 +19,7 @@ the environment's transition. Advantages are whitened over the batch (`whiten`, 
 of lesson 14's table; verl and TRL do the same). Optional PPO2 value clipping: `value_clip=0.2`.
 No group baseline, so K = 1 works and no group is ever degenerate.
 
-    python -m rlpt.algorithms.ppo [algorithm.value_head=shared] [algorithm.lam=0.95] [key=value ...]
+    rlpt train algorithm.name=ppo [algorithm.value_head=shared] [algorithm.lam=0.95] [key=value ...]
 """
 from __future__ import annotations
 
@@ -28,8 +28,8 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from rlpt.framework.algorithm import AggMode, AlgorithmConfig, aggregate, clipped_surrogate, kl_term, \
-    masked_mean, register
+from rlpt.framework.algorithm import AggMode, Algorithm, AlgorithmConfig, aggregate, clipped_surrogate, masked_mean, \
+    register
 from rlpt.framework.critic import Critic
 
 
@@ -46,9 +46,7 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, gamma: float, lam: float) -
 
 
 @register("ppo")
-class PPO:
-    needs_groups = False
-
+class PPO(Algorithm):
     class Config(AlgorithmConfig):
         name: str = "ppo"
         clip_eps: float = Field(0.2, gt=0, description="ε of the clipped surrogate")
@@ -60,13 +58,7 @@ class PPO:
         whiten: bool = Field(True, description="normalise advantages to mean 0, std 1 over the batch")
 
     default_agg: AggMode = "token-mean"
-
-    def __init__(self, cfg: Config):
-        self.cfg = cfg
-
-    @property
-    def agg(self) -> AggMode:
-        return self.cfg.loss_agg or self.default_agg
+    trainer_defaults = ("trainer.epochs=4",)   # several epochs per batch: what the ratio and clip are for
 
     def make_critic(self, policy: torch.nn.Module) -> Critic:
         return Critic(policy, shared=self.cfg.value_head == "shared")
@@ -97,9 +89,9 @@ class PPO:
                              "critic=algorithm.make_critic(policy)")
         eps = self.cfg.clip_eps
         pg_tok, stats = clipped_surrogate(new_logp, batch.old_logp, batch.advantage, batch.mask, eps, eps)
-        pg = aggregate(pg_tok, batch, self.agg, self.cfg.norm_len)
+        pg = self.aggregate(pg_tok, batch)
         v_loss, v_stats = self.value_loss(batch, values)
-        kl, kl_stats = kl_term(batch, new_logp, self.cfg, self.agg)
+        kl, kl_stats = self.kl_term(batch, new_logp)
         v_term = self.cfg.value_coef * v_loss
         return pg + v_term + kl, {"loss/pg": pg.detach(), "loss/value": v_term.detach(), "loss/kl": kl.detach(),
                                   **stats, **v_stats, **kl_stats}
@@ -116,10 +108,3 @@ class PPO:
             stats["value/clip_frac"] = masked_mean((v_clip_tok > v_tok).float(), batch.mask)
             v_tok = torch.max(v_tok, v_clip_tok)
         return aggregate(v_tok, batch, "token-mean", self.cfg.norm_len), stats
-
-
-if __name__ == "__main__":
-    import sys
-
-    from rlpt.train import main_for_algorithm
-    sys.exit(main_for_algorithm("ppo", sys.argv[1:], defaults=("trainer.epochs=4",)))

@@ -16,21 +16,21 @@ baseline and all rewards 0) carries no policy gradient and is marked degenerate.
 published: with `trainer.epochs > 1` or `sync.every > 1` the data is off-policy and nothing corrects
 for it (`ratio/abs_log_mean` shows how far); PPO adds the ratio for exactly that.
 
-    python -m rlpt.algorithms.reinforce [algorithm.baseline=true] [key=value ...]
+    rlpt train algorithm.name=reinforce [algorithm.baseline=true] [key=value ...]
 """
 from __future__ import annotations
 
 import torch
 from pydantic import Field
 
-from rlpt.framework.algorithm import AggMode, AlgorithmConfig, aggregate, kl_term, masked_mean, register
+from rlpt.framework.algorithm import AggMode, Algorithm, AlgorithmConfig, masked_mean, register
 
 
-def policy_gradient_loss(algo, batch, new_logp) -> tuple[torch.Tensor, dict]:
+def policy_gradient_loss(algo: Algorithm, batch, new_logp) -> tuple[torch.Tensor, dict]:
     """−A·log π per token, aggregated with the algorithm's mode, plus the KL term. Shared with RLOO."""
     pg_tok = -batch.advantage * new_logp                                  # (B, T-1)
-    pg = aggregate(pg_tok, batch, algo.agg, algo.cfg.norm_len)
-    kl, kl_stats = kl_term(batch, new_logp, algo.cfg, algo.agg)
+    pg = algo.aggregate(pg_tok, batch)
+    kl, kl_stats = algo.kl_term(batch, new_logp)
     with torch.no_grad():   # no ratio in the loss, but how stale the batch is still matters
         log_ratio = (new_logp - batch.old_logp).abs() * batch.mask
         stats = {"ratio/abs_log_mean": masked_mean(log_ratio, batch.mask), "ratio/abs_log_max": log_ratio.max()}
@@ -38,9 +38,7 @@ def policy_gradient_loss(algo, batch, new_logp) -> tuple[torch.Tensor, dict]:
 
 
 @register("reinforce")
-class REINFORCE:
-    needs_groups = False
-
+class REINFORCE(Algorithm):
     class Config(AlgorithmConfig):
         name: str = "reinforce"
         baseline: bool = Field(False, description="subtract a running mean of earlier rewards")
@@ -49,12 +47,8 @@ class REINFORCE:
     default_agg: AggMode = "seq-mean-token-sum-norm"
 
     def __init__(self, cfg: Config):
-        self.cfg = cfg
+        super().__init__(cfg)
         self.ema, self.seen = 0.0, 0          # running-mean baseline state
-
-    @property
-    def agg(self) -> AggMode:
-        return self.cfg.loss_agg or self.default_agg
 
     @property
     def baseline_value(self) -> float:
@@ -83,10 +77,3 @@ class REINFORCE:
 
     def load_state_dict(self, state: dict) -> None:
         self.ema, self.seen = state["ema"], state["seen"]
-
-
-if __name__ == "__main__":
-    import sys
-
-    from rlpt.train import main_for_algorithm
-    sys.exit(main_for_algorithm("reinforce", sys.argv[1:]))

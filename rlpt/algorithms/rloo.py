@@ -13,7 +13,7 @@ RLOO's advantage is GRPO's centred advantage (before /std) times K/(K−1): 2 at
 With no ratio it is on-policy: keep `trainer.epochs=1` and `sync.every=1` (lesson 12's traps);
 `ratio/abs_log_mean` shows how stale a batch was. All-equal groups have A = 0 and are dropped.
 
-    python -m rlpt.algorithms.rloo [key=value ...]
+    rlpt train algorithm.name=rloo [key=value ...]
 """
 from __future__ import annotations
 
@@ -26,8 +26,6 @@ from rlpt.framework.algorithm import AggMode, AlgorithmConfig, register
 
 @register("rloo")
 class RLOO(GRPO):
-    needs_groups = True
-
     class Config(AlgorithmConfig):
         name: str = "rloo"
 
@@ -44,10 +42,3 @@ class RLOO(GRPO):
 
     def compute_loss(self, batch, new_logp):
         return policy_gradient_loss(self, batch, new_logp)
-
-
-if __name__ == "__main__":
-    import sys
-
-    from rlpt.train import main_for_algorithm
-    sys.exit(main_for_algorithm("rloo", sys.argv[1:]))

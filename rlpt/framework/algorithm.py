@@ -5,15 +5,19 @@
 
     loss = agg(pg_tok · mask) + β · agg(kl_tok · mask),   kl_tok = k(new_logp, ref_logp) estimating KL(π_θ ‖ π_ref)
 
-Optional hooks, each used generically by `rlpt.train.build` (none is looked up by algorithm name):
-    make_critic(policy) -> nn.Module        a value model: trained by the trainer, scored as "values"
-                                            by the reference side, passed to compute_loss as values=
-    group_filter: GroupFilter | None        dynamic sampling: the rollout re-draws until groups pass
-    state_dict() / load_state_dict(state)   state across steps (a running baseline), checkpointed
+Every algorithm subclasses `Algorithm`, which holds the shared boilerplate (its config, its aggregation
+mode, the KL term) and gives each optional hook a neutral default, so callers never probe for one:
+    make_critic(policy) -> nn.Module | None  a value model (None: no critic): trained by the trainer, scored
+                                            as "values" by the reference side, passed to compute_loss as values=
+    group_filter: GroupFilter | None        dynamic sampling: the rollout re-draws until groups pass (None: off)
+    state_dict() / load_state_dict(state)   state across steps (a running baseline), checkpointed ({}: none)
+    trainer_defaults: tuple[str, ...]       `key=value` overrides its runs start from (PPO: trainer.epochs=4)
 
 The trainer and the rollout never know which algorithm runs: swapping GRPO for DAPO is a config
 change. Algorithms register with one decorator and carry their own pydantic config, so a recipe's
 `algorithm:` section is validated by the algorithm it names and errors name `algorithm.<key>`.
+Registering is importing: `rlpt.algorithms` registers the bundled six, and whoever builds a run
+(rlpt.train) imports it; this floor never imports the algorithms above it.
 
 Aggregation modes (how per-token terms become one number; lesson 14):
   token-mean                Σ x·m / Σ m over the batch      every token weighs the same (DAPO)
@@ -24,12 +28,15 @@ Denominators come from the batch (`agg_tokens`, `agg_seqs`), so micro-batch loss
 from __future__ import annotations
 
 import difflib
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from rlpt.framework.trajectory import Batch, Trajectory
+
+if TYPE_CHECKING:   # annotation only: the rollout honours the filter, the algorithm declares it
+    from rlpt.framework.rollout import GroupFilter
 
 AggMode = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
 KLEstimator = Literal["k1", "k2", "k3"]
@@ -50,21 +57,54 @@ class AlgorithmConfig(BaseModel):
             self.norm_len = max_tokens
 
 
-class Algorithm(Protocol):
-    cfg: AlgorithmConfig
-    needs_groups: bool          # True when the advantage needs K ≥ 2 samples per prompt
+class Algorithm:
+    """The base of every algorithm: the two methods to write, and the hooks' neutral defaults (module doc)."""
+    name: str = ""                              # set by @register
+    Config: type[AlgorithmConfig] = AlgorithmConfig   # each algorithm nests its own Config(AlgorithmConfig)
+    needs_groups: bool = False                  # True when the advantage needs K ≥ 2 samples per prompt
+    default_agg: AggMode = "token-mean"         # used unless the config sets loss_agg
+    trainer_defaults: tuple[str, ...] = ()      # `key=value` overrides its runs want; the command line wins
+    group_filter: GroupFilter | None = None     # dynamic sampling off
 
-    def compute_advantages(self, groups: list[list[Trajectory]]) -> None: ...
+    def __init__(self, cfg: AlgorithmConfig):
+        self.cfg = cfg
 
-    def compute_loss(self, batch: Batch, new_logp: torch.Tensor) -> tuple[torch.Tensor, dict]: ...
+    @property
+    def agg(self) -> AggMode:
+        return self.cfg.loss_agg or self.default_agg
+
+    def compute_advantages(self, groups: list[list[Trajectory]]) -> None:
+        raise NotImplementedError
+
+    def compute_loss(self, batch: Batch, new_logp: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        raise NotImplementedError
+
+    def aggregate(self, x: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """Per-token x (B, T-1) -> scalar, in this algorithm's aggregation mode."""
+        return aggregate(x, batch, self.agg, self.cfg.norm_len)
+
+    def kl_term(self, batch: Batch, new_logp: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """β · KL(π_θ ‖ π_ref), aggregated like the policy term, and `kl/mean` per token."""
+        kl_tok = kl_estimate(new_logp, batch.ref_logp, self.cfg.kl_estimator)     # (B, T-1)
+        return self.cfg.beta * self.aggregate(kl_tok, batch), {"kl/mean": masked_mean(kl_tok.detach(), batch.mask)}
+
+    def make_critic(self, policy: torch.nn.Module) -> torch.nn.Module | None:
+        return None
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state:
+            raise ValueError(f"{self.name} keeps no state across steps, but was given {sorted(state)}")
 
 
 ALGORITHMS: dict[str, type] = {}
 
 
 def register(name: str):
-    """@register("grpo") on a class with a nested `Config(AlgorithmConfig)`."""
-    def deco(cls):
+    """@register("grpo") on an `Algorithm` subclass with a nested `Config(AlgorithmConfig)`."""
+    def deco(cls: type[Algorithm]) -> type[Algorithm]:
         cls.name = name
         ALGORITHMS[name] = cls
         return cls
@@ -75,9 +115,9 @@ class AlgorithmConfigError(ValueError):
     pass
 
 
-def make_algorithm(section: dict, group_size: int, max_tokens: int):
-    """Build the registered algorithm `section["name"]`, validating the rest of the section."""
-    import rlpt.algorithms  # noqa: F401 - registers the bundled algorithms
+def make_algorithm(section: dict, group_size: int, max_tokens: int) -> Algorithm:
+    """Build the registered algorithm `section["name"]`, validating the rest of the section.
+    Only what was imported is registered: import `rlpt.algorithms` first for the bundled six."""
     name = section.get("name")
     if name not in ALGORITHMS:
         close = difflib.get_close_matches(str(name), ALGORITHMS, n=1)
@@ -158,12 +198,6 @@ def clipped_surrogate(new_logp, old_logp, adv, mask, eps_low: float, eps_high: f
                  "ratio/abs_log_mean": (log_ratio.abs() * mask).sum() / n,
                  "ratio/abs_log_max": (log_ratio.abs() * mask).max()}
     return pg_tok, stats
-
-
-def kl_term(batch: Batch, new_logp: torch.Tensor, cfg: AlgorithmConfig, mode: AggMode) -> tuple[torch.Tensor, dict]:
-    kl_tok = kl_estimate(new_logp, batch.ref_logp, cfg.kl_estimator)
-    kl = aggregate(kl_tok, batch, mode, cfg.norm_len)
-    return cfg.beta * kl, {"kl/mean": masked_mean(kl_tok.detach(), batch.mask)}
 
 
 def group_rewards(group: list[Trajectory]) -> torch.Tensor:

@@ -9,6 +9,9 @@ rewards equal: zero advantage, zero gradient) are dropped before collate; when e
 degenerate the step is skipped: no forward, no optimizer step, no sync, parameters bit-identical.
 The rollout's own `stats` (its timings; `sampling/*` when an algorithm's dynamic sampling re-draws)
 join the metrics.
+
+Each field is typed by its role's interface (roles.py, and `Environment`, `Algorithm`); `state_dict()`
+gathers every role's state across steps in one dict, which is what a checkpoint holds beside the weights.
 """
 from __future__ import annotations
 
@@ -16,6 +19,9 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+from rlpt.framework.algorithm import Algorithm
+from rlpt.framework.environment import Environment
+from rlpt.framework.roles import ReferenceRole, RolloutRole, SyncerRole, TrainerRole
 from rlpt.framework.trajectory import collate, flatten, rollout_metrics
 
 
@@ -25,12 +31,12 @@ class LogpMismatchError(RuntimeError):
 
 @dataclass
 class Controller:
-    rollout: object
-    env: object
-    reference: object
-    algorithm: object
-    trainer: object
-    syncer: object
+    rollout: RolloutRole
+    env: Environment
+    reference: ReferenceRole
+    algorithm: Algorithm
+    trainer: TrainerRole
+    syncer: SyncerRole
     k: int
     pad_id: int
     logp_tol: float | None = 1e-5       # on the mean |Δ|; None: no check (top-p/top-k sampling)
@@ -63,6 +69,21 @@ class Controller:
         metrics["step/skipped"] = float(not kept)
         self._check(metrics)
         return metrics | self.timings                                               # 7 metrics
+
+    def state_dict(self) -> dict:
+        """Every role's state across steps; "algorithm" only when the algorithm keeps any (REINFORCE's baseline)."""
+        state = {"trainer": self.trainer.state_dict(), "rollout": self.rollout.state_dict(),
+                 "env": self.env.state_dict(), "sync": self.syncer.state_dict()}
+        if algorithm := self.algorithm.state_dict():
+            state["algorithm"] = algorithm
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.trainer.load_state_dict(state["trainer"])
+        self.rollout.load_state_dict(state["rollout"])
+        self.env.load_state_dict(state["env"])
+        self.syncer.load_state_dict(state["sync"])
+        self.algorithm.load_state_dict(state.get("algorithm", {}))
 
     def _check(self, metrics: dict) -> None:
         mean, worst = metrics.get("check/logp_mismatch_mean"), metrics.get("check/logp_mismatch")

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from rlpt.framework.roles import RolloutRole, TrainerRole
+
 
 class WeightSyncer:
     def __init__(self, every: int = 1):
@@ -35,7 +37,7 @@ class WeightSyncer:
                 raise ValueError(f"{name}: trainer {tuple(src_p[name].shape)} vs rollout {tuple(p.shape)}")
             p.copy_(src_p[name])
 
-    def sync(self, trainer, rollout) -> bool:
+    def sync(self, trainer: TrainerRole, rollout: RolloutRole) -> bool:
         """Called once per train step; copies on every `every`-th call. Returns whether it copied."""
         self.steps += 1
         if self.steps % self.every:
