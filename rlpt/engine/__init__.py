@@ -9,9 +9,9 @@ tables), model_runner (one flat forward per step), scheduler (continuous batchin
 preemption), spec_decode (draft + exact rejection sampling), llm (the engine), backend (the RL rollout
 contract), naive (the reference decode loop).
 """
-from rlpt.engine.backend import EngineBackend, generate
+from rlpt.engine.backend import EngineBackend
 from rlpt.engine.llm import LLM
 from rlpt.engine.sampling import SamplingParams
 from rlpt.engine.sequence import CompletionOutput, RequestOutput
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "EngineBackend", "generate"]
+__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "EngineBackend"]

@@ -1,6 +1,7 @@
 """The RL rollout backend: `rlpt.gpt_mini.generate.generate`'s contract, served by the paged engine.
 
-    samples = generate(model, prompts, SamplingParams(max_tokens, temperature, top_p, top_k), eos_id, pad_id, generator)
+    backend = EngineBackend(max_num_seqs=256)      # one per rollout; it keeps one engine per model object
+    samples = backend(model, prompts, SamplingParams(max_tokens, temperature, top_p, top_k), eos_id, pad_id, generator)
     samples[i].tokens / .logps / .finish_reason          # one Sample per prompt, in order
 
 Drop-in for `rlpt.framework.rollout`: identical prompts in one call (the K samples of a GRPO group)
@@ -68,5 +69,3 @@ class EngineBackend:
                 samples[i] = Sample(list(c.token_ids), list(c.token_logprobs), c.finish_reason)
         return samples
 
-
-generate = EngineBackend()

@@ -14,24 +14,9 @@ not 7: fewer ops is what counts at this size. The fused copies are rebuilt whene
 on the next call. RoPE is one complex multiply on pair-interleaved q and k (see `__init__`); the
 residual adds ride on the o / down projections (`addmm`).
 
-Where a decode step's time goes (gpt_mini, B=64, context ~32, one thread of a shared 2-core box, CPU
-time, `bench/engine.py` and per-op timing): ~4.7 ms per step against HF generate()'s ~6.7 ms. The 17
-GEMMs take ~1.4 ms at ~75 GFLOP/s with hot caches (~2 ms in the step, where K/V reads evict the weights);
-paged decode attention ~0.6 ms hot, ~1.1 ms in the step (it must read B·S·H_kv·hd·2 floats, ~2 MB per
-layer); norms, RoPE, K/V writes and SwiGLU ~0.8 ms; scheduling, metadata and sampling ~0.5 ms of Python.
-That is ~150 eager op dispatches per step, the GEMMs and the K/V bytes being the part no schedule removes.
-What fused kernels would change (vLLM's CUDA graphs + paged-attention kernel, or compiled CPU code):
-norm + RoPE + K/V write as one kernel per layer, attention reading each K/V block once with an online
-softmax, and the whole step replayed as one graph instead of ~150 dispatches of 2–5 us each.
-Measured, not assumed: `torch.compile` (inductor's CPU C++ backend, torch 2.13) of this decode forward with
-attention written as a dense gather (`pool[index]`, which it can trace; the sparse kernels it cannot) took
-5.6 ms per step against 2.9 ms eager (B=64, static or dynamic shapes; 9-21 s to compile): its generated
-gather-reduce loops are scalar. Writing K/V through a view of the pool was worse: the pool was copied every
-step (31 ms); `index_put_` on the pool itself or a custom op avoids that. Compiling only the dense
-pieces between attentions (vLLM's piecewise scheme: norm + qkv + RoPE, then o-proj + norm + MLP, with
-RoPE in real arithmetic since inductor does not generate complex code) was slower too: 310 vs 215 ms per
-B=64 generate; entering a compiled region costs ~45 us here and its norm + MLP code was no faster.
-The ceiling that bounds any engine here, compiled or not, is in `bench/engine.py` (`zero_overhead`).
+Eager on purpose: at this size a step is ~150 op dispatches, and compiling it (whole, or vLLM's
+piecewise scheme) was measured slower on this CPU; where a step's time goes, and those measurements,
+are in docs/engine.md ("Where a decode step's time goes").
 
     logits = ModelRunner(model, num_blocks=64, block_size=16).run([Chunk([5, 6, 7], 0, [3], 1)])   # (1, V)
 """

@@ -28,12 +28,3 @@ def naive_greedy(model, prompt: list[int], max_tokens: int, eos_id: int | None =
             break
     return out, logps
 
-
-@torch.inference_mode()
-def naive_greedy_batch(model, prompts: torch.Tensor, max_tokens: int) -> torch.Tensor:
-    """Equal-length prompts (B, P) -> (B, max_tokens) greedy tokens, no EOS: the benchmark's baseline."""
-    ids = prompts
-    for _ in range(max_tokens):
-        nxt = model(ids)[:, -1].argmax(-1, keepdim=True)        # (B, 1)
-        ids = torch.cat([ids, nxt], dim=1)
-    return ids[:, prompts.shape[1]:]
