@@ -10,15 +10,16 @@ from pathlib import Path
 import pytest
 import torch
 
+import rlpt.gpt_mini.generate
+import rlpt.train
+from rlpt import sft
 from rlpt.config import ConfigError, load_config
 from rlpt.framework.environment import make_env
-from rlpt import sft
-from rlpt.optim import make_optimizer
-import rlpt.gpt_mini.generate
 from rlpt.gpt_mini.generate import Sample
 from rlpt.gpt_mini.model import GPT, GPTConfig
 from rlpt.gpt_mini.task import ArithmeticTask
 from rlpt.gpt_mini.tokenizer import CharTokenizer
+from rlpt.optim import make_optimizer
 from rlpt.preference import data as pdata
 from rlpt.preference import dpo
 from rlpt.preference.data import (
@@ -513,3 +514,65 @@ def test_train_rm_job_calibrates_and_rl_trains_against_it(sft_start, tmp_path):
     _, rl_run, _ = run_train(rl)
     rows = [r for r in rl_run.read_metrics() if "reward/mean" in r]
     assert len(rows) == 2 and all(math.isfinite(r["reward/mean"]) for r in rows)
+
+
+# -- the RLHF example (examples/rlhf.py) drives the ordinary jobs --------------------------------------------
+def _example(name: str):
+    import importlib.util
+    import sys
+    examples = Path(__file__).resolve().parents[1] / "examples"
+    sys.path.insert(0, str(examples))           # what `python examples/rlhf.py` puts first on the path
+    try:
+        spec = importlib.util.spec_from_file_location(f"example_{name}", examples / f"{name}.py")
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = mod            # pydantic resolves the module's annotations through it
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path.remove(str(examples))
+    return mod
+
+
+def test_rlhf_example_mixed_demonstrations_weigh_each_style_by_its_share():
+    import random
+    rlhf = _example("rlhf")
+    draw = rlhf.mixed_demonstrations(ArithmeticTask(min_operands=2, max_operands=2), TOK, 8, 0.5)
+    ids, mask = draw(random.Random(3))
+    texts = [TOK.decode(ids[i, 1:][mask[i] > 0]) for i in range(8)]
+    styles = ["cot" if "=" in t else "direct" for t in texts]
+    n = {s: styles.count(s) for s in ("direct", "cot")}
+    assert n["direct"] > 0 and n["cot"] > 0                  # this seed draws both styles
+    tokens = {s: sum(len(t) for t, u in zip(texts, styles) if u == s) for s in n}
+    for i, s in enumerate(styles):                           # every target token of style s: n_s / (N · T_s)
+        assert mask[i][mask[i] > 0].tolist() == pytest.approx([n[s] / (8 * tokens[s])] * len(texts[i]))
+    assert mask.sum().item() == pytest.approx(1.0)           # so sft_loss's mean is Σ_s (n_s/N)·mean NLL_s
+
+
+def test_rlhf_example_drives_sft_rm_and_ppo_jobs_and_reuses_their_folders(tmp_path, capsys):
+    from conftest import TINY
+    rlhf = _example("rlhf")
+    pairs = _write(tmp_path / "pairs.jsonl", [vars(p) for p in _toy_pairs(40, 0)])
+    args = ["recipes/rlhf_arith.yaml", *[o for o in TINY if o.startswith("model.")], "model.max_seq_len=48",
+            f"run.out_dir={tmp_path}", "run.progress=false", "sft.steps=2", "sft.batch_size=8", "eval.size=4",
+            "eval.max_tokens=8", "rm.steps=2", "rm.batch_size=4", f"rm.pairs.file={pairs}", "ppo.betas=[0.5]",
+            "ppo.steps=2", "ppo.eval_every=1", "ppo.eval_prompts=2", "ppo.k=2", "ppo.prompts_per_step=2",
+            "ppo.max_tokens=8"]
+    assert rlhf.main(args) == 0
+    root = tmp_path / "rlhf"
+    for stage, steps in (("sft", 2), ("rm", 2), ("ppo_beta0.5", 2)):   # each an ordinary, finished run folder
+        assert (root / stage / "checkpoints" / "latest").read_text() == f"step_{steps:08d}", stage
+    ppo = load_config(rlpt.train.TrainJob, root / "ppo_beta0.5" / "config.yaml")
+    assert ppo.env.name == "reward_model" and ppo.env.model_path == str(root / "rm")
+    assert ppo.init_from == str(root / "sft" / "checkpoints" / "step_00000002")
+    sweep = json.loads((root / "sweep.json").read_text())
+    rows = sweep["runs"]["0.5"]
+    assert [r["step"] for r in rows] == [0, 1, 2] and sweep["rm"]["pairs/train"] == 36
+    assert all(r["gold/score"] >= 0 and "rm/score" in r for r in rows)
+    before = {d: (root / d / "metrics.jsonl").read_text() for d in ("sft", "rm", "ppo_beta0.5")}
+    capsys.readouterr()
+    assert rlhf.main(args) == 0                                      # a rerun trains nothing again
+    assert capsys.readouterr().out.count("reusing the finished run") == 3
+    assert {d: (root / d / "metrics.jsonl").read_text() for d in before} == before
+    assert json.loads((root / "sweep.json").read_text()) == sweep   # the proxy/gold scores are seeded
+    page = rlhf.write_page({0.5: rows}, sweep["rm"], args, rlhf.load_config(rlhf.RLHFJob, args[0], args[1:]),
+                           tmp_path)
+    assert "python examples/rlhf.py recipes/rlhf_arith.yaml" in page.read_text()

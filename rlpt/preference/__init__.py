@@ -5,8 +5,8 @@
     reward_model.py  RewardModel (SFT trunk + scalar head), Bradley–Terry loss, the `rlpt rm` job, the
                      `reward_model` env (RM score as reward, gold correctness in info)
 
-The RLHF recipe on the toy (hidden "human" -> RM -> PPO, swept over β) drives `rlpt.train` from
-above, so it lives with the demos: `python -m rlpt.demos.rlhf recipes/rlhf_arith.yaml`.
+The RLHF recipe on the toy (hidden "human" -> RM -> PPO, swept over β) drives the SFT, RM and RL jobs
+from above, so it is a repository example: `python examples/rlhf.py recipes/rlhf_arith.yaml`.
 
 Importing this package registers the `reward_model` env.
 """

@@ -1,6 +1,6 @@
 """Tool use vs no tool on 3-digit addition (lesson 08): same SFT steps, same GRPO budget, two runs.
 
-    python -m rlpt.demos.tool_use [key=value ...] [--report-only]
+    python examples/tool_use.py [key=value ...] [--report-only]
 
 (a) `recipes/tool_arith.yaml` as written: SFT on calculator traces (`sft.format=tool`, the tool's reply
     masked out of the loss), then GRPO with `env.name=calculator` (agent loop: the tool answers `c(...)`).
@@ -14,10 +14,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from rlpt.demos import f3, mean_last, read_rows, series, split_args
+from common import DOCS, ROOT, f3, mean_last, read_rows, run_stage, series, split_args
+
 from rlpt.report import figure
 
-ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "recipes" / "tool_arith.yaml"
 OUT_DIR = "runs/tool_use"
 RUNS = {"tool": [], "no_tool": ["sft.format=direct", "env.name=arithmetic"]}
@@ -65,7 +65,7 @@ def where_it_fails(job, checkpoint: Path) -> dict:
 
 
 def write_page(js: dict, argv: list[str]) -> Path:
-    docs = ROOT / "docs"
+    docs = DOCS
     rows = {n: read_rows(run_dir(j)) for n, j in js.items()}
     sft_rows = {n: read_rows(run_dir(j) / "sft") for n, j in js.items()}
     png = docs / "tool_use_heldout.png"
@@ -115,13 +115,13 @@ def write_page(js: dict, argv: list[str]) -> Path:
 Command (2-core CPU, 1 thread; both runs, then this page, nothing typed in by hand):
 
 ```bash
-python -m rlpt.demos.tool_use{(' ' + extra) if extra else ''}
+python examples/tool_use.py{(' ' + extra) if extra else ''}
 ```
 
 It trains two runs from `recipes/tool_arith.yaml` (folders under `{OUT_DIR}/`), each first its own SFT
 start ({j.sft.steps} steps, batch {j.sft.batch_size}) and then GRPO ({j.steps} steps, {j.rollout.prompts_per_step}
 prompts × {j.rollout.k} samples, temperature {j.rollout.temperature}, lr {j.trainer.optim.lr:g}, β =
-{j.algorithm.get('beta', 'default')}); the only differences are the two keys of run (b):
+{getattr(j.algorithm, 'beta', 'default')}); the only differences are the two keys of run (b):
 
 - (a) tool: `sft.format=tool` (demonstrations `c(123+456+789)#` `=1368#` `1368#`, the tool's reply `=1368#`
   masked out of the loss) and `env.name=calculator` (the agent loop: at most {j.rollout.max_turns} assistant
@@ -193,7 +193,7 @@ def main(argv: list[str]) -> int:
     if not report_only:
         for name, job in js.items():
             print(f"[tool_use] run {name}: {LABEL[name]}")
-            run_train(job)
+            run_stage(name, run_dir(job), job.steps, lambda resume, job=job: run_train(job, resume=resume))
     print(f"[tool_use] wrote {write_page(js, overrides)}")
     return 0
 

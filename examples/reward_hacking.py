@@ -1,6 +1,6 @@
-"""Reward hacking under a leaky verifier (lesson 18 §11.4): the reward climbs, honest accuracy falls.
+"""Reward hacking under a leaky verifier (lesson 18): the reward climbs, honest accuracy falls.
 
-    python -m rlpt.demos.reward_hacking [key=value ...] [--report-only]
+    python examples/reward_hacking.py [key=value ...] [--report-only]
 
 Runs `recipes/hack_arith.yaml`: GRPO with `env.name=leaky` (reward 1 if the gold's digits appear anywhere
 in the response) from a short direct-answer SFT start, then writes docs/reward_hacking.md and
@@ -14,15 +14,15 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from rlpt.demos import f3, mean_last, read_rows, series, split_args
+from common import DOCS, ROOT, f3, mean_last, read_rows, run_stage, series, split_args
+
 from rlpt.report import figure
 
-ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "recipes" / "hack_arith.yaml"
 
 
 def write_page(job, argv: list[str], samples: list[tuple[str, str]]) -> Path:
-    docs = ROOT / "docs"
+    docs = DOCS
     run_dir = Path(job.run.out_dir) / job.run.name
     rows = read_rows(run_dir)
     sft = read_rows(run_dir / "sft")
@@ -70,12 +70,12 @@ def write_page(job, argv: list[str], samples: list[tuple[str, str]]) -> Path:
     sft_acc = series(sft, "acc/heldout")
     extra = " ".join(argv)
     a = job.algorithm
-    text = f"""# Reward hacking: GRPO on a leaky verifier (lesson 18 §11.3–11.4)
+    text = f"""# Reward hacking: GRPO on a leaky verifier (lesson 18)
 
 Command (2-core CPU, 1 thread; the run, then this page, nothing typed in by hand):
 
 ```bash
-python -m rlpt.demos.reward_hacking{(' ' + extra) if extra else ''}
+python examples/reward_hacking.py{(' ' + extra) if extra else ''}
 # the same run by hand: rlpt train recipes/hack_arith.yaml run.threads=1
 ```
 
@@ -88,7 +88,7 @@ Setup (`recipes/hack_arith.yaml`): the arithmetic task ({j_task(job)}), a `{job.
 {job.sft.steps} steps (held-out greedy accuracy {f3(sft_acc[-1][1]) if sft_acc else '—'}: a weak policy, unsure of
 the sum), then GRPO for {job.steps} steps, {job.rollout.prompts_per_step} prompts ×
 {job.rollout.k} samples at temperature {job.rollout.temperature}, up to {job.rollout.max_tokens} tokens,
-lr {job.trainer.optim.lr:g} ({job.trainer.optim.schedule}), β = {a.get('beta', 'default')}.
+lr {job.trainer.optim.lr:g} ({job.trainer.optim.schedule}), β = {getattr(a, 'beta', 'default')}.
 
 {chr(10).join(lines)}
 
@@ -106,7 +106,7 @@ leaky verifier pays each one whose gold appears anywhere in it):
 `acc/heldout_honest` is logged by every `rlpt train` run whose env reports `info["correct"]`
 (`rollout.evaluate`); for an honest verifier it equals `acc/heldout`. A gap between `reward/mean` and
 `acc/train`, or between `acc/heldout` and `acc/heldout_honest`, is the reward-hacking alarm of
-spec part 2 §11.3 item 5; the verifier checklist (`tests/test_envs.py::test_leaky_verifier_fails_the_checklist`)
+lesson 18; the verifier checklist (`tests/test_envs.py::test_leaky_verifier_fails_the_checklist`)
 catches this verifier before any training: its random baseline scores far above 0.
 """
     notes = NOTES.strip()
@@ -138,7 +138,7 @@ NOTES = """
   (2) a *weak* start (100 SFT steps: unsure chains, many wrong); (3) *more exploration*, temperature 1.3
   (sampling 800 responses from this start: leaky reward 0.24 against 0.14 honest; at 1.0, 0.26 against 0.21),
   and a looser KL anchor β = 0.01. The verifier is the unchanged `leaky` env: no leak-strength knob was
-  added. What GRPO finds is the §11.4 widget's "emit-phrase" arm in this task's terms: longer chains with
+  added. What GRPO finds is lesson 18's widget's "emit-phrase" arm in this task's terms: longer chains with
   more numbers, each a chance to contain the gold, paid as much as a correct answer and easier to produce.
 """
 
@@ -165,7 +165,8 @@ def main(argv: list[str]) -> int:
     overrides, report_only = split_args(argv)
     job = load_train_job(str(RECIPE), overrides)
     if not report_only:
-        run_train(job)
+        run_stage("grpo on leaky", Path(job.run.out_dir) / job.run.name, job.steps,
+                  lambda resume: run_train(job, resume=resume))
     print(f"[reward_hacking] wrote {write_page(job, overrides, final_samples(job))}")
     return 0
 
