@@ -160,21 +160,21 @@ def read_yaml(path: str | Path) -> dict:
     return data
 
 
+# The model_dump context of load_config's starting point. A section that a key chooses (the algorithm's: its
+# keys are those of the algorithm it names) dumps only that key here, so a recipe naming another choice does
+# not inherit the default choice's keys (see rlpt.train.TrainStage).
+DEFAULTS = {"defaults": True}
+
+
 def load_config(cls: type[Job], path: str | Path | None = None, overrides: list[str] = (),
                 base: dict | None = None) -> Job:
+    """defaults < base < the recipe at `path` < overrides, validated as `cls`."""
     # Start from the job's own defaults, so a partial override of a section whose defaults differ
     # from its class's (e.g. the RL trainer's optimizer) keeps the rest of that section's defaults.
-    data = _deep_merge(cls().model_dump(), base or {})
+    data = deep_merge(cls().model_dump(context=DEFAULTS), base or {})
     if path is not None:
-        data = _deep_merge(data, read_yaml(path))
-    for item in overrides:
-        keys, value = parse_override(item)
-        node = data
-        for k in keys[:-1]:
-            if not isinstance(node.get(k, {}), dict):
-                raise ConfigError(f"override {item!r}: '{k}' is a value, not a section")
-            node = node.setdefault(k, {})
-        node[keys[-1]] = value
+        data = deep_merge(data, read_yaml(path))
+    data = apply_overrides(data, overrides)
     try:
         return cls.model_validate(data)
     except ValidationError as e:
@@ -184,10 +184,37 @@ def load_config(cls: type[Job], path: str | Path | None = None, overrides: list[
         raise ConfigError(_format_error(cls, e, src)) from None
 
 
-def _deep_merge(a: dict, b: dict) -> dict:
+def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...]) -> dict:
+    """`a.b=value` items written into a copy of the nested dict `data`, in order (the last one wins)."""
+    data = dict(data)
+    for item in overrides:
+        keys, value = parse_override(item)
+        node = data
+        for k in keys[:-1]:
+            if not isinstance(node.get(k, {}), dict):
+                raise ConfigError(f"override {item!r}: '{k}' is a value, not a section")
+            node[k] = dict(node.get(k, {}))
+            node = node[k]
+        node[keys[-1]] = value
+    return data
+
+
+def lookup(keys: list[str], default: Any, layers: list[dict], overrides: list[str] = ()) -> Any:
+    """The value `keys` will have once `layers` (lowest first) and `overrides` are merged, read before
+    validation: what a loader picks further defaults by (e.g. the algorithm a recipe names)."""
+    value = default
+    for layer in [*layers, apply_overrides({}, overrides)]:
+        node = layer
+        for k in keys:
+            node = node.get(k) if isinstance(node, dict) else None
+        value = value if node is None else node
+    return value
+
+
+def deep_merge(a: dict, b: dict) -> dict:
     out = dict(a)
     for k, v in b.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 
