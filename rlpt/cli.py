@@ -2,12 +2,16 @@
 `key.sub=value` overrides, writes a run folder and prints a summary table.
 
     rlpt sft [recipe.yaml] [key=value ...] [--resume]
-    rlpt train [recipe.yaml] [key=value ...] [--resume]
+    rlpt train [recipe.yaml] [key=value ...] [--resume]         e.g. rlpt train algorithm.name=ppo
     rlpt dpo [recipe.yaml] [key=value ...] [--resume]
     rlpt rm [recipe.yaml] [key=value ...] [--resume]
     rlpt compare [recipe.yaml] [--algos a,b,...] [key=value ...]
     rlpt pipeline [recipe.yaml] [key=value ...] [--resume]       SFT -> CoT -> DPO -> RLVR (`make run`)
     rlpt eval CHECKPOINT [key=value ...] [--split heldout|train] [--pass-k K] [--format direct|cot|tool]
+
+Each job's config schema opens the job's module: TrainJob rlpt/train.py, PipelineJob rlpt/pipeline.py,
+DPOJob rlpt/preference/dpo.py, RMJob rlpt/preference/reward_model.py, `rlpt eval`'s EvalJob this file;
+rlpt/config.py holds the loader, the sections several jobs share, and SFTJob.
 """
 from __future__ import annotations
 
@@ -15,7 +19,14 @@ import argparse
 import sys
 from pathlib import Path
 
-from rlpt.config import ConfigError
+from rlpt.config import ConfigError, EvalConfig, Section, TaskConfig, load_config
+
+
+class EvalJob(Section):
+    """`rlpt eval`'s schema: the task the held-out problems come from, how many, how long an answer may be
+    (eval.every and eval.pass_k are the training jobs'; here --pass-k chooses k)."""
+    task: TaskConfig = TaskConfig()
+    eval: EvalConfig = EvalConfig()
 
 
 def _split_args(items: list[str]) -> tuple[str | None, list[str]]:
@@ -42,7 +53,7 @@ def _report(run, title: str, final: dict, plots: dict[str, list[str]]) -> int:
 
 def cmd_sft(args) -> int:
     import rlpt.envs  # noqa: F401 - registers trace formats (sft.format=tool)
-    from rlpt.config import SFTJob, load_config
+    from rlpt.config import SFTJob
     from rlpt.sft import train_sft
     path, overrides = _split_args(args.items)
     job = load_config(SFTJob, path, overrides)
@@ -55,13 +66,12 @@ def cmd_train(args) -> int:
     path, overrides = _split_args(args.items)
     job = load_train_job(path, overrides)
     _, run, final = run_train(job, resume=args.resume)
-    return _report(run, f"RL ({job.algorithm['name']})", final,
+    return _report(run, f"RL ({job.algorithm.name})", final,
                    {"heldout_accuracy_and_reward": ["acc/heldout", "reward/mean"],
                     "kl_and_clip": ["kl/mean", "clip/frac"]})
 
 
 def cmd_dpo(args) -> int:
-    from rlpt.config import load_config
     from rlpt.preference.dpo import DPOJob, run_dpo
     path, overrides = _split_args(args.items)
     job = load_config(DPOJob, path, overrides)
@@ -72,7 +82,6 @@ def cmd_dpo(args) -> int:
 
 
 def cmd_rm(args) -> int:
-    from rlpt.config import load_config
     from rlpt.preference.reward_model import RMJob, train_rm
     path, overrides = _split_args(args.items)
     job = load_config(RMJob, path, overrides)
@@ -101,20 +110,37 @@ def cmd_compare(args) -> int:
     return 0
 
 
+EVAL_CHUNK = 256   # problems per evaluate() call: the progress bar moves every chunk
+
+
+def evaluate_in_chunks(model, env, prompts: list, max_tokens: int, k: int = 0, progress: bool = True) -> dict:
+    """rlpt.framework.evaluate.evaluate over `prompts` in chunks, with a progress bar; the same metrics.
+    Every metric is a mean over the chunk's problems (acc_sampled over its k·n samples, k fixed), so the
+    whole set's is the chunk means weighted by chunk size. Chunk i samples with seed i."""
+    from tqdm import tqdm
+
+    from rlpt.framework.evaluate import evaluate
+    sums: dict[str, float] = {}
+    seen: set[str] | None = None
+    with tqdm(total=len(prompts), desc="eval", unit="problem", disable=not progress, dynamic_ncols=True) as bar:
+        for i, start in enumerate(range(0, len(prompts), EVAL_CHUNK)):
+            chunk = prompts[start:start + EVAL_CHUNK]
+            res = evaluate(model, env, chunk, max_tokens, k=k, seed=i)
+            seen = set(res) if seen is None else seen & set(res)   # a key some chunk lacks is not the set's
+            for key, v in res.items():
+                sums[key] = sums.get(key, 0.0) + v * len(chunk)
+            bar.update(len(chunk))
+    return {key: v / len(prompts) for key, v in sums.items() if key in seen}
+
+
 def cmd_eval(args) -> int:
     import random
 
-    from rlpt.config import EvalConfig, Section, TaskConfig, load_config
-    from rlpt.framework.evaluate import evaluate
     from rlpt.gpt_mini.model import load_model
     from rlpt.gpt_mini.task import make_task
     from rlpt.gpt_mini.tokenizer import CharTokenizer
     from rlpt.report import fmt, table
     from rlpt.sft import sft_env
-
-    class EvalJob(Section):
-        task: TaskConfig = TaskConfig()
-        eval: EvalConfig = EvalConfig()
 
     path, overrides = _split_args(args.items)
     if path is not None:
@@ -129,7 +155,7 @@ def cmd_eval(args) -> int:
     else:
         env.rng = random.Random(0)
         prompts = [env.reset("train") for _ in range(job.eval.size)]
-    res = evaluate(model, env, prompts, job.eval.max_tokens, k=args.pass_k)
+    res = evaluate_in_chunks(model, env, prompts, job.eval.max_tokens, k=args.pass_k)
     if args.pass_k:
         res.pop("acc_sampled")
     print(table([(f"{k}/{args.split}", fmt(v)) for k, v in res.items()]
@@ -200,9 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if not getattr(args, "fn", None):
+    if args.command is None:   # `rlpt` alone: what the commands are, and an error status (nothing was run)
         parser.print_help()
-        return 0
+        return 2
     from rlpt.framework.controller import LogpMismatchError
     from rlpt.run import CheckpointError, StopRequested
     try:
