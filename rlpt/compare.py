@@ -3,8 +3,8 @@
     rlpt compare recipes/grpo_arith.yaml [--algos reinforce,ppo,...] [key=value ...]
 
 Every algorithm (default: all registered, in lineage order) becomes an ordinary `rlpt train` run
-folder, runs/<name>/<algo>/, built the way `python -m rlpt.algorithms.<algo>` builds it: the recipe,
-then the algorithm's own defaults (PPO: trainer.epochs=4), then the overrides, which win. A
+folder, runs/<name>/<algo>/, built the way `rlpt train algorithm.name=<algo>` builds it: the algorithm's
+own defaults (`trainer_defaults`; PPO: trainer.epochs=4), then the recipe, then the overrides, which win. A
 `run.name=` override names the comparison ("compare" without one: the recipe's run name is one
 run's). The SFT start is resolved once (`init_from`, or trained into runs/<name>/sft/) and written
 into every run's config as its `init_from`, so all start from the same weights. The recipe's
@@ -34,9 +34,7 @@ checkpoints; not the ~3 s of process start). "s to target" is the run's own loop
 """
 from __future__ import annotations
 
-import ast
 import difflib
-import inspect
 import json
 import os
 import subprocess
@@ -45,11 +43,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from rlpt.config import ConfigError, load_config, parse_override, read_yaml
+from rlpt.config import ConfigError, parse_override, read_yaml
 from rlpt.framework.algorithm import ALGORITHMS
 from rlpt.report import figure
 from rlpt.run import resolve_checkpoint
-from rlpt.train import TrainJob, sft_init, summarize
+from rlpt.train import TrainJob, load_train_job, sft_init, summarize
 
 TARGET = 0.8
 MEMORY_METHOD = ("peak RSS = high-water mark (VmHWM) of a separate process per algorithm, reset just before "
@@ -94,51 +92,37 @@ def take_algos(items: list[str], algos: str | None = None) -> tuple[list[str], s
     return rest, algos
 
 
-def algorithm_defaults(name: str) -> tuple[str, ...]:
-    """The overrides `python -m rlpt.algorithms.<name>` adds: a module-level DEFAULTS if the module
-    has one, else the `defaults=` of its `main_for_algorithm(...)` call, read from the source, so the
-    one definition stays where it is (PPO: ("trainer.epochs=4",))."""
-    mod = sys.modules[ALGORITHMS[name].__module__]
-    if hasattr(mod, "DEFAULTS"):
-        return tuple(mod.DEFAULTS)
-    for node in ast.walk(ast.parse(inspect.getsource(mod))):
-        called = getattr(node, "func", None)
-        if isinstance(node, ast.Call) and getattr(called, "id", getattr(called, "attr", "")) == "main_for_algorithm":
-            given = [kw.value for kw in node.keywords if kw.arg == "defaults"] + node.args[2:3]
-            return tuple(ast.literal_eval(given[0])) if given else ()
-    return ()
-
-
 def build_jobs(path: str | None, overrides: list[str], algos: list[str]) -> tuple[str, dict[str, TrainJob], dict]:
     """-> (compare name, {algo: its TrainJob}, {algo: recipe algorithm keys it does not have}).
-    Jobs keep the user's run.out_dir; run.name and init_from are set by run_compare."""
+    Each job is `rlpt train`'s for that algorithm (rlpt.train.load_train_job: its own defaults beneath the
+    recipe and the overrides). Jobs keep the user's run.out_dir; run.name and init_from are set by run_compare."""
     recipe = read_yaml(path) if path else {}
     known = set().union(*(cls.Config.model_fields for cls in ALGORITHMS.values()))
     name = "compare"
+    section = {k: v for k, v in (recipe.get("algorithm") or {}).items() if k != "name"}
+    rest = []
+    for item in overrides:
+        keys, value = parse_override(item)
+        if keys == ["run", "name"]:
+            name = str(value)
+        elif keys[0] == "algorithm":
+            if keys[1:] == ["name"]:
+                raise ConfigError("rlpt compare: choose the algorithms with --algos a,b,..., not algorithm.name")
+            section[".".join(keys[1:])] = value
+        else:
+            rest.append(item)
+    for k in section:
+        if k not in known:
+            close = difflib.get_close_matches(k, sorted(known), n=1)
+            hint = f" Did you mean 'algorithm.{close[0]}'?" if close else ""
+            raise ConfigError(f"unknown config key 'algorithm.{k}': no registered algorithm has it.{hint}")
     jobs, skipped = {}, {}
     for algo in algos:
-        section = {k: v for k, v in (recipe.get("algorithm") or {}).items() if k != "name"}
-        rest = []
-        for item in [*algorithm_defaults(algo), *overrides]:   # the order main_for_algorithm uses
-            keys, value = parse_override(item)
-            if keys == ["run", "name"]:
-                name = str(value)
-            elif keys[0] == "algorithm":
-                if keys[1:] == ["name"]:
-                    raise ConfigError("rlpt compare: choose the algorithms with --algos a,b,..., not algorithm.name")
-                section[".".join(keys[1:])] = value
-            else:
-                rest.append(item)
-        for k in section:
-            if k not in known:
-                close = difflib.get_close_matches(k, sorted(known), n=1)
-                hint = f" Did you mean 'algorithm.{close[0]}'?" if close else ""
-                raise ConfigError(f"unknown config key 'algorithm.{k}': no registered algorithm has it.{hint}")
         fields = ALGORITHMS[algo].Config.model_fields
         skipped[algo] = sorted(k for k in section if k not in fields)
         base = {**recipe, "algorithm": {"name": algo, **{k: v for k, v in section.items() if k in fields}}}
         try:
-            jobs[algo] = load_config(TrainJob, None, rest, base=base)
+            jobs[algo] = load_train_job(None, rest, base=base)
         except ConfigError as e:
             raise ConfigError(f"{algo} (recipe {path or 'none'}): {e}") from None
     return name, jobs, skipped
@@ -217,7 +201,7 @@ def run_isolated(job: TrainJob) -> dict:
     if proc.returncode == 0 and "wall_s" in result:
         return result
     known = {c.__name__: c for c in (ConfigError, CheckpointError, FileExistsError, LogpMismatchError)}
-    msg = f"{job.algorithm['name']}: {result.get('error', f'its process exited with {proc.returncode}; see above')}"
+    msg = f"{job.algorithm.name}: {result.get('error', f'its process exited with {proc.returncode}; see above')}"
     raise known.get(result.get("error_type"), RuntimeError)(msg)
 
 

@@ -1,6 +1,11 @@
 """`rlpt train`: build the six roles from a recipe, run the controller, keep the run folder.
 
     rlpt train recipes/grpo_arith.yaml [key=value ...] [--resume]
+    rlpt train algorithm.name=ppo [key=value ...]       any registered algorithm, with its own defaults
+
+The job's schema (TrainJob, and TrainStage: the part a pipeline's RL stage shares) opens this file.
+The run folder's config.yaml holds every value the run used, the algorithm's included: its section is
+validated by the algorithm it names and resolved against the rollout (e.g. norm_len = max_tokens).
 
 The recipe starts from `init_from` (an SFT checkpoint or run folder); when none is given, it first
 trains one with the recipe's `sft:` section into `runs/<name>/sft/` (kept short on purpose: RL
@@ -13,18 +18,32 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field, SerializationInfo, ValidationInfo, field_serializer, field_validator, model_validator
 
 import rlpt.algorithms  # noqa: F401 - registers the algorithms
 import rlpt.envs  # noqa: F401 - registers the environments beyond arithmetic
 import rlpt.preference  # noqa: F401 - registers the reward_model env
-from rlpt.config import EvalConfig, ModelConfig, OptimConfig, RunConfig, Section, SFTConfig, \
-    TaskConfig, load_config
+from rlpt.config import (
+    DEFAULTS,
+    EvalConfig,
+    ModelConfig,
+    OptimConfig,
+    RunConfig,
+    Section,
+    SFTConfig,
+    SFTJob,
+    TaskConfig,
+    apply_overrides,
+    deep_merge,
+    load_config,
+    lookup,
+    read_yaml,
+)
 from rlpt.framework.agent_loop import MultiTurnRollout
-from rlpt.framework.algorithm import AlgorithmConfigError, make_algorithm
+from rlpt.framework.algorithm import ALGORITHMS, AlgorithmConfig, AlgorithmConfigError, make_algorithm
 from rlpt.framework.controller import Controller
 from rlpt.framework.environment import env_class, make_env
 from rlpt.framework.evaluate import evaluate
@@ -34,12 +53,12 @@ from rlpt.framework.trainer import Trainer
 from rlpt.framework.weight_sync import WeightSyncer
 from rlpt.gpt_mini.generate import SamplingParams
 from rlpt.gpt_mini.model import load_model
-from rlpt.optim import make_optimizer
 from rlpt.gpt_mini.task import make_task
-from rlpt.sft import train_sft
 from rlpt.gpt_mini.tokenizer import CharTokenizer
 from rlpt.loop import train_loop
+from rlpt.optim import make_optimizer
 from rlpt.run import Run, finished_checkpoint, latest_checkpoint, load_state, load_weights, rng_state, set_rng_state
+from rlpt.sft import train_sft
 
 
 class EnvConfig(Section):
@@ -83,30 +102,58 @@ class CheckConfig(Section):
     enabled: bool = True
 
 
-class TrainJob(Section):
-    run: RunConfig = RunConfig(name="grpo")
+DEFAULT_ALGORITHM = "grpo"
+
+
+class TrainStage(Section):
+    """What RL does, step by step: the keys of `rlpt train` that the pipeline's RL stage takes too (its `rl:`
+    section is a TrainStage; rlpt.pipeline adds the run, model, task and start it shares with the other stages)."""
+    rollout: RolloutConfig = RolloutConfig()
+    algorithm: AlgorithmConfig = Field(
+        default_factory=lambda: {"name": DEFAULT_ALGORITHM}, validate_default=True,
+        description="`name`: a registered algorithm; the other keys are that algorithm's Config")
+    trainer: TrainerConfig = TrainerConfig()
+    sync: SyncConfig = SyncConfig()
+    check: CheckConfig = CheckConfig()
+    steps: int = Field(300, ge=1)
+    ckpt_every: int = Field(25, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+
+    @field_validator("algorithm", mode="before")
+    @classmethod
+    def _algorithm(cls, section, info: ValidationInfo) -> AlgorithmConfig:
+        """Validated by the algorithm it names (errors name `algorithm.<key>`) and resolved against the rollout
+        (norm_len = rollout.max_tokens, ...), so the run folder's config.yaml holds every value the run used."""
+        if isinstance(section, AlgorithmConfig):
+            section = section.model_dump()
+        if not isinstance(section, dict):
+            raise ValueError(f"algorithm must be a section, e.g. algorithm.name={DEFAULT_ALGORITHM} (got {section!r})")
+        r = info.data.get("rollout") or RolloutConfig()   # absent when rollout is invalid: that error is reported
+        try:
+            return make_algorithm(section, r.k, r.max_tokens).cfg
+        except AlgorithmConfigError as e:
+            raise ValueError(str(e)) from None
+
+    @field_serializer("algorithm")
+    def _dump_algorithm(self, cfg: AlgorithmConfig, info: SerializationInfo) -> dict:
+        # as load_config's defaults only the name: the other keys are those of whichever algorithm a recipe names
+        return {"name": cfg.name} if info.context == DEFAULTS else cfg.model_dump(mode=info.mode)
+
+
+class TrainJob(TrainStage):
+    """`rlpt train`'s schema: the stage, and what it runs on (run folder, model, task, env, start, eval)."""
+    run: RunConfig = RunConfig(name=DEFAULT_ALGORITHM)
     model: ModelConfig = ModelConfig()
     task: TaskConfig = TaskConfig()
     env: EnvConfig = EnvConfig()
     init_from: str | None = None
     sft: SFTConfig = SFTConfig(steps=180, format="cot")
-    rollout: RolloutConfig = RolloutConfig()
-    algorithm: dict[str, Any] = Field(default_factory=lambda: {"name": "grpo"})
-    trainer: TrainerConfig = TrainerConfig()
-    sync: SyncConfig = SyncConfig()
-    check: CheckConfig = CheckConfig()
-    steps: int = Field(300, ge=1)
     eval: EvalConfig = EvalConfig(every=25, size=400)
-    ckpt_every: int = Field(25, ge=1)
-    keep_checkpoints: int = Field(2, ge=1)
 
     @model_validator(mode="after")
-    def _names(self):
-        try:   # validate the algorithm section against the algorithm it names, at load time
-            make_algorithm(self.algorithm, self.rollout.k, self.rollout.max_tokens)
+    def _env(self):
+        try:
             env_model_kwargs(self.env)
-        except AlgorithmConfigError as e:
-            raise ValueError(str(e)) from None
         except KeyError as e:
             raise ValueError(str(e.args[0])) from None
         if self.sft.format == "tool" and self.init_from is None \
@@ -131,7 +178,23 @@ def env_model_kwargs(env: EnvConfig) -> dict:
 
 
 def load_train_job(path: str | None, overrides: list[str], base: dict | None = None) -> TrainJob:
-    return load_config(TrainJob, path, overrides, base=base)
+    """defaults < the algorithm's own defaults < base < the recipe < overrides. The algorithm's own (the one the
+    recipe or the overrides name): its `trainer_defaults` (PPO: trainer.epochs=4) and run.name = its name, so
+    `rlpt train algorithm.name=ppo` runs PPO as PPO is meant to run, into runs/ppo."""
+    layers = [base or {}, read_yaml(path) if path else {}]
+    name = str(lookup(["algorithm", "name"], DEFAULT_ALGORITHM, layers, overrides))
+    return load_config(TrainJob, path, overrides, base=deep_merge(algorithm_defaults(name), base or {}))
+
+
+def algorithm_defaults(name: str) -> dict:
+    """The defaults `name` brings to a TrainJob, as data: run.name = name, and its own overrides."""
+    return apply_overrides({"run": {"name": name}}, algorithm_overrides(name))
+
+
+def algorithm_overrides(name: str) -> tuple[str, ...]:
+    """A registered algorithm's own defaults, as overrides: its `trainer_defaults` (PPO: trainer.epochs=4);
+    none for an unknown name (validation then names it)."""
+    return tuple(getattr(ALGORITHMS.get(name), "trainer_defaults", ()))
 
 
 def sft_init(job: TrainJob, resume: bool) -> Path:
@@ -143,7 +206,6 @@ def sft_init(job: TrainJob, resume: bool) -> Path:
     if done is not None:
         return done
     ck = latest_checkpoint(sft_dir)
-    from rlpt.config import SFTJob
     sft_job = SFTJob(run=job.run.model_copy(update={"out_dir": str(sft_dir.parent), "name": "sft"}),
                      model=job.model, task=job.task, sft=job.sft, eval=job.eval.model_copy(update={"pass_k": 1}))
     print(f"[rlpt] no init_from: training the SFT start ({job.sft.steps} steps) into {sft_dir}")
@@ -159,15 +221,14 @@ def build(job: TrainJob, init: Path):
                    **env_model_kwargs(job.env))
     sp = SamplingParams(max_tokens=job.rollout.max_tokens, temperature=job.rollout.temperature,
                         top_p=job.rollout.top_p, top_k=job.rollout.top_k)
-    algo = make_algorithm(job.algorithm, job.rollout.k, job.rollout.max_tokens)
-    # the algorithm's optional hooks (rlpt.framework.algorithm): a critic, a group filter
-    critic = algo.make_critic(policy) if hasattr(algo, "make_critic") else None
+    algo = make_algorithm(job.algorithm.model_dump(), job.rollout.k, job.rollout.max_tokens)
+    critic = algo.make_critic(policy)   # None but for an algorithm with a value model (PPO)
     # an env that answers turns (`multi_turn`, e.g. the calculator) gets the agent loop; same interface
     multi = {"max_turns": job.rollout.max_turns, "turn_tokens": job.rollout.turn_tokens} \
         if getattr(env, "multi_turn", False) else {}
     rollout = (MultiTurnRollout if multi else Rollout)(
         copy.deepcopy(policy), tok, job.rollout.prompts_per_step, sp, seed=job.run.seed,
-        group_filter=getattr(algo, "group_filter", None), **multi)
+        group_filter=algo.group_filter, **multi)
     rollout.use_backend(job.rollout.backend)
     reference = Reference(policy, temperature=job.rollout.temperature,
                                 scorers={"values": critic} if critic is not None else None)
@@ -196,12 +257,7 @@ def run_train(job: TrainJob, resume: bool = False) -> tuple[Controller, Run, dic
     if ck is not None:
         load_weights(ck, ctl.trainer.model)
         state = load_state(ck)
-        ctl.trainer.load_state_dict(state["trainer"])
-        ctl.rollout.load_state_dict(state["rollout"])
-        ctl.env.load_state_dict(state["env"])
-        ctl.syncer.load_state_dict(state["sync"])
-        if hasattr(ctl.algorithm, "load_state_dict"):
-            ctl.algorithm.load_state_dict(state["algorithm"])
+        ctl.load_state_dict(state)
         set_rng_state(state["rng"])
         start = state["step"]
         run.truncate_metrics(start)
@@ -209,11 +265,7 @@ def run_train(job: TrainJob, resume: bool = False) -> tuple[Controller, Run, dic
     meta = ctl.trainer.model.cfg.to_dict()
 
     def save(step: int):
-        state = {"step": step, "init": str(init), "trainer": ctl.trainer.state_dict(),
-                 "rollout": ctl.rollout.state_dict(), "env": ctl.env.state_dict(), "sync": ctl.syncer.state_dict(),
-                 "rng": rng_state()}
-        if hasattr(ctl.algorithm, "state_dict"):   # e.g. REINFORCE's running-mean baseline
-            state["algorithm"] = ctl.algorithm.state_dict()
+        state = {"step": step, "init": str(init), **ctl.state_dict(), "rng": rng_state()}
         return run.save(step, ctl.trainer.model, meta, state, keep=job.keep_checkpoints)
 
     def eval_fn() -> dict:
@@ -230,7 +282,7 @@ def run_train(job: TrainJob, resume: bool = False) -> tuple[Controller, Run, dic
     if start == 0:
         run.log(0, eval_fn())
     train_loop(run, start, job.steps, lambda step: ctl.step(), eval_fn, save, job.eval.every, job.ckpt_every,
-               job.run.progress, desc=job.algorithm["name"], show=PROGRESS)
+               job.run.progress, desc=job.algorithm.name, show=PROGRESS)
     final = summarize(run.read_metrics())
     run.close()
     return ctl, run, final
@@ -265,10 +317,3 @@ def summarize(rows: list[dict]) -> dict:
 def _median(xs: list[float]) -> float:
     xs = sorted(xs)
     return xs[len(xs) // 2] if xs else 0.0
-
-
-def main_for_algorithm(name: str, argv: list[str], defaults: tuple[str, ...] = ()) -> int:
-    """`python -m rlpt.algorithms.<name> [key=value ...]`: that algorithm on the default task.
-    `defaults` are the algorithm's own overrides (PPO: several epochs); argv comes later and wins."""
-    from rlpt.cli import main
-    return main(["train", f"algorithm.name={name}", f"run.name={name}", *defaults, *argv])

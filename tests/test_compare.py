@@ -6,12 +6,13 @@ import json
 
 import pytest
 import yaml
-from test_train import TINY   # the tiny model and budget of the rlpt train tests
+from test_train import TINY  # the tiny model and budget of the rlpt train tests
 
 from rlpt.cli import main
-from rlpt.compare import algorithm_defaults, build_jobs, markdown, parse_algos, steps_to_target, take_algos
+from rlpt.compare import build_jobs, markdown, parse_algos, steps_to_target, take_algos
 from rlpt.config import ConfigError
-from rlpt.train import load_train_job, run_train, sft_init
+from rlpt.framework.algorithm import ALGORITHMS
+from rlpt.train import algorithm_overrides, load_train_job, run_train, sft_init
 
 LINEAGE = ["reinforce", "ppo", "grpo", "rloo", "dapo", "drgrpo"]
 ALGOS = ["reinforce", "ppo", "grpo"]        # the root, the critic + epochs one, the group one
@@ -57,14 +58,17 @@ def test_cli_unknown_algo_is_an_error_before_any_work(tmp_path, capsys):
 
 
 def test_jobs_get_each_algorithms_own_defaults_and_only_the_algorithm_keys_it_has():
-    assert algorithm_defaults("ppo") == ("trainer.epochs=4",)        # read from ppo.py, not restated
-    assert all(algorithm_defaults(a) == () for a in LINEAGE if a != "ppo")
+    assert algorithm_overrides("ppo") == ("trainer.epochs=4",)        # data on the class, not parsed from source
+    assert all(algorithm_overrides(a) == () for a in LINEAGE if a != "ppo")
     name, jobs, skipped = build_jobs("recipes/grpo_arith.yaml", ["run.name=cmp"], LINEAGE)
     assert name == "cmp" and list(jobs) == LINEAGE
     assert {a: j.trainer.epochs for a, j in jobs.items()} == {a: 4 if a == "ppo" else 1 for a in LINEAGE}
     assert skipped["reinforce"] == skipped["rloo"] == ["clip_eps"] and skipped["grpo"] == []
-    assert jobs["dapo"].algorithm["clip_eps"] == 0.2 and jobs["rloo"].algorithm == {"name": "rloo", "beta": 0.05,
-                                                                                     "kl_estimator": "k3"}
+    # each job holds its algorithm's whole resolved config: every field, norm_len from the recipe's max_tokens
+    for a, j in jobs.items():
+        assert set(j.algorithm.model_dump()) == set(ALGORITHMS[a].Config.model_fields) and j.algorithm.norm_len == 32
+    assert jobs["dapo"].algorithm.clip_eps == 0.2 and jobs["dapo"].algorithm.clip_eps_high == 0.28
+    assert (jobs["rloo"].algorithm.name, jobs["rloo"].algorithm.beta) == ("rloo", 0.05)
     _, jobs, _ = build_jobs("recipes/grpo_arith.yaml", ["trainer.epochs=2"], ["ppo"])   # overrides win
     assert jobs["ppo"].trainer.epochs == 2
     with pytest.raises(ConfigError, match="algorithm.clip_epz': no registered algorithm has it. "

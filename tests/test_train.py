@@ -3,12 +3,16 @@ import json
 
 import pytest
 import torch
+import yaml
+from pydantic import BaseModel
 
-from rlpt.cli import main
-from rlpt.config import ConfigError
+from rlpt.cli import EvalJob, main
+from rlpt.config import ConfigError, SFTJob, dump_config
+from rlpt.framework.algorithm import ALGORITHMS
 from rlpt.framework.controller import LogpMismatchError
+from rlpt.pipeline import PipelineJob
 from rlpt.run import CheckpointError, latest_checkpoint
-from rlpt.train import build, load_train_job, run_train
+from rlpt.train import TrainJob, build, load_train_job, run_train
 
 TINY = ["model.n_layer=2", "model.n_head=2", "model.n_kv_head=1", "model.d_model=32", "model.d_ff=64",
         "model.max_seq_len=48", "sft.steps=30", "sft.batch_size=16", "sft.format=cot", "sft.ckpt_every=30",
@@ -29,7 +33,9 @@ def test_train_trains_an_sft_start_first_and_leaves_a_run_folder(tmp_path):
     # an easier task than TINY's so that 30 SFT steps give mixed groups (non-degenerate steps) for any seed
     ctl, run, final = run_train(job(tmp_path, "steps=4", "task.max_operands=2", "task.max_value=4"))
     assert (run.dir / "sft" / "checkpoints" / "latest").exists()      # the SFT start, trained first
-    assert (run.dir / "config.yaml").exists() and latest_checkpoint(run.dir).name == "step_00000004"
+    assert latest_checkpoint(run.dir).name == "step_00000004"
+    written = yaml.safe_load((run.dir / "config.yaml").read_text())
+    assert written["algorithm"] == {**ctl.algorithm.cfg.model_dump(), "norm_len": 24}   # resolved: TINY's max_tokens
     r = rows(run.dir)
     assert [x["step"] for x in r if "acc/heldout" in x] == [0, 3, 4]
     needed = {"reward/mean", "reward/std", "acc/train", "loss/pg", "loss/kl", "clip/frac_low", "clip/frac_high",
@@ -101,3 +107,86 @@ def test_cli_train_and_algorithm_module(tmp_path, capsys):
     assert main(["train", *TINY, f"run.out_dir={out}", "steps=2"]) == 2          # exists: needs --resume
     assert main(["train", *TINY, f"run.out_dir={out}", "steps=3", "--resume"]) == 0
     assert main(["train", *TINY, f"run.out_dir={out}", "algorithm.nme=x"]) == 2
+
+
+def test_config_yaml_writes_the_algorithms_resolved_settings(tmp_path):
+    j = job(tmp_path, "algorithm.name=dapo")
+    written = yaml.safe_load(dump_config(j))["algorithm"]
+    assert set(written) == set(ALGORITHMS["dapo"].Config.model_fields)            # every field, not {name: dapo}
+    # DAPO's own defaults and the ones resolved from the rollout (TINY: max_tokens 24; the buffer is 20 % of it)
+    assert {k: written[k] for k in ("clip_eps", "clip_eps_high", "norm_len", "overlong_max_len",
+                                    "overlong_buffer")} == {"clip_eps": 0.2, "clip_eps_high": 0.28, "norm_len": 24,
+                                                            "overlong_max_len": 24, "overlong_buffer": 5}
+    f = tmp_path / "config.yaml"
+    f.write_text(dump_config(j))
+    assert load_train_job(str(f), []) == j                                        # the folder's config reloads as is
+
+
+@pytest.mark.parametrize("name", sorted(ALGORITHMS))
+def test_every_section_of_a_train_config_is_written_out(tmp_path, name):
+    j = job(tmp_path, f"algorithm.name={name}")
+    assert_all_fields(j, yaml.safe_load(dump_config(j)))
+
+
+def test_every_jobs_config_writes_every_default():
+    for cls in (SFTJob, TrainJob, PipelineJob, EvalJob):     # DPOJob, RMJob: tests/test_preference.py
+        assert_all_fields(cls(), yaml.safe_load(dump_config(cls())))
+
+
+def assert_all_fields(model, written: dict, where: str = ""):
+    """Every field of `model` (of its own class: an algorithm's Config subclass included) is in `written`."""
+    for name, value in model:
+        assert name in written, f"{where}{name} missing from config.yaml"
+        if isinstance(value, BaseModel):
+            assert_all_fields(value, written[name], f"{where}{name}.")
+
+
+def test_a_recipe_naming_another_algorithm_starts_from_that_algorithms_defaults(tmp_path):
+    # the default (grpo) section's keys are not carried over to the algorithm a recipe or override names,
+    # and keys resolved from the rollout follow the rollout given, not the default one
+    j = job(tmp_path, "algorithm.name=reinforce", "rollout.max_tokens=20")
+    assert type(j.algorithm) is ALGORITHMS["reinforce"].Config and j.algorithm.norm_len == 20
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("algorithm:\n  name: rloo\n  beta: 0.01\n")
+    j = load_train_job(str(recipe), ["rollout.max_tokens=16"])
+    assert (j.algorithm.name, j.algorithm.beta, j.algorithm.norm_len) == ("rloo", 0.01, 16)
+    with pytest.raises(ConfigError, match="algorithm must be a section"):
+        job(tmp_path, "algorithm=ppo")
+
+
+def test_the_algorithms_own_defaults_lie_beneath_the_recipe_and_the_overrides(tmp_path):
+    ppo = load_train_job(None, ["algorithm.name=ppo"])
+    assert (ppo.trainer.epochs, ppo.run.name) == (4, "ppo")           # PPO's trainer_defaults; its own run folder
+    assert load_train_job(None, ["algorithm.name=ppo", "trainer.epochs=2"]).trainer.epochs == 2   # the user wins
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("run:\n  name: mine\nalgorithm:\n  name: ppo\ntrainer:\n  epochs: 3\n")
+    j = load_train_job(str(recipe), [])
+    assert (j.trainer.epochs, j.run.name) == (3, "mine")              # and so does the recipe
+    assert load_train_job(str(recipe), ["algorithm.name=grpo"]).trainer.epochs == 3
+    # `rlpt train algorithm.name=grpo` and the README's `rlpt train recipes/grpo_arith.yaml`: two run folders
+    assert load_train_job(None, []).run.name == load_train_job(None, ["algorithm.name=grpo"]).run.name == "grpo"
+    assert load_train_job("recipes/grpo_arith.yaml", []).run.name == "grpo_arith"
+    assert load_train_job("recipes/grpo_arith.yaml", ["algorithm.name=ppo"]).trainer.epochs == 4   # no epochs there
+
+
+def test_rlpt_alone_prints_the_commands_and_exits_2(capsys):
+    assert main([]) == 2
+    out = capsys.readouterr().out
+    assert "usage: rlpt" in out and all(c in out for c in ("sft", "train", "pipeline", "eval", "compare"))
+
+
+def test_rlpt_eval_combines_its_chunks_as_one_evaluation(monkeypatch):
+    """`rlpt eval` scores in chunks (a progress bar per chunk): the chunk means weighted by chunk size are
+    the whole set's means; a key some chunk lacks is dropped; chunk i samples with seed i."""
+    import rlpt.cli
+    import rlpt.framework.evaluate
+    calls = []
+
+    def fake(model, env, chunk, max_tokens, k=0, seed=0):
+        calls.append((len(chunk), seed))
+        out = {"acc": sum(x < 300 for x in chunk) / len(chunk), "len": sum(chunk) / len(chunk)}
+        return out | ({"turns": 1.0} if seed == 0 else {})
+    monkeypatch.setattr(rlpt.framework.evaluate, "evaluate", fake)
+    res = rlpt.cli.evaluate_in_chunks(None, None, list(range(600)), 8, progress=False)
+    assert calls == [(256, 0), (256, 1), (88, 2)]
+    assert res == {"acc": 0.5, "len": 299.5}     # 300 of 600 below 300; the mean of 0..599
