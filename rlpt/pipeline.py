@@ -26,23 +26,33 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 from pydantic import Field, model_validator
 
-from rlpt.config import EvalConfig, ModelConfig, RunConfig, Section, SFTConfig, SFTJob, \
-    TaskConfig, load_config
+from rlpt.config import (
+    EvalConfig,
+    ModelConfig,
+    RunConfig,
+    Section,
+    SFTConfig,
+    SFTJob,
+    TaskConfig,
+    apply_overrides,
+    load_config,
+    lookup,
+    read_yaml,
+)
 from rlpt.framework.environment import ArithmeticEnv
 from rlpt.framework.evaluate import evaluate
 from rlpt.gpt_mini.model import load_model
 from rlpt.gpt_mini.task import make_task
-from rlpt.sft import train_sft
 from rlpt.gpt_mini.tokenizer import CharTokenizer
 from rlpt.preference.dpo import DPOConfig, DPOJob, PairsConfig, run_dpo
 from rlpt.report import figure
 from rlpt.run import finished_checkpoint, latest_checkpoint
-from rlpt.train import CheckConfig, RolloutConfig, SyncConfig, TrainerConfig, TrainJob, run_train
+from rlpt.sft import train_sft
+from rlpt.train import TrainJob, TrainStage, algorithm_overrides, run_train
 
 
 class StageEval(Section):
@@ -56,16 +66,13 @@ class HardSlice(Section):
     operands: int = Field(5, ge=2, description="operands per problem; must exceed task.max_operands")
 
 
-class RLStage(Section):
-    """The RLVR stage: the keys of `rlpt train` that a pipeline varies (see rlpt.train.TrainJob)."""
-    algorithm: dict[str, Any] = Field(default_factory=lambda: {"name": "dapo"})
-    rollout: RolloutConfig = RolloutConfig()
-    trainer: TrainerConfig = TrainerConfig()
-    sync: SyncConfig = SyncConfig()
-    check: CheckConfig = CheckConfig()
-    steps: int = Field(200, ge=1)
-    eval_every: int = Field(50, ge=1)
-    ckpt_every: int = Field(25, ge=1)
+RL_ALGORITHM = "dapo"
+
+
+class RLStage(TrainStage):
+    """The RLVR stage: the keys of `rlpt train` that act on each step (rlpt.train.TrainStage); the stage's
+    TrainJob adds the pipeline's run, model, task and eval and the DPO stage's checkpoint as its start."""
+    eval_every: int = Field(50, ge=1, description="the stage's eval.every (eval.size and max_tokens: the pipeline's)")
 
 
 class PipelineJob(Section):
@@ -77,7 +84,7 @@ class PipelineJob(Section):
     cot: SFTConfig = SFTConfig(steps=1500, format="cot")
     # pairs from 2048 prompts sampled at temperature 1.3: a 0.99 policy needs both to show enough mistakes
     dpo: DPOConfig = DPOConfig(pairs=PairsConfig(prompts=2048, temperature=1.3))
-    rl: RLStage = RLStage()
+    rl: RLStage = RLStage(algorithm={"name": RL_ALGORITHM}, steps=200)
     eval: EvalConfig = EvalConfig(every=200, size=1000, pass_k=1)
     final_eval: StageEval = StageEval()
 
@@ -88,23 +95,32 @@ class PipelineJob(Section):
         if self.hard.operands <= self.task.max_operands:
             raise ValueError(f"hard.operands ({self.hard.operands}) must exceed task.max_operands "
                              f"({self.task.max_operands}): the harder slice has more operands than any training prompt")
-        TrainJob.model_validate(self._rl_job_dict(None))   # the RL stage's keys, checked at load time
         return self
 
-    def _rl_job_dict(self, init: str | None) -> dict:
-        rl = self.rl
-        return {"run": self.run.model_dump(), "model": self.model.model_dump(), "task": self.task.model_dump(),
-                "init_from": init, "rollout": rl.rollout.model_dump(), "algorithm": dict(rl.algorithm),
-                "trainer": rl.trainer.model_dump(), "sync": rl.sync.model_dump(), "check": rl.check.model_dump(),
-                "steps": rl.steps, "ckpt_every": rl.ckpt_every,
-                "eval": self.eval.model_copy(update={"every": rl.eval_every}).model_dump()}
+    def stage_job(self, stage: str, init: str | None) -> SFTJob | DPOJob | TrainJob:
+        """The ordinary job that runs `stage`: the stage's own section, and what every stage shares (the run
+        folder runs/<run.name>/<stage>/, the model, the task, the held-out eval, the previous stage's weights)."""
+        root = Path(self.run.out_dir) / self.run.name
+        shared = {"run": self.run.model_copy(update={"out_dir": str(root), "name": stage}), "model": self.model,
+                  "task": self.task, "init_from": init, "eval": self.eval.model_copy(update={"pass_k": 1})}
+        if stage in ("1_direct", "2_cot"):
+            return SFTJob(**shared, sft=self.direct if stage == "1_direct" else self.cot)
+        if stage == "3_dpo":
+            return DPOJob(**shared, dpo=self.dpo)
+        rl = dict(self.rl)
+        every = rl.pop("eval_every")
+        return TrainJob(**(shared | {"eval": self.eval.model_copy(update={"every": every})}), **rl)
 
 
 STAGES = ("1_direct", "2_cot", "3_dpo", "4_rlvr")
 
 
 def load_pipeline_job(path: str | None, overrides: list[str]) -> PipelineJob:
-    return load_config(PipelineJob, path, overrides)
+    """Defaults < the RL algorithm's own defaults (its `trainer_defaults`, as `rlpt train` applies them)
+    < the recipe < overrides."""
+    name = lookup(["rl", "algorithm", "name"], RL_ALGORITHM, [read_yaml(path) if path else {}], overrides)
+    own = [f"rl.{o}" for o in algorithm_overrides(name)]
+    return load_config(PipelineJob, path, overrides, base=apply_overrides({}, own))
 
 
 def _steps(job: PipelineJob, stage: str) -> int:
@@ -116,25 +132,14 @@ def run_stage(job: PipelineJob, stage: str, init: Path | None, resume: bool) -> 
     finished stage is skipped and an unfinished one continues from its latest checkpoint."""
     root = Path(job.run.out_dir) / job.run.name
     stage_dir = root / stage
-    run_cfg = job.run.model_copy(update={"out_dir": str(root), "name": stage})
     steps = _steps(job, stage)
     if resume and (done := finished_checkpoint(stage_dir, steps)) is not None:
         print(f"[rlpt] pipeline: {stage} already finished ({done}); skipping")
         return done
     again = resume and latest_checkpoint(stage_dir) is not None
     print(f"[rlpt] pipeline: stage {stage} ({steps} steps) -> {stage_dir}")
-    init_s = str(init) if init is not None else None
-    if stage in ("1_direct", "2_cot"):
-        sft = job.direct if stage == "1_direct" else job.cot
-        train_sft(SFTJob(run=run_cfg, model=job.model, task=job.task, sft=sft, init_from=init_s,
-                         eval=job.eval.model_copy(update={"pass_k": 1})), resume=again)
-    elif stage == "3_dpo":
-        run_dpo(DPOJob(run=run_cfg, model=job.model, task=job.task, init_from=init_s, dpo=job.dpo,
-                       eval=job.eval.model_copy(update={"pass_k": 1})), resume=again)
-    else:
-        d = job._rl_job_dict(init_s)
-        d["run"] = run_cfg.model_dump()
-        run_train(TrainJob.model_validate(d), resume=again)
+    run = {"1_direct": train_sft, "2_cot": train_sft, "3_dpo": run_dpo, "4_rlvr": run_train}[stage]
+    run(job.stage_job(stage, str(init) if init is not None else None), resume=again)
     return latest_checkpoint(stage_dir)
 
 

@@ -3,12 +3,14 @@ import json
 
 import pytest
 import torch
+import yaml
 
 from rlpt.cli import main
 from rlpt.config import ConfigError
 from rlpt.gpt_mini.model import load_model
 from rlpt.pipeline import STAGES, load_pipeline_job, run_pipeline
-from rlpt.run import latest_checkpoint, load_state, read_checkpoint_meta
+from rlpt.run import latest_checkpoint, load_state
+from rlpt.train import TrainJob, TrainStage
 
 TINY = ["model.n_layer=2", "model.n_head=2", "model.n_kv_head=1", "model.d_model=32", "model.d_ff=64",
         "model.max_seq_len=48", "task.max_operands=3", "task.max_value=4", "hard.operands=4",
@@ -37,6 +39,9 @@ def test_pipeline_chains_four_stages_and_reports_each(tmp_path):
     for r in rows:
         assert 0.0 <= r["acc/heldout"] <= 1.0 and 0.0 <= r["acc/hard"] <= 1.0
         assert 0.0 <= r["acc/heldout_sampled"] <= 1.0
+    # the RL stage's config.yaml: DAPO's whole config, resolved against the stage's rollout (max_tokens 24)
+    algo = yaml.safe_load((root / "4_rlvr" / "config.yaml").read_text())["algorithm"]
+    assert (algo["name"], algo["clip_eps_high"], algo["norm_len"], algo["overlong_max_len"]) == ("dapo", 0.28, 24, 24)
     report = (root / "report.md").read_text()
     assert all(s in report for s in STAGES) and "harder slice, greedy (4 operands)" in report
     assert "sampled (4 per problem, T=1)" in report
@@ -70,6 +75,29 @@ def test_pipeline_resume_skips_finished_stages(tmp_path, capsys):
     with pytest.raises(FileExistsError, match="--resume"):
         run_pipeline(j)
     assert {s: (latest_checkpoint(root / s) / "model.safetensors").read_bytes() for s in STAGES} == before
+
+
+def test_each_stage_is_its_jobs_schema_with_what_the_stages_share(tmp_path):
+    j = job(tmp_path, "eval.every=7", "rl.trainer.mini_batches=1")
+    shared = {"model": j.model, "task": j.task, "init_from": "/ck"}
+    for stage in STAGES:
+        s = j.stage_job(stage, "/ck")
+        assert {k: getattr(s, k) for k in shared} == shared and s.eval.size == j.eval.size == 16
+        assert (s.run.out_dir, s.run.name, s.run.threads) == (str(tmp_path / "runs" / "pipeline"), stage, 1)
+    assert (j.stage_job("1_direct", None).sft, j.stage_job("2_cot", None).sft) == (j.direct, j.cot)
+    assert j.stage_job("3_dpo", None).dpo == j.dpo and j.stage_job("3_dpo", None).eval.every == 7
+    rl = j.stage_job("4_rlvr", None)
+    assert isinstance(rl, TrainJob) and rl.eval.every == 3              # rl.eval_every, the rest the pipeline's
+    keys = TrainStage.model_fields                                    # every step key: the pipeline's rl section's
+    assert {k: getattr(rl, k) for k in keys} == {k: getattr(j.rl, k) for k in keys}
+    assert rl.trainer.mini_batches == 1 and rl.algorithm.name == "dapo" and rl.algorithm.norm_len == 24
+
+
+def test_the_rl_stage_takes_its_algorithms_own_defaults(tmp_path):
+    assert job(tmp_path, "rl.algorithm.name=ppo").rl.trainer.epochs == 4            # PPO's trainer_defaults
+    assert job(tmp_path, "rl.algorithm.name=ppo", "rl.trainer.epochs=2").rl.trainer.epochs == 2   # the user wins
+    assert job(tmp_path).rl.trainer.epochs == 1
+    assert type(job(tmp_path, "rl.algorithm.name=rloo").rl.algorithm).__qualname__ == "RLOO.Config"   # no DAPO keys
 
 
 def test_pipeline_bad_config_names_the_key(tmp_path):
