@@ -1,4 +1,5 @@
-"""A deliberately leaky verifier for the reward-hacking demo (lesson 18, its reward-hacking widget): never train on it for real.
+"""A deliberately leaky verifier for the reward-hacking demo (lesson 18, its reward-hacking widget): never train
+on it for real.
 
     reward = 1 if the gold's digits appear anywhere in the response     (the honest check: last integer == gold)
 
@@ -7,7 +8,7 @@ checklist (tests/test_envs.py) catches it: its random baseline scores far above 
 `env.name=leaky` and watch `reward/mean` (the leaky reward) climb away from `acc/train` (from
 `info["correct"]`, the honest check): the gap lesson 18's verifier checklist warns of. `acc/heldout` is scored by
 this same leaky reward; `acc/heldout_honest` (`rollout.evaluate`, from `info["correct"]`) is the honest
-held-out eval logged next to it. The demo: `python -m rlpt.demos.reward_hacking` (docs/reward_hacking.md).
+held-out eval logged next to it. The demo: `python examples/reward_hacking.py` (docs/reward_hacking.md).
 """
 from __future__ import annotations
 
