@@ -26,9 +26,9 @@ import torch
 
 from rlpt.config import ModelConfig, TaskConfig
 from rlpt.gpt_mini.model import make_model
-from rlpt.optim import make_optimizer
 from rlpt.gpt_mini.task import make_task
 from rlpt.gpt_mini.tokenizer import CharTokenizer
+from rlpt.optim import make_optimizer
 from rlpt.preference.data import PreferencePair, collate_pairs
 from rlpt.preference.dpo import (
     DPOConfig,
@@ -114,8 +114,8 @@ def main():
              "dpo_pre": PrefStep(models["dpo_pre"], DPOConfig(method="dpo"), tok, total, pairs),
              "simpo": PrefStep(models["simpo"], DPOConfig(method="simpo"), tok, total)}
     bare = BareStep(models["bare"], DPOConfig().optim.lr)
-    run = {"dpo": lambda: sides["dpo"](pairs), "dpo_pre": lambda: sides["dpo_pre"](pairs), "simpo": lambda: sides["simpo"](pairs),
-           "bare": lambda: bare(batch.ids, batch.mask)}
+    run = {"dpo": lambda: sides["dpo"](pairs), "dpo_pre": lambda: sides["dpo_pre"](pairs),
+           "simpo": lambda: sides["simpo"](pairs), "bare": lambda: bare(batch.ids, batch.mask)}
     for fn in run.values():
         for _ in range(args.warmup):
             fn()

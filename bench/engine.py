@@ -39,6 +39,7 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
+from functools import partial  # noqa: E402
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -124,10 +125,10 @@ def throughput(args, threads: int, results: dict, agree: dict) -> None:
         rate = gemm_rate(cfg.d_model, cfg.d_ff, 256)
         for B in args.batches:
             ids = torch.randint(1, cfg.vocab_size, (B, P), generator=torch.Generator().manual_seed(B))
-            fns = {"engine": lambda: engine_greedy(llm, ids, G), "hf": lambda: hf_greedy(hf, ids, G)}
+            fns = {"engine": partial(engine_greedy, llm, ids, G), "hf": partial(hf_greedy, hf, ids, G)}
             res = timed(fns, args.repeats)
             if naive_seconds_estimate(model, B, P, G, rate) < args.naive_budget:   # once, apart: it is slow and
-                res |= timed({"naive": lambda: naive_greedy(model, ids, G)}, 1)      # would end the rounds early
+                res |= timed({"naive": partial(naive_greedy, model, ids, G)}, 1)     # would end the rounds early
             row = {k: B * G / res[k][0] if k in res else None for k in ("engine", "hf", "naive")}
             row.update({f"{k}_cpu": B * G / res[k][1] for k in res if threads == 1})
             out_e = res["engine"][2][-1]
@@ -137,7 +138,8 @@ def throughput(args, threads: int, results: dict, agree: dict) -> None:
             results.setdefault(str(threads), {}).setdefault(name, {})[str(B)] = row
             cpu = f"   by CPU time {row['engine_cpu'] / row['hf_cpu']:5.2f}x" if threads == 1 else ""
             print(f"  {threads}t {name:9s} B={B:<4d} engine {row['engine']:8.0f}  hf {row['hf']:8.0f}  naive "
-                  f"{row['naive'] or float('nan'):8.0f} tok/s   engine/hf {row['engine'] / row['hf']:5.2f}x{cpu}", flush=True)
+                  f"{row['naive'] or float('nan'):8.0f} tok/s   engine/hf {row['engine'] / row['hf']:5.2f}x{cpu}",
+                  flush=True)
 
 
 def sampled_rollouts(args, B: int, G: int = 48) -> dict:
@@ -148,7 +150,8 @@ def sampled_rollouts(args, B: int, G: int = 48) -> dict:
     hf = gpt_mini_to_hf(model)
     llm = LLM(model, TOK)
     ids = torch.randint(1, cfg.vocab_size, (B, P), generator=torch.Generator().manual_seed(7))
-    sp = SamplingParams(temperature=1.0, max_tokens=G)   # no seed: each request draws its own (a shared seed = a shared stream)
+    # no seed: each request draws its own (a shared seed = a shared stream)
+    sp = SamplingParams(temperature=1.0, max_tokens=G)
 
     def eng():
         t0, c0 = time.perf_counter(), time.process_time()
@@ -183,12 +186,14 @@ def prefix_sharing(K: int = 16, prompts: int = 16, P: int = 40, G: int = 16) -> 
         if mode == "shared":        # one request per prompt with n = K: one prefill, forked blocks
             llm.generate(ids, SamplingParams(n=K, temperature=1.0, max_tokens=G, ignore_eos=True))
         else:                       # K independent requests per prompt
-            llm.generate([p for p in ids for _ in range(K)], SamplingParams(temperature=1.0, max_tokens=G, ignore_eos=True))
+            llm.generate([p for p in ids for _ in range(K)],
+                         SamplingParams(temperature=1.0, max_tokens=G, ignore_eos=True))
         dt = time.perf_counter() - t0
         m = llm.metrics()
         assert m["engine/preemptions"] == 0
         out[mode] = {"seconds": dt, "prefill_tokens": m["tokens/prefill"] - base["tokens/prefill"],
-                     "kv_blocks_peak": m["kv/blocks_peak"], "kv_bytes_peak": m["kv/blocks_peak"] * m["kv/bytes_per_block"]}
+                     "kv_blocks_peak": m["kv/blocks_peak"],
+                     "kv_bytes_peak": m["kv/blocks_peak"] * m["kv/bytes_per_block"]}
     out["prefill_cut"] = out["unshared"]["prefill_tokens"] / out["shared"]["prefill_tokens"]
     return out
 
@@ -276,7 +281,8 @@ def ceiling(name: str, B: int) -> dict:
             "gemm_ms_per_step": t_gemm * 1e3, "kv_read_ms_per_step": kv_bytes / bw * 1e3,
             "gemm_gflops": flops / t_gemm / 1e9, "copy_gb_s": bw / 1e9,
             "bytes_per_step": weight_bytes + kv_bytes, "eager_floor_tok_s": B / eager_floor,
-            "roofline_tok_s": B / roofline, "zero_overhead_tok_s": B / zero_overhead, "ceiling_tok_s": best, "engine_step_tok_s": B / t_step, "engine_step_ms": t_step * 1e3,
+            "roofline_tok_s": B / roofline, "zero_overhead_tok_s": B / zero_overhead, "ceiling_tok_s": best,
+            "engine_step_tok_s": B / t_step, "engine_step_ms": t_step * 1e3,
             "engine_frac_of_ceiling": B / t_step / best}
 
 
@@ -306,7 +312,8 @@ def main() -> None:
         extra["sampled"] = [sampled_rollouts(args, B) for B in (64, 256) if B in args.batches or args.quick]
         print("sampled EOS-terminated rollouts (gpt_mini, T=1, max 48 tokens): useful tokens/s")
         for r in extra["sampled"]:
-            print(f"  B={r['B']:<4d} engine {r['engine']:9.0f}  hf {r['hf']:9.0f}   engine/hf {r['engine'] / r['hf']:5.2f}x"
+            print(f"  B={r['B']:<4d} engine {r['engine']:9.0f}  hf {r['hf']:9.0f}   "
+                  f"engine/hf {r['engine'] / r['hf']:5.2f}x"
                   f" (CPU time {r['engine_cpu'] / r['hf_cpu']:.2f}x)"
                   f"   mean length engine {r['engine_mean_len']:.1f} hf {r['hf_mean_len']:.1f}")
         extra["prefix_sharing"] = ps = prefix_sharing()
@@ -319,7 +326,8 @@ def main() -> None:
         extra["kv_memory"] = [kv_memory(), kv_memory(max_seq_len=256)]
         for kv in extra["kv_memory"]:
             print(f"KV held, B={kv['B']} sampled to EOS, context {kv['max_seq_len']}: paged peak "
-                  f"{kv['paged_bytes_peak'] / 2**20:.2f} MiB vs contiguous max-length {kv['contiguous_bytes'] / 2**20:.2f} MiB "
+                  f"{kv['paged_bytes_peak'] / 2**20:.2f} MiB vs contiguous max-length "
+                  f"{kv['contiguous_bytes'] / 2**20:.2f} MiB "
                   f"({kv['ratio']:.1f}x less)")
     extra["ceiling"] = []
     th = str(args.threads[0])
@@ -366,7 +374,8 @@ def main() -> None:
     rnd = lambda o: {k: rnd(v) for k, v in o.items()} if isinstance(o, dict) else \
         [rnd(v) for v in o] if isinstance(o, list) else round(o, 3) if isinstance(o, float) else o
     print(json.dumps(rnd({"bench": "engine", "threads": args.threads, "repeats": args.repeats,
-                          "workload": {n: {"prompt": MODELS[n][1], "generated": MODELS[n][2] // (2 if args.quick else 1)}
+                          "workload": {n: {"prompt": MODELS[n][1],
+                                           "generated": MODELS[n][2] // (2 if args.quick else 1)}
                                        for n in args.models},
                           "tok_s": results, "speedup_vs_hf": goals, "agreement": agree, **extra,
                           "load_avg": [load0, os.getloadavg()[0]], "wall_s": time.perf_counter() - t_start})))

@@ -24,12 +24,11 @@ from pathlib import Path
 import torch
 
 from rlpt.config import ModelConfig
+from rlpt.framework.trajectory import per_token_logp
+from rlpt.gpt_mini.generate import generate
 from rlpt.gpt_mini.model import make_model
 from rlpt.gpt_mini.tokenizer import CharTokenizer
 from rlpt.run import save_checkpoint
-
-from rlpt.framework.trajectory import per_token_logp
-from rlpt.gpt_mini.generate import generate
 from rlpt.train import build, load_train_job
 
 
@@ -97,8 +96,8 @@ def main() -> None:
         print(f"{k:<14}{med[k]:>10.4f}{med[k] / med['total']:>8.1%}")
     print(f"{'total':<14}{med['total']:>10.4f}")
     print(f"{'bare loop':<14}{bare_med:>10.4f}   (same sampling + ref forward + fwd/bwd/AdamW, no framework)")
-    print(json.dumps({"bench": "grpo_step", "backend": args.backend, "prompts": args.prompts, "k": args.k, "max_tokens": args.max_tokens,
-                      "threads": args.threads, "steps": args.steps,
+    print(json.dumps({"bench": "grpo_step", "backend": args.backend, "prompts": args.prompts, "k": args.k,
+                      "max_tokens": args.max_tokens, "threads": args.threads, "steps": args.steps,
                       "step_s_median": round(med["total"], 4), "bare_s_median": round(bare_med, 4),
                       "overhead_ratio": round(med["total"] / bare_med, 3),
                       **{k.replace("time/", "") + "_s": round(med[k], 4) for k in roles},

@@ -26,12 +26,11 @@ import torch
 import torch.nn.functional as F
 
 from rlpt.config import ModelConfig, OptimConfig, SFTConfig, TaskConfig
-from rlpt.gpt_mini.model import GPT
-from rlpt.gpt_mini.model import make_model
-from rlpt.optim import make_optimizer
+from rlpt.gpt_mini.model import GPT, make_model
 from rlpt.gpt_mini.task import make_task
-from rlpt.sft import sft_batch, sft_loss
 from rlpt.gpt_mini.tokenizer import CharTokenizer
+from rlpt.optim import make_optimizer
+from rlpt.sft import sft_batch, sft_loss
 
 
 def parse_args():

@@ -3,4 +3,4 @@
 Lineage (lessons 09–14), each file a small patch of its predecessor:
     reinforce -> ppo -> grpo -> rloo, dapo, drgrpo
 """
-from rlpt.algorithms import reinforce, ppo, grpo, rloo, dapo, drgrpo  # noqa: F401
+from rlpt.algorithms import dapo, drgrpo, grpo, ppo, reinforce, rloo  # noqa: F401

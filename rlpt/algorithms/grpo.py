@@ -1,7 +1,8 @@
 """GRPO: PPO without a critic; the baseline is the mean reward of K samples of the same prompt.
 
 Paper: Shao et al. 2024, "DeepSeekMath" (and DeepSeek-R1, 2025).
-Advantage: A_i = (r_i − mean(r)) / (std(r) + 1e-6), std unbiased (ddof = 1, as TRL and verl), same A for every token of y_i.
+Advantage: A_i = (r_i − mean(r)) / (std(r) + 1e-6), std unbiased (ddof = 1, as TRL and verl),
+           the same A for every token of y_i.
 Loss:      −(1/B) Σ_i (1/|y_i|) Σ_t min(ρ_t A_i, clip(ρ_t, 1−ε, 1+ε) A_i)  + β·KL_k3(π_θ ‖ π_ref)
 Diff from PPO: the value head and GAE are gone; the group mean is the baseline, divided by the group std.
 Length bias: the per-sequence 1/|y_i| (seq-mean-token-mean) makes each token of a short answer weigh

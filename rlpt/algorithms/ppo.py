@@ -28,8 +28,15 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from rlpt.framework.algorithm import AggMode, Algorithm, AlgorithmConfig, aggregate, clipped_surrogate, masked_mean, \
-    register
+from rlpt.framework.algorithm import (
+    AggMode,
+    Algorithm,
+    AlgorithmConfig,
+    aggregate,
+    clipped_surrogate,
+    masked_mean,
+    register,
+)
 from rlpt.framework.critic import Critic
 
 

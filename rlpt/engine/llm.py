@@ -53,7 +53,9 @@ class LLM:
                              f"{block_size}, {max_num_seqs}, {max_num_batched_tokens}")
         self.model, self.tokenizer = model, tokenizer
         self.max_seq_len, self.vocab_size = model.cfg.max_seq_len, model.cfg.vocab_size
-        self.eos_id = eos_id if eos_id is not None else getattr(tokenizer, "eos_id", getattr(tokenizer, "eos_token_id", None))
+        if eos_id is None:              # rlpt's tokenizers say eos_id, HF's eos_token_id
+            eos_id = getattr(tokenizer, "eos_id", getattr(tokenizer, "eos_token_id", None))
+        self.eos_id = eos_id
         per_seq = cdiv(self.max_seq_len, block_size)
         if num_blocks is None:
             c = model.cfg
@@ -83,7 +85,8 @@ class LLM:
     def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None
                  ) -> list[RequestOutput]:
         prompts = self._normalize_prompts(prompts)
-        sps = sampling_params if isinstance(sampling_params, list) else [sampling_params or SamplingParams()] * len(prompts)
+        sps = sampling_params if isinstance(sampling_params, list) else \
+            [sampling_params or SamplingParams()] * len(prompts)
         if len(sps) != len(prompts):
             raise ValueError(f"got {len(sps)} SamplingParams for {len(prompts)} prompts")
         for sp in sps:
@@ -121,7 +124,8 @@ class LLM:
             parts = [f"missing {missing}" if missing else "", f"unexpected {unexpected}" if unexpected else "",
                      f"mis-shaped {shapes}" if shapes else ""]
             raise ValueError("update_weights: state dict does not fit the model: " + "; ".join(p for p in parts if p))
-        if tied and "lm_head.weight" in state_dict and not torch.equal(state_dict["lm_head.weight"], state_dict["embed.weight"]):
+        if tied and "lm_head.weight" in state_dict and \
+                not torch.equal(state_dict["lm_head.weight"], state_dict["embed.weight"]):
             raise ValueError("update_weights: the model ties lm_head.weight to embed.weight, but they differ")
         for k, v in state_dict.items():
             own[k].copy_(v)

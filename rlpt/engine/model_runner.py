@@ -30,8 +30,13 @@ import torch
 import torch.nn.functional as F
 
 from rlpt.engine.block_manager import cdiv
-from rlpt.engine.paged_attention import (PagedKVCache, attention_bias, decode_pattern, paged_attention,
-                                         paged_decode_attention)
+from rlpt.engine.paged_attention import (
+    PagedKVCache,
+    attention_bias,
+    decode_pattern,
+    paged_attention,
+    paged_decode_attention,
+)
 
 
 @dataclass
@@ -116,7 +121,8 @@ class ModelRunner:
         tables = np.array([c.block_table[:nb] + [0] * (nb - len(c.block_table)) for c in chunks], np.int64)
         ends = np.cumsum(q_lens)                                                     # logits: last n of each chunk
         M = int(n_logits.sum())
-        logits_index = np.repeat(ends - n_logits, n_logits) + np.arange(M) - np.repeat(np.cumsum(n_logits) - n_logits, n_logits)
+        logits_index = (np.repeat(ends - n_logits, n_logits) + np.arange(M)
+                        - np.repeat(np.cumsum(n_logits) - n_logits, n_logits))
         dev = self.cis.device
         t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(dev)
         if T == 1 and self.decode_in_place:                          # decode: sequence b feeds token b
@@ -133,8 +139,9 @@ class ModelRunner:
         positions = starts[seq] + local
         slots = self.kv.slots(tables[seq, positions // bs], positions % bs)
         q_pos = starts[:, None] + np.arange(T)                                       # (B, T); pad rows harmless
-        return ForwardBatch(t(ids), t(positions), t(slots), B, T, nb * bs, t(logits_index), tiles=t(self.kv.tiles(tables)),
-                            pad_index=t(seq * T + local), bias=t(attention_bias(q_pos, nb * bs, Hkv, H // Hkv)))
+        return ForwardBatch(t(ids), t(positions), t(slots), B, T, nb * bs, t(logits_index),
+                            tiles=t(self.kv.tiles(tables)), pad_index=t(seq * T + local),
+                            bias=t(attention_bias(q_pos, nb * bs, Hkv, H // Hkv)))
 
     # -- forward ------------------------------------------------------------------------------
     @torch.inference_mode()

@@ -1,6 +1,7 @@
 """Paged KV storage and attention that reads keys and values through block tables.
 
-    o_t = softmax(q_t · K_s^T / sqrt(hd) + bias_t) · V_s,   K_s, V_s = the pool rows block_table_s names,  bias = 0 / -inf
+    o_t = softmax(q_t · K_s^T / sqrt(hd) + bias_t) · V_s,   K_s, V_s = the pool rows block_table_s names,
+                                                             bias = 0 / -inf
 
 Storage, per layer: one tensor (2, num_blocks, H_kv, block_size, hd), K then V. A (block, kv head) pair is
 one contiguous (block_size, hd) tile, so gathering a sequence's tiles with one `index_select` over rows

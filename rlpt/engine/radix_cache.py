@@ -29,8 +29,8 @@ from rlpt.engine.block_manager import BlockManager, cdiv
 class Node:
     key: list[int]                      # tokens on the edge into this node
     blocks: list[int]                   # physical block of each of those tokens
-    parent: "Node | None" = None
-    children: dict[int, "Node"] = field(default_factory=dict)
+    parent: Node | None = None
+    children: dict[int, Node] = field(default_factory=dict)
     last_access: int = 0
 
 

@@ -28,7 +28,7 @@ class SequenceStatus(enum.Enum):
 @dataclass(eq=False)
 class Sequence:
     seq_id: int
-    request: "Request"
+    request: Request
     index: int                          # sample index j within the request
     token_ids: list[int]                # prompt + output
     prompt_len: int

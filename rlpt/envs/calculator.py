@@ -22,6 +22,7 @@ model answers nothing without its tool).
 from __future__ import annotations
 
 import re
+
 from rlpt.config import ConfigError
 from rlpt.framework.environment import ArithmeticEnv, Prompt, Verdict, register_env
 from rlpt.gpt_mini.task import Problem, TraceFormat, register_trace_format, verify
@@ -39,7 +40,8 @@ class ToolError(ValueError):
 
 
 class _Parser:
-    """expr := term (('+'|'-') term)* ; term := factor (('*'|'/') factor)* ; factor := '-' factor | int | '(' expr ')'"""
+    """expr := term (('+'|'-') term)* ;  term := factor (('*'|'/') factor)* ;
+    factor := '-' factor | int | '(' expr ')'"""
 
     def __init__(self, text: str):
         self.s = text.replace(" ", "")

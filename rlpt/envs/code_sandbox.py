@@ -170,7 +170,8 @@ def run_program(code: str, stdin: str = "", limits: Limits | None = None) -> Run
                 proc.wait()
         if uid is not None:
             _kill_uid(uid)          # whatever it forked, daemonised or not
-        out, err = _read(os.path.join(host, "out"), lim.output_bytes), _read(os.path.join(host, "err"), lim.output_bytes)
+        out = _read(os.path.join(host, "out"), lim.output_bytes)
+        err = _read(os.path.join(host, "err"), lim.output_bytes)
         status, reason = _classify(proc.returncode, err, timed_out, lim)
         return RunResult(status, proc.returncode, out, err, reason, time.perf_counter() - t0, list(cap["notes"]))
     except Exception as e:   # noqa: BLE001 - the host side failed; score 0, say why

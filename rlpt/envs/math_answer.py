@@ -17,7 +17,8 @@ import random
 import re
 from fractions import Fraction
 
-from math_verify import parse, verify as mv_verify
+from math_verify import parse
+from math_verify import verify as mv_verify
 
 from rlpt.framework.environment import Prompt, Verdict, register_env
 
@@ -28,11 +29,10 @@ _NUMBER = re.compile(r"-?\d+(?:\.\d+)?(?:\s*/\s*\d+)?|-?\.\d+")
 
 
 def _boxed(text: str) -> str | None:
-    m = None
-    for m in _BOXED.finditer(text):
-        pass
-    if m is None:
+    matches = list(_BOXED.finditer(text))
+    if not matches:
         return None
+    m = matches[-1]                     # the last \boxed{...} is the answer
     depth, start = 1, m.end()
     for j in range(start, len(text)):
         depth += {"{": 1, "}": -1}.get(text[j], 0)

@@ -133,9 +133,11 @@ def make_algorithm(section: dict, group_size: int, max_tokens: int) -> Algorithm
             key = "algorithm." + ".".join(str(p) for p in err["loc"]) if err["loc"] else "algorithm"
             if err["type"] == "extra_forbidden":
                 close = difflib.get_close_matches(key, ["algorithm." + f for f in cls.Config.model_fields], n=1)
-                lines.append(f"unknown config key '{key}' for {name}." + (f" Did you mean '{close[0]}'?" if close else ""))
+                hint = f" Did you mean '{close[0]}'?" if close else ""
+                lines.append(f"unknown config key '{key}' for {name}.{hint}")
             else:
-                lines.append(f"config key '{key}': {err['msg'].removeprefix('Value error, ')} (got {err.get('input')!r})")
+                msg = err["msg"].removeprefix("Value error, ")
+                lines.append(f"config key '{key}': {msg} (got {err.get('input')!r})")
         raise AlgorithmConfigError("invalid algorithm config:\n  " + "\n  ".join(lines)) from None
     if cls.needs_groups and group_size < 2:
         raise AlgorithmConfigError(f"{name} needs a group baseline, so rollout.k must be >= 2 (got {group_size})")

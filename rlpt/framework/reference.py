@@ -16,7 +16,7 @@ trainer, not frozen copies: they are only read here, under no_grad.
 from __future__ import annotations
 
 import copy
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -1,6 +1,7 @@
 """Rollout: sample K responses for each of B prompts, record π_old, attach the verifier's reward.
 
-    for each prompt x_b:  y_bk ~ π_old(·|x_b),  old_logp_bk,t = log π_old(y_bk,t | x_b, y_bk,<t),  r_bk = verify(x_b, y_bk)
+    for each prompt x_b:  y_bk ~ π_old(·|x_b),  old_logp_bk,t = log π_old(y_bk,t | x_b, y_bk,<t),
+                          r_bk = verify(x_b, y_bk)
 
 `old_logp` is recorded at sampling time from the very distribution sampled from (temperature,
 top-k, top-p applied) and is never recomputed after an optimizer step: recomputing it makes the
@@ -28,8 +29,9 @@ cache per call, draws from `torch.multinomial`; it drives any model with the inc
 HF policies included: `backend_for(model)` picks it where the engine cannot serve the model).
 Both record old_logp the same way (`processed_logp` of the sampled token) and are reproducible from
 the generator's state, so a checkpoint holds the same state either way; they draw different tokens at
-temperature > 0 and the same at temperature 0. The engine backend serves gpt_mini models only (HF policies: convert with `rlpt.models.hf.hf_to_gpt_mini`) and sees weight sync through the
-parameters' version counters (in-place `copy_` bumps them: its fused weights are rebuilt, its prefix cache
+temperature > 0 and the same at temperature 0. The engine backend serves gpt_mini models only (HF
+policies: convert with `rlpt.models.hf.hf_to_gpt_mini`) and sees weight sync through the parameters'
+version counters (in-place `copy_` bumps them: its fused weights are rebuilt, its prefix cache
 dropped). Its prefix cache is also dropped at the start of every `generate`, so what a step samples
 depends only on (weights, prompts, generator state) — the bit-identical resume contract — while the
 turns of one multi-turn step still reuse each other's K/V.
@@ -38,8 +40,8 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 

@@ -22,8 +22,8 @@ trainer's state. Without a critic nothing changes: `loss_fn(chunk, new_logp)`.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import nullcontext
-from typing import Callable
 
 import torch
 
@@ -108,7 +108,7 @@ class Trainer:
         if self.critic is not None:
             self.critic.train()
         steps, check = [], {}
-        for epoch in range(self.epochs):
+        for _ in range(self.epochs):
             for mb in batch.minibatches(self.mini_batches, self.generator):
                 m = self.accumulate_grads(mb, loss_fn, check if not steps else None)
                 m["grad/norm"] = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip))

@@ -67,7 +67,7 @@ class Batch:
     def size(self) -> int:
         return self.input_ids.shape[0]
 
-    def select(self, rows: torch.Tensor, renormalize: bool) -> "Batch":
+    def select(self, rows: torch.Tensor, renormalize: bool) -> Batch:
         """Rows `rows`; `renormalize=True` makes it a batch of its own (a PPO mini-batch),
         False keeps the parent's denominators (a gradient-accumulation chunk)."""
         sub = {k: getattr(self, k)[rows] for k in ("input_ids", "mask", "old_logp", "ref_logp", "advantage",
@@ -77,7 +77,7 @@ class Batch:
             dict(agg_tokens=self.agg_tokens, agg_seqs=self.agg_seqs)
         return replace(self, **sub, **norm, extra={k: v[rows] for k, v in self.extra.items()})
 
-    def chunks(self, micro_batch_size: int) -> list["Batch"]:
+    def chunks(self, micro_batch_size: int) -> list[Batch]:
         """Gradient-accumulation chunks of at most `micro_batch_size` rows (0 = one chunk)."""
         if micro_batch_size <= 0 or micro_batch_size >= self.size:
             return [self]
@@ -85,7 +85,7 @@ class Batch:
         return [self.select(idx[i:i + micro_batch_size], renormalize=False)
                 for i in range(0, self.size, micro_batch_size)]
 
-    def minibatches(self, n: int, generator: torch.Generator | None = None) -> list["Batch"]:
+    def minibatches(self, n: int, generator: torch.Generator | None = None) -> list[Batch]:
         """`n` shuffled mini-batches, each normalised on its own (one optimizer step each)."""
         if n <= 1:
             return [self]
