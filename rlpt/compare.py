@@ -44,6 +44,7 @@ import time
 from pathlib import Path
 
 from rlpt.config import ConfigError, parse_override, read_yaml
+from rlpt.algorithms import LINEAGE
 from rlpt.framework.algorithm import ALGORITHMS
 from rlpt.report import figure
 from rlpt.run import resolve_checkpoint
@@ -56,9 +57,9 @@ MEMORY_METHOD = ("peak RSS = high-water mark (VmHWM) of a separate process per a
 
 # -- which algorithms, and how each is configured ------------------------------------------------
 def parse_algos(spec: str | None) -> list[str]:
-    """'ppo,grpo' -> ['ppo', 'grpo']; None or '' -> every registered algorithm, in registration
-    (= lineage: reinforce, ppo, grpo, rloo, dapo, drgrpo) order."""
-    names = list(ALGORITHMS)
+    """'ppo,grpo' -> ['ppo', 'grpo']; None or '' -> every registered algorithm, in lesson order
+    (rlpt.algorithms.LINEAGE: reinforce, ppo, grpo, rloo, dapo, drgrpo), then any others as registered."""
+    names = [a for a in LINEAGE if a in ALGORITHMS] + [a for a in ALGORITHMS if a not in LINEAGE]
     if not spec:
         return names
     out: list[str] = []

@@ -38,6 +38,11 @@ class GRPO(Algorithm):
                                  f"algorithm.clip_eps ({self.clip_eps})")
             return self
 
+        def resolve(self, group_size: int, max_tokens: int) -> None:
+            super().resolve(group_size, max_tokens)
+            if self.clip_eps_high is None:   # symmetric: written out so config.yaml shows the ε it trained with
+                self.clip_eps_high = self.clip_eps
+
     default_agg: AggMode = "seq-mean-token-mean"
 
     def group_advantages(self, r: torch.Tensor) -> tuple[torch.Tensor, bool]:

@@ -143,6 +143,8 @@ def make_algorithm(section: dict, group_size: int, max_tokens: int) -> Algorithm
         raise AlgorithmConfigError(f"{name} needs a group baseline, so rollout.k must be >= 2 (got {group_size})")
     try:
         cfg.resolve(group_size, max_tokens)
+        if cfg.loss_agg is None:   # written out, so a run's config.yaml says which mode it trained with
+            cfg.loss_agg = cls.default_agg
     except ValueError as e:
         raise AlgorithmConfigError(f"invalid algorithm config:\n  {e}") from None
     return cls(cfg)
