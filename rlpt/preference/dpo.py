@@ -293,6 +293,8 @@ def run_dpo(job: DPOJob, resume: bool = False) -> tuple[torch.nn.Module, Run, di
     if not job.init_from:
         raise ConfigError("init_from is required for rlpt dpo: set init_from=<an SFT checkpoint or run folder>, "
                           "e.g. init_from=runs/sft (DPO refines a policy; its reference is that policy)")
+    if job.dpo.beta is None and job.dpo.method != "orpo":   # config.yaml records the β that trained (ORPO has none)
+        job = job.model_copy(update={"dpo": job.dpo.model_copy(update={"beta": job.dpo.beta_value})})
     tok, task, cfg = CharTokenizer(), make_task(job.task), job.dpo
     run, ckpt = open_run(job, resume)
     policy = load_model(job.init_from, job.model, tok)
