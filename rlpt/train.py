@@ -157,7 +157,7 @@ class TrainJob(TrainStage):
         except KeyError as e:
             raise ValueError(str(e.args[0])) from None
         if self.sft.format == "tool" and self.init_from is None \
-                and not getattr(env_class(self.env.name), "multi_turn", False):
+                and not env_class(self.env.name).multi_turn:
             raise ValueError(f"sft.format=tool trains a tool user, but env.name={self.env.name!r} runs no tool: "
                              "set env.name=calculator, or sft.format=direct / cot")
         return self
@@ -166,7 +166,7 @@ class TrainJob(TrainStage):
 def env_model_kwargs(env: EnvConfig) -> dict:
     """`env.model_path` as the keyword its env takes (`model_path_arg`: the RM env's model_path, the
     judge's judge_path); an env that needs a model and got none, or got one it cannot use, is an error."""
-    arg = getattr(env_class(env.name), "model_path_arg", None)
+    arg = env_class(env.name).model_path_arg
     if arg is None:
         if env.model_path is not None:
             raise ValueError(f"env.model_path is set but env '{env.name}' scores without a model: "
@@ -194,7 +194,7 @@ def algorithm_defaults(name: str) -> dict:
 def algorithm_overrides(name: str) -> tuple[str, ...]:
     """A registered algorithm's own defaults, as overrides: its `trainer_defaults` (PPO: trainer.epochs=4);
     none for an unknown name (validation then names it)."""
-    return tuple(getattr(ALGORITHMS.get(name), "trainer_defaults", ()))
+    return ALGORITHMS[name].trainer_defaults if name in ALGORITHMS else ()
 
 
 def sft_init(job: TrainJob, resume: bool) -> Path:
@@ -225,7 +225,7 @@ def build(job: TrainJob, init: Path):
     critic = algo.make_critic(policy)   # None but for an algorithm with a value model (PPO)
     # an env that answers turns (`multi_turn`, e.g. the calculator) gets the agent loop; same interface
     multi = {"max_turns": job.rollout.max_turns, "turn_tokens": job.rollout.turn_tokens} \
-        if getattr(env, "multi_turn", False) else {}
+        if env.multi_turn else {}
     rollout = (MultiTurnRollout if multi else Rollout)(
         copy.deepcopy(policy), tok, job.rollout.prompts_per_step, sp, seed=job.run.seed,
         group_filter=algo.group_filter, **multi)

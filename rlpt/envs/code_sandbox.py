@@ -37,7 +37,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
-from rlpt.framework.environment import Prompt, Verdict, register_env
+from rlpt.framework.environment import Environment, Prompt, Verdict, register_env
 
 CLONE_NEWNET = 0x40000000
 
@@ -222,7 +222,7 @@ PROBLEMS = [
 
 
 @register_env("code")
-class CodeEnv:
+class CodeEnv(Environment):
     """Programs scored by hidden tests in the sandbox. Prompt ids are the tokenizer's when it can encode
     the prompt (gpt_mini's char alphabet cannot encode most programs: this env is for HF policies)."""
 

@@ -20,7 +20,7 @@ from fractions import Fraction
 from math_verify import parse
 from math_verify import verify as mv_verify
 
-from rlpt.framework.environment import Prompt, Verdict, register_env
+from rlpt.framework.environment import Environment, Prompt, Verdict, register_env
 
 _BOXED = re.compile(r"\\boxed\s*\{")
 _ANSWER_IS = re.compile(r"answer\s*(?:is|:|=)\s*(.+)", re.I | re.S)
@@ -78,7 +78,7 @@ def verify_math(response: str, gold: str) -> tuple[float, dict]:
 
 
 @register_env("math")
-class MathAnswerEnv:
+class MathAnswerEnv(Environment):
     """`<a/b+c/d>` -> the sum as any equivalent form. `problems` (text, gold) replaces the built-in task."""
 
     def __init__(self, problems: list[tuple[str, str]] | None = None, seed: int = 0, tokenizer=None,

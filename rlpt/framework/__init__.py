@@ -13,7 +13,7 @@ One step, seven lines (controller.py, lesson 07):
     7 metrics                           reward/*, loss/*, clip/*, time/<role>
 
 Files, one concept each: trajectory (the data contract: Trajectory, Batch, pad_sequences, collate,
-per_token_logp), environment (prompts and verdicts; `Environment` protocol and registry), rollout
+per_token_logp), environment (prompts and verdicts; `Environment` base with neutral defaults, and the registry), rollout
 (sampling, dynamic-sampling `GroupFilter`), agent_loop (multi-turn rollout with tool turns, masked),
 reference (π_ref and forward-only scorers), algorithm (the `Algorithm` base, registry, aggregation, KL,
 clipped surrogate), critic (PPO's value model), trainer (forward, backward, optimizer step), weight_sync

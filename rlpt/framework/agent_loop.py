@@ -142,7 +142,7 @@ class MultiTurnRollout(Rollout):
                 e.stop("max_turns")
 
     def _start(self, env, prompt: Prompt, group: int) -> Episode:
-        state = env.start(prompt) if hasattr(env, "start") else {"gold": prompt.gold}
+        state = env.start(prompt)
         return Episode(prompt, state, group)
 
     def _draw(self, env, K: int, n: int, first: int) -> list[list[Trajectory]]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 from rlpt.gpt_mini.task import ArithmeticTask, Problem, verify
 from rlpt.gpt_mini.tokenizer import CharTokenizer
@@ -33,18 +33,37 @@ class Verdict:
     info: dict = field(default_factory=dict)
 
 
-class Environment(Protocol):
+class Environment:
+    """The base of every env: what to implement, and the optional parts' neutral defaults.
+
+    Implement `reset`, `verify`, `heldout`. `multi_turn = True` (with `start` and `step`, see
+    rlpt.framework.agent_loop.MultiTurnEnv) makes jobs run it through the agent loop; `model_path_arg`
+    names the constructor keyword that receives `env.model_path` (an env that scores with a model);
+    `state_dict` holds whatever must survive a resume (the prompt sampler's RNG).
+    """
     tokenizer: Any
+    multi_turn: bool = False
+    model_path_arg: str | None = None
 
-    def reset(self, split: str = "train") -> Prompt: ...
+    def reset(self, split: str = "train") -> Prompt:
+        raise NotImplementedError
 
-    def verify(self, prompt: Prompt, response: str) -> Verdict: ...
+    def verify(self, prompt: Prompt, response: str) -> Verdict:
+        raise NotImplementedError
 
-    def heldout(self, n: int) -> list[Prompt]: ...
+    def heldout(self, n: int) -> list[Prompt]:
+        raise NotImplementedError
 
-    def state_dict(self) -> dict: ...
+    def start(self, prompt: Prompt) -> dict:
+        """Per-trajectory state for a multi-turn episode (handed back to `step`)."""
+        return {"gold": prompt.gold}
 
-    def load_state_dict(self, state: dict) -> None: ...
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state:
+            raise ValueError(f"{type(self).__name__} keeps no state, but was given {sorted(state)}")
 
 
 ENVS: dict[str, type] = {}
@@ -52,6 +71,8 @@ ENVS: dict[str, type] = {}
 
 def register_env(name: str):
     def deco(cls):
+        if not (isinstance(cls, type) and issubclass(cls, Environment)):
+            raise TypeError(f"@register_env({name!r}): {cls!r} must subclass rlpt.framework.environment.Environment")
         ENVS[name] = cls
         return cls
     return deco
@@ -79,7 +100,7 @@ def safe_verify(env, prompt: Prompt, response: str) -> Verdict:
 
 
 @register_env("arithmetic")
-class ArithmeticEnv:
+class ArithmeticEnv(Environment):
     """`<3+4+5>` → reward 1 iff the response's last integer is 12 (the shared task of lessons 01–03)."""
 
     def __init__(self, task: ArithmeticTask | None = None, seed: int = 0, tokenizer: CharTokenizer | None = None):

@@ -31,7 +31,7 @@ def evaluate(model, env, prompts: list[Prompt], max_tokens: int, *, k: int = 0, 
         raise ValueError("evaluate() got no prompts: raise eval.size")
     greedy = SamplingParams(max_tokens=max_tokens, temperature=0.0)
     backend = backend or backend_for(model)
-    if getattr(env, "multi_turn", False):
+    if env.multi_turn:
         rollout = MultiTurnRollout(model, env.tokenizer, 1, greedy, max_turns=max_turns, turn_tokens=turn_tokens,
                                    backend=backend)
     else:
