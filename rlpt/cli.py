@@ -184,27 +184,19 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="Overrides are key.sub=value, e.g. `rlpt sft sft.steps=300 model.n_layer=2`.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    s = sub.add_parser("sft", help="supervised fine-tuning of gpt_mini on the arithmetic task")
-    s.add_argument("items", nargs="*", metavar="[recipe.yaml] [key=value ...]")
-    s.add_argument("--resume", action="store_true", help="continue the run folder from its latest checkpoint")
-    s.set_defaults(fn=cmd_sft)
-    t = sub.add_parser("train", help="RL on a recipe: the six roles and the seven-step loop (GRPO by default)")
-    t.add_argument("items", nargs="*", metavar="[recipe.yaml] [key=value ...]")
-    t.add_argument("--resume", action="store_true", help="continue the run folder from its latest checkpoint")
-    t.set_defaults(fn=cmd_train)
-    pl = sub.add_parser("pipeline", help="the gpt_mini pipeline SFT -> CoT -> DPO -> RLVR, with a per-stage report "
-                                         "(the README's main job, `make run`)")
-    pl.add_argument("items", nargs="*", metavar="[recipe.yaml] [key=value ...]")
-    pl.add_argument("--resume", action="store_true", help="skip finished stages, continue the unfinished one")
-    pl.set_defaults(fn=cmd_pipeline)
-    d = sub.add_parser("dpo", help="DPO / IPO / KTO / ORPO / SimPO from an SFT checkpoint on preference pairs")
-    d.add_argument("items", nargs="*", metavar="[recipe.yaml] [key=value ...]")
-    d.add_argument("--resume", action="store_true", help="continue the run folder from its latest checkpoint")
-    d.set_defaults(fn=cmd_dpo)
-    r = sub.add_parser("rm", help="a Bradley-Terry reward model (SFT trunk + scalar head) on preference pairs")
-    r.add_argument("items", nargs="*", metavar="[recipe.yaml] [key=value ...]")
-    r.add_argument("--resume", action="store_true", help="continue the run folder from its latest checkpoint")
-    r.set_defaults(fn=cmd_rm)
+    # the jobs that take a recipe, overrides and --resume: (command, help, what --resume does, function)
+    jobs = [("sft", "supervised fine-tuning of gpt_mini on the arithmetic task", None, cmd_sft),
+            ("train", "RL on a recipe: the six roles and the seven-step loop (GRPO by default)", None, cmd_train),
+            ("pipeline", "the gpt_mini pipeline SFT -> CoT -> DPO -> RLVR, with a per-stage report (the README's "
+             "main job, `make run`)", "skip finished stages, continue the unfinished one", cmd_pipeline),
+            ("dpo", "DPO / IPO / KTO / ORPO / SimPO from an SFT checkpoint on preference pairs", None, cmd_dpo),
+            ("rm", "a Bradley-Terry reward model (SFT trunk + scalar head) on preference pairs", None, cmd_rm)]
+    for name, help_, resume_help, fn in jobs:
+        j = sub.add_parser(name, help=help_)
+        j.add_argument("items", nargs="*", metavar="[recipe.yaml] [key=value ...]")
+        j.add_argument("--resume", action="store_true",
+                       help=resume_help or "continue the run folder from its latest checkpoint")
+        j.set_defaults(fn=fn)
     c = sub.add_parser("compare", help="several algorithms from one SFT start, seed and budget: a table and a plot")
     c.add_argument("items", nargs=argparse.REMAINDER, metavar="[recipe.yaml] [key=value ...]",
                    help="--algos may also come after the recipe")

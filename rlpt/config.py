@@ -219,4 +219,7 @@ def deep_merge(a: dict, b: dict) -> dict:
 
 
 def dump_config(cfg: BaseModel) -> str:
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    """Every field written out, what-and-where sections first (run, model, task, env, init_from)."""
+    data = cfg.model_dump(mode="json")
+    first = [k for k in ("run", "model", "task", "env", "init_from") if k in data]
+    return yaml.safe_dump({**{k: data[k] for k in first}, **data}, sort_keys=False)
