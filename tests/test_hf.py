@@ -15,8 +15,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast 
 from rlpt.gpt_mini.generate import SamplingParams, generate  # noqa: E402
 from rlpt.gpt_mini.model import GPT, GPTConfig  # noqa: E402
 from rlpt.gpt_mini.tokenizer import ALPHABET, CharTokenizer  # noqa: E402
-from rlpt.models.hf import (HFPolicy, gpt_config_from_hf, gpt_mini_to_hf, hf_to_gpt_mini,  # noqa: E402
-                            load_hf_policy)
+from rlpt.models.hf import HFPolicy, gpt_config_from_hf, gpt_mini_to_hf, hf_to_gpt_mini, load_hf_policy  # noqa: E402
 
 ATOL = 1e-5
 

@@ -120,7 +120,7 @@ def test_opening_a_socket():
         conn, _ = srv.accept()
         got = True
         conn.close()
-    except socket.timeout:
+    except TimeoutError:
         got = False
     srv.close()
     if not CAP["netns"]:
