@@ -7,23 +7,23 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import TOK, ReplyOnceEnv, tiny_gpt
 
 import rlpt.algorithms  # noqa: F401 - registers the algorithms make_algorithm builds
-from rlpt.envs.calculator import CalculatorArithmeticEnv, evaluate, tool_reply, ToolError
+from rlpt.envs.calculator import CalculatorArithmeticEnv, ToolError, tool_reply
+from rlpt.envs.calculator import evaluate as calculate
 from rlpt.framework.agent_loop import MultiTurnRollout
 from rlpt.framework.algorithm import make_algorithm
 from rlpt.framework.controller import Controller
 from rlpt.framework.environment import Prompt
+from rlpt.framework.evaluate import evaluate
 from rlpt.framework.reference import Reference
 from rlpt.framework.trainer import Trainer
 from rlpt.framework.trajectory import collate, per_token_logp
 from rlpt.framework.weight_sync import WeightSyncer
 from rlpt.gpt_mini.generate import SamplingParams
-from rlpt.gpt_mini.model import GPT, GPTConfig
 from rlpt.gpt_mini.task import ArithmeticTask
-from rlpt.gpt_mini.tokenizer import CharTokenizer
 
-TOK = CharTokenizer()
 LESSON = "let me compute c(123+456+789)#" "=1368#" "the answer is 1368#"
 
 
@@ -53,6 +53,13 @@ class ScriptedModel(torch.nn.Module):
         return context.split(">", 1)[1]
 
 
+class PromptScriptedModel(ScriptedModel):
+    """Like ScriptedModel, but the script sees the whole context, prompt included."""
+
+    def seen(self, context: str) -> str:
+        return context
+
+
 def lesson_script(r):
     return LESSON[len(r)] if LESSON.startswith(r) and len(r) < len(LESSON) else "#"
 
@@ -69,7 +76,7 @@ class FixedCalculator(CalculatorArithmeticEnv):
 
 def engine(script, **kw):
     sp = SamplingParams(max_tokens=kw.pop("max_tokens", 64), temperature=1.0)
-    return MultiTurnRollout(ScriptedModel(script), TOK, 1, sp, backend="simple", **kw)   # a test double: not the engine's
+    return MultiTurnRollout(ScriptedModel(script), TOK, 1, sp, backend="simple", **kw)   # a double: not the engine's
 
 
 # -- the lesson-08 trajectory ------------------------------------------------------------------------
@@ -131,8 +138,8 @@ def test_tool_call_parsing(text, reply):
 
 def test_evaluate_never_uses_eval():
     with pytest.raises(ToolError):
-        evaluate("__import__('os')")
-    assert evaluate("((1+2)*(3+4))-5") == 16
+        calculate("__import__('os')")
+    assert calculate("((1+2)*(3+4))-5") == 16
 
 
 def test_calculator_env_step():
@@ -163,24 +170,19 @@ def test_turn_budget_and_total_budget():
 
 
 # -- a real model: old_logp equals the trainer's log-probs through tool tokens, controller unchanged --------------
-class ReplyOnceEnv(CalculatorArithmeticEnv):
-    """First turn gets a tool reply whatever it says; the second is scored by length parity (mixed rewards)."""
-
-    def step(self, text, state):
-        state["n"] = state.get("n", 0) + 1
-        if state["n"] == 1:
-            return "=12#", 0.0, False, {}
-        return "", float(len(text) % 2 == 0), True, {}
-
-
-def tiny_gpt():
-    torch.manual_seed(0)
-    return GPT(GPTConfig(vocab_size=TOK.vocab_size, n_layer=2, n_head=2, n_kv_head=1, d_model=32, d_ff=64,
-                         max_seq_len=48))
+def ending_its_turns(model, lean=0.5):
+    """A random tiny GPT tilted toward `#`, so that its turns end and ReplyOnceEnv's groups are mixed (untilted,
+    nearly every turn runs out of tokens: reward 0 everywhere, every step skipped). Every embedding row (tied:
+    every output row too) gets +1 on dim 0, which then dominates the final norm's output: the common logit
+    shift cancels and `#`'s extra `lean` puts its logit about lean·√d_model above the rest."""
+    with torch.no_grad():
+        model.embed.weight[:, 0] += 1.0
+        model.embed.weight[TOK.eos_id, 0] += lean
+    return model
 
 
 def test_real_model_multiturn_step_with_logp_check():
-    policy = tiny_gpt()
+    policy = ending_its_turns(tiny_gpt())
     sp = SamplingParams(max_tokens=20, temperature=1.0)
     rollout = MultiTurnRollout(copy.deepcopy(policy), TOK, 3, sp, seed=0, max_turns=2, turn_tokens=6)
     env = ReplyOnceEnv(ArithmeticTask(max_operands=3), tokenizer=TOK)
@@ -197,12 +199,31 @@ def test_real_model_multiturn_step_with_logp_check():
     trainer = Trainer(policy, opt, None, 1.0, 0, 1, 1, temperature=1.0)
     algo = make_algorithm({"name": "grpo"}, 4, 20)
     ctl = Controller(rollout, env, Reference(policy), algo, trainer, WeightSyncer(1), 4, TOK.pad_id)
-    for _ in range(2):
-        m = ctl.step()      # raises LogpMismatchError if tool tokens leaked into the ratio check
-    assert "reward/mean" in m
-    from rlpt.framework.evaluate import evaluate
-    ev = evaluate(rollout.model, env, env.heldout(4), 20, max_turns=2, turn_tokens=6)
-    assert 0 <= ev["acc"] <= 1 and 1 <= ev["turns"] <= 2
+    ms = [ctl.step() for _ in range(3)]     # raises LogpMismatchError if tool tokens leaked into the ratio check
+    trained = [m for m in ms if not m["step/skipped"]]
+    assert len(trained) >= 2 and all(m["sync/done"] == 1.0 and m["check/logp_mismatch"] < 1e-5 for m in trained)
+    # one turn: the env's reply comes, its verdict never does (the second turn scores)
+    ev = evaluate(rollout.model, env, env.heldout(4), 20, max_turns=1, turn_tokens=6)
+    assert (ev["acc"], ev["turns"]) == (0.0, 1.0)
+
+
+def test_evaluate_runs_every_turn_and_scores_the_last():
+    """`ab#`, the env's `=12#`, then `c#` (even length: reward 1) on prompts whose first operand is even and
+    `cd#` (odd: 0) on the others: acc is the even share, every episode takes two turns."""
+    def script(text):
+        prompt, r = text.split(">", 1)
+        want = "ab#=12#" + ("c#" if int(prompt[1:].split("+")[0]) % 2 == 0 else "cd#")
+        return want[len(r)] if len(r) < len(want) else "#"
+
+    env = ReplyOnceEnv(ArithmeticTask(max_operands=3), tokenizer=TOK)
+    prompts = env.heldout(8)
+    even = [int(p.text[1:].split("+")[0]) % 2 == 0 for p in prompts]
+    assert 0 < sum(even) < 8                                            # both kinds of prompt
+    ev = evaluate(PromptScriptedModel(script), env, prompts, 20, max_turns=2, turn_tokens=6)
+    assert (ev["acc"], ev["turns"]) == (sum(even) / 8, 2.0)
+    assert ev["len"] == sum(3 + 4 + (2 if e else 3) for e in even) / 8  # tool tokens count in the length
+    one = evaluate(PromptScriptedModel(script), env, prompts, 20, max_turns=1, turn_tokens=6)
+    assert (one["acc"], one["turns"], one["len"]) == (0.0, 1.0, 7.0)    # `ab#=12#`, then out of turns
 
 
 def test_train_job_accepts_calculator_and_picks_agent_loop():
@@ -220,23 +241,15 @@ def test_tool_use_sft_trace_matches_the_rollout_mask():
     assert text == LESSON and mask == t.response_mask.tolist()
 
 
-def test_rlpt_train_runs_the_calculator_env(tmp_path):
-    from test_train import job
+def test_rlpt_train_runs_the_calculator_env(tiny_train_job):
     from rlpt.train import run_train
-    ctl, run, final = run_train(job(tmp_path, "steps=2", "env.name=calculator", "rollout.max_turns=2",
+    ctl, run, final = run_train(tiny_train_job("steps=2", "env.name=calculator", "rollout.max_turns=2",
                                     "rollout.turn_tokens=12", "eval.every=2"))
     assert isinstance(ctl.rollout, MultiTurnRollout) and ctl.rollout.max_turns == 2
     assert "acc/heldout_final" in final
 
 
 # -- SFT on tool traces (sft.format=tool) and its held-out evaluation through the agent loop ----------------
-class PromptScriptedModel(ScriptedModel):
-    """Like ScriptedModel, but the script sees the whole context, prompt included."""
-
-    def seen(self, context: str) -> str:
-        return context
-
-
 def tool_user(text):
     """Calls the tool on the prompt's sum (`c(3+4)#`), then answers with the number it replied (`7#`)."""
     prompt, r = text.split(">", 1)
@@ -252,8 +265,8 @@ def tool_user(text):
 
 def test_tool_format_batch_masks_exactly_the_tool_reply():
     import rlpt.envs  # noqa: F401 - registers sft.format=tool
-    from rlpt.sft import sft_batch
     from rlpt.gpt_mini.task import Problem
+    from rlpt.sft import sft_batch
     ids, mask = sft_batch([Problem((123, 456, 789)), Problem((3, 4))], "tool", TOK)
     assert TOK.decode(ids[0]) == "<123+456+789>c(123+456+789)#=1368#1368#" and ids.shape == (2, 13 + 26)
     # row 0: prompt 13 tokens; the response is 15 assistant (`c(123+456+789)#`) + 6 tool (`=1368#`) + 5 assistant
@@ -269,11 +282,10 @@ def test_tool_format_batch_masks_exactly_the_tool_reply():
 
 def test_tool_format_loss_ignores_logits_at_masked_positions():
     import rlpt.envs  # noqa: F401
-    from rlpt.sft import sft_batch, sft_loss
     from rlpt.gpt_mini.task import Problem
+    from rlpt.sft import sft_batch, sft_loss
     ids, mask = sft_batch([Problem((123, 456, 789)), Problem((3, 4))], "tool", TOK)
-    model = GPT(GPTConfig(vocab_size=TOK.vocab_size, n_layer=1, n_head=2, n_kv_head=2, d_model=16, d_ff=32,
-                          max_seq_len=48))
+    model = tiny_gpt(n_layer=1, n_kv_head=2, d_model=16, d_ff=32)
     g = torch.Generator().manual_seed(0)
 
     class Perturbed(torch.nn.Module):       # adds large noise to the logits where `where` is 1
@@ -298,7 +310,6 @@ def test_tool_format_loss_ignores_logits_at_masked_positions():
 
 
 def test_tool_format_heldout_eval_runs_the_calculator():
-    from rlpt.framework.evaluate import evaluate
     from rlpt.gpt_mini.task import Problem
     from rlpt.sft import sft_env
     problems = [Problem((123, 456, 789)), Problem((3, 4)), Problem((905, 17))]
@@ -322,7 +333,6 @@ def test_unknown_trace_format_names_the_key():
 # -- an honest held-out metric next to a hackable reward (env `leaky`) ------------------------------------------
 def test_leaky_heldout_eval_reports_honest_accuracy():
     from rlpt.envs.leaky import LeakyArithmeticEnv
-    from rlpt.framework.rollout import Rollout
     env = LeakyArithmeticEnv(ArithmeticTask(max_operands=2), tokenizer=TOK)
     prompts = env.heldout(6)
 
@@ -331,16 +341,15 @@ def test_leaky_heldout_eval_reports_honest_accuracy():
         want = f"{sum(map(int, prompt[1:].split('+')))} 0#"
         return want[len(r)] if len(r) < len(want) else "#"
 
-    from rlpt.framework.evaluate import evaluate
     ev = evaluate(PromptScriptedModel(soup), env, prompts, 8)
     assert ev["acc"] == 1.0 and ev["acc_honest"] == 0.0
 
 
-def test_rlpt_train_logs_honest_heldout_accuracy_for_leaky(tmp_path):
+def test_rlpt_train_logs_honest_heldout_accuracy_for_leaky(tiny_train_job):
     import json
-    from test_train import job
+
     from rlpt.train import run_train
-    _, run, final = run_train(job(tmp_path, "steps=1", "env.name=leaky", "eval.every=1"))
+    _, run, final = run_train(tiny_train_job("steps=1", "env.name=leaky", "eval.every=1"))
     rows = [json.loads(x) for x in (run.dir / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in rows if "acc/heldout" in r]
     assert evals and all("acc/heldout_honest" in r and r["acc/heldout_honest"] <= r["acc/heldout"] for r in evals)
@@ -351,12 +360,17 @@ def test_sft_tool_format_end_to_end_and_rlpt_eval_runs_the_tool(tiny_job, capsys
     import rlpt.envs  # noqa: F401
     from rlpt.cli import main
     from rlpt.config import ConfigError
-    from rlpt.sft import train_sft
+    from rlpt.gpt_mini.task import make_task
+    from rlpt.sft import sft_env, train_sft
     with pytest.raises(ConfigError, match="eval.max_tokens=8"):     # TINY's 8 cannot hold `c(9+9+9+9)#=36#36#`
         train_sft(tiny_job("sft.format=tool", "sft.steps=4", "run.name=short"))
     assert not (Path(tiny_job().run.out_dir) / "short" / "metrics.jsonl").exists()     # before any step
-    _, run, final = train_sft(tiny_job("sft.format=tool", "sft.steps=4", "eval.max_tokens=20", "run.name=t"))
-    assert final["tool/calls_heldout"] >= 0 and "pass@2/heldout" in final
+    job = tiny_job("sft.format=tool", "sft.steps=4", "eval.max_tokens=20", "run.name=t")
+    model, run, final = train_sft(job)
+    env = sft_env("tool", make_task(job.task), TOK)       # the job's numbers are the evaluator's, through the tool
+    ev = evaluate(model, env, env.heldout(job.eval.size), 20, k=2, seed=job.run.seed)
+    assert (final["tool/calls_heldout"], final["tool/errors_heldout"], final["pass@2/heldout"], final["acc/heldout"]) \
+        == (ev["tool_calls"], ev["tool_errors"], ev["pass@2"], ev["acc"])
     rows = run.read_metrics()
     assert all("tool/calls_heldout" in r for r in rows if "acc/heldout" in r)
     capsys.readouterr()

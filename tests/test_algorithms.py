@@ -7,14 +7,14 @@ import shutil
 
 import pytest
 import torch
+from conftest import SFT_SHAPE, TINY_SFT, TOK, ConstantEnv, ParityEnv, tiny_gpt
 from safetensors.torch import load_file
 
-from conftest import TINY
 import rlpt.algorithms  # noqa: F401 - registers the algorithms make_algorithm builds
 from rlpt.algorithms.dapo import degenerate_fraction, overlong_penalty
 from rlpt.algorithms.ppo import gae
 from rlpt.cli import main as cli_main
-from rlpt.config import ConfigError, ModelConfig
+from rlpt.config import ConfigError
 from rlpt.framework.algorithm import ALGORITHMS, AlgorithmConfigError, make_algorithm
 from rlpt.framework.controller import Controller
 from rlpt.framework.environment import ArithmeticEnv, Verdict, register_env
@@ -24,15 +24,11 @@ from rlpt.framework.trainer import Trainer
 from rlpt.framework.trajectory import Trajectory, collate
 from rlpt.framework.weight_sync import WeightSyncer
 from rlpt.gpt_mini.generate import SamplingParams
-from rlpt.gpt_mini.model import GPT, GPTConfig
-from rlpt.gpt_mini.model import make_model
 from rlpt.gpt_mini.task import ArithmeticTask
-from rlpt.gpt_mini.tokenizer import CharTokenizer
 from rlpt.loop import _label
 from rlpt.run import load_state, save_checkpoint
 from rlpt.train import LAST10, PROGRESS, load_train_job, run_train
 
-TOK = CharTokenizer()
 NAMES = ["reinforce", "ppo", "grpo", "rloo", "dapo", "drgrpo"]
 
 
@@ -202,20 +198,9 @@ def test_ppo_value_loss_and_clipping(clip, loss, frac):
 
 
 # -- the critic in the framework ------------------------------------------------------------------------
-class ParityEnv(ArithmeticEnv):
-    def verify(self, prompt, response):
-        return Verdict(float(len(response) % 2 == 0))
-
-
-def tiny_model(seed=0):
-    torch.manual_seed(seed)
-    return GPT(GPTConfig(vocab_size=TOK.vocab_size, n_layer=2, n_head=2, n_kv_head=1, d_model=32, d_ff=64,
-                         max_seq_len=48))
-
-
 def roles(section, env=None, prompts=3, k=4, epochs=1, lr=1e-2):
     """The six roles wired the way rlpt.train.build wires them (critic, group filter)."""
-    policy = tiny_model()
+    policy = tiny_gpt()
     a = make_algorithm(section, k, 6)
     critic = a.make_critic(policy)
     rollout = Rollout(copy.deepcopy(policy), TOK, prompts, SamplingParams(max_tokens=6), group_filter=a.group_filter)
@@ -231,7 +216,7 @@ def roles(section, env=None, prompts=3, k=4, epochs=1, lr=1e-2):
 def test_every_hook_has_a_neutral_default(name):
     """Callers never probe: each hook exists on every algorithm, and only the algorithm that uses it sets it."""
     a = algo(name)
-    assert (a.make_critic(tiny_model()) is not None) == (name == "ppo")
+    assert (a.make_critic(tiny_gpt()) is not None) == (name == "ppo")
     assert (a.group_filter is not None) == (name == "dapo")
     assert algo(name, dynamic_sampling=False).group_filter is None if name == "dapo" else True
     assert a.state_dict() == ({"ema": 0.0, "seen": 0} if name == "reinforce" else {})
@@ -363,7 +348,7 @@ def mixed(g):
     (4, 2.0, 1, 8, 4, 0),    # over-sampling 2×: one round does it
     (4, 3.0, 1, 12, 4, 0)])  # 12 drawn, 6 pass, surplus dropped
 def test_dynamic_sampling_refills_respects_cap_and_reports(max_draws, oversample, draws, drawn, kept, cap):
-    rollout = Rollout(tiny_model(), TOK, 4, SamplingParams(max_tokens=4),
+    rollout = Rollout(tiny_gpt(), TOK, 4, SamplingParams(max_tokens=4),
                             group_filter=GroupFilter(mixed, max_draws=max_draws, oversample=oversample))
     groups = rollout.generate(KindEnv(), 4)
     s = rollout.stats
@@ -372,11 +357,6 @@ def test_dynamic_sampling_refills_respects_cap_and_reports(max_draws, oversample
         (draws, drawn, kept, cap)
     assert s["sampling/filtered_frac"] == pytest.approx(1 - (drawn // 2) / drawn)
     assert len({g[0].group for g in groups}) == kept          # groups numbered across rounds
-
-
-class ConstantEnv(ArithmeticEnv):
-    def verify(self, prompt, response):
-        return Verdict(1.0)
 
 
 def test_dynamic_sampling_through_the_controller_and_nothing_passing():
@@ -429,14 +409,12 @@ class FirstCharEnv(ArithmeticEnv):
 
 @pytest.fixture(scope="module")
 def init_ckpt(tmp_path_factory):
-    shape = {k.split("=")[0][6:]: int(k.split("=")[1]) for k in TINY if k.startswith("model.")}
-    torch.manual_seed(0)
-    model = make_model(ModelConfig(**shape), TOK)
+    model = tiny_gpt(**SFT_SHAPE)           # the shape of TINY_SFT's model overrides
     return save_checkpoint(tmp_path_factory.mktemp("init") / "init", model, model.cfg.to_dict(), {"step": 0})
 
 
 def train_job(init, out, name, *overrides):
-    return load_train_job(None, [*TINY, f"init_from={init}", f"run.out_dir={out}", f"run.name={name}",
+    return load_train_job(None, [*TINY_SFT, f"init_from={init}", f"run.out_dir={out}", f"run.name={name}",
                                  "env.name=test_first_char", "rollout.k=4", "rollout.prompts_per_step=2",
                                  "rollout.max_tokens=8", "steps=3", "eval.every=3", "ckpt_every=3",
                                  f"algorithm.name={name.split('_')[0]}", *overrides])
@@ -497,7 +475,7 @@ def test_checkpoint_resume_is_bit_identical(name, extra, init_ckpt, tmp_path):
 
 
 def test_cli_entry_point_prints_the_training_table(init_ckpt, tmp_path, capsys):
-    argv = [*TINY, f"init_from={init_ckpt}", f"run.out_dir={tmp_path}", "env.name=test_first_char", "rollout.k=4",
+    argv = [*TINY_SFT, f"init_from={init_ckpt}", f"run.out_dir={tmp_path}", "env.name=test_first_char", "rollout.k=4",
             "rollout.prompts_per_step=2", "rollout.max_tokens=8", "steps=2", "trainer.epochs=2"]
     assert cli_main(["train", "algorithm.name=ppo", *argv]) == 0
     out = capsys.readouterr().out

@@ -8,8 +8,11 @@ block is back on the free list.
 """
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
+from conftest import TOK, tiny_gpt
 
 from rlpt.engine import LLM, EngineBackend, SamplingParams
 from rlpt.engine.naive import naive_greedy
@@ -18,25 +21,12 @@ from rlpt.framework.trajectory import per_token_logp
 from rlpt.gpt_mini.generate import SamplingParams as SimpleParams
 from rlpt.gpt_mini.generate import generate as simple_generate
 from rlpt.gpt_mini.generate import processed_logp
-from rlpt.gpt_mini.model import GPT, GPTConfig
-from rlpt.gpt_mini.tokenizer import CharTokenizer
 
-TOK = CharTokenizer()
 EOS = TOK.eos_id
 
 
-def tiny(seed=0, std=0.3, max_seq_len=32, n_kv_head=2) -> GPT:
-    """2 layers, GQA 4/2, vocab 24. std > 0: weights redrawn with that std (peaked logits)."""
-    torch.manual_seed(seed)
-    m = GPT(GPTConfig(vocab_size=TOK.vocab_size, n_layer=2, n_head=4, n_kv_head=n_kv_head, d_model=32,
-                      d_ff=64, max_seq_len=max_seq_len)).eval()
-    if std:
-        g = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for name, p in m.named_parameters():
-                if "norm" not in name:
-                    p.copy_(torch.randn(p.shape, generator=g) * std)
-    return m
+# the shared tiny GPT in GQA 4/2, weights redrawn with std 0.3 (peaked logits) unless told otherwise
+tiny = partial(tiny_gpt, std=0.3, n_head=4, n_kv_head=2, max_seq_len=32)
 
 
 def prompts(n=30, lo=1, hi=20, seed=1) -> list[list[int]]:
@@ -150,7 +140,8 @@ def test_logprobs_equal_trainer_logprobs(engine):
             assert torch.allclose(torch.tensor(c.token_logprobs), ref, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("kw", [dict(temperature=0.7), dict(top_k=5), dict(top_p=0.8), dict(temperature=1.3, top_k=8, top_p=0.9)])
+@pytest.mark.parametrize("kw", [dict(temperature=0.7), dict(top_k=5), dict(top_p=0.8),
+                                dict(temperature=1.3, top_k=8, top_p=0.9)])
 def test_logprobs_are_from_the_processed_distribution(engine, kw):
     m = tiny(std=0.08)
     ps = prompts(6)

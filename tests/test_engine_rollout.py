@@ -8,14 +8,14 @@ import shutil
 
 import pytest
 import torch
-from test_agent_loop import ReplyOnceEnv, tiny_gpt
+from conftest import TINY_RL, TOK, ParityEnv, ReplyOnceEnv, tiny_gpt
 
 import rlpt.algorithms  # noqa: F401 - registers the algorithms make_algorithm builds
-from rlpt.config import ConfigError, ModelConfig
+from rlpt.config import ConfigError
 from rlpt.framework.agent_loop import MultiTurnRollout
 from rlpt.framework.algorithm import make_algorithm
 from rlpt.framework.controller import Controller
-from rlpt.framework.environment import ArithmeticEnv, Verdict
+from rlpt.framework.environment import ArithmeticEnv
 from rlpt.framework.evaluate import evaluate
 from rlpt.framework.reference import Reference
 from rlpt.framework.rollout import Rollout
@@ -23,26 +23,12 @@ from rlpt.framework.trainer import Trainer
 from rlpt.framework.trajectory import collate, per_token_logp
 from rlpt.framework.weight_sync import WeightSyncer
 from rlpt.gpt_mini.generate import SamplingParams
-from rlpt.gpt_mini.model import make_model
 from rlpt.gpt_mini.task import ArithmeticTask
-from rlpt.gpt_mini.tokenizer import CharTokenizer
 from rlpt.run import save_checkpoint
 from rlpt.train import build, load_train_job, run_train
 
-TOK = CharTokenizer()
-TINY = ["model.n_layer=2", "model.n_head=2", "model.n_kv_head=1", "model.d_model=32", "model.d_ff=64",
-        "model.max_seq_len=48", "rollout.k=4", "rollout.prompts_per_step=4", "rollout.max_tokens=16",
-        "eval.size=8", "eval.every=2", "run.progress=false", "task.max_operands=3", "trainer.optim.lr=1e-3"]
-
-
-def save_tiny_init(path):
-    model = make_model(ModelConfig(n_layer=2, n_head=2, n_kv_head=1, d_model=32, d_ff=64, max_seq_len=48), TOK)
-    save_checkpoint(path, model, model.cfg.to_dict(), {"step": 0})
-
-
-class ParityEnv(ArithmeticEnv):
-    def verify(self, prompt, response):
-        return Verdict(float(len(response) % 2 == 0))
+# TINY_RL with this file's shorter budget and evaluation
+TINY = [*TINY_RL, "rollout.max_tokens=16", "eval.size=8", "eval.every=2"]
 
 
 def test_backends_agree_at_temperature_zero():
@@ -73,7 +59,7 @@ def test_engine_backend_grpo_steps_pass_the_logp_check_and_see_weight_sync():
     ctl = Controller(rollout, env, Reference(policy, temperature=1.0),
                      make_algorithm({"name": "grpo"}, 4, 8), trainer, WeightSyncer(1), 4, TOK.pad_id)
     llm = None
-    for step in range(3):
+    for _ in range(3):
         m = ctl.step()                      # raises LogpMismatchError past check.logp_tol (1e-5 mean)
         assert m["check/logp_mismatch"] < 1e-5
         llm = rollout._engine.engine(rollout.model)
@@ -113,7 +99,7 @@ def test_resume_is_bit_identical(tmp_path, backend):
     # an SFT start (as tests/test_train.py) so that groups are mixed and the resumed steps really train
     common = [*TINY, f"run.out_dir={tmp_path / 'runs'}", f"rollout.backend={backend}", "steps=3", "ckpt_every=1",
               "sync.every=3", "rollout.prompts_per_step=8", "rollout.max_tokens=24", "task.max_operands=2",
-              "task.max_value=4", "sft.steps=30", "sft.batch_size=16", "sft.format=cot", "sft.ckpt_every=30"]
+              "task.max_value=4"]
     ctl_a, run_a, _ = run_train(load_train_job(None, [*common, "run.name=straight"]))
     crashed = load_train_job(None, [*common, "run.name=resumed", f"init_from={run_a.dir / 'sft'}"])
     run_train(crashed)                                                  # a crash after step 2: resume from it
@@ -154,7 +140,8 @@ def test_the_engine_is_the_default_and_names_the_fix_for_models_it_cannot_serve(
 
 def test_build_wires_the_backend(tmp_path):
     init = tmp_path / "init"
-    save_tiny_init(init)
+    model = tiny_gpt()
+    save_checkpoint(init, model, model.cfg.to_dict(), {"step": 0})
     ctl, _ = build(load_train_job(None, [*TINY, "rollout.backend=engine", f"init_from={init}"]), init)
     assert ctl.rollout.backend == "engine"
     ctl.step()

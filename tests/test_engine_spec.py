@@ -9,29 +9,24 @@ norm(max(0, p − q))) must fail by a wide margin: that is what shows the thresh
 from __future__ import annotations
 
 import itertools
+from functools import partial
 
 import pytest
 import torch
+from conftest import tiny_gpt
 
 import rlpt.engine.spec_decode as spec_decode
 from rlpt.engine import LLM, SamplingParams
 from rlpt.engine.naive import naive_greedy
 from rlpt.framework.trajectory import per_token_logp
-from rlpt.gpt_mini.model import GPT, GPTConfig
+from rlpt.gpt_mini.model import GPT
 
 EOS = 3
 
 
-def model(seed, std, vocab=24, n_layer=2, d_model=32, max_seq_len=32) -> GPT:
-    torch.manual_seed(seed)
-    m = GPT(GPTConfig(vocab_size=vocab, n_layer=n_layer, n_head=4, n_kv_head=2, d_model=d_model,
-                      d_ff=2 * d_model, max_seq_len=max_seq_len)).eval()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            if "norm" not in name:
-                p.copy_(torch.randn(p.shape, generator=g) * std)
-    return m
+# model(seed, std, ...): the shared tiny GPT over a 24-token vocabulary, GQA 4/2; DRAFT: a thinner one
+model = partial(tiny_gpt, vocab_size=24, n_head=4, n_kv_head=2, max_seq_len=32)
+DRAFT = dict(n_layer=1, d_model=16, d_ff=32)
 
 
 def prompts(n=24, seed=1):
@@ -49,7 +44,7 @@ def check_idle(llm: LLM) -> None:
 @pytest.mark.parametrize("kw", [dict(), dict(block_size=4, num_blocks=12, max_num_batched_tokens=10),
                                 dict(enable_prefix_caching=False, num_speculative_tokens=2)])
 def test_greedy_speculation_equals_target_greedy(kw):
-    target, draft = model(0, 0.3), model(7, 0.3, n_layer=1, d_model=16)
+    target, draft = model(0, 0.3), model(7, 0.3, **DRAFT)
     ps = prompts()
     llm = LLM(target, draft_model=draft, eos_id=EOS, **kw)
     outs = llm.generate(ps, SamplingParams(temperature=0, max_tokens=16))
@@ -77,7 +72,7 @@ def test_draft_equal_to_target_accepts_everything():
 
 
 def test_speculative_logprobs_equal_trainer_logprobs():
-    target, draft = model(0, 0.08), model(7, 0.3, n_layer=1, d_model=16)
+    target, draft = model(0, 0.08), model(7, 0.3, **DRAFT)
     ps = prompts(8)
     llm = LLM(target, draft_model=draft, eos_id=EOS, block_size=4)
     outs = llm.generate(ps, SamplingParams(n=2, temperature=1.0, max_tokens=12, seed=2))
@@ -125,7 +120,7 @@ def sample(target, draft=None, seed=0) -> list[list[int]]:
 
 @pytest.fixture(scope="module")
 def pair():
-    kw = dict(vocab=V, n_layer=1, d_model=16, max_seq_len=16)
+    kw = dict(vocab_size=V, **DRAFT, max_seq_len=16)
     return model(0, 0.6, **kw), model(5, 0.6, **kw)
 
 

@@ -5,18 +5,17 @@ import random
 
 import pytest
 import torch
+from conftest import TOK, tiny_gpt
 
 from rlpt.envs.calculator import CalculatorArithmeticEnv
 from rlpt.envs.code_sandbox import CodeEnv, CodeProblem, Limits
 from rlpt.envs.judge import JudgeEnv
 from rlpt.envs.leaky import LeakyArithmeticEnv
 from rlpt.envs.math_answer import MathAnswerEnv, extract_answer, verify_math
-from rlpt.framework.environment import ArithmeticEnv, ENVS, Prompt
-from rlpt.gpt_mini.model import GPT, GPTConfig
+from rlpt.framework.environment import ENVS, ArithmeticEnv
 from rlpt.gpt_mini.task import ArithmeticTask
-from rlpt.gpt_mini.tokenizer import ALPHABET, PAD, CharTokenizer
+from rlpt.gpt_mini.tokenizer import ALPHABET, PAD
 
-TOK = CharTokenizer()
 TEXT = ALPHABET.replace(PAD, "")
 
 
@@ -53,7 +52,8 @@ CODE = [CodeProblem("sum", [("1 2\n", "3"), ("10 -4\n", "6"), ("7 0\n", "7")])]
 
 def checklist_envs():
     task = ArithmeticTask(max_operands=3, max_value=9)
-    return {"arithmetic": ArithmeticEnv(task, tokenizer=TOK), "calculator": CalculatorArithmeticEnv(task, tokenizer=TOK),
+    return {"arithmetic": ArithmeticEnv(task, tokenizer=TOK),
+            "calculator": CalculatorArithmeticEnv(task, tokenizer=TOK),
             "math": MathAnswerEnv(tokenizer=TOK), "judge": judge_env()}
 
 
@@ -85,7 +85,8 @@ def test_leaky_verifier_fails_the_checklist():
 # -- math-verify: equivalent forms score 1, near misses 0 ------------------------------------------------
 @pytest.mark.parametrize("response,gold", [
     ("3/4", "3/4"), ("0.75", "3/4"), (".75", "3/4"), ("6/8", "3/4"), ("0.750\n\n", "3/4"), ("3/4#", "3/4"),
-    ("\\frac{3}{4}", "3/4"), ("\\dfrac{3}{4}", "3/4"), ("\\boxed{\\frac34}", "3/4"), ("The answer is $\\frac{3}{4}$.", "3/4"),
+    ("\\frac{3}{4}", "3/4"), ("\\dfrac{3}{4}", "3/4"), ("\\boxed{\\frac34}", "3/4"),
+    ("The answer is $\\frac{3}{4}$.", "3/4"),
     ("THE ANSWER IS 0.75", "3/4"), ("the answer is 0.75", "3/4"), ("2.0", "2"), ("\\sqrt{4}", "2"),
     ("\\frac{1}{2} + 1", "3/2"), ("first 1/2, then 5/6", "5/6"), ("3+4=7,7+5=12#", "12"),
 ])
@@ -119,13 +120,35 @@ def test_oracle_judge_accepts_right_answers_in_either_order():
     assert env.position_agreement == 1.0
 
 
-def test_judge_with_an_untrained_model_reports_position_agreement():
-    torch.manual_seed(0)
-    m = GPT(GPTConfig(vocab_size=TOK.vocab_size, n_layer=1, n_head=2, n_kv_head=1, d_model=16, d_ff=32, max_seq_len=48))
-    env = judge_env(m)
+class SecondPlaceJudgeLM(torch.nn.Module):
+    """Predicts every token after the first `,` exactly (logit 10 on it) and is uniform before: whatever is
+    shown second scores ≈ 0 nats a token, what is shown first log(1/V). A judge that reads positions."""
+
+    def forward(self, ids):
+        B, T = ids.shape
+        logits = torch.zeros(B, T, TOK.vocab_size)
+        for b in range(B):
+            sep = TOK.decode(ids[b]).index(",")
+            logits[b, torch.arange(sep, T - 1), ids[b, sep + 1:]] = 10.0
+        return logits
+
+
+def test_a_judge_that_reads_positions_has_position_agreement_zero():
+    env = judge_env(SecondPlaceJudgeLM())
+    answers = [a for a in random_answers(40) if "," not in a]       # one `,` per row: the separator
+    vs = [env.verify(env.reset(), r) for r in answers]
+    assert env.position_agreement == 0.0 and not any(v.info["position_agree"] for v in vs)
+    # the answer shown second wins: reward 1 exactly when the reference came first
+    assert [v.reward for v in vs] == [float(v.info["judge_order"] == "reference_first") for v in vs]
+    assert {v.info["judge_order"] for v in vs} == {"response_first", "reference_first"}
+
+
+def test_judge_with_an_untrained_model_counts_its_position_agreement():
+    env = judge_env(tiny_gpt(n_layer=1, d_model=16, d_ff=32))
     vs = [env.verify(env.reset(), r) for r in random_answers(40)]
-    assert all(v.reward in (0.0, 1.0) and "position_agree" in v.info for v in vs)
-    assert 0.0 <= env.position_agreement <= 1.0
+    assert all(v.reward in (0.0, 1.0) for v in vs)
+    agree = [v.info["position_agree"] for v in vs]
+    assert env.position_agreement == sum(agree) / 40 == vs[-1].info["position_agreement"]
 
 
 def test_judge_needs_a_model():

@@ -7,28 +7,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TOK, ConstantEnv, ParityEnv, tiny_gpt
 
 import rlpt.algorithms  # noqa: F401 - registers the algorithms make_algorithm builds
-from rlpt.framework.algorithm import aggregate, kl_estimate, make_algorithm, AlgorithmConfigError
+from rlpt.framework.algorithm import AlgorithmConfigError, aggregate, kl_estimate, make_algorithm
 from rlpt.framework.controller import Controller
-from rlpt.framework.environment import ArithmeticEnv, Prompt, Verdict, safe_verify
+from rlpt.framework.environment import ArithmeticEnv, Prompt, safe_verify
 from rlpt.framework.reference import Reference
 from rlpt.framework.rollout import Rollout
 from rlpt.framework.trainer import Trainer
 from rlpt.framework.trajectory import Trajectory, collate, per_token_logp
 from rlpt.framework.weight_sync import WeightSyncer
 from rlpt.gpt_mini.generate import SamplingParams, processed_logp
-from rlpt.gpt_mini.model import GPT, GPTConfig
 from rlpt.gpt_mini.task import ArithmeticTask
-from rlpt.gpt_mini.tokenizer import CharTokenizer
-
-TOK = CharTokenizer()
-
-
-def tiny_model(seed=0):
-    torch.manual_seed(seed)
-    return GPT(GPTConfig(vocab_size=TOK.vocab_size, n_layer=2, n_head=2, n_kv_head=1, d_model=32, d_ff=64,
-                         max_seq_len=48))
 
 
 def traj(prompt, response, mask=None, old=None, reward=0.0, adv=0.0):
@@ -41,14 +32,8 @@ def grpo(**kw):
     return make_algorithm({"name": "grpo", **kw}, group_size=4, max_tokens=8)
 
 
-class ParityEnv(ArithmeticEnv):
-    """Reward 1 for an even-length response: a random tiny model gets mixed groups."""
-    def verify(self, prompt, response):
-        return Verdict(float(len(response) % 2 == 0))
-
-
 def roles(sync_every=1, epochs=1, mini_batches=1, lr=1e-2, temperature=1.0, k=4, prompts=3):
-    policy = tiny_model()
+    policy = tiny_gpt()
     env = ParityEnv(ArithmeticTask(max_operands=3), seed=0, tokenizer=TOK)
     rollout = Rollout(copy.deepcopy(policy), TOK, prompts, SamplingParams(max_tokens=6, temperature=temperature))
     ref = Reference(policy, temperature=temperature)
@@ -74,7 +59,7 @@ def test_collate_aligns_response_tokens_to_logp_columns():
 
 
 def test_per_token_logp_is_next_token_logprob():
-    m = tiny_model()
+    m = tiny_gpt()
     ids = torch.randint(1, TOK.vocab_size, (2, 7))
     lp = per_token_logp(m, ids)
     assert lp.shape == (2, 6)
@@ -241,7 +226,7 @@ def test_weight_sync_in_place_and_every_n():
     ctl = roles(sync_every=3, lr=5e-3, prompts=6)
     ptrs = [p.data_ptr() for p in ctl.rollout.model.parameters()]
     equal_at = []
-    for step in range(1, 7):
+    for _ in range(6):
         m = ctl.step()
         assert m["step/skipped"] == 0
         same = all(torch.equal(a, b) for a, b in zip(ctl.trainer.model.parameters(), ctl.rollout.model.parameters()))
@@ -280,11 +265,6 @@ def test_grad_accumulation_equals_full_batch(agg):
 
 
 # -- degenerate skip ------------------------------------------------------------------------------------
-class ConstantEnv(ArithmeticEnv):
-    def verify(self, prompt, response):
-        return Verdict(1.0)
-
-
 def test_all_degenerate_step_is_skipped_bit_identically():
     ctl = roles()
     ctl.env = ConstantEnv(ArithmeticTask(max_operands=3), seed=0, tokenizer=TOK)

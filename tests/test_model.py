@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import tiny_gpt
 
 from rlpt.gpt_mini.generate import SamplingParams, generate, processed_logp
 from rlpt.gpt_mini.model import GPT, GPTConfig
@@ -12,24 +13,19 @@ ATOL = 1e-5
 VOCAB, PAD, EOS = 24, 0, 16
 
 
-def tiny(n_kv_head: int = 4, tie: bool = True, seed: int = 0, std: float = 0.15, max_seq_len: int = 40) -> GPT:
-    """A 2-layer model with weights large enough that logits are far from uniform (a real test of 1e-5)."""
-    torch.manual_seed(seed)
-    model = GPT(GPTConfig(vocab_size=VOCAB, n_layer=2, n_head=4, n_kv_head=n_kv_head, d_model=32, d_ff=64,
-                          max_seq_len=max_seq_len, tie_embeddings=tie))
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g) if "norm" in name
-                    else std * torch.randn(p.shape, generator=g))
-    return model.eval()
+def tiny(n_kv_head: int = 4, tie: bool = True, std: float = 0.15, max_seq_len: int = 40) -> GPT:
+    """The shared tiny GPT (4 heads) with weights large enough that logits are far from uniform (a real test
+    of 1e-5), the norms perturbed too."""
+    return tiny_gpt(seed=1, std=std, norm_std=0.1, vocab_size=VOCAB, n_head=4, n_kv_head=n_kv_head,
+                    max_seq_len=max_seq_len, tie_embeddings=tie)
 
 
 def rand_ids(B: int, T: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(1, VOCAB, (B, T), generator=torch.Generator().manual_seed(seed))
 
 
-VARIANTS = [pytest.param(kv, tie, id=f"kv{kv}-{'tied' if tie else 'untied'}") for kv in (4, 2, 1) for tie in (True, False)]
+VARIANTS = [pytest.param(kv, tie, id=f"kv{kv}-{'tied' if tie else 'untied'}")
+            for kv in (4, 2, 1) for tie in (True, False)]
 
 
 @pytest.mark.parametrize("n_kv_head,tie", VARIANTS)

@@ -7,16 +7,21 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import SFT_SHAPE, TOK
 from safetensors.torch import save_file
 
 from rlpt.config import ModelConfig, SFTJob, load_config
 from rlpt.gpt_mini.model import load_model, make_model
+from rlpt.run import (
+    CheckpointError,
+    Run,
+    latest_checkpoint,
+    load_state,
+    load_weights,
+    read_checkpoint_meta,
+    resolve_checkpoint,
+)
 from rlpt.sft import train_sft
-from rlpt.gpt_mini.tokenizer import CharTokenizer
-from rlpt.run import (CheckpointError, Run, latest_checkpoint, load_state, load_weights, read_checkpoint_meta,
-                      resolve_checkpoint)
-
-SHAPE = dict(n_layer=2, n_head=4, n_kv_head=2, d_model=32, d_ff=64, max_seq_len=32)
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
@@ -25,7 +30,7 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 
 def model_and_run(tmp_path, tie: bool = True, seed: int = 0):
     torch.manual_seed(seed)
-    model = make_model(ModelConfig(**SHAPE, tie_embeddings=tie), CharTokenizer())
+    model = make_model(ModelConfig(**SFT_SHAPE, tie_embeddings=tie), TOK)
     job = load_config(SFTJob, None, ["run.progress=false"])
     return model, Run(tmp_path, "r", job)
 
@@ -45,13 +50,13 @@ def test_save_load_round_trip(tmp_path, tie):
     got = load_state(path)
     assert got["step"] == 3 and got["extra"] == [1, 2.5] and torch.equal(got["t"], state["t"])
     # loading into an existing model of the same shape
-    other = make_model(ModelConfig(**SHAPE, tie_embeddings=tie), CharTokenizer())
+    other = make_model(ModelConfig(**SFT_SHAPE, tie_embeddings=tie), TOK)
     load_weights(path, other)
     assert all(torch.equal(other.state_dict()[k], a[k]) for k in a)
     ids = torch.randint(1, 24, (2, 9))
     assert torch.equal(other(ids), model(ids))
     # expect= with the very same config passes
-    load_model(path, expect=ModelConfig(**SHAPE, tie_embeddings=tie))
+    load_model(path, expect=ModelConfig(**SFT_SHAPE, tie_embeddings=tie))
 
 
 def test_latest_pointer_and_pruning(tmp_path):
@@ -131,20 +136,20 @@ def test_different_shape_names_key(tmp_path):
     path = run.save(1, model, model.cfg.to_dict(), {"step": 1})
     before = snapshot(tmp_path)
     with pytest.raises(CheckpointError) as e:
-        load_model(path, expect=ModelConfig(**{**SHAPE, "d_model": 64}))
+        load_model(path, expect=ModelConfig(**{**SFT_SHAPE, "d_model": 64}))
     msg = str(e.value)
     assert "model.d_model: checkpoint 32 vs config 64" in msg and "n_layer" not in msg
     with pytest.raises(CheckpointError, match=r"model.n_kv_head: checkpoint 2 vs config 4.*"
                                               r"model.tie_embeddings: checkpoint True vs config False"):
-        load_model(path, expect=ModelConfig(**{**SHAPE, "n_kv_head": 4, "tie_embeddings": False}))
+        load_model(path, expect=ModelConfig(**{**SFT_SHAPE, "n_kv_head": 4, "tie_embeddings": False}))
     # loading weights into a differently shaped model: the mismatching tensor is named
-    wide = make_model(ModelConfig(**{**SHAPE, "d_ff": 96}), CharTokenizer())
+    wide = make_model(ModelConfig(**{**SFT_SHAPE, "d_ff": 96}), TOK)
     wide_before = {k: v.clone() for k, v in wide.state_dict().items()}
     with pytest.raises(CheckpointError, match=r"shape mismatch: .*mlp.gate_proj.weight: checkpoint \(64, 32\) "
                                               r"vs model \(96, 32\)"):
         load_weights(path, wide)
     assert all(torch.equal(wide.state_dict()[k], v) for k, v in wide_before.items())   # untouched
-    deeper = make_model(ModelConfig(**{**SHAPE, "n_layer": 3}), CharTokenizer())
+    deeper = make_model(ModelConfig(**{**SFT_SHAPE, "n_layer": 3}), TOK)
     with pytest.raises(CheckpointError, match=r"missing: layers\.2\."):
         load_weights(path, deeper)
     assert snapshot(tmp_path) == before
