@@ -7,7 +7,11 @@ import yaml
 
 from rlpt.cli import main
 from rlpt.config import ConfigError
+from rlpt.framework.environment import ArithmeticEnv
+from rlpt.framework.evaluate import evaluate
 from rlpt.gpt_mini.model import load_model
+from rlpt.gpt_mini.task import make_task
+from rlpt.gpt_mini.tokenizer import CharTokenizer
 from rlpt.pipeline import STAGES, load_pipeline_job, run_pipeline
 from rlpt.run import latest_checkpoint, load_state
 from rlpt.train import TrainJob, TrainStage
@@ -36,9 +40,15 @@ def test_pipeline_chains_four_stages_and_reports_each(tmp_path):
     for prev, stage in zip(STAGES, STAGES[1:]):
         cfg = (root / stage / "config.yaml").read_text()
         assert str(latest_checkpoint(root / prev)) in cfg, stage
+    # every row is the one evaluator on that stage's checkpoint: greedy, the seeded samples, the harder slice
+    env = ArithmeticEnv(make_task(j.task), tokenizer=CharTokenizer())
+    hard = ArithmeticEnv(make_task(j.task.model_copy(update={"min_operands": 4, "max_operands": 4})),
+                         tokenizer=CharTokenizer())
     for r in rows:
-        assert 0.0 <= r["acc/heldout"] <= 1.0 and 0.0 <= r["acc/hard"] <= 1.0
-        assert 0.0 <= r["acc/heldout_sampled"] <= 1.0
+        model = load_model(r["checkpoint"])
+        ev = evaluate(model, env, env.heldout(16), 24, k=j.final_eval.samples, temperature=1.0, seed=j.run.seed)
+        assert (r["acc/heldout"], r["acc/heldout_sampled"], r["len/heldout"]) == (ev["acc"], ev["acc_sampled"], ev["len"])
+        assert r["acc/hard"] == evaluate(model, hard, hard.heldout(16), 32)["acc"]
     # the RL stage's config.yaml: DAPO's whole config, resolved against the stage's rollout (max_tokens 24)
     algo = yaml.safe_load((root / "4_rlvr" / "config.yaml").read_text())["algorithm"]
     assert (algo["name"], algo["clip_eps_high"], algo["norm_len"], algo["overlong_max_len"]) == ("dapo", 0.28, 24, 24)
