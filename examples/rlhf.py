@@ -36,7 +36,7 @@ import torch
 from common import DOCS, read_rows, run_stage
 from pydantic import Field
 
-from rlpt.config import EvalConfig, ModelConfig, RunConfig, Section, SFTConfig, SFTJob, TaskConfig, load_config
+from rlpt.config import EvalConfig, ModelConfig, RunConfig, Section, SFTConfig, TaskConfig, load_config
 from rlpt.framework.trajectory import pad_sequences
 from rlpt.gpt_mini.generate import SamplingParams, generate
 from rlpt.gpt_mini.model import load_model
@@ -54,7 +54,7 @@ from rlpt.preference.reward_model import (
     train_rm,
 )
 from rlpt.report import figure
-from rlpt.sft import train_sft
+from rlpt.sft import SFTJob, train_sft
 from rlpt.train import TrainJob, run_train
 
 

@@ -11,7 +11,7 @@
 
 Each job's config schema opens the job's module: TrainJob rlpt/train.py, PipelineJob rlpt/pipeline.py,
 DPOJob rlpt/preference/dpo.py, RMJob rlpt/preference/reward_model.py, `rlpt eval`'s EvalJob this file;
-rlpt/config.py holds the loader, the sections several jobs share, and SFTJob.
+rlpt/config.py holds the loader and the sections several jobs share; SFTJob opens rlpt/sft.py.
 """
 from __future__ import annotations
 
@@ -53,8 +53,7 @@ def _report(run, title: str, final: dict, plots: dict[str, list[str]]) -> int:
 
 def cmd_sft(args) -> int:
     import rlpt.envs  # noqa: F401 - registers trace formats (sft.format=tool)
-    from rlpt.config import SFTJob
-    from rlpt.sft import train_sft
+    from rlpt.sft import SFTJob, train_sft
     path, overrides = _split_args(args.items)
     job = load_config(SFTJob, path, overrides)
     _, run, final = train_sft(job, resume=args.resume)

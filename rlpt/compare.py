@@ -43,8 +43,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from rlpt.config import ConfigError, parse_override, read_yaml
 from rlpt.algorithms import LINEAGE
+from rlpt.config import ConfigError, parse_override, read_yaml
 from rlpt.framework.algorithm import ALGORITHMS
 from rlpt.report import figure
 from rlpt.run import resolve_checkpoint

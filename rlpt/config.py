@@ -1,6 +1,6 @@
 """Typed configs: pydantic models loaded from YAML, with `a.b=value` overrides from the command line.
 
-    job = load_config(SFTJob, "recipes/sft_arith.yaml", ["sft.steps=200", "model.n_layer=2"])
+    job = load_config(SFTJob, "recipes/sft_arith.yaml", ["sft.steps=200", "model.n_layer=2"])   # rlpt.sft.SFTJob
 
 Every section forbids unknown keys, so a typo is an error that names the key and the closest
 valid one; a wrong type or an out-of-range value names the key and what was given. Values in
@@ -95,15 +95,6 @@ class SFTConfig(Section):
     ckpt_every: int = Field(200, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
     optim: OptimConfig = OptimConfig()
-
-
-class SFTJob(Section):
-    run: RunConfig = RunConfig()
-    model: ModelConfig = ModelConfig()
-    task: TaskConfig = TaskConfig()
-    sft: SFTConfig = SFTConfig()
-    eval: EvalConfig = EvalConfig()
-    init_from: str | None = Field(None, description="checkpoint to start from (else random init)")
 
 
 Job = TypeVar("Job", bound=BaseModel)

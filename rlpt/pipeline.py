@@ -36,7 +36,6 @@ from rlpt.config import (
     RunConfig,
     Section,
     SFTConfig,
-    SFTJob,
     TaskConfig,
     apply_overrides,
     load_config,
@@ -51,7 +50,7 @@ from rlpt.gpt_mini.tokenizer import CharTokenizer
 from rlpt.preference.dpo import DPOConfig, DPOJob, PairsConfig, run_dpo
 from rlpt.report import figure
 from rlpt.run import finished_checkpoint, latest_checkpoint
-from rlpt.sft import train_sft
+from rlpt.sft import SFTJob, train_sft
 from rlpt.train import TrainJob, TrainStage, algorithm_overrides, run_train
 
 

@@ -50,7 +50,7 @@ def training_state(step: int, opt, sched, data_rng: random.Random) -> dict:
             "data_rng": data_rng.getstate()}
 
 
-def restore_training(run: "Run", ckpt: Path, model: torch.nn.Module, opt, sched, data_rng: random.Random) -> int:
+def restore_training(run: Run, ckpt: Path, model: torch.nn.Module, opt, sched, data_rng: random.Random) -> int:
     """The inverse of `training_state`: weights, optimizer, schedule and every RNG from `ckpt`; metrics
     logged after it are dropped. Returns the step to continue from."""
     load_weights(ckpt, model)

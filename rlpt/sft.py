@@ -20,9 +20,10 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 
 import rlpt.envs  # noqa: F401 - registers the envs and the trace formats they bring (sft.format=tool)
-from rlpt.config import SFTJob
+from rlpt.config import EvalConfig, ModelConfig, RunConfig, Section, SFTConfig, TaskConfig
 from rlpt.framework.environment import make_env
 from rlpt.framework.evaluate import evaluate
 from rlpt.framework.trajectory import pad_sequences
@@ -31,6 +32,16 @@ from rlpt.gpt_mini.task import ArithmeticTask, Problem, demonstration, make_task
 from rlpt.gpt_mini.tokenizer import CharTokenizer
 from rlpt.loop import SupervisedLoop, open_run
 from rlpt.run import Run
+
+
+class SFTJob(Section):
+    """`rlpt sft`'s config: the shared sections, the SFT settings, and where to start from."""
+    run: RunConfig = RunConfig()
+    model: ModelConfig = ModelConfig()
+    task: TaskConfig = TaskConfig()
+    sft: SFTConfig = SFTConfig()
+    eval: EvalConfig = EvalConfig()
+    init_from: str | None = Field(None, description="checkpoint to start from (else random init)")
 
 
 def sft_batch(problems: list[Problem], fmt: str, tok: CharTokenizer) -> tuple[torch.Tensor, torch.Tensor]:

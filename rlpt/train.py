@@ -34,7 +34,6 @@ from rlpt.config import (
     RunConfig,
     Section,
     SFTConfig,
-    SFTJob,
     TaskConfig,
     apply_overrides,
     deep_merge,
@@ -58,7 +57,7 @@ from rlpt.gpt_mini.tokenizer import CharTokenizer
 from rlpt.loop import train_loop
 from rlpt.optim import make_optimizer
 from rlpt.run import Run, finished_checkpoint, latest_checkpoint, load_state, load_weights, rng_state, set_rng_state
-from rlpt.sft import train_sft
+from rlpt.sft import SFTJob, train_sft
 
 
 class EnvConfig(Section):

@@ -11,11 +11,12 @@ import os
 import pytest
 import torch
 
-from rlpt.config import SFTJob, load_config
+from rlpt.config import load_config
 from rlpt.envs.calculator import CalculatorArithmeticEnv
 from rlpt.framework.environment import ArithmeticEnv, Verdict
 from rlpt.gpt_mini.model import GPT, GPTConfig
 from rlpt.gpt_mini.tokenizer import CharTokenizer
+from rlpt.sft import SFTJob
 
 # One thread by default: the test models are tiny (d_model 32), so a second thread buys nothing, and on
 # a 2-core box shared with another torch process two threads make each step up to ~50x slower (OpenMP

@@ -7,7 +7,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import TOK, ReplyOnceEnv, tiny_gpt
 
 import rlpt.algorithms  # noqa: F401 - registers the algorithms make_algorithm builds
 from rlpt.envs.calculator import CalculatorArithmeticEnv, ToolError, tool_reply
@@ -23,6 +22,8 @@ from rlpt.framework.trajectory import collate, per_token_logp
 from rlpt.framework.weight_sync import WeightSyncer
 from rlpt.gpt_mini.generate import SamplingParams
 from rlpt.gpt_mini.task import ArithmeticTask
+
+from conftest import TOK, ReplyOnceEnv, tiny_gpt
 
 LESSON = "let me compute c(123+456+789)#" "=1368#" "the answer is 1368#"
 

@@ -7,7 +7,6 @@ import shutil
 
 import pytest
 import torch
-from conftest import SFT_SHAPE, TINY_SFT, TOK, ConstantEnv, ParityEnv, tiny_gpt
 from safetensors.torch import load_file
 
 import rlpt.algorithms  # noqa: F401 - registers the algorithms make_algorithm builds
@@ -28,6 +27,8 @@ from rlpt.gpt_mini.task import ArithmeticTask
 from rlpt.loop import _label
 from rlpt.run import load_state, save_checkpoint
 from rlpt.train import LAST10, PROGRESS, load_train_job, run_train
+
+from conftest import SFT_SHAPE, TINY_SFT, TOK, ConstantEnv, ParityEnv, tiny_gpt
 
 NAMES = ["reinforce", "ppo", "grpo", "rloo", "dapo", "drgrpo"]
 

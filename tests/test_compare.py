@@ -6,13 +6,14 @@ import json
 
 import pytest
 import yaml
-from test_train import TINY  # the tiny model and budget of the rlpt train tests
 
 from rlpt.cli import main
 from rlpt.compare import build_jobs, markdown, parse_algos, steps_to_target, take_algos
 from rlpt.config import ConfigError
 from rlpt.framework.algorithm import ALGORITHMS
 from rlpt.train import algorithm_overrides, load_train_job, run_train, sft_init
+
+from conftest import TINY_RL as TINY  # the tiny model and budget of the rlpt train tests
 
 LINEAGE = ["reinforce", "ppo", "grpo", "rloo", "dapo", "drgrpo"]
 ALGOS = ["reinforce", "ppo", "grpo"]        # the root, the critic + epochs one, the group one

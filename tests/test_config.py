@@ -5,7 +5,8 @@ import re
 
 import pytest
 
-from rlpt.config import ConfigError, ModelConfig, SFTJob, dump_config, load_config, parse_override
+from rlpt.config import ConfigError, ModelConfig, dump_config, load_config, parse_override
+from rlpt.sft import SFTJob
 
 
 def test_defaults_and_recipe_agree():

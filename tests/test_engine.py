@@ -12,7 +12,6 @@ from functools import partial
 
 import pytest
 import torch
-from conftest import TOK, tiny_gpt
 
 from rlpt.engine import LLM, EngineBackend, SamplingParams
 from rlpt.engine.naive import naive_greedy
@@ -21,6 +20,8 @@ from rlpt.framework.trajectory import per_token_logp
 from rlpt.gpt_mini.generate import SamplingParams as SimpleParams
 from rlpt.gpt_mini.generate import generate as simple_generate
 from rlpt.gpt_mini.generate import processed_logp
+
+from conftest import TOK, tiny_gpt
 
 EOS = TOK.eos_id
 

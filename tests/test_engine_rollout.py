@@ -8,7 +8,6 @@ import shutil
 
 import pytest
 import torch
-from conftest import TINY_RL, TOK, ParityEnv, ReplyOnceEnv, tiny_gpt
 
 import rlpt.algorithms  # noqa: F401 - registers the algorithms make_algorithm builds
 from rlpt.config import ConfigError
@@ -26,6 +25,8 @@ from rlpt.gpt_mini.generate import SamplingParams
 from rlpt.gpt_mini.task import ArithmeticTask
 from rlpt.run import save_checkpoint
 from rlpt.train import build, load_train_job, run_train
+
+from conftest import TINY_RL, TOK, ParityEnv, ReplyOnceEnv, tiny_gpt
 
 # TINY_RL with this file's shorter budget and evaluation
 TINY = [*TINY_RL, "rollout.max_tokens=16", "eval.size=8", "eval.every=2"]

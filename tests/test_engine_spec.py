@@ -13,13 +13,14 @@ from functools import partial
 
 import pytest
 import torch
-from conftest import tiny_gpt
 
 import rlpt.engine.spec_decode as spec_decode
 from rlpt.engine import LLM, SamplingParams
 from rlpt.engine.naive import naive_greedy
 from rlpt.framework.trajectory import per_token_logp
 from rlpt.gpt_mini.model import GPT
+
+from conftest import tiny_gpt
 
 EOS = 3
 

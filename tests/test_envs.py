@@ -5,7 +5,6 @@ import random
 
 import pytest
 import torch
-from conftest import TOK, tiny_gpt
 
 from rlpt.envs.calculator import CalculatorArithmeticEnv
 from rlpt.envs.code_sandbox import CodeEnv, CodeProblem, Limits
@@ -15,6 +14,8 @@ from rlpt.envs.math_answer import MathAnswerEnv, extract_answer, verify_math
 from rlpt.framework.environment import ENVS, ArithmeticEnv
 from rlpt.gpt_mini.task import ArithmeticTask
 from rlpt.gpt_mini.tokenizer import ALPHABET, PAD
+
+from conftest import TOK, tiny_gpt
 
 TEXT = ALPHABET.replace(PAD, "")
 

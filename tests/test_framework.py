@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TOK, ConstantEnv, ParityEnv, tiny_gpt
 
 import rlpt.algorithms  # noqa: F401 - registers the algorithms make_algorithm builds
 from rlpt.framework.algorithm import AlgorithmConfigError, aggregate, kl_estimate, make_algorithm
@@ -20,6 +19,8 @@ from rlpt.framework.trajectory import Trajectory, collate, per_token_logp
 from rlpt.framework.weight_sync import WeightSyncer
 from rlpt.gpt_mini.generate import SamplingParams, processed_logp
 from rlpt.gpt_mini.task import ArithmeticTask
+
+from conftest import TOK, ConstantEnv, ParityEnv, tiny_gpt
 
 
 def traj(prompt, response, mask=None, old=None, reward=0.0, adv=0.0):

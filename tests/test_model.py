@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_gpt
 
 from rlpt.gpt_mini.generate import SamplingParams, generate, processed_logp
 from rlpt.gpt_mini.model import GPT, GPTConfig
+
+from conftest import tiny_gpt
 
 ATOL = 1e-5
 VOCAB, PAD, EOS = 24, 0, 16

@@ -47,7 +47,8 @@ def test_pipeline_chains_four_stages_and_reports_each(tmp_path):
     for r in rows:
         model = load_model(r["checkpoint"])
         ev = evaluate(model, env, env.heldout(16), 24, k=j.final_eval.samples, temperature=1.0, seed=j.run.seed)
-        assert (r["acc/heldout"], r["acc/heldout_sampled"], r["len/heldout"]) == (ev["acc"], ev["acc_sampled"], ev["len"])
+        got = (r["acc/heldout"], r["acc/heldout_sampled"], r["len/heldout"])
+        assert got == (ev["acc"], ev["acc_sampled"], ev["len"])
         assert r["acc/hard"] == evaluate(model, hard, hard.heldout(16), 32)["acc"]
     # the RL stage's config.yaml: DAPO's whole config, resolved against the stage's rollout (max_tokens 24)
     algo = yaml.safe_load((root / "4_rlvr" / "config.yaml").read_text())["algorithm"]

@@ -491,10 +491,10 @@ def test_cli_dpo(sft_start, tmp_path, capsys):
 
 # -- the RM job and RL against it -------------------------------------------------------------------------
 def test_train_rm_job_calibrates_and_rl_trains_against_it(sft_start, tmp_path):
-    from conftest import TINY
-
     from rlpt.preference.reward_model import RMJob, train_rm
     from rlpt.train import load_train_job, run_train
+
+    from conftest import TINY
     model = [o for o in TINY if o.startswith("model.")]
     pairs = _write(tmp_path / "rm_pairs.jsonl", [vars(p) for p in _toy_pairs(40, 0)])
     job = load_config(RMJob, None, [*model, f"init_from={sft_start.dir}", f"run.out_dir={tmp_path / 'runs'}",

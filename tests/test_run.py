@@ -7,10 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SFT_SHAPE, TOK
 from safetensors.torch import save_file
 
-from rlpt.config import ModelConfig, SFTJob, load_config
+from rlpt.config import ModelConfig, load_config
 from rlpt.gpt_mini.model import load_model, make_model
 from rlpt.run import (
     CheckpointError,
@@ -21,7 +20,9 @@ from rlpt.run import (
     read_checkpoint_meta,
     resolve_checkpoint,
 )
-from rlpt.sft import train_sft
+from rlpt.sft import SFTJob, train_sft
+
+from conftest import SFT_SHAPE, TOK
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:

@@ -7,17 +7,17 @@ import yaml
 from pydantic import BaseModel
 
 from rlpt.cli import EvalJob, main
-from rlpt.config import ConfigError, SFTJob, dump_config
+from rlpt.config import ConfigError, dump_config
 from rlpt.framework.algorithm import ALGORITHMS
 from rlpt.framework.controller import LogpMismatchError
 from rlpt.pipeline import PipelineJob
 from rlpt.run import CheckpointError, latest_checkpoint
+from rlpt.sft import SFTJob
 from rlpt.train import TrainJob, build, load_train_job, run_train
 
-TINY = ["model.n_layer=2", "model.n_head=2", "model.n_kv_head=1", "model.d_model=32", "model.d_ff=64",
-        "model.max_seq_len=48", "sft.steps=30", "sft.batch_size=16", "sft.format=cot", "sft.ckpt_every=30",
-        "rollout.k=4", "rollout.prompts_per_step=4", "rollout.max_tokens=24", "eval.size=16", "eval.every=3",
-        "run.progress=false", "task.max_operands=3", "trainer.optim.lr=1e-3"]
+from conftest import TINY_RL
+
+TINY = TINY_RL   # conftest's RL override list (a tiny CoT SFT start, 4 prompts x 4 samples)
 
 
 def job(tmp_path, *overrides):
