@@ -65,7 +65,7 @@ def test_bradley_terry_scale_and_gradient_weight():
     assert bt_loss(r_w.detach() + 5, r_l + 5)[0].item() == pytest.approx(loss.item(), abs=1e-12)
 
 
-# -- the DPO family by hand (lesson 16, spec part 2 §9.3) ---------------------------------------------------
+# -- the DPO family by hand (lesson 16) ---------------------------------------------------
 def test_dpo_loss_fixture_and_gradient():
     pc, pr = t(-1.0).requires_grad_(), t(-5.0).requires_grad_()
     rc, rr = t(-2.0), t(-3.0)                  # Δ = (−1 + 2) − (−5 + 3) = 3
@@ -132,7 +132,7 @@ def test_orpo_by_hand():
     assert m["loss/nll"].item() == pytest.approx(0.5)
 
 
-# -- DPO's optimum on the lesson's toy: 4 responses, uniform reference (spec part 2 §9.5) ----------------
+# -- DPO's optimum on the lesson's toy: 4 responses, uniform reference (lesson 16's widget) ----------------
 SCORES = torch.tensor([0.0, 1.0, 2.0, 2.5], dtype=torch.float64)   # hidden A, B, C, D
 
 
