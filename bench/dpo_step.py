@@ -30,13 +30,7 @@ from rlpt.gpt_mini.task import make_task
 from rlpt.gpt_mini.tokenizer import CharTokenizer
 from rlpt.optim import make_optimizer
 from rlpt.preference.data import PreferencePair, collate_pairs
-from rlpt.preference.dpo import (
-    DPOConfig,
-    make_reference,
-    precompute_reference,
-    preference_loss,
-    sequence_logp,
-)
+from rlpt.preference.dpo import DPOConfig, make_reference, precompute_reference, preference_loss, sequence_logp
 
 
 def parse_args():

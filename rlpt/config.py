@@ -86,15 +86,29 @@ class EvalConfig(Section):
     max_tokens: int = Field(40, ge=1)
 
 
-class SFTConfig(Section):
+class JobConfig(Section):
+    """What every job has: where it writes, the model's shape, the task, and the checkpoint it starts from.
+    Each job's schema (opening its own module: rlpt.sft.SFTJob, rlpt.train.TrainJob, ...) extends it."""
+    run: RunConfig = RunConfig()
+    model: ModelConfig = ModelConfig()
+    task: TaskConfig = TaskConfig()
+    init_from: str | None = Field(None, description="checkpoint or run folder to start from")
+
+
+class LoopConfig(Section):
+    """What the supervised job skeleton (rlpt.loop.SupervisedLoop) reads: SFT, DPO and the reward model
+    extend it with their own data settings and defaults."""
     steps: int = Field(600, ge=1)
     batch_size: int = Field(64, ge=1)
-    format: Literal["direct", "cot", "tool"] = Field(
-        "direct", description="tool: calculator tool-use traces, tool reply masked (registered by rlpt.envs)")
     log_every: int = Field(10, ge=1)
     ckpt_every: int = Field(200, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
     optim: OptimConfig = OptimConfig()
+
+
+class SFTConfig(LoopConfig):
+    format: Literal["direct", "cot", "tool"] = Field(
+        "direct", description="tool: calculator tool-use traces, tool reply masked (registered by rlpt.envs)")
 
 
 Job = TypeVar("Job", bound=BaseModel)

@@ -64,6 +64,18 @@ def restore_training(run: Run, ckpt: Path, model: torch.nn.Module, opt, sched, d
     return state["step"]
 
 
+class Stateless:
+    """The neutral `state_dict` / `load_state_dict` of a part that keeps nothing across steps (most algorithms
+    and envs): a checkpoint stores {} for it, and resuming it from anything else is an error, not a silent drop."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state:
+            raise ValueError(f"{type(self).__name__} keeps no state across steps, but was given {sorted(state)}")
+
+
 def save_checkpoint(path: Path, model: torch.nn.Module, model_meta: dict, state: dict) -> Path:
     """Write `path` atomically: weights as safetensors (metadata: format + model config), state via torch."""
     path = Path(path)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from pydantic import Field
 
 import rlpt.envs  # noqa: F401 - registers the envs and the trace formats they bring (sft.format=tool)
-from rlpt.config import EvalConfig, ModelConfig, RunConfig, Section, SFTConfig, TaskConfig
+from rlpt.config import EvalConfig, JobConfig, SFTConfig
 from rlpt.framework.environment import make_env
 from rlpt.framework.evaluate import evaluate
 from rlpt.framework.trajectory import pad_sequences
@@ -34,11 +34,8 @@ from rlpt.loop import SupervisedLoop, open_run
 from rlpt.run import Run
 
 
-class SFTJob(Section):
+class SFTJob(JobConfig):
     """`rlpt sft`'s config: the shared sections, the SFT settings, and where to start from."""
-    run: RunConfig = RunConfig()
-    model: ModelConfig = ModelConfig()
-    task: TaskConfig = TaskConfig()
     sft: SFTConfig = SFTConfig()
     eval: EvalConfig = EvalConfig()
     init_from: str | None = Field(None, description="checkpoint to start from (else random init)")

@@ -22,19 +22,8 @@ from rlpt.gpt_mini.tokenizer import CharTokenizer
 from rlpt.optim import make_optimizer
 from rlpt.preference import data as pdata
 from rlpt.preference import dpo
-from rlpt.preference.data import (
-    PreferenceDataError,
-    PreferencePair,
-    collate_pairs,
-    load_pairs,
-)
-from rlpt.preference.reward_model import (
-    RewardModel,
-    bt_loss,
-    human_score,
-    load_reward_model,
-    pair_metrics,
-)
+from rlpt.preference.data import PreferenceDataError, PreferencePair, collate_pairs, load_pairs
+from rlpt.preference.reward_model import RewardModel, bt_loss, human_score, load_reward_model, pair_metrics
 from rlpt.run import CheckpointError, Run
 
 TOK = CharTokenizer()

@@ -34,6 +34,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from rlpt.framework.trajectory import Batch, Trajectory
+from rlpt.run import Stateless
 
 if TYPE_CHECKING:   # annotation only: the rollout honours the filter, the algorithm declares it
     from rlpt.framework.rollout import GroupFilter
@@ -57,7 +58,7 @@ class AlgorithmConfig(BaseModel):
             self.norm_len = max_tokens
 
 
-class Algorithm:
+class Algorithm(Stateless):
     """The base of every algorithm: the two methods to write, and the hooks' neutral defaults (module doc)."""
     name: str = ""                              # set by @register
     Config: type[AlgorithmConfig] = AlgorithmConfig   # each algorithm nests its own Config(AlgorithmConfig)
@@ -90,13 +91,6 @@ class Algorithm:
 
     def make_critic(self, policy: torch.nn.Module) -> torch.nn.Module | None:
         return None
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        if state:
-            raise ValueError(f"{self.name} keeps no state across steps, but was given {sorted(state)}")
 
 
 ALGORITHMS: dict[str, type] = {}

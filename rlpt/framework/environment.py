@@ -17,6 +17,7 @@ from typing import Any
 
 from rlpt.gpt_mini.task import ArithmeticTask, Problem, verify
 from rlpt.gpt_mini.tokenizer import CharTokenizer
+from rlpt.run import Stateless
 
 
 @dataclass
@@ -33,7 +34,7 @@ class Verdict:
     info: dict = field(default_factory=dict)
 
 
-class Environment:
+class Environment(Stateless):
     """The base of every env: what to implement, and the optional parts' neutral defaults.
 
     Implement `reset`, `verify`, `heldout`. `multi_turn = True` (with `start` and `step`, see
@@ -57,13 +58,6 @@ class Environment:
     def start(self, prompt: Prompt) -> dict:
         """Per-trajectory state for a multi-turn episode (handed back to `step`)."""
         return {"gold": prompt.gold}
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        if state:
-            raise ValueError(f"{type(self).__name__} keeps no state, but was given {sorted(state)}")
 
 
 ENVS: dict[str, type] = {}

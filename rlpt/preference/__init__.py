@@ -11,13 +11,6 @@ from above, so it is a repository example: `python examples/rlhf.py recipes/rlhf
 Importing this package registers the `reward_model` env.
 """
 from rlpt.preference import reward_model as _reward_model  # noqa: F401 - registers the env
-from rlpt.preference.data import (
-    PairBatch,
-    PreferencePair,
-    collate_pairs,
-    load_pairs,
-    sample_pairs,
-    save_pairs,
-)
+from rlpt.preference.data import PairBatch, PreferencePair, collate_pairs, load_pairs, sample_pairs, save_pairs
 
 __all__ = ["PairBatch", "PreferencePair", "collate_pairs", "load_pairs", "sample_pairs", "save_pairs"]

@@ -37,15 +37,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from rlpt.config import (
-    ConfigError,
-    EvalConfig,
-    ModelConfig,
-    OptimConfig,
-    RunConfig,
-    Section,
-    TaskConfig,
-)
+from rlpt.config import ConfigError, EvalConfig, JobConfig, LoopConfig, OptimConfig, RunConfig, Section
 from rlpt.framework.environment import ArithmeticEnv
 from rlpt.framework.evaluate import evaluate
 from rlpt.framework.trajectory import per_token_logp
@@ -157,7 +149,7 @@ class PairsConfig(Section):
     file: str | None = Field(None, description="a JSONL file of pairs to use instead of sampling")
 
 
-class DPOConfig(Section):
+class DPOConfig(LoopConfig):
     method: Method = "dpo"
     beta: float | None = Field(None, gt=0, description="None = the method's default (DEFAULT_BETA)")
     gamma: float = Field(1.0, ge=0, description="SimPO target margin γ")
@@ -172,20 +164,17 @@ class DPOConfig(Section):
     # 1e-5: Adam moves every weight ~lr per step whatever the gradient's size, and this 0.8 M-parameter
     # policy's SFT weights are ~0.02-0.1; 5e-5 for 150 steps took a 0.935 start to 0.68.
     optim: OptimConfig = OptimConfig(lr=1e-5, warmup_steps=10, schedule="cosine")
-    pairs: PairsConfig = PairsConfig()
     log_every: int = Field(5, ge=1)
     ckpt_every: int = Field(50, ge=1)
-    keep_checkpoints: int = Field(2, ge=1)
+    pairs: PairsConfig = PairsConfig()
 
     @property
     def beta_value(self) -> float:
         return self.beta if self.beta is not None else DEFAULT_BETA[self.method]
 
 
-class DPOJob(Section):
+class DPOJob(JobConfig):
     run: RunConfig = RunConfig(name="dpo")
-    model: ModelConfig = ModelConfig()
-    task: TaskConfig = TaskConfig()
     init_from: str | None = Field(None, description="the SFT checkpoint (or run folder) to start from: required")
     dpo: DPOConfig = DPOConfig()
     eval: EvalConfig = EvalConfig(every=50, size=400)

@@ -32,14 +32,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from rlpt.config import (
-    ConfigError,
-    ModelConfig,
-    OptimConfig,
-    RunConfig,
-    Section,
-    TaskConfig,
-)
+from rlpt.config import ConfigError, JobConfig, LoopConfig, OptimConfig, RunConfig, Section
 from rlpt.framework.critic import capture_hidden
 from rlpt.framework.environment import ArithmeticEnv, Prompt, Verdict, register_env
 from rlpt.framework.trajectory import pad_sequences
@@ -48,21 +41,8 @@ from rlpt.gpt_mini.model import GPT, GPTConfig, load_model
 from rlpt.gpt_mini.task import ArithmeticTask, Problem, verify
 from rlpt.gpt_mini.tokenizer import CharTokenizer
 from rlpt.loop import SupervisedLoop, open_run
-from rlpt.preference.data import (
-    PreferencePair,
-    collate_pairs,
-    distinct_problems,
-    load_pairs,
-    sample_groups,
-    save_pairs,
-)
-from rlpt.run import (
-    CheckpointError,
-    Run,
-    load_weights,
-    read_checkpoint_meta,
-    resolve_checkpoint,
-)
+from rlpt.preference.data import PreferencePair, collate_pairs, distinct_problems, load_pairs, sample_groups, save_pairs
+from rlpt.run import CheckpointError, Run, load_weights, read_checkpoint_meta, resolve_checkpoint
 
 KIND = "reward_model"
 
@@ -200,21 +180,17 @@ class RMPairsConfig(Section):
     heldout_file: str | None = Field(None, description="JSONL held-out pairs (with file; else 10% of file)")
 
 
-class RMConfig(Section):
+class RMConfig(LoopConfig):
     steps: int = Field(300, ge=1)
     batch_size: int = Field(32, ge=1, description="pairs per step")
     optim: OptimConfig = OptimConfig(lr=1e-4, warmup_steps=10, schedule="cosine")
+    ckpt_every: int = Field(100, ge=1)
     pairs: RMPairsConfig = RMPairsConfig()
     eval_every: int = Field(50, ge=1)
-    log_every: int = Field(10, ge=1)
-    ckpt_every: int = Field(100, ge=1)
-    keep_checkpoints: int = Field(2, ge=1)
 
 
-class RMJob(Section):
+class RMJob(JobConfig):
     run: RunConfig = RunConfig(name="rm")
-    model: ModelConfig = ModelConfig()
-    task: TaskConfig = TaskConfig()
     init_from: str | None = Field(None, description="the SFT checkpoint: samples the pairs and initialises the trunk")
     rm: RMConfig = RMConfig()
 
