@@ -47,7 +47,7 @@ def parse_args():
 
 
 class RlptStep:
-    """The trainer's step (rlpt/sft.py, train_sft.step_fn), on pre-sampled problems."""
+    """The trainer's step (rlpt.loop.SupervisedLoop.step over rlpt.sft's loss), on pre-sampled problems."""
 
     def __init__(self, model, optim: OptimConfig, total_steps: int, fmt: str, tok, log_every: int):
         self.model, self.fmt, self.tok, self.log_every, self.clip = model, fmt, tok, log_every, optim.grad_clip
