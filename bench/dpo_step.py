@@ -57,7 +57,8 @@ def fixed_pairs(n: int, seed: int) -> list[PreferencePair]:
 
 
 class PrefStep:
-    """run_dpo's step (SupervisedLoop.step over preference_loss); with `pairs`, its reference table (else a reference forward every step)."""
+    """run_dpo's step (SupervisedLoop.step over preference_loss); with `pairs`, its reference table
+    (else a reference forward every step)."""
 
     def __init__(self, model, cfg: DPOConfig, tok, total: int, pairs=None):
         self.model, self.cfg, self.tok = model, cfg, tok
