@@ -16,7 +16,7 @@ from pathlib import Path
 
 from common import DOCS, ROOT, f3, mean_last, read_rows, run_stage, series, split_args
 
-from rlpt.report import figure
+from rlpt.report import figure, machine
 
 RECIPE = ROOT / "recipes" / "hack_arith.yaml"
 
@@ -71,6 +71,9 @@ def write_page(job, argv: list[str], samples: list[tuple[str, str]]) -> Path:
     extra = " ".join(argv)
     a = job.algorithm
     text = f"""# Reward hacking: GRPO on a leaky verifier (lesson 18)
+
+**Machine.** {machine()}; accuracies move with the CPU (its MKL kernels change float results),
+so read the differences, not the third digit.
 
 Command (2-core CPU, 1 thread; the run, then this page, nothing typed in by hand):
 

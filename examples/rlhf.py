@@ -53,7 +53,7 @@ from rlpt.preference.reward_model import (
     pair_metrics,
     train_rm,
 )
-from rlpt.report import figure
+from rlpt.report import figure, machine
 from rlpt.sft import SFTJob, train_sft
 from rlpt.train import TrainJob, run_train
 
@@ -229,6 +229,8 @@ def write_page(results: dict[float, list[dict]], rm_final: dict, argv: list[str]
     """docs/rlhf.md + docs/rlhf_overoptimisation.png from a finished sweep."""
     png = plot(results, docs / "rlhf_overoptimisation.png")
     lines = ["# RLHF on the toy: a reward model, PPO against it, and over-optimisation", "",
+             f"**Machine.** {machine()}; accuracies move with the CPU (its MKL kernels change float results), "
+             "so read the differences, not the third digit.", "",
              "Lesson 15's three stages on the arithmetic task, with a hidden \"human\" whose taste the policy "
              "never sees:",
              "right and concise (`12#`, gold 2) ≻ right and worked (`3+4=7,7+5=12#`, gold 1) ≻ wrong (gold 0).", "",

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from common import DOCS, ROOT, f3, mean_last, read_rows, run_stage, series, split_args
 
-from rlpt.report import figure
+from rlpt.report import figure, machine
 
 RECIPE = ROOT / "recipes" / "tool_arith.yaml"
 OUT_DIR = "runs/tool_use"
@@ -111,6 +111,9 @@ def write_page(js: dict, argv: list[str]) -> Path:
     fail_lines += [f"| {w} | " + " | ".join(str(f[k]) for k in kinds) + " |" for w, f in fails.items()]
     extra = " ".join(argv)
     text = f"""# Tool use: a calculator makes 3-digit addition solvable (lesson 08)
+
+**Machine.** {machine()}; accuracies move with the CPU (its MKL kernels change float results),
+so read the differences, not the third digit.
 
 Command (2-core CPU, 1 thread; both runs, then this page, nothing typed in by hand):
 

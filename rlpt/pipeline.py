@@ -48,7 +48,7 @@ from rlpt.gpt_mini.model import load_model
 from rlpt.gpt_mini.task import make_task
 from rlpt.gpt_mini.tokenizer import CharTokenizer
 from rlpt.preference.dpo import DPOConfig, DPOJob, PairsConfig, run_dpo
-from rlpt.report import figure
+from rlpt.report import figure, machine
 from rlpt.run import finished_checkpoint, latest_checkpoint
 from rlpt.sft import SFTJob, train_sft
 from rlpt.train import TrainJob, TrainStage, algorithm_overrides, run_train
@@ -226,7 +226,8 @@ def plot_stages(job: PipelineJob, rows: list[dict], path: Path) -> Path:
 
 def write_pipeline_report(job: PipelineJob, root: Path, rows: list[dict], train_s: float, eval_s: float) -> Path:
     png = plot_stages(job, rows, root / "pipeline.png")
-    parts = [f"# Pipeline {job.run.name}: SFT → CoT → DPO → RLVR", "", pipeline_table(job, rows), "",
+    parts = [f"# Pipeline {job.run.name}: SFT → CoT → DPO → RLVR", "", f"Measured on {machine()}.", "",
+             pipeline_table(job, rows), "",
              f"Wall clock: {train_s:.0f} s for the four stages (seconds column: each stage, summed over the "
              f"invocations that ran it), {eval_s:.0f} s for this evaluation.", ""]
     parts += [f"![accuracy after each stage]({png.name})", ""]

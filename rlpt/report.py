@@ -8,6 +8,28 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
+def machine() -> str:
+    """The CPU a result was measured on, for every results page: model name, the vector units MKL picks
+    kernels by (AVX2 / AVX-512 / AMX: they change float results, hence training paths), cores, torch threads."""
+    import os
+
+    import torch
+    name, flags = "unknown CPU", set()
+    try:
+        for line in open("/proc/cpuinfo"):
+            key, _, val = line.partition(":")
+            if key.strip() == "model name":
+                name = val.strip()
+            elif key.strip() == "flags":
+                flags = set(val.split())
+                break
+    except OSError:
+        pass
+    units = [u for u, f in (("AVX2", "avx2"), ("AVX-512", "avx512f"), ("AMX", "amx_tile")) if f in flags]
+    return (f"{name} ({', '.join(units) or 'no AVX2'}), {os.cpu_count()} cores, "
+            f"{torch.get_num_threads()} torch thread{'s' if torch.get_num_threads() > 1 else ''}")
+
+
 def table(rows: list[tuple[str, str]], headers: tuple[str, str] = ("metric", "value")) -> str:
     """A markdown table (also readable as plain text on a terminal)."""
     w0 = max(len(headers[0]), *(len(r[0]) for r in rows)) if rows else len(headers[0])
@@ -59,7 +81,8 @@ def plot_series(metrics: list[dict], keys: list[str], path: Path, title: str = "
 
 def write_report(run, title: str, final: dict, plots: dict[str, list[str]], notes: str = "") -> Path:
     metrics = run.read_metrics()
-    parts = [f"# {title}: {run.dir.name}", "", table([(k, fmt(v)) for k, v in final.items()]), ""]
+    parts = [f"# {title}: {run.dir.name}", "", f"Measured on {machine()}.", "",
+             table([(k, fmt(v)) for k, v in final.items()]), ""]
     for name, keys in plots.items():
         png = plot_series(metrics, keys, run.dir / f"{name}.png", title=name)
         if png is not None:
