@@ -15,12 +15,11 @@ import random
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol
 
 import torch
 from tqdm import tqdm
 
-from rlpt.config import OptimConfig
+from rlpt.config import LoopConfig
 from rlpt.optim import make_optimizer
 from rlpt.run import GracefulInterrupt, Run, StopRequested, restore_training, training_state
 
@@ -63,15 +62,6 @@ def _label(key: str) -> str:
 
 
 # -- the supervised skeleton: SFT, DPO and the reward model ------------------------------------------
-class LoopSection(Protocol):
-    """The fields a supervised job's section (`job.sft`, `job.dpo`, `job.rm`) shares with the skeleton."""
-    steps: int
-    optim: OptimConfig
-    log_every: int
-    ckpt_every: int
-    keep_checkpoints: int
-
-
 def open_run(job, resume: bool) -> tuple[Run, Path | None]:
     """Threads, the run folder, the seed, and the checkpoint to continue from (None: a fresh start).
 
@@ -97,7 +87,7 @@ class SupervisedLoop:
     resume from `ckpt`, so every supervised job continues bit-identically with `--resume`.
     """
 
-    def __init__(self, run: Run, ckpt: Path | None, model: torch.nn.Module, cfg: LoopSection, seed: int,
+    def __init__(self, run: Run, ckpt: Path | None, model: torch.nn.Module, cfg: LoopConfig, seed: int,
                  meta: dict | None = None):
         self.run, self.model, self.cfg = run, model, cfg
         self.meta = meta if meta is not None else model.cfg.to_dict()

@@ -149,7 +149,7 @@ class MultiTurnRollout(Rollout):
         prompts = [env.reset("train") for _ in range(n)]
         eps = [self._start(env, p, first + b) for b, p in enumerate(prompts) for _ in range(K)]
         self.run_episodes(env, eps, self.sampling, self.generator)
-        self.stats |= {f"tool/{k[5:]}_mean": v for k, v in episode_stats(eps).items() if k.startswith("tool_")}
+        self.stats |= tool_stats(eps)
         trajs = [self._to_trajectory(e) for e in eps]
         return [trajs[b * K:(b + 1) * K] for b in range(n)]
 
@@ -172,12 +172,10 @@ class MultiTurnRollout(Rollout):
                 for e in eps]
 
 
-def episode_stats(eps: list[Episode]) -> dict:
-    """Honest accuracy (info["correct"]) and tool calls / errors per episode, where the env records them."""
-    n, out = len(eps), {}
-    if eps and all("correct" in e.info for e in eps):
-        out["acc_honest"] = sum(bool(e.info["correct"]) for e in eps) / n
-    if eps and all("tool_calls" in e.state for e in eps):
-        out["tool_calls"] = sum(e.state["tool_calls"] for e in eps) / n
-        out["tool_errors"] = sum(e.state.get("tool_errors", 0) for e in eps) / n
-    return out
+def tool_stats(eps: list[Episode]) -> dict:
+    """Tool calls and errors per episode (`tool/calls_mean`, `tool/errors_mean`), where the env counts them."""
+    if not eps or not all("tool_calls" in e.state for e in eps):
+        return {}
+    n = len(eps)
+    return {"tool/calls_mean": sum(e.state["tool_calls"] for e in eps) / n,
+            "tool/errors_mean": sum(e.state.get("tool_errors", 0) for e in eps) / n}
