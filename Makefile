@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: run test test-fast install clean
+.PHONY: run test test-fast install clean bwrap
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -14,17 +14,22 @@ $(STAMP): pyproject.toml
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 
-install: $(STAMP)
+# the code env's sandbox (rlpt/envs/jail.py) runs programs in bubblewrap: Debian's package, installed as root
+bwrap:
+	@command -v bwrap >/dev/null || apt-get install -y bubblewrap || (apt-get update && apt-get install -y bubblewrap) \
+		|| { echo "the code sandbox needs bubblewrap: install the bwrap binary (Debian: apt-get install bubblewrap)"; exit 1; }
+
+install: bwrap $(STAMP)
 
 # the main job: SFT -> CoT -> DPO -> RLVR on embedded defaults; --resume makes a second `make run`
 # skip the finished stages (it then only re-evaluates and re-prints the report). ARGS='key=value ...' to vary it.
 run: $(STAMP)
 	$(BIN)/rlpt pipeline --resume $(ARGS)
 
-test: $(STAMP)
+test: bwrap $(STAMP)
 	$(BIN)/python -m pytest -q
 
-test-fast: $(STAMP)
+test-fast: bwrap $(STAMP)
 	$(BIN)/python -m pytest -q -m 'not slow'
 
 clean:

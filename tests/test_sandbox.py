@@ -1,153 +1,148 @@
-"""Hostile programs in the code sandbox: each contained, scored 0 with a reason, the host and batch unharmed.
-
-Cases that rely on the uid change (fork bomb, killing the parent, reading/writing host files) are
-skipped where the host cannot change uid; the socket case is an expected failure without a network
-namespace. `capabilities()` says which held here.
-"""
+"""The code sandbox's machinery (rlpt/envs/jail.py, code_sandbox.py): the jail is built as stated, limits and
+clean-up hold, the verdict is the host's, a missing bwrap is a ConfigError. The hostile programs are in
+tests/test_hostile.py."""
 from __future__ import annotations
 
 import os
-import socket
+import re
+import struct
 import time
 
 import pytest
 
-from rlpt.envs.code_sandbox import CodeEnv, CodeProblem, Limits, _uids_in_use, capabilities, run_program
+from rlpt.config import ConfigError
+from rlpt.envs import code_sandbox, jail
+from rlpt.envs.code_sandbox import CodeEnv, CodeProblem, Limits, capabilities, run_program
 from rlpt.framework.environment import Prompt
 
-CAP = capabilities()
-needs_uid = pytest.mark.skipif(not CAP["setuid"], reason="no uid change on this host: not provably safe here")
-FAST = Limits(cpu_s=1, wall_s=3.0, nproc=8)
+FAST = Limits(cpu_s=1, wall_s=3.0)
+SUM = CodeProblem("sum", [("1 2\n", "3"), ("5 5\n", "10"), ("0 0\n", "0")])
+GOOD_SUM = "a, b = map(int, input().split())\nprint(a + b)\n"
 
 
-def live_sandbox_processes(uids_before) -> list[int]:
-    """Pids of running (not zombie: killed, awaiting their reaper) processes of sandbox uids new since `before`."""
-    out = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            st = os.stat(f"/proc/{pid}")
-            with open(f"/proc/{pid}/stat") as f:
-                state = f.read().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if 60000 <= st.st_uid < 65000 and st.st_uid not in uids_before and state != "Z":
-            out.append(int(pid))
-    return out
+def leftovers() -> tuple[list[str], list[str]]:
+    """Sandbox cgroups and host folders still present (each run removes its own)."""
+    root = jail.cgroup_root()
+    cgs = [n for b in (root.bases if root else ()) for n in os.listdir(b) if n.startswith(f"rlpt-sbx-{os.getpid()}-")]
+    tmp = [n for n in os.listdir("/tmp") if n.startswith("rlpt_sbx_")]
+    return cgs, tmp
 
 
-def no_sandbox_processes_left(uids_before):
-    time.sleep(0.1)
-    return not live_sandbox_processes(uids_before)
-
-
-def test_a_correct_program_passes():
+def test_a_correct_program_passes_and_leaves_nothing():
+    before = leftovers()
     r = run_program("print(sum(map(int, input().split())))", "1 2 3\n", FAST)
-    assert (r.status, r.stdout.strip()) == ("ok", "6")
+    assert (r.status, r.returncode, r.stdout, r.stderr) == ("ok", 0, "6\n", "")
+    assert leftovers() == before
 
 
-def test_infinite_loop():
-    t0 = time.perf_counter()
-    r = run_program("while True:\n    pass\n", limits=FAST)
-    assert r.status == "killed" and "cpu" in r.reason and time.perf_counter() - t0 < FAST.wall_s + 2
-
-
-def test_sleep_forever_hits_wall_clock():
-    r = run_program("import time\ntime.sleep(1000)\n", limits=Limits(wall_s=1.0))
-    assert r.status == "timeout" and "wall" in r.reason
-
-
-@needs_uid
-def test_fork_bomb_is_bounded_and_fully_killed():
-    before = _uids_in_use()
-    code = "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n"
-    t0 = time.perf_counter()
-    r = run_program(code, limits=Limits(cpu_s=1, wall_s=2.0, nproc=8))
-    assert r.status in ("killed", "timeout") and time.perf_counter() - t0 < 6
-    assert no_sandbox_processes_left(before)
-
-
-@needs_uid
-def test_daemonised_child_is_killed_after_the_run():
-    before = _uids_in_use()
-    code = "import os, time\nif os.fork() == 0:\n    os.setsid()\n    time.sleep(100)\nprint('parent done')\n"
+def test_the_jail_is_what_the_docs_say():
+    """uid 1000 without capabilities, no_new_privs, seccomp on, pid 2 under bwrap's pid 1, a root of python only."""
+    code = ("import os\n"
+            "st = dict(l.split(':\\t') for l in open('/proc/self/status').read().splitlines() if ':\\t' in l)\n"
+            "print(os.getuid(), os.getpid(), st['CapEff'].strip(), st['NoNewPrivs'].strip(), st['Seccomp'].strip())\n"
+            "print(sorted(os.listdir('/')), sorted(p for p in os.listdir('/proc') if p.isdigit()), os.getcwd())\n"
+            "print(sorted(os.listdir('/usr')), sorted(os.listdir('/usr/lib')), sorted(os.listdir('/tmp')))\n")
     r = run_program(code, limits=FAST)
-    assert r.status == "ok"
-    assert no_sandbox_processes_left(before)
+    assert r.status == "ok", r.reason
+    ids, tree, usr = r.stdout.splitlines()
+    assert ids == "1000 2 0000000000000000 1 2"
+    assert tree == "['dev', 'lib', 'lib64', 'proc', 'sandbox', 'tmp', 'usr'] ['1', '2'] /tmp"
+    assert re.fullmatch(r"\['bin', 'lib'\] \['python3\.\d+'\] \[\]", usr)
 
 
-def test_memory_hog():
-    r = run_program("x = []\nwhile True:\n    x.append(bytearray(50 * 2**20))\n", limits=Limits(mem_bytes=256 << 20))
-    assert r.status == "error" and "memory" in r.reason
+def test_exit_codes_are_the_programs_never_a_sandbox_error():
+    """The verdict channel: bwrap's status fd. Every code 0..255 the program can exit with reads as its own."""
+    codes = list(range(0, 256, 17)) + [97, 1, 137, 255]
+    for code in codes:
+        r = run_program(f"raise SystemExit({code})", limits=FAST)
+        assert r.returncode == code and r.status == ("ok" if code == 0 else "killed" if code > 128 else "error"), r
 
 
-def test_printing_gigabytes():
-    r = run_program("import sys\nwhile True:\n    sys.stdout.write('x' * 2**20)\n",
-                    limits=Limits(fsize_bytes=1 << 20, output_bytes=4096))
-    assert r.status in ("error", "killed") and "output limit" in r.reason and len(r.stdout) <= 4096
+def test_every_exit_code_classifies_as_the_programs_own():
+    for rc in range(256):
+        for err in ("", "MemoryError", "OSError: [Errno 27] File too large", "x" * 10**5):
+            status, reason = code_sandbox._classify(rc, err, False, False, 1.0, FAST)
+            assert status == ("ok" if rc == 0 else "killed" if rc > 128 else "error") and len(reason) < 300
 
 
-@needs_uid
-def test_writing_outside_its_dir(tmp_path):
-    target = tmp_path / "pwned.txt"
-    r = run_program(f"open({str(target)!r}, 'w').write('x')\n", limits=FAST)
-    assert r.status == "error" and "PermissionError" in r.reason and not target.exists()
-    victim = tmp_path / "keep.txt"
-    victim.write_text("keep")
-    r = run_program(f"import os\nos.remove({str(victim)!r})\n", limits=FAST)
-    assert r.status == "error" and victim.read_text() == "keep"
-
-
-@needs_uid
-def test_reading_files_outside_it(tmp_path):
-    secret = tmp_path / "hidden_tests.txt"
-    secret.write_text("SECRET-EXPECTED-OUTPUT")
-    os.chmod(secret, 0o600)
-    r = run_program(f"print(open({str(secret)!r}).read())\n", limits=FAST)
-    assert r.status == "error" and "SECRET" not in r.stdout
-    r = run_program("import os\nprint(os.listdir('/root'))\n", limits=FAST)
-    assert r.status == "error"
-
-
-def test_opening_a_socket():
-    srv = socket.socket()
-    srv.bind(("127.0.0.1", 0))
-    srv.listen(1)
-    srv.settimeout(0.5)
-    port = srv.getsockname()[1]
-    code = f"import socket\ns = socket.create_connection(('127.0.0.1', {port}), timeout=1)\ns.sendall(b'pwned')\n"
-    r = run_program(code, limits=FAST)
-    try:
-        conn, _ = srv.accept()
-        got = True
-        conn.close()
-    except TimeoutError:
-        got = False
-    srv.close()
-    if not CAP["netns"]:
-        pytest.xfail("no network namespace here: " + "; ".join(CAP["notes"]))
-    assert r.status == "error" and not got
-
-
-@needs_uid
-def test_killing_its_parent():
-    r = run_program("import os, signal\nos.kill(os.getppid(), signal.SIGKILL)\n", limits=FAST)
-    assert r.status == "error" and "PermissionError" in r.reason      # and we are still here
-
-
-def test_environment_is_scrubbed(monkeypatch):
-    monkeypatch.setenv("RLPT_HOST_SECRET", "hunter2")
-    r = run_program("import os\nprint(dict(os.environ))\n", limits=FAST)
-    assert r.status == "ok" and "hunter2" not in r.stdout
-
-
-def test_hostile_batch_scores_zero_and_the_rest_is_unharmed():
-    env = CodeEnv([CodeProblem("sum", [("1 2\n", "3"), ("5 5\n", "10")])], limits=Limits(cpu_s=1, wall_s=2.0))
+def test_verdict_needs_exit_zero_and_the_exact_output():
+    env = CodeEnv([SUM], limits=FAST)
     p = Prompt("sum", [], 0)
-    hostile = ["while True: pass", "import os\nos.kill(os.getppid(), 9)" if CAP["setuid"] else "raise SystemExit(3)",
-               "print('x' * 10**9)", "x = bytearray(10**11)", "import sys\nsys.exit(1)", "print(3)"]
-    good = "```python\na, b = map(int, input().split())\nprint(a + b)\n```"
-    verdicts = [env.verify(p, c) for c in hostile + [good]]
-    assert [v.reward for v in verdicts[:-2]] == [0.0] * (len(hostile) - 1)
-    assert verdicts[-2].reward == 0.5                                    # passes one test of two
-    assert all("sandbox_reason" in v.info for v in verdicts[:-1])
-    assert verdicts[-1].reward == 1.0 and verdicts[-1].info["correct"]
+    assert env.verify(p, GOOD_SUM).reward == 1.0
+    assert env.verify(p, GOOD_SUM + "raise SystemExit(3)\n").reward == 0.0          # right output, failing exit
+    v = env.verify(p, "print(3)")
+    assert (v.reward, v.info["tests_passed"], "sandbox_error" in v.info) == (1 / 3, 1, False)
+
+
+def test_the_whole_verify_has_one_wall_clock():
+    """Three tests each answered just under the per-test clock: the verify stops at verify_wall_s."""
+    lim = Limits(cpu_s=1, wall_s=1.0, verify_wall_s=1.5)
+    env = CodeEnv([SUM], limits=lim)
+    slow = "import time\ntime.sleep(0.8)\n" + GOOD_SUM
+    t0 = time.perf_counter()
+    v = env.verify(Prompt("sum", [], 0), slow)
+    took = time.perf_counter() - t0
+    assert v.info["tests_passed"] == 1 and v.reward == pytest.approx(1 / 3)
+    assert took < lim.verify_wall_s + 0.6, took
+
+
+def test_program_too_long_is_not_run():
+    r = run_program("#" * 300_000, limits=FAST)
+    assert (r.status, r.returncode) == ("error", None) and "longer than" in r.reason
+
+
+def test_seccomp_filter_is_the_stated_program():
+    prog = jail.seccomp_filter()
+    insns = [struct.unpack("<HBBI", prog[i:i + 8]) for i in range(0, len(prog), 8)]
+    assert len(insns) == 6 + 2 * len(jail.X86_64_DENY) + 7
+    assert insns[:3] == [(0x20, 0, 0, 4), (0x15, 1, 0, jail.AUDIT_ARCH_X86_64), (0x06, 0, 0, jail.RET_KILL_PROCESS)]
+    assert insns[-1] == (0x06, 0, 0, jail.RET_ALLOW)
+    denied = {k for code, _, _, k in insns if code == 0x15} - {jail.AUDIT_ARCH_X86_64, 56, 435}
+    assert denied == set(jail.X86_64_DENY.values())
+
+
+@pytest.mark.skipif(not os.path.exists("/usr/include/x86_64-linux-gnu/asm/unistd_64.h"), reason="no kernel headers")
+def test_seccomp_syscall_numbers_match_the_kernel_headers():
+    text = open("/usr/include/x86_64-linux-gnu/asm/unistd_64.h").read()
+    nr = {m[0]: int(m[1]) for m in re.findall(r"#define __NR_(\w+) (\d+)", text)}
+    assert {k: nr[k] for k in jail.X86_64_DENY} == jail.X86_64_DENY
+    assert (nr["clone"], nr["clone3"]) == (jail.X86_64_CLONE, jail.X86_64_CLONE3)
+
+
+def test_the_root_holds_the_system_python_and_nothing_of_the_project():
+    interp = jail.interpreter()
+    assert interp.path == "/usr/bin/python3"
+    dests = [d for _, d in interp.binds]
+    assert all(d.startswith(("/usr/bin/python3", "/usr/lib/python3.", "/lib/", "/usr/lib/x86_64", "/lib64/"))
+               for d in dests)
+    assert not any("rlpt" in s or ".venv" in s or s.startswith(("/root", "/work", "/home")) for s, _ in interp.binds)
+
+
+@pytest.fixture
+def fresh_capabilities():
+    code_sandbox.capabilities.cache_clear()
+    yield
+    code_sandbox.capabilities.cache_clear()
+
+
+def test_missing_bwrap_is_a_config_error_naming_the_fix(monkeypatch, fresh_capabilities):
+    monkeypatch.setattr(jail.shutil, "which", lambda *a, **k: None)
+    with pytest.raises(ConfigError, match="apt-get install bubblewrap"):
+        CodeEnv([SUM])
+    with pytest.raises(ConfigError, match="bubblewrap"):
+        run_program("print(1)")
+
+
+def test_a_bwrap_that_cannot_build_the_jail_is_a_config_error(monkeypatch, fresh_capabilities):
+    monkeypatch.setattr(jail, "bwrap_argv", lambda *a, **k: ["/bin/false"])   # bwrap failing before the program
+    with pytest.raises(ConfigError, match="cannot build the code sandbox"):
+        capabilities()
+
+
+def test_capabilities_say_which_memory_bound_holds():
+    cap = capabilities()
+    assert cap["bwrap"].endswith("bwrap") and cap["interpreter"] == "/usr/bin/python3"
+    if cap["cgroup"] is None:
+        assert "RLIMIT_AS" in cap["notes"][0]
+    else:
+        assert cap["cgroup"] in (1, 2) and cap["notes"] == []

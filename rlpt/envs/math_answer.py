@@ -9,14 +9,26 @@ whitespace) lets "1 2" match 12. So exactly one answer is extracted (a response 
 candidates gets only its last one judged, never "any of them"), case and trailing whitespace and
 the `#` EOS are dropped, and math-verify compares values: 3/4 = 0.75 = \\frac{3}{4} = 6/8.
 
+A hostile answer costs at most `MAX_ANSWER_CHARS` and `VERIFY_TIME_S`: a longer answer scores 0 unparsed,
+and parsing plus comparing run under one SIGALRM deadline (`setitimer`, sub-second; math-verify's own
+whole-second alarm is switched off so the two do not cancel each other). Signals reach the main
+thread only, so a verify called from another thread has the length cap but no time cap. What is
+logged about a rejected answer is a preview of `PREVIEW_CHARS`, never the answer whole.
+
 The built-in task adds two fractions, `<1/2+1/3>` with gold 5/6, so it fits gpt_mini's alphabet.
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import random
 import re
+import signal
+import threading
 from fractions import Fraction
 
+import math_verify.grader
+import math_verify.parser
 from math_verify import parse
 from math_verify import verify as mv_verify
 
@@ -26,6 +38,12 @@ _BOXED = re.compile(r"\\boxed\s*\{")
 _ANSWER_IS = re.compile(r"answer\s*(?:is|:|=)\s*(.+)", re.I | re.S)
 _MATH_SPAN = re.compile(r"\$+([^$]+)\$+")
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?(?:\s*/\s*\d+)?|-?\.\d+")
+MAX_ANSWER_CHARS = 256        # longer than any honest answer to a problem with a short gold
+VERIFY_TIME_S = 1.0           # parse + compare, per answer
+PREVIEW_CHARS = 80
+log = logging.getLogger(__name__)
+# our deadline replaces math-verify's alarm (off below), so its warning that no timeout is set does not apply
+math_verify.parser.TIMEOUT_WARNING_SHOWN = math_verify.grader.TIMEOUT_WARNING_SHOWN = True
 
 
 def _boxed(text: str) -> str | None:
@@ -60,20 +78,57 @@ def extract_answer(response: str) -> str | None:
 
 
 def _as_math(s: str):
-    return parse(f"${s}$") or parse(s)
+    return parse(f"${s}$", parsing_timeout=None) or parse(s, parsing_timeout=None)
 
 
 def is_equivalent(answer: str, gold: str) -> bool:
-    """Same value per math-verify (fractions, decimals, LaTeX, equivalent expressions)."""
+    """Same value per math-verify (fractions, decimals, LaTeX, equivalent expressions). No time cap of its own."""
     a, g = _as_math(answer), _as_math(gold)
-    return bool(a) and bool(g) and bool(mv_verify(g, a))
+    return bool(a) and bool(g) and bool(mv_verify(g, a, timeout_seconds=None))
 
 
-def verify_math(response: str, gold: str) -> tuple[float, dict]:
+def preview(text: str, n: int = PREVIEW_CHARS) -> str:
+    """What a log line may quote of an untrusted answer."""
+    return text if len(text) <= n else f"{text[:n]!r}... ({len(text)} chars)"
+
+
+class VerifyTimeout(BaseException):
+    """Raised by the SIGALRM deadline; a BaseException so math-verify's `except Exception` cannot swallow it."""
+
+
+@contextlib.contextmanager
+def time_cap(seconds: float):
+    """Raise VerifyTimeout in the block after `seconds` of wall clock (main thread; elsewhere no cap)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_alarm(signum, frame):
+        raise VerifyTimeout
+
+    old = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def verify_math(response: str, gold: str, max_chars: int = MAX_ANSWER_CHARS,
+                time_s: float = VERIFY_TIME_S) -> tuple[float, dict]:
     ans = extract_answer(response)
     if ans is None:
         return 0.0, {"correct": False, "answer": None}
-    ok = is_equivalent(ans, gold)
+    if len(ans) > max_chars:
+        log.warning("math answer longer than %d chars, scored 0 unparsed: %s", max_chars, preview(ans))
+        return 0.0, {"correct": False, "answer": preview(ans), "reject": f"answer longer than {max_chars} chars"}
+    try:
+        with time_cap(time_s):
+            ok = is_equivalent(ans, gold)
+    except VerifyTimeout:
+        log.warning("math answer took over %gs to verify, scored 0: %s", time_s, preview(ans))
+        return 0.0, {"correct": False, "answer": preview(ans), "reject": f"verify over {time_s:g}s"}
     return float(ok), {"correct": ok, "answer": ans}
 
 
