@@ -1,7 +1,8 @@
 """PPO: REINFORCE with a learned baseline V_φ(s_t), per-token GAE advantages and a clipped ratio.
 
 Paper: Schulman et al. 2017, "Proximal Policy Optimization Algorithms"; GAE: Schulman et al. 2016.
-Advantage: A_t = Σ_k (γλ)^k δ_{t+k},  δ_t = r_t + γ V_old(s_{t+1}) − V_old(s_t);  r_t = R at the last token, else 0.
+Advantage: A_t = Σ_k (γλ)^k δ_{t+k},  δ_t = r_t + γ V_old(s_{t+1}) − V_old(s_t);  r_t = R at the last token, else 0
+           (a process-reward env, rlpt.envs.prm, moves part of R onto step delimiters: info["step_rewards"]).
 Loss:      token-mean[ −min(ρ_t A_t, clip(ρ_t, 1−ε, 1+ε) A_t) ] + c_v · token-mean[ (V_φ(s_t) − R_t)² ] + β·KL_k3
 Diff from REINFORCE: a critic replaces the constant baseline, the importance ratio ρ and its clip
 allow several epochs per batch (`trainer.epochs`, 4 in its runs: `trainer_defaults`), advantages are per token.
@@ -79,8 +80,11 @@ class PPO(Algorithm):
             policy = t.response_mask.nonzero().squeeze(-1)              # positions the policy chose
             adv, ret = torch.zeros(len(t.response_ids)), torch.zeros(len(t.response_ids))
             if len(policy):
-                r = torch.zeros(len(policy))
-                r[-1] = t.reward                                        # terminal reward at the last token
+                dense = torch.zeros(len(t.response_ids))                # a process-reward env's per-step terms
+                for pos, x in t.info.get("step_rewards", ()):           # at step delimiters (lesson 17)
+                    dense[pos] += x
+                r = dense[policy]
+                r[-1] += t.reward - r.sum()                             # the rest of R at the last token
                 adv[policy], ret[policy] = gae(r, t.extra["values"][policy], self.cfg.gamma, self.cfg.lam)
             t.advantage, t.extra["returns"] = adv, ret
             t.degenerate = False

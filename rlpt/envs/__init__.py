@@ -5,5 +5,6 @@
     code        programs run in a sandbox against hidden tests        rlpt.envs.code_sandbox
     judge       an rlpt model as LLM-as-judge, order randomised       rlpt.envs.judge
     leaky       a deliberately hackable verifier (reward-hacking demo) rlpt.envs.leaky
+    prm         the verifier plus a process reward model's step scores  rlpt.envs.prm
 """
-from rlpt.envs import calculator, code_sandbox, judge, leaky, math_answer  # noqa: F401 - registers them
+from rlpt.envs import calculator, code_sandbox, judge, leaky, math_answer, prm  # noqa: F401 - registers them

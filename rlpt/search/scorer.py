@@ -1,0 +1,133 @@
+"""Outcome and process reward models: the SFT trunk and a scalar head, trained with BCE (lesson 17).
+
+    logit_t = w · h_t + b         h_t = the trunk's final hidden state at token t
+    PRM:  score_k = σ(logit at the delimiter of step k)      target p̂_k (Monte-Carlo soft label)
+    ORM:  score   = σ(logit at the response's last token)     target 1[verifier]
+    L = −mean over read positions [ y log σ(logit) + (1 − y) log(1 − σ(logit)) ]
+
+The same model serves both (lesson 17: "same architecture as the BT RM, only the objective differs"):
+an ORM is a PRM whose only labelled position is the last one, so `kind` changes the targets, not the
+network. The head is read at the step delimiters and nowhere else (`boundary_targets` builds the mask;
+`bce_at` ignores every other position), and it starts at zero: every score starts at 0.5.
+The trunk starts from the SFT policy (it already reads the task), as rlpt.preference.reward_model's.
+
+Scoring a partial response (beam search) reads the PRM at its last delimiter: the prefix's score.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rlpt.framework.critic import capture_hidden
+from rlpt.framework.trajectory import pad_sequences
+from rlpt.gpt_mini.model import GPT, GPTConfig
+from rlpt.gpt_mini.task import parse_prompt
+from rlpt.gpt_mini.tokenizer import CharTokenizer
+from rlpt.run import CheckpointError, load_weights, read_checkpoint_meta, resolve_checkpoint
+from rlpt.search.steps import END, SEP, outcome, step_ends, true_step_labels
+
+KINDS = ("prm", "orm")
+
+
+class StepScorer(nn.Module):
+    """A trunk with a scalar head read at chosen positions; `kind` is 'prm' (every delimiter) or 'orm' (the last)."""
+
+    def __init__(self, trunk: nn.Module, tok: CharTokenizer, kind: str = "prm"):
+        super().__init__()
+        if kind not in KINDS:
+            raise ValueError(f"scorer kind must be one of {KINDS}, got {kind!r}")
+        self.trunk, self.kind, self.tok = trunk, kind, tok
+        self.head = nn.Linear(trunk.cfg.d_model, 1)
+        nn.init.zeros_(self.head.weight)     # every score starts at σ(0) = 0.5; no RNG consumed
+        nn.init.zeros_(self.head.bias)
+
+    @property
+    def cfg(self) -> GPTConfig:
+        return self.trunk.cfg
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """(B, T) -> head logits (B, T) at every position; the loss and `score` pick the ones they read."""
+        with capture_hidden(self.trunk) as store:
+            self.trunk(ids)
+        return self.head(store[-1].float()).squeeze(-1)                        # (B, T)
+
+    def read_positions(self, prompt_len: int, response_ids: list[int]) -> list[int]:
+        """Full-sequence positions the head is read at: each step delimiter (PRM) or the last token (ORM)."""
+        ends = step_ends(response_ids, self.tok.stoi[SEP], self.tok.stoi[END])
+        if self.kind == "orm":
+            ends = [len(response_ids) - 1] if response_ids else []
+        return [prompt_len + e for e in ends]
+
+    @torch.no_grad()
+    def score(self, rows: list[tuple[str, str]]) -> list[list[float]]:
+        """[(prompt, response text)] -> per row the scores σ(logit) at its read positions, in step order.
+        A partial response (no `#` yet) is scored at the delimiters it has: the prefix's value."""
+        if not rows:
+            return []
+        L = self.cfg.max_seq_len
+        prompts = [self.tok.encode(p) for p, _ in rows]
+        responses = [self.tok.encode(r)[: max(0, L - len(p))] for p, (_, r) in zip(prompts, rows)]
+        was = self.training
+        self.eval()
+        out = []
+        for i in range(0, len(rows), 512):
+            ids, _ = pad_sequences(prompts[i:i + 512], responses[i:i + 512], self.tok.pad_id)   # (b, T)
+            prob = torch.sigmoid(self(ids))                                                      # (b, T)
+            for b, (p, r) in enumerate(zip(prompts[i:i + 512], responses[i:i + 512])):
+                out.append(prob[b, self.read_positions(len(p), r)].tolist())
+        self.train(was)
+        return out
+
+    def meta(self) -> dict:
+        return {**self.cfg.to_dict(), "kind": self.kind}
+
+
+def boundary_targets(scorer: StepScorer, prompts: list[list[int]], responses: list[list[int]],
+                     labels: list[list[float]], outcomes: list[float]
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Padded ids (B, T), targets (B, T) and the read mask (B, T): 1 exactly at the positions the head is
+    read (PRM: each delimiter with its soft label; ORM: the last token with the outcome)."""
+    ids, _ = pad_sequences(prompts, responses, scorer.tok.pad_id)
+    target, mask = torch.zeros(ids.shape), torch.zeros(ids.shape)
+    for b, (p, r) in enumerate(zip(prompts, responses)):
+        pos = scorer.read_positions(len(p), r)
+        ys = [outcomes[b]] if scorer.kind == "orm" else labels[b][:len(pos)]
+        for t, y in zip(pos, ys):
+            target[b, t], mask[b, t] = y, 1.0
+    return ids, target, mask
+
+
+def bce_at(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) logits, soft targets and read mask -> BCE averaged over the read positions only."""
+    loss = F.binary_cross_entropy_with_logits(logits, target, reduction="none")   # (B, T)
+    return (loss * mask).sum() / mask.sum().clamp(min=1)
+
+
+def load_scorer(path, tok: CharTokenizer | None = None) -> StepScorer:
+    """A scorer from an `rlpt prm` / `rlpt orm` checkpoint or run folder; a policy checkpoint is a clear error."""
+    path = resolve_checkpoint(path)
+    meta = dict(read_checkpoint_meta(path))
+    kind = meta.pop("kind", None)
+    if kind not in KINDS:
+        raise CheckpointError(f"checkpoint {str(path)!r} is not a PRM or ORM (kind {kind!r}): train one with "
+                              "`rlpt prm init_from=<SFT checkpoint>` or `rlpt orm init_from=...`")
+    scorer = StepScorer(GPT(GPTConfig(**meta)), tok or CharTokenizer(), kind)
+    load_weights(path, scorer)
+    return scorer.eval()
+
+
+class OracleScorer:
+    """The exact verifier as a scorer (for tests and ceilings): each step's exact prefix truth, and the
+    outcome at the last step of a finished response. Best-of-N with it is pass@N."""
+    kind = "oracle"
+
+    def score(self, rows: list[tuple[str, str]]) -> list[list[float]]:
+        out = []
+        for p, r in rows:
+            prob = parse_prompt(p)
+            truth = [float(x) for x in true_step_labels(prob, r)]
+            if truth and r.endswith(END):
+                truth[-1] = float(outcome(prob, r))
+            out.append(truth)
+        return out

@@ -1,0 +1,243 @@
+"""Lesson 17: steps, Monte-Carlo process labels, the PRM/ORM head, and the search strategies.
+
+The exact tests run against `FakeLLM`, a deterministic policy behind `LLM.generate`'s API that writes the
+chain of thought of the prompt's problem from whatever prefix it is given (erring where told), so every
+label, choice and token count is known by hand. The engine itself is checked where it matters: the prefix
+fork counter of the MC labeller and a step-wise beam against greedy decoding.
+"""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from rlpt.engine import LLM
+from rlpt.engine.sequence import CompletionOutput, RequestOutput
+from rlpt.gpt_mini.task import Problem, parse_prompt
+from rlpt.search.labels import auroc, label_auroc, load_rows, mc_labels, save_rows
+from rlpt.search.scorer import OracleScorer, StepScorer, bce_at, boundary_targets
+from rlpt.search.steps import split_steps, step_ends, true_step_labels
+from rlpt.search.strategies import (
+    STRATEGIES,
+    Samples,
+    aggregate,
+    beam_search,
+    best_of_n,
+    dvts,
+    greedy,
+    pick_best,
+    pick_majority,
+    pick_weighted,
+    run_strategy,
+    sample,
+    score_samples,
+)
+
+from conftest import TOK, tiny_gpt
+
+SEP, END = TOK.stoi[","], TOK.eos_id
+
+
+class FakeLLM:
+    """Continues `<ops>` + prefix with correct steps from the prefix's last result, except: step `err_at`
+    (0-based, when the prefix has not reached it) adds 1 to its sum, and at temperature > 0 each new
+    step errs with probability `p_err` (seeded by the request seed and sample index). Honours n, max_tokens,
+    stop_token_ids and the EOS; counts every token it generates."""
+
+    def __init__(self, err_at: int | None = None, p_err: float = 0.0, max_seq_len: int = 64):
+        self.tokenizer, self.max_seq_len = TOK, max_seq_len
+        self.err_at, self.p_err, self.generated = err_at, p_err, 0
+
+    def _continue(self, prompt: str, rng: random.Random | None) -> str:
+        head, prefix = prompt[:prompt.index(">") + 1], prompt[prompt.index(">") + 1:]
+        ops, done = parse_prompt(head).operands, split_steps(prefix)
+        acc = int(done[-1][:-1].split("=")[1]) if done else ops[0]
+        out = []
+        for j in range(len(done), len(ops) - 1):
+            c = acc + ops[j + 1]
+            if j == self.err_at or (rng is not None and rng.random() < self.p_err):
+                c += 1
+            out.append(f"{acc}+{ops[j + 1]}={c}")
+            acc = c
+        return ",".join(out) + "#"
+
+    def generate(self, prompts, sps):
+        outs = []
+        for i, (p, sp) in enumerate(zip(prompts, sps)):
+            comps = []
+            for j in range(sp.n):
+                rng = random.Random((sp.seed or 0) * 7919 + j) if sp.temperature > 0 else None
+                ids = TOK.encode(self._continue(p, rng))
+                for k, t in enumerate(ids):
+                    if t in sp.stop_token_ids:
+                        ids = ids[:k + 1]
+                        break
+                ids = ids[:sp.max_tokens]
+                self.generated += len(ids)
+                comps.append(CompletionOutput(j, TOK.decode(ids), ids, [0.0] * len(ids), 0.0,
+                                              "stop" if ids[-1] in (END, *sp.stop_token_ids) else "length"))
+            outs.append(RequestOutput(i, p, TOK.encode(p), comps))
+        return outs
+
+
+P3 = Problem((3, 4, 5))
+P4 = Problem((3, 4, 5, 6))
+
+
+# -- steps ------------------------------------------------------------------------------------------------
+def test_split_steps_and_boundaries_round_trip():
+    text = "3+4=7,7+5=12#"
+    steps = split_steps(text)
+    assert steps == ["3+4=7,", "7+5=12#"] and "".join(steps) == text
+    assert step_ends(TOK.encode(text), SEP, END) == [5, 12]
+    assert [text[i] for i in step_ends(TOK.encode(text), SEP, END)] == [",", "#"]
+    assert split_steps("3+4=7,7+") == ["3+4=7,", "7+"]                  # a tail cut by the token limit
+    assert split_steps("12#junk") == ["12#"] and step_ends(TOK.encode("1,2#3,"), SEP, END) == [1, 3]
+
+
+def test_true_step_labels_hand_cases():
+    assert true_step_labels(P3, "3+4=7,7+5=12#") == [True, True]
+    assert true_step_labels(P3, "3+4=7,7+5=13#") == [True, False]
+    assert true_step_labels(P3, "3+4=8,8+5=13#") == [False, False]        # locally right, doomed prefix
+    assert true_step_labels(P3, "3+4=8,8+4=12#") == [False, False]        # right answer by two errors
+    assert true_step_labels(P3, "3+4=7#") == [False]                      # stopped an addition early
+    assert true_step_labels(P3, "3+4=7,7+5=12,12+0=12#") == [True, False, False]   # `,` after the last addition
+    assert true_step_labels(P3, "3+5=8,8+4=12#") == [False, False]        # wrong operand
+    assert true_step_labels(Problem((5,)), "5#") == [True]
+
+
+# -- Monte-Carlo labels --------------------------------------------------------------------------------------
+def test_mc_labels_always_right_and_errs_at_step_two(tmp_path):
+    right, errs = FakeLLM(), FakeLLM(err_at=1)
+    good = P4.cot()                                                        # 3+4=7,7+5=12,12+6=18#
+    bad = greedy(errs, [P4.prompt])[0].text
+    assert bad == "3+4=7,7+5=13,13+6=19#"
+    rows = mc_labels(right, [P4, P4], [good, bad], n=8)
+    assert rows[0].soft_labels == [1.0, 1.0, 1.0] and rows[0].labels == [True] * 3
+    assert rows[1].soft_labels == [1.0, 0.0, 0.0] and rows[1].truth == [True, False, False]
+    # the labels belong to the completer: one that errs at step 2 calls the good first step hopeless
+    assert mc_labels(errs, [P4], [good], n=8)[0].soft_labels == [0.0, 1.0, 1.0]
+    save_rows(tmp_path / "s.jsonl", rows)
+    assert load_rows(tmp_path / "s.jsonl") == rows
+    assert label_auroc(rows) == 1.0
+
+
+def test_mc_labels_prefill_each_prefix_once_through_the_engine():
+    llm = LLM(tiny_gpt(), TOK)
+    rows = mc_labels(llm, [P4], [P4.cot()], n=4, max_tokens=4)
+    prefixes = [P4.prompt + "3+4=7,", P4.prompt + "3+4=7,7+5=12,"]
+    assert len(rows[0].soft_labels) == 3
+    assert llm.metrics()["tokens/shared_by_fork"] == sum(3 * len(p) for p in prefixes)   # n-1 forks share each
+
+
+def test_auroc_hand_values():
+    assert auroc([0.9, 0.8, 0.1], [True, True, False]) == 1.0
+    assert auroc([0.5, 0.5], [True, False]) == 0.5
+    assert auroc([0.2, 0.9, 0.4, 0.6], [True, False, False, True]) == 0.25    # 1 of 4 pairs ordered
+
+
+# -- the scorer ---------------------------------------------------------------------------------------------
+def test_prm_head_reads_exactly_the_step_boundaries():
+    scorer = StepScorer(tiny_gpt(), TOK, "prm")
+    rows = [(P3.prompt, "3+4=7,7+5=12#", [1.0, 0.75]), (P4.prompt, "3+4=8,8+5=13,13+6=19#", [0.0, 0.0, 0.0])]
+    prompts, responses = [TOK.encode(p) for p, _, _ in rows], [TOK.encode(r) for _, r, _ in rows]
+    ids, target, mask = boundary_targets(scorer, prompts, responses, [y for *_, y in rows], [1.0, 0.0])
+    assert [TOK.decode(ids[b][mask[b] > 0].tolist()) for b in range(2)] == [",#", ",,#"]
+    assert target[mask > 0].tolist() == [1.0, 0.75, 0.0, 0.0, 0.0]
+    logits = torch.randn(ids.shape, generator=torch.Generator().manual_seed(0))
+    base = bce_at(logits, target, mask)
+    noisy = logits + 5 * torch.randn(ids.shape) * (1 - mask)            # change every logit off the boundaries
+    assert torch.equal(bce_at(noisy, target, mask), base)
+    logits.requires_grad_(True)
+    bce_at(logits, target, mask).backward()
+    assert torch.equal(logits.grad != 0, mask > 0)
+    orm = StepScorer(tiny_gpt(), TOK, "orm")
+    _, t_orm, m_orm = boundary_targets(orm, prompts, responses, [y for *_, y in rows], [1.0, 0.0])
+    assert m_orm.sum() == 2 and t_orm[m_orm > 0].tolist() == [1.0, 0.0]
+    assert m_orm[0, len(prompts[0]) + len(responses[0]) - 1] == 1
+    assert [len(s) for s in scorer.score([(P3.prompt, "3+4=7,"), (P3.prompt, "3+4=7,7+5=12#")])] == [1, 2]
+
+
+# -- the strategies -----------------------------------------------------------------------------------------
+def test_aggregation_and_selection_by_hand():
+    assert aggregate([0.9, 0.5], "last") == 0.5 and aggregate([0.9, 0.5], "min") == 0.5
+    assert aggregate([0.9, 0.5], "prod") == pytest.approx(0.45) and aggregate([], "min") == 0.0
+    s = Samples(P3.prompt, ["3+4=7,7+5=12#", "13#", "3+4=7,7+5=13#"], [13, 3, 13])
+    assert pick_majority(s).answer == 13 and pick_majority(s).tokens == 29
+    scores = [[0.9, 0.8], [0.4], [0.9, 0.5]]
+    assert pick_best(s, scores, "last").answer == 12 and pick_best(s, scores, "last").correct
+    assert pick_weighted(s, scores, "last").answer == 13                # 0.4 + 0.5 > 0.8
+    assert pick_weighted(s, [[0.9, 0.95], [0.4], [0.9, 0.5]], "last").answer == 12
+
+
+def test_oracle_best_of_n_equals_pass_at_n():
+    llm = FakeLLM(p_err=0.35)
+    problems = [Problem(tuple(random.Random(i).randint(0, 9) for _ in range(4))) for i in range(40)]
+    prompts = [p.prompt for p in problems]
+    samples = sample(llm, prompts, 4, seed=3)
+    pass_n = sum(any(parse_prompt(s.prompt).gold == int(t.rstrip("#").split("=")[-1]) for t in s.texts)
+                 for s in samples) / len(samples)
+    res = best_of_n(llm, OracleScorer(), prompts, 4, seed=3)
+    assert 0.3 < pass_n < 1.0
+    assert sum(r.correct for r in res) / len(res) == pass_n
+    picked = [pick_best(s, sc) for s, sc in zip(samples, score_samples(OracleScorer(), samples))]
+    assert [r.text for r in picked] == [r.text for r in res]
+
+
+def test_beam_of_width_one_is_greedy():
+    llm = FakeLLM(err_at=1)
+    prompts = [P3.prompt, P4.prompt, Problem((1, 2, 3, 4, 5)).prompt]
+    g = greedy(llm, prompts)
+    for n in (1, 4):   # at temperature 0 every expansion is the greedy step
+        b = beam_search(llm, OracleScorer(), prompts, n=n, width=1, temperature=0.0)
+        assert [r.text for r in b] == [r.text for r in g]
+        assert [r.tokens for r in b] == [n * r.tokens for r in g]
+    real = LLM(tiny_gpt(std=0.5), TOK)
+    rg = greedy(real, prompts, max_tokens=12)
+    rb = beam_search(real, OracleScorer(), prompts, n=1, width=1, temperature=0.0, max_tokens=12)
+    assert [r.text for r in rb] == [r.text for r in rg] and [r.tokens for r in rb] == [r.tokens for r in rg]
+
+
+def test_dvts_with_one_subtree_is_beam_search():
+    llm = FakeLLM(p_err=0.3)
+    prompts = [Problem(tuple(random.Random(i).randint(0, 9) for _ in range(4))).prompt for i in range(12)]
+    one = dvts(llm, OracleScorer(), prompts, n=4, subtrees=1, seed=5)
+    beam = beam_search(llm, OracleScorer(), prompts, n=4, width=1, seed=5)
+    assert [(r.text, r.tokens, r.score) for r in one] == [(r.text, r.tokens, r.score) for r in beam]
+
+
+@pytest.mark.parametrize("name", STRATEGIES)
+def test_every_strategy_reports_its_budget(name):
+    llm = FakeLLM(p_err=0.3)
+    prompts = [P3.prompt, P4.prompt]
+    res = run_strategy(name, llm, prompts, 4, OracleScorer(), width=2, seed=1)
+    assert len(res) == 2 and all(r.tokens > 0 for r in res)
+    assert sum(r.tokens for r in res) == llm.generated                   # every generated token is on the bill
+
+
+# -- process rewards in RL --------------------------------------------------------------------------------------
+def test_prm_env_rewards_and_ppo_places_them_at_step_boundaries():
+    import rlpt.algorithms  # noqa: F401 - registers ppo
+    from rlpt.envs.prm import ProcessRewardEnv
+    from rlpt.framework.algorithm import make_algorithm
+    from rlpt.framework.environment import Prompt
+    from rlpt.framework.trajectory import Trajectory
+
+    scorer = StepScorer(tiny_gpt(), TOK, "prm")
+    torch.nn.init.constant_(scorer.head.bias, 0.0)                        # every step scores σ(0) = 0.5
+    env = ProcessRewardEnv(scorer=scorer, process_coef=0.5)
+    prompt = Prompt(P3.prompt, TOK.encode(P3.prompt), P3.gold)
+    good, bad = env.verify(prompt, "3+4=7,7+5=12#"), env.verify(prompt, "3+4=7,7+5=13#")
+    # each of the 2 steps: −0.5 · (1 − 0.5) / 2 = −0.125, at the delimiters (response positions 5 and 12)
+    assert good.info["step_rewards"] == [[5, -0.125], [12, -0.125]] and good.reward == 0.75 and good.info["correct"]
+    assert bad.reward == -0.25 and not bad.info["correct"]                # reward > 0 iff correct
+    ids = TOK.encode("3+4=7,7+5=12#")
+    t = Trajectory(prompt.ids, ids, torch.ones(len(ids)), torch.zeros(len(ids)), reward=good.reward,
+                   info=dict(good.info), extra={"values": torch.zeros(len(ids))})
+    make_algorithm({"name": "ppo", "whiten": False}, 1, 16).compute_advantages([[t]])
+    # γ = λ = 1, V = 0: A_t = the rewards from t on; −0.125 at 5, −0.125 + 1 (the outcome) at the end
+    want = [0.75] * 6 + [0.875] * 7
+    assert t.advantage.tolist() == pytest.approx(want)
+    with pytest.raises(Exception, match="needs a PRM"):
+        ProcessRewardEnv(scorer=StepScorer(tiny_gpt(), TOK, "orm"))
