@@ -241,3 +241,66 @@ def test_prm_env_rewards_and_ppo_places_them_at_step_boundaries():
     assert t.advantage.tolist() == pytest.approx(want)
     with pytest.raises(Exception, match="needs a PRM"):
         ProcessRewardEnv(scorer=StepScorer(tiny_gpt(), TOK, "orm"))
+
+
+# -- the jobs end to end -----------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_prm_orm_search_and_prm_env_end_to_end(tiny_job, tiny_train_job, tmp_path, monkeypatch):
+    import json
+
+    from rlpt.cli import main
+    from rlpt.config import load_config
+    from rlpt.search import jobs
+    from rlpt.sft import train_sft
+    from rlpt.train import run_train
+
+    from conftest import SFT_SHAPE, model_overrides
+
+    _, sft_run, _ = train_sft(tiny_job("sft.steps=30", "sft.format=cot", "task.max_operands=3", "eval.max_tokens=16",
+                                       "run.name=sft", "sft.batch_size=16"))
+    runs = tmp_path / "runs"
+    small = [*model_overrides(SFT_SHAPE), f"init_from={sft_run.dir}", f"run.out_dir={runs}", "run.progress=false",
+             "task.max_operands=3", "scorer.data.prompts=12", "scorer.data.heldout_prompts=8", "scorer.data.n=2",
+             "scorer.data.hard_operands=4", "scorer.data.hard_prompts=4", "scorer.data.max_tokens=16", "scorer.steps=4",
+             "scorer.ckpt_every=2", "scorer.eval_every=2", "scorer.batch_size=4", "scorer.log_every=1"]
+    job = load_config(jobs.ScorerJob, None, [*small, "run.name=prm_a"])
+    scorer_a, run_a, final = jobs.train_scorer(job)
+    rows = run_a.read_metrics()
+    assert [r["step"] for r in rows if "prm/step_auroc_heldout" in r] == [0, 2, 4, 4]
+    assert {"prm/step_auroc_4ops", "labels/mc_auroc_train", "tokens/shared_by_fork"} <= set(final)
+    trl = json.loads((run_a.dir / "steps.jsonl").read_text().splitlines()[0])
+    assert {"prompt", "completions", "labels"} <= set(trl) and len(trl["completions"]) == len(trl["labels"])
+
+    real, calls = jobs.bce_at, []
+
+    def crash(*a, **k):                       # training calls only: the evals run under no_grad
+        if torch.is_grad_enabled():
+            calls.append(1)
+            if len(calls) == 3:
+                raise RuntimeError("simulated crash")
+        return real(*a, **k)
+
+    job_b = load_config(jobs.ScorerJob, None, [*small, "run.name=prm_b"])
+    monkeypatch.setattr(jobs, "bce_at", crash)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        jobs.train_scorer(job_b)
+    monkeypatch.undo()
+    scorer_b, _, final_b = jobs.train_scorer(job_b, resume=True)
+    for a, b in zip(scorer_a.state_dict().values(), scorer_b.state_dict().values()):
+        assert torch.equal(a, b)
+    assert json.dumps(final_b) == json.dumps(final)                     # NaN AUROCs (one class) compare too
+
+    common = [o for o in small if not o.startswith("scorer.data.n")]
+    assert main(["orm", *common, "run.name=orm"]) == 0
+    assert main(["search", f"policy={sft_run.dir}", f"scorer={run_a.dir}", f"run.out_dir={runs}", "task.max_operands=3",
+                 "search.n=[2]", "search.prompts=4", "search.width=2", "search.bootstrap=20",
+                 "search.max_tokens=16"]) == 0
+    res = [json.loads(x) for x in (runs / "search" / "results.jsonl").read_text().splitlines()]
+    assert [r["strategy"] for r in res] == ["greedy", "majority", "best_of_n", "weighted_best_of_n", "beam", "dvts"]
+    assert all(r["tokens_per_prompt"] > 0 for r in res) and (runs / "search" / "accuracy_vs_tokens.png").exists()
+    assert main(["orm", "scorer.kind=prm", *common]) == 2                 # rlpt orm trains ORMs only
+
+    ppo = tiny_train_job("env.name=prm", f"env.model_path={run_a.dir}", "algorithm.name=ppo", "steps=2",
+                         f"init_from={sft_run.dir}", *model_overrides(SFT_SHAPE), "rollout.max_tokens=16")
+    _, run, _ = run_train(ppo)
+    assert any("acc/heldout" in r for r in run.read_metrics())

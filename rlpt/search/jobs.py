@@ -92,9 +92,9 @@ def outcome_rows(problems: list[Problem], responses: list[str]) -> list[StepRow]
 
 def scorer_rows(job: ScorerJob, llm: LLM, run: Run, resume: bool) -> tuple[list[StepRow], list[StepRow], dict]:
     """(train rows, held-out rows, stats), saved in the run folder as stepwise JSONL so a resume reuses them."""
-    tr_path, ho_path = run.dir / "steps.jsonl", run.dir / "steps_heldout.jsonl"
-    if resume and tr_path.exists() and ho_path.exists():
-        return load_rows(tr_path), load_rows(ho_path), {"source": "run folder (resume)"}
+    tr_path, ho_path, st_path = run.dir / "steps.jsonl", run.dir / "steps_heldout.jsonl", run.dir / "labels.json"
+    if resume and tr_path.exists() and ho_path.exists() and st_path.exists():
+        return load_rows(tr_path), load_rows(ho_path), json.loads(st_path.read_text())
     d, seed = job.scorer.data, job.run.seed
     if d.file:
         train = load_rows(d.file)
@@ -124,6 +124,7 @@ def scorer_rows(job: ScorerJob, llm: LLM, run: Run, resume: bool) -> tuple[list[
                           "raise scorer.data.prompts / scorer.data.max_tokens")
     save_rows(tr_path, train)
     save_rows(ho_path, held)
+    st_path.write_text(json.dumps(stats))
     return train, held, stats
 
 
