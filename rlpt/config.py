@@ -5,10 +5,17 @@
 Every section forbids unknown keys, so a typo is an error that names the key and the closest
 valid one; a wrong type or an out-of-range value names the key and what was given. Values in
 overrides are parsed as YAML scalars (`3` is an int, `true` a bool, `[1, 2]` a list).
+
+A ConfigError is one line, whatever the input: a recipe must be UTF-8 and may not repeat a key (PyYAML
+keeps the last one silently), every number must be finite (`lr=.inf` would train NaN weights) and fit in
+64 bits (torch seeds and sizes are int64), no string may hold a NUL byte (the OS rejects it in a path), and
+any value an error quotes is cut to `QUOTE_CHARS` (a 600-byte YAML alias bomb expands to megabytes).
 """
 from __future__ import annotations
 
 import difflib
+import math
+import reprlib
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -17,17 +24,47 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 
 class ConfigError(ValueError):
-    """A config problem, phrased for the person who wrote the config."""
+    """A config problem, phrased for the person who wrote the config (one line: the CLI prints it as is)."""
+
+
+QUOTE_CHARS = 200   # the most of any user value an error message quotes
+
+
+def quote(value: Any, limit: int = QUOTE_CHARS) -> str:
+    """repr(value) in at most about `limit` characters: what errors quote user input with. A long string says
+    its length; a container is abbreviated without being written out whole (it may be a YAML alias bomb)."""
+    if isinstance(value, str):
+        r = repr(value[:limit + 1])
+        return r if len(value) <= limit else f"{r[:limit]}... ({len(value)} chars)"
+    if isinstance(value, int) and not isinstance(value, bool):   # repr() refuses ints past 4300 digits
+        digits = int(value.bit_length() * math.log10(2)) + 1
+        return repr(value) if digits <= limit else f"an integer of about {digits} digits"
+    short = reprlib.Repr()
+    short.maxlevel, short.maxstring, short.maxother, short.maxlong = 3, limit // 4, limit // 4, limit // 4
+    r = short.repr(value)
+    return r if len(r) <= limit else r[:limit] + "..."
+
+
+def one_line(msg: str) -> str:
+    """A message as one line: line breaks (and the indents after them) become '; ' (' ' after a colon)."""
+    out = ""
+    for part in (p.strip() for p in str(msg).splitlines()):
+        if part:
+            out += ("" if not out else " " if out.endswith(":") else "; ") + part
+    return out
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
+SEED_MAX = 2 ** 32   # seeds are 32-bit: numpy's limit, and far inside torch's int64
 
 
 class RunConfig(Section):
     name: str = Field("sft", min_length=1, description="folder under out_dir")
-    out_dir: str = "runs"
-    seed: int = 0
+    out_dir: str = Field("runs", min_length=1)
+    seed: int = Field(0, ge=0, lt=SEED_MAX)
     threads: int = Field(0, ge=0, description="torch threads; 0 = leave torch's default")
     progress: bool = True
 
@@ -58,7 +95,7 @@ class TaskConfig(Section):
     min_value: int = Field(0, ge=0)
     max_value: int = Field(9, ge=0)
     heldout_frac: float = Field(0.1, gt=0, lt=1)
-    split_seed: int = 0
+    split_seed: int = Field(0, ge=0, lt=SEED_MAX)
 
     @model_validator(mode="after")
     def _ranges(self):
@@ -78,6 +115,12 @@ class OptimConfig(Section):
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = Field(1.0, gt=0)
 
+    @model_validator(mode="after")
+    def _betas(self):
+        if not all(0 <= b < 1 for b in self.betas):   # Adam's moment decays: torch.optim raises outside [0, 1)
+            raise ValueError(f"optim.betas must both be in [0, 1), got {list(self.betas)} (e.g. [0.9, 0.95])")
+        return self
+
 
 class EvalConfig(Section):
     every: int = Field(100, ge=1, description="held-out eval every N steps (and at the end)")
@@ -93,6 +136,29 @@ class JobConfig(Section):
     model: ModelConfig = ModelConfig()
     task: TaskConfig = TaskConfig()
     init_from: str | None = Field(None, description="checkpoint or run folder to start from")
+
+    @model_validator(mode="after")
+    def _prompt_fits(self):
+        check_prompt_fits(self.task, self.model.max_seq_len)
+        return self
+
+
+def longest_prompt(operands: int, max_value: int) -> int:
+    """Tokens in the longest prompt `<a+b+...>` of `operands` numbers up to `max_value`
+    (rlpt.gpt_mini.task.Problem.prompt; one character, one token)."""
+    return 2 + operands * len(str(max_value)) + operands - 1
+
+
+def check_prompt_fits(task: TaskConfig, max_seq_len: int, operands: int | None = None,
+                      key: str = "task.max_operands") -> None:
+    """A prompt must leave the model room to answer: else sampling, SFT and eval fail mid-run.
+    `operands`: a slice with more operands than the task's (the pipeline's hard slice, config key `key`)."""
+    operands = operands or task.max_operands
+    n = longest_prompt(operands, task.max_value)
+    if n >= max_seq_len:
+        raise ValueError(f"the longest prompt has {n} tokens ({key}={operands}, task.max_value={task.max_value}) "
+                         f"but model.max_seq_len={max_seq_len} leaves no room to answer: raise model.max_seq_len "
+                         f"or lower {key} / task.max_value")
 
 
 class LoopConfig(Section):
@@ -124,6 +190,9 @@ def _valid_keys(cls: type[BaseModel], prefix: str = "") -> list[str]:
     return keys
 
 
+MAX_ERRORS = 5   # problems listed in one message; the rest are counted
+
+
 def _format_error(cls: type[BaseModel], err: ValidationError, source: str) -> str:
     lines = []
     valid = _valid_keys(cls)
@@ -131,37 +200,83 @@ def _format_error(cls: type[BaseModel], err: ValidationError, source: str) -> st
         key = ".".join(str(p) for p in e["loc"])
         if e["type"] == "extra_forbidden":
             close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-            hint = f" Did you mean '{close[0]}'?" if close else ""
-            lines.append(f"unknown config key '{key}'.{hint}")
+            hint = f". Did you mean '{close[0]}'?" if close else ""
+            lines.append(f"unknown config key {quote(key)}{hint}")
         elif e["type"] == "value_error" or not key:
-            lines.append(e["msg"].removeprefix("Value error, "))
+            lines.append(one_line(e["msg"].removeprefix("Value error, ")))
         else:
-            lines.append(f"config key '{key}': {e['msg']} (got {e.get('input')!r})")
-    return f"invalid config ({source}):\n  " + "\n  ".join(lines)
+            lines.append(f"config key '{key}': {e['msg']} (got {quote(e.get('input'))})")
+    more = f"; and {len(lines) - MAX_ERRORS} more" if len(lines) > MAX_ERRORS else ""
+    return f"invalid config ({source}): " + "; ".join(lines[:MAX_ERRORS]) + more
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
     if "=" not in item:
-        raise ConfigError(f"override {item!r} is not of the form key.sub=value (for example sft.steps=200)")
+        raise ConfigError(f"override {quote(item)} is not of the form key.sub=value (for example sft.steps=200)")
     key, raw = item.split("=", 1)
+    keys = key.strip().split(".")
+    if not all(k.strip() for k in keys):
+        raise ConfigError(f"override {quote(item)} has an empty key part: write key.sub=value (for example "
+                          "sft.steps=200)")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
+        value = yaml.load(raw, Loader=UniqueKeyLoader) if raw.strip() else ""
+    except DuplicateKeyError as e:
+        raise ConfigError(f"override {quote(item)}: {e}") from None
+    except (yaml.YAMLError, ValueError):   # not YAML (or an int past Python's 4300-digit limit): the raw string
         value = raw
-    return key.strip().split("."), value
+    return keys, value
+
+
+class DuplicateKeyError(yaml.YAMLError):
+    pass
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a mapping repeating a key (SafeLoader keeps the last one, silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                hash(key)
+            except TypeError:
+                continue   # an unhashable key: SafeLoader's own error names it
+            if key in seen:
+                raise DuplicateKeyError(f"key {quote(key)} appears twice (lines {seen[key] + 1} and "
+                                        f"{key_node.start_mark.line + 1}): keep one")
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)
+
+
+UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, UniqueKeyLoader.construct_mapping)
+
+
+def read_text(path: str | Path, what: str) -> str:
+    """A UTF-8 text file's contents; a file in another encoding is a ConfigError naming the first bad byte."""
+    p = Path(path)
+    try:
+        return p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = p.read_bytes()[:e.start].count(b"\n") + 1
+        raise ConfigError(f"{what} {quote(str(p))} is not UTF-8 text (byte {e.object[e.start]:#04x} on line "
+                          f"{line}): save it as UTF-8") from None
 
 
 def read_yaml(path: str | Path) -> dict:
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"config file {str(p)!r} does not exist (or is not a file); "
+        raise ConfigError(f"config file {quote(str(p))} does not exist (or is not a file); "
                           "pass an existing YAML file, for example one under recipes/")
+    text = read_text(p, "config file")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from None
+        data = yaml.load(text, Loader=UniqueKeyLoader) or {}
+    except DuplicateKeyError as e:
+        raise ConfigError(f"config file {quote(str(p))}: {e}") from None
+    except (yaml.YAMLError, ValueError) as e:   # ValueError: an int past Python's 4300-digit limit
+        raise ConfigError(f"config file {quote(str(p))} is not valid YAML: {one_line(quote(str(e), 400))}") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"config file {str(p)!r} must hold a mapping of keys, not a {type(data).__name__}")
+        raise ConfigError(f"config file {quote(str(p))} must hold a mapping of keys, not a {type(data).__name__}")
     return data
 
 
@@ -180,13 +295,40 @@ def load_config(cls: type[Job], path: str | Path | None = None, overrides: list[
     if path is not None:
         data = deep_merge(data, read_yaml(path))
     data = apply_overrides(data, overrides)
+    src = quote(str(path)) if path else "defaults"
+    src += " + overrides" if overrides else ""
     try:
-        return cls.model_validate(data)
+        job = cls.model_validate(data)
     except ValidationError as e:
-        src = str(path) if path else "defaults"
-        if overrides:
-            src += " + overrides " + " ".join(overrides)
         raise ConfigError(_format_error(cls, e, src)) from None
+    bad = _unrepresentable(job.model_dump())   # also reaches sections that are not Sections (the algorithm's)
+    if bad:
+        key, value = bad
+        why = ("every number must be finite" if isinstance(value, float) else
+               "a string may not hold a NUL byte" if isinstance(value, str) else "integers must fit in 64 bits")
+        raise ConfigError(f"invalid config ({src}): config key '{key}' is {quote(value, 40)}: {why}")
+    return job
+
+
+INT64 = 2 ** 63
+
+
+def _unrepresentable(data: Any, key: str = "") -> tuple[str, Any] | None:
+    """The first (key, value) of a dumped config that is a non-finite float, an int beyond int64, or a
+    string with a NUL byte; None when there is none."""
+    if isinstance(data, dict):
+        items = data.items()
+    elif isinstance(data, (list, tuple)):
+        items = enumerate(data)
+    else:
+        bad = (isinstance(data, float) and not math.isfinite(data)) or \
+              (isinstance(data, int) and not -INT64 <= data < INT64) or (isinstance(data, str) and "\0" in data)
+        return (key, data) if bad else None
+    for k, v in items:
+        found = _unrepresentable(v, f"{key}.{k}" if key else str(k))
+        if found:
+            return found
+    return None
 
 
 def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...]) -> dict:
@@ -197,7 +339,7 @@ def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...]) -> dict:
         node = data
         for k in keys[:-1]:
             if not isinstance(node.get(k, {}), dict):
-                raise ConfigError(f"override {item!r}: '{k}' is a value, not a section")
+                raise ConfigError(f"override {quote(item)}: {quote(k)} is a value, not a section")
             node[k] = dict(node.get(k, {}))
             node = node[k]
         node[keys[-1]] = value
