@@ -238,7 +238,7 @@ def test_controller_state_holds_the_algorithm_only_when_it_has_state_and_resumes
     resumed.load_state_dict(copy.deepcopy(state))   # as from disk: AdamW state is live
     resumed.trainer.model.load_state_dict(base.trainer.model.state_dict())   # weights travel in safetensors
     assert resumed.algorithm.baseline_value == base.algorithm.baseline_value != 0.0
-    strip = lambda m: {k: v for k, v in m.items() if not k.startswith("time/")}
+    strip = lambda m: {k: v for k, v in m.items() if not k.startswith(("time/", "mem/"))}
     assert strip(resumed.step()) == strip(base.step())
 
 
@@ -471,8 +471,9 @@ def test_checkpoint_resume_is_bit_identical(name, extra, init_ckpt, tmp_path):
         assert a["trainer"]["critic"] is not None and "head.weight" in a["trainer"]["critic"]
     else:
         assert a["algorithm"]["seen"] == 4
-    strip = [{k: v for k, v in r.items() if not k.startswith("time/")} for r in run_b.read_metrics()]
-    assert strip == [{k: v for k, v in r.items() if not k.startswith("time/")} for r in run_a.read_metrics()]
+    machine = ("time/", "mem/")   # wall clock and memory marks differ between two identical runs
+    strip = [{k: v for k, v in r.items() if not k.startswith(machine)} for r in run_b.read_metrics()]
+    assert strip == [{k: v for k, v in r.items() if not k.startswith(machine)} for r in run_a.read_metrics()]
 
 
 def test_cli_entry_point_prints_the_training_table(init_ckpt, tmp_path, capsys):

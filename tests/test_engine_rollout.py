@@ -110,7 +110,7 @@ def test_resume_is_bit_identical(tmp_path, backend):
     ctl_b, run_b, _ = run_train(crashed, resume=True)
     for (k, a), b in zip(ctl_a.trainer.model.state_dict().items(), ctl_b.trainer.model.state_dict().values()):
         assert torch.equal(a, b), k
-    rows = lambda d: [{k: v for k, v in json.loads(x).items() if not k.startswith("time/")}
+    rows = lambda d: [{k: v for k, v in json.loads(x).items() if not k.startswith(("time/", "mem/"))}
                       for x in (d / "metrics.jsonl").read_text().splitlines()]
     assert rows(run_a.dir)[1:] == rows(run_b.dir)[1:]
     # step 3 trained, on the rollout weights of steps 1-2 (sync.every=3): the engine's state carried over

@@ -10,6 +10,13 @@ degenerate the step is skipped: no forward, no optimizer step, no sync, paramete
 The rollout's own `stats` (its timings; `sampling/*` when an algorithm's dynamic sampling re-draws)
 join the metrics.
 
+Each role is also wrapped in a peak-memory probe (rlpt.perf.probe): `mem/<role>_gb` is the peak during it,
+torch.cuda.max_memory_allocated on a GPU (`mem/cuda` = 1), else the process's peak resident set (Linux VmHWM,
+reset per role; everything resident counts, interpreter and libraries included). The group and length statistics `rlpt
+diagnose` reads come from here too: `groups/signal_frac` (groups with unequal rewards, the ones that carry a
+gradient) and quantiles of the response lengths, `len/p10 len/p50 len/p90 len/max` (response tokens, a
+multi-turn answer's tool output included).
+
 Each field is typed by its role's interface (roles.py, and `Environment`, `Algorithm`); `state_dict()`
 gathers every role's state across steps in one dict, which is what a checkpoint holds beside the weights.
 """
@@ -23,10 +30,18 @@ from rlpt.framework.algorithm import Algorithm
 from rlpt.framework.environment import Environment
 from rlpt.framework.roles import ReferenceRole, RolloutRole, SyncerRole, TrainerRole
 from rlpt.framework.trajectory import collate, flatten, rollout_metrics
+from rlpt.perf.probe import PeakMemory
 
 
 class LogpMismatchError(RuntimeError):
     pass
+
+
+def length_quantiles(lengths: list[int]) -> dict:
+    """p10 / p50 / p90 (nearest rank) and max of the step's response lengths."""
+    xs = sorted(lengths)
+    at = lambda q: float(xs[min(len(xs) - 1, int(q * len(xs)))])   # noqa: E731
+    return {"len/p10": at(0.1), "len/p50": at(0.5), "len/p90": at(0.9), "len/max": float(xs[-1])}
 
 
 @dataclass
@@ -46,8 +61,11 @@ class Controller:
     @contextmanager
     def timed(self, role: str):
         t0 = time.perf_counter()
-        yield
+        with PeakMemory() as pm:
+            yield
         self.timings[f"time/{role}"] = time.perf_counter() - t0
+        self.timings[f"mem/{role}_gb"] = pm.peak_bytes / 1e9
+        self.timings["mem/cuda"] = float(pm.source == "cuda")
 
     def step(self) -> dict:
         self.timings = {}
@@ -59,7 +77,9 @@ class Controller:
             self.reference.score(flatten(groups), self.pad_id)                      # 2 π_ref
         self.algorithm.compute_advantages(groups)                                   # 3 advantages
         kept = [t for t in flatten(groups) if not t.degenerate]
-        metrics = {**rollout_metrics(groups), **self.rollout.stats, "groups/kept": len(kept) / len(flatten(groups))}
+        metrics = {**rollout_metrics(groups), **self.rollout.stats, "groups/kept": len(kept) / len(flatten(groups)),
+                   **length_quantiles([len(t.response_ids) for t in flatten(groups)])}
+        metrics["groups/signal_frac"] = 1.0 - metrics["groups/degenerate_frac"]
         if kept:
             batch = collate(kept, self.pad_id)                                      # 4 collate
             with self.timed("train"):

@@ -19,9 +19,17 @@ policy forward's hidden state, no second trunk pass) and reach the loss as a key
 `loss_fn(chunk, new_logp, values=...)`; its parameters sit in the same optimizer, are clipped on
 their own (`grad/norm_critic`, as verl clips its critic separately) and are checkpointed with the
 trainer's state. Without a critic nothing changes: `loss_fn(chunk, new_logp)`.
+
+Per step it also logs what lesson 23's failure modes are read from (`rlpt diagnose`): the importance ratio
+ρ = π_θ / π_old of every trained token over all the step's updates as quantiles (`ratio/p05`, `ratio/p50`,
+`ratio/p95`, `ratio/max`) and a histogram of log ρ (`ratio/hist`, counts over RATIO_BINS: a list in
+metrics.jsonl, not a scalar), and the largest gradient norm (`grad/norm_max`). A non-finite loss or gradient
+norm skips that optimizer step (gradients dropped, weights untouched; the schedule still advances) and is
+counted in `step/nonfinite` (lesson 23: NaN at step 1 is fp16 overflow or a ratio explosion).
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from contextlib import nullcontext
 
@@ -31,6 +39,22 @@ from rlpt.framework.critic import capture_hidden
 from rlpt.framework.trajectory import Batch, per_token_logp
 
 LossFn = Callable[..., tuple[torch.Tensor, dict]]   # (batch, new_logp[, values=]) -> (loss, metrics)
+
+# edges of the log ρ histogram: ρ from e^-1 to e^1, finer near ρ = 1 where a healthy run lives (|log ρ| < 0.05)
+RATIO_BINS = (-1.0, -0.3, -0.1, -0.03, -0.01, 0.01, 0.03, 0.1, 0.3, 1.0)
+
+
+def ratio_stats(log_ratio: torch.Tensor) -> dict:
+    """Quantiles of ρ and counts of log ρ per bin, from the (N,) log-ratios of trained tokens.
+    `ratio/hist` has len(RATIO_BINS) + 1 counts: below the first edge, between each pair, above the last."""
+    if log_ratio.numel() == 0:
+        return {}
+    rho = log_ratio.double().exp()
+    q = torch.quantile(rho, torch.tensor([0.05, 0.5, 0.95], dtype=torch.float64))
+    edges = torch.tensor(RATIO_BINS, dtype=log_ratio.dtype)
+    hist = torch.bincount(torch.bucketize(log_ratio, edges), minlength=len(RATIO_BINS) + 1)
+    return {"ratio/p05": q[0].item(), "ratio/p50": q[1].item(), "ratio/p95": q[2].item(),
+            "ratio/max": rho.max().item(), "ratio/hist": hist.tolist()}
 
 
 def _merge(parts: list[tuple[float, dict]]) -> dict:
@@ -74,8 +98,10 @@ class Trainer:
         self.generator = torch.Generator().manual_seed(seed)   # mini-batch shuffling
         self.version = 0                                       # bumps whenever the weights change
 
-    def accumulate_grads(self, batch: Batch, loss_fn: LossFn, check: dict | None = None) -> dict:
-        """Forward + backward over micro-batch chunks, adding into .grad (no optimizer step)."""
+    def accumulate_grads(self, batch: Batch, loss_fn: LossFn, check: dict | None = None,
+                         log_ratios: list | None = None) -> dict:
+        """Forward + backward over micro-batch chunks, adding into .grad (no optimizer step).
+        `log_ratios` collects the log ρ of every trained token (for ratio_stats)."""
         parts = []
         for chunk in batch.chunks(self.micro_batch_size):
             new_logp, entropy, outputs = self._forward(chunk.input_ids)
@@ -86,6 +112,8 @@ class Trainer:
                     check["check/logp_mismatch"] = max(check.get("check/logp_mismatch", 0.0), gap.max().item())
                     check["check/logp_mismatch_sum"] = check.get("check/logp_mismatch_sum", 0.0) + gap.sum().item()
                     check["check/logp_tokens"] = check.get("check/logp_tokens", 0.0) + fresh.sum().item()
+            if log_ratios is not None:
+                log_ratios.append((new_logp.detach() - chunk.old_logp)[chunk.mask > 0])
             loss, metrics = loss_fn(chunk, new_logp, **outputs)
             loss.backward()
             n = float(chunk.mask.sum())
@@ -107,23 +135,29 @@ class Trainer:
         self.model.train()
         if self.critic is not None:
             self.critic.train()
-        steps, check = [], {}
+        steps, check, log_ratios, nonfinite = [], {}, [], 0
         for _ in range(self.epochs):
             for mb in batch.minibatches(self.mini_batches, self.generator):
-                m = self.accumulate_grads(mb, loss_fn, check if not steps else None)
+                m = self.accumulate_grads(mb, loss_fn, check if not steps else None, log_ratios)
                 m["grad/norm"] = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip))
+                m["grad/norm_max"] = m["grad/norm"]
                 if self.critic is not None:
                     m["grad/norm_critic"] = float(torch.nn.utils.clip_grad_norm_(self.critic.parameters(),
                                                                                  self.grad_clip))
-                self.opt.step()
+                if all(math.isfinite(m.get(k, 0.0)) for k in ("loss", "grad/norm", "grad/norm_critic")):
+                    self.opt.step()
+                else:   # one NaN/inf step would poison AdamW's moments for good: drop its gradients instead
+                    nonfinite += 1
                 self.opt.zero_grad(set_to_none=True)
                 if self.sched is not None:
                     self.sched.step()
                 steps.append(m)
         self.version += 1
         out = _mean_over_steps(steps)
-        out["train/optimizer_steps"] = float(len(steps))
+        out["train/optimizer_steps"] = float(len(steps) - nonfinite)
+        out["step/nonfinite"] = float(nonfinite)
         out["lr"] = self.opt.param_groups[0]["lr"]
+        out |= ratio_stats(torch.cat(log_ratios)) if log_ratios else {}
         if check:
             out["check/logp_mismatch"] = check["check/logp_mismatch"]
             out["check/logp_mismatch_mean"] = check["check/logp_mismatch_sum"] / max(check["check/logp_tokens"], 1.0)
