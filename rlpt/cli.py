@@ -56,7 +56,7 @@ def cmd_sft(args) -> int:
     from rlpt.sft import SFTJob, train_sft
     path, overrides = _split_args(args.items)
     job = load_config(SFTJob, path, overrides)
-    _, run, final = train_sft(job, resume=args.resume)
+    _, run, final = train_sft(job, resume=args.resume, allow_change=args.allow_change)
     return _report(run, "SFT", final, {"accuracy": ["acc/heldout"], "loss": ["loss/sft"]})
 
 
@@ -64,7 +64,7 @@ def cmd_train(args) -> int:
     from rlpt.train import load_train_job, run_train
     path, overrides = _split_args(args.items)
     job = load_train_job(path, overrides)
-    _, run, final = run_train(job, resume=args.resume)
+    _, run, final = run_train(job, resume=args.resume, allow_change=args.allow_change)
     return _report(run, f"RL ({job.algorithm.name})", final,
                    {"heldout_accuracy_and_reward": ["acc/heldout", "reward/mean"],
                     "kl_and_clip": ["kl/mean", "clip/frac"]})
@@ -74,7 +74,7 @@ def cmd_dpo(args) -> int:
     from rlpt.preference.dpo import DPOJob, run_dpo
     path, overrides = _split_args(args.items)
     job = load_config(DPOJob, path, overrides)
-    _, run, final = run_dpo(job, resume=args.resume)
+    _, run, final = run_dpo(job, resume=args.resume, allow_change=args.allow_change)
     return _report(run, f"Preference ({job.dpo.method})", final,
                    {"accuracy": ["acc/heldout", "reward/accuracy"], "margin": ["reward/margin"],
                     "logp": ["logp/chosen", "logp/rejected"]})
@@ -84,7 +84,7 @@ def cmd_rm(args) -> int:
     from rlpt.preference.reward_model import RMJob, train_rm
     path, overrides = _split_args(args.items)
     job = load_config(RMJob, path, overrides)
-    _, run, final = train_rm(job, resume=args.resume)
+    _, run, final = train_rm(job, resume=args.resume, allow_change=args.allow_change)
     return _report(run, "Reward model (Bradley-Terry)", final,
                    {"pair_accuracy": ["rm/pair_acc_heldout", "rm/pair_acc"], "loss": ["loss/bt"]})
 
@@ -93,7 +93,7 @@ def cmd_pipeline(args) -> int:
     from rlpt.pipeline import load_pipeline_job, pipeline_table, run_pipeline
     path, overrides = _split_args(args.items)
     job = load_pipeline_job(path, overrides)
-    root, rows = run_pipeline(job, resume=args.resume)
+    root, rows = run_pipeline(job, resume=args.resume, allow_change=args.allow_change)
     print(pipeline_table(job, rows))
     print(f"pipeline folder: {root}   report: {root / 'report.md'}")
     return 0
@@ -195,6 +195,10 @@ def build_parser() -> argparse.ArgumentParser:
         j.add_argument("items", nargs="*", metavar="[recipe.yaml] [key=value ...]")
         j.add_argument("--resume", action="store_true",
                        help=resume_help or "continue the run folder from its latest checkpoint")
+        j.add_argument("--allow-change", default=(), metavar="KEY,...",
+                       type=lambda s: tuple(filter(None, s.split(","))),
+                       help="with --resume: the config keys (or whole sections) that may differ from the run "
+                            "folder's config.yaml, e.g. sft.steps,eval; any other change is refused")
         j.set_defaults(fn=fn)
     c = sub.add_parser("compare", help="several algorithms from one SFT start, seed and budget: a table and a plot")
     c.add_argument("items", nargs=argparse.REMAINDER, metavar="[recipe.yaml] [key=value ...]",

@@ -38,6 +38,7 @@ from rlpt.config import (
     SFTConfig,
     TaskConfig,
     apply_overrides,
+    check_prompt_fits,
     load_config,
     lookup,
     read_yaml,
@@ -94,6 +95,7 @@ class PipelineJob(Section):
         if self.hard.operands <= self.task.max_operands:
             raise ValueError(f"hard.operands ({self.hard.operands}) must exceed task.max_operands "
                              f"({self.task.max_operands}): the harder slice has more operands than any training prompt")
+        check_prompt_fits(self.task, self.model.max_seq_len, self.hard.operands, "hard.operands")   # the longest
         return self
 
     def stage_job(self, stage: str, init: str | None) -> SFTJob | DPOJob | TrainJob:

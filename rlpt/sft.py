@@ -16,7 +16,7 @@ weights, optimizer, schedule, RNG and the data sampler's state, so `--resume` co
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 import torch
 import torch.nn.functional as F
@@ -74,7 +74,8 @@ Demonstrations = Callable[[random.Random], tuple[torch.Tensor, torch.Tensor]]
 
 
 def train_sft(job: SFTJob, resume: bool = False, model: GPT | None = None,
-              demonstrations: Demonstrations | None = None) -> tuple[GPT, Run, dict]:
+              demonstrations: Demonstrations | None = None,
+              allow_change: Collection[str] = ()) -> tuple[GPT, Run, dict]:
     """Run SFT as a run folder; returns (model, run, final metrics).
 
     `demonstrations(data_rng) -> (ids, mask)` draws one step's batch; the default is `sft.batch_size`
@@ -82,13 +83,14 @@ def train_sft(job: SFTJob, resume: bool = False, model: GPT | None = None,
     its own and keeps the run folder, evaluation and resume of the ordinary job."""
     tf = trace_format(job.sft.format)   # an unregistered format fails here, before the run folder exists
     tok, task = CharTokenizer(), make_task(job.task)
-    run, ckpt = open_run(job, resume)
+    torch.manual_seed(job.run.seed)   # the init open_run's seed gave when it came first
     if model is None:
         model = load_model(job.init_from, job.model, tok) if job.init_from else make_model(job.model, tok)
     env = sft_env(job.sft.format, task, tok)
     heldout = env.heldout(job.eval.size)
     if tf is not None and tf.check is not None:   # e.g. eval.max_tokens too short for a tool trace: fail now
         tf.check(task.heldout_set(job.eval.size), job.eval.max_tokens)
+    run, ckpt = open_run(job, resume, allow_change)   # the folder only once the job is known to start
     if demonstrations is None:
         def demonstrations(rng: random.Random) -> tuple[torch.Tensor, torch.Tensor]:
             return sft_batch([task.sample(rng, "train") for _ in range(job.sft.batch_size)], job.sft.format, tok)

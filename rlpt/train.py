@@ -36,9 +36,11 @@ from rlpt.config import (
     SFTConfig,
     TaskConfig,
     apply_overrides,
+    check_prompt_fits,
     deep_merge,
     load_config,
     lookup,
+    quote,
     read_yaml,
 )
 from rlpt.framework.agent_loop import MultiTurnRollout
@@ -52,7 +54,7 @@ from rlpt.framework.trainer import Trainer
 from rlpt.framework.weight_sync import WeightSyncer
 from rlpt.gpt_mini.generate import SamplingParams
 from rlpt.gpt_mini.model import load_model
-from rlpt.gpt_mini.task import make_task
+from rlpt.gpt_mini.task import TRACE_FORMATS, make_task
 from rlpt.gpt_mini.tokenizer import CharTokenizer
 from rlpt.loop import train_loop
 from rlpt.optim import make_optimizer
@@ -159,7 +161,47 @@ class TrainJob(TrainStage):
                 and not env_class(self.env.name).multi_turn:
             raise ValueError(f"sft.format=tool trains a tool user, but env.name={self.env.name!r} runs no tool: "
                              "set env.name=calculator, or sft.format=direct / cot")
+        taught = env_sft_format(self.env.name)
+        if taught is not None and self.init_from is None and self.sft.format != taught:
+            # a start never shown the tool never calls it: 0 calls at every step, a run that means nothing
+            raise ValueError(f"env.name={self.env.name} needs a policy that uses its tool, but the SFT start "
+                             f"(sft.format={self.sft.format}) never shows a tool call: set sft.format={taught}, or "
+                             f"init_from=<a run of `rlpt sft sft.format={taught}`>")
+        if self.env.name in NEEDS_HF_POLICY:
+            raise ValueError(f"env.name={self.env.name} scores {NEEDS_HF_POLICY[self.env.name]}, which gpt_mini (the "
+                             "policy `rlpt train` builds) cannot write in its arithmetic alphabet: every reward would "
+                             "be 0 and every step skipped. Use the env from Python with a Hugging Face policy "
+                             "(rlpt.models.hf), or pick env.name=arithmetic, calculator, math, leaky, reward_model "
+                             "or judge")
+        check_prompt_fits(self.task, self.model.max_seq_len)
+        if env_class(self.env.name).model_path_arg is None:   # cheap to build: look at its prompts
+            check_env_prompts(self)
         return self
+
+
+# envs whose answers gpt_mini's alphabet (digits, `+-*/=,()<>#`, lowercase, space, `.`) cannot write: no newline,
+# `:`, quotes or brackets, so no program it samples passes a test
+NEEDS_HF_POLICY = {"code": "Python programs against hidden tests"}
+
+
+def env_sft_format(env: str) -> str | None:
+    """The SFT trace format that teaches env `env`'s tool (calculator: 'tool'), None for an env without one."""
+    return next((name for name, tf in TRACE_FORMATS.items() if tf.env == env), None)
+
+
+def check_env_prompts(job: TrainJob) -> None:
+    """The env's prompts must be text gpt_mini can write, with room to answer: a prompt its arithmetic
+    alphabet cannot encode becomes an empty one (CodeEnv), and every RL step would be skipped."""
+    tok = CharTokenizer()
+    env = make_env(job.env.name, task=make_task(job.task), seed=0, tokenizer=tok)
+    for p in env.heldout(8):
+        if not p.ids:
+            raise ValueError(f"env.name={job.env.name} asks {quote(p.text, 60)}, which gpt_mini's arithmetic "
+                             "alphabet cannot write (every prompt would be empty): this env needs a Hugging Face "
+                             "policy, which `rlpt train` does not load; use it from Python (rlpt.models.hf)")
+        if len(p.ids) >= job.model.max_seq_len:
+            raise ValueError(f"env.name={job.env.name} asks prompts of {len(p.ids)} tokens but model.max_seq_len="
+                             f"{job.model.max_seq_len} leaves no room to answer: raise model.max_seq_len")
 
 
 def env_model_kwargs(env: EnvConfig) -> dict:
@@ -177,12 +219,17 @@ def env_model_kwargs(env: EnvConfig) -> dict:
 
 
 def load_train_job(path: str | None, overrides: list[str], base: dict | None = None) -> TrainJob:
-    """defaults < the algorithm's own defaults < base < the recipe < overrides. The algorithm's own (the one the
+    """defaults < the algorithm's own defaults (and a tool env's SFT format: calculator -> sft.format=tool) < base
+    < the recipe < overrides. The algorithm's own (the one the
     recipe or the overrides name): its `trainer_defaults` (PPO: trainer.epochs=4) and run.name = its name, so
     `rlpt train algorithm.name=ppo` runs PPO as PPO is meant to run, into runs/ppo."""
     layers = [base or {}, read_yaml(path) if path else {}]
     name = str(lookup(["algorithm", "name"], DEFAULT_ALGORITHM, layers, overrides))
-    return load_config(TrainJob, path, overrides, base=deep_merge(algorithm_defaults(name), base or {}))
+    defaults = algorithm_defaults(name)
+    taught = env_sft_format(str(lookup(["env", "name"], "arithmetic", layers, overrides)))
+    if taught and lookup(["sft", "format"], None, layers, overrides) is None:   # a tool env's SFT start shows the tool
+        defaults = deep_merge(defaults, {"sft": {"format": taught}})
+    return load_config(TrainJob, path, overrides, base=deep_merge(defaults, base or {}))
 
 
 def algorithm_defaults(name: str) -> dict:

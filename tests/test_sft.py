@@ -208,8 +208,10 @@ def test_cli_sft_and_eval(tmp_path, capsys):
     # the same folder again without --resume: refused, nothing changed
     assert main(["sft", *_cli_args(tmp_path, "sft.steps=3")]) == 2
     assert "already holds checkpoints" in capsys.readouterr().err
-    # --resume continues to the new step count
-    assert main(["sft", *_cli_args(tmp_path, "sft.steps=3"), "--resume"]) == 0
+    # --resume continues to the new step count, once the changed key is allowed by name
+    assert main(["sft", *_cli_args(tmp_path, "sft.steps=3"), "--resume"]) == 2
+    assert "sft.steps: 2 -> 3" in capsys.readouterr().err
+    assert main(["sft", *_cli_args(tmp_path, "sft.steps=3"), "--resume", "--allow-change", "sft.steps"]) == 0
     assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000003"
 
 

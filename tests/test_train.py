@@ -105,7 +105,7 @@ def test_cli_train_and_algorithm_module(tmp_path, capsys):
     assert "acc/heldout_final" in capsys.readouterr().out
     assert (out / "grpo" / "report.md").exists() and (out / "grpo" / "heldout_accuracy_and_reward.png").exists()
     assert main(["train", *TINY, f"run.out_dir={out}", "steps=2"]) == 2          # exists: needs --resume
-    assert main(["train", *TINY, f"run.out_dir={out}", "steps=3", "--resume"]) == 0
+    assert main(["train", *TINY, f"run.out_dir={out}", "steps=3", "--resume", "--allow-change", "steps"]) == 0
     assert main(["train", *TINY, f"run.out_dir={out}", "algorithm.nme=x"]) == 2
 
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 import copy
 import random
 import shutil
+from collections.abc import Collection
 from pathlib import Path
 from typing import Literal
 
@@ -277,7 +278,8 @@ def prepare_pairs(job: DPOJob, policy, tok: CharTokenizer, run: Run, resume: boo
     return pairs, {**stats, "source": "sampled"}
 
 
-def run_dpo(job: DPOJob, resume: bool = False) -> tuple[torch.nn.Module, Run, dict]:
+def run_dpo(job: DPOJob, resume: bool = False,
+            allow_change: Collection[str] = ()) -> tuple[torch.nn.Module, Run, dict]:
     """The DPO-family job as a run folder; returns (model, run, final metrics)."""
     if not job.init_from:
         raise ConfigError("init_from is required for rlpt dpo: set init_from=<an SFT checkpoint or run folder>, "
@@ -285,12 +287,16 @@ def run_dpo(job: DPOJob, resume: bool = False) -> tuple[torch.nn.Module, Run, di
     if job.dpo.beta is None and job.dpo.method != "orpo":   # config.yaml records the β that trained (ORPO has none)
         job = job.model_copy(update={"dpo": job.dpo.model_copy(update={"beta": job.dpo.beta_value})})
     tok, task, cfg = CharTokenizer(), make_task(job.task), job.dpo
-    run, ckpt = open_run(job, resume)
-    policy = load_model(job.init_from, job.model, tok)
-    reference = make_reference(policy, cfg.method)          # from init_from, before any resume
-    env = ArithmeticEnv(task, tokenizer=tok)
-    heldout = env.heldout(job.eval.size)
-    pairs, pair_stats = prepare_pairs(job, policy, tok, run, resume=ckpt is not None)
+    run, ckpt = open_run(job, resume, allow_change)
+    try:
+        policy = load_model(job.init_from, job.model, tok)
+        reference = make_reference(policy, cfg.method)          # from init_from, before any resume
+        env = ArithmeticEnv(task, tokenizer=tok)
+        heldout = env.heldout(job.eval.size)
+        pairs, pair_stats = prepare_pairs(job, policy, tok, run, resume=ckpt is not None)
+    except BaseException:
+        run.abandon()   # a failed start leaves no new run folder behind
+        raise
     print(f"[rlpt] {len(pairs)} preference pairs ({pair_stats.get('source')}): "
           + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in pair_stats.items()
                       if k != "source"))

@@ -24,7 +24,7 @@ keeps the gold verdict in `info["correct"]`, so over-optimisation is visible: re
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Literal
 
 import torch
@@ -230,15 +230,20 @@ def rm_pairs(job: RMJob, policy, tok: CharTokenizer, run: Run, resume: bool):
     return train, held, {**stats, "pairs_heldout": len(held)}
 
 
-def train_rm(job: RMJob, resume: bool = False) -> tuple[RewardModel, Run, dict]:
+def train_rm(job: RMJob, resume: bool = False,
+             allow_change: Collection[str] = ()) -> tuple[RewardModel, Run, dict]:
     """Train the RM as a run folder; returns (rm, run, final metrics)."""
     if not job.init_from:
         raise ConfigError("init_from is required for rlpt rm: set init_from=<an SFT checkpoint or run folder> "
                           "(it samples the pairs and initialises the RM's trunk)")
     tok, cfg = CharTokenizer(), job.rm
-    run, ckpt = open_run(job, resume)
-    policy = load_model(job.init_from, job.model, tok)
-    train, held, stats = rm_pairs(job, policy, tok, run, resume=ckpt is not None)
+    run, ckpt = open_run(job, resume, allow_change)
+    try:
+        policy = load_model(job.init_from, job.model, tok)
+        train, held, stats = rm_pairs(job, policy, tok, run, resume=ckpt is not None)
+    except BaseException:
+        run.abandon()   # a failed start leaves no new run folder behind
+        raise
     print(f"[rlpt] reward model: {len(train)} training pairs, {len(held)} held-out ({stats['source']})")
     rm = RewardModel(policy, tok.pad_id)      # the policy's weights become the trunk (nothing else uses them)
 
