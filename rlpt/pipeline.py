@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Collection
 from pathlib import Path
 
 import torch
@@ -50,7 +51,7 @@ from rlpt.gpt_mini.task import make_task
 from rlpt.gpt_mini.tokenizer import CharTokenizer
 from rlpt.preference.dpo import DPOConfig, DPOJob, PairsConfig, run_dpo
 from rlpt.report import figure, machine
-from rlpt.run import finished_checkpoint, latest_checkpoint
+from rlpt.run import claim_folder, finished_checkpoint, latest_checkpoint
 from rlpt.sft import SFTJob, train_sft
 from rlpt.train import TrainJob, TrainStage, algorithm_overrides, run_train
 
@@ -128,7 +129,8 @@ def _steps(job: PipelineJob, stage: str) -> int:
     return {"1_direct": job.direct.steps, "2_cot": job.cot.steps, "3_dpo": job.dpo.steps, "4_rlvr": job.rl.steps}[stage]
 
 
-def run_stage(job: PipelineJob, stage: str, init: Path | None, resume: bool) -> Path:
+def run_stage(job: PipelineJob, stage: str, init: Path | None, resume: bool,
+              allow_change: Collection[str] = ()) -> Path:
     """Run one stage into runs/<run.name>/<stage>/ and return its final checkpoint. With `resume`, a
     finished stage is skipped and an unfinished one continues from its latest checkpoint."""
     root = Path(job.run.out_dir) / job.run.name
@@ -140,17 +142,24 @@ def run_stage(job: PipelineJob, stage: str, init: Path | None, resume: bool) -> 
     again = resume and latest_checkpoint(stage_dir) is not None
     print(f"[rlpt] pipeline: stage {stage} ({steps} steps) -> {stage_dir}")
     run = {"1_direct": train_sft, "2_cot": train_sft, "3_dpo": run_dpo, "4_rlvr": run_train}[stage]
-    run(job.stage_job(stage, str(init) if init is not None else None), resume=again)
+    run(job.stage_job(stage, str(init) if init is not None else None), resume=again, allow_change=allow_change)
     return latest_checkpoint(stage_dir)
 
 
-def run_pipeline(job: PipelineJob, resume: bool = False) -> tuple[Path, list[dict]]:
+def run_pipeline(job: PipelineJob, resume: bool = False, allow_change: Collection[str] = ()) -> tuple[Path, list[dict]]:
     """All four stages, then the same evaluation of each stage's final weights. Returns
-    (pipeline folder, one row per stage)."""
+    (pipeline folder, one row per stage). `allow_change`: the stage jobs' keys a --resume may change."""
     if job.run.threads:
         torch.set_num_threads(job.run.threads)
     root = Path(job.run.out_dir) / job.run.name
-    root.mkdir(parents=True, exist_ok=True)
+    lock, _ = claim_folder(root)   # one pipeline per folder, and never into a folder rlpt did not make
+    try:
+        return _run_stages(job, root, resume, allow_change)
+    finally:
+        lock.release()
+
+
+def _run_stages(job: PipelineJob, root: Path, resume: bool, allow_change: Collection[str]) -> tuple[Path, list[dict]]:
     # each stage's wall clock, kept across invocations: a stage skipped on --resume keeps the time it took
     times_path = root / "stage_seconds.json"
     seconds = json.loads(times_path.read_text()) if resume and times_path.exists() else {}
@@ -158,7 +167,7 @@ def run_pipeline(job: PipelineJob, resume: bool = False) -> tuple[Path, list[dic
     for stage in STAGES:
         t0 = time.perf_counter()
         done = finished_checkpoint(root / stage, _steps(job, stage)) if resume else None
-        init = ckpts[stage] = run_stage(job, stage, init, resume)
+        init = ckpts[stage] = run_stage(job, stage, init, resume, allow_change)
         if done is None:   # it ran (from scratch, or continued): add this invocation's time to what it had
             seconds[stage] = (seconds.get(stage, 0.0) if resume else 0.0) + time.perf_counter() - t0
             times_path.write_text(json.dumps(seconds))

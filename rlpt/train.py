@@ -17,6 +17,7 @@ so `--resume` continues bit-identically.
 from __future__ import annotations
 
 import copy
+from collections.abc import Collection
 from pathlib import Path
 from typing import Literal
 
@@ -243,7 +244,7 @@ def algorithm_overrides(name: str) -> tuple[str, ...]:
     return ALGORITHMS[name].trainer_defaults if name in ALGORITHMS else ()
 
 
-def sft_init(job: TrainJob, resume: bool) -> Path:
+def sft_init(job: TrainJob, resume: bool, allow_change: Collection[str] = ()) -> Path:
     """The SFT checkpoint RL starts from: `init_from`, or one trained now into runs/<name>/sft."""
     if job.init_from:
         return Path(job.init_from)
@@ -255,7 +256,7 @@ def sft_init(job: TrainJob, resume: bool) -> Path:
     sft_job = SFTJob(run=job.run.model_copy(update={"out_dir": str(sft_dir.parent), "name": "sft"}),
                      model=job.model, task=job.task, sft=job.sft, eval=job.eval.model_copy(update={"pass_k": 1}))
     print(f"[rlpt] no init_from: training the SFT start ({job.sft.steps} steps) into {sft_dir}")
-    train_sft(sft_job, resume=ck is not None)
+    train_sft(sft_job, resume=ck is not None, allow_change=allow_change)
     return latest_checkpoint(sft_dir)
 
 
@@ -291,15 +292,19 @@ def build(job: TrainJob, init: Path):
     return ctl, env.heldout(job.eval.size)
 
 
-def run_train(job: TrainJob, resume: bool = False) -> tuple[Controller, Run, dict]:
+def run_train(job: TrainJob, resume: bool = False, allow_change: Collection[str] = ()) -> tuple[Controller, Run, dict]:
     if job.run.threads:
         torch.set_num_threads(job.run.threads)
     torch.manual_seed(job.run.seed)
-    init = sft_init(job, resume)
-    run = Run(job.run.out_dir, job.run.name, job, resume=resume)
-    ctl, heldout = build(job, init)
+    run = Run(job.run.out_dir, job.run.name, job, resume=resume, allow_change=allow_change)   # locked first:
+    try:                                                   # the SFT start is trained inside it
+        init = sft_init(job, resume, allow_change)
+        ctl, heldout = build(job, init)
+    except BaseException:
+        run.abandon()   # a failed start leaves no new run folder behind (one with a trained SFT start stays)
+        raise
     start = 0
-    ck = run.latest_checkpoint() if resume else None
+    ck = run.resume_from
     if ck is not None:
         load_weights(ck, ctl.trainer.model)
         state = load_state(ck)
