@@ -12,14 +12,22 @@
 Each job's config schema opens the job's module: TrainJob rlpt/train.py, PipelineJob rlpt/pipeline.py,
 DPOJob rlpt/preference/dpo.py, RMJob rlpt/preference/reward_model.py, `rlpt eval`'s EvalJob this file;
 rlpt/config.py holds the loader and the sections several jobs share; SFTJob opens rlpt/sft.py.
+
+Overrides may come before or after the options (`rlpt eval runs/x --pass-k 2 eval.size=50`). Every bad
+input ends the same way: one line on stderr, `rlpt <command>: error: <what is wrong and how to fix it>`,
+and exit status 2 (no traceback): a usage mistake, a ConfigError, a checkpoint that cannot be used, and
+an OSError (disk full, read-only disk, run.out_dir a file) naming the path.
 """
 from __future__ import annotations
 
 import argparse
+import errno
+import os
+import re
 import sys
 from pathlib import Path
 
-from rlpt.config import ConfigError, EvalConfig, Section, TaskConfig, load_config
+from rlpt.config import ConfigError, EvalConfig, Section, TaskConfig, check_prompt_fits, load_config, one_line, quote
 
 
 class EvalJob(Section):
@@ -56,6 +64,7 @@ def cmd_sft(args) -> int:
     from rlpt.sft import SFTJob, train_sft
     path, overrides = _split_args(args.items)
     job = load_config(SFTJob, path, overrides)
+    args.out_dir = job.run.out_dir   # named by an OSError without a path (disk full)
     _, run, final = train_sft(job, resume=args.resume, allow_change=args.allow_change)
     return _report(run, "SFT", final, {"accuracy": ["acc/heldout"], "loss": ["loss/sft"]})
 
@@ -64,6 +73,7 @@ def cmd_train(args) -> int:
     from rlpt.train import load_train_job, run_train
     path, overrides = _split_args(args.items)
     job = load_train_job(path, overrides)
+    args.out_dir = job.run.out_dir   # named by an OSError without a path (disk full)
     _, run, final = run_train(job, resume=args.resume, allow_change=args.allow_change)
     return _report(run, f"RL ({job.algorithm.name})", final,
                    {"heldout_accuracy_and_reward": ["acc/heldout", "reward/mean"],
@@ -74,6 +84,7 @@ def cmd_dpo(args) -> int:
     from rlpt.preference.dpo import DPOJob, run_dpo
     path, overrides = _split_args(args.items)
     job = load_config(DPOJob, path, overrides)
+    args.out_dir = job.run.out_dir   # named by an OSError without a path (disk full)
     _, run, final = run_dpo(job, resume=args.resume, allow_change=args.allow_change)
     return _report(run, f"Preference ({job.dpo.method})", final,
                    {"accuracy": ["acc/heldout", "reward/accuracy"], "margin": ["reward/margin"],
@@ -84,6 +95,7 @@ def cmd_rm(args) -> int:
     from rlpt.preference.reward_model import RMJob, train_rm
     path, overrides = _split_args(args.items)
     job = load_config(RMJob, path, overrides)
+    args.out_dir = job.run.out_dir   # named by an OSError without a path (disk full)
     _, run, final = train_rm(job, resume=args.resume, allow_change=args.allow_change)
     return _report(run, "Reward model (Bradley-Terry)", final,
                    {"pair_accuracy": ["rm/pair_acc_heldout", "rm/pair_acc"], "loss": ["loss/bt"]})
@@ -93,6 +105,7 @@ def cmd_pipeline(args) -> int:
     from rlpt.pipeline import load_pipeline_job, pipeline_table, run_pipeline
     path, overrides = _split_args(args.items)
     job = load_pipeline_job(path, overrides)
+    args.out_dir = job.run.out_dir   # named by an OSError without a path (disk full)
     root, rows = run_pipeline(job, resume=args.resume, allow_change=args.allow_change)
     print(pipeline_table(job, rows))
     print(f"pipeline folder: {root}   report: {root / 'report.md'}")
@@ -146,6 +159,10 @@ def cmd_eval(args) -> int:
         raise ConfigError(f"rlpt eval takes key=value overrides after the checkpoint, not {path!r}")
     job = load_config(EvalJob, None, overrides)
     model = load_model(args.checkpoint)
+    try:
+        check_prompt_fits(job.task, model.cfg.max_seq_len)
+    except ValueError as e:
+        raise ConfigError(f"{e} (the checkpoint's context)") from None
     tok, task = CharTokenizer(), make_task(job.task)
     form = args.format or _run_format(args.checkpoint)
     env = sft_env(form, task, tok)
@@ -178,8 +195,33 @@ def _run_format(checkpoint: str) -> str:
     return "direct"
 
 
+class UsageError(Exception):
+    """A command line argparse cannot read: main prints it as one line and exits 2."""
+
+    def __init__(self, prog: str, message: str):
+        super().__init__(f"{prog}: error: {message} (see `{prog} --help`)")
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that raises UsageError (one line) instead of printing the usage block and exiting."""
+
+    def error(self, message: str):
+        raise UsageError(self.prog, message)
+
+
+def count(text: str) -> int:
+    """An argparse type: an int >= 0."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {quote(text)}") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {n}")
+    return n
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="rlpt", description="RL post-training you can read line by line.",
+    p = Parser(prog="rlpt", description="RL post-training you can read line by line.",
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="Overrides are key.sub=value, e.g. `rlpt sft sft.steps=300 model.n_layer=2`.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
@@ -210,32 +252,103 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("checkpoint", help="a checkpoint folder, or a run folder (its latest checkpoint)")
     e.add_argument("items", nargs="*", metavar="key=value", help="task.* and eval.* overrides")
     e.add_argument("--split", choices=["heldout", "train"], default="heldout")
-    e.add_argument("--pass-k", type=int, default=0, help="also report pass@k from k samples at temperature 1")
+    e.add_argument("--pass-k", type=count, default=0, metavar="K",
+                   help="also report pass@k from k samples at temperature 1 (0 = off)")
     e.add_argument("--format", choices=["direct", "cot", "tool"], default=None,
                    help="how the model answers; tool runs the calculator in the agent loop "
                         "(default: from the run folder's config.yaml, else direct)")
     e.set_defaults(fn=cmd_eval)
+    from rlpt.search.cli import add_commands  # rlpt prm / orm / search (lesson 17)
+    add_commands(sub)
+    from rlpt.perf.cli import add_commands as add_perf_commands  # rlpt perf / diagnose (lessons 22-28)
+    add_perf_commands(sub)
     return p
+
+
+def parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """parse_args, but a `key=value` after an option is an override like one before it (argparse stops
+    filling `items` at the first option; parse_intermixed_args cannot take sub-commands)."""
+    args, extra = parser.parse_known_args(argv)
+    unknown = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "items")]
+    if unknown:
+        prog = f"{parser.prog} {args.command}" if getattr(args, "command", None) else parser.prog
+        raise UsageError(prog, f"unrecognized arguments: {quote(' '.join(unknown))}")
+    if extra:
+        args.items = [*args.items, *extra]
+    return args
+
+
+# errno -> what to do about it, for the OSErrors a run folder meets
+OS_HINTS = {errno.ENOSPC: "the disk is full: free space or set run.out_dir to another disk",
+            errno.EDQUOT: "the disk quota is used up: free space or set run.out_dir to another disk",
+            errno.EROFS: "the disk is read-only: set run.out_dir to a writable folder",
+            errno.EACCES: "no permission: set run.out_dir to a folder you can write",
+            errno.EPERM: "no permission: set run.out_dir to a folder you can write",
+            errno.ENOTDIR: "a part of that path is a file, not a folder: set run.out_dir / run.name to a folder",
+            errno.EISDIR: "that path is a folder, not a file",
+            errno.ENAMETOOLONG: "the path is too long: shorten run.name / run.out_dir"}
+
+
+def os_error_line(e: OSError, out_dir: str | None) -> str:
+    """An OSError as one line: what failed, on which path (else under which run.out_dir), and what to do."""
+    if e.errno is None:          # raised by rlpt itself with its own message (e.g. FileExistsError)
+        return one_line(e)
+    where = f" {quote(str(e.filename))}" if e.filename is not None else \
+        f" (writing under run.out_dir {quote(out_dir)})" if out_dir else ""
+    return f"{e.strerror or e}{where}" + (f": {OS_HINTS[e.errno]}" if e.errno in OS_HINTS else "")
+
+
+def write_failure(e: Exception, out_dir: str | None) -> str | None:
+    """One line for a failed checkpoint write that its library reports as its own exception, not an OSError:
+    safetensors ("I/O error: No space left on device (os error 28)"), torch.save (a RuntimeError from its zip
+    writer). None for any other exception."""
+    msg = one_line(e)
+    if type(e).__name__ == "SafetensorError" and "os error" in msg:
+        code = re.search(r"os error (\d+)", msg)
+        err = OSError(int(code.group(1)), os.strerror(int(code.group(1)))) if code else OSError(msg)
+        return "writing a checkpoint failed: " + os_error_line(err, out_dir)
+    if isinstance(e, RuntimeError) and any(s in msg for s in ("PytorchStreamWriter", "inline_container",
+                                                              "file write failed")):
+        where = f" under run.out_dir {quote(out_dir)}" if out_dir else ""
+        return f"writing a checkpoint{where} failed ({quote(msg, 120)}): is the disk full? Free space or set " \
+               "run.out_dir to another disk"
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parse(parser, argv)
+    except UsageError as e:
+        print(one_line(e), file=sys.stderr)
+        return 2
     if args.command is None:   # `rlpt` alone: what the commands are, and an error status (nothing was run)
         parser.print_help()
         return 2
     from rlpt.framework.controller import LogpMismatchError
     from rlpt.run import CheckpointError, StopRequested
+    err = f"rlpt {args.command}: error:"
     try:
         return args.fn(args)
-    except (ConfigError, CheckpointError, FileExistsError) as e:
-        print(f"rlpt {args.command}: error: {e}", file=sys.stderr)
+    except (ConfigError, CheckpointError) as e:
+        print(f"{err} {one_line(e)}", file=sys.stderr)
+        return 2
+    except OSError as e:     # disk full, read-only disk, run.out_dir a file, ...
+        print(f"{err} {os_error_line(e, getattr(args, 'out_dir', None))}", file=sys.stderr)
         return 2
     except LogpMismatchError as e:
-        print(f"rlpt {args.command}: stopped: {e}", file=sys.stderr)
+        print(f"rlpt {args.command}: stopped: {one_line(e)}", file=sys.stderr)
         return 3
-    except StopRequested as e:
-        print(f"rlpt {args.command}: {e}", file=sys.stderr)
+    except Exception as e:   # a checkpoint library's own word for a failed write; anything else is a bug: raised
+        line = write_failure(e, getattr(args, "out_dir", None))
+        if line is None:
+            raise
+        print(f"{err} {line}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as e:   # StopRequested (saved at a step boundary, or a 2nd Ctrl-C), or Ctrl-C at start-up
+        why = one_line(e) if isinstance(e, StopRequested) else \
+            "interrupted by Ctrl-C; --resume continues from the last checkpoint saved, if any"
+        print(f"rlpt {args.command}: {why}", file=sys.stderr)
         return 130
 
 

@@ -244,8 +244,8 @@ def test_tool_use_sft_trace_matches_the_rollout_mask():
 
 def test_rlpt_train_runs_the_calculator_env(tiny_train_job):
     from rlpt.train import run_train
-    ctl, run, final = run_train(tiny_train_job("steps=2", "env.name=calculator", "rollout.max_turns=2",
-                                    "rollout.turn_tokens=12", "eval.every=2"))
+    ctl, run, final = run_train(tiny_train_job("steps=2", "env.name=calculator", "sft.format=tool",
+                                               "rollout.max_turns=2", "rollout.turn_tokens=12", "eval.every=2"))
     assert isinstance(ctl.rollout, MultiTurnRollout) and ctl.rollout.max_turns == 2
     assert "acc/heldout_final" in final
 

@@ -19,9 +19,11 @@ sequences so no block leaks and the engine stays usable.
 from __future__ import annotations
 
 import itertools
+import operator
 
 import torch
 
+from rlpt.config import quote
 from rlpt.engine.block_manager import BlockManager, cdiv
 from rlpt.engine.model_runner import Chunk, ModelRunner
 from rlpt.engine.radix_cache import RadixCache
@@ -280,9 +282,18 @@ class LLM:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError(f"prompt {i} is a string but the LLM has no tokenizer; pass token ids")
-            ids = list(self.tokenizer.encode(prompt))
+            try:
+                ids = list(self.tokenizer.encode(prompt))
+            except ValueError as e:   # the tokenizer's message may quote the whole prompt: cut it
+                msg = str(e)
+                raise ValueError(f"prompt {i} cannot be tokenized: "
+                                 f"{msg if len(msg) <= 300 else msg[:300] + '...'}") from None
         else:
-            ids = [int(t) for t in prompt]
+            try:
+                ids = [operator.index(t) for t in prompt]   # ints, numpy ints, 0-d integer tensors; not 1.5
+            except TypeError:
+                raise ValueError(f"prompt {i} must be a string or a list of int token ids, "
+                                 f"got {quote(prompt, 80)}") from None
         if not ids:
             raise ValueError(f"prompt {i} is empty: every prompt needs at least one token")
         if len(ids) >= self.max_seq_len:

@@ -17,10 +17,12 @@ vectorised call, where 256 generators would be a Python loop per token. The hash
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
+from rlpt.config import quote
 from rlpt.gpt_mini.generate import processed_logp
 
 _M32 = 0xFFFFFFFF
@@ -41,28 +43,42 @@ class SamplingParams:
     logprobs: int | None = None       # also return the top-`logprobs` tokens' log-probs per position
 
     def __post_init__(self):
+        """Every field's type and range, checked at construction and again by LLM.generate: a bad value is a
+        ValueError naming the field (NaN compares false both ways, so each range test is written to fail on it)."""
         def bad(field, want):
-            return ValueError(f"SamplingParams.{field} {want}, got {getattr(self, field)!r}")
-        if not isinstance(self.n, int) or self.n < 1:
+            return ValueError(f"SamplingParams.{field} {want}, got {quote(getattr(self, field), 80)}")
+
+        def is_int(x) -> bool:
+            return isinstance(x, int) and not isinstance(x, bool)
+
+        def is_num(x) -> bool:
+            return isinstance(x, (int, float)) and not isinstance(x, bool)
+        if not is_int(self.n) or self.n < 1:
             raise bad("n", "must be an int >= 1")
-        if not isinstance(self.max_tokens, int) or self.max_tokens <= 0:
+        if not is_int(self.max_tokens) or self.max_tokens <= 0:
             raise bad("max_tokens", "must be an int > 0")
-        if not 0.0 < self.top_p <= 1.0:
-            raise bad("top_p", "must be in (0, 1]")
-        if self.temperature < 0:
-            raise bad("temperature", "must be >= 0")
+        if not is_num(self.top_p) or not 0.0 < self.top_p <= 1.0:
+            raise bad("top_p", "must be a number in (0, 1]")
+        if not is_num(self.temperature) or not 0.0 <= self.temperature < math.inf:
+            raise bad("temperature", "must be a finite number >= 0")
         if self.top_k == -1:
             self.top_k = 0
-        if not isinstance(self.top_k, int) or self.top_k < 0:
+        if not is_int(self.top_k) or self.top_k < 0:
             raise bad("top_k", "must be an int >= 0 (0 or -1 = off)")
-        if self.seed is not None and not 0 <= self.seed < 2 ** 62:
-            raise bad("seed", "must be in [0, 2**62)")
-        if self.logprobs is not None and self.logprobs < 0:
-            raise bad("logprobs", "must be >= 0")
+        if self.seed is not None and (not is_int(self.seed) or not 0 <= self.seed < 2 ** 62):
+            raise bad("seed", "must be None or an int in [0, 2**62)")
+        if self.logprobs is not None and (not is_int(self.logprobs) or self.logprobs < 0):
+            raise bad("logprobs", "must be None or an int >= 0")
+        if not isinstance(self.ignore_eos, bool):
+            raise bad("ignore_eos", "must be a bool")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
-        if self.stop is not None and any(not isinstance(s, str) or not s for s in self.stop):
-            raise bad("stop", "must be non-empty strings")
+        if self.stop is not None and (not isinstance(self.stop, (list, tuple))
+                                      or any(not isinstance(s, str) or not s for s in self.stop)):
+            raise bad("stop", "must be None, a non-empty string or a list of them")
+        if self.stop_token_ids is not None and (not isinstance(self.stop_token_ids, (list, tuple))
+                                                or any(not is_int(t) or t < 0 for t in self.stop_token_ids)):
+            raise bad("stop_token_ids", "must be None or a list of token ids (ints >= 0)")
         self.stop_token_ids = list(self.stop_token_ids or [])
 
     @property

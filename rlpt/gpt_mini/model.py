@@ -231,6 +231,9 @@ def load_model(path, expect=None, tok=None) -> GPT:
     from rlpt.run import CheckpointError, load_weights, read_checkpoint_meta, resolve_checkpoint
     path = resolve_checkpoint(path)
     meta = read_checkpoint_meta(path)
+    if meta.get("kind") is not None:   # e.g. an `rlpt rm` checkpoint: a trunk with a scalar head, not a policy
+        raise CheckpointError(f"checkpoint {str(path)!r} is a {meta['kind']} checkpoint, not a policy: start from "
+                              "an SFT or RL run folder (rlpt sft / train / dpo), e.g. init_from=runs/sft")
     if expect is not None:
         want = GPTConfig(vocab_size=(tok or CharTokenizer()).vocab_size, **expect.model_dump()).to_dict()
         diff = [f"model.{k}: checkpoint {meta.get(k)!r} vs config {v!r}" for k, v in want.items() if meta.get(k) != v]

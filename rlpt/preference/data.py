@@ -28,11 +28,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from rlpt.config import ConfigError
+from rlpt.config import QUOTE_CHARS, ConfigError, quote, read_text
 from rlpt.framework.trajectory import pad_sequences
 from rlpt.gpt_mini.generate import SamplingParams, sample_texts
 from rlpt.gpt_mini.task import ArithmeticTask, Problem, verify
-from rlpt.gpt_mini.tokenizer import CharTokenizer, UnknownCharacterError
+from rlpt.gpt_mini.tokenizer import PAD, CharTokenizer
 
 FIELDS = ("prompt", "chosen", "rejected")
 _STEP = re.compile(r"(\d+)\+(\d+)=(\d+)")
@@ -53,40 +53,52 @@ def load_pairs(path: str | Path, tok: CharTokenizer, max_seq_len: int) -> tuple[
     """Read a JSONL preference file -> (pairs, skips).
 
     A malformed row (not JSON, a missing field, a non-string field, a character outside the
-    tokenizer) is an error naming the file, line and field: silently dropping it would change the
-    data without saying so. Two kinds of row are skipped and counted instead, because they are
-    legal but useless: `identical` (chosen == rejected: Δ ≡ 0, a constant loss with zero gradient)
-    and `too_long` (prompt + response longer than the model's context: it cannot be scored whole).
+    tokenizer, the padding character) is an error naming the file, line and field: silently dropping
+    it would change the data without saying so. Two kinds of row are skipped and counted instead,
+    because they are legal but useless: `identical` (chosen == rejected: Δ ≡ 0, a constant loss with
+    zero gradient) and `too_long` (prompt + response longer than the model's context: it cannot be
+    scored whole). The file must be UTF-8; an error quotes at most `QUOTE_CHARS` of any value.
     """
     p = Path(path)
     if not p.is_file():
-        raise PreferenceDataError(f"preference file {str(p)!r} does not exist; write one JSON object per line "
+        raise PreferenceDataError(f"preference file {quote(str(p))} does not exist; write one JSON object per line "
                                   '({"prompt": ..., "chosen": ..., "rejected": ...}) or leave the file key unset '
                                   "to sample pairs from the policy")
+    try:
+        text = read_text(p, "preference file")
+    except ConfigError as e:
+        raise PreferenceDataError(str(e)) from None
+    where = str(p) if len(str(p)) <= QUOTE_CHARS else quote(str(p))
     pairs, skips = [], {"identical": 0, "too_long": 0}
-    for n, line in enumerate(p.read_text().splitlines(), start=1):
+    for n, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise PreferenceDataError(f"{p}:{n}: not valid JSON ({e.msg})") from None
+        except (json.JSONDecodeError, RecursionError) as e:   # RecursionError: [[[[... nested past Python's stack
+            why = e.msg if isinstance(e, json.JSONDecodeError) else "nested too deeply"
+            raise PreferenceDataError(f"{where}:{n}: not valid JSON ({why})") from None
         if not isinstance(row, dict):
-            raise PreferenceDataError(f"{p}:{n}: expected a JSON object with {', '.join(FIELDS)}, "
+            raise PreferenceDataError(f"{where}:{n}: expected a JSON object with {', '.join(FIELDS)}, "
                                       f"got {type(row).__name__}")
         for f in FIELDS:
             if f not in row:
-                raise PreferenceDataError(f"{p}:{n}: missing field {f!r} (each row needs {', '.join(FIELDS)})")
+                raise PreferenceDataError(f"{where}:{n}: missing field {f!r} (each row needs "
+                                          f"{', '.join(FIELDS)})")
             if not isinstance(row[f], str):
-                raise PreferenceDataError(f"{p}:{n}: field {f!r} must be a string, got "
-                                          f"{type(row[f]).__name__} {row[f]!r}")
+                raise PreferenceDataError(f"{where}:{n}: field {f!r} must be a string, got "
+                                          f"{type(row[f]).__name__} {quote(row[f])}")
+            bad = next((i for i, ch in enumerate(row[f]) if ch not in tok.stoi or ch == PAD), None)
+            if bad is not None:
+                ch = row[f][bad]
+                what = "the padding character (the model would read it as padding, not text)" if ch == PAD else \
+                    f"not in the arithmetic alphabet {tok.alphabet[1:]!r}"
+                raise PreferenceDataError(f"{where}:{n}: character {ch!r} (position {bad} of field {f!r}) is "
+                                          f"{what}; remove it")
         pair = PreferencePair(row["prompt"], row["chosen"], row["rejected"])
-        try:
-            lens = [len(tok.encode(getattr(pair, f))) for f in FIELDS]
-        except UnknownCharacterError as e:
-            raise PreferenceDataError(f"{p}:{n}: {e}") from None
+        lens = [len(tok.encode(getattr(pair, f))) for f in FIELDS]
         if lens[0] == 0 or lens[1] == 0 or lens[2] == 0:
-            raise PreferenceDataError(f"{p}:{n}: prompt, chosen and rejected must be non-empty strings")
+            raise PreferenceDataError(f"{where}:{n}: prompt, chosen and rejected must be non-empty strings")
         if pair.chosen == pair.rejected:
             skips["identical"] += 1
         elif lens[0] + max(lens[1], lens[2]) > max_seq_len:
@@ -94,7 +106,7 @@ def load_pairs(path: str | Path, tok: CharTokenizer, max_seq_len: int) -> tuple[
         else:
             pairs.append(pair)
     if not pairs:
-        raise PreferenceDataError(f"preference file {str(p)!r} holds no usable pair (skipped: {skips}; "
+        raise PreferenceDataError(f"preference file {quote(str(p))} holds no usable pair (skipped: {skips}; "
                                   f"the model's context is {max_seq_len} tokens)")
     return pairs, skips
 

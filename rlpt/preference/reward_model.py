@@ -29,10 +29,10 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
 
-from rlpt.config import ConfigError, JobConfig, LoopConfig, OptimConfig, RunConfig, Section
+from rlpt.config import ConfigError, JobConfig, LoopConfig, OptimConfig, RunConfig, Section, quote
 from rlpt.framework.critic import capture_hidden
 from rlpt.framework.environment import ArithmeticEnv, Prompt, Verdict, register_env
 from rlpt.framework.trajectory import pad_sequences
@@ -179,6 +179,13 @@ class RMPairsConfig(Section):
     file: str | None = Field(None, description="JSONL training pairs instead of sampling")
     heldout_file: str | None = Field(None, description="JSONL held-out pairs (with file; else 10% of file)")
 
+    @model_validator(mode="after")
+    def _heldout_file_needs_file(self):
+        if self.heldout_file is not None and self.file is None:   # sampled pairs bring their own held-out set
+            raise ValueError("rm.pairs.heldout_file is only read with rm.pairs.file (the training pairs' file); "
+                             "set rm.pairs.file too, or remove rm.pairs.heldout_file to sample both sets")
+        return self
+
 
 class RMConfig(LoopConfig):
     steps: int = Field(300, ge=1)
@@ -207,6 +214,10 @@ def rm_pairs(job: RMJob, policy, tok: CharTokenizer, run: Run, resume: bool):
         if pc.heldout_file:
             held, _ = load_pairs(pc.heldout_file, tok, L)
         else:
+            if len(train) < 2:
+                raise ConfigError(f"rm.pairs.file {quote(pc.file)} holds {len(train)} usable pair (skipped: {skips}): "
+                                  "the reward model needs at least 2, one to train on and one held out (10%); "
+                                  "add pairs, or give the held-out pairs in rm.pairs.heldout_file")
             random.Random(job.run.seed).shuffle(train)
             n_ho = max(1, len(train) // 10)
             held, train = train[:n_ho], train[n_ho:]
