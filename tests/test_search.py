@@ -291,7 +291,7 @@ def test_prm_orm_search_and_prm_env_end_to_end(tiny_job, tiny_train_job, tmp_pat
     assert json.dumps(final_b) == json.dumps(final)                     # NaN AUROCs (one class) compare too
 
     common = [o for o in small if not o.startswith("scorer.data.n")]
-    assert main(["orm", *common, "run.name=orm"]) == 0
+    assert main(["orm", *common, "run.name=orm", f"trunk={sft_run.dir}"]) == 0
     assert main(["search", f"policy={sft_run.dir}", f"scorer={run_a.dir}", f"run.out_dir={runs}", "task.max_operands=3",
                  "search.n=[2]", "search.prompts=4", "search.width=2", "search.bootstrap=20",
                  "search.max_tokens=16"]) == 0

@@ -66,6 +66,8 @@ class ScorerConfig(LoopConfig):
 class ScorerJob(JobConfig):
     run: RunConfig = RunConfig(name="prm")
     init_from: str | None = Field(None, description="the SFT policy: answers, completes, and initialises the trunk")
+    trunk: str | None = Field(None, description="checkpoint the scorer's trunk starts from instead (default: "
+                                                "init_from), e.g. a stronger SFT model that reads arithmetic better")
     scorer: ScorerConfig = ScorerConfig()
 
 
@@ -177,7 +179,9 @@ def train_scorer(job: ScorerJob, resume: bool = False) -> tuple[StepScorer, Run,
     train, held, stats = scorer_rows(job, llm, run, resume=ckpt is not None)
     print(f"[rlpt] {cfg.kind}: {len(train)} training responses, {len(held)} held-out ({stats['source']})")
     hard = hard_rows(job, llm)
-    scorer = StepScorer(policy, tok, cfg.kind)   # the policy's weights become the trunk (the engine is done)
+    # the policy's weights become the trunk (the engine is done with them), unless another trunk is named
+    trunk = load_model(job.trunk, job.model, tok) if job.trunk else policy
+    scorer = StepScorer(trunk, tok, cfg.kind)
 
     def loss_fn(rng: random.Random) -> tuple[torch.Tensor, dict]:
         ids, target, mask = _batch(scorer, [train[i] for i in rng.sample(range(len(train)),
