@@ -118,7 +118,7 @@ class OptimConfig(Section):
     @model_validator(mode="after")
     def _betas(self):
         if not all(0 <= b < 1 for b in self.betas):   # Adam's moment decays: torch.optim raises outside [0, 1)
-            raise ValueError(f"optim.betas must both be in [0, 1), got {list(self.betas)} (e.g. [0.9, 0.95])")
+            raise ValueError(f"betas must both be in [0, 1), got {list(self.betas)} (e.g. [0.9, 0.95])")
         return self
 
 
@@ -203,7 +203,8 @@ def _format_error(cls: type[BaseModel], err: ValidationError, source: str) -> st
             hint = f". Did you mean '{close[0]}'?" if close else ""
             lines.append(f"unknown config key {quote(key)}{hint}")
         elif e["type"] == "value_error" or not key:
-            lines.append(one_line(e["msg"].removeprefix("Value error, ")))
+            msg = one_line(e["msg"].removeprefix("Value error, "))
+            lines.append(msg if not key or key in msg else f"{key}: {msg}")   # a section's own check: say whose
         else:
             lines.append(f"config key '{key}': {e['msg']} (got {quote(e.get('input'))})")
     more = f"; and {len(lines) - MAX_ERRORS} more" if len(lines) > MAX_ERRORS else ""

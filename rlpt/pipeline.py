@@ -52,7 +52,7 @@ from rlpt.gpt_mini.tokenizer import CharTokenizer
 from rlpt.preference.dpo import DPOConfig, DPOJob, PairsConfig, run_dpo
 from rlpt.report import figure, machine
 from rlpt.run import claim_folder, finished_checkpoint, latest_checkpoint
-from rlpt.sft import SFTJob, train_sft
+from rlpt.sft import SFTJob, check_demonstration_fits, train_sft
 from rlpt.train import TrainJob, TrainStage, algorithm_overrides, run_train
 
 
@@ -97,6 +97,7 @@ class PipelineJob(Section):
             raise ValueError(f"hard.operands ({self.hard.operands}) must exceed task.max_operands "
                              f"({self.task.max_operands}): the harder slice has more operands than any training prompt")
         check_prompt_fits(self.task, self.model.max_seq_len, self.hard.operands, "hard.operands")   # the longest
+        check_demonstration_fits(self.task, self.cot.format, self.model.max_seq_len, "cot.format")   # (direct's fit)
         return self
 
     def stage_job(self, stage: str, init: str | None) -> SFTJob | DPOJob | TrainJob:

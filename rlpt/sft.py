@@ -20,7 +20,7 @@ from collections.abc import Callable, Collection
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, model_validator
 
 import rlpt.envs  # noqa: F401 - registers the envs and the trace formats they bring (sft.format=tool)
 from rlpt.config import EvalConfig, JobConfig, SFTConfig
@@ -39,6 +39,23 @@ class SFTJob(JobConfig):
     sft: SFTConfig = SFTConfig()
     eval: EvalConfig = EvalConfig()
     init_from: str | None = Field(None, description="checkpoint to start from (else random init)")
+
+    @model_validator(mode="after")
+    def _fits(self):
+        check_demonstration_fits(self.task, self.sft.format, self.model.max_seq_len)
+        return self
+
+
+def check_demonstration_fits(task, fmt: str, max_seq_len: int, key: str = "sft.format") -> None:
+    """SFT trains on prompt + response as one sequence, so the longest demonstration (every operand the
+    largest value) must fit the model's context whole; else the first batch fails mid-run."""
+    worst = Problem((task.max_value,) * task.max_operands)
+    tok = CharTokenizer()
+    n = len(tok.encode(worst.prompt)) + len(tok.encode(demonstration(worst, fmt)[0]))
+    if n > max_seq_len:
+        raise ValueError(f"{key}={fmt}: the longest demonstration ({worst.prompt} and its answer) has {n} tokens but "
+                         f"model.max_seq_len={max_seq_len}: raise model.max_seq_len or lower task.max_operands / "
+                         "task.max_value")
 
 
 def sft_batch(problems: list[Problem], fmt: str, tok: CharTokenizer) -> tuple[torch.Tensor, torch.Tensor]:

@@ -60,7 +60,7 @@ from rlpt.gpt_mini.tokenizer import CharTokenizer
 from rlpt.loop import train_loop
 from rlpt.optim import make_optimizer
 from rlpt.run import Run, finished_checkpoint, latest_checkpoint, load_state, load_weights, rng_state, set_rng_state
-from rlpt.sft import SFTJob, train_sft
+from rlpt.sft import SFTJob, check_demonstration_fits, train_sft
 
 
 class EnvConfig(Section):
@@ -175,6 +175,8 @@ class TrainJob(TrainStage):
                              "(rlpt.models.hf), or pick env.name=arithmetic, calculator, math, leaky, reward_model "
                              "or judge")
         check_prompt_fits(self.task, self.model.max_seq_len)
+        if self.init_from is None:   # the SFT start is trained here
+            check_demonstration_fits(self.task, self.sft.format, self.model.max_seq_len)
         if env_class(self.env.name).model_path_arg is None:   # cheap to build: look at its prompts
             check_env_prompts(self)
         return self

@@ -172,7 +172,7 @@ def test_non_finite_numbers_in_the_algorithm_section():
 
 
 def test_adam_betas_seed_and_64_bit_ints():
-    assert "optim.betas must both be in [0, 1), got [1.5, 0.9]" in \
+    assert "sft.optim: betas must both be in [0, 1), got [1.5, 0.9]" in \
         _one_line_error(load_config, SFTJob, None, ["sft.optim.betas=[1.5, 0.9]"])
     assert "got [0.9, -0.1]" in _one_line_error(load_config, SFTJob, None, ["sft.optim.betas=[0.9, -0.1]"])
     assert load_config(SFTJob, None, ["sft.optim.betas=[0.0, 0.999]"]).sft.optim.betas == (0.0, 0.999)
@@ -218,10 +218,23 @@ def test_prompt_must_fit_the_context():
     assert msg.endswith("the longest prompt has 37 tokens (task.max_operands=12, task.max_value=99) but "
                         "model.max_seq_len=32 leaves no room to answer: raise model.max_seq_len or lower "
                         "task.max_operands / task.max_value")
-    assert load_config(SFTJob, None, ["task.max_operands=4", "task.max_value=9", "model.max_seq_len=10"])  # 9 < 10
+    assert load_config(SFTJob, None, ["task.max_operands=4", "task.max_value=9", "model.max_seq_len=12"])  # 9 + 3
+    # SFT trains on the whole demonstration: <9+9+9+9> and 36# are 12 tokens, its CoT 9 + 23 = 32
+    msg = _one_line_error(load_config, SFTJob, None, ["model.max_seq_len=11"])
+    assert msg.endswith("sft.format=direct: the longest demonstration (<9+9+9+9> and its answer) has 12 tokens but "
+                        "model.max_seq_len=11: raise model.max_seq_len or lower task.max_operands / task.max_value")
+    assert load_config(SFTJob, None, ["model.max_seq_len=32", "sft.format=cot"]).sft.format == "cot"
+    assert "has 32 tokens" in _one_line_error(load_config, SFTJob, None, ["model.max_seq_len=31", "sft.format=cot"])
+    from rlpt.train import load_train_job
+    # RL's own SFT start (cot by default) is checked; an init_from is not trained here
+    msg = _one_line_error(load_train_job, None, ["model.max_seq_len=31"])
+    assert "sft.format=cot: the longest demonstration" in msg
+    assert load_train_job(None, ["model.max_seq_len=31", "init_from=runs/x"]).model.max_seq_len == 31
     from rlpt.pipeline import load_pipeline_job
     msg = _one_line_error(load_pipeline_job, None, ["model.max_seq_len=11"])   # the 5-operand hard slice: 11
     assert "the longest prompt has 11 tokens (hard.operands=5" in msg
+    assert "cot.format=cot: the longest demonstration" in _one_line_error(load_pipeline_job, None,
+                                                                           ["model.max_seq_len=31"])
 
 
 def test_rm_heldout_file_needs_file():

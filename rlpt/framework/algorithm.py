@@ -113,7 +113,7 @@ def make_algorithm(section: dict, group_size: int, max_tokens: int) -> Algorithm
     """Build the registered algorithm `section["name"]`, validating the rest of the section.
     Only what was imported is registered: import `rlpt.algorithms` first for the bundled six."""
     name = section.get("name")
-    if name not in ALGORITHMS:
+    if not isinstance(name, str) or name not in ALGORITHMS:   # a list or mapping is no name (and unhashable)
         close = difflib.get_close_matches(str(name), ALGORITHMS, n=1)
         hint = f" Did you mean '{close[0]}'?" if close else ""
         raise AlgorithmConfigError(f"unknown algorithm '{name}' (config key algorithm.name).{hint} "
