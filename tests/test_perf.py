@@ -55,6 +55,21 @@ def test_activations_7b_8k_batch4():
         memory.activation_bytes(32, 8192, 4, 4096, 2, "some")
 
 
+def test_logits_and_trainer_memory():
+    # lesson 25: naive log-probs at 32k tokens × 128k vocab in bf16 hold 8 GB of logits (and as much again each
+    # for the softmax and the backward)
+    assert memory.logits_bytes(32768, 128000, 2) / GB == pytest.approx(8.4, abs=0.05)
+    s = ModelShape("g", 4, 128, 4, 4, 32, 352, 50, True)
+    m = memory.trainer_memory(s, rows=8, seq=64)
+    assert m.state == 16 * s.params                                    # fp32 weights, grads, AdamW m and v
+    assert m.activations == 4 * 64 * 8 * (12 * 128 + 2 * 64) * 4
+    assert m.logits == 8 * 64 * 50 * 4 * 4
+    assert m.total == m.state + m.activations + m.logits
+    assert m.transient == 4 * s.params + m.activations + m.logits      # weights and AdamW stay between steps
+    rl = memory.trainer_memory(s, rows=8, seq=64, activations="llama")
+    assert rl.activations == 4 * 64 * 8 * (12 * 128 + 4 * 352 + 4 * 128) * 4
+
+
 # -- lesson 20: KV per token -----------------------------------------------------------------------------
 def test_kv_per_token_table():
     assert memory.kv_bytes_per_token(LLAMA8) == 131_072     # 2·32·1024·2 "≈ 131 KB"

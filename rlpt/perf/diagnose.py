@@ -130,8 +130,8 @@ def stale_sync(rows: list[dict], cfg: dict) -> Finding | None:
         for _, s, x in st:
             by_age.setdefault(s, []).append(x)
         ages = ", ".join(f"{s}: {_mean(v):.3f}" for s, v in sorted(by_age.items())[:8])
-        return Finding("stale sync", "severe", f"mean |log ρ| {s_mean:.3f} on batches sampled from weights 1+ "
-                       f"syncs old against {f_mean:.3f} on fresh ones (healthy < 0.05), growing with the age "
+        return Finding("stale sync", "severe", f"mean |log ρ| {s_mean:.3f} on batches sampled by rollout weights 1+ "
+                       f"updates behind against {f_mean:.3f} on fresh ones (healthy < 0.05), growing with the age "
                        f"(age: |log ρ| = {ages}); {clip_txt}; sync.every={every}",
                        "lesson 22c (async and the freshness wall), lesson 06",
                        "sync every step (sync.every=1) or bound the staleness", ["clip/frac", "ratio/abs_log_mean"])

@@ -73,6 +73,49 @@ def activation_bytes(n_layers: int, seq: int, batch: int, d_model: int, bytes_pe
     return n_layers * seq * batch * per_token_layer[checkpoint] * bytes_per
 
 
+def llama_activation_bytes(shape: ModelShape, seq: int, batch: int, bytes_per: int = 4) -> float:
+    """What autograd keeps per token and layer for rlpt's own block (RMSNorm, GQA attention with RoPE, SwiGLU;
+    PyTorch's flash attention, so no L×L scores): ≈ 12·d + 4·d_ff + 4·d_kv elements (two norms' inputs and
+    outputs, q and RoPE's rotated copies, GQA's K/V repeated to d, the attention output, SwiGLU's gate, up,
+    silu and product). Lesson 22's 12·d + 2·L counts a GPT-2 block in bf16 with its scores stored."""
+    per = 12 * shape.d_model + 4 * shape.d_ff + 4 * shape.kv_dim
+    return shape.n_layers * seq * batch * per * bytes_per
+
+
+def logits_bytes(tokens: int, vocab: int, bytes_per: int = 2, copies: int = 1) -> float:
+    """The (tokens, V) logits a log-prob forward materialises, per copy (logits, log-softmax, and in the backward
+    their gradients). Lesson 25: 32k tokens × 128k vocab in bf16 = 8 GB each, why chunked CE pays."""
+    return tokens * vocab * bytes_per * copies
+
+
+@dataclass(frozen=True)
+class TrainerMemory:
+    state: float          # weights, master, grads, optimizer
+    grads: float          # the part of `state` that lives only during the step (set_to_none after it)
+    activations: float
+    logits: float
+
+    @property
+    def total(self) -> float:
+        return self.state + self.activations + self.logits
+
+    @property
+    def transient(self) -> float:
+        """What a step adds on top of what stays resident between steps (weights, optimizer state)."""
+        return self.grads + self.activations + self.logits
+
+
+def trainer_memory(shape: ModelShape, rows: int, seq: int, prec: str = "fp32", act_bytes: int = 4,
+                   activations: str = "course", logit_copies: int = 4) -> TrainerMemory:
+    """Peak of one trainer step on a (rows, seq) batch: its state (P · bytes/param), activations (lesson 22's
+    formula, `activations="course"`, or rlpt's block count, "llama") and `logit_copies` (rows, seq, V) logit
+    tensors (logits, log-softmax and their two gradients)."""
+    act = llama_activation_bytes(shape, seq, rows, act_bytes) if activations == "llama" else \
+        activation_bytes(shape.n_layers, seq, rows, shape.d_model, act_bytes)
+    return TrainerMemory(train_bytes(shape.params, prec), shape.params * precision(prec).grads, act,
+                         logits_bytes(rows * seq, shape.vocab_size, act_bytes, logit_copies))
+
+
 def kv_bytes_per_token(shape: ModelShape, bytes_per: int = 2) -> int:
     """2 (K and V) · layers · n_kv_heads · head_dim · bytes (lesson 20): Llama-3-8B in bf16 → 131,072 B."""
     return 2 * shape.n_layers * shape.kv_dim * bytes_per
