@@ -286,7 +286,7 @@ OS_HINTS = {errno.ENOSPC: "the disk is full: free space or set run.out_dir to an
             errno.EPERM: "no permission: set run.out_dir to a folder you can write",
             errno.ENOTDIR: "a part of that path is a file, not a folder: set run.out_dir / run.name to a folder",
             errno.EISDIR: "that path is a folder, not a file",
-            errno.ENAMETOOLONG: "the path is too long: shorten run.name / run.out_dir"}
+            errno.ENAMETOOLONG: "the path is too long (255 bytes a name, 4096 in all): shorten it"}
 
 
 def os_error_line(e: OSError, out_dir: str | None) -> str:
@@ -315,13 +315,23 @@ def write_failure(e: Exception, out_dir: str | None) -> str | None:
     return None
 
 
+LINE_CHARS = 2000   # no error line is longer, whatever a library quoted (e.g. a 100 kB path)
+
+
+def say(line: str, status: int = 2) -> int:
+    """Print one error line to stderr (cut to LINE_CHARS); return the exit status."""
+    if len(line) > LINE_CHARS:
+        line = f"{line[:LINE_CHARS - 40]}... ({len(line)} chars in all)"
+    print(line, file=sys.stderr)
+    return status
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parse(parser, argv)
     except UsageError as e:
-        print(one_line(e), file=sys.stderr)
-        return 2
+        return say(one_line(e))
     if args.command is None:   # `rlpt` alone: what the commands are, and an error status (nothing was run)
         parser.print_help()
         return 2
@@ -331,25 +341,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.fn(args)
     except (ConfigError, CheckpointError) as e:
-        print(f"{err} {one_line(e)}", file=sys.stderr)
-        return 2
+        return say(f"{err} {one_line(e)}")
     except OSError as e:     # disk full, read-only disk, run.out_dir a file, ...
-        print(f"{err} {os_error_line(e, getattr(args, 'out_dir', None))}", file=sys.stderr)
-        return 2
+        return say(f"{err} {os_error_line(e, getattr(args, 'out_dir', None))}")
     except LogpMismatchError as e:
-        print(f"rlpt {args.command}: stopped: {one_line(e)}", file=sys.stderr)
-        return 3
+        return say(f"rlpt {args.command}: stopped: {one_line(e)}", 3)
     except Exception as e:   # a checkpoint library's own word for a failed write; anything else is a bug: raised
         line = write_failure(e, getattr(args, "out_dir", None))
         if line is None:
             raise
-        print(f"{err} {line}", file=sys.stderr)
-        return 2
+        return say(f"{err} {line}")
     except KeyboardInterrupt as e:   # StopRequested (saved at a step boundary, or a 2nd Ctrl-C), or Ctrl-C at start-up
         why = one_line(e) if isinstance(e, StopRequested) else \
             "interrupted by Ctrl-C; --resume continues from the last checkpoint saved, if any"
-        print(f"rlpt {args.command}: {why}", file=sys.stderr)
-        return 130
+        return say(f"rlpt {args.command}: {why}", 130)
 
 
 if __name__ == "__main__":

@@ -56,6 +56,9 @@ def test_usage_errors_are_one_line(sft_run, capsys):
     assert "unrecognized arguments: 'stray'" in fails(["eval", str(sft_run), "--pass-k", "2", "stray"], capsys)
     assert "required: checkpoint" in fails(["eval"], capsys)
     assert "at most one recipe file" in fails(["sft", "a.yaml", "b.yaml"], capsys)
+    huge = "x/" * 1500    # a library may quote the whole path: the line is cut, and says how long it was
+    line = fails(["eval", huge], capsys)
+    assert len(line) <= 2000 and line.startswith("rlpt eval: error: ") and line.endswith(" chars in all)")
 
 
 def test_out_dir_that_is_a_file(tmp_path, capsys):
