@@ -18,8 +18,10 @@ vectorised call, where 256 generators would be a Python loop per token. The hash
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from rlpt.config import quote
@@ -48,11 +50,11 @@ class SamplingParams:
         def bad(field, want):
             return ValueError(f"SamplingParams.{field} {want}, got {quote(getattr(self, field), 80)}")
 
-        def is_int(x) -> bool:
-            return isinstance(x, int) and not isinstance(x, bool)
+        def is_int(x) -> bool:   # numbers.*: numpy's ints and floats count too; a bool is no count
+            return isinstance(x, numbers.Integral) and not isinstance(x, (bool, np.bool_))
 
         def is_num(x) -> bool:
-            return isinstance(x, (int, float)) and not isinstance(x, bool)
+            return isinstance(x, numbers.Real) and not isinstance(x, (bool, np.bool_))
         if not is_int(self.n) or self.n < 1:
             raise bad("n", "must be an int >= 1")
         if not is_int(self.max_tokens) or self.max_tokens <= 0:
@@ -69,7 +71,7 @@ class SamplingParams:
             raise bad("seed", "must be None or an int in [0, 2**62)")
         if self.logprobs is not None and (not is_int(self.logprobs) or self.logprobs < 0):
             raise bad("logprobs", "must be None or an int >= 0")
-        if not isinstance(self.ignore_eos, bool):
+        if not isinstance(self.ignore_eos, (bool, np.bool_)):
             raise bad("ignore_eos", "must be a bool")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
