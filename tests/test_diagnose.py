@@ -127,6 +127,13 @@ def test_cli_diagnose(tmp_path, capsys):
     assert "SEVERE: entropy collapse" in capsys.readouterr().out and not (run / "report.md").exists()
     with pytest.raises(ConfigError, match="no metrics.jsonl"):
         dg.read_metrics(tmp_path)
+    args = p.parse_args(["perf", "throughput", str(run)])          # the run's measured split and the allocator
+    assert args.fn(args) == 0
+    out = capsys.readouterr().out
+    assert "| time/train " in out and "lesson 28's allocator on this split" in out
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss/sft": 1.0}\n')
+    with pytest.raises(ConfigError, match="logged no time/train"):
+        args.fn(args)
 
 
 # -- the per-step metrics ------------------------------------------------------------------------------------

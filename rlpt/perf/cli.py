@@ -86,6 +86,9 @@ def cmd_kv(args) -> int:
 def _run_throughput(run: str, args) -> int:
     from rlpt.perf.diagnose import read_metrics, role_times
     rows, cfg, shape = read_metrics(run), configs.run_config(run), configs.from_run(run)
+    if not any("time/train" in r for r in rows):
+        from rlpt.config import ConfigError
+        raise ConfigError(f"{run} logged no time/train: per-role times come from `rlpt train` runs (the controller)")
     t = role_times(rows)
     steps = [r for r in rows if "time/train" in r][1:]
     roll, trainer = cfg.get("rollout", {}), cfg.get("trainer", {})
