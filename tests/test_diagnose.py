@@ -98,6 +98,11 @@ def test_time_shares_feed_the_allocator():
     f = dg.time_shares(rows, {})
     assert f.severity == "info" and "rollout 60%" in f.evidence and "rollout-bound" in f.evidence
     assert "prefix caching (−3.6 s)" in f.evidence        # 6 s × (1 − 0.4), lesson 28's multiplier
+    # the first step (engine start-up) is left out; a skipped step (no time/train) still counts for the rollout
+    rows = [{"step": 0, "time/rollout": 60.0, "time/train": 9.0}, {"step": 1, "time/rollout": 2.0},
+            {"step": 2, "time/rollout": 4.0, "time/train": 1.0}, {"step": 3, "time/rollout": 3.0, "time/train": 1.0}]
+    t = dg.role_times(rows)
+    assert (t.rollout, t.train) == (3.0, 1.0)
 
 
 def test_report_section_is_written_once(tmp_path):

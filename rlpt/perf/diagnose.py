@@ -231,9 +231,12 @@ def dpo_displacement(rows: list[dict], cfg: dict) -> Finding | None:
 
 
 def role_times(rows: list[dict]) -> RoleTimes:
-    """Median seconds per role over the run's trained steps (the first step, which allocates, left out)."""
-    steps = [r for r in rows if "time/train" in r][1:] or [r for r in rows if "time/train" in r]
-    return RoleTimes(**{k: _median([r.get(f"time/{k}", 0.0) for r in steps]) for k in ROLE_KEYS})
+    """Median seconds per role over the steps that ran it (a skipped step samples and scores but does not train),
+    the run's first such step left out when there are more: it pays the one-time start-up (engine, kernels)."""
+    def med(key: str) -> float:
+        v = [x for _, x in series(rows, key)]
+        return _median(v[1:] if len(v) > 1 else v) if v else 0.0
+    return RoleTimes(**{k: med(f"time/{k}") for k in ROLE_KEYS})
 
 
 def time_shares(rows: list[dict], cfg: dict) -> Finding | None:
