@@ -136,6 +136,10 @@ def test_cli_diagnose(tmp_path, capsys):
     assert args.fn(args) == 0
     out = capsys.readouterr().out
     assert "| time/train " in out and "lesson 28's allocator on this split" in out
+    args = p.parse_args(["perf", "memory", "--model", str(run)])    # the model from config.yaml, its mem/ measured
+    assert args.fn(args) == 0
+    assert "measured mem/train_gb (median)" in capsys.readouterr().out
+    args = p.parse_args(["perf", "throughput", str(run)])
     (run / "metrics.jsonl").write_text('{"step": 1, "loss/sft": 1.0}\n')
     with pytest.raises(ConfigError, match="logged no time/train"):
         args.fn(args)

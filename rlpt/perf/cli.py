@@ -13,6 +13,7 @@ on rlpt's parser (rlpt/cli.py).
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from rlpt.perf import configs, flops, memory, throughput
 from rlpt.perf.memory import GB
@@ -52,6 +53,9 @@ def cmd_memory(args) -> int:
         rows += [("widget: train / GPU", _gb(env.train_per_gpu)), ("widget: inference / GPU", _gb(env.infer_per_gpu)),
                  ("widget: both fit in 80 GB", "yes" if env.fits else "no")]
     print(_table(rows))
+    run = Path(args.model)
+    if (run / "metrics.jsonl").is_file():
+        print(_run_memory(run, shape))
     if args.rl:
         t, r, o = (int(x) for x in args.rl.split(":"))
         kv_total = memory.kv_bytes(shape, args.rollout_tokens, args.kv_bytes)
@@ -60,6 +64,28 @@ def cmd_memory(args) -> int:
               f"({args.rollout_tokens:,} KV tokens in flight):")
         print(_table([(k, _gb(v)) for k, v in c.rows()], ("role", "per device")))
     return 0
+
+
+def _run_memory(run: Path, shape) -> str:
+    """A run's measured peak per role (the controller's mem/<role>_gb) beside the trainer's predicted peak for
+    its largest mini-batch (prompts·K/mini_batches rows of model.max_seq_len tokens: an upper bound)."""
+    from rlpt.perf.diagnose import ROLE_KEYS, read_metrics, series
+    rows, cfg = read_metrics(run), configs.run_config(run)
+    roll, trainer = cfg.get("rollout", {}), cfg.get("trainer", {})
+    batch = roll.get("prompts_per_step", 1) * roll.get("k", 1) // max(trainer.get("mini_batches", 1), 1)
+    seq = shape.max_seq_len or roll.get("max_tokens", 0)
+    pred = memory.trainer_memory(shape, batch, seq, "fp32", 4, activations="llama")
+    cuda = any(x for _, x in series(rows, "mem/cuda"))
+    out = [(f"measured mem/{k}_gb (median)", f"{sorted(v)[len(v) // 2]:.3g} GB")
+           for k in ROLE_KEYS if (v := [x for _, x in series(rows, f"mem/{k}_gb")])]
+    if not out:
+        return f"\n{run} logged no mem/<role>_gb (a run from before rlpt logged peak memory per role)"
+    out += [("what was measured", "CUDA max_memory_allocated" if cuda else "peak resident set (VmHWM), the "
+                                  "interpreter and libraries included"),
+            (f"predicted trainer peak, fp32, {batch} rows × {seq} tokens",
+             f"{_gb(pred.total)} = {_gb(pred.state)} state + {_gb(pred.activations)} activations + "
+             f"{_gb(pred.logits)} logits")]
+    return f"\n{run}: measured against predicted\n" + _table(out)
 
 
 def cmd_kv(args) -> int:
