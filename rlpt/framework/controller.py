@@ -11,11 +11,11 @@ The rollout's own `stats` (its timings; `sampling/*` when an algorithm's dynamic
 join the metrics.
 
 Each role is also wrapped in a peak-memory probe (rlpt.perf.probe): `mem/<role>_gb` is the peak during it,
-torch.cuda.max_memory_allocated on a GPU (`mem/cuda` = 1), else the process's peak resident set (Linux VmHWM,
-reset per role; everything resident counts, interpreter and libraries included). The group and length statistics `rlpt
-diagnose` reads come from here too: `groups/signal_frac` (groups with unequal rewards, the ones that carry a
-gradient) and quantiles of the response lengths, `len/p10 len/p50 len/p90 len/max` (response tokens, a
-multi-turn answer's tool output included).
+torch.cuda.max_memory_allocated on a GPU (`mem/cuda` = 1), else the process's peak resident set (Linux
+VmHWM, reset per role; everything resident counts, interpreter and libraries included). The group and
+length statistics `rlpt diagnose` reads come from here too: `groups/signal_frac` (groups with unequal
+rewards, the ones that carry a gradient) and quantiles of the response lengths, `len/p10 len/p50 len/p90
+len/max` (response tokens, a multi-turn answer's tool output included).
 
 Each field is typed by its role's interface (roles.py, and `Environment`, `Algorithm`); `state_dict()`
 gathers every role's state across steps in one dict, which is what a checkpoint holds beside the weights.
@@ -40,7 +40,9 @@ class LogpMismatchError(RuntimeError):
 def length_quantiles(lengths: list[int]) -> dict:
     """p10 / p50 / p90 (nearest rank) and max of the step's response lengths."""
     xs = sorted(lengths)
-    at = lambda q: float(xs[min(len(xs) - 1, int(q * len(xs)))])   # noqa: E731
+
+    def at(q: float) -> float:
+        return float(xs[min(len(xs) - 1, int(q * len(xs)))])
     return {"len/p10": at(0.1), "len/p50": at(0.5), "len/p90": at(0.9), "len/max": float(xs[-1])}
 
 

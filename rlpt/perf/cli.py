@@ -4,6 +4,7 @@
     rlpt perf kv --model llama-3-8b --batch 32 --seq 2048            KV bytes, capacity and decode-step time
     rlpt perf throughput --model 7b --k 16 --len 1024                 lesson 22a's per-role model per topology
     rlpt perf throughput runs/grpo                                   a run's measured split, and the allocator
+    rlpt perf memory --model runs/grpo                               its model's numbers, its measured peak per role
     rlpt diagnose runs/grpo                                          findings, written into the run's report.md
 
 --model takes a size in billions (1–700, the course's widget table), llama-3-8b / llama-3-70b / qwen2.5-7b, a
