@@ -133,6 +133,9 @@ class SupervisedLoop:
         it logs or saves as it needs); closes the run and returns them."""
         train_loop(self.run, self.start, self.cfg.steps, lambda step: self.step(step, loss_fn), eval_fn, self.save,
                    eval_every, self.cfg.ckpt_every, progress, desc=desc, show=show)
-        final = final_fn()
-        self.run.close()
+        try:
+            final = final_fn()
+            self.run.finish()
+        finally:
+            self.run.close()
         return final

@@ -7,6 +7,7 @@
     runs/<name>/checkpoints/step_N/    model.safetensors + state.pt (optimizer, schedule, RNG, loop state)
                                        + manifest.json (the sha256 of both, checked on every load)
     runs/<name>/checkpoints/latest     name of the newest complete checkpoint
+    runs/<name>/checkpoints/finished   name of the checkpoint whose job also ran its closing phase
     runs/<name>/report.md              written at the end
 
 What a run folder promises (docs/reliability.md; each is pinned by tests/test_run.py or tests/test_crash.py):
@@ -90,7 +91,7 @@ def restore_training(run: Run, ckpt: Path, model: torch.nn.Module, opt, sched, d
     sched.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"])
     data_rng.setstate(state["data_rng"])
-    run.truncate_metrics(state["step"])
+    run.keep_metrics(state["step"], state.get("metrics_rows"))
     print(f"[rlpt] resumed {run.dir} from {ckpt.name} (step {state['step']})")
     return state
 
@@ -380,7 +381,7 @@ class Run:
         self.metrics_path = self.dir / "metrics.jsonl"
         self.resume = resume
         self._config = dump_config(config)
-        self._tb, self._purge_step = None, None
+        self._tb, self._purge_step, self._keep = None, None, None
         if not resume:
             self._refuse_checkpoints()                        # before touching anything
         self._lock, self._created = claim_folder(self.dir)
@@ -454,6 +455,9 @@ class Run:
         if start > total:
             raise ConfigError(f"{str(self.dir)!r} is at step {start}, past this job's {total} steps: resume with "
                               f"at least {start} steps, or start a new run with another run.name")
+        if self._keep is not None:
+            self.truncate_metrics(*self._keep)
+            self._keep = None
         write_atomic(self.dir / "config.yaml", self._config)
 
     def abandon(self) -> None:
@@ -489,9 +493,16 @@ class Run:
     def read_metrics(self) -> list[dict]:
         return read_metrics(self.metrics_path)
 
-    def truncate_metrics(self, step: int) -> None:
-        """Keep the complete rows up to `step` (a resume from checkpoint `step` logs the rest again)."""
-        rows = [r for r in self.read_metrics() if r["step"] <= step]
+    def keep_metrics(self, step: int, rows: int | None = None) -> None:
+        """On resume from checkpoint `step`: `truncate_metrics` once training begins (a command that fails
+        before, e.g. on too few steps, leaves the metrics as they were)."""
+        self._keep = (step, rows)
+
+    def truncate_metrics(self, step: int, rows: int | None = None) -> None:
+        """Keep the metrics as they were when checkpoint `step` was saved: its first `rows` rows (the row count
+        it recorded; without one, those up to `step`). A resume from it logs the rest again, the closing rows
+        of a job that finished included."""
+        rows = [r for r in self.read_metrics()[:rows] if r["step"] <= step]
         write_atomic(self.metrics_path, "".join(json.dumps(r) + "\n" for r in rows))
         self._purge_step = step + 1
 
@@ -499,6 +510,7 @@ class Run:
     def save(self, step: int, model, model_meta: dict, state: dict, keep: int = 2) -> Path:
         """Save step `step`, point `latest` at it (only once it is complete), then prune by step number
         to the `keep` newest, never the one just saved."""
+        state = state | {"metrics_rows": len(self.read_metrics())}   # what a resume from it keeps
         with signals_deferred():
             path = save_checkpoint(self.ckpt_dir / f"step_{step:08d}", model, model_meta, state)
             write_atomic(self.ckpt_dir / "latest", path.name)
@@ -506,6 +518,10 @@ class Run:
                 if old != path:
                     shutil.rmtree(old)
         return path
+
+    def finish(self) -> None:
+        """The job ran to its end, closing evaluation and metrics included: `finished_checkpoint` may skip it."""
+        write_atomic(self.ckpt_dir / "finished", latest_checkpoint(self.dir).name)
 
     def latest_checkpoint(self) -> Path | None:
         return latest_checkpoint(self.dir)
@@ -527,9 +543,13 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 
 
 def finished_checkpoint(run_dir: str | Path, steps: int) -> Path | None:
-    """The run's latest checkpoint if it has reached `steps` (the job is done), else None (also when it is
-    missing or unreadable: running the job with --resume then recovers or reports it)."""
+    """The run's latest checkpoint if the job is done: it reached `steps` and ran its closing phase (a kill
+    between the last save and the closing metrics leaves it unfinished). Else None, also when the checkpoint
+    is missing or unreadable: running the job with --resume then finishes, recovers or reports it."""
     ck = latest_checkpoint(run_dir)
+    done = Path(run_dir) / "checkpoints" / "finished"
+    if ck is None or not done.is_file() or done.read_text().strip() != ck.name:
+        return None
     try:
         return ck if ck is not None and load_state(ck)["step"] >= steps else None
     except CheckpointError:

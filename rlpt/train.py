@@ -313,7 +313,7 @@ def run_train(job: TrainJob, resume: bool = False, allow_change: Collection[str]
         ctl.load_state_dict(state)
         set_rng_state(state["rng"])
         start = state["step"]
-        run.truncate_metrics(start)
+        run.keep_metrics(start, state.get("metrics_rows"))
         print(f"[rlpt] resumed {run.dir} from {ck.name} (step {start})")
     meta = ctl.trainer.model.cfg.to_dict()
 
@@ -337,6 +337,7 @@ def run_train(job: TrainJob, resume: bool = False, allow_change: Collection[str]
     train_loop(run, start, job.steps, lambda step: ctl.step(), eval_fn, save, job.eval.every, job.ckpt_every,
                job.run.progress, desc=job.algorithm.name, show=PROGRESS)
     final = summarize(run.read_metrics())
+    run.finish()
     run.close()
     return ctl, run, final
 

@@ -27,18 +27,21 @@ from rlpt.run import LOCK, latest_checkpoint, read_metrics
 from conftest import model_overrides
 
 ROOT = Path(__file__).parents[1]
-# the tiniest RL job that still trains: an SFT start (chain of thought, 4 steps) and 6 GRPO steps, a
-# checkpoint after every step of both, so kills land in checkpoint writes too
+# the tiniest RL job that still trains: an SFT start (chain of thought, 8 steps) and 30 GRPO steps, a
+# checkpoint after every step of both, so kills land in checkpoint writes too (a step is ~0.1 s of ~6 s)
+STEPS = 30
 JOB = [*model_overrides(dict(n_layer=1, n_head=2, n_kv_head=1, d_model=16, d_ff=32, max_seq_len=48)),
-       "sft.steps=4", "sft.batch_size=8", "sft.format=cot", "sft.ckpt_every=1", "sft.log_every=1",
-       "rollout.k=4", "rollout.prompts_per_step=4", "rollout.max_tokens=16", "eval.size=4", "eval.every=3",
-       "task.max_operands=3", "trainer.optim.lr=1e-2", "steps=6", "ckpt_every=1", "run.progress=false",
+       "sft.steps=8", "sft.batch_size=8", "sft.format=cot", "sft.ckpt_every=1", "sft.log_every=1",
+       "rollout.k=4", "rollout.prompts_per_step=4", "rollout.max_tokens=16", "eval.size=4", "eval.every=10",
+       "task.max_operands=3", "trainer.optim.lr=1e-2", f"steps={STEPS}", "ckpt_every=1", "run.progress=false",
        "run.threads=1"]
 KILLS = 20
 
 ZYGOTE = r"""
 import json, os, sys, traceback
-import rlpt.cli, rlpt.train, rlpt.report, torch.utils.tensorboard   # what a child would import, done once
+# what a child imports (lazily, some of it on its first optimizer step or plot), imported once here
+import rlpt.cli, rlpt.train, rlpt.report, rlpt.perf.cli, rlpt.search.cli, torch.utils.tensorboard, torch._dynamo
+import matplotlib.pyplot, PIL.Image
 for line in sys.stdin:
     cmd, arg = json.loads(line)
     if cmd == "run":                           # arg: [argv, log file]
@@ -96,30 +99,65 @@ def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_model(latest_checkpoint(run_dir)).state_dict()
 
 
+def hold(zygote: Zygote, argv: list[str], log: Path, run_dir: Path) -> tuple[int, float]:
+    """Start `rlpt <argv>` in a zygote child; return (pid, the moment it holds `run_dir`'s lock: its imports
+    and config are behind it, what follows is the job)."""
+    pid, lock, t0 = zygote.run(argv, log), run_dir / LOCK, time.perf_counter()
+    while not (lock.exists() and lock.read_text().strip() == str(pid)):
+        assert time.perf_counter() - t0 < 120, f"rlpt never took {lock}: {log.read_text()[-2000:]}"
+        time.sleep(0.002)
+    return pid, time.perf_counter()
+
+
+def saved(run_dir: Path) -> tuple[int, int]:
+    """(SFT start's latest step, RL's latest step): how far the killed run has come."""
+    return tuple(int(p.read_text()[5:]) if p.exists() else -1
+                 for p in (run_dir / "sft" / "checkpoints" / "latest", run_dir / "checkpoints" / "latest"))
+
+
+def exited(pid: int) -> bool:
+    """The zygote's child has ended (a zombie until the zygote reaps it)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
 @pytest.mark.slow
 def test_sigkill_at_20_random_moments_then_resume_equals_an_uninterrupted_run(tmp_path):
-    out = tmp_path / "runs"
+    out, killed = tmp_path / "runs", tmp_path / "runs" / "killed"
     args = ["train", *JOB, f"run.out_dir={out}"]
     zygote = Zygote(tmp_path)
     try:
-        t0 = time.perf_counter()
-        ref = zygote.run([*args, "run.name=straight"], tmp_path / "straight.log")
+        ref, t0 = hold(zygote, [*args, "run.name=straight"], tmp_path / "straight.log", out / "straight")
         assert zygote.wait(ref) == 0, (tmp_path / "straight.log").read_text()
-        whole = time.perf_counter() - t0                      # one uninterrupted run, start to report
-        rng, kills, tries, log = random.Random(13), 0, 0, tmp_path / "killed.log"
+        job_s = time.perf_counter() - t0                      # the uninterrupted job, lock to exit
+        # Each try runs until it has saved one more checkpoint than the last try left, then dies within the
+        # next ~4 steps (a step and its save take ~0.1 s here): kills land at random moments of the SFT start
+        # and the RL steps, in and between saves, and every try moves on. A finished run dies at a random
+        # moment of its final phase (the re-save of the last step, the final evaluation, the report).
+        rng, kills, tries, log, where = random.Random(13), 0, 0, tmp_path / "killed.log", []
         while kills < KILLS:
             tries += 1
             assert tries <= 3 * KILLS, f"only {kills} kills landed in {tries} tries"
-            pid = zygote.run([*args, "run.name=killed", *(["--resume"] if tries > 1 else [])], log)
-            time.sleep(rng.uniform(0.0, whole / 2))   # the first kills in training, the later ones in the final phase
+            before = saved(killed)
+            pid, _ = hold(zygote, [*args, "run.name=killed", *(["--resume"] if tries > 1 else [])], log, killed)
+            if before[1] < STEPS:
+                while saved(killed) <= before and not exited(pid):
+                    time.sleep(0.002)
+                time.sleep(rng.uniform(0.0, 0.5))
+            else:
+                time.sleep(rng.uniform(0.0, job_s / 2))
             os.kill(pid, signal.SIGKILL)                      # a no-op on a child that already exited
             status = zygote.wait(pid)
             if os.WIFSIGNALED(status):
                 kills += 1
+                where.append(saved(killed))
             else:
                 assert os.waitstatus_to_exitcode(status) == 0, log.read_text()[-3000:]
     finally:
         zygote.close()
+    print("(SFT, RL) latest step after each kill:", where)
     assert "Traceback" not in log.read_text()
     done = cli(*args, "run.name=killed", "--resume")           # a fresh process finishes the job
     assert done.returncode == 0, done.stderr[-3000:]
@@ -128,7 +166,7 @@ def test_sigkill_at_20_random_moments_then_resume_equals_an_uninterrupted_run(tm
         wa, wb = final_weights(a / sub), final_weights(b / sub)
         assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa), sub
         assert strip(read_metrics(a / sub / "metrics.jsonl")) == strip(read_metrics(b / sub / "metrics.jsonl"))
-    assert latest_checkpoint(b).name == "step_00000006"
+    assert latest_checkpoint(b).name == f"step_{STEPS:08d}"
     assert not [p for p in b.rglob(".*") if p.name != LOCK], "leftovers of a save"
     assert (b / LOCK).read_text() == ""
 
@@ -139,12 +177,8 @@ def test_two_runs_on_one_folder_cannot_both_proceed(tmp_path):
     args = ["train", *JOB, f"run.out_dir={out}", "run.name=c", "steps=400", "sft.steps=2"]
     zygote = Zygote(tmp_path)
     try:
-        first = zygote.run(args, tmp_path / "first.log")
+        first, _ = hold(zygote, args, tmp_path / "first.log", out / "c")
         lock = out / "c" / LOCK
-        for _ in range(600):                                  # until the first holds the folder
-            if lock.exists() and lock.read_text().strip() == str(first):
-                break
-            time.sleep(0.05)
         second = cli(*args, "--resume")
         assert second.returncode == 2
         assert second.stderr.strip().splitlines() == [

@@ -27,10 +27,12 @@ from rlpt.run import (
     RunFolderError,
     StopRequested,
     checkpoint_problem,
+    finished_checkpoint,
     latest_checkpoint,
     load_state,
     load_weights,
     read_checkpoint_meta,
+    read_metrics,
     resolve_checkpoint,
     signals_deferred,
 )
@@ -212,6 +214,34 @@ def test_resume_to_fewer_steps_than_done_is_an_error(tmp_path, tiny_job):
         train_sft(tiny_job("sft.steps=2", "sft.ckpt_every=2", "run.name=a"), resume=True, allow_change=["sft.steps"])
     assert snapshot(folder) == before                                     # config.yaml not rewritten
     assert load_state(latest_checkpoint(folder))["step"] == 4
+
+
+def test_a_kill_after_the_last_save_still_finishes_the_job(tiny_job, monkeypatch):
+    """The closing phase (final evaluation, its metrics row) belongs to the job: a run killed after its last
+    save is not finished, and a resume logs that row once, also when it resumes a finished run."""
+    import rlpt.sft
+    _, straight, _ = train_sft(tiny_job("sft.steps=2", "run.name=a"))
+    job = tiny_job("sft.steps=2", "run.name=b")
+    folder = Path(job.run.out_dir) / "b"
+    real = rlpt.sft.evaluate
+
+    def dies_in_the_final_eval(*a, k=0, **kw):
+        if k:
+            raise RuntimeError("killed")
+        return real(*a, k=k, **kw)
+    monkeypatch.setattr(rlpt.sft, "evaluate", dies_in_the_final_eval)
+    with pytest.raises(RuntimeError, match="killed"):
+        train_sft(job)
+    monkeypatch.undo()
+    assert latest_checkpoint(folder).name == "step_00000002" and finished_checkpoint(folder, 2) is None
+    for _ in range(2):
+        train_sft(job, resume=True)
+        assert finished_checkpoint(folder, 2) == folder / "checkpoints" / "step_00000002"
+        assert strip_time(straight.read_metrics()) == strip_time(read_metrics(folder / "metrics.jsonl"))
+
+
+def strip_time(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows]
 
 
 def test_one_process_per_run_folder(tmp_path):
