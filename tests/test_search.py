@@ -193,6 +193,8 @@ def test_beam_of_width_one_is_greedy():
         b = beam_search(llm, OracleScorer(), prompts, n=n, width=1, temperature=0.0)
         assert [r.text for r in b] == [r.text for r in g]
         assert [r.tokens for r in b] == [n * r.tokens for r in g]
+    wide = beam_search(llm, OracleScorer(), prompts, n=4, width=4, temperature=0.0)   # root: 4, then 1 per beam
+    assert [r.tokens for r in wide] == [4 * r.tokens for r in g] and [r.text for r in wide] == [r.text for r in g]
     real = LLM(tiny_gpt(std=0.5), TOK)
     rg = greedy(real, prompts, max_tokens=12)
     rb = beam_search(real, OracleScorer(), prompts, n=1, width=1, temperature=0.0, max_tokens=12)

@@ -4,8 +4,8 @@
     majority            N samples, the most frequent final answer (self-consistency)
     best_of_n           N samples, the one whose aggregated score is highest (agg: last | min | prod of step scores)
     weighted_best_of_n  N samples, the answer with the largest *sum* of scores (search-and-learn's default)
-    beam_search         step by step: keep `width` partial chains, expand each into n/width sampled steps,
-                        keep the top `width` by the PRM's score of the prefix
+    beam_search         step by step: keep `width` partial chains, spend n sampled steps per iteration on them
+                        (the root takes all n, then n/width each), keep the top `width` by the PRM's prefix score
     dvts                `subtrees` independent beams of width 1, each expanding n/subtrees steps and keeping
                         its best (Beeching et al., search-and-learn: diversity at large N)
 
@@ -171,14 +171,15 @@ class Beam:
 def beam_search(llm, scorer, prompts: list[str], n: int, width: int, temperature: float = 0.8,
                 max_steps: int = 8, step_tokens: int = 16, max_tokens: int = 40, seed: int = 0,
                 tree: int = 0) -> list[SearchResult]:
-    """Step-level beam search: per prompt keep `width` prefixes; each unfinished one is expanded into
-    K = n // width sampled steps (one request, n = K); all candidates (finished ones carried) are scored
+    """Step-level beam search: per prompt keep `width` prefixes; every iteration spends n sampled steps,
+    split evenly over the unfinished prefixes (the root gets all n; then n / width each; one request per
+    prefix, n = its share); all candidates (finished ones carried) are scored
     by the scorer at their last delimiter and the top `width` survive. Ends when every survivor is
     finished or after `max_steps` iterations (the last one generates to the end of the turn); the answer
     is the best-scoring finished beam. `tree` only offsets the seeds (DVTS's subtree index)."""
     if width < 1 or n < width:
         raise ValueError(f"beam search needs 1 <= width <= n, got width={width}, n={n}")
-    K, sep = n // width, llm.tokenizer.stoi[SEP]
+    sep = llm.tokenizer.stoi[SEP]
     room = llm.max_seq_len if hasattr(llm, "max_seq_len") else 10 ** 9
     beams = {p: [Beam("")] for p in prompts}
     spent = dict.fromkeys(prompts, 0)
@@ -186,14 +187,15 @@ def beam_search(llm, scorer, prompts: list[str], n: int, width: int, temperature
         last = it == max_steps - 1
         reqs, sps, owners = [], [], []
         for pi, p in enumerate(prompts):
-            for bi, b in enumerate(beams[p]):
-                if b.done:
-                    continue
+            for b in beams[p]:
+                used = len(llm.tokenizer.encode(b.text))
+                if min(max_tokens - used, room - 1 - len(llm.tokenizer.encode(p)) - used) <= 0:
+                    b.done = True
+            active = [b for b in beams[p] if not b.done]
+            for bi, b in enumerate(active):
+                K = n // len(active) + (bi < n % len(active))   # n step-samples per iteration, split evenly
                 used = len(llm.tokenizer.encode(b.text))
                 left = min(max_tokens - used, room - 1 - len(llm.tokenizer.encode(p)) - used)
-                if left <= 0:
-                    b.done = True
-                    continue
                 reqs.append(p + b.text)
                 owners.append((p, b))
                 sps.append(SamplingParams(n=K, temperature=temperature,
