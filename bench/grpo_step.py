@@ -23,12 +23,12 @@ from pathlib import Path
 
 import torch
 
+from rlpt.checkpoint import save_checkpoint
 from rlpt.config import ModelConfig
 from rlpt.framework.trajectory import per_token_logp
 from rlpt.gpt_mini.generate import generate
 from rlpt.gpt_mini.model import make_model
 from rlpt.gpt_mini.tokenizer import CharTokenizer
-from rlpt.run import save_checkpoint
 from rlpt.train import build, load_train_job
 
 

@@ -175,8 +175,8 @@ def trainer_memory(name: str, rows: int, seq: int, threads: int) -> dict:
 def role_times(name: str, steps: int, flops: float, bw: float) -> dict:
     import torch
 
+    from rlpt.checkpoint import save_checkpoint
     from rlpt.perf import memory
-    from rlpt.run import save_checkpoint
     from rlpt.train import build, load_train_job
     model = build_model(name)
     shape = shape_of(model)

@@ -19,7 +19,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from rlpt.run import finished_checkpoint, latest_checkpoint
+from rlpt.checkpoint import finished_checkpoint, latest_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"

@@ -184,7 +184,7 @@ def _run_format(checkpoint: str) -> str:
     'tool' for a tool-using model (sft.format=tool, or RL with env.name=calculator), else 'direct'."""
     import yaml
 
-    from rlpt.run import resolve_checkpoint
+    from rlpt.checkpoint import resolve_checkpoint
     ck = resolve_checkpoint(checkpoint)
     for cfg in (ck.parent.parent / "config.yaml", Path(checkpoint) / "config.yaml"):
         if cfg.is_file():
@@ -335,8 +335,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:   # `rlpt` alone: what the commands are, and an error status (nothing was run)
         parser.print_help()
         return 2
+    from rlpt.checkpoint import CheckpointError
     from rlpt.framework.controller import LogpMismatchError
-    from rlpt.run import CheckpointError, StopRequested
+    from rlpt.run import StopRequested
     err = f"rlpt {args.command}: error:"
     try:
         return args.fn(args)

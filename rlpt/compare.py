@@ -44,10 +44,10 @@ import time
 from pathlib import Path
 
 from rlpt.algorithms import LINEAGE
+from rlpt.checkpoint import resolve_checkpoint
 from rlpt.config import ConfigError, parse_override, read_yaml
 from rlpt.framework.algorithm import ALGORITHMS
 from rlpt.report import figure
-from rlpt.run import resolve_checkpoint
 from rlpt.train import TrainJob, load_train_job, sft_init, summarize
 
 TARGET = 0.8
@@ -188,8 +188,8 @@ def plot_heldout(curves: dict[str, list[tuple[int, float]]], path: Path, target:
 def run_isolated(job: TrainJob) -> dict:
     """run_train(job) in a fresh Python process; -> {wall_s, rss_base_kib, rss_peak_kib, memory_method}.
     A failure comes back as the child's exception type where the CLI knows it (exit 2 / 3), else RuntimeError."""
+    from rlpt.checkpoint import CheckpointError
     from rlpt.framework.controller import LogpMismatchError
-    from rlpt.run import CheckpointError
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(Path(__file__).parents[1]),
                                                                     os.environ.get("PYTHONPATH")])))
     if job.run.threads:

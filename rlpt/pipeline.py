@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 from pydantic import Field, model_validator
 
+from rlpt.checkpoint import finished_checkpoint, latest_checkpoint
 from rlpt.config import (
     EvalConfig,
     ModelConfig,
@@ -51,7 +52,7 @@ from rlpt.gpt_mini.task import make_task
 from rlpt.gpt_mini.tokenizer import CharTokenizer
 from rlpt.preference.dpo import DPOConfig, DPOJob, PairsConfig, run_dpo
 from rlpt.report import figure, machine
-from rlpt.run import claim_folder, finished_checkpoint, latest_checkpoint
+from rlpt.run import claim_folder
 from rlpt.sft import SFTJob, check_demonstration_fits, train_sft
 from rlpt.train import TrainJob, TrainStage, algorithm_overrides, run_train
 

@@ -27,6 +27,7 @@ from pydantic import Field, SerializationInfo, ValidationInfo, field_serializer,
 import rlpt.algorithms  # noqa: F401 - registers the algorithms
 import rlpt.envs  # noqa: F401 - registers the environments beyond arithmetic
 import rlpt.preference  # noqa: F401 - registers the reward_model env
+from rlpt.checkpoint import finished_checkpoint, latest_checkpoint, load_state, load_weights
 from rlpt.config import (
     DEFAULTS,
     EvalConfig,
@@ -59,7 +60,7 @@ from rlpt.gpt_mini.task import TRACE_FORMATS, make_task
 from rlpt.gpt_mini.tokenizer import CharTokenizer
 from rlpt.loop import train_loop
 from rlpt.optim import make_optimizer
-from rlpt.run import Run, finished_checkpoint, latest_checkpoint, load_state, load_weights, rng_state, set_rng_state
+from rlpt.run import Run, rng_state, set_rng_state
 from rlpt.sft import SFTJob, check_demonstration_fits, train_sft
 
 

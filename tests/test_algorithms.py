@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 import rlpt.algorithms  # noqa: F401 - registers the algorithms make_algorithm builds
 from rlpt.algorithms.dapo import degenerate_fraction, overlong_penalty
 from rlpt.algorithms.ppo import gae
+from rlpt.checkpoint import load_state, save_checkpoint
 from rlpt.cli import main as cli_main
 from rlpt.config import ConfigError
 from rlpt.framework.algorithm import ALGORITHMS, AlgorithmConfigError, make_algorithm
@@ -25,7 +26,6 @@ from rlpt.framework.weight_sync import WeightSyncer
 from rlpt.gpt_mini.generate import SamplingParams
 from rlpt.gpt_mini.task import ArithmeticTask
 from rlpt.loop import _label
-from rlpt.run import load_state, save_checkpoint
 from rlpt.train import LAST10, PROGRESS, load_train_job, run_train
 
 from conftest import SFT_SHAPE, TINY_SFT, TOK, ConstantEnv, ParityEnv, tiny_gpt

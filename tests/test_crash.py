@@ -21,8 +21,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from rlpt.checkpoint import latest_checkpoint
 from rlpt.gpt_mini.model import load_model
-from rlpt.run import LOCK, latest_checkpoint, read_metrics
+from rlpt.run import LOCK, read_metrics
 
 from conftest import model_overrides
 

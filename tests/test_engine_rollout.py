@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import rlpt.algorithms  # noqa: F401 - registers the algorithms make_algorithm builds
+from rlpt.checkpoint import save_checkpoint
 from rlpt.config import ConfigError
 from rlpt.framework.agent_loop import MultiTurnRollout
 from rlpt.framework.algorithm import make_algorithm
@@ -23,7 +24,6 @@ from rlpt.framework.trajectory import collate, per_token_logp
 from rlpt.framework.weight_sync import WeightSyncer
 from rlpt.gpt_mini.generate import SamplingParams
 from rlpt.gpt_mini.task import ArithmeticTask
-from rlpt.run import save_checkpoint
 from rlpt.train import build, load_train_job, run_train
 
 from conftest import TINY_RL, TOK, ParityEnv, ReplyOnceEnv, tiny_gpt

@@ -5,6 +5,7 @@ import pytest
 import torch
 import yaml
 
+from rlpt.checkpoint import latest_checkpoint, load_state
 from rlpt.cli import main
 from rlpt.config import ConfigError
 from rlpt.framework.environment import ArithmeticEnv
@@ -13,7 +14,6 @@ from rlpt.gpt_mini.model import load_model
 from rlpt.gpt_mini.task import make_task
 from rlpt.gpt_mini.tokenizer import CharTokenizer
 from rlpt.pipeline import STAGES, load_pipeline_job, run_pipeline
-from rlpt.run import latest_checkpoint, load_state
 from rlpt.train import TrainJob, TrainStage
 
 TINY = ["model.n_layer=2", "model.n_head=2", "model.n_kv_head=1", "model.d_model=32", "model.d_ff=64",

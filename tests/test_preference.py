@@ -13,6 +13,7 @@ import torch
 import rlpt.gpt_mini.generate
 import rlpt.train
 from rlpt import sft
+from rlpt.checkpoint import CheckpointError
 from rlpt.config import ConfigError, load_config
 from rlpt.framework.environment import make_env
 from rlpt.gpt_mini.generate import Sample
@@ -24,7 +25,7 @@ from rlpt.preference import data as pdata
 from rlpt.preference import dpo
 from rlpt.preference.data import PreferenceDataError, PreferencePair, collate_pairs, load_pairs
 from rlpt.preference.reward_model import RewardModel, bt_loss, human_score, load_reward_model, pair_metrics
-from rlpt.run import CheckpointError, Run
+from rlpt.run import Run
 
 TOK = CharTokenizer()
 sig = lambda x: 1.0 / (1.0 + math.exp(-x))

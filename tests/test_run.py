@@ -15,27 +15,23 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from rlpt.cli import main
-from rlpt.config import ConfigError, ModelConfig, load_config
-from rlpt.gpt_mini.model import load_model, make_model
-from rlpt.loop import SupervisedLoop, train_loop
-from rlpt.preference.dpo import DPOJob, run_dpo
-from rlpt.run import (
-    LOCK,
+from rlpt.checkpoint import (
     CheckpointError,
-    Run,
-    RunFolderError,
-    StopRequested,
     checkpoint_problem,
     finished_checkpoint,
     latest_checkpoint,
     load_state,
     load_weights,
     read_checkpoint_meta,
-    read_metrics,
     resolve_checkpoint,
     signals_deferred,
 )
+from rlpt.cli import main
+from rlpt.config import ConfigError, ModelConfig, load_config
+from rlpt.gpt_mini.model import load_model, make_model
+from rlpt.loop import SupervisedLoop, train_loop
+from rlpt.preference.dpo import DPOJob, run_dpo
+from rlpt.run import LOCK, Run, RunFolderError, StopRequested, read_metrics
 from rlpt.sft import SFTJob, train_sft
 
 from conftest import SFT_SHAPE, TOK, model_overrides

@@ -12,13 +12,14 @@ import pytest
 import torch
 
 from rlpt import sft
+from rlpt.checkpoint import CheckpointError, load_state
 from rlpt.cli import main
 from rlpt.config import OptimConfig, load_config
 from rlpt.gpt_mini.model import load_model, make_model
 from rlpt.gpt_mini.task import Problem
 from rlpt.gpt_mini.tokenizer import CharTokenizer
 from rlpt.optim import make_optimizer
-from rlpt.run import CheckpointError, GracefulInterrupt, StopRequested, load_state
+from rlpt.run import GracefulInterrupt, StopRequested
 from rlpt.sft import SFTJob
 
 

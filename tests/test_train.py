@@ -6,12 +6,12 @@ import torch
 import yaml
 from pydantic import BaseModel
 
+from rlpt.checkpoint import CheckpointError, latest_checkpoint
 from rlpt.cli import EvalJob, main
 from rlpt.config import ConfigError, dump_config
 from rlpt.framework.algorithm import ALGORITHMS
 from rlpt.framework.controller import LogpMismatchError
 from rlpt.pipeline import PipelineJob
-from rlpt.run import CheckpointError, latest_checkpoint
 from rlpt.sft import SFTJob
 from rlpt.train import TrainJob, build, load_train_job, run_train
 

@@ -227,8 +227,8 @@ def load_model(path, expect=None, tok=None) -> GPT:
 
     With `expect` (a ModelConfig), a config whose shape differs from the checkpoint's is an error naming the keys.
     """
+    from rlpt.checkpoint import CheckpointError, load_weights, read_checkpoint_meta, resolve_checkpoint
     from rlpt.gpt_mini.tokenizer import CharTokenizer
-    from rlpt.run import CheckpointError, load_weights, read_checkpoint_meta, resolve_checkpoint
     path = resolve_checkpoint(path)
     meta = read_checkpoint_meta(path)
     if meta.get("kind") is not None:   # e.g. an `rlpt rm` checkpoint: a trunk with a scalar head, not a policy

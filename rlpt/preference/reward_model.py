@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import nn
 
+from rlpt.checkpoint import CheckpointError, load_weights, read_checkpoint_meta, resolve_checkpoint
 from rlpt.config import ConfigError, JobConfig, LoopConfig, OptimConfig, RunConfig, Section, quote
 from rlpt.framework.critic import capture_hidden
 from rlpt.framework.environment import ArithmeticEnv, Prompt, Verdict, register_env
@@ -42,7 +43,7 @@ from rlpt.gpt_mini.task import ArithmeticTask, Problem, verify
 from rlpt.gpt_mini.tokenizer import CharTokenizer
 from rlpt.loop import SupervisedLoop, open_run
 from rlpt.preference.data import PreferencePair, collate_pairs, distinct_problems, load_pairs, sample_groups, save_pairs
-from rlpt.run import CheckpointError, Run, load_weights, read_checkpoint_meta, resolve_checkpoint
+from rlpt.run import Run
 
 KIND = "reward_model"
 

@@ -19,12 +19,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rlpt.checkpoint import CheckpointError, load_weights, read_checkpoint_meta, resolve_checkpoint
 from rlpt.framework.critic import capture_hidden
 from rlpt.framework.trajectory import pad_sequences
 from rlpt.gpt_mini.model import GPT, GPTConfig
 from rlpt.gpt_mini.task import parse_prompt
 from rlpt.gpt_mini.tokenizer import CharTokenizer
-from rlpt.run import CheckpointError, load_weights, read_checkpoint_meta, resolve_checkpoint
 from rlpt.search.steps import END, SEP, outcome, step_ends, true_step_labels
 
 KINDS = ("prm", "orm")
