@@ -44,13 +44,19 @@ import time
 from pathlib import Path
 
 from rlpt.algorithms import LINEAGE
-from rlpt.checkpoint import resolve_checkpoint
+from rlpt.checkpoint import CheckpointError, resolve_checkpoint
 from rlpt.config import ConfigError, parse_override, read_yaml
 from rlpt.framework.algorithm import ALGORITHMS
+from rlpt.framework.controller import LogpMismatchError
 from rlpt.report import figure
+from rlpt.run import RunFolderError
 from rlpt.train import TrainJob, load_train_job, sft_init, summarize
 
 TARGET = 0.8
+
+# A child's error that the CLI reports as the user's (exit 2; LogpMismatchError 3), most specific first: it travels
+# as the name of the first of these it is an instance of, so a subclass comes back as its kind, never RuntimeError
+USER_ERRORS = (ConfigError, CheckpointError, RunFolderError, FileExistsError, LogpMismatchError)
 MEMORY_METHOD = ("peak RSS = high-water mark (VmHWM) of a separate process per algorithm, reset just before "
                  "run_train; (+x) = its rise over the RSS at that moment (python, torch, rlpt imported)")
 
@@ -187,9 +193,7 @@ def plot_heldout(curves: dict[str, list[tuple[int, float]]], path: Path, target:
 # -- running -------------------------------------------------------------------------------------
 def run_isolated(job: TrainJob) -> dict:
     """run_train(job) in a fresh Python process; -> {wall_s, rss_base_kib, rss_peak_kib, memory_method}.
-    A failure comes back as the child's exception type where the CLI knows it (exit 2 / 3), else RuntimeError."""
-    from rlpt.checkpoint import CheckpointError
-    from rlpt.framework.controller import LogpMismatchError
+    A failure comes back as the kind of user error it is (`USER_ERRORS`, exit 2 / 3 in the CLI), else RuntimeError."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(Path(__file__).parents[1]),
                                                                     os.environ.get("PYTHONPATH")])))
     if job.run.threads:
@@ -201,7 +205,7 @@ def run_isolated(job: TrainJob) -> dict:
         result = json.loads(out.read_text()) if out.exists() else {}
     if proc.returncode == 0 and "wall_s" in result:
         return result
-    known = {c.__name__: c for c in (ConfigError, CheckpointError, FileExistsError, LogpMismatchError)}
+    known = {c.__name__: c for c in USER_ERRORS}
     msg = f"{job.algorithm.name}: {result.get('error', f'its process exited with {proc.returncode}; see above')}"
     raise known.get(result.get("error_type"), RuntimeError)(msg)
 
@@ -286,9 +290,10 @@ def _child(job_path: str, result_path: str) -> int:
     try:
         run_train(job)
     except Exception as e:   # noqa: BLE001 - reported to the parent, which re-raises it by type
-        if type(e).__name__ not in ("ConfigError", "CheckpointError", "FileExistsError", "LogpMismatchError"):
+        if not isinstance(e, USER_ERRORS):
             traceback.print_exc()
-        Path(result_path).write_text(json.dumps({"error": str(e), "error_type": type(e).__name__}))
+        kind = next((c for c in USER_ERRORS if isinstance(e, c)), type(e))
+        Path(result_path).write_text(json.dumps({"error": str(e), "error_type": kind.__name__}))
         return 1
     wall = time.perf_counter() - t0
     _, peak, _ = _memory_kib()

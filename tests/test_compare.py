@@ -3,14 +3,20 @@ every algorithm improves on the recipe's SFT start."""
 import contextlib
 import io
 import json
+import subprocess
 
 import pytest
 import yaml
 
+import rlpt.compare
+import rlpt.train
+from rlpt.checkpoint import CheckpointError
 from rlpt.cli import main
-from rlpt.compare import build_jobs, markdown, parse_algos, steps_to_target, take_algos
+from rlpt.compare import build_jobs, markdown, parse_algos, run_isolated, steps_to_target, take_algos
 from rlpt.config import ConfigError
 from rlpt.framework.algorithm import ALGORITHMS
+from rlpt.framework.controller import LogpMismatchError
+from rlpt.run import RunFolderError
 from rlpt.train import algorithm_overrides, load_train_job, run_train, sft_init
 
 from conftest import TINY_RL as TINY  # the tiny model and budget of the rlpt train tests
@@ -127,6 +133,34 @@ def test_compare_into_an_existing_comparison_is_refused(compared, capsys):
     out, _, _ = compared
     assert main(["compare", "--algos", "grpo", *TINY, f"run.out_dir={out}", "run.name=cmp", "steps=3"]) == 2
     assert "already holds a run" in capsys.readouterr().err
+
+
+class StepsError(ConfigError):
+    """A ConfigError of its own class, as a plugin might raise: it must come back as a ConfigError."""
+
+
+@pytest.mark.parametrize("error, kind", [
+    (RunFolderError("run folder 'runs/c/grpo' is in use by another rlpt process (PID 7)"), RunFolderError),
+    (FileExistsError("'runs/c/grpo' already holds a run"), FileExistsError),
+    (StepsError("steps=0: must be at least 1"), ConfigError),
+    (CheckpointError("state.pt does not match the sha256 in manifest.json"), CheckpointError),
+    (LogpMismatchError("logp of the trainer and the sampler differ"), LogpMismatchError),
+    (ZeroDivisionError("a bug"), RuntimeError)])
+def test_a_childs_user_error_comes_back_as_its_kind_and_a_bug_as_runtime_error(monkeypatch, capsys, error, kind):
+    def child(cmd, env, check):   # the child process, run here: `python -m rlpt.compare JOB.json RESULT.json`
+        return subprocess.CompletedProcess(cmd, rlpt.compare._child(cmd[-2], cmd[-1]))
+
+    def run_train(job):
+        raise error
+
+    monkeypatch.setattr(rlpt.compare.subprocess, "run", child)
+    monkeypatch.setattr(rlpt.compare, "_memory_kib", lambda reset=False: (0, 0, "VmHWM"))
+    monkeypatch.setattr(rlpt.train, "run_train", run_train)
+    job = load_train_job(None, TINY)
+    with pytest.raises(Exception) as got:
+        run_isolated(job)
+    assert type(got.value) is kind and str(got.value) == f"{job.algorithm.name}: {error}"
+    assert ("Traceback" in capsys.readouterr().err) == (kind is RuntimeError)   # only a bug prints its traceback
 
 
 def test_markdown_shows_a_dash_when_the_target_was_never_reached():
