@@ -25,7 +25,7 @@ def job(tmp_path, *overrides):
 
 
 def rows(run_dir):
-    return [{k: v for k, v in json.loads(line).items() if not k.startswith("time/")}
+    return [{k: v for k, v in json.loads(line).items() if not k.startswith(("time/", "mem/"))}
             for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
