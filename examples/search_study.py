@@ -185,7 +185,28 @@ def diff(res: dict, a: str, b: str) -> tuple[float, float, float]:
     return boot([[x - y for x, y in zip(ca, cb)]])[0]
 
 
-def write_page(mc: dict, search: dict, rl: dict | None) -> Path:
+# Greedy chains of the policy on searched prompts, with the right last sum and a wrong one: what the PRM's
+# last score (the one best-of-N "last" and the beam rank by) makes of the final addition.
+PROBES = [("<0+5+2+7>", "0+5=5,5+2=7,7+7=14#", "0+5=5,5+2=7,7+7=15#"),
+          ("<8+6+2+9>", "8+6=14,14+2=16,16+9=25#", "8+6=14,14+2=16,16+9=26#"),
+          ("<3+8+1+5>", "3+8=11,11+1=12,12+5=17#", "3+8=11,11+1=12,12+5=16#"),
+          ("<8+1+5+2>", "8+1=9,9+5=14,14+2=16#", "8+1=9,9+5=14,14+2=15#")]
+
+
+def probe_rows() -> list[str]:
+    from rlpt.search.scorer import load_scorer
+    prm, orm = load_scorer(OUT / "prm"), load_scorer(OUT / "orm")
+    rows = ["| prompt | right chain: PRM steps · ORM | wrong last sum: PRM steps · ORM |", "|---|---|---|"]
+    for p, good, bad in PROBES:
+        cells = []
+        for t in (good, bad):
+            s, o = prm.score([(p, t)])[0], orm.score([(p, t)])[0]
+            cells.append(f"`{t}` {', '.join(f'{x:.2f}' for x in s)} · {o[-1]:.2f}")
+        rows.append(f"| `{p}` | " + " | ".join(cells) + " |")
+    return rows
+
+
+def write_page(mc: dict, search: dict, rl: bool) -> Path:
     prm, orm = read_rows(OUT / "prm"), read_rows(OUT / "orm")
     pf, of = prm[-1], orm[-1]
     res = search["results"]
@@ -236,6 +257,20 @@ def write_page(mc: dict, search: dict, rl: dict | None) -> Path:
         ax.set_title(f"search on {len(search['prompts'])} held-out {SLICE}-operand prompts")
         ax.legend(fontsize=7)
 
+    def side(d: tuple[float, float, float]) -> str:
+        return "above" if d[1] > 0 else "below" if d[2] < 0 else "tied with"
+
+    def bar() -> str:
+        parts = []
+        for n in NS:
+            w, m = diff(res, f"weighted prm@{n}", f"majority@{n}"), diff(res, f"majority@{n}", "greedy@1")
+            parts.append(f"N={n}: weighted PRM {side(w)} majority, majority {side(m)} greedy")
+        ok = all(diff(res, f"weighted prm@{n}", f"majority@{n}")[2] >= 0 and
+                 diff(res, f"majority@{n}", "greedy@1")[2] >= 0 for n in NS)
+        return "; ".join(parts) + (" (95 % intervals of the paired differences). " +
+                                   ("Met: no comparison is significantly below." if ok else
+                                    "**Not met**: a comparison is significantly below where the bar wants ≥."))
+
     def budget_claim() -> str:
         gains = {n: diff(res, f"beam prm@{n}", f"majority@{n}") for n in NS}
         wgain = {n: diff(res, f"weighted prm@{n}", f"majority@{n}") for n in NS}
@@ -252,7 +287,7 @@ def write_page(mc: dict, search: dict, rl: dict | None) -> Path:
     rl_part = "Not run (`--skip-rl`)."
     if rl:
         rows_rl = []
-        curves = {}
+        curves, summary = {}, {}
         for arm in ("outcome", "process"):
             finals, starts, reach = [], [], []
             for s in SEEDS:
@@ -267,8 +302,12 @@ def write_page(mc: dict, search: dict, rl: dict | None) -> Path:
                 rows_rl.append(f"| {arm} | {s} | {f3(acc[0][1])} | {f3(acc[-1][1])} | {f3(max(a for _, a in acc))} | "
                                f"{reach[-1] if reach[-1] is not None else 'not reached'} | "
                                f"{f3(sum(degen) / len(degen) if degen else None)} |")
+            degen_all = [r["groups/degenerate_frac"] for s in SEEDS for r in read_rows(OUT / f"grpo_{arm}_s{s}")
+                         if "groups/degenerate_frac" in r]
+            summary[arm] = (sum(finals) / 3, sum(finals) / 3 - sum(starts) / 3, sum(x is not None for x in reach),
+                            sum(degen_all) / len(degen_all), min(finals), max(finals))
             rows_rl.append(f"| **{arm} mean** | | {f3(sum(starts) / 3)} | {f3(sum(finals) / 3)} | | "
-                           f"{sum(x is not None for x in reach)}/3 reached | |")
+                           f"{summary[arm][2]}/3 reached | {f3(summary[arm][3])} |")
         rpng = DOCS / "search_grpo_process.png"
         with figure(rpng, size=(6.5, 3.8)) as ax:
             for (arm, s), acc in curves.items():
@@ -277,7 +316,19 @@ def write_page(mc: dict, search: dict, rl: dict | None) -> Path:
             ax.set_xlabel("GRPO step")
             ax.set_ylabel("held-out greedy accuracy (verifier)")
             ax.legend(fontsize=7)
-        rl_part = "\n".join(["| reward | seed | held-out start | final | best | step reaching start + "
+        o, pr = summary["outcome"], summary["process"]
+        verdict = (f"Process reward turned most degenerate groups into useful ones (degenerate fraction "
+                   f"{o[3]:.2f} → {pr[3]:.2f}: an all-right or all-wrong group now differs in how sure the PRM is of "
+                   f"its steps), but it did not train faster or further: GRPO divides by the group's std, so in an "
+                   f"all-right group the PRM's small score differences become full-size advantages, and the policy "
+                   f"is pushed by the PRM's noise as hard as by a verdict. Final held-out accuracy "
+                   f"{o[0]:.3f} (outcome, seeds {o[4]:.3f}–{o[5]:.3f}) against {pr[0]:.3f} (process, "
+                   f"{pr[4]:.3f}–{pr[5]:.3f}); {o[2]}/3 against {pr[2]}/3 seeds reached start + {TARGET_GAIN}. "
+                   "The extra signal is the PRM's, and section 2 shows what it knows: early steps well, the last "
+                   "sum barely, so it mostly rewards chains that look like the SFT data. On this task the verifier "
+                   "is exact and cheap; a dense learned reward adds variance where the outcome is already the truth "
+                   "(R1's reason to drop PRMs, lesson 17).")
+        rl_part = "\n".join([verdict, "", "| reward | seed | held-out start | final | best | step reaching start + "
                              f"{TARGET_GAIN} | degenerate groups |", "|---|---:|---:|---:|---:|---:|---:|", *rows_rl,
                              "", f"![GRPO with and without process reward]({rpng.name})"])
 
@@ -291,7 +342,7 @@ def write_page(mc: dict, search: dict, rl: dict | None) -> Path:
 intervals and the differences, not the third digit.
 
 ```bash
-python examples/search_study.py          # every run below, then this page (about 25 min on 1 thread)
+python examples/search_study.py          # every run below, then this page (reuses finished runs)
 # by hand, the same jobs:
 rlpt sft sft.format=cot sft.steps={POLICY_STEPS} run.name=policy        # the imperfect policy
 rlpt sft sft.format=cot sft.steps={COMPLETER_STEPS} run.name=completer     # the strong completer
@@ -365,7 +416,28 @@ Paired differences (mean [95 % CI]):
 
 {chr(10).join(diffs)}
 
+**The issue's bar** (weighted best-of-N with the PRM ≥ majority ≥ greedy at equal tokens): {bar()}
+
 **The course's claim** (PRM + beam adds most at high budget). {budget_claim()}
+
+**Why.** The candidates hold the answer (pass@N, the oracle row, climbs to {f3(res[f"pass@n (oracle)@{NS[-1]}"]
+['correct'].count(1) / len(search['prompts']))} at N={NS[-1]}), but the learned verifiers cannot tell a right last
+sum from a wrong one: outcome AUROC {f3(pf.get('prm/outcome_auroc_heldout'))} (PRM) and
+{f3(of.get('orm/outcome_auroc_heldout'))} (ORM) on held-out responses. The PRM's step AUROC
+({f3(pf.get('prm/step_auroc_heldout'))}) pools every step; the last-step score, the one the selection reads,
+separates right from wrong final sums far less. Four chains from the searched prompts, right and with a wrong
+last sum:
+
+{chr(10).join(probe_rows())}
+
+So the argmax over more candidates picks more confidently scored wrong chains: best-of-N, beam and DVTS get
+*worse* as N grows (reward over-optimisation against a proxy verifier, lesson 15's curve at test time), while
+majority and weighted voting, which lean on agreement between samples, stay near greedy. Beam and DVTS rank by
+the last step's score at every iteration, so the weak last-step score decides their final pick too. Sampling at
+temperature {TEMP} also costs: majority at N=4 is below greedy. PRM and ORM are indistinguishable here (their
+paired differences straddle 0): both are the same trunk failing at the same last addition. What would change it:
+a verifier that checks the last sum (the task's own verifier gives the oracle row), or a stronger PRM trunk and
+more data (the step AUROC was still rising at 600 steps; 1024 responses gave 0.81).
 
 ## 4. Process rewards in GRPO
 
@@ -396,7 +468,7 @@ def main(argv: list[str]) -> int:
         if not skip_rl:
             rl_study(policy, OUT / "prm")
         del prm, orm
-    rl = None if skip_rl or not (OUT / f"grpo_process_s{SEEDS[-1]}" / "metrics.jsonl").exists() else {}
+    rl = not skip_rl and (OUT / f"grpo_process_s{SEEDS[-1]}" / "metrics.jsonl").exists()
     page = write_page(json.loads(paths["mc"].read_text()), json.loads(paths["search"].read_text()), rl)
     print(f"[search_study] wrote {page}")
     return 0
