@@ -52,14 +52,18 @@ def save_checkpoint(path: Path, model: torch.nn.Module, model_meta: dict, state:
     with signals_deferred():
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        save_model(model, str(tmp / "model.safetensors"),
-                   metadata={"format": FORMAT, "model": json.dumps(model_meta, sort_keys=True)})
-        torch.save(state, tmp / "state.pt")
-        (tmp / MANIFEST).write_text(json.dumps({"format": FORMAT, "sha256": {f: _sha256(tmp / f) for f in FILES}},
-                                               indent=1) + "\n")
-        for f in tmp.iterdir():
-            _fsync(f)
-        _fsync(tmp)
+        try:
+            save_model(model, str(tmp / "model.safetensors"),
+                       metadata={"format": FORMAT, "model": json.dumps(model_meta, sort_keys=True)})
+            torch.save(state, tmp / "state.pt")
+            (tmp / MANIFEST).write_text(json.dumps({"format": FORMAT, "sha256": {f: _sha256(tmp / f) for f in FILES}},
+                                                   indent=1) + "\n")
+            for f in tmp.iterdir():
+                _fsync(f)
+            _fsync(tmp)
+        except BaseException:   # a full disk: the half-written copy must not keep the space the disk lacks
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         if path.exists():
             shutil.rmtree(old, ignore_errors=True)
             os.replace(path, old)

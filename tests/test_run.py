@@ -475,6 +475,21 @@ def test_non_finite_weights_are_never_saved(tmp_path):
     assert snapshot(run.ckpt_dir) == before
 
 
+
+def test_a_save_that_fails_on_a_full_disk_leaves_nothing_half_written(tmp_path, monkeypatch):
+    model, run = model_and_run(tmp_path)
+    run.save(1, model, model.cfg.to_dict(), {"step": 1})
+    before = snapshot(run.ckpt_dir)
+
+    def full_disk(obj, f, *a, **kw):
+        open(f, "wb").write(b"half")                                    # what a full disk leaves: a partial file
+        raise OSError(28, "No space left on device", str(f))
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        run.save(2, model, model.cfg.to_dict(), {"step": 2})
+    assert snapshot(run.ckpt_dir) == before                             # no .tmp-step_00000002, step 1 whole
+    assert latest_checkpoint(run.dir).name == "step_00000001"
+
 # -- signals ----------------------------------------------------------------------------------------------
 def signalled_loop(tmp_path, monkeypatch, at_step: dict[int, list[int]], in_save: dict[int, list[int]], total=4):
     """train_loop over `total` steps of a tiny model, sending the signals at_step[s] during step s and
