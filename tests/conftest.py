@@ -111,3 +111,13 @@ class ReplyOnceEnv(CalculatorArithmeticEnv):
         if state["n"] == 1:
             return "=12#", 0.0, False, {}
         return "", float(len(text) % 2 == 0), True, {}
+
+
+@pytest.fixture(scope="session")
+def recipe_sft(tmp_path_factory):
+    """The GRPO recipe's SFT start (its sft: section: CoT, 180 steps, deliberately imperfect), trained once per
+    session for the slow tests that start from it (test_compare's six algorithms, test_grpo_e2e)."""
+    from rlpt.train import load_train_job, sft_init
+    out = tmp_path_factory.mktemp("recipe_sft")
+    job = load_train_job("recipes/grpo_arith.yaml", [f"run.out_dir={out}", "run.name=start", "run.progress=false"])
+    return out, sft_init(job, resume=False)

@@ -17,7 +17,7 @@ from rlpt.config import ConfigError
 from rlpt.framework.algorithm import ALGORITHMS
 from rlpt.framework.controller import LogpMismatchError
 from rlpt.run import RunFolderError
-from rlpt.train import algorithm_overrides, load_train_job, run_train, sft_init
+from rlpt.train import algorithm_overrides, load_train_job, run_train
 
 from conftest import TINY_RL as TINY  # the tiny model and budget of the rlpt train tests
 
@@ -198,14 +198,6 @@ SLOW = ["steps=30", "rollout.prompts_per_step=16", "rollout.k=8", "eval.size=400
         "trainer.optim.lr=3e-5", "trainer.optim.schedule=constant", "trainer.mini_batches=1", "ckpt_every=30",
         "run.progress=false", "rollout.backend=simple"]
 KEEP_TOL, GAP_SHARE = 0.05, 0.04
-
-
-@pytest.fixture(scope="module")
-def recipe_sft(tmp_path_factory):
-    """The recipe's SFT start (its sft: section: CoT, 180 steps, deliberately imperfect), trained once."""
-    out = tmp_path_factory.mktemp("slow")
-    job = load_train_job("recipes/grpo_arith.yaml", [f"run.out_dir={out}", "run.name=start", "run.progress=false"])
-    return out, sft_init(job, resume=False)
 
 
 @pytest.mark.slow

@@ -1,7 +1,8 @@
 """End to end: GRPO lifts a deliberately imperfect SFT start on the default task (issue 3).
 
-The recipe (recipes/grpo_arith.yaml) trains its own SFT start first (chain of thought, 180 steps), then runs
-300 GRPO steps, sampling with the inference engine (the default rollout backend), and writes the report's plot.
+The recipe (recipes/grpo_arith.yaml) trains its own SFT start first (chain of thought, 180 steps; here the
+session's `recipe_sft` fixture, the same job), then runs 300 GRPO steps, sampling with the inference engine
+(the default rollout backend), and writes the report's plot.
 
 What the test asserts holds on any machine (issue 12): the start moves with the seed and the CPU (180 SFT
 steps sit on the steep part of the SFT curve, and other CPUs take other MKL kernels: the pipeline's direct
@@ -29,8 +30,10 @@ GAP_SHARE = 0.2   # measured 0.39 / 0.46 / 0.60 (seeds 0 / 1 / 2): the bound lea
 
 
 @pytest.mark.slow
-def test_grpo_raises_heldout_accuracy(tmp_path):
-    job = load_train_job("recipes/grpo_arith.yaml", [f"run.out_dir={tmp_path}", "run.progress=false"])
+def test_grpo_raises_heldout_accuracy(tmp_path, recipe_sft):
+    _, sft = recipe_sft   # the recipe's own SFT start, trained once and shared with test_compare
+    job = load_train_job("recipes/grpo_arith.yaml", [f"run.out_dir={tmp_path}", "run.progress=false",
+                                                     f"init_from={sft}"])
     t0 = time.perf_counter()
     ctl, run, final = run_train(job)
     elapsed = time.perf_counter() - t0
