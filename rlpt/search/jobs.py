@@ -271,6 +271,7 @@ def run_search(job: SearchJob) -> tuple[Run, list[dict]]:
                   f"{rows[-1]['tokens_per_prompt']:.0f} tokens/prompt", flush=True)
     (run.dir / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     write_search_report(run, job, rows)
+    run.close()                                  # frees the run folder's lock
     return run, rows
 
 
