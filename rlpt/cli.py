@@ -8,6 +8,10 @@
     rlpt compare [recipe.yaml] [--algos a,b,...] [key=value ...]
     rlpt pipeline [recipe.yaml] [key=value ...] [--resume]       SFT -> CoT -> DPO -> RLVR (`make run`)
     rlpt eval CHECKPOINT [key=value ...] [--split heldout|train] [--pass-k K] [--format direct|cot|tool]
+    rlpt prm | orm [recipe.yaml] [key=value ...] [--resume]     process / outcome reward models (rlpt/search/cli.py)
+    rlpt search [recipe.yaml] [key=value ...]                    test-time search strategies vs budget
+    rlpt perf memory|kv|throughput [options]                     lesson 22's math (rlpt/perf/cli.py)
+    rlpt diagnose RUN [--no-report]                              named findings from a run's metrics
 
 Each job's config schema opens the job's module: TrainJob rlpt/train.py, PipelineJob rlpt/pipeline.py,
 DPOJob rlpt/preference/dpo.py, RMJob rlpt/preference/reward_model.py, `rlpt eval`'s EvalJob this file;
