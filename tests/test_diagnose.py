@@ -11,6 +11,8 @@ tests read a real run's metrics.jsonl and config.yaml recorded once into tests/d
 """
 import math
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -192,18 +194,27 @@ def test_nonfinite_loss_skips_the_optimizer_step():
     assert m["grad/norm_max"] >= m["grad/norm"]
 
 
+PROBE = """
+from rlpt.perf.probe import PeakMemory
+with PeakMemory() as big:
+    block = b"x" * (64 << 20)
+del block
+with PeakMemory() as small:
+    block = b"x" * (16 << 20)
+del block
+print(big.source, small.source, big.peak_bytes - big.start_bytes, small.peak_bytes - small.start_bytes)
+"""
+
+
 def test_peak_memory_probe_on_cpu():
-    """The peak of each block, not of the process so far: a 64 MiB block, then a 16 MiB one after it was freed."""
-    from rlpt.perf.probe import PeakMemory
-    with PeakMemory() as big:
-        block = b"x" * (64 << 20)
-    del block
-    with PeakMemory() as small:
-        block = b"x" * (16 << 20)
-    del block
-    assert big.source == small.source == "vmhwm"          # Linux; a GPU run reports "cuda"
-    assert big.peak_bytes - big.start_bytes >= 63 << 20
-    assert 15 << 20 <= small.peak_bytes - small.start_bytes < 32 << 20
+    """The peak of each block, not of the process so far: a 64 MiB block, then a 16 MiB one after it was freed.
+    In a fresh process (no torch): in the test process, a block can land in heap pages freed earlier that are
+    still resident, and then the RSS it measures does not move (seen in the full suite)."""
+    out = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, check=True).stdout.split()
+    big_src, small_src, big, small = out[0], out[1], int(out[2]), int(out[3])
+    assert big_src == small_src == "vmhwm"                # Linux; a GPU run reports "cuda"
+    assert big >= 63 << 20
+    assert 15 << 20 <= small < 32 << 20
 
 
 # -- live tiny runs -------------------------------------------------------------------------------------------
