@@ -12,6 +12,7 @@
     rlpt search [recipe.yaml] [key=value ...]                    test-time search strategies vs budget
     rlpt perf memory|kv|throughput [options]                     lesson 22's math (rlpt/perf/cli.py)
     rlpt diagnose RUN [--no-report]                              named findings from a run's metrics
+    rlpt data make-arith|curate [options]                        prompt sets and their curation (rlpt/data/cli.py)
 
 Each job's config schema opens the job's module: TrainJob rlpt/train.py, PipelineJob rlpt/pipeline.py,
 DPOJob rlpt/preference/dpo.py, RMJob rlpt/preference/reward_model.py, `rlpt eval`'s EvalJob this file;
@@ -266,6 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_commands(sub)
     from rlpt.perf.cli import add_commands as add_perf_commands  # rlpt perf / diagnose (lessons 22-28)
     add_perf_commands(sub)
+    from rlpt.data.cli import add_commands as add_data_commands  # rlpt data make-arith / curate (lesson 18a)
+    add_data_commands(sub)
     return p
 
 

@@ -16,6 +16,7 @@ FLOORS = {
     "rlpt/engine/": 2,
     "rlpt/framework/": 3,
     "rlpt/algorithms/": 4, "rlpt/envs/": 4, "rlpt/preference/": 4, "rlpt/search/": 4,
+    "rlpt/data/": 4,
     "rlpt/sft.py": 6, "rlpt/train.py": 6, "rlpt/pipeline.py": 6, "rlpt/compare.py": 6, "rlpt/cli.py": 6,
 }
 

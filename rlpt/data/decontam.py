@@ -1,0 +1,53 @@
+"""Decontamination (lesson 18a, stage 4): drop a training prompt that shares a word n-gram with an eval set.
+
+    contaminated(x) iff  ngrams_n(tokens(x)) ∩ ∪_{e in eval} ngrams_n(tokens(e)) ≠ ∅     for n in (8, 13)
+
+n = 8 is open-r1's `scripts/decontaminate.py`, n = 13 the GPT-3 / NeMo Curator setting; each eval set is
+named, and the report says which set and which n caught each row. Tokens are dedup's normalised words
+(rlpt.data.dedup.tokens: lowercase, one spelling per number, sorted terms), so whitespace, 3/4 vs 0.75 and a
+reordered sum do not hide a leaked eval row. A text shorter than n words is one n-gram, its whole self: short
+prompts (`<3+4+5>`) match only exactly, as the arithmetic task's hash split needs. What this misses: a
+paraphrase with other words (the course's "5 % -> 95 % on an untouched topic" test is what catches those).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from rlpt.data.dedup import Removed, tokens
+from rlpt.data.prompts import PromptRow
+
+
+def ngrams(text: str, n: int) -> set[tuple[str, ...]]:
+    t = tuple(tokens(text))
+    if len(t) <= n:
+        return {t}
+    return {t[i:i + n] for i in range(len(t) - n + 1)}
+
+
+@dataclass
+class EvalIndex:
+    """The n-grams of every named eval set, for each n."""
+    ns: tuple[int, ...] = (8, 13)
+    grams: dict[tuple[str, int], set[tuple[str, ...]]] = field(default_factory=dict)
+
+    def add(self, name: str, texts: list[str]) -> None:
+        for n in self.ns:
+            g = self.grams.setdefault((name, n), set())
+            for t in texts:
+                g |= ngrams(t, n)
+
+    def hits(self, text: str) -> list[tuple[str, int]]:
+        """(eval set, n) for every set and n that shares an n-gram with `text`."""
+        mine = {n: ngrams(text, n) for n in self.ns}
+        return [(name, n) for (name, n), g in self.grams.items() if not mine[n].isdisjoint(g)]
+
+
+def decontaminate(rows: list[PromptRow], index: EvalIndex) -> tuple[list[PromptRow], list[Removed]]:
+    kept, removed = [], []
+    for r in rows:
+        hits = index.hits(r.prompt)
+        if hits:
+            removed.append(Removed(r, "overlaps " + ", ".join(f"{name} ({n}-gram)" for name, n in hits)))
+        else:
+            kept.append(r)
+    return kept, removed
