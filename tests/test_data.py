@@ -244,3 +244,39 @@ def test_curate_errors_are_one_line(tmp_path, capsys):
     assert f"rlpt data: error: {bad}:1: bad prompt row" in capsys.readouterr().err
     assert main(["data", "curate", str(bad), "difficulty.low=0.9", "difficulty.high=0.1"]) == 2
     assert "difficulty.low must be < difficulty.high" in capsys.readouterr().err
+
+
+# -- the online curriculum -------------------------------------------------------------------------------------
+def test_curriculum_pass_rates_weights_and_floor():
+    from rlpt.data.curriculum import Curriculum
+    c = Curriculum(["a", "b", "c"], floor=0.01)
+    assert [c.p_hat(x) for x in "abc"] == [0.5] * 3 and c.weight("a") == 0.25
+    c.update([("a", [1, 1, 1, 1]), ("b", [0, 1, 0, 0])])
+    assert c.p_hat("a") == 5 / 6 and c.weight("a") == pytest.approx(5 / 36, abs=1e-15)
+    assert c.p_hat("b") == 2 / 6 and c.p_hat("c") == 0.5
+    c.update([("a", [1] * 96)])                         # p̂ = 101/102: p(1-p) = 0.0097 < the floor
+    assert c.p_hat("a") == 101 / 102 and c.weight("a") == 0.01
+    d = Curriculum(["x"], decay=0.5)
+    d.update([("x", [1, 1])])
+    d.update([("x", [0, 0])])                           # s = 0.5·2 + 0 = 1, n = 0.5·2 + 2 = 3
+    assert d.p_hat("x") == (1 + 1) / (3 + 2)
+
+
+def test_curriculum_samples_by_weight_and_resumes_bit_identically():
+    from rlpt.data.curriculum import Curriculum
+    c = Curriculum(["a", "b", "c"], floor=0.01, seed=3)
+    c.update([("a", [1] * 100), ("b", [1, 1, 1, 1])])   # weights 0.01, 5/36, 0.25
+    assert sorted(c.sample(5)) == ["a", "b", "c"] and len(set(c.sample(2))) == 2
+    firsts = [c.sample(1)[0] for _ in range(6000)]
+    w = {"a": 0.01, "b": 5 / 36, "c": 0.25}
+    for x, wx in w.items():
+        p = wx / sum(w.values())
+        assert abs(firsts.count(x) / 6000 - p) < 4 * math.sqrt(p * (1 - p) / 6000), x
+    saved = json.loads(json.dumps(c.state_dict(), default=list))   # what a checkpoint would hold, through JSON
+    saved["rng"] = (saved["rng"][0], tuple(saved["rng"][1]), saved["rng"][2])
+    after = [c.sample(2) for _ in range(5)]
+    r = Curriculum(["a", "b", "c"], floor=0.01, seed=99)
+    r.load_state_dict(saved)
+    assert [r.sample(2) for _ in range(5)] == after
+    with pytest.raises(ValueError, match="saved prompt ids differ"):
+        Curriculum(["a", "b"]).load_state_dict(saved)

@@ -6,6 +6,7 @@ its gradient under the current policy, p(1-p) for a pass rate p.
     decontam.py    word 8- and 13-gram overlap against named eval sets
     signal.py      the per-prompt signal p(1-p)(K-1)/K, wasted samples K(p^K + (1-p)^K), degenerate groups
     difficulty.py  pass rates from K samples per prompt through the engine, Wilson intervals, the buckets
+    curriculum.py  online: per-prompt p̂ from each step's groups, batches drawn ∝ max(p̂(1-p̂), floor)
     curate.py      the stages chained into a run folder with report.md (`rlpt data curate`)
     cli.py         `rlpt data curate` and `rlpt data make-arith`
 """
