@@ -8,6 +8,7 @@ fork counter of the MC labeller and a step-wise beam against greedy decoding.
 from __future__ import annotations
 
 import random
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ import torch
 from rlpt.engine import LLM
 from rlpt.engine.sequence import CompletionOutput, RequestOutput
 from rlpt.gpt_mini.task import Problem, parse_prompt
+from rlpt.search.jobs import ScorerJob, scorer_rows
 from rlpt.search.labels import auroc, label_auroc, load_rows, mc_labels, save_rows
 from rlpt.search.scorer import OracleScorer, StepScorer, bce_at, boundary_targets
 from rlpt.search.steps import split_steps, step_ends, true_step_labels
@@ -157,6 +159,39 @@ def test_prm_head_reads_exactly_the_step_boundaries():
     assert m_orm.sum() == 2 and t_orm[m_orm > 0].tolist() == [1.0, 0.0]
     assert m_orm[0, len(prompts[0]) + len(responses[0]) - 1] == 1
     assert [len(s) for s in scorer.score([(P3.prompt, "3+4=7,"), (P3.prompt, "3+4=7,7+5=12#")])] == [1, 2]
+
+
+def test_a_score_does_not_depend_on_the_other_candidates_in_its_batch():
+    # best-of-N scores candidates of mixed lengths in one right-padded batch: the causal trunk must read each
+    # at its own delimiters, whatever is padded after it (a left-padded or bidirectional batch would not)
+    torch.manual_seed(0)
+    scorer = StepScorer(tiny_gpt(), TOK, "prm")
+    torch.nn.init.normal_(scorer.head.weight)
+    short, long = (P3.prompt, "3+4=7,7+5=12#"), (P4.prompt, "3+4=7,7+5=12,12+6=18#")
+    alone = scorer.score([short])[0]
+    for batch in ([short, long], [long, short, long]):
+        together = scorer.score(batch)[batch.index(short)]
+        assert together == pytest.approx(alone, abs=1e-6) and len(together) == 2
+    assert scorer.score([long])[0] == pytest.approx(scorer.score([short, long])[1], abs=1e-6)
+
+
+def test_scorer_rows_sample_several_responses_per_training_prompt(tmp_path):
+    class Recording(FakeLLM):
+        def generate(self, prompts, sps):
+            self.temps = getattr(self, "temps", []) + [(len(prompts), sps[0].temperature, sps[0].n)]
+            return super().generate(prompts, sps)
+
+        def metrics(self):
+            return {"tokens/generated": self.generated, "tokens/prefill": 0, "tokens/shared_by_fork": 0}
+
+    job = ScorerJob(scorer={"data": {"prompts": 3, "responses": 2, "response_temperature": 0.5,
+                                     "heldout_prompts": 2, "n": 2}})
+    llm = Recording(p_err=0.35)
+    train, held, _ = scorer_rows(job, llm, SimpleNamespace(dir=tmp_path), resume=False)
+    assert len(train) == 6 and len(held) == 2
+    assert [r.prompt for r in train[0::2]] == [r.prompt for r in train[1::2]]     # each prompt twice, adjacent
+    assert llm.temps[0] == (6, 0.5, 1)                 # the training responses: at response_temperature
+    assert [t[1] for t in llm.temps if t[2] == 1][1] == 1.0   # the held-out responses: at temperature
 
 
 # -- the strategies -----------------------------------------------------------------------------------------

@@ -44,6 +44,11 @@ class ScorerData(Section):
     heldout_prompts: int = Field(128, ge=1, description="held-out prompts for the step-AUROC eval")
     n: int = Field(8, ge=1, description="Monte-Carlo continuations per step prefix (Math-Shepherd's N)")
     temperature: float = Field(1.0, gt=0, description="of the policy's responses and of the continuations")
+    responses: int = Field(1, ge=1, description="responses sampled per training prompt (several: the scorer sees "
+                                                "right and wrong answers to the same prompt, as best-of-N must rank)")
+    response_temperature: float | None = Field(None, gt=0, description="of the training responses (default: "
+                                               "temperature), e.g. the search's; held-out and hard slices keep "
+                                               "temperature, so their AUROCs stay comparable")
     completer: str | None = Field(None, description="checkpoint that writes the continuations (default: init_from); "
                                                     "the labels are this policy's success rates")
     max_tokens: int = Field(40, ge=1)
@@ -113,7 +118,11 @@ def scorer_rows(job: ScorerJob, llm: LLM, run: Run, resume: bool) -> tuple[list[
         sets = []
         for split, n, s in (("train", d.prompts, seed), ("heldout", d.heldout_prompts, seed + 1)):
             problems = _problems(task, s, n, split)
-            responses = sample_responses(llm, problems, d.temperature, d.max_tokens, s)
+            temp = d.temperature
+            if split == "train":     # each copy of a prompt is its own request: its own seed, its own sample
+                problems = [p for p in problems for _ in range(d.responses)]
+                temp = d.response_temperature or d.temperature
+            responses = sample_responses(llm, problems, temp, d.max_tokens, s)
             sets.append(mc_labels(completer, problems, responses, d.n, d.temperature, d.max_tokens, s)
                         if job.scorer.kind == "prm" else outcome_rows(problems, responses))
         train, held = sets
