@@ -135,6 +135,9 @@ def curate(job: CurateJob) -> tuple[Path, list[Stage], list[PassRate]]:
     """Run the stages; write the run folder; return (folder, stages, pass rates of the prompts scored)."""
     import rlpt.envs  # noqa: F401 - registers the envs named by job.env
     from rlpt.run import Run
+    if job.run.threads:
+        import torch
+        torch.set_num_threads(job.run.threads)
     if not job.input:
         raise ConfigError("no input prompt set: rlpt data curate IN.jsonl (or input=PATH)")
     rows = read_prompts(job.input)

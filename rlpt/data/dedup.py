@@ -2,11 +2,12 @@
 
     tokens(x)   = lowercase words, numbers and single symbols; a fraction a/b that ends as a decimal is that
                   decimal (3/4 -> 0.75); the terms of a +/× chain are sorted (3 + 12 + 0.75 = 0.75 + 12 + 3)
-    shingles(x) = the word n-grams of tokens(x) (n = 3; a shorter text is one shingle)
-    near-dup    iff  est. Jaccard(shingles(x), shingles(y)) >= threshold   (0.8 default, 0.7 aggressive)
+    shingles(x) = the multiset of word n-grams of tokens(x) (n = 3; a shorter text is one shingle)
+    near-dup    iff  Jaccard(shingles(x), shingles(y)) >= threshold   (0.8 default, 0.7 aggressive)
 
 MinHash (Broder 1997) estimates Jaccard from `num_perm` min-hashes; LSH (datasketch.MinHashLSH) bands them so
-each query only meets candidates likely above the threshold. The first row of a duplicate cluster is kept.
+each row only meets the earlier rows likely above the threshold, and the exact Jaccard of those few decides.
+The first row of a duplicate cluster is kept.
 Why words and not characters: the prompts here are short and made of numbers; one changed digit is one
 changed word (three changed 3-grams) but as few as a fifth of a long text's character 5-grams, so distinct
 problems that share a template would pass the threshold as duplicates.
@@ -87,10 +88,16 @@ def normalise(text: str) -> str:
 
 
 def shingles(text: str, n: int = 3) -> set[str]:
+    """The word n-grams of tokens(text) as a multiset: a repeated n-gram is counted (`+ 1 +`, `+ 1 +#2`), or
+    <0+1+1+6> and <0+1+6> would be 5/6 alike as sets. A text of at most n tokens is one shingle."""
     t = tokens(text)
-    if len(t) <= n:
-        return {" ".join(t)}
-    return {" ".join(t[i:i + n]) for i in range(len(t) - n + 1)}
+    grams = [" ".join(t)] if len(t) <= n else [" ".join(t[i:i + n]) for i in range(len(t) - n + 1)]
+    seen: dict[str, int] = {}
+    out = set()
+    for g in grams:
+        seen[g] = seen.get(g, 0) + 1
+        out.add(g if seen[g] == 1 else f"{g}#{seen[g]}")
+    return out
 
 
 @dataclass
@@ -114,29 +121,31 @@ def exact_dedup(rows: list[PromptRow]) -> tuple[list[PromptRow], list[Removed]]:
     return kept, removed
 
 
-def minhash(text: str, num_perm: int = 128, n: int = 3, seed: int = 1):
-    from datasketch import MinHash
-    m = MinHash(num_perm=num_perm, seed=seed)
-    m.update_batch([s.encode() for s in sorted(shingles(text, n))])
-    return m
+def jaccard(a: set, b: set) -> float:
+    return len(a & b) / len(a | b) if a or b else 1.0
 
 
 def near_dedup(rows: list[PromptRow], threshold: float = 0.8, num_perm: int = 128, n: int = 3,
                seed: int = 1) -> tuple[list[PromptRow], list[Removed]]:
-    """Keep a row unless an earlier kept row's MinHash is an LSH candidate with estimated Jaccard >= threshold."""
-    from datasketch import MinHashLSH
+    """Keep a row unless an earlier kept row is an LSH candidate whose exact shingle Jaccard is >= threshold."""
+    from datasketch import MinHash, MinHashLSH
     lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
-    hashes: dict[str, object] = {}
+    blank = MinHash(num_perm=num_perm, seed=seed)       # copied per row: its permutations are drawn once
+    sets: dict[str, set[str]] = {}
     kept, removed = [], []
     for r in rows:
-        m = minhash(r.prompt, num_perm, n, seed)
-        # the LSH bands only propose candidates; the estimate decides (it drops the bands' false positives)
-        match = [c for c in lsh.query(m) if hashes[c].jaccard(m) >= threshold]
+        sh = shingles(r.prompt, n)
+        m = blank.copy()
+        m.update_batch([s.encode() for s in sorted(sh)])
+        # the bands only propose candidates; the exact Jaccard of the kept shingle sets decides, so MinHash's
+        # estimation error (sd ~ 0.04 at 128 permutations) adds no false positive, only the bands' misses
+        match = [(jaccard(sets[c], sh), c) for c in lsh.query(m)]
+        match = [mc for mc in match if mc[0] >= threshold]
         if match:
-            best = max(match, key=lambda c: (hashes[c].jaccard(m), c))
-            removed.append(Removed(r, f"near-duplicate of {best} (est. Jaccard {hashes[best].jaccard(m):.2f})"))
+            j, best = max(match)
+            removed.append(Removed(r, f"near-duplicate of {best} (Jaccard {j:.2f})"))
         else:
             lsh.insert(r.id, m)
-            hashes[r.id] = m
+            sets[r.id] = sh
             kept.append(r)
     return kept, removed
