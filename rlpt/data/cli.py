@@ -82,7 +82,7 @@ def add_commands(sub) -> None:
     dsub = d.add_subparsers(dest="data_command", metavar="DATA_COMMAND", required=True)
     m = dsub.add_parser("make-arith", help="write the arithmetic task's prompts as a JSONL prompt set")
     m.add_argument("out", metavar="OUT.jsonl")
-    m.add_argument("items", nargs="*", metavar="key=value", help="task.* overrides and seed=S")
+    m.add_argument("items", nargs="*", metavar="[key=value ...]", help="task.* overrides and seed=S")
     m.add_argument("--n", type=_positive, default=2000, help="distinct problems (default 2000)")
     m.add_argument("--split", choices=["train", "heldout"], default="train")
     m.set_defaults(fn=cmd_make_arith)
