@@ -7,6 +7,7 @@ fork counter of the MC labeller and a step-wise beam against greedy decoding.
 """
 from __future__ import annotations
 
+import math
 import random
 from types import SimpleNamespace
 
@@ -18,7 +19,7 @@ from rlpt.engine.sequence import CompletionOutput, RequestOutput
 from rlpt.gpt_mini.task import Problem, parse_prompt
 from rlpt.search.jobs import ScorerJob, scorer_rows
 from rlpt.search.labels import auroc, label_auroc, load_rows, mc_labels, save_rows
-from rlpt.search.scorer import OracleScorer, StepScorer, bce_at, boundary_targets
+from rlpt.search.scorer import LogProbScorer, OracleScorer, StepScorer, bce_at, boundary_targets
 from rlpt.search.steps import split_steps, step_ends, true_step_labels
 from rlpt.search.strategies import (
     STRATEGIES,
@@ -192,6 +193,21 @@ def test_scorer_rows_sample_several_responses_per_training_prompt(tmp_path):
     assert [r.prompt for r in train[0::2]] == [r.prompt for r in train[1::2]]     # each prompt twice, adjacent
     assert llm.temps[0] == (6, 0.5, 1)                 # the training responses: at response_temperature
     assert [t[1] for t in llm.temps if t[2] == 1][1] == 1.0   # the held-out responses: at temperature
+
+
+def test_logprob_scorer_is_the_models_probability_of_each_prefix():
+    torch.manual_seed(0)
+    model = tiny_gpt()
+    scorer = LogProbScorer(model, TOK)
+    prompt, response = P3.prompt, "3+4=7,7+5=12#"
+    ids = torch.tensor([TOK.encode(prompt + response)])
+    logp = torch.log_softmax(model(ids).float(), -1)[0]
+    P = len(TOK.encode(prompt))
+    lp = [logp[t - 1, ids[0, t]].item() for t in range(P, ids.shape[1])]     # each response token's log-prob
+    cut = response.index(",")
+    want = [math.exp(sum(lp[:cut + 1])), math.exp(sum(lp))]
+    assert scorer.score([(prompt, response)])[0] == pytest.approx(want, rel=1e-5)
+    assert scorer.score([(P4.prompt, "3+4=7,7+5=12,12+6=18#"), (prompt, response)])[1] == pytest.approx(want, rel=1e-5)
 
 
 # -- the strategies -----------------------------------------------------------------------------------------

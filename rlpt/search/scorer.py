@@ -131,3 +131,40 @@ class OracleScorer:
                 truth[-1] = float(outcome(prob, r))
             out.append(truth)
         return out
+
+
+class LogProbScorer:
+    """A generative verifier: a policy's own probability of each step prefix,
+
+        score_k = exp Σ_{t ≤ delimiter k} log π(y_t | x, y_<t)
+
+    No head, no training: a stronger policy than the searched one judges the candidates by how likely it is
+    to have written them (a wrong sum is unlikely to a model that adds well). Products of token
+    probabilities, so the last score is the whole response's and weighted best-of-N sums probability mass
+    per answer; the score falls with every token, so beam search with it prefers short prefixes (use it
+    for best-of-N)."""
+    kind = "logprob"
+
+    def __init__(self, model: nn.Module, tok: CharTokenizer):
+        self.model, self.tok = model, tok
+
+    @torch.no_grad()
+    def score(self, rows: list[tuple[str, str]]) -> list[list[float]]:
+        if not rows:
+            return []
+        L = self.model.cfg.max_seq_len
+        prompts = [self.tok.encode(p) for p, _ in rows]
+        responses = [self.tok.encode(r)[: max(0, L - len(p))] for p, (_, r) in zip(prompts, rows)]
+        was = self.model.training
+        self.model.eval()
+        out = []
+        for i in range(0, len(rows), 512):
+            ids, _ = pad_sequences(prompts[i:i + 512], responses[i:i + 512], self.tok.pad_id)    # (b, T)
+            logp = torch.log_softmax(self.model(ids).float(), -1)                               # (b, T, V)
+            tok_lp = logp[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)                      # (b, T-1)
+            for b, (p, r) in enumerate(zip(prompts[i:i + 512], responses[i:i + 512])):
+                cum = tok_lp[b, len(p) - 1:len(p) - 1 + len(r)].cumsum(0)                     # (R,)
+                ends = step_ends(r, self.tok.stoi[SEP], self.tok.stoi[END])
+                out.append(cum[ends].exp().tolist())
+        self.model.train(was)
+        return out
