@@ -7,8 +7,11 @@ Runs under runs/search_study/ (each reused when finished, continued when interru
   completer/  rlpt sft sft.format=cot sft.steps=600        a strong completer for the Monte-Carlo labels
   prm/        rlpt prm init_from=policy scorer.data.completer=completer
   orm/        rlpt orm init_from=policy                     (same prompts, the verdict as the only label)
+  prm_ctrunk/ prm_1kx4/ prm_strong/   PRM variants, one lever each (VARIANTS: trunk = completer, samples
+              drawn as search draws them, more of them)
   mc.json     MC label AUROC against exact step truth at N = 8, per completer
-  search.json strategies × N ∈ {4, 16, 64} on held-out 4-operand prompts, tokens spent, per-prompt outcomes
+  search.json strategies × N ∈ {4, 16, 64} on held-out 4-operand prompts, tokens spent, per-prompt outcomes,
+              and per scorer how it ranks the search's own candidates (pooled and within-prompt AUROC)
   grpo_{outcome,process}_s{0,1,2}/   rlpt train from the policy: env arithmetic vs env prm (3 seeds)
 
 The page reads every number from these files; nothing is typed in by hand.
@@ -41,6 +44,19 @@ RL = ["steps=30", "rollout.prompts_per_step=16", "rollout.k=8", "eval.every=5", 
 SCORER = ["scorer.data.prompts=4096", "scorer.data.heldout_prompts=256", "scorer.data.hard_prompts=256",
           "scorer.steps=600", "scorer.batch_size=64", "scorer.optim.lr=2e-4", "scorer.eval_every=100"]
 TARGET_GAIN = 0.05         # "steps to target": first eval at >= start + this
+# PRM variants, one lever each on top of the one before (run folder: what it changes, its overrides)
+VARIANTS = {
+    "prm_ctrunk": ("trunk = the strong completer, the same labelled rows as prm",
+                   ["trunk={completer}", "scorer.data.file={out}/prm/steps.jsonl",
+                    "scorer.data.heldout_file={out}/prm/steps_heldout.jsonl"]),
+    "prm_1kx4": ("trunk = the completer, 1024 prompts × 4 responses at the search's temperature 0.8",
+                 ["trunk={completer}", "scorer.data.prompts=1024", "scorer.data.responses=4",
+                  f"scorer.data.response_temperature={TEMP}"]),
+    "prm_strong": ("trunk = the completer, 4096 prompts × 4 responses at temperature 0.8",
+                   ["trunk={completer}", "scorer.data.responses=4", f"scorer.data.response_temperature={TEMP}"]),
+}
+GEN = "completer_logprob" # the strong completer's probability of each candidate, no training (a ceiling)
+BEST = "prm_ctrunk"        # the PRM the search section's beam and DVTS also run with
 
 
 def sft(name: str, steps: int) -> Path:
@@ -50,14 +66,15 @@ def sft(name: str, steps: int) -> Path:
     return run_stage(name, OUT / name, steps, lambda resume: train_sft(job, resume=resume))
 
 
-def scorer(kind: str, policy: Path, completer: Path) -> Path:
+def scorer(kind: str, policy: Path, completer: Path, name: str | None = None, extra: list[str] = ()) -> Path:
     from rlpt.search.jobs import ScorerJob, train_scorer
-    over = [f"init_from={policy}", f"scorer.kind={kind}", *SCORER, f"run.out_dir={OUT}", f"run.name={kind}",
-            "run.threads=1", "run.progress=false"]
+    name = name or kind
+    over = [f"init_from={policy}", f"scorer.kind={kind}", *SCORER, f"run.out_dir={OUT}", f"run.name={name}",
+            "run.threads=1", "run.progress=false", *(x.format(completer=completer, out=OUT) for x in extra)]
     if kind == "prm":
         over.append(f"scorer.data.completer={completer}")
     job = load_config(ScorerJob, None, over)
-    return run_stage(kind, OUT / kind, job.scorer.steps, lambda resume: train_scorer(job, resume=resume))
+    return run_stage(name, OUT / name, job.scorer.steps, lambda resume: train_scorer(job, resume=resume))
 
 
 def mc_study(policy: Path, completer: Path) -> dict:
@@ -87,15 +104,17 @@ def mc_study(policy: Path, completer: Path) -> dict:
     return out
 
 
-def search_study(policy: Path, prm: Path, orm: Path, done: dict) -> dict:
+def search_study(policy: Path, completer: Path, done: dict) -> dict:
     """Every strategy on the same held-out 4-operand prompts. The best-of-N family shares one set of 64
     samples per prompt (the first N are used at budget N), so their comparisons are paired. Results already
     in `done` (a previous search.json) are kept: delete a key to recompute it."""
     from rlpt.engine import LLM
     from rlpt.gpt_mini.model import load_model
-    from rlpt.gpt_mini.task import ArithmeticTask
+    from rlpt.gpt_mini.task import ArithmeticTask, parse_prompt
     from rlpt.gpt_mini.tokenizer import CharTokenizer
-    from rlpt.search.scorer import OracleScorer, load_scorer
+    from rlpt.search.labels import auroc
+    from rlpt.search.scorer import LogProbScorer, OracleScorer, load_scorer
+    from rlpt.search.steps import outcome
     from rlpt.search.strategies import (
         beam_search,
         dvts,
@@ -108,9 +127,11 @@ def search_study(policy: Path, prm: Path, orm: Path, done: dict) -> dict:
     )
     tok = CharTokenizer()
     llm = LLM(load_model(policy), tok, max_num_seqs=256)
-    scorers = {"prm": load_scorer(prm, tok), "orm": load_scorer(orm, tok)}
+    scorers = {k: load_scorer(OUT / k, tok) for k in ("prm", "orm", *VARIANTS)}
+    scorers[GEN] = LogProbScorer(load_model(completer), tok)     # the generative verifier: a ceiling
     prompts = [p.prompt for p in ArithmeticTask(min_operands=SLICE, max_operands=SLICE).heldout_set(PROMPTS)]
     res: dict[str, dict] = dict(done.get("results", {}))
+    selection: dict = dict(done.get("selection", {}))
     if done and done["prompts"] != prompts:
         raise SystemExit("search.json was made on other prompts: delete it")
 
@@ -124,31 +145,55 @@ def search_study(policy: Path, prm: Path, orm: Path, done: dict) -> dict:
     t0 = time.perf_counter()
     if "greedy@1" not in res:
         keep("greedy", 1, greedy(llm, prompts), time.perf_counter() - t0)
-    if any(f"majority@{n}" not in res for n in NS):      # the best-of-N family, from one set of samples
+    # the best-of-N family, from one set of samples (drawn again, identically, when a scorer is new)
+    if any(f"weighted {k}@{n}" not in res for k in scorers for n in NS) or set(selection) != {*scorers, "random"}:
         t0 = time.perf_counter()
         samples = sample(llm, prompts, max(NS), TEMP, 40, seed=0)
         t_sample = time.perf_counter() - t0
-        scores = {k: score_samples(s, samples) for k, s in scorers.items()}
         oracle = score_samples(OracleScorer(), samples)
-    for n in NS:
-        if f"beam prm@{n}" not in res:
-            t0 = time.perf_counter()
-            keep("beam prm", n, beam_search(llm, scorers["prm"], prompts, n, min(WIDTH, n), TEMP, seed=1),
-                 time.perf_counter() - t0)
-        if f"dvts prm@{n}" not in res:
-            t0 = time.perf_counter()
-            keep("dvts prm", n, dvts(llm, scorers["prm"], prompts, n, max(1, n // WIDTH), TEMP, seed=2),
-                 time.perf_counter() - t0)
-        if f"majority@{n}" in res:
-            continue
-        sub = [s.first(n) for s in samples]
-        keep("majority", n, [pick_majority(s) for s in sub], t_sample)
-        keep("pass@n (oracle)", n, [pick_best(s, o[:n]) for s, o in zip(sub, oracle)], t_sample)
-        for k in scorers:
-            for agg in ("last", "min", "prod"):
-                keep(f"best_of_n {k} {agg}", n, [pick_best(s, sc[:n], agg) for s, sc in zip(sub, scores[k])], t_sample)
-            keep(f"weighted {k}", n, [pick_weighted(s, sc[:n], "last") for s, sc in zip(sub, scores[k])], t_sample)
-    return {"prompts": prompts, "results": res}
+        truth = [[outcome(parse_prompt(s.prompt), t) for t in s.texts] for s in samples]
+        selection["random"] = {"acc": sum(map(sum, truth)) / sum(map(len, truth)),
+                               "complete": sum(t.endswith("#") for s in samples for t in s.texts)
+                               / sum(map(len, truth)),
+                               "len": sum(len(t) for s in samples for t in s.texts) / sum(map(len, truth)),
+                               "share": sum(s.texts.count(t) / len(s.texts) for s in samples for t in s.texts)
+                               / sum(map(len, truth))}
+        for n in NS:
+            sub = [s.first(n) for s in samples]
+            keep("majority", n, [pick_majority(s) for s in sub], t_sample)
+            keep("pass@n (oracle)", n, [pick_best(s, o[:n]) for s, o in zip(sub, oracle)], t_sample)
+        for k, scorer_k in scorers.items():
+            scores = score_samples(scorer_k, samples)
+            finals = [[x[-1] if x else 0.0 for x in sc] for sc in scores]
+            within = [a for a in (auroc(f, y) for f, y in zip(finals, truth)) if a == a]   # nan: one class
+            picked = [pick_best(s, sc) for s, sc in zip(samples, scores)]
+            selection[k] = {"pooled_auroc": auroc(sum(finals, []), sum(truth, [])),
+                            "within_auroc": sum(within) / len(within), "within_prompts": len(within),
+                            "pick64_complete": sum(r.text.endswith("#") for r in picked) / len(picked),
+                            "pick64_len": sum(len(r.text) for r in picked) / len(picked),
+                            # how common the chosen text is among its prompt's 64 samples (a sample's own: below)
+                            "pick64_share": sum(s.texts.count(r.text) / len(s.texts)
+                                                for s, r in zip(samples, picked)) / len(picked)}
+            for n in NS:
+                sub = [s.first(n) for s in samples]
+                for agg in ("last", "min", "prod"):
+                    keep(f"best_of_n {k} {agg}", n, [pick_best(s, sc[:n], agg) for s, sc in zip(sub, scores)],
+                         t_sample)
+                keep(f"weighted {k}", n, [pick_weighted(s, sc[:n], "last") for s, sc in zip(sub, scores)], t_sample)
+    for k in ("prm", BEST):
+        for n in NS:
+            if f"beam {k}@{n}" not in res:
+                t0 = time.perf_counter()
+                keep(f"beam {k}", n, beam_search(llm, scorers[k], prompts, n, min(WIDTH, n), TEMP, seed=1),
+                     time.perf_counter() - t0)
+            if f"dvts {k}@{n}" not in res:
+                t0 = time.perf_counter()
+                keep(f"dvts {k}", n, dvts(llm, scorers[k], prompts, n, max(1, n // WIDTH), TEMP, seed=2),
+                     time.perf_counter() - t0)
+    if "completer greedy@1" not in res:      # the ceiling of a verifier that adds as well as the completer
+        t0 = time.perf_counter()
+        keep("completer greedy", 1, greedy(LLM(load_model(completer), tok), prompts), time.perf_counter() - t0)
+    return {"prompts": prompts, "results": res, "selection": selection}
 
 
 def rl_study(policy: Path, prm: Path) -> dict:
@@ -209,14 +254,22 @@ def probe_rows() -> list[str]:
 def write_page(mc: dict, search: dict, rl: bool) -> Path:
     prm, orm = read_rows(OUT / "prm"), read_rows(OUT / "orm")
     pf, of = prm[-1], orm[-1]
+    vf = {k: read_rows(OUT / k)[-1] for k in VARIANTS}
+    sel = search["selection"]
     res = search["results"]
     pol = [r for r in read_rows(OUT / "policy") if "acc/heldout" in r][-1]
     comp = [r for r in read_rows(OUT / "completer") if "acc/heldout" in r][-1]
     g = res["greedy@1"]
+
+    def rate(key: str) -> float:
+        return sum(res[key]["correct"]) / len(res[key]["correct"])
     gacc = sum(g["correct"]) / len(g["correct"])
 
     names = ["majority", "weighted prm", "weighted orm", "best_of_n prm last", "best_of_n prm min",
-             "best_of_n prm prod", "best_of_n orm last", "beam prm", "dvts prm", "pass@n (oracle)"]
+             "best_of_n prm prod", "best_of_n orm last", "beam prm", "dvts prm"]
+    for k in VARIANTS:
+        names += [f"weighted {k}", f"best_of_n {k} last", f"best_of_n {k} min"]
+    names += [f"beam {BEST}", f"dvts {BEST}", f"weighted {GEN}", f"best_of_n {GEN} last", "pass@n (oracle)"]
     table = ["| strategy | " + " | ".join(f"N={n}: acc [95% CI] · tokens" for n in NS) + " |",
              "|---|" + "---|" * len(NS)]
     gb = boot([g["correct"]])[0]
@@ -236,7 +289,13 @@ def write_page(mc: dict, search: dict, rl: bool) -> Path:
                         ("weighted PRM − weighted ORM", "weighted prm", "weighted orm"),
                         ("beam PRM − weighted PRM", "beam prm", "weighted prm"),
                         ("DVTS PRM − weighted PRM", "dvts prm", "weighted prm"),
-                        ("beam PRM − majority", "beam prm", "majority")):
+                        ("beam PRM − majority", "beam prm", "majority"),
+                        (f"weighted `{BEST}` − majority", f"weighted {BEST}", "majority"),
+                        (f"best-of-N `{BEST}` − best-of-N PRM (last)", f"best_of_n {BEST} last", "best_of_n prm last"),
+                        (f"beam `{BEST}` − beam PRM", f"beam {BEST}", "beam prm"),
+                        (f"beam `{BEST}` − majority", f"beam {BEST}", "majority"),
+                        (f"weighted `{GEN}` − majority", f"weighted {GEN}", "majority"),
+                        (f"best-of-N `{GEN}` − greedy", f"best_of_n {GEN} last", "greedy")):
         diffs.append(f"| {label} | " + " | ".join(
             ci(diff(res, f"{a}@{n}", "greedy@1" if b == "greedy" else f"{b}@{n}"), signed=True) for n in NS) + " |")
 
@@ -244,6 +303,7 @@ def write_page(mc: dict, search: dict, rl: bool) -> Path:
     with figure(png, size=(7, 4.2)) as ax:
         for name, style in (("majority", "-o"), ("weighted prm", "-s"), ("best_of_n prm last", "-^"),
                             ("best_of_n orm last", "--^"), ("beam prm", "-D"), ("dvts prm", "-v"),
+                            (f"best_of_n {BEST} last", "-.^"), (f"weighted {GEN}", "-x"),
                             ("pass@n (oracle)", ":")):
             pts = [res[f"{name}@{n}"] for n in NS]
             bs = boot([p["correct"] for p in pts])
@@ -260,23 +320,24 @@ def write_page(mc: dict, search: dict, rl: bool) -> Path:
     def side(d: tuple[float, float, float]) -> str:
         return "above" if d[1] > 0 else "below" if d[2] < 0 else "tied with"
 
-    def bar() -> str:
+    def bar(k: str) -> str:
         parts = []
         for n in NS:
-            w, m = diff(res, f"weighted prm@{n}", f"majority@{n}"), diff(res, f"majority@{n}", "greedy@1")
-            parts.append(f"N={n}: weighted PRM {side(w)} majority, majority {side(m)} greedy")
-        ok = all(diff(res, f"weighted prm@{n}", f"majority@{n}")[2] >= 0 and
+            w, m = diff(res, f"weighted {k}@{n}", f"majority@{n}"), diff(res, f"majority@{n}", "greedy@1")
+            parts.append(f"N={n}: weighted `{k}` {side(w)} majority, majority {side(m)} greedy")
+        ok = all(diff(res, f"weighted {k}@{n}", f"majority@{n}")[2] >= 0 and
                  diff(res, f"majority@{n}", "greedy@1")[2] >= 0 for n in NS)
         return "; ".join(parts) + (" (95 % intervals of the paired differences). " +
                                    ("Met: no comparison is significantly below." if ok else
                                     "**Not met**: a comparison is significantly below where the bar wants ≥."))
 
-    def budget_claim() -> str:
-        gains = {n: diff(res, f"beam prm@{n}", f"majority@{n}") for n in NS}
-        wgain = {n: diff(res, f"weighted prm@{n}", f"majority@{n}") for n in NS}
+    def budget_claim(k: str) -> str:
+        gains = {n: diff(res, f"beam {k}@{n}", f"majority@{n}") for n in NS}
+        wgain = {n: diff(res, f"weighted {k}@{n}", f"majority@{n}") for n in NS}
         lo, hi = NS[0], NS[-1]
         grows = gains[hi][0] > gains[lo][0] and gains[hi][1] > 0
-        return (f"Beam + PRM over majority vote: {ci(gains[lo], True)} at N={lo}, {ci(gains[hi], True)} at N={hi}; "
+        return (f"`{k}`: beam + PRM over majority vote: {ci(gains[lo], True)} at N={lo}, "
+                f"{ci(gains[hi], True)} at N={hi}; "
                 f"weighted best-of-N + PRM over majority: {ci(wgain[lo], True)} at N={lo}, "
                 f"{ci(wgain[hi], True)} at N={hi}. "
                 + ("**The claim held here**: PRM + beam's gain over majority is larger at the high budget and its "
@@ -335,7 +396,39 @@ def write_page(mc: dict, search: dict, rl: bool) -> Path:
     def mc_row(label: str, m: dict) -> str:
         return (f"| {label} | {m['auroc']:.3f} | {m['tokens_generated']} | {m['tokens_prefill']} | "
                 f"{m['tokens_shared_by_fork']} | {m['seconds']:.1f} |")
-    o_held, mc_tr = f3(of.get('orm/outcome_auroc_heldout')), f3(pf.get('labels/mc_auroc_train'))
+    variant_cmds = [f"rlpt prm init_from=runs/policy scorer.data.completer=runs/completer {' '.join(SCORER)} "
+                    + " ".join(x.format(completer="runs/completer", out="runs") for x in extra) + f" run.name={k}"
+                    for k, (_, extra) in VARIANTS.items()]
+
+    def bars(r: dict) -> str:
+        h, f = r.get("prm/step_auroc_heldout", 0), r.get("prm/step_auroc_5ops", 0)
+        return (f"held-out {f3(h)} {'met' if h >= 0.90 else 'missed'}, "
+                f"5 operands {f3(f)} {'met' if f >= 0.85 else 'missed'}")
+
+    def row2(label: str, prm_: str, orm_: str, var: list[str]) -> str:
+        return f"| {label} | {prm_} | {orm_} | " + " | ".join(var) + " |"
+
+    def vcol(key: str) -> list[str]:
+        return [f3(vf[k].get(key)) for k in VARIANTS]
+    base = ("prm", "orm")
+    s2 = ["| | PRM | ORM | " + " | ".join(f"`{k}`" for k in VARIANTS) + " |",
+          "|---|---:|---:|" + "---:|" * len(VARIANTS),
+          row2("step AUROC, held-out prompts (2–4 operands)", f3(pf.get("prm/step_auroc_heldout")), "—",
+               vcol("prm/step_auroc_heldout")),
+          row2("step AUROC, 5-operand slice (never trained on)", f3(pf.get("prm/step_auroc_5ops")), "—",
+               vcol("prm/step_auroc_5ops")),
+          row2("outcome AUROC (final score vs verdict), held-out", f3(pf.get("prm/outcome_auroc_heldout")),
+               f3(of.get("orm/outcome_auroc_heldout")), vcol("prm/outcome_auroc_heldout")),
+          row2("outcome AUROC, 5-operand slice", f3(pf.get("prm/outcome_auroc_5ops")),
+               f3(of.get("orm/outcome_auroc_5ops")), vcol("prm/outcome_auroc_5ops")),
+          row2("outcome AUROC on the search's candidates, pooled", *(f3(sel[k]["pooled_auroc"]) for k in base),
+               [f3(sel[k]["pooled_auroc"]) for k in VARIANTS]),
+          row2("the same, **within a prompt** (mean over prompts)", *(f3(sel[k]["within_auroc"]) for k in base),
+               [f3(sel[k]["within_auroc"]) for k in VARIANTS]),
+          row2("MC label AUROC (training rows / held-out rows)",
+               f"{f3(pf.get('labels/mc_auroc_train'))} / {f3(pf.get('labels/mc_auroc_heldout'))}", "—",
+               [f"{f3(vf[k].get('labels/mc_auroc_train'))} / {f3(vf[k].get('labels/mc_auroc_heldout'))}"
+                for k in VARIANTS])]
     text = f"""# ORM, PRM and test-time search on the arithmetic chain of thought (lesson 17)
 
 **Machine.** {machine()}. Accuracies move with the CPU (its kernels change float results): read the
@@ -348,6 +441,7 @@ rlpt sft sft.format=cot sft.steps={POLICY_STEPS} run.name=policy        # the im
 rlpt sft sft.format=cot sft.steps={COMPLETER_STEPS} run.name=completer     # the strong completer
 rlpt prm init_from=runs/policy scorer.data.completer=runs/completer {' '.join(SCORER)}
 rlpt orm init_from=runs/policy {' '.join(SCORER)}
+{chr(10).join(variant_cmds)}
 rlpt search policy=runs/policy scorer=runs/prm task.min_operands=4 task.max_operands=4 search.n=[4,16,64]
 rlpt train env.name=prm env.model_path=runs/prm init_from=runs/policy algorithm.name=grpo
 ```
@@ -390,16 +484,38 @@ trained on the strong completer's labels of the policy's own responses.
 
 Both: the policy's SFT trunk plus a scalar head, BCE, {pf.get('rows/train', 0):.0f} training responses
 (one per prompt, temperature 1). PRM: soft MC labels at every step delimiter; ORM: the verdict at the last token.
+Then one lever at a time on the PRM (section 2b says why): {'; '.join(f'`{k}`: {d}' for k, (d, _) in VARIANTS.items())}.
+Same steps, batch and learning rate; {', '.join(f'`{k}`: {vf[k].get("rows/train", 0):.0f}' for k in VARIANTS)}
+training responses. The bars of the issue: step AUROC ≥ 0.90 held-out and ≥ 0.85 on 5 operands.
+{'; '.join(f"`{k}`: {bars(r)}" for k, r in (("prm", pf), *vf.items()))}.
 
-| | PRM | ORM |
-|---|---:|---:|
-| step AUROC, held-out prompts (2–4 operands) | {f3(pf.get('prm/step_auroc_heldout'))} | — |
-| step AUROC, 5-operand slice (never trained on) | {f3(pf.get('prm/step_auroc_5ops'))} | — |
-| outcome AUROC (final score vs verdict), held-out | {f3(pf.get('prm/outcome_auroc_heldout'))} | {o_held} |
-| outcome AUROC, 5-operand slice | {f3(pf.get('prm/outcome_auroc_5ops'))} | {f3(of.get('orm/outcome_auroc_5ops'))} |
-| MC label AUROC (training rows / held-out rows) | {mc_tr} / {f3(pf.get('labels/mc_auroc_heldout'))} | — |
+{chr(10).join(s2)}
 
 (The 5-operand outcome AUROC is "—"/nan where the policy gets no 5-operand problem right: one class is empty.)
+
+## 2b. Why best-of-N fell below a random candidate: not a bug, the scorer ranks at chance within a prompt
+
+Best-of-N with the first PRM fell from {f3(rate('best_of_n prm last@4'))} (N=4) to {f3(rate('best_of_n prm last@64'))}
+(N=64), below greedy and below a random candidate, while pass@64 is {f3(rate('pass@n (oracle)@64'))}. Checked on
+the search's own 64 candidates per prompt (section 3's samples, temperature {TEMP}):
+
+* A random candidate is right {f3(sel['random']['acc'])} of the time; {sel['random']['complete']:.1%} of the
+  candidates end their turn with `#`. The first PRM's pick at N=64 is complete {sel['prm']['pick64_complete']:.0%}
+  of the time and as long as the rest ({sel['prm']['pick64_len']:.1f} characters against {sel['random']['len']:.1f}):
+  no truncation, no length effect, no partial response scored at an earlier delimiter.
+* A candidate's score does not depend on the other candidates in its batch: the batch is right-padded and the
+  trunk causal, so padding never reaches a read position (`tests/test_search.py::test_a_score_does_not_depend_on_
+  the_other_candidates_in_its_batch`; on the real PRM, one candidate alone against inside its batch: 2e-7).
+* The selection code is the one the oracle scorer runs through to give pass@N; it takes the argmax (first of
+  equal scores), and identical texts get identical scores, so ties cannot favour a wrong chain.
+* **The scorer.** Pooled over prompts, the first PRM's final score separates right from wrong candidates with
+  AUROC {f3(sel['prm']['pooled_auroc'])} (the ORM {f3(sel['orm']['pooled_auroc'])}); **within one prompt**, the
+  only ranking best-of-N does, {f3(sel['prm']['within_auroc'])} (ORM {f3(sel['orm']['within_auroc'])}): chance.
+  The pooled number rewards knowing which prompts are hard, not which answer is right. And the argmax over 64
+  near-chance scores lands on the rare chains: the chosen text is on average {sel['prm']['pick64_share']:.1%} of its
+  prompt's samples, a sample's own text {sel['random']['share']:.1%} (the policy's most common chain, right more
+  often than not, sits in the middle of the score range; the high tail is the scorer's error on chains it rarely
+  saw). Best-of-N below random is what a proxy with chance ranking and a heavy tail does under max.
 
 ## 3. Search at equal generated tokens
 
@@ -416,28 +532,39 @@ Paired differences (mean [95 % CI]):
 
 {chr(10).join(diffs)}
 
-**The issue's bar** (weighted best-of-N with the PRM ≥ majority ≥ greedy at equal tokens): {bar()}
+**The issue's bar** (weighted best-of-N with the PRM ≥ majority ≥ greedy at equal tokens). With the
+first PRM: {bar('prm')} With `{BEST}`: {bar(BEST)} With the generative verifier `{GEN}` (section 3's
+ceilings): {bar(GEN)} Majority below greedy at N=4 is the sampling temperature's cost, not the scorer's.
 
-**The course's claim** (PRM + beam adds most at high budget). {budget_claim()}
+**The course's claim** (PRM + beam adds most at high budget). {budget_claim('prm')} {budget_claim(BEST)}
 
-**Why.** The candidates hold the answer (pass@N, the oracle row, climbs to {f3(res[f"pass@n (oracle)@{NS[-1]}"]
-['correct'].count(1) / len(search['prompts']))} at N={NS[-1]}), but the learned verifiers cannot tell a right last
-sum from a wrong one: outcome AUROC {f3(pf.get('prm/outcome_auroc_heldout'))} (PRM) and
-{f3(of.get('orm/outcome_auroc_heldout'))} (ORM) on held-out responses. The PRM's step AUROC
-({f3(pf.get('prm/step_auroc_heldout'))}) pools every step; the last-step score, the one the selection reads,
-separates right from wrong final sums far less. Four chains from the searched prompts, right and with a wrong
-last sum:
+**Why.** Section 2b: the candidates hold the answer (pass@N climbs to {f3(rate(f"pass@n (oracle)@{NS[-1]}"))} at
+N={NS[-1]}) but a learned verifier that ranks a prompt's candidates near chance (within-prompt outcome AUROC
+{f3(sel['prm']['within_auroc'])} for the first PRM, {f3(sel[BEST]['within_auroc'])} for `{BEST}`) turns a
+larger N into a larger chance of picking a confidently scored wrong chain: best-of-N, beam and DVTS get *worse*
+as N grows (reward over-optimisation against a proxy, lesson 15's curve at test time), while majority and weighted
+voting, which lean on agreement between samples, stay near greedy. Beam and DVTS rank by the last delimiter's
+score at every iteration, so the same weak score decides their picks. Sampling at temperature {TEMP} also costs:
+majority at N=4 is below greedy. The step AUROC bars (which pool steps *across* prompts) can be met while the
+selection still fails: they reward knowing which prompts and which steps are hard, not which sum is right.
+Four chains from the searched prompts, right and with a wrong last sum, under the first PRM and the ORM:
 
 {chr(10).join(probe_rows())}
 
-So the argmax over more candidates picks more confidently scored wrong chains: best-of-N, beam and DVTS get
-*worse* as N grows (reward over-optimisation against a proxy verifier, lesson 15's curve at test time), while
-majority and weighted voting, which lean on agreement between samples, stay near greedy. Beam and DVTS rank by
-the last step's score at every iteration, so the weak last-step score decides their final pick too. Sampling at
-temperature {TEMP} also costs: majority at N=4 is below greedy. PRM and ORM are indistinguishable here (their
-paired differences straddle 0): both are the same trunk failing at the same last addition. What would change it:
-a verifier that checks the last sum (the task's own verifier gives the oracle row), or a stronger PRM trunk and
-more data (the step AUROC was still rising at 600 steps; 1024 responses gave 0.81).
+**Ceilings, and what would reach them.** The oracle scorer (the task's verifier) through the same selection
+code gives pass@N: {f3(rate('pass@n (oracle)@4'))} / {f3(rate('pass@n (oracle)@16'))} /
+{f3(rate(f'pass@n (oracle)@{NS[-1]}'))} at N = 4 / 16 / 64. The strong completer, which the labels and the
+`{BEST}` trunk come from, answers the searched slice greedily with accuracy {f3(rate('completer greedy@1'))}: a
+verifier that adds as well as it does exists in these weights, but BCE on 4096–16384 responses teaches the head
+little of it (within-prompt AUROC {f3(sel[BEST]['within_auroc'])}). Read as a generative verifier instead
+(`LogProbScorer`: the completer's probability of each candidate, no training), the same weights rank a prompt's
+candidates with within-prompt AUROC {f3(sel[GEN]['within_auroc'])}, and best-of-N with it gives
+{f3(rate(f'best_of_n {GEN} last@4'))} / {f3(rate(f'best_of_n {GEN} last@16'))} /
+{f3(rate(f'best_of_n {GEN} last@{NS[-1]}'))} at N = 4 / 16 / 64 (rows `{GEN}` above): the selection works once
+the scorer can rank. What would bring a *trained* PRM there: a signal about *this* prompt's answer instead of
+pooled BCE (pairs of right and wrong chains for the same prompt under a ranking loss, lesson 16's Bradley–Terry
+reward model; many more responses per prompt), or keeping the completer's language-model head as the verifier
+(the generative verifier above, fine-tuned on the MC labels).
 
 ## 4. Process rewards in GRPO
 
@@ -461,10 +588,12 @@ def main(argv: list[str]) -> int:
     if not report_only:
         policy, completer = sft("policy", POLICY_STEPS), sft("completer", COMPLETER_STEPS)
         prm, orm = scorer("prm", policy, completer), scorer("orm", policy, completer)
+        for name, (_, extra) in VARIANTS.items():
+            scorer("prm", policy, completer, name, extra)
         if not paths["mc"].exists():
             paths["mc"].write_text(json.dumps(mc_study(policy, completer)))
         done = json.loads(paths["search"].read_text()) if paths["search"].exists() else {}
-        paths["search"].write_text(json.dumps(search_study(policy, OUT / "prm", OUT / "orm", done)))
+        paths["search"].write_text(json.dumps(search_study(policy, completer, done)))
         if not skip_rl:
             rl_study(policy, OUT / "prm")
         del prm, orm
