@@ -400,6 +400,10 @@ def write_page(mc: dict, search: dict, rl: bool) -> Path:
                     + " ".join(x.format(completer="runs/completer", out="runs") for x in extra) + f" run.name={k}"
                     for k, (_, extra) in VARIANTS.items()]
 
+    def tail_bce(name: str) -> float:       # the mean of the last 5 logged training losses
+        xs = [r["loss/bce"] for r in read_rows(OUT / name) if "loss/bce" in r][-5:]
+        return sum(xs) / len(xs)
+
     def bars(r: dict) -> str:
         h, f = r.get("prm/step_auroc_heldout", 0), r.get("prm/step_auroc_5ops", 0)
         return (f"held-out {f3(h)} {'met' if h >= 0.90 else 'missed'}, "
@@ -493,6 +497,19 @@ training responses. The bars of the issue: step AUROC ≥ 0.90 held-out and ≥ 
 
 (The 5-operand outcome AUROC is "—"/nan where the policy gets no 5-operand problem right: one class is empty.)
 
+Which lever helped. The completer as trunk (`prm_ctrunk`, same rows) is the one accepted: it meets both step
+AUROC bars and raises the within-prompt ranking from {f3(sel['prm']['within_auroc'])} to
+{f3(sel['prm_ctrunk']['within_auroc'])} (best-of-N: section 3). Sampling the training responses as search does
+with the same 4096 rows (`prm_1kx4`: 1024 prompts × 4) overfits the fewer prompts (final training BCE
+{f3(tail_bce('prm_1kx4'))} against {f3(vf['prm_1kx4'].get('loss/bce_heldout'))} held-out; `prm_ctrunk`
+{f3(tail_bce('prm_ctrunk'))} / {f3(vf['prm_ctrunk'].get('loss/bce_heldout'))}) and is worse everywhere. Four
+times the rows (`prm_strong`) raises the held-out step and outcome AUROCs but not the 5-operand one nor the
+within-prompt ranking ({f3(sel['prm_strong']['within_auroc'])}); plain best-of-N does not move, and it misses
+the 5-operand bar, so it is not the PRM beam and DVTS run with below. It does help weighted voting (weighted
+best-of-N at N={NS[-1]}: {f3(rate(f'weighted prm_strong@{NS[-1]}'))}, over majority
+{ci(diff(res, f'weighted prm_strong@{NS[-1]}', f'majority@{NS[-1]}'), True)}, over weighted `prm_ctrunk`
+{ci(diff(res, f'weighted prm_strong@{NS[-1]}', f'weighted prm_ctrunk@{NS[-1]}'), True)}).
+
 ## 2b. Why best-of-N fell below a random candidate: not a bug, the scorer ranks at chance within a prompt
 
 Best-of-N with the first PRM fell from {f3(rate('best_of_n prm last@4'))} (N=4) to {f3(rate('best_of_n prm last@64'))}
@@ -554,9 +571,10 @@ Four chains from the searched prompts, right and with a wrong last sum, under th
 **Ceilings, and what would reach them.** The oracle scorer (the task's verifier) through the same selection
 code gives pass@N: {f3(rate('pass@n (oracle)@4'))} / {f3(rate('pass@n (oracle)@16'))} /
 {f3(rate(f'pass@n (oracle)@{NS[-1]}'))} at N = 4 / 16 / 64. The strong completer, which the labels and the
-`{BEST}` trunk come from, answers the searched slice greedily with accuracy {f3(rate('completer greedy@1'))}: a
-verifier that adds as well as it does exists in these weights, but BCE on 4096–16384 responses teaches the head
-little of it (within-prompt AUROC {f3(sel[BEST]['within_auroc'])}). Read as a generative verifier instead
+`{BEST}` trunk come from (a far stronger model than the searched policy), answers the searched slice
+greedily with accuracy {f3(rate('completer greedy@1'))}: a verifier that adds as well as it does exists in
+these weights, but BCE on 4096–16384 responses teaches the head little of it (within-prompt AUROC
+{f3(sel[BEST]['within_auroc'])}). Read as a generative verifier instead
 (`LogProbScorer`: the completer's probability of each candidate, no training), the same weights rank a prompt's
 candidates with within-prompt AUROC {f3(sel[GEN]['within_auroc'])}, and best-of-N with it gives
 {f3(rate(f'best_of_n {GEN} last@4'))} / {f3(rate(f'best_of_n {GEN} last@16'))} /
