@@ -7,8 +7,8 @@ Runs under runs/search_study/ (each reused when finished, continued when interru
   completer/  rlpt sft sft.format=cot sft.steps=600        a strong completer for the Monte-Carlo labels
   prm/        rlpt prm init_from=policy scorer.data.completer=completer
   orm/        rlpt orm init_from=policy                     (same prompts, the verdict as the only label)
-  prm_ctrunk/ prm_1kx4/ prm_strong/   PRM variants, one lever each (VARIANTS: trunk = completer, samples
-              drawn as search draws them, more of them)
+  prm_ctrunk/ prm_ctrunk_1200/ prm_1kx4/ prm_strong/   PRM variants, one lever each (VARIANTS: trunk =
+              completer, more steps, samples drawn as search draws them, more of them)
   mc.json     MC label AUROC against exact step truth at N = 8, per completer
   search.json strategies × N ∈ {4, 16, 64} on held-out 4-operand prompts, tokens spent, per-prompt outcomes,
               and per scorer how it ranks the search's own candidates (pooled and within-prompt AUROC)
@@ -49,6 +49,10 @@ VARIANTS = {
     "prm_ctrunk": ("trunk = the strong completer, the same labelled rows as prm",
                    ["trunk={completer}", "scorer.data.file={out}/prm/steps.jsonl",
                     "scorer.data.heldout_file={out}/prm/steps_heldout.jsonl"]),
+    "prm_ctrunk_1200": ("as prm_ctrunk, 1200 steps (was it still rising at 600?)",
+                        ["trunk={completer}", "scorer.data.file={out}/prm/steps.jsonl",
+                         "scorer.data.heldout_file={out}/prm/steps_heldout.jsonl", "scorer.steps=1200",
+                         "scorer.eval_every=200"]),
     "prm_1kx4": ("trunk = the completer, 1024 prompts × 4 responses at the search's temperature 0.8",
                  ["trunk={completer}", "scorer.data.prompts=1024", "scorer.data.responses=4",
                   f"scorer.data.response_temperature={TEMP}"]),
@@ -489,7 +493,7 @@ trained on the strong completer's labels of the policy's own responses.
 Both: the policy's SFT trunk plus a scalar head, BCE, {pf.get('rows/train', 0):.0f} training responses
 (one per prompt, temperature 1). PRM: soft MC labels at every step delimiter; ORM: the verdict at the last token.
 Then one lever at a time on the PRM (section 2b says why): {'; '.join(f'`{k}`: {d}' for k, (d, _) in VARIANTS.items())}.
-Same steps, batch and learning rate; {', '.join(f'`{k}`: {vf[k].get("rows/train", 0):.0f}' for k in VARIANTS)}
+Same batch and learning rate, 600 steps unless named; {', '.join(f'`{k}`: {vf[k].get("rows/train", 0):.0f}' for k in VARIANTS)}
 training responses. The bars of the issue: step AUROC ≥ 0.90 held-out and ≥ 0.85 on 5 operands.
 {'; '.join(f"`{k}`: {bars(r)}" for k, r in (("prm", pf), *vf.items()))}.
 
@@ -502,7 +506,13 @@ AUROC bars and raises the within-prompt ranking from {f3(sel['prm']['within_auro
 {f3(sel['prm_ctrunk']['within_auroc'])} (best-of-N: section 3). Sampling the training responses as search does
 with the same 4096 rows (`prm_1kx4`: 1024 prompts × 4) overfits the fewer prompts (final training BCE
 {f3(tail_bce('prm_1kx4'))} against {f3(vf['prm_1kx4'].get('loss/bce_heldout'))} held-out; `prm_ctrunk`
-{f3(tail_bce('prm_ctrunk'))} / {f3(vf['prm_ctrunk'].get('loss/bce_heldout'))}) and is worse everywhere. Four
+{f3(tail_bce('prm_ctrunk'))} / {f3(vf['prm_ctrunk'].get('loss/bce_heldout'))}) and is worse everywhere.
+Twice the steps (`prm_ctrunk_1200`): step AUROC {f3(vf['prm_ctrunk_1200'].get('prm/step_auroc_heldout'))} /
+{f3(vf['prm_ctrunk_1200'].get('prm/step_auroc_5ops'))}, within-prompt {f3(sel['prm_ctrunk_1200']['within_auroc'])},
+best-of-N at N={NS[-1]} {f3(rate(f'best_of_n prm_ctrunk_1200 last@{NS[-1]}'))} against
+{f3(rate(f'best_of_n prm_ctrunk last@{NS[-1]}'))}: the held-out AUROC rises, the 5-operand one falls below its
+bar (it fits the 2–4 operand chains tighter and generalises less), the ranking within a prompt barely moves; not
+accepted. Four
 times the rows (`prm_strong`) raises the held-out step and outcome AUROCs but not the 5-operand one nor the
 within-prompt ranking ({f3(sel['prm_strong']['within_auroc'])}); plain best-of-N does not move, and it misses
 the 5-operand bar, so it is not the PRM beam and DVTS run with below. It does help weighted voting (weighted
