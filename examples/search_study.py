@@ -493,7 +493,8 @@ trained on the strong completer's labels of the policy's own responses.
 Both: the policy's SFT trunk plus a scalar head, BCE, {pf.get('rows/train', 0):.0f} training responses
 (one per prompt, temperature 1). PRM: soft MC labels at every step delimiter; ORM: the verdict at the last token.
 Then one lever at a time on the PRM (section 2b says why): {'; '.join(f'`{k}`: {d}' for k, (d, _) in VARIANTS.items())}.
-Same batch and learning rate, 600 steps unless named; {', '.join(f'`{k}`: {vf[k].get("rows/train", 0):.0f}' for k in VARIANTS)}
+Same batch and learning rate, 600 steps unless named;
+{', '.join(f'`{k}`: {vf[k].get("rows/train", 0):.0f}' for k in VARIANTS)}
 training responses. The bars of the issue: step AUROC ≥ 0.90 held-out and ≥ 0.85 on 5 operands.
 {'; '.join(f"`{k}`: {bars(r)}" for k, r in (("prm", pf), *vf.items()))}.
 
