@@ -19,6 +19,7 @@ The page reads every number from these files; nothing is typed in by hand.
 from __future__ import annotations
 
 import json
+import random
 import sys
 import time
 from pathlib import Path
@@ -88,11 +89,11 @@ def mc_study(policy: Path, completer: Path) -> dict:
     from rlpt.gpt_mini.model import load_model
     from rlpt.gpt_mini.task import ArithmeticTask
     from rlpt.gpt_mini.tokenizer import CharTokenizer
-    from rlpt.search.jobs import _problems
+    from rlpt.preference.data import distinct_problems
     from rlpt.search.labels import label_auroc, mc_labels, sample_responses
     tok = CharTokenizer()
     pol = LLM(load_model(policy), tok)
-    problems = _problems(ArithmeticTask(), 7, 512, "heldout")
+    problems = distinct_problems(ArithmeticTask(), random.Random(7), 512, "heldout")
     responses = sample_responses(pol, problems, 1.0, 40, 7)
     out = {}
     for name, path in (("policy", policy), ("completer", completer)):

@@ -30,6 +30,7 @@ from rlpt.gpt_mini.model import load_model
 from rlpt.gpt_mini.task import ArithmeticTask, Problem, make_task, parse_prompt
 from rlpt.gpt_mini.tokenizer import CharTokenizer
 from rlpt.loop import SupervisedLoop, open_run
+from rlpt.preference.data import distinct_problems
 from rlpt.report import figure, fmt, machine, table
 from rlpt.run import Run
 from rlpt.search.labels import StepRow, auroc, label_auroc, load_rows, mc_labels, sample_responses, save_rows
@@ -76,18 +77,6 @@ class ScorerJob(JobConfig):
     scorer: ScorerConfig = ScorerConfig()
 
 
-def _problems(task: ArithmeticTask, seed: int, n: int, split: str) -> list[Problem]:
-    rng, seen, out = random.Random(seed), set(), []
-    for _ in range(50 * n + 1000):
-        if len(out) == n:
-            break
-        p = task.sample(rng, split)
-        if p not in seen:
-            seen.add(p)
-            out.append(p)
-    return out
-
-
 def outcome_rows(problems: list[Problem], responses: list[str]) -> list[StepRow]:
     """ORM rows: every step labelled with the outcome (the ORM reads only the last)."""
     rows = []
@@ -117,7 +106,7 @@ def scorer_rows(job: ScorerJob, llm: LLM, run: Run, resume: bool) -> tuple[list[
         before = dict(completer.metrics())
         sets = []
         for split, n, s in (("train", d.prompts, seed), ("heldout", d.heldout_prompts, seed + 1)):
-            problems = _problems(task, s, n, split)
+            problems = distinct_problems(task, random.Random(s), n, split)
             temp = d.temperature
             if split == "train":     # each copy of a prompt is its own request: its own seed, its own sample
                 problems = [p for p in problems for _ in range(d.responses)]
@@ -172,7 +161,7 @@ def hard_rows(job: ScorerJob, llm: LLM) -> list[StepRow]:
     """Policy responses on the harder slice (more operands than any training prompt), with exact truth."""
     d = job.scorer.data
     task = ArithmeticTask(**{**job.task.model_dump(), "min_operands": d.hard_operands, "max_operands": d.hard_operands})
-    problems = _problems(task, job.run.seed + 2, d.hard_prompts, "heldout")
+    problems = distinct_problems(task, random.Random(job.run.seed + 2), d.hard_prompts, "heldout")
     return outcome_rows(problems, sample_responses(llm, problems, d.temperature, d.max_tokens, job.run.seed + 2))
 
 
