@@ -32,7 +32,17 @@ import re
 import sys
 from pathlib import Path
 
-from rlpt.config import ConfigError, EvalConfig, Section, TaskConfig, check_prompt_fits, load_config, one_line, quote
+from rlpt.config import (
+    ConfigError,
+    EvalConfig,
+    Section,
+    TaskConfig,
+    check_prompt_fits,
+    key_list,
+    load_config,
+    one_line,
+    quote,
+)
 
 
 class EvalJob(Section):
@@ -243,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
         j.add_argument("--resume", action="store_true",
                        help=resume_help or "continue the run folder from its latest checkpoint")
         j.add_argument("--allow-change", default=(), metavar="KEY,...",
-                       type=lambda s: tuple(filter(None, s.split(","))),
+                       type=key_list,
                        help="with --resume: the config keys (or whole sections) that may differ from the run "
                             "folder's config.yaml, e.g. sft.steps,eval; any other change is refused")
         j.set_defaults(fn=fn)

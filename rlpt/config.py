@@ -30,6 +30,11 @@ class ConfigError(ValueError):
 QUOTE_CHARS = 200   # the most of any user value an error message quotes
 
 
+def key_list(text: str) -> tuple[str, ...]:
+    """`--allow-change a.b,c` -> ('a.b', 'c'): the config keys (or sections) an option names."""
+    return tuple(k for k in text.split(",") if k)
+
+
 def quote(value: Any, limit: int = QUOTE_CHARS) -> str:
     """repr(value) in at most about `limit` characters: what errors quote user input with. A long string says
     its length; a container is abbreviated without being written out whole (it may be a YAML alias bomb)."""

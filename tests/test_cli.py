@@ -190,3 +190,12 @@ def test_no_traceback_in_a_real_process(tmp_path):
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 2 and r.stderr == f"rlpt sft: error: config file {str(bad)!r} is not UTF-8 text " \
                                              "(byte 0xe9 on line 2): save it as UTF-8\n"
+
+
+def test_every_resumable_job_takes_allow_change():
+    """--resume refuses a changed config unless --allow-change names the keys: every job with --resume has it."""
+    from rlpt.cli import build_parser
+    parser = build_parser()
+    for job in ("sft", "train", "pipeline", "dpo", "rm", "prm", "orm"):
+        args = parser.parse_args([job, "--resume", "--allow-change", "a.b,,eval", "x=1"])
+        assert args.resume and args.allow_change == ("a.b", "eval") and args.items == ["x=1"], job

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from rlpt.config import ConfigError, load_config
+from rlpt.config import ConfigError, key_list, load_config
 
 
 def _recipe_and_overrides(items: list[str]) -> tuple[str | None, list[str]]:
@@ -30,7 +30,7 @@ def cmd_scorer(kind: str):
         if job.scorer.kind != kind:
             raise ConfigError(f"rlpt {kind} trains an {kind.upper()}: drop scorer.kind={job.scorer.kind} "
                               f"(or run rlpt {job.scorer.kind})")
-        _, run_, final = train_scorer(job, resume=args.resume)
+        _, run_, final = train_scorer(job, resume=args.resume, allow_change=args.allow_change)
         main = f"{kind}/step_auroc_heldout" if kind == "prm" else f"{kind}/outcome_auroc_heldout"
         report = write_report(run_, f"{kind.upper()} (lesson 17)", final,
                               plots={"auroc": [main, f"{kind}/outcome_auroc_heldout"],
@@ -59,6 +59,8 @@ def add_commands(sub) -> None:
         j = sub.add_parser(kind, help=help_)
         j.add_argument("items", nargs="*", metavar="[recipe.yaml] [key=value ...]")
         j.add_argument("--resume", action="store_true", help="continue the run folder from its latest checkpoint")
+        j.add_argument("--allow-change", default=(), metavar="KEY,...", type=key_list,
+                       help="with --resume: the config keys (or sections) that may differ from config.yaml")
         j.set_defaults(fn=cmd_scorer(kind))
     s = sub.add_parser("search", help="test-time search (greedy, majority, best-of-N, weighted, beam, DVTS) at "
                                       "several budgets: accuracy, tokens spent, a table and a plot",

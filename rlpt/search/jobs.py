@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Collection
 from typing import Literal
 
 import torch
@@ -165,13 +166,14 @@ def hard_rows(job: ScorerJob, llm: LLM) -> list[StepRow]:
     return outcome_rows(problems, sample_responses(llm, problems, d.temperature, d.max_tokens, job.run.seed + 2))
 
 
-def train_scorer(job: ScorerJob, resume: bool = False) -> tuple[StepScorer, Run, dict]:
+def train_scorer(job: ScorerJob, resume: bool = False, allow_change: Collection[str] = ()
+                 ) -> tuple[StepScorer, Run, dict]:
     """Train the PRM or ORM as a run folder; returns (scorer, run, final metrics)."""
     if not job.init_from:
         raise ConfigError(f"init_from is required for rlpt {job.scorer.kind}: set init_from=<an SFT checkpoint or "
                           "run folder> (its policy answers and completes the steps, and initialises the trunk)")
     tok, cfg = CharTokenizer(), job.scorer
-    run, ckpt = open_run(job, resume)
+    run, ckpt = open_run(job, resume, allow_change)
     policy = load_model(job.init_from, job.model, tok)
     llm = LLM(policy, tok, seed=job.run.seed)
     train, held, stats = scorer_rows(job, llm, run, resume=ckpt is not None)
