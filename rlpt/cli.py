@@ -42,6 +42,7 @@ from rlpt.config import (
     load_config,
     one_line,
     quote,
+    split_recipe_args,
 )
 
 
@@ -50,20 +51,6 @@ class EvalJob(Section):
     (eval.every and eval.pass_k are the training jobs'; here --pass-k chooses k)."""
     task: TaskConfig = TaskConfig()
     eval: EvalConfig = EvalConfig()
-
-
-def _split_args(items: list[str]) -> tuple[str | None, list[str]]:
-    """First positional may be a recipe path; everything with '=' is an override."""
-    path = None
-    overrides = []
-    for it in items:
-        if "=" in it:
-            overrides.append(it)
-        elif path is None:
-            path = it
-        else:
-            raise ConfigError(f"unexpected argument {it!r}: give at most one recipe file, then key=value overrides")
-    return path, overrides
 
 
 def _report(run, title: str, final: dict, plots: dict[str, list[str]]) -> int:
@@ -77,7 +64,7 @@ def _report(run, title: str, final: dict, plots: dict[str, list[str]]) -> int:
 def cmd_sft(args) -> int:
     import rlpt.envs  # noqa: F401 - registers trace formats (sft.format=tool)
     from rlpt.sft import SFTJob, train_sft
-    path, overrides = _split_args(args.items)
+    path, overrides = split_recipe_args(args.items)
     job = load_config(SFTJob, path, overrides)
     args.out_dir = job.run.out_dir   # named by an OSError without a path (disk full)
     _, run, final = train_sft(job, resume=args.resume, allow_change=args.allow_change)
@@ -86,7 +73,7 @@ def cmd_sft(args) -> int:
 
 def cmd_train(args) -> int:
     from rlpt.train import load_train_job, run_train
-    path, overrides = _split_args(args.items)
+    path, overrides = split_recipe_args(args.items)
     job = load_train_job(path, overrides)
     args.out_dir = job.run.out_dir   # named by an OSError without a path (disk full)
     _, run, final = run_train(job, resume=args.resume, allow_change=args.allow_change)
@@ -97,7 +84,7 @@ def cmd_train(args) -> int:
 
 def cmd_dpo(args) -> int:
     from rlpt.preference.dpo import DPOJob, run_dpo
-    path, overrides = _split_args(args.items)
+    path, overrides = split_recipe_args(args.items)
     job = load_config(DPOJob, path, overrides)
     args.out_dir = job.run.out_dir   # named by an OSError without a path (disk full)
     _, run, final = run_dpo(job, resume=args.resume, allow_change=args.allow_change)
@@ -108,7 +95,7 @@ def cmd_dpo(args) -> int:
 
 def cmd_rm(args) -> int:
     from rlpt.preference.reward_model import RMJob, train_rm
-    path, overrides = _split_args(args.items)
+    path, overrides = split_recipe_args(args.items)
     job = load_config(RMJob, path, overrides)
     args.out_dir = job.run.out_dir   # named by an OSError without a path (disk full)
     _, run, final = train_rm(job, resume=args.resume, allow_change=args.allow_change)
@@ -118,7 +105,7 @@ def cmd_rm(args) -> int:
 
 def cmd_pipeline(args) -> int:
     from rlpt.pipeline import load_pipeline_job, pipeline_table, run_pipeline
-    path, overrides = _split_args(args.items)
+    path, overrides = split_recipe_args(args.items)
     job = load_pipeline_job(path, overrides)
     args.out_dir = job.run.out_dir   # named by an OSError without a path (disk full)
     root, rows = run_pipeline(job, resume=args.resume, allow_change=args.allow_change)
@@ -130,7 +117,7 @@ def cmd_pipeline(args) -> int:
 def cmd_compare(args) -> int:
     from rlpt.compare import run_compare, take_algos
     items, algos = take_algos(args.items, args.algos)
-    path, overrides = _split_args(items)
+    path, overrides = split_recipe_args(items)
     out, _ = run_compare(path, overrides, algos)
     print((out / "compare.md").read_text())
     print(f"compare folder: {out}")
@@ -169,7 +156,7 @@ def cmd_eval(args) -> int:
     from rlpt.report import fmt, table
     from rlpt.sft import sft_env
 
-    path, overrides = _split_args(args.items)
+    path, overrides = split_recipe_args(args.items)
     if path is not None:
         raise ConfigError(f"rlpt eval takes key=value overrides after the checkpoint, not {path!r}")
     job = load_config(EvalJob, None, overrides)

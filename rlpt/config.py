@@ -30,6 +30,14 @@ class ConfigError(ValueError):
 QUOTE_CHARS = 200   # the most of any user value an error message quotes
 
 
+def split_recipe_args(items: list[str]) -> tuple[str | None, list[str]]:
+    """A command's positionals -> (at most one recipe path, the key=value overrides): every rlpt job's convention."""
+    paths = [it for it in items if "=" not in it]
+    if len(paths) > 1:
+        raise ConfigError(f"unexpected argument {paths[1]!r}: give at most one recipe file, then key=value overrides")
+    return (paths[0] if paths else None), [it for it in items if "=" in it]
+
+
 def key_list(text: str) -> tuple[str, ...]:
     """`--allow-change a.b,c` -> ('a.b', 'c'): the config keys (or sections) an option names."""
     return tuple(k for k in text.split(",") if k)

@@ -10,22 +10,14 @@ from __future__ import annotations
 
 import argparse
 
-from rlpt.config import ConfigError, key_list, load_config
-
-
-def _recipe_and_overrides(items: list[str]) -> tuple[str | None, list[str]]:
-    """At most one recipe path, then key=value overrides (the convention of every rlpt command)."""
-    paths = [it for it in items if "=" not in it]
-    if len(paths) > 1:
-        raise ConfigError(f"unexpected argument {paths[1]!r}: give at most one recipe file, then key=value overrides")
-    return (paths[0] if paths else None), [it for it in items if "=" in it]
+from rlpt.config import ConfigError, key_list, load_config, split_recipe_args
 
 
 def cmd_scorer(kind: str):
     def run(args) -> int:
         from rlpt.report import fmt, table, write_report
         from rlpt.search.jobs import ScorerJob, train_scorer
-        path, overrides = _recipe_and_overrides(args.items)
+        path, overrides = split_recipe_args(args.items)
         job = load_config(ScorerJob, path, overrides, base={"run": {"name": kind}, "scorer": {"kind": kind}})
         if job.scorer.kind != kind:
             raise ConfigError(f"rlpt {kind} trains an {kind.upper()}: drop scorer.kind={job.scorer.kind} "
@@ -42,7 +34,7 @@ def cmd_scorer(kind: str):
 
 def cmd_search(args) -> int:
     from rlpt.search.jobs import SearchJob, run_search, search_table
-    path, overrides = _recipe_and_overrides(args.items)
+    path, overrides = split_recipe_args(args.items)
     job = load_config(SearchJob, path, overrides)
     run_, rows = run_search(job)
     print(search_table(rows))
