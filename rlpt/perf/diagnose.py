@@ -6,7 +6,7 @@
 What each check reads (metric names as the controller and trainer log them):
     reward hacking       reward/mean up while the honest held-out accuracy (acc/heldout_honest) falls, or the gap
                          between the verifier's reward and the honest check on the same samples (acc/train) opens
-    stale sync           mean |log ρ| (ratio/abs_log_mean) > 0.05 and growing with the rollout weights' age
+    stale sync           median |log ρ| (ratio/abs_log_mean) > 0.05 on stale batches and 1.5x the fresh ones'
                          (sync/done); without stale batches, clip/frac > 30 % or |log ρ| > 0.05 is "ratio drift"
     length drift         response/len_mean moving by half its start, or most answers cut at max_tokens
     entropy collapse     policy/entropy falling by over 70 % from where it started
@@ -123,15 +123,17 @@ def stale_sync(rows: list[dict], cfg: dict) -> Finding | None:
     every = int((cfg.get("sync") or {}).get("every", 1))
     fresh, stale = [x for _, s, x in st if s == 0], [x for _, s, x in st if s > 0]
     clip_med = _median(clip) if clip else 0.0
-    f_mean, s_mean = _mean(fresh) if fresh else 0.0, _mean(stale) if stale else 0.0
+    # medians, not means: a run has few fresh batches (one per sync), and one spike among them (a blow-up step)
+    # hid the staleness of a sync.every=8 run at one seed in five
+    f_med, s_med = _median(fresh) if fresh else 0.0, _median(stale) if stale else 0.0
     clip_txt = f"clip/frac median {clip_med:.1%} (healthy < 5 %, broken > 25–30 %)"
-    if stale and s_mean > 0.05 and s_mean > 2 * f_mean:
+    if stale and s_med > 0.05 and s_med > 1.5 * f_med:
         by_age = {}
         for _, s, x in st:
             by_age.setdefault(s, []).append(x)
         ages = ", ".join(f"{s}: {_mean(v):.3f}" for s, v in sorted(by_age.items())[:8])
-        return Finding("stale sync", "severe", f"mean |log ρ| {s_mean:.3f} on batches sampled by rollout weights 1+ "
-                       f"updates behind against {f_mean:.3f} on fresh ones (healthy < 0.05), growing with the age "
+        return Finding("stale sync", "severe", f"median |log ρ| {s_med:.3f} on batches sampled by rollout weights 1+ "
+                       f"updates behind against {f_med:.3f} on fresh ones (healthy < 0.05), growing with the age "
                        f"(age: |log ρ| = {ages}); {clip_txt}; sync.every={every}",
                        "lesson 22c (async and the freshness wall), lesson 06",
                        "sync every step (sync.every=1) or bound the staleness", ["clip/frac", "ratio/abs_log_mean"])
