@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: run test test-fast install clean bwrap
+.PHONY: run test test-fast install clean sysdeps
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -14,22 +14,25 @@ $(STAMP): pyproject.toml
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 
-# the code env's sandbox (rlpt/envs/jail.py) runs programs in bubblewrap: Debian's package, installed as root
-bwrap:
-	@command -v bwrap >/dev/null || apt-get install -y bubblewrap || (apt-get update && apt-get install -y bubblewrap) \
-		|| { echo "the code sandbox needs bubblewrap: install the bwrap binary (Debian: apt-get install bubblewrap)"; exit 1; }
+# Debian packages, installed as root when missing: bubblewrap (the code env's sandbox, rlpt/envs/jail.py), and
+# chromium + chromium-driver (the lab's browser tests, tests/test_lab_browser.py)
+SYSDEPS := bubblewrap:bwrap chromium:chromium chromium-driver:chromedriver
+sysdeps:
+	@missing=""; for pb in $(SYSDEPS); do command -v $${pb#*:} >/dev/null || missing="$$missing $${pb%%:*}"; done; \
+	[ -z "$$missing" ] || apt-get install -y $$missing || (apt-get update && apt-get install -y $$missing) \
+		|| { echo "install the Debian packages$$missing (apt-get install$$missing)"; exit 1; }
 
-install: bwrap $(STAMP)
+install: sysdeps $(STAMP)
 
 # the main job: SFT -> CoT -> DPO -> RLVR on embedded defaults; --resume makes a second `make run`
 # skip the finished stages (it then only re-evaluates and re-prints the report). ARGS='key=value ...' to vary it.
 run: $(STAMP)
 	$(BIN)/rlpt pipeline --resume $(ARGS)
 
-test: bwrap $(STAMP)
+test: sysdeps $(STAMP)
 	$(BIN)/python -m pytest -q
 
-test-fast: bwrap $(STAMP)
+test-fast: sysdeps $(STAMP)
 	$(BIN)/python -m pytest -q -m 'not slow'
 
 clean:

@@ -60,6 +60,7 @@ from rlpt.gpt_mini.task import TRACE_FORMATS, make_task
 from rlpt.gpt_mini.tokenizer import CharTokenizer
 from rlpt.loop import train_loop
 from rlpt.optim import make_optimizer
+from rlpt.report import LAST10, PROGRESS, summarize  # noqa: F401 - the end-of-run table, re-exported
 from rlpt.run import Run, rng_state, set_rng_state
 from rlpt.sft import SFTJob, check_demonstration_fits, train_sft
 
@@ -341,34 +342,3 @@ def run_train(job: TrainJob, resume: bool = False, allow_change: Collection[str]
     run.finish()
     run.close()
     return ctl, run, final
-
-
-# shown on the progress bar each step, and averaged over the last 10 steps in the end-of-run table
-PROGRESS = ("reward/mean", "acc/heldout", "loss", "kl/mean", "grad/norm", "clip/frac")
-LAST10 = ("reward/mean", "loss", "loss/pg", "loss/kl", "loss/value", "kl/mean", "grad/norm", "grad/norm_critic",
-          "clip/frac", "clip/frac_low", "clip/frac_high", "policy/entropy", "response/len_mean",
-          "groups/degenerate_frac", "sampling/groups_drawn", "sampling/cap_hit")
-
-
-def summarize(rows: list[dict]) -> dict:
-    acc = [(r["step"], r["acc/heldout"]) for r in rows if "acc/heldout" in r]
-    steps = [r for r in rows if "reward/mean" in r]
-    out = {"acc/heldout_start": acc[0][1], "acc/heldout_final": acc[-1][1],
-           "acc/heldout_best": max(a for _, a in acc)}
-    honest = [r["acc/heldout_honest"] for r in rows if "acc/heldout_honest" in r]
-    if honest:
-        out |= {"acc/heldout_honest_start": honest[0], "acc/heldout_honest_final": honest[-1]}
-    if steps:
-        for k in LAST10:   # over the last 10 steps that logged k (a skipped step logs no loss)
-            vals = [r[k] for r in steps if k in r][-10:]
-            if vals:
-                out[f"{k}_last10"] = sum(vals) / len(vals)
-        out["steps/skipped"] = sum(r.get("step/skipped", 0) for r in steps)
-        roles = ("time/rollout", "time/verify", "time/ref", "time/train", "time/sync")
-        out["time/step_median"] = _median([sum(r.get(k, 0.0) for k in roles) for r in steps])
-    return out
-
-
-def _median(xs: list[float]) -> float:
-    xs = sorted(xs)
-    return xs[len(xs) // 2] if xs else 0.0
