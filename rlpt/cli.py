@@ -266,6 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_perf_commands(sub)
     from rlpt.data.cli import add_commands as add_data_commands  # rlpt data make-arith / curate (lesson 18a)
     add_data_commands(sub)
+    from rlpt.models.export import add_commands as add_export_commands  # rlpt export (HF Llama directory)
+    add_export_commands(sub)
     return p
 
 
