@@ -10,20 +10,15 @@ expected *unbiased* sample variance (1/(K-1)) Σ (r_i - r̄)². It is exact for 
 without a /std (RLOO, Dr. GRPO, REINFORCE with a group baseline); for GRPO it governs whether the group
 survives (std > 0), not the gradient's size. Wasted samples are the course widget's "compute wasted" numerator:
 Σ K(p^K + (1-p)^K) / Σ K over a prompt set.
+
+`signal` and `wasted` live in rlpt/framework/signal_metrics.py (floor 3), where every RL step logs them; they
+are re-exported here for the curation stages.
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-
-def signal(p: float, k: int) -> float:
-    """E[(1/K) Σ (r_i - r̄)²] for K Bernoulli(p) rewards: p(1-p)(K-1)/K."""
-    return p * (1 - p) * (k - 1) / k
-
-
-def wasted(p: float, k: int) -> float:
-    """Expected samples of a K-group spent on a degenerate group (all rewards equal): K(p^K + (1-p)^K)."""
-    return k * (p ** k + (1 - p) ** k)
+from rlpt.framework.signal_metrics import signal, wasted  # noqa: F401 - the formulas live with the metrics
 
 
 def wasted_fraction(ps: Sequence[float], k: int) -> float:

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from rlpt.framework.algorithm import Algorithm
 from rlpt.framework.environment import Environment
 from rlpt.framework.roles import ReferenceRole, RolloutRole, SyncerRole, TrainerRole
+from rlpt.framework.signal_metrics import signal_metrics
 from rlpt.framework.trajectory import collate, flatten, rollout_metrics
 from rlpt.perf.probe import PeakMemory
 
@@ -82,6 +83,7 @@ class Controller:
         metrics = {**rollout_metrics(groups), **self.rollout.stats, "groups/kept": len(kept) / len(flatten(groups)),
                    **length_quantiles([len(t.response_ids) for t in flatten(groups)])}
         metrics["groups/signal_frac"] = 1.0 - metrics["groups/degenerate_frac"]
+        metrics |= signal_metrics(groups) | self.env.observe(groups)              # data/*; the env sees the groups
         if kept:
             batch = collate(kept, self.pad_id)                                      # 4 collate
             with self.timed("train"):

@@ -40,7 +40,8 @@ class Environment(Stateless):
     Implement `reset`, `verify`, `heldout`. `multi_turn = True` (with `start` and `step`, see
     rlpt.framework.agent_loop.MultiTurnEnv) makes jobs run it through the agent loop; `model_path_arg`
     names the constructor keyword that receives `env.model_path` (an env that scores with a model);
-    `state_dict` holds whatever must survive a resume (the prompt sampler's RNG).
+    `state_dict` holds whatever must survive a resume (the prompt sampler's RNG); `observe` sees each step's
+    groups after the advantages (an online curriculum updates its pass rates there, rlpt.envs.curriculum).
     """
     tokenizer: Any
     multi_turn: bool = False
@@ -54,6 +55,11 @@ class Environment(Stateless):
 
     def heldout(self, n: int) -> list[Prompt]:
         raise NotImplementedError
+
+    def observe(self, groups: list) -> dict:
+        """Called by the controller once per step with the step's groups (lists of K Trajectories, as sampled,
+        advantages set); returns metrics to log. The default keeps nothing and logs nothing."""
+        return {}
 
     def start(self, prompt: Prompt) -> dict:
         """Per-trajectory state for a multi-turn episode (handed back to `step`)."""
