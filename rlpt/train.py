@@ -281,8 +281,12 @@ def build(job: TrainJob, init: Path):
         copy.deepcopy(policy), tok, job.rollout.prompts_per_step, sp, seed=job.run.seed,
         group_filter=algo.group_filter, **multi)
     rollout.use_backend(job.rollout.backend)
-    reference = Reference(policy, temperature=job.rollout.temperature,
-                                scorers={"values": critic} if critic is not None else None)
+    scorers = {"values": critic} if critic is not None else {}   # V_old (PPO), scored before any update
+    if algo.uses_prox:   # an off-policy correction: the trainer's log-probs before the update are π_prox
+        scorers["prox_logp"] = Reference.prox_scorer(policy, job.rollout.temperature)
+    # β = 0 and no other reader of π_ref: its forward is skipped (issue 14, "do less")
+    reference = Reference(policy, temperature=job.rollout.temperature, scorers=scorers,
+                          ref_logp=algo.uses_reference)
     t = job.trainer
     total_opt_steps = job.steps * t.epochs * t.mini_batches
     trained = policy if critic is None else torch.nn.ModuleList([policy, critic])   # one optimizer for both

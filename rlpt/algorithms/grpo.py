@@ -64,8 +64,9 @@ class GRPO(Algorithm):
 
     def compute_loss(self, batch, new_logp):
         eps_high = self.cfg.clip_eps_high or self.cfg.clip_eps
-        pg_tok, stats = clipped_surrogate(new_logp, batch.old_logp, batch.advantage, batch.mask,
-                                          self.cfg.clip_eps, eps_high)
+        anchor, w, off = self.behaviour(batch)   # μ's old_logp and no weight, unless algorithm.offpolicy.mode
+        pg_tok, stats = clipped_surrogate(new_logp, anchor, batch.advantage, batch.mask,
+                                          self.cfg.clip_eps, eps_high, weight=w)
         pg = self.aggregate(pg_tok, batch)
         kl, kl_stats = self.kl_term(batch, new_logp)
-        return pg + kl, {"loss/pg": pg.detach(), "loss/kl": kl.detach(), **stats, **kl_stats}
+        return pg + kl, {"loss/pg": pg.detach(), "loss/kl": kl.detach(), **stats, **kl_stats, **off}

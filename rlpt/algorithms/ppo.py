@@ -99,13 +99,14 @@ class PPO(Algorithm):
             raise ValueError("ppo's loss needs the critic's values: build the trainer with "
                              "critic=algorithm.make_critic(policy)")
         eps = self.cfg.clip_eps
-        pg_tok, stats = clipped_surrogate(new_logp, batch.old_logp, batch.advantage, batch.mask, eps, eps)
+        anchor, w, off = self.behaviour(batch)   # μ's old_logp and no weight, unless algorithm.offpolicy.mode
+        pg_tok, stats = clipped_surrogate(new_logp, anchor, batch.advantage, batch.mask, eps, eps, weight=w)
         pg = self.aggregate(pg_tok, batch)
         v_loss, v_stats = self.value_loss(batch, values)
         kl, kl_stats = self.kl_term(batch, new_logp)
         v_term = self.cfg.value_coef * v_loss
         return pg + v_term + kl, {"loss/pg": pg.detach(), "loss/value": v_term.detach(), "loss/kl": kl.detach(),
-                                  **stats, **v_stats, **kl_stats}
+                                  **stats, **v_stats, **kl_stats, **off}
 
     def value_loss(self, batch, values) -> tuple[torch.Tensor, dict]:
         """token-mean (V − R)², or with value_clip the pessimistic max against V_old + clip(V − V_old)."""

@@ -13,8 +13,8 @@ moments (b = ema / (1 − decay^n)); it is read before this step's rewards join 
 depends on y_i and the gradient stays unbiased (lesson 11). It is algorithm state, saved in every
 checkpoint, so `--resume` continues bit-identically. A group whose advantages are all zero (no
 baseline and all rewards 0) carries no policy gradient and is marked degenerate. On-policy as
-published: with `trainer.epochs > 1` or `sync.every > 1` the data is off-policy and nothing corrects
-for it (`ratio/abs_log_mean` shows how far); PPO adds the ratio for exactly that.
+published: with `trainer.epochs > 1` or `sync.every > 1` the data is off-policy (`ratio/abs_log_mean` shows
+how far); `algorithm.offpolicy.mode=tis` weighs each token by min(π_prox/μ, C), PPO adds the ratio too.
 
     rlpt train algorithm.name=reinforce [algorithm.baseline=true] [key=value ...]
 """
@@ -27,14 +27,18 @@ from rlpt.framework.algorithm import AggMode, Algorithm, AlgorithmConfig, masked
 
 
 def policy_gradient_loss(algo: Algorithm, batch, new_logp) -> tuple[torch.Tensor, dict]:
-    """−A·log π per token, aggregated with the algorithm's mode, plus the KL term. Shared with RLOO."""
+    """−w·A·log π per token, aggregated with the algorithm's mode, plus the KL term. Shared with RLOO.
+    w = 1 unless `algorithm.offpolicy.mode` weighs the tokens (no ratio here, so no anchor either)."""
     pg_tok = -batch.advantage * new_logp                                  # (B, T-1)
+    _, w, off = algo.behaviour(batch)
+    if w is not None:
+        pg_tok = w * pg_tok
     pg = algo.aggregate(pg_tok, batch)
     kl, kl_stats = algo.kl_term(batch, new_logp)
     with torch.no_grad():   # no ratio in the loss, but how stale the batch is still matters
         log_ratio = (new_logp - batch.old_logp).abs() * batch.mask
         stats = {"ratio/abs_log_mean": masked_mean(log_ratio, batch.mask), "ratio/abs_log_max": log_ratio.max()}
-    return pg + kl, {"loss/pg": pg.detach(), "loss/kl": kl.detach(), **stats, **kl_stats}
+    return pg + kl, {"loss/pg": pg.detach(), "loss/kl": kl.detach(), **stats, **kl_stats, **off}
 
 
 @register("reinforce")

@@ -157,7 +157,7 @@ class MultiTurnRollout(Rollout):
         return Trajectory(prompt_ids=list(e.prompt.ids), response_ids=list(e.response),
                           response_mask=torch.tensor(e.mask, dtype=torch.float32),
                           old_logp=torch.tensor(e.logp, dtype=torch.float32), reward=float(e.reward),
-                          group=e.group, weights_version=self.version, finish_reason=e.finish_reason,
+                          group=e.group, version=self.version, finish_reason=e.finish_reason,
                           info={"correct": e.reward > 0, **e.info, "turns": e.turns, "tool_tokens": e.tool_tokens,
                                 "text": self.tokenizer.decode(e.response), "prompt": e.prompt.text})
 

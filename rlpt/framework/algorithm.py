@@ -12,6 +12,10 @@ mode, the KL term) and gives each optional hook a neutral default, so callers ne
     group_filter: GroupFilter | None        dynamic sampling: the rollout re-draws until groups pass (None: off)
     state_dict() / load_state_dict(state)   state across steps (a running baseline), checkpointed ({}: none)
     trainer_defaults: tuple[str, ...]       `key=value` overrides its runs start from (PPO: trainer.epochs=4)
+    uses_reference -> bool                  whether any term reads π_ref (β > 0): if not, no reference forward
+    uses_prox -> bool                       whether π_prox is needed (algorithm.offpolicy.mode != none)
+    behaviour(batch) -> (anchor, w, metrics)  the PPO anchor (μ, or π_prox) and the off-policy weight w of
+                                            every token (None: no correction), rlpt.framework.offpolicy
 
 The trainer and the rollout never know which algorithm runs: swapping GRPO for DAPO is a config
 change. Algorithms register with one decorator and carry their own pydantic config, so a recipe's
@@ -33,6 +37,7 @@ from typing import TYPE_CHECKING, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from rlpt.framework.offpolicy import OffPolicyMode, behaviour_weights
 from rlpt.framework.trajectory import Batch, Trajectory
 from rlpt.run import Stateless
 
@@ -43,6 +48,15 @@ AggMode = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"
 KLEstimator = Literal["k1", "k2", "k3"]
 
 
+class OffPolicyConfig(BaseModel):
+    """`algorithm.offpolicy`: the correction for a sampler μ that is not the trainer (rlpt.framework.offpolicy)."""
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    mode: OffPolicyMode = Field("none", description="none | tis | icepop | seq_mask_tis | decoupled")
+    cap: float = Field(2.0, gt=0, description="C of tis and seq_mask_tis: token weights min(ρ, C)")
+    low: float = Field(0.5, gt=0, le=1, description="icepop / seq_mask_tis: ρ (or the sequence's ρ̄) below it drops")
+    high: float = Field(5.0, ge=1, description="icepop / seq_mask_tis / decoupled: ρ (or ρ̄) above it drops")
+
+
 class AlgorithmConfig(BaseModel):
     """Fields every algorithm shares; subclasses add their own."""
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -51,6 +65,8 @@ class AlgorithmConfig(BaseModel):
     kl_estimator: KLEstimator = "k3"
     loss_agg: AggMode | None = Field(None, description="None = the algorithm's own mode")
     norm_len: int = Field(0, ge=0, description="L of seq-mean-token-sum-norm; 0 = rollout.max_tokens")
+    offpolicy: OffPolicyConfig = Field(default_factory=OffPolicyConfig,
+                                       description="off-policy correction of the sampler/trainer mismatch")
 
     def resolve(self, group_size: int, max_tokens: int) -> None:
         """Fill the defaults that depend on the rollout (0 = derive it); a ValueError names the key."""
@@ -84,8 +100,36 @@ class Algorithm(Stateless):
         """Per-token x (B, T-1) -> scalar, in this algorithm's aggregation mode."""
         return aggregate(x, batch, self.agg, self.cfg.norm_len)
 
+    @property
+    def uses_reference(self) -> bool:
+        """Whether any term reads π_ref: the KL loss term (β > 0). No KL in the reward here. When False the
+        reference skips its forward (ref_logp stays unset) and `kl_term` is 0 with no `kl/mean`."""
+        return self.cfg.beta > 0
+
+    @property
+    def uses_prox(self) -> bool:
+        """Whether the loss needs π_prox (`prox_logp`, one no-grad forward of the trainer before the update)."""
+        return self.cfg.offpolicy.mode != "none"
+
+    def behaviour(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
+        """-> (anchor, w, metrics): the log-probs PPO's ratio is taken against and the per-token off-policy
+        weight (module rlpt.framework.offpolicy). mode none: (old_logp, None, {}), today's loss bit for bit;
+        otherwise (prox_logp, w, offpolicy/* metrics)."""
+        off = self.cfg.offpolicy
+        if off.mode == "none":
+            return batch.old_logp, None, {}
+        prox = batch.extra.get("prox_logp")
+        if prox is None:
+            raise ValueError(f"algorithm.offpolicy.mode={off.mode} needs π_prox on every trajectory: register the "
+                             "trainer's log-probs on the reference, Reference(scorers={'prox_logp': "
+                             "Reference.prox_scorer(trainer.model, temperature)}), as rlpt.train.build does")
+        w, _, metrics = behaviour_weights(prox, batch.old_logp, batch.mask, off.mode, off.cap, off.low, off.high)
+        return prox, w, metrics
+
     def kl_term(self, batch: Batch, new_logp: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        """β · KL(π_θ ‖ π_ref), aggregated like the policy term, and `kl/mean` per token."""
+        """β · KL(π_θ ‖ π_ref), aggregated like the policy term, and `kl/mean` per token (nothing without π_ref)."""
+        if not self.uses_reference:   # β = 0: ref_logp was never computed; the term is exactly 0
+            return new_logp.new_zeros(()), {}
         kl_tok = kl_estimate(new_logp, batch.ref_logp, self.cfg.kl_estimator)     # (B, T-1)
         return self.cfg.beta * self.aggregate(kl_tok, batch), {"kl/mean": masked_mean(kl_tok.detach(), batch.mask)}
 
@@ -180,14 +224,19 @@ def kl_estimate(new_logp: torch.Tensor, ref_logp: torch.Tensor, kind: KLEstimato
     raise ValueError(f"unknown KL estimator {kind!r}")
 
 
-def clipped_surrogate(new_logp, old_logp, adv, mask, eps_low: float, eps_high: float):
-    """PPO's pessimistic surrogate per token: −min(ρA, clip(ρ, 1−ε_low, 1+ε_high)A), and clip stats.
+def clipped_surrogate(new_logp, old_logp, adv, mask, eps_low: float, eps_high: float,
+                      weight: torch.Tensor | None = None):
+    """PPO's pessimistic surrogate per token: −w·min(ρA, clip(ρ, 1−ε_low, 1+ε_high)A), and clip stats.
 
+    ρ = π_θ/old, `old` the anchor (μ's old_logp, or π_prox under an off-policy correction); `weight` the
+    stop-gradient behaviour weight w of rlpt.framework.offpolicy (None: no weight, the plain surrogate).
     log ρ is masked before exp so padding gives ρ = 1, never overflow (lesson 04).
     """
     log_ratio = (new_logp - old_logp) * mask
     ratio = torch.exp(log_ratio)
     pg_tok = -torch.min(ratio * adv, ratio.clamp(1 - eps_low, 1 + eps_high) * adv)
+    if weight is not None:
+        pg_tok = weight.detach() * pg_tok
     with torch.no_grad():
         n = mask.sum().clamp(min=1)
         stats = {"clip/frac_low": (((ratio < 1 - eps_low) & (adv < 0)).float() * mask).sum() / n,

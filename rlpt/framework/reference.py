@@ -11,7 +11,12 @@ It is also where anything else that scores a fresh batch forward-only runs, on t
 ids: named `scorers`, each `fn(input_ids) -> (B, T-1)`, write `traj.extra[name]` (R,). PPO attaches
 its critic as `scorers={"values": critic}`, so V_old is recorded before any update on the batch
 (verl computes ref log-probs and values in the same phase). Scorers are live models owned by the
-trainer, not frozen copies: they are only read here, under no_grad.
+trainer, not frozen copies: they are only read here, under no_grad. An off-policy correction
+(rlpt.framework.offpolicy) attaches the trainer's own log-probs the same way, `scorers={"prox_logp":
+Reference.prox_scorer(trainer.model, T)}`: scored before the update, they are π_prox.
+
+"Do less": with `ref_logp=False` (the algorithm's `uses_reference` is False: β = 0, no term reads π_ref)
+the π_ref forward is skipped, `ref_logp` stays None (zeros after collate) and only the scorers run.
 """
 from __future__ import annotations
 
@@ -25,12 +30,26 @@ from rlpt.framework.trajectory import Trajectory, collate, per_token_logp, respo
 
 class Reference:
     def __init__(self, model: torch.nn.Module, temperature: float = 1.0, micro_batch_size: int = 256,
-                 scorers: dict[str, Callable[[torch.Tensor], torch.Tensor]] | None = None):
+                 scorers: dict[str, Callable[[torch.Tensor], torch.Tensor]] | None = None, ref_logp: bool = True):
         self.model = copy.deepcopy(model)
         self.temperature = temperature
         self.micro_batch_size = micro_batch_size
         self.scorers = dict(scorers or {})
+        self.ref_logp = ref_logp          # False: no π_ref forward (nothing reads it)
         self.freeze()
+
+    @staticmethod
+    def prox_scorer(model: torch.nn.Module, temperature: float) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The live trainer's log-probs as a scorer (eval mode for the forward, then its mode restored): run
+        before the update, they are π_prox of the off-policy corrections."""
+        def score(input_ids: torch.Tensor) -> torch.Tensor:
+            was = model.training
+            model.eval()
+            try:
+                return per_token_logp(model, input_ids, temperature)
+            finally:
+                model.train(was)
+        return score
 
     def freeze(self) -> None:
         self.model.eval()
@@ -39,14 +58,18 @@ class Reference:
 
     @torch.no_grad()
     def score(self, trajs: list[Trajectory], pad_id: int) -> None:
-        """Fill `ref_logp` (R,), and `extra[name]` (R,) for each scorer, 0 where response_mask is 0."""
+        """Fill `ref_logp` (R,) (unless ref_logp=False), and `extra[name]` (R,) for each scorer, 0 where
+        response_mask is 0."""
+        if not self.ref_logp and not self.scorers:
+            return
         for i in range(0, len(trajs), self.micro_batch_size):
             part = trajs[i:i + self.micro_batch_size]
             batch = collate(part, pad_id)
-            logp = per_token_logp(self.model, batch.input_ids, self.temperature)   # (b, T-1)
+            logp = per_token_logp(self.model, batch.input_ids, self.temperature) if self.ref_logp else None
             scored = {name: fn(batch.input_ids) for name, fn in self.scorers.items()}   # each (b, T-1)
             for row, t in enumerate(part):
                 cols = response_slice(len(t.prompt_ids), len(t.response_ids))
-                t.ref_logp = logp[row, cols] * t.response_mask
+                if logp is not None:
+                    t.ref_logp = logp[row, cols] * t.response_mask
                 for name, x in scored.items():
                     t.extra[name] = x[row, cols].float() * t.response_mask

@@ -145,7 +145,7 @@ class Rollout:
         R = len(s.tokens)
         return Trajectory(prompt_ids=list(prompt.ids), response_ids=list(s.tokens),
                           response_mask=torch.ones(R), old_logp=torch.tensor(s.logps, dtype=torch.float32),
-                          reward=float(verdict.reward), group=group, weights_version=self.version,
+                          reward=float(verdict.reward), group=group, version=self.version,
                           finish_reason=s.finish_reason, info={"text": text, "prompt": prompt.text, **verdict.info})
 
     @torch.no_grad()

@@ -26,6 +26,16 @@ Per step it also logs what lesson 23's failure modes are read from (`rlpt diagno
 metrics.jsonl, not a scalar), and the largest gradient norm (`grad/norm_max`). A non-finite loss or gradient
 norm skips that optimizer step (gradients dropped, weights untouched; the schedule still advances) and is
 counted in `step/nonfinite` (lesson 23: NaN at step 1 is fp16 overflow or a ratio explosion).
+
+Staleness is counted in optimizer steps (lesson 19; miles #2524: several optimizer steps per rollout batch
+compound it). `version` is the number of train steps done; a row sampled with weights of version v, trained in
+the step's optimizer step j (0 … mini_batches·epochs − 1, epochs outer), is
+
+    staleness = (version − v) × mini_batches × epochs + j
+
+optimizer steps behind the weights it updates: `staleness/mean` over every (row, optimizer step) of the step,
+`staleness/max`. In-process with sync.every = 1 and 2 mini-batches: 0 and 1; with sync.every = 2 the
+unsynced steps read 2 and 3.
 """
 from __future__ import annotations
 
@@ -96,7 +106,7 @@ class Trainer:
         self.epochs = epochs
         self.temperature = temperature
         self.generator = torch.Generator().manual_seed(seed)   # mini-batch shuffling
-        self.version = 0                                       # bumps whenever the weights change
+        self.version = 0                                       # train steps done: bumps whenever the weights change
 
     def accumulate_grads(self, batch: Batch, loss_fn: LossFn, check: dict | None = None,
                          log_ratios: list | None = None) -> dict:
@@ -106,7 +116,7 @@ class Trainer:
         for chunk in batch.chunks(self.micro_batch_size):
             new_logp, entropy, outputs = self._forward(chunk.input_ids)
             if check is not None:   # weights untouched since sampling: new must equal old
-                fresh = (chunk.weights_version == self.version)[:, None] * chunk.mask
+                fresh = (chunk.version == self.version)[:, None] * chunk.mask
                 if fresh.any():
                     gap = (new_logp.detach() - chunk.old_logp).abs() * fresh
                     check["check/logp_mismatch"] = max(check.get("check/logp_mismatch", 0.0), gap.max().item())
@@ -135,9 +145,11 @@ class Trainer:
         self.model.train()
         if self.critic is not None:
             self.critic.train()
-        steps, check, log_ratios, nonfinite = [], {}, [], 0
+        steps, check, log_ratios, nonfinite, stale = [], {}, [], 0, []
+        per_version = self.mini_batches * self.epochs       # optimizer steps one train step makes
         for _ in range(self.epochs):
             for mb in batch.minibatches(self.mini_batches, self.generator):
+                stale.append((self.version - mb.version).double() * per_version + len(steps))   # (b,) rows
                 m = self.accumulate_grads(mb, loss_fn, check if not steps else None, log_ratios)
                 m["grad/norm"] = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip))
                 m["grad/norm_max"] = m["grad/norm"]
@@ -158,6 +170,8 @@ class Trainer:
         out["step/nonfinite"] = float(nonfinite)
         out["lr"] = self.opt.param_groups[0]["lr"]
         out |= ratio_stats(torch.cat(log_ratios)) if log_ratios else {}
+        stale = torch.cat(stale)
+        out["staleness/mean"], out["staleness/max"] = stale.mean().item(), stale.max().item()
         if check:
             out["check/logp_mismatch"] = check["check/logp_mismatch"]
             out["check/logp_mismatch_mean"] = check["check/logp_mismatch_sum"] / max(check["check/logp_tokens"], 1.0)

@@ -12,8 +12,13 @@ in an RL system (lesson 05's traps); `response_slice` is the one place it is wri
 Aggregation denominators (`agg_tokens`, `agg_seqs`) are fixed when a batch is made and kept by its
 micro-batch chunks, so the sum of chunk losses equals the whole batch's loss exactly.
 
-`group`, `weights_version`, `finish_reason` and `degenerate` are typed fields every role reads; `info` holds
+`group`, `version`, `finish_reason` and `degenerate` are typed fields every role reads; `info` holds
 only what a verifier or the agent loop adds (correct, text, turns, tool counts).
+
+`version` is the version of the weights a trajectory was sampled with: the trainer's version (its number of
+train steps) that the rollout's weights were synced from, so the number of weight syncs the sampling weights
+had received when every train step is synced (sync.every = 1). Staleness in optimizer steps is computed from it
+by the trainer: (trainer.version − version) × mini_batches × epochs + mini-batch index.
 
 Algorithm-specific per-token tensors (PPO's old values and returns) travel in `Trajectory.extra`
 (R,) and come out of `collate` in `Batch.extra` (B, T-1), shifted like `old_logp`.
@@ -36,7 +41,7 @@ class Trajectory:
     reward: float = 0.0
     advantage: float | torch.Tensor = 0.0  # scalar (broadcast over the response) or (R,) per token (PPO)
     group: int = -1                        # which prompt's group of K it belongs to (numbered per step)
-    weights_version: int = -1              # version of the rollout weights it was sampled with (-1: unknown)
+    version: int = 0                       # version of the rollout weights it was sampled with (module doc)
     finish_reason: str = ""                # "stop" (EOS) | "length" | "max_turns" | "error" (multi-turn)
     degenerate: bool = False               # set by the algorithm: its group carries no gradient, dropped before collate
     info: dict = field(default_factory=dict)   # the verifier's and the agent loop's extras: correct, text, turns, ...
@@ -58,7 +63,7 @@ class Batch:
     advantage: torch.Tensor        # (B, T-1) scalar advantages broadcast over each response
     reward: torch.Tensor           # (B,)
     prompt_len: torch.Tensor       # (B,)
-    weights_version: torch.Tensor  # (B,) version of the weights each row was sampled with
+    version: torch.Tensor          # (B,) version of the weights each row was sampled with
     agg_tokens: float              # Σ mask over the whole (mini-)batch this chunk belongs to
     agg_seqs: float                # number of sequences in that (mini-)batch
     extra: dict = field(default_factory=dict)   # algorithm-specific (B, T-1) tensors, e.g. PPO's values/returns
@@ -71,7 +76,7 @@ class Batch:
         """Rows `rows`; `renormalize=True` makes it a batch of its own (a PPO mini-batch),
         False keeps the parent's denominators (a gradient-accumulation chunk)."""
         sub = {k: getattr(self, k)[rows] for k in ("input_ids", "mask", "old_logp", "ref_logp", "advantage",
-                                                    "reward", "prompt_len", "weights_version")}
+                                                    "reward", "prompt_len", "version")}
         m = sub["mask"]
         norm = dict(agg_tokens=float(m.sum()), agg_seqs=float(m.shape[0])) if renormalize else \
             dict(agg_tokens=self.agg_tokens, agg_seqs=self.agg_seqs)
@@ -137,7 +142,7 @@ def collate(trajs: list[Trajectory], pad_id: int) -> Batch:
                  advantage=_columns(trajs, T, advantages), extra=_collate_extra(trajs, T),
                  reward=torch.tensor([float(t.reward) for t in trajs]),
                  prompt_len=torch.tensor([len(t.prompt_ids) for t in trajs]),
-                 weights_version=torch.tensor([t.weights_version for t in trajs]),
+                 version=torch.tensor([t.version for t in trajs]),
                  agg_tokens=float(mask.sum()), agg_seqs=float(len(trajs)))
 
 
