@@ -29,11 +29,14 @@ install: sysdeps $(STAMP)
 run: $(STAMP)
 	$(BIN)/rlpt pipeline --resume $(ARGS)
 
+# two pytest workers, one per core (tests run torch at 1 thread); a file's tests stay on one worker, so a
+# module's expensive fixture (a trained SFT start) is built once
+XDIST := -n 2 --dist loadfile
 test: sysdeps $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q $(XDIST)
 
 test-fast: sysdeps $(STAMP)
-	$(BIN)/python -m pytest -q -m 'not slow'
+	$(BIN)/python -m pytest -q $(XDIST) -m 'not slow'
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
