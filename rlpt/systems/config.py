@@ -1,0 +1,35 @@
+"""The `system:` section of a TrainJob: where the roles run (see rlpt.systems).
+
+    rlpt train recipes/grpo_arith.yaml system.topology=async system.rollout_workers=2 system.max_staleness=2
+
+`colocated` (the default) is the in-process Controller and needs no Ray; every other topology places the
+rollout workers (engine + env) and one trainer (reference + algorithm + trainer, + critic) as Ray actors
+built from the same TrainJob (`pip install 'rlpt[ray]'`).
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from rlpt.config import Section
+
+TOPOLOGIES = ("colocated", "disaggregated", "one_step_off", "async")
+
+
+class SystemConfig(Section):
+    topology: Literal["colocated", "disaggregated", "one_step_off", "async"] = Field(
+        "colocated", description="colocated: in-process (no Ray); disaggregated: Ray actors, synchronous; "
+                                 "one_step_off: generation of step i+1 overlaps training on i; async: free-running "
+                                 "rollout, staleness ≤ max_staleness")
+    rollout_workers: int = Field(1, ge=1, description="rollout actors (engine + env); rollout.prompts_per_step is "
+                                                      "split among them")
+    max_staleness: int = Field(1, ge=0, description="η (async only): a trained group was sampled at most η weight "
+                                                    "versions before the trainer's (AReaL's max_head_offpolicyness)")
+    transport: Literal["object_store", "gloo"] = Field(
+        "object_store", description="weight sync: the Ray object store (ray.put/get), or a ray.util.collective "
+                                    "gloo broadcast from the trainer")
+    verify: bool = Field(True, description="check every sync by a sha256 digest of the weights (a mismatch stops "
+                                           "the run)")
+    address: str | None = Field(None, description="Ray cluster to attach to (e.g. 'auto', 'ray://head:10001'); "
+                                                  "None: RAY_ADDRESS, or a local Ray started for the run")

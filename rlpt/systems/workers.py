@@ -1,0 +1,195 @@
+"""The roles as Ray actors, built in each actor from the same TrainJob the in-process path uses.
+
+    RolloutWorker  rollout + env              generate(n) -> groups (old_logp, reward, weights version stamped)
+    TrainerWorker  reference + algorithm      step(groups) -> metrics: the in-process Controller's own step,
+                   + trainer (+ critic)       fed the groups instead of sampling them
+
+Each actor calls `build(job, init)` (rlpt.train.build, handed in by rlpt.train: floor 5 may not import floor 6)
+under the same torch.manual_seed the in-process run sets, and keeps the roles it plays. The trainer actor keeps
+the whole Controller and swaps two roles: its rollout becomes a `Feed` that returns the groups the rollout
+workers sent, its syncer a `DeferredSyncer` that counts like WeightSyncer but leaves the copying to the runner's
+transport. So a disaggregated step runs exactly the in-process step's code, and with one rollout worker (which
+keeps the job's seed) gives the same metrics (tests/test_systems_ray.py). Worker r > 0 builds with
+run.seed + r, so the workers draw different prompts and tokens.
+
+The classes are plain; `actor_classes()` wraps them with `ray.remote` when a Ray topology starts. Threads per
+actor: run.threads, or 1 (on a small machine the actors contend for the same cores).
+"""
+from __future__ import annotations
+
+import dataclasses
+import random
+import time
+from collections.abc import Callable
+
+import torch
+
+from rlpt.framework.trajectory import Trajectory, flatten
+from rlpt.systems.transport import Payload, digest, make_transport, named_weights
+
+HAS_VERSION = any(f.name == "version" for f in dataclasses.fields(Trajectory))   # issue 15 part A's sync count
+
+
+def require_ray():
+    try:
+        import ray
+    except ImportError:
+        raise ImportError("system.topology other than colocated runs on Ray, which is not installed: "
+                          "pip install 'rlpt[ray]' (or run with system.topology=colocated)") from None
+    return ray
+
+
+def _seeded_build(build: Callable, job, init, seed: int, threads: int):
+    torch.set_num_threads(threads)
+    if seed != job.run.seed:
+        job = job.model_copy(update={"run": job.run.model_copy(update={"seed": seed})})
+    torch.manual_seed(seed)   # what run_train sets before build: the critic's init and any global draw match
+    return build(job, init)
+
+
+class RolloutWorker:
+    """Samples and verifies groups with its own copy of the policy, written only by `apply` (a weight sync)."""
+
+    def __init__(self, build: Callable, job, init, rank: int, transport: str, verify: bool, threads: int = 1,
+                 group: str = "rlpt_sync"):
+        ctl, _ = _seeded_build(build, job, init, job.run.seed + rank, threads)
+        self.rank, self.rollout, self.env, self.k = rank, ctl.rollout, ctl.env, ctl.k
+        self.transport = make_transport(transport, verify, group)
+        self.syncs = 0                 # weight syncs received: stamped as traj.version where the field exists
+        self.slow: tuple[float, float, random.Random] | None = None
+
+    def slow_verify(self, seconds: float, jitter: float = 0.0, seed: int = 0) -> None:
+        """Inject latency after each generate (a judge or sandbox stand-in, or the async test's random delays):
+        sleeps seconds + U(0, jitter), counted in time/verify."""
+        self.slow = (seconds, jitter, random.Random(seed + self.rank))
+
+    def generate(self, n_groups: int) -> dict:
+        t0 = time.time()
+        self.rollout.prompts_per_step = n_groups
+        groups = self.rollout.generate(self.env, self.k)
+        stats = dict(self.rollout.stats)
+        if self.slow is not None:
+            seconds, jitter, rng = self.slow
+            pause = seconds + rng.uniform(0.0, jitter)
+            time.sleep(pause)
+            stats["time/verify"] = stats.get("time/verify", 0.0) + pause
+        if HAS_VERSION:
+            for t in flatten(groups):
+                t.version = self.syncs
+        return {"groups": groups, "stats": stats, "version": self.rollout.version, "rank": self.rank,
+                "t0": t0, "t1": time.time()}
+
+    def join(self, world_size: int, rank: int) -> None:
+        self.transport.join(world_size, rank)
+
+    def apply(self, payload: Payload) -> dict:
+        t0 = time.time()
+        self.rollout.version = self.transport.apply(payload, self.rollout.model)
+        self.syncs += 1
+        return {"version": self.rollout.version, "digest": payload.digest, "t0": t0, "t1": time.time()}
+
+    def digest(self) -> str:
+        return digest(self.rollout.model)
+
+    def state_dict(self) -> dict:
+        return {"rollout": self.rollout.state_dict(), "env": self.env.state_dict(), "syncs": self.syncs}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rollout.load_state_dict(state["rollout"])
+        self.env.load_state_dict(state["env"])
+        self.syncs = state.get("syncs", self.rollout.version)
+
+
+class Feed:
+    """The trainer actor's rollout role: hands the Controller the groups the rollout workers sampled."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model     # the trainer actor's unused rollout copy (the Controller's syncer never writes it)
+        self.version = 0
+        self.stats: dict = {}
+        self.groups: list = []
+
+    def generate(self, env, K: int) -> list[list[Trajectory]]:
+        return self.groups
+
+
+class DeferredSyncer:
+    """WeightSyncer's counting (sync every `every` train steps, same state) without the copy: `sync` says whether
+    this step's weights are due at the rollout workers, and the runner moves them with its transport."""
+
+    def __init__(self, every: int = 1):
+        self.every, self.steps, self.syncs = every, 0, 0
+
+    def sync(self, trainer, rollout) -> bool:
+        self.steps += 1
+        if self.steps % self.every:
+            return False
+        self.syncs += 1
+        return True
+
+    def state_dict(self) -> dict:
+        return {"steps": self.steps, "syncs": self.syncs}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.steps, self.syncs = state["steps"], state["syncs"]
+
+
+class TrainerWorker:
+    """Reference + algorithm + trainer (+ critic): the Controller's step on groups sampled elsewhere."""
+
+    def __init__(self, build: Callable, job, init, transport: str, verify: bool, threads: int = 1,
+                 group: str = "rlpt_sync"):
+        ctl, _ = _seeded_build(build, job, init, job.run.seed, threads)
+        self.has_group_filter = ctl.rollout.group_filter is not None
+        ctl.rollout = Feed(ctl.rollout.model)
+        ctl.syncer = DeferredSyncer(job.sync.every)
+        self.ctl = ctl
+        self.transport = make_transport(transport, verify, group)
+
+    def info(self) -> dict:
+        return {"group_filter": self.has_group_filter, "version": self.ctl.trainer.version}
+
+    def step(self, groups: list[list[Trajectory]], stats: dict) -> dict:
+        t0, v0 = time.time(), self.ctl.trainer.version
+        self.ctl.rollout.groups, self.ctl.rollout.stats = groups, stats
+        metrics = self.ctl.step()
+        return {"metrics": metrics, "version_before": v0, "version": self.ctl.trainer.version,
+                "t0": t0, "t1": time.time()}
+
+    def join(self, world_size: int, rank: int) -> None:
+        self.transport.join(world_size, rank)
+
+    def publish(self) -> Payload:
+        return self.transport.publish(self.ctl.trainer.model, self.ctl.trainer.version)
+
+    def send(self) -> float:
+        t0 = time.time()
+        self.transport.send(self.ctl.trainer.model)
+        return time.time() - t0
+
+    def digest(self) -> str:
+        return digest(self.ctl.trainer.model)
+
+    def weights(self) -> dict:
+        return {k: v.clone() for k, v in named_weights(self.ctl.trainer.model).items()}
+
+    def state_dict(self) -> dict:
+        state = {"trainer": self.ctl.trainer.state_dict(), "sync": self.ctl.syncer.state_dict()}
+        if algorithm := self.ctl.algorithm.state_dict():
+            state["algorithm"] = algorithm
+        return state
+
+    def load_state_dict(self, state: dict, weights: dict) -> None:
+        with torch.no_grad():
+            for name, p in self.ctl.trainer.model.named_parameters():
+                p.copy_(weights[name])
+        self.ctl.trainer.load_state_dict(state["trainer"])
+        self.ctl.syncer.load_state_dict(state["sync"])
+        self.ctl.algorithm.load_state_dict(state.get("algorithm", {}))
+
+
+def actor_classes(threads: int = 1):
+    """(RolloutWorker, TrainerWorker) as Ray actor classes, one CPU each (a logical resource: Ray lets them
+    share fewer cores)."""
+    ray = require_ray()
+    return ray.remote(num_cpus=1)(RolloutWorker), ray.remote(num_cpus=1)(TrainerWorker)
