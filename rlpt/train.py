@@ -63,6 +63,7 @@ from rlpt.optim import make_optimizer
 from rlpt.report import LAST10, PROGRESS, summarize  # noqa: F401 - the end-of-run table, re-exported
 from rlpt.run import Run, rng_state, set_rng_state
 from rlpt.sft import SFTJob, check_demonstration_fits, train_sft
+from rlpt.systems.config import SystemConfig
 
 
 class EnvConfig(Section):
@@ -153,6 +154,7 @@ class TrainJob(TrainStage):
     init_from: str | None = None
     sft: SFTConfig = SFTConfig(steps=180, format="cot")
     eval: EvalConfig = EvalConfig(every=25, size=400)
+    system: SystemConfig = SystemConfig()   # where the roles run: in-process (colocated) or Ray actors
 
     @model_validator(mode="after")
     def _env(self):
@@ -308,6 +310,9 @@ def run_train(job: TrainJob, resume: bool = False, allow_change: Collection[str]
     try:                                                   # the SFT start is trained inside it
         init = sft_init(job, resume, allow_change)
         ctl, heldout = build(job, init)
+        if job.system.topology != "colocated":   # the same roles as Ray actors (rlpt.systems), in ctl's place
+            from rlpt.systems.runner import RaySystem
+            ctl = RaySystem(job, build, init, local=ctl)
     except BaseException:
         run.abandon()   # a failed start leaves no new run folder behind (one with a trained SFT start stays)
         raise
@@ -342,6 +347,8 @@ def run_train(job: TrainJob, resume: bool = False, allow_change: Collection[str]
         run.log(0, eval_fn())
     train_loop(run, start, job.steps, lambda step: ctl.step(), eval_fn, save, job.eval.every, job.ckpt_every,
                job.run.progress, desc=job.algorithm.name, show=PROGRESS)
+    if job.system.topology != "colocated":
+        ctl.close()
     final = summarize(run.read_metrics())
     run.finish()
     run.close()
