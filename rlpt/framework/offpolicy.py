@@ -45,7 +45,7 @@ MODES: tuple[str, ...] = ("none", "tis", "icepop", "seq_mask_tis", "decoupled")
 def ess(w: torch.Tensor, mask: torch.Tensor) -> float:
     """Effective sample size of weights w over the tokens where mask is 1: (Σw)² / Σw².
     n for n equal weights; 1 when one token carries all the weight; 0 when every weight is 0 or no token counts."""
-    wm = w * mask
+    wm = (w * mask).double()
     sq = float((wm * wm).sum())
     return float(wm.sum()) ** 2 / sq if sq > 0 else 0.0
 
@@ -68,22 +68,24 @@ def behaviour_weights(prox_logp: torch.Tensor, behav_logp: torch.Tensor, mask: t
     ones = torch.ones_like(rho)
     clamped = torch.zeros_like(valid)
     keep = valid.clone()
+    log_low, log_high = (torch.log(torch.tensor(x, dtype=log_rho.dtype)) for x in (low, high))   # bounds in log space
+    inside = (log_rho >= log_low) & (log_rho <= log_high)
     if mode == "none":
         w = ones
     elif mode == "tis":
         w = rho.clamp(max=cap)
         clamped = valid & (rho > cap)
     elif mode == "icepop":
-        keep = valid & (rho >= low) & (rho <= high)
+        keep = valid & inside
         w = torch.where(keep, rho, torch.zeros_like(rho))
     elif mode == "seq_mask_tis":
         log_gm = log_rho.sum(-1) / mask.sum(-1).clamp(min=1)         # (B,) log of the geometric mean ρ̄_i
-        row_kept = (log_gm >= torch.log(torch.tensor(low))) & (log_gm <= torch.log(torch.tensor(high)))
+        row_kept = (log_gm >= log_low) & (log_gm <= log_high)
         keep = valid & row_kept[:, None]
         w = torch.where(keep, rho.clamp(max=cap), torch.zeros_like(rho))
         clamped = keep & (rho > cap)
     else:   # decoupled
-        keep = valid & (rho <= high)
+        keep = valid & (log_rho <= log_high)
         w = torch.where(keep, rho, torch.zeros_like(rho))
     w = torch.where(valid, w, ones)                                  # padding: weight 1
     n = int(valid.sum())
