@@ -45,6 +45,7 @@ from rlpt.config import (
     quote,
     read_yaml,
 )
+from rlpt.envs.curriculum import CurriculumConfig, curriculum_kwargs
 from rlpt.framework.agent_loop import MultiTurnRollout
 from rlpt.framework.algorithm import ALGORITHMS, AlgorithmConfig, AlgorithmConfigError, make_algorithm
 from rlpt.framework.controller import Controller
@@ -70,6 +71,8 @@ class EnvConfig(Section):
     name: str = "arithmetic"
     model_path: str | None = Field(None, description="checkpoint or run folder of the model an env scores with "
                                    "(reward_model: an `rlpt rm` run; judge: an SFT checkpoint)")
+    curriculum: CurriculumConfig = Field(CurriculumConfig(), description="env.name=curriculum only: the online "
+                                         "curriculum and operand ramp (rlpt/envs/curriculum.py)")
 
 
 class RolloutConfig(Section):
@@ -200,7 +203,8 @@ def check_env_prompts(job: TrainJob) -> None:
     """The env's prompts must be text gpt_mini can write, with room to answer: a prompt its arithmetic
     alphabet cannot encode becomes an empty one (CodeEnv), and every RL step would be skipped."""
     tok = CharTokenizer()
-    env = make_env(job.env.name, task=make_task(job.task), seed=0, tokenizer=tok)
+    env = make_env(job.env.name, task=make_task(job.task), seed=0, tokenizer=tok,
+                   **curriculum_kwargs(job.env.name, job.env.curriculum))
     for p in env.heldout(8):
         if not p.ids:
             raise ValueError(f"env.name={job.env.name} asks {quote(p.text, 60)}, which gpt_mini's arithmetic "
@@ -219,10 +223,10 @@ def env_model_kwargs(env: EnvConfig) -> dict:
         if env.model_path is not None:
             raise ValueError(f"env.model_path is set but env '{env.name}' scores without a model: "
                              "remove env.model_path or pick an env that takes one (reward_model, judge)")
-        return {}
+        return curriculum_kwargs(env.name, env.curriculum)
     if env.model_path is None:
         raise ValueError(f"env '{env.name}' needs a model: set env.model_path=<checkpoint or run folder>")
-    return {arg: env.model_path}
+    return {arg: env.model_path, **curriculum_kwargs(env.name, env.curriculum)}
 
 
 def load_train_job(path: str | None, overrides: list[str], base: dict | None = None) -> TrainJob:

@@ -11,9 +11,18 @@ reachable: MiMo (issue #12 of its repository) saw instability when solved prompt
 p̂ drifts with the policy (a prompt at p̂ = 0 now may be at 0.4 in a thousand steps), so nothing is ever removed.
 γ < 1 forgets old groups (the policy that produced them is gone); γ = 1 keeps every count.
 
-The state (counts and the sampler's RNG) round-trips through `state_dict`, so a resumed run draws the same
-batches. This class is pure: it is not wired into rlpt.train yet (the controller would call `update` with each
-step's groups and the env would draw its prompts from `sample`).
+For arithmetic, `OperandRamp` widens the operand counts a curriculum draws from, one count at a time:
+
+    width w (start: the widest count the SFT start was shown)
+    after each step: window <- the last `window` rewards of samples on w-operand prompts
+    widen to w + 1 when the window is full and its mean >= threshold (then the window starts empty)
+
+so RL extends a policy past its demonstrations only as fast as it masters each width. A count just opened brings
+unseen prompts (p̂ = 1/2, the largest weight), so the sampler turns to them by itself.
+
+The state (counts, the sampler's RNG, the ramp's width and window) round-trips through `state_dict`, so a resumed
+run draws the same batches. The classes are pure; rlpt.envs.curriculum wires them into training (`env.name=
+curriculum`), where the controller hands each step's groups to the env's `observe`.
 """
 from __future__ import annotations
 
@@ -53,9 +62,11 @@ class Curriculum:
             self.s[i] = self.decay * self.s[i] + float(sum(rewards))
             self.n[i] = self.decay * self.n[i] + len(rewards)
 
-    def sample(self, m: int) -> list[str]:
-        """m distinct prompt ids (all of them if m >= the set), P(first = x) = w_x / Σ w."""
-        keys = [(math.log(1 - self.rng.random()) / self.weight(x), x) for x in self.ids]   # log u^(1/w), u in (0, 1]
+    def sample(self, m: int, among: Sequence[str] | None = None) -> list[str]:
+        """m distinct prompt ids of `among` (default: all; all of them if m >= their number), P(first = x) = w_x / Σ w.
+        m = len(among) is a weighted random order of them: take from its front."""
+        ids = self.ids if among is None else among
+        keys = [(math.log(1 - self.rng.random()) / self.weight(x), x) for x in ids]   # log u^(1/w), u in (0, 1]
         keys.sort(key=lambda t: t[0], reverse=True)
         return [x for _, x in keys[:m]]
 
@@ -67,3 +78,37 @@ class Curriculum:
             raise ValueError("the curriculum's saved prompt ids differ from this prompt set: resume with the same set")
         self.s, self.n = list(state["s"]), list(state["n"])
         self.rng.setstate(state["rng"])
+
+
+class OperandRamp:
+    """The widest operand count drawn, widened as the pass rate at that count reaches `threshold` (module doc)."""
+
+    def __init__(self, start: int, stop: int, threshold: float = 0.8, window: int = 64):
+        if not 1 <= start <= stop:
+            raise ValueError(f"an operand ramp needs 1 <= start <= stop, got start={start}, stop={stop}")
+        if not 0 < threshold <= 1:
+            raise ValueError(f"threshold must be in (0, 1], got {threshold}")
+        if window < 1:
+            raise ValueError(f"window must be >= 1, got {window}")
+        self.width, self.stop, self.threshold, self.window = start, stop, threshold, window
+        self.recent: list[float] = []      # the last `window` rewards at the current width
+
+    def pass_rate(self) -> float | None:
+        """The mean of the window (None while it is empty)."""
+        return sum(self.recent) / len(self.recent) if self.recent else None
+
+    def update(self, outcomes: Sequence[tuple[int, Sequence[float]]]) -> bool:
+        """Fold in one step's groups as (operand count, rewards); True if the ramp widened."""
+        for count, rewards in outcomes:
+            if count == self.width:
+                self.recent = (self.recent + [float(r) for r in rewards])[-self.window:]
+        if self.width < self.stop and len(self.recent) == self.window and self.pass_rate() >= self.threshold:
+            self.width, self.recent = self.width + 1, []
+            return True
+        return False
+
+    def state_dict(self) -> dict:
+        return {"width": self.width, "recent": list(self.recent)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.width, self.recent = state["width"], list(state["recent"])

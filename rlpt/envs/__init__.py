@@ -6,5 +6,6 @@
     judge       an rlpt model as LLM-as-judge, order randomised       rlpt.envs.judge
     leaky       a deliberately hackable verifier (reward-hacking demo) rlpt.envs.leaky
     prm         the verifier plus a process reward model's step scores  rlpt.envs.prm
+    curriculum  arithmetic prompts drawn by an online curriculum         rlpt.envs.curriculum
 """
-from rlpt.envs import calculator, code_sandbox, judge, leaky, math_answer, prm  # noqa: F401 - registers them
+from rlpt.envs import calculator, code_sandbox, curriculum, judge, leaky, math_answer, prm  # noqa: F401 - registers them

@@ -1,0 +1,131 @@
+"""The arithmetic task behind an online curriculum (lesson 18a online): `env.name=curriculum`.
+
+    pool      `env.curriculum.pool` distinct training prompts per operand count, task.min_operands..max_operands
+    active    the pool's prompts with at most `width` operands (rlpt.data.curriculum.OperandRamp)
+    draw      each step, a weighted random order of the active prompts, P ∝ max(p̂(1-p̂), floor); the rollout
+              takes prompts from its front, so a step's prompts are distinct (rlpt.data.curriculum.Curriculum)
+    observe   after the step's advantages, the controller hands the groups back: each prompt's p̂ takes its K
+              rewards, the ramp its rewards at the widest count; the next step draws with the new weights
+
+Why a separate env and not a `curriculum:` switch on `arithmetic`: ArithmeticEnv lives in rlpt/framework (floor 3)
+and the curriculum in rlpt/data (floor 4), which the framework cannot import; and a named env leaves the plain
+task's draws (and every resume test and result built on them) untouched. Verification and the held-out set are
+the arithmetic task's, all operand counts up to task.max_operands, so `acc/heldout` shows what the ramp reached.
+
+To extend a policy past its demonstrations: SFT on task.max_operands=4, then RL from it with task.max_operands=6
+and env.curriculum.start_operands=4: the 5-operand prompts open when the 4-operand ones pass at `threshold`
+(recipes/curriculum_arith.yaml).
+
+The pass-rate table, the sampler's RNG, the ramp's width and window and the rest of the step's order are in
+`state_dict`, so a resumed `rlpt train` run draws the same prompts as an uninterrupted one.
+
+Only the groups that reach the controller are observed: with an algorithm that drops degenerate groups at
+sampling time (DAPO's GroupFilter), those groups' prompts keep their p̂, so pair the curriculum with GRPO-style
+algorithms that keep every group, or read curriculum/* knowing it.
+"""
+from __future__ import annotations
+
+import random
+
+from pydantic import Field
+
+from rlpt.config import Section
+from rlpt.data.curriculum import Curriculum, OperandRamp
+from rlpt.framework.environment import ArithmeticEnv, Prompt, register_env
+from rlpt.gpt_mini.task import ArithmeticTask, Problem
+from rlpt.gpt_mini.tokenizer import CharTokenizer
+
+
+class CurriculumConfig(Section):
+    """`env.curriculum.*`: read by env.name=curriculum only."""
+    pool: int = Field(256, ge=1, description="distinct training prompts per operand count (fewer where the "
+                                             "task's training split has fewer)")
+    floor: float = Field(0.01, gt=0, le=0.25, description="least sampling weight: p̂(1-p̂) is at most 0.25")
+    decay: float = Field(1.0, gt=0, le=1, description="γ: each step's older counts are multiplied by it; 1 keeps all")
+    start_operands: int = Field(0, ge=0, description="widest operand count at the start; 0 = task.max_operands "
+                                                     "(no ramp)")
+    threshold: float = Field(0.8, gt=0, le=1, description="widen when the pass rate at the widest count reaches it")
+    window: int = Field(64, ge=1, description="samples at the widest count the pass rate is measured over")
+
+
+def arithmetic_pool(task: ArithmeticTask, per_count: int, seed: int) -> list[Problem]:
+    """`per_count` distinct training problems for each operand count of the task (fewer if the split has fewer),
+    the same for the same task and seed on any machine."""
+    rng, pool = random.Random(f"curriculum-pool:{seed}"), []
+    for count in range(task.min_operands, task.max_operands + 1):
+        seen: set[Problem] = set()
+        for _ in range(50 * per_count + 1000):
+            if len(seen) == per_count:
+                break
+            p = Problem(tuple(rng.randint(task.min_value, task.max_value) for _ in range(count)))
+            if p not in seen and not task.is_heldout(p):
+                seen.add(p)
+                pool.append(p)
+    return pool
+
+
+@register_env("curriculum")
+class CurriculumEnv(ArithmeticEnv):
+    """The arithmetic task with its training prompts drawn by an online curriculum (module doc)."""
+
+    def __init__(self, task: ArithmeticTask | None = None, seed: int = 0, tokenizer: CharTokenizer | None = None,
+                 curriculum: CurriculumConfig | None = None):
+        super().__init__(task, seed, tokenizer)
+        cfg = self.cfg = curriculum or CurriculumConfig()
+        t = self.task
+        start = cfg.start_operands or t.max_operands
+        if not t.min_operands <= start <= t.max_operands:
+            raise ValueError(f"env.curriculum.start_operands={cfg.start_operands} must lie in task.min_operands.."
+                             f"task.max_operands ({t.min_operands}..{t.max_operands}), or be 0 for no ramp")
+        self.problems = {p.prompt: p for p in arithmetic_pool(t, cfg.pool, seed)}
+        self.curriculum = Curriculum(list(self.problems), floor=cfg.floor, decay=cfg.decay, seed=seed)
+        self.ramp = OperandRamp(start, t.max_operands, cfg.threshold, cfg.window)
+        self.order: list[str] = []      # the rest of this step's weighted order of the active prompts
+        if not self.active():
+            raise ValueError(f"the task's training split has no prompt of at most {start} operands: widen "
+                             "task.max_value or raise env.curriculum.start_operands")
+
+    def active(self) -> list[str]:
+        return [x for x, p in self.problems.items() if len(p.operands) <= self.ramp.width]
+
+    def reset(self, split: str = "train") -> Prompt:
+        if split != "train":
+            return super().reset(split)
+        if not self.order:
+            active = self.active()
+            self.order = self.curriculum.sample(len(active), among=active)
+        return self._prompt(self.problems[self.order.pop(0)])
+
+    def observe(self, groups: list) -> dict:
+        outcomes = [(g[0].info["prompt"], [float(t.reward) for t in g]) for g in groups
+                    if g and g[0].info.get("prompt") in self.problems]
+        self.curriculum.update(outcomes)
+        widened = self.ramp.update([(len(self.problems[x].operands), r) for x, r in outcomes])
+        self.order = []                 # the next step draws with the new weights (and width)
+        active = self.active()
+        out = {"curriculum/width": float(self.ramp.width), "curriculum/widened": float(widened),
+               "curriculum/active": float(len(active)),
+               "curriculum/p_hat_mean": sum(self.curriculum.p_hat(x) for x in active) / len(active)}
+        if (rate := self.ramp.pass_rate()) is not None:
+            out["curriculum/width_pass_rate"] = rate
+        return out
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "curriculum": self.curriculum.state_dict(), "ramp": self.ramp.state_dict(),
+                "order": list(self.order)}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.curriculum.load_state_dict(state["curriculum"])
+        self.ramp.load_state_dict(state["ramp"])
+        self.order = list(state["order"])
+
+
+def curriculum_kwargs(env_name: str, cfg: CurriculumConfig) -> dict:
+    """`env.curriculum` as the keyword env.name=curriculum takes; set for any other env, an error naming the key."""
+    if env_name == "curriculum":
+        return {"curriculum": cfg}
+    if cfg != CurriculumConfig():
+        raise ValueError(f"env.curriculum.* is set but env.name={env_name} does not read it: set env.name=curriculum "
+                         "or remove the env.curriculum keys")
+    return {}

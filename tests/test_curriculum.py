@@ -1,0 +1,183 @@
+"""The online curriculum in RL (`env.name=curriculum`) and the data-signal metrics every RL step logs.
+
+Budget: the unit tests well under 0.1 s each; the `rlpt train` resume test 2 s (AMD EPYC, 1 thread), not `slow`.
+"""
+import itertools
+import json
+import shutil
+from fractions import Fraction
+
+import pytest
+import torch
+
+from rlpt.config import ConfigError
+from rlpt.data.curriculum import Curriculum, OperandRamp
+from rlpt.envs.curriculum import CurriculumConfig, CurriculumEnv, arithmetic_pool
+from rlpt.framework.environment import ArithmeticEnv, env_class
+from rlpt.framework.signal_metrics import bucket, signal, signal_metrics, wasted
+from rlpt.framework.trajectory import Trajectory
+from rlpt.gpt_mini.task import ArithmeticTask
+from rlpt.train import load_train_job, run_train
+
+from conftest import TINY_RL
+
+
+def group(rewards, prompt="<1+2>"):
+    return [Trajectory([1], [2], torch.ones(1), torch.zeros(1), reward=float(r), info={"prompt": prompt})
+            for r in rewards]
+
+
+# -- the data-signal metrics ---------------------------------------------------------------------------------
+def test_signal_metrics_by_hand():
+    # K = 4: all pass, all fail, p̂ = 1/4, p̂ = 1/2
+    m = signal_metrics([group([1, 1, 1, 1]), group([0, 0, 0, 0]), group([1, 0, 0, 0]), group([1, 1, 0, 0])])
+    assert m["data/wasted_realised"] == (4 + 4 + 0 + 0) / 4
+    # K(p^K + (1-p)^K): 4, 4, 4(1/256 + 81/256) = 1.28125, 4(1/16 + 1/16) = 0.5
+    assert m["data/wasted_expected"] == pytest.approx((4 + 4 + 1.28125 + 0.5) / 4, abs=1e-12)
+    assert m["data/signal"] == pytest.approx((0 + 0 + 3 / 16 + 1 / 4) / 4, abs=1e-12)   # (1/K)Σ(r - r̄)² = p̂(1-p̂)
+    hist = {k.rsplit("/", 1)[1]: v for k, v in m.items() if k.startswith("data/passrate_hist/")}
+    assert hist == {"0": 0.25, "0-25": 0.0, "25-50": 0.25, "50-75": 0.25, "75-100": 0.0, "100": 0.25}
+
+
+def test_signal_metrics_without_pass_fail_rewards_report_only_the_realised_waste():
+    assert signal_metrics([group([0.5, 2.0]), group([-1.0, -1.0])]) == {"data/wasted_realised": 1.0}
+    assert signal_metrics([]) == {}
+
+
+def test_bucket_edges():
+    assert [bucket(p) for p in (0.0, 1e-9, 0.2499, 0.25, 0.5, 0.7499, 0.75, 1 - 1e-9, 1.0)] == \
+        ["0", "0-25", "0-25", "25-50", "50-75", "50-75", "75-100", "75-100", "100"]
+
+
+@pytest.mark.parametrize("k", [2, 3, 4, 6])
+def test_realised_waste_is_unbiased_and_the_plug_in_is_not(k):
+    """Over {0,1}^K with exact Bernoulli(p) weights: E[K·1[degenerate]] = K(p^K + (1-p)^K) exactly; the plug-in
+    K(p̂^K + (1-p̂)^K) is ≥ the realised count on every outcome; E[p̂(1-p̂)] = p(1-p)(K-1)/K."""
+    p = Fraction(3, 10)
+    e_realised = e_plugin = e_signal = Fraction(0)
+    for rs in itertools.product((0, 1), repeat=k):
+        w = p ** sum(rs) * (1 - p) ** (k - sum(rs))
+        ph = Fraction(sum(rs), k)
+        realised = k * (len(set(rs)) == 1)
+        plugin = k * (ph ** k + (1 - ph) ** k)
+        assert plugin >= realised
+        e_realised, e_plugin, e_signal = e_realised + w * realised, e_plugin + w * plugin, e_signal + w * ph * (1 - ph)
+    assert e_realised == k * (p ** k + (1 - p) ** k)
+    assert float(e_realised) == pytest.approx(wasted(0.3, k), abs=1e-12)
+    assert e_plugin > e_realised
+    assert e_signal == p * (1 - p) * (k - 1) / k and float(e_signal) == pytest.approx(signal(0.3, k), abs=1e-12)
+
+
+# -- the operand ramp ----------------------------------------------------------------------------------------
+def test_operand_ramp_widens_on_a_full_window_at_threshold():
+    r = OperandRamp(start=2, stop=4, threshold=0.75, window=4)
+    assert not r.update([(2, [1, 1, 0])]) and r.pass_rate() == pytest.approx(2 / 3)     # window not full
+    assert r.update([(3, [0, 0]), (2, [1])]) and r.width == 3 and r.pass_rate() is None  # [1,1,0,1]: 0.75, widen
+    assert not r.update([(2, [1, 1, 1, 1]), (3, [1, 0])])                                # count 2 no longer counts
+    assert r.update([(3, [1, 1, 1])]) and r.width == 4       # window [0, 1, 1, 1] (the last 4): 0.75
+    assert not r.update([(4, [1] * 8)]) and r.width == 4     # at task.max_operands: stays
+    s = OperandRamp(2, 3, 0.9, 2)
+    assert not s.update([(2, [1, 0])]) and not s.update([(2, [0, 1])]) and s.width == 2   # 0.5 < 0.9
+    with pytest.raises(ValueError, match="start <= stop"):
+        OperandRamp(5, 4)
+
+
+def test_curriculum_sample_among_a_subset():
+    c = Curriculum(["a", "b", "c", "d"], seed=1)
+    assert sorted(c.sample(3, among=["b", "d"])) == ["b", "d"]
+    c.update([("a", [1.0] * 198)])                      # p̂(a) = 199/200: p̂(1-p̂) = 0.004975, under the floor
+    assert c.weight("a") == 0.01 and c.weight("b") == 0.25
+    firsts = [c.sample(4)[0] for _ in range(4000)]      # P(first = a) = 0.01 / (0.01 + 3 · 0.25) = 0.01316
+    assert firsts.count("a") / 4000 == pytest.approx(0.01 / 0.76, abs=0.006)     # ±3.3σ
+
+
+# -- the env -------------------------------------------------------------------------------------------------
+def env(start=2, **cfg):
+    return CurriculumEnv(ArithmeticTask(max_operands=4), seed=3,
+                         curriculum=CurriculumConfig(start_operands=start, **cfg))
+
+
+def test_pool_is_distinct_training_prompts_per_count():
+    task = ArithmeticTask(max_operands=4)
+    pool = arithmetic_pool(task, 40, seed=0)
+    counts = [len(p.operands) for p in pool]
+    assert counts.count(2) == 40 and counts.count(3) == 40 and counts.count(4) == 40
+    assert len(set(pool)) == len(pool) and not any(task.is_heldout(p) for p in pool)
+    assert arithmetic_pool(task, 40, seed=0) == pool and arithmetic_pool(task, 40, seed=1) != pool
+    assert len([p for p in arithmetic_pool(task, 500, seed=0) if len(p.operands) == 2]) < 100   # only 100 exist
+
+
+def test_env_draws_distinct_active_prompts_and_the_ramp_opens_new_ones():
+    e = env(pool=30, threshold=0.5, window=8)
+    assert env_class("curriculum") is CurriculumEnv and isinstance(e, ArithmeticEnv)
+    step = [e.reset() for _ in range(12)]
+    assert len({p.text for p in step}) == 12 and all(len(p.meta["operands"]) == 2 for p in step)
+    assert len(e.reset("heldout").meta["operands"]) in (2, 3, 4)         # eval: the whole task
+    m = e.observe([group([1, 1, 1, 1], p.text) for p in step[:2]])  # 8 samples at width 2, all pass
+    assert m["curriculum/width"] == 3.0 and m["curriculum/widened"] == 1.0 and m["curriculum/active"] == 60.0
+    assert e.curriculum.p_hat(step[0].text) == 5 / 6 and e.order == []
+    # every 2-operand prompt solved 48 times (p̂ = 49/50, weight 0.0196) against 30 unseen 3-operand ones (0.25):
+    # P(a draw is 3-operand) ≈ 7.5 / 8.09 = 0.93 while they last
+    two = [x for x in e.active() if x.count("+") == 1]
+    e.observe([group([1] * 48, x) for x in two])
+    drawn = [len(e.reset().meta["operands"]) for _ in range(15)]
+    assert drawn.count(3) >= 12, drawn
+
+
+def test_env_state_round_trips_to_the_same_draws():
+    a = env(pool=20, threshold=0.5, window=4)
+    for _ in range(3):
+        ps = [a.reset() for _ in range(5)]
+        a.observe([group([1, 0, 1, 1], p.text) for p in ps])
+    a.reset()                                           # mid-step: the rest of the order is state too
+    saved = a.state_dict()
+    b = env(pool=20, threshold=0.5, window=4)
+    b.load_state_dict(saved)
+    assert b.ramp.width == a.ramp.width == 4
+    for _ in range(3):
+        pa, pb = [a.reset() for _ in range(5)], [b.reset() for _ in range(5)]
+        assert [p.text for p in pa] == [p.text for p in pb]
+        assert a.observe([group([1, 0, 0, 0], p.text) for p in pa]) == b.observe([group([1, 0, 0, 0], p.text)
+                                                                                  for p in pb])
+
+
+def tiny(tmp_path, *overrides):
+    return load_train_job(None, [*TINY_RL, f"run.out_dir={tmp_path / 'runs'}", *overrides])
+
+
+def test_config_errors_name_the_key(tmp_path):
+    with pytest.raises(ConfigError, match="env.curriculum.start_operands=7"):
+        tiny(tmp_path, "env.name=curriculum", "env.curriculum.start_operands=7")
+    with pytest.raises(ConfigError, match="env.curriculum.floor"):
+        tiny(tmp_path, "env.name=curriculum", "env.curriculum.floor=0.5")
+    with pytest.raises(ConfigError, match="env.curriculum.pool"):
+        tiny(tmp_path, "env.name=curriculum", "env.curriculum.pool=0")
+    with pytest.raises(ConfigError, match="env.name=arithmetic does not read it"):
+        tiny(tmp_path, "env.curriculum.window=8")
+    assert tiny(tmp_path, "env.name=curriculum", "env.curriculum.start_operands=2").env.curriculum.start_operands == 2
+
+
+def test_rlpt_train_with_the_curriculum_resumes_bit_identically(tmp_path):
+    """A crash after step 5 of 6 with the step-3 checkpoint left: the resumed run equals the uninterrupted one
+    (parameters torch.equal, every metrics row), through a widening of the ramp."""
+    cur = ["env.name=curriculum", "env.curriculum.start_operands=2", "env.curriculum.threshold=0.1",
+           "env.curriculum.window=8", "env.curriculum.pool=40", "steps=6", "ckpt_every=3"]
+    ctl_a, run_a, _ = run_train(tiny(tmp_path, "run.name=straight", *cur))
+    broken = tiny(tmp_path, "run.name=resumed", f"init_from={run_a.dir / 'sft'}", *cur)
+    ctl_b, run_b, _ = run_train(broken)
+    shutil.rmtree(run_b.dir / "checkpoints" / "step_00000006")
+    (run_b.dir / "checkpoints" / "latest").write_text("step_00000003")
+    ctl_b, run_b, _ = run_train(broken, resume=True)
+    for (k, a), b in zip(ctl_a.trainer.model.state_dict().items(), ctl_b.trainer.model.state_dict().values()):
+        assert torch.equal(a, b), k
+
+    def rows(run):
+        return [{k: v for k, v in json.loads(x).items() if not k.startswith(("time/", "mem/"))}
+                for x in (run.dir / "metrics.jsonl").read_text().splitlines()]
+    ra, rb = rows(run_a), rows(run_b)
+    assert ra[1:] == rb[1:]
+    assert ctl_a.env.state_dict()["curriculum"] == ctl_b.env.state_dict()["curriculum"]
+    widths = [r["curriculum/width"] for r in ra if "curriculum/width" in r]
+    assert widths[0] == 2.0 and widths[-1] == 3.0      # the ramp widened during the run (resumed across it or not)
+    assert any(r["step"] > 3 and r.get("step/skipped") == 0.0 for r in ra)     # resumed steps trained
+    assert all("data/wasted_realised" in r and "data/passrate_hist/0" in r for r in ra if "reward/mean" in r)
