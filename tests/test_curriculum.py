@@ -181,3 +181,8 @@ def test_rlpt_train_with_the_curriculum_resumes_bit_identically(tmp_path):
     assert widths[0] == 2.0 and widths[-1] == 3.0      # the ramp widened during the run (resumed across it or not)
     assert any(r["step"] > 3 and r.get("step/skipped") == 0.0 for r in ra)     # resumed steps trained
     assert all("data/wasted_realised" in r and "data/passrate_hist/0" in r for r in ra if "reward/mean" in r)
+
+
+def test_the_recipe_loads():
+    job = load_train_job("recipes/curriculum_arith.yaml", [])
+    assert job.env.name == "curriculum" and job.env.curriculum.start_operands == 4 and job.task.max_operands == 6
