@@ -268,6 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_commands(sub)
     from rlpt.models.export import add_commands as add_export_commands  # rlpt export (HF Llama directory)
     add_export_commands(sub)
+    from rlpt.lab.cli import add_commands as add_lab_commands  # rlpt lab: every lesson's widget in the browser
+    add_lab_commands(sub)
     return p
 
 

@@ -1,0 +1,229 @@
+"""The lab's web app: `create_app(runs_dir)` -> FastAPI.
+
+    GET /                       the 33 lessons, each with its widget or what is missing
+    GET /lesson/<slug>          knobs, the result (fragment below), the rlpt source it runs, the course's notes
+    GET /w/<slug>?knob=v...     the result as an HTML fragment (what the page's JavaScript swaps in)
+    GET /api/<slug>?knob=v...   the result as JSON (tests, scripts)
+    GET /runs                   run folders under runs_dir; /runs/<name> one run's curves and `rlpt diagnose`
+    GET /runs/<name>/curves     the curves fragment (polled while the run trains)
+
+Errors: a bad knob -> 400 {"error": "knob 'K' must be an integer 2..64, got 99"}; a setting the widget knows
+would take too long -> 400 {"error": "refused: ..."}; a computation past TIME_LIMIT_S -> 503. A run name that is
+not a folder directly under runs_dir (.., absolute paths, symlinks out) -> 404.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+import threading
+from html import escape
+from pathlib import Path
+
+import anyio
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from jinja2 import Environment, FileSystemLoader, select_autoescape
+
+from rlpt.lab import svg
+from rlpt.lab.lessons import BY_SLUG, LESSONS
+from rlpt.lab.widgets import KnobError, bounds, describe, load, parse_knobs, prepare, source_of
+
+HERE = Path(__file__).parent
+TIME_LIMIT_S = 10.0            # a widget computation longer than this is abandoned with a 503
+STATIC = {"lab.js": "application/javascript", "lab.css": "text/css"}
+RUN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*")
+CURVES = [("accuracy", ["acc/heldout", "acc/heldout_honest", "acc/train"]), ("reward", ["reward/mean"]),
+          ("KL", ["loss/kl", "kl/mean"]), ("entropy", ["entropy/mean", "entropy"]),
+          ("clip fraction", ["clip/frac"]),
+          ("seconds per role", ["time/rollout", "time/verify", "time/ref", "time/train", "time/sync"])]
+
+
+def _jsonable(x):
+    if isinstance(x, float) and not math.isfinite(x):
+        return str(x)
+    if isinstance(x, dict):
+        return {k: _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    return x
+
+
+class Runs:
+    """The run folders under one directory; nothing outside it is ever opened."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root).resolve()
+
+    def list(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir()
+                      if RUN_NAME.fullmatch(p.name) and (p / "metrics.jsonl").is_file() and self.get(p.name))
+
+    def get(self, name: str) -> Path | None:
+        """The run folder `name`, or None if it is not a run folder directly under root."""
+        if not RUN_NAME.fullmatch(name):
+            return None
+        p = (self.root / name).resolve()
+        if p.parent != self.root or not (p / "metrics.jsonl").is_file():
+            return None
+        return p
+
+    @staticmethod
+    def rows(path: Path) -> list[dict]:
+        out = []
+        for line in (path / "metrics.jsonl").read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:   # a line being written right now
+                continue
+            if isinstance(row, dict):
+                out.append(row)
+        return out
+
+
+def curves_fragment(rows: list[dict]) -> str:
+    """One SVG per curve family that the run logged."""
+    parts = []
+    for title, keys in CURVES:
+        series = {}
+        for k in keys:
+            pts = [(float(r.get("step", i)), float(r[k])) for i, r in enumerate(rows)
+                   if isinstance(r.get(k), (int, float))]
+            if pts:
+                series[k] = pts
+        if series:
+            parts.append(f'<figure><figcaption>{escape(title)}</figcaption>'
+                         f'{svg.line_chart(series, "step", title, title)}</figure>')
+    last = rows[-1].get("step", len(rows) - 1) if rows else "-"
+    head = f'<p class="meta">{len(rows)} rows, last step <b data-kpi="last step">{escape(str(last))}</b></p>'
+    return head + ("".join(parts) or '<p class="empty">no curves logged yet</p>')
+
+
+def diagnose_fragment(path: Path, rows: list[dict]) -> str:
+    from rlpt.perf.configs import run_config
+    from rlpt.perf.diagnose import diagnose
+    try:
+        cfg = run_config(path)
+    except Exception:   # a run without a readable config.yaml: the checks that need it are skipped
+        cfg = {}
+    findings = diagnose(rows, cfg)
+    if not findings:
+        return '<p>rlpt diagnose: no findings.</p>'
+    return svg.table(["finding", "severity", "evidence", "lesson", "fix"],
+                     [[f.name, f.severity, f.evidence, f.lesson, f.fix] for f in findings])
+
+
+def create_app(runs_dir: str | Path = "runs") -> FastAPI:
+    app = FastAPI(title="rlpt lab", docs_url=None, redoc_url=None, openapi_url=None)
+    env = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=select_autoescape())
+    runs = Runs(runs_dir)
+    busy = threading.BoundedSemaphore(4)   # at most 4 widget computations at once (2 cores)
+    ready: set = set()                     # widget modules whose rlpt imports are done
+
+    def page(name: str, status: int = 200, **ctx) -> HTMLResponse:
+        return HTMLResponse(env.get_template(name).render(lessons=LESSONS, **ctx), status_code=status)
+
+    def error(status: int, msg: str) -> JSONResponse:
+        return JSONResponse({"error": msg}, status_code=status)
+
+    def widget(slug: str):
+        lesson = BY_SLUG.get(slug)
+        return (lesson, load(lesson.widget)) if lesson and lesson.widget else (lesson, None)
+
+    async def run_widget(mod, params: dict[str, str]):
+        """-> (knobs, result) or a JSONResponse naming what is wrong."""
+        try:
+            knobs = parse_knobs(mod.Knobs, params)
+        except KnobError as e:
+            return error(400, str(e))
+        refusal = mod.limit(knobs) if hasattr(mod, "limit") else None
+        if refusal:
+            return error(400, f"refused: {refusal}")
+        if not busy.acquire(blocking=False):
+            return error(503, "refused: the lab is busy with 4 computations; try again in a moment")
+        try:
+            if mod not in ready:                   # first use: its imports, off the event loop, untimed
+                await anyio.to_thread.run_sync(prepare, mod)
+                ready.add(mod)
+            with anyio.fail_after(TIME_LIMIT_S):
+                result = await anyio.to_thread.run_sync(mod.compute, knobs, abandon_on_cancel=True)
+        except TimeoutError:
+            return error(503, f"refused: this setting took longer than {TIME_LIMIT_S:.0f} s; choose smaller knobs")
+        except KnobError as e:
+            return error(400, str(e))
+        finally:
+            busy.release()
+        return knobs, result
+
+    @app.get("/", response_class=HTMLResponse)
+    def index():
+        return page("index.html", title="rlpt lab")
+
+    @app.get("/lesson/{slug}", response_class=HTMLResponse)
+    async def lesson_page(slug: str):
+        lesson, mod = widget(slug)
+        if lesson is None:
+            return page("missing.html", 404, title="no such lesson", msg=f"no lesson {slug!r}")
+        if mod is None:
+            return page("lesson.html", title=lesson.title, lesson=lesson, mod=None)
+        out = await run_widget(mod, {})
+        if isinstance(out, Response):
+            return out
+        knobs, result = out
+        fields = []
+        for key, f in mod.Knobs.model_fields.items():
+            extra = f.json_schema_extra or {}
+            lo, hi = bounds(mod.Knobs, key)
+            fields.append({"key": key, "label": f.description or key, "value": getattr(knobs, key), "lo": lo, "hi": hi,
+                           "ann": describe(mod.Knobs, key), "type": f.annotation,
+                           "step": extra.get("step", 1 if f.annotation is int else 0.01),
+                           "options": list(getattr(f.annotation, "__args__", ()))})
+        sources = [source_of(ref) for ref in mod.SOURCE]
+        return page("lesson.html", title=lesson.title, lesson=lesson, mod=mod, fields=fields,
+                    fragment=mod.render(result), sources=sources, bool=bool, str=str, int=int)
+
+    @app.get("/w/{slug}")
+    async def fragment(slug: str, request: Request):
+        lesson, mod = widget(slug)
+        if mod is None:
+            return error(404, f"no widget for lesson {slug!r}")
+        out = await run_widget(mod, dict(request.query_params))
+        return out if isinstance(out, Response) else HTMLResponse(mod.render(out[1]))
+
+    @app.get("/api/{slug}")
+    async def api(slug: str, request: Request):
+        lesson, mod = widget(slug)
+        if mod is None:
+            return error(404, f"no widget for lesson {slug!r}")
+        out = await run_widget(mod, dict(request.query_params))
+        return out if isinstance(out, Response) else JSONResponse(_jsonable(out[1]))
+
+    @app.get("/runs", response_class=HTMLResponse)
+    def runs_page():
+        return page("runs.html", title="runs", root=str(runs.root), names=runs.list())
+
+    @app.get("/runs/{name}", response_class=HTMLResponse)
+    def run_page(name: str):
+        path = runs.get(name)
+        if path is None:
+            return page("missing.html", 404, title="no such run", msg=f"no run folder {name!r} under {runs.root}")
+        rows = runs.rows(path)
+        return page("run.html", title=name, name=name, curves=curves_fragment(rows),
+                    findings=diagnose_fragment(path, rows))
+
+    @app.get("/runs/{name}/curves", response_class=HTMLResponse)
+    def run_curves(name: str):
+        path = runs.get(name)
+        if path is None:
+            return error(404, f"no run folder {name!r} under the runs directory")
+        return HTMLResponse(curves_fragment(runs.rows(path)))
+
+    @app.get("/static/{name}")
+    def static(name: str):
+        if name not in STATIC:
+            return error(404, f"no static file {name!r}")
+        return Response((HERE / "static" / name).read_bytes(), media_type=STATIC[name])
+
+    return app
