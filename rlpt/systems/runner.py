@@ -214,11 +214,9 @@ class RaySystem:
     # -- async ---------------------------------------------------------------------------------------------
     def _async_init(self) -> None:
         chunk = self.B // self.N
-        gate = StalenessGate(self.cfg.max_staleness, self.B, max_running=self.N * chunk, version=self.version)
+        gate = StalenessGate(self.cfg.max_staleness, self.B, max_running=self.N * chunk)
         self._async = {"sched": AsyncSchedule(gate, chunk), "idle": list(range(self.N)), "inflight": {},
                        "done": []}
-        if self.version:
-            gate.recover(self.version)
 
     def _admit(self) -> None:
         a = self._async
@@ -275,6 +273,7 @@ class RaySystem:
             a = self._async
             self._collect(list(a["inflight"]))
             system["buffer"] = a["sched"].buffer.state_dict()
+            system["gate"] = a["sched"].gate.state_dict()
             system["done"] = a["done"]
         workers = ray.get([w.state_dict.remote() for w in self.workers])
         state = ray.get(self.trainer_actor.state_dict.remote())
@@ -300,6 +299,8 @@ class RaySystem:
         if "buffer" in system:
             self._async_init()
             self._async["sched"].buffer.load_state_dict(system["buffer"])
+            gate = self._async["sched"].gate
+            gate.version, gate.accepted, gate.running = system["gate"]["version"], system["gate"]["accepted"], 0
             self._async["done"] = system.get("done", [])
 
     def close(self) -> None:

@@ -17,17 +17,14 @@ actor: run.threads, or 1 (on a small machine the actors contend for the same cor
 """
 from __future__ import annotations
 
-import dataclasses
 import random
 import time
 from collections.abc import Callable
 
 import torch
 
-from rlpt.framework.trajectory import Trajectory, flatten
+from rlpt.framework.trajectory import Trajectory
 from rlpt.systems.transport import Payload, digest, make_transport, named_weights
-
-HAS_VERSION = any(f.name == "version" for f in dataclasses.fields(Trajectory))   # issue 15 part A's sync count
 
 
 def require_ray():
@@ -55,7 +52,7 @@ class RolloutWorker:
         ctl, _ = _seeded_build(build, job, init, job.run.seed + rank, threads)
         self.rank, self.rollout, self.env, self.k = rank, ctl.rollout, ctl.env, ctl.k
         self.transport = make_transport(transport, verify, group)
-        self.syncs = 0                 # weight syncs received: stamped as traj.version where the field exists
+        self.syncs = 0                 # weight syncs received (the rollout stamps its version, the trainer's)
         self.slow: tuple[float, float, random.Random] | None = None
 
     def slow_verify(self, seconds: float, jitter: float = 0.0, seed: int = 0) -> None:
@@ -73,9 +70,6 @@ class RolloutWorker:
             pause = seconds + rng.uniform(0.0, jitter)
             time.sleep(pause)
             stats["time/verify"] = stats.get("time/verify", 0.0) + pause
-        if HAS_VERSION:
-            for t in flatten(groups):
-                t.version = self.syncs
         return {"groups": groups, "stats": stats, "version": self.rollout.version, "rank": self.rank,
                 "t0": t0, "t1": time.time()}
 

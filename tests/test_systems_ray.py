@@ -1,0 +1,143 @@
+"""rlpt.systems on a local Ray: the roles as actors give the in-process Controller's metrics (disaggregated, η = 0),
+resume exactly from their state, verify every weight sync by digest (object store and gloo), one_step_off trains
+on weights exactly one sync old, and async stays within η under random rollout delays.
+
+One local Ray per session (`ray.init(num_cpus=4)`, no dashboard, usage stats off; ~10 s to start here) and three
+systems of actors (each actor imports torch and rlpt: ~5 s), so the file takes about a minute on 2 cores; the
+tests are end-to-end runs, hence `slow`. The 200-step staleness property runs without Ray in test_systems.py.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from rlpt.systems.transport import digest
+
+ray = pytest.importorskip("ray")
+
+pytestmark = pytest.mark.slow
+
+# the tiny RL job (conftest's TINY_RL) started from a longer SFT so most steps have mixed groups and really train
+SFT_STEPS = ["sft.steps=200", "sft.ckpt_every=200", "steps=5", "eval.every=100", "ckpt_every=100"]
+NOT_COMPARED = ("time/", "mem/", "timeline/", "system/")
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def sft_start(tmp_path_factory):
+    from conftest import TINY_RL
+
+    from rlpt.train import load_train_job, sft_init
+    out = tmp_path_factory.mktemp("systems")
+    job = load_train_job(None, [*TINY_RL, *SFT_STEPS, f"run.out_dir={out}", "run.name=start"])
+    return out, sft_init(job, resume=False)
+
+
+def job_for(sft_start, *overrides):
+    from conftest import TINY_RL
+
+    from rlpt.train import load_train_job
+    out, init = sft_start
+    return load_train_job(None, [*TINY_RL, *SFT_STEPS, f"run.out_dir={out}", f"init_from={init}", *overrides])
+
+
+def compared(m: dict) -> dict:
+    return {k: v for k, v in m.items() if not k.startswith(NOT_COMPARED)}
+
+
+def assert_same(a: dict, b: dict, step: int) -> None:
+    a, b = compared(a), compared(b)
+    assert a.keys() == b.keys(), (step, sorted(a.keys() ^ b.keys()))
+    for k in a:
+        if isinstance(a[k], list):
+            assert a[k] == b[k], (step, k)
+        else:
+            assert abs(a[k] - b[k]) <= 1e-6, (step, k, a[k], b[k])
+
+
+def test_disaggregated_equals_in_process_and_resumes(ray_local, sft_start):
+    """η = 0 on actors = the in-process Controller over 5 GRPO steps (same seeds), every sync verified; restoring
+    the step-3 state into the actors replays steps 4-5 bit for bit."""
+    from rlpt.systems.runner import RaySystem
+    from rlpt.train import build
+    init = sft_start[1]
+    job = job_for(sft_start, "system.topology=disaggregated")
+    torch.manual_seed(job.run.seed)
+    ctl, _ = build(job, init)
+    local = [ctl.step() for _ in range(5)]
+    assert sum(m["step/skipped"] == 0 for m in local) >= 3          # the comparison covers real training
+    torch.manual_seed(job.run.seed)
+    sys_ = RaySystem(job, build, init)
+    try:
+        got, saved = [], None
+        for i in range(5):
+            got.append(sys_.step())
+            if i == 2:
+                saved = (sys_.state_dict(), {k: v.clone() for k, v in sys_.trainer.model.state_dict().items()})
+        for i, (a, b) in enumerate(zip(local, got)):
+            assert_same(a, b, i)
+            assert b["system/staleness_max"] == 0 and b.get("staleness/max", 0) <= 1   # η = 0; 2 mini-batches
+        assert digest(sys_.trainer.model) == digest(ctl.trainer.model)
+        trained = sum(m["sync/done"] for m in got if "sync/done" in m)
+        assert len(sys_.sync_log) == trained and all(e["worker_digests"] == [e["digest"]] for e in sys_.sync_log)
+        assert saved[0].keys() >= set(ctl.state_dict())   # the in-process checkpoint's keys, and more
+        state, weights = saved
+        sys_.trainer.model.load_state_dict(weights)       # what run_train's resume does: weights, then state
+        sys_.load_state_dict(state)
+        for i in (3, 4):
+            assert_same(got[i], sys_.step(), i)
+    finally:
+        sys_.close()
+
+
+def test_one_step_off_over_gloo_through_rlpt_train(ray_local, sft_start):
+    """`rlpt train … system.topology=one_step_off system.transport=gloo`: from step 2 on every trained group was
+    sampled one step before the trainer's version (exactly one sync behind when that step trained; in optimizer
+    steps Δ·M·E + j); every gloo broadcast arrives bit-equal (digest)."""
+    from rlpt.train import run_train
+    job = job_for(sft_start, "system.topology=one_step_off", "system.transport=gloo", "run.name=osoff")
+    ctl, run, _ = run_train(job)
+    rows = [r for r in run.read_metrics() if "system/staleness_max" in r]
+    assert len(rows) == 5 and sum(r["step/skipped"] == 0 for r in rows[:-1]) >= 2
+    assert rows[0]["system/staleness_max"] == 0                   # step 1 trains on the first generation: fresh
+    M = job.trainer.mini_batches * job.trainer.epochs
+    for prev, r in zip(rows, rows[1:]):   # sampled before the previous step trained: one version behind, if it did
+        lag = 1.0 - prev["step/skipped"]
+        assert r["system/staleness_mean"] == r["system/staleness_max"] == lag
+        if not r["step/skipped"] and lag:
+            assert r["staleness/max"] == 2 * M - 1                  # (Δ = 1)·M + the last mini-batch's index
+            assert r["staleness/mean"] == M + (M - 1) / 2
+        for k in ("timeline/rollout0_t0", "timeline/train_t1", "time/step"):
+            assert k in r
+    assert ctl.syncs >= 3 and len(ctl.sync_log) == ctl.syncs
+    assert all(e["worker_digests"] == [e["digest"]] for e in ctl.sync_log)
+    assert len({e["digest"] for e in ctl.sync_log}) == ctl.syncs          # each sync moved new weights
+
+
+def test_async_stays_within_eta_under_random_delays(ray_local, sft_start):
+    """Two rollout workers with random delays (0-0.3 s per chunk), η = 1: every step's staleness ≤ η, and the
+    second step trains on groups sampled while the first trained (staleness exactly 1: the gate let them run)."""
+    from rlpt.systems.runner import RaySystem
+    from rlpt.train import build
+    job = job_for(sft_start, "system.topology=async", "system.rollout_workers=2", "system.max_staleness=1",
+                  "steps=8")
+    sys_ = RaySystem(job, build, sft_start[1])
+    try:
+        ray.get([w.slow_verify.remote(0.0, 0.3, seed=7) for w in sys_.workers])
+        rows = [sys_.step() for _ in range(8)]
+        sys_.check_syncs()
+        assert all(r["system/staleness_max"] <= 1 for r in rows)
+        assert rows[0]["system/staleness_max"] == 0 and rows[1]["system/staleness_max"] == 1
+        assert all(e["worker_digests"] == [e["digest"]] * 2 for e in sys_.sync_log)
+    finally:
+        sys_.close()
