@@ -4,6 +4,9 @@
     samples = backend(model, prompts, SamplingParams(max_tokens, temperature, top_p, top_k), eos_id, pad_id, generator)
     samples[i].tokens / .logps / .finish_reason          # one Sample per prompt, in order
 
+`model` is a gpt_mini GPT or a HF Llama / Qwen2 / Mistral (bare, an rlpt HFPolicy, or under a peft adapter),
+read in place (rlpt/engine/weights.py).
+
 Drop-in for `rlpt.framework.rollout`: identical prompts in one call (the K samples of a GRPO group)
 become one request with n = K, so the prompt is prefilled once and its blocks are shared. Seeds come
 from `generator` (one draw per distinct prompt, then one key per sample: `Sequence.seed`), so a run is reproducible
@@ -20,8 +23,9 @@ import weakref
 
 import torch
 
-from rlpt.engine.llm import LLM, serves
+from rlpt.engine.llm import LLM
 from rlpt.engine.sampling import SamplingParams
+from rlpt.engine.weights import why_not_served
 from rlpt.gpt_mini.generate import Sample
 
 
@@ -33,10 +37,10 @@ class EngineBackend:
     def engine(self, model) -> LLM:
         llm = self._engines.get(model)
         if llm is None:
-            if not serves(model):
-                raise ValueError(f"rollout.backend='engine' serves gpt_mini GPT models (rlpt.gpt_mini.model.GPT), got "
-                                 f"{type(model).__name__}: convert a HF Llama with rlpt.models.hf.hf_to_gpt_mini, or "
-                                 f"sample with rollout.backend=simple (Rollout(..., backend='simple'))")
+            why = why_not_served(model)
+            if why is not None:
+                raise ValueError(f"rollout.backend='engine' cannot serve {type(model).__name__}: {why}; sample it "
+                                 f"with rollout.backend=simple (Rollout(..., backend='simple'))")
             llm = self._engines[model] = LLM(model, **self.llm_kwargs)
         return llm
 

@@ -1,6 +1,6 @@
 """`LLM`: the engine behind a vLLM-shaped API. Each step is schedule → run → postprocess.
 
-    llm = LLM(model, tokenizer)                                  # a gpt_mini GPT (HF Llama: hf_to_gpt_mini first)
+    llm = LLM(model, tokenizer)          # a gpt_mini GPT, or a HF Llama / Qwen2 / Mistral (or an HFPolicy, peft model)
     outs = llm.generate(["<3+4>", [5, 6, 7]], SamplingParams(n=4, temperature=1.0, max_tokens=32, seed=0))
     outs[0].outputs[j].token_ids / .text / .token_logprobs / .finish_reason     # "stop" | "length"
     llm.update_weights(trainer.model.state_dict())               # in place (copy_); bumps llm.version
@@ -31,50 +31,55 @@ from rlpt.engine.sampling import SamplingParams, processed_logp_rows, sample
 from rlpt.engine.scheduler import ScheduledSeq, Scheduler
 from rlpt.engine.sequence import CompletionOutput, Request, RequestOutput, Sequence
 from rlpt.engine.spec_decode import SpeculativeDecoder
+from rlpt.engine.weights import served_model, why_not_served
 
 
 def serves(model) -> bool:
-    """Whether the engine can run `model`: a gpt_mini GPT (its weights are read directly, see ModelRunner)."""
-    return hasattr(model, "cfg") and hasattr(model, "layers") and hasattr(model, "embed")
+    """Whether the engine can run `model`: a gpt_mini GPT or a HF Llama / Qwen2 / Mistral, bare, in an
+    HFPolicy or under a peft adapter (its weights are read in place: rlpt.engine.weights)."""
+    return why_not_served(model) is None
 
 
 def _check_model(model, what: str) -> None:
-    if not serves(model):
-        raise ValueError(f"{what} must be a gpt_mini GPT (rlpt.gpt_mini.model.GPT); convert a HF Llama "
-                         f"with rlpt.models.hf.hf_to_gpt_mini, got {type(model).__name__}")
+    why = why_not_served(model)
+    if why is not None:
+        raise ValueError(f"{what} cannot be served by the engine: {why}")
 
 
 class LLM:
     def __init__(self, model, tokenizer=None, *, block_size: int = 16, num_blocks: int | None = None,
                  kv_cache_bytes: int = 256 << 20, max_num_seqs: int = 256, max_num_batched_tokens: int = 2048,
                  enable_prefix_caching: bool = True, draft_model=None, num_speculative_tokens: int = 4,
-                 eos_id: int | None = None, seed: int = 0):
+                 eos_id: int | None = None, seed: int = 0, max_model_len: int | None = None):
         _check_model(model, "model")
         if block_size < 1 or max_num_seqs < 1 or max_num_batched_tokens < 1:
             raise ValueError("block_size, max_num_seqs and max_num_batched_tokens must be >= 1, got "
                              f"{block_size}, {max_num_seqs}, {max_num_batched_tokens}")
         self.model, self.tokenizer = model, tokenizer
-        self.max_seq_len, self.vocab_size = model.cfg.max_seq_len, model.cfg.vocab_size
+        # max_model_len (vLLM's name) caps the context: a real model's 32k positions would size the KV pool
+        served = served_model(model, max_model_len)
+        c = served.cfg
+        self.max_seq_len, self.vocab_size = c.max_seq_len, c.vocab_size
         if eos_id is None:              # rlpt's tokenizers say eos_id, HF's eos_token_id
             eos_id = getattr(tokenizer, "eos_id", getattr(tokenizer, "eos_token_id", None))
         self.eos_id = eos_id
         per_seq = cdiv(self.max_seq_len, block_size)
         if num_blocks is None:
-            c = model.cfg
-            per_block = 2 * c.n_layer * c.n_kv_head * c.head_dim * block_size * model.embed.weight.element_size()
+            per_block = 2 * c.n_layer * c.n_kv_head * c.head_dim * block_size * served.embed.element_size()
             num_blocks = max(per_seq + 1, min(max_num_seqs * per_seq + 1, kv_cache_bytes // per_block))
         if num_blocks < per_seq + 1:
             raise ValueError(f"num_blocks={num_blocks} cannot hold one sequence of model.max_seq_len="
                              f"{self.max_seq_len} tokens: need >= {per_seq + 1} blocks of {block_size}")
         self.bm = BlockManager(num_blocks, block_size)
         self.cache = RadixCache(self.bm) if enable_prefix_caching else None
-        self.runner = ModelRunner(model, num_blocks, block_size)
+        self.runner = ModelRunner(model, num_blocks, block_size, max_model_len)
         self.spec = None
         if draft_model is not None:
             _check_model(draft_model, "draft_model")
-            if draft_model.cfg.vocab_size != self.vocab_size or draft_model.cfg.max_seq_len < self.max_seq_len:
+            draft = ModelRunner(draft_model, num_blocks, block_size, max_model_len)
+            if draft.cfg.vocab_size != self.vocab_size or draft.cfg.max_seq_len < self.max_seq_len:
                 raise ValueError("draft_model needs the target's vocab_size and a max_seq_len >= the target's")
-            self.spec = SpeculativeDecoder(ModelRunner(draft_model, num_blocks, block_size), num_speculative_tokens)
+            self.spec = SpeculativeDecoder(draft, num_speculative_tokens)
         self.scheduler = Scheduler(self.bm, self.cache, max_num_seqs, max_num_batched_tokens,
                                    num_speculative_tokens if self.spec else 0)
         self.generator = torch.Generator().manual_seed(seed)
@@ -114,10 +119,10 @@ class LLM:
         """Copy `state_dict` into the model (or the draft) in place; checked fully before any copy."""
         if draft and self.spec is None:
             raise ValueError("update_weights(draft=True) but the engine has no draft model")
-        model = self.spec.runner.model if draft else self.model
-        own = model.state_dict()
-        tied = model.cfg.tie_embeddings
-        missing = [k for k in own if k not in state_dict and not (tied and k == "lm_head.weight")]
+        served = (self.spec.runner if draft else self.runner).served
+        own = served.module.state_dict()            # names as the model spells them (gpt_mini's, or HF's)
+        tied = served.tied_names                     # (embedding, head) when the head is the embedding
+        missing = [k for k in own if k not in state_dict and not (tied and k == tied[1])]
         unexpected = [k for k in state_dict if k not in own]
         shapes = [f"{k}: expected {tuple(own[k].shape)}, got "
                   f"{tuple(v.shape) if torch.is_tensor(v) else type(v).__name__}" for k, v in state_dict.items()
@@ -126,9 +131,9 @@ class LLM:
             parts = [f"missing {missing}" if missing else "", f"unexpected {unexpected}" if unexpected else "",
                      f"mis-shaped {shapes}" if shapes else ""]
             raise ValueError("update_weights: state dict does not fit the model: " + "; ".join(p for p in parts if p))
-        if tied and "lm_head.weight" in state_dict and \
-                not torch.equal(state_dict["lm_head.weight"], state_dict["embed.weight"]):
-            raise ValueError("update_weights: the model ties lm_head.weight to embed.weight, but they differ")
+        if tied and tied[1] in state_dict and tied[0] in state_dict and \
+                not torch.equal(state_dict[tied[1]], state_dict[tied[0]]):
+            raise ValueError(f"update_weights: the model ties {tied[1]} to {tied[0]}, but they differ")
         for k, v in state_dict.items():
             own[k].copy_(v)
         (self.spec.runner if draft else self.runner).refresh()

@@ -3,16 +3,19 @@
     x = embed(tokens of all sequences, flattened)  (N, d);   per layer: x += o(paged_attn(rope(qkv(x))));  x += mlp(x)
     logits = lm_head(norm(x[rows that need logits]))   (M, V)
 
-The batch is flat (vLLM v1 style): projections and MLPs run on (N, d) with no padding; only attention
-groups tokens by sequence. A decode-only step (every sequence feeds one token) reads K/V in place
-(`paged_decode_attention`); steps with prefill chunks pad queries per sequence and gather tiles.
-Host-side metadata (positions, slots, block tables) is built in numpy and moved once. The runner
-reads gpt_mini's own weights (embedding, norms, o / down projections, lm_head) through plain tensor
-functions, no module calls, and keeps fused copies of q|k|v and gate|up so each layer does 4 matmuls,
-not 7: fewer ops is what counts at this size. The fused copies are rebuilt whenever a parameter changes
-(its version counter or storage), so a trainer's in-place step or `WeightSyncer.copy_weights` is seen
-on the next call. RoPE is one complex multiply on pair-interleaved q and k (see `__init__`); the
-residual adds ride on the o / down projections (`addmm`).
+The model is read through `rlpt.engine.weights.served_model`: gpt_mini, or a Hugging Face Llama / Qwen2 /
+Mistral (biases, GQA, explicit head_dim, static RoPE scaling), with a peft LoRA delta merged into the
+fused weights when one is active. The batch is flat (vLLM v1 style): projections and MLPs run on (N, d)
+with no padding; only attention groups tokens by sequence. A decode-only step (every sequence feeds
+one token) reads K/V in place (`paged_decode_attention`); steps with prefill chunks pad queries per
+sequence and gather tiles. Host-side metadata (positions, slots, block tables) is built in numpy and
+moved once. The runner reads the model's own weights (embedding, norms, o / down projections, lm_head)
+through plain tensor functions, no module calls, and keeps fused copies of q|k|v and gate|up so each
+layer does 4 matmuls, not 7: fewer ops is what counts at this size. The fused copies are rebuilt
+whenever a parameter changes (its version counter or storage) or a LoRA adapter is switched on or off,
+so a trainer's in-place step or `WeightSyncer.copy_weights` is seen on the next call. RoPE is one
+complex multiply on pair-interleaved q and k (see `__init__`); the residual adds ride on the o / down
+projections (`addmm`).
 
 Eager on purpose: at this size a step is ~150 op dispatches, and compiling it (whole, or vLLM's
 piecewise scheme) was measured slower on this CPU; where a step's time goes, and those measurements,
@@ -37,6 +40,7 @@ from rlpt.engine.paged_attention import (
     paged_attention,
     paged_decode_attention,
 )
+from rlpt.engine.weights import adapter_state, linear_weight, served_model
 
 
 @dataclass
@@ -67,11 +71,12 @@ class ForwardBatch:
 
 
 class ModelRunner:
-    def __init__(self, model, num_blocks: int, block_size: int):
+    def __init__(self, model, num_blocks: int, block_size: int, max_seq_len: int | None = None):
         self.model = model
-        c = model.cfg
+        self.served = served_model(model, max_seq_len)          # ValueError: a model the engine cannot serve
+        self.cfg = c = self.served.cfg
         self.H, self.Hkv, self.hd = c.n_head, c.n_kv_head, c.head_dim
-        p = model.embed.weight
+        p = self.served.embed
         self.kv = PagedKVCache(c.n_layer, c.n_kv_head, c.head_dim, num_blocks, block_size, p.device, p.dtype)
         self.block_size = block_size
         # In-place decode attention uses sparse CSR kernels tested on CPU; elsewhere the gather path runs
@@ -83,14 +88,16 @@ class ModelRunner:
         # both; V is untouched), so rotating is view_as_complex(x) · e^{iθ}. The cached K carries the
         # same permutation. One op instead of mul, flip, mul, add.
         self.perm = torch.stack([torch.arange(half), torch.arange(half) + half], -1).reshape(-1)
-        self.cis = torch.complex(model.rope_cos[:, :half], model.rope_sin[:, :half]).unsqueeze(1)   # (L, 1, hd/2)
+        cos, sin = self.served.rope_cos, self.served.rope_sin                        # (L, hd), half-split
+        self.cis = torch.complex(cos[:, :half], sin[:, :half]).unsqueeze(1)          # (L, 1, hd/2)
         self.eps = c.norm_eps
         self._signature = None
         self.refresh()
 
     # -- weights ------------------------------------------------------------------------------
     def _weights_signature(self) -> tuple:
-        return tuple((p.data_ptr(), p._version) for p in self.model.parameters())
+        params = tuple((p.data_ptr(), p._version) for p in self.served.module.parameters())
+        return params + adapter_state(self.served)
 
     @torch.no_grad()
     def refresh(self) -> bool:
@@ -99,12 +106,23 @@ class ModelRunner:
         if sig == self._signature:
             return False
         H, Hkv, hd = self.H, self.Hkv, self.hd
-        perm = lambda w, n: w.view(n, hd, -1)[:, self.perm].reshape(n * hd, -1)      # pair-interleave heads
-        self.w_qkv = [torch.cat([perm(l.attn.q_proj.weight, H), perm(l.attn.k_proj.weight, Hkv),
-                                 l.attn.v_proj.weight]) for l in self.model.layers]
-        self.w_gate_up = [torch.cat([l.mlp.gate_proj.weight, l.mlp.up_proj.weight]) for l in self.model.layers]
-        self.wt_o = [l.attn.o_proj.weight.t() for l in self.model.layers]          # views: see in-place updates
-        self.wt_down = [l.mlp.down_proj.weight.t() for l in self.model.layers]
+        perm = lambda w, n: w.reshape(n, hd, -1)[:, self.perm].reshape(n * hd, *w.shape[1:])   # pair-interleave
+        self.w_qkv, self.b_qkv, self.w_gate_up, self.b_gate_up = [], [], [], []
+        self.wt_o, self.b_o, self.wt_down, self.b_down = [], [], [], []
+        for l in self.served.layers:
+            (wq, bq), (wk, bk), (wv, bv) = linear_weight(l.q), linear_weight(l.k), linear_weight(l.v)
+            self.w_qkv.append(torch.cat([perm(wq, H), perm(wk, Hkv), wv]))
+            self.b_qkv.append(None if bq is None and bk is None and bv is None else torch.cat(
+                [perm(_bias(bq, wq), H), perm(_bias(bk, wk), Hkv), _bias(bv, wv)]))         # Qwen2: q/k/v biases
+            (wg, bg), (wu, bu) = linear_weight(l.gate), linear_weight(l.up)
+            self.w_gate_up.append(torch.cat([wg, wu]))
+            self.b_gate_up.append(None if bg is None and bu is None else torch.cat([_bias(bg, wg), _bias(bu, wu)]))
+            (wo, bo), (wd, bd) = linear_weight(l.o), linear_weight(l.down)
+            self.wt_o.append(wo.t())                                            # views: see in-place updates
+            self.wt_down.append(wd.t())
+            self.b_o.append(bo)
+            self.b_down.append(bd)
+        self.w_head, self.b_head = linear_weight(self.served.lm_head)
         self._signature = sig
         return True
 
@@ -151,14 +169,14 @@ class ModelRunner:
         Every op is a plain tensor function (no nn.Module calls: their hooks cost ~3 us each), the residual
         adds ride on the projections (addmm: x + o·W_o^T in one BLAS call) and RMSNorm is one
         `F.rms_norm`; at gpt_mini's size each op saved is ~1 % of a decode step."""
-        m, H, Hkv, hd, eps = self.model, self.H, self.Hkv, self.hd, self.eps
+        m, H, Hkv, hd, eps = self.served, self.H, self.Hkv, self.hd, self.eps
         g, B, T = H // Hkv, fb.B, fb.T
         N = fb.input_ids.shape[0]
         d = m.cfg.d_model
         cis = self.cis[fb.positions]                                                # (N, 1, hd/2) complex
-        x = F.embedding(fb.input_ids, m.embed.weight)                               # (N, d)
+        x = F.embedding(fb.input_ids, m.embed)                                      # (N, d)
         for i, layer in enumerate(m.layers):
-            qkv = F.linear(F.rms_norm(x, (d,), layer.input_norm.weight, eps), self.w_qkv[i])   # (N, (H+2H_kv)·hd)
+            qkv = F.linear(F.rms_norm(x, (d,), layer.input_norm, eps), self.w_qkv[i], self.b_qkv[i])  # (N, (H+2H_kv)hd)
             q = torch.view_as_real(torch.view_as_complex(qkv[:, :H * hd].view(N, H, hd // 2, 2)) * cis)
             k = torch.view_as_real(torch.view_as_complex(qkv[:, H * hd:(H + Hkv) * hd].view(N, Hkv, hd // 2, 2)) * cis)
             self.kv.write(i, k, qkv[:, (H + Hkv) * hd:], fb.slots)                 # RoPE'd k, v
@@ -172,12 +190,18 @@ class ModelRunner:
                 q = q.view(B, T, Hkv, g, hd).permute(0, 2, 3, 1, 4).reshape(B * Hkv, g * T, hd)
                 o = paged_attention(q, k, v, fb.bias).view(B, Hkv, g, T, hd)        # (B, H_kv, g, T, hd)
                 o = o.permute(0, 3, 1, 2, 4).reshape(B * T, H * hd)[fb.pad_index]
-            x = torch.addmm(x, o, self.wt_o[i])                                     # x + o_proj(o)
-            gate_up = F.linear(F.rms_norm(x, (d,), layer.post_attn_norm.weight, eps), self.w_gate_up[i])
+            x = torch.addmm(x if self.b_o[i] is None else x + self.b_o[i], o, self.wt_o[i])   # x + o_proj(o)
+            gate_up = F.linear(F.rms_norm(x, (d,), layer.post_attn_norm, eps), self.w_gate_up[i], self.b_gate_up[i])
             gate, up = gate_up.chunk(2, dim=-1)
-            x = torch.addmm(x, F.silu(gate) * up, self.wt_down[i])                  # x + down(silu(gate)·up)
-        h = F.rms_norm(x if fb.logits_index is None else x[fb.logits_index], (d,), m.norm.weight, eps)
-        return F.linear(h, m.lm_head.weight).float()                                # (M, V)
+            x = torch.addmm(x if self.b_down[i] is None else x + self.b_down[i], F.silu(gate) * up,
+                            self.wt_down[i])                                        # x + down(silu(gate)·up)
+        h = F.rms_norm(x if fb.logits_index is None else x[fb.logits_index], (d,), m.norm, eps)
+        return F.linear(h, self.w_head, self.b_head).float()                                    # (M, V)
 
     def run(self, chunks: list[Chunk]) -> torch.Tensor:
         return self.forward(self.prepare(chunks))
+
+
+def _bias(b: torch.Tensor | None, w: torch.Tensor) -> torch.Tensor:
+    """A projection's bias, zeros where it has none (so q|k|v biases can be fused when only some exist)."""
+    return b if b is not None else w.new_zeros(w.shape[0])
