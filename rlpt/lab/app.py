@@ -122,8 +122,8 @@ def create_app(runs_dir: str | Path = "runs") -> FastAPI:
     busy = threading.BoundedSemaphore(4)   # at most 4 widget computations at once (2 cores)
     ready: set = set()                     # widget modules whose rlpt imports are done
 
-    def page(name: str, status: int = 200, **ctx) -> HTMLResponse:
-        return HTMLResponse(env.get_template(name).render(lessons=LESSONS, **ctx), status_code=status)
+    def page(template: str, status: int = 200, **ctx) -> HTMLResponse:
+        return HTMLResponse(env.get_template(template).render(lessons=LESSONS, **ctx), status_code=status)
 
     def error(status: int, msg: str) -> JSONResponse:
         return JSONResponse({"error": msg}, status_code=status)

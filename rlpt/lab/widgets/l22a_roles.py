@@ -33,7 +33,7 @@ def compute(k: Knobs) -> dict:
     t = role_widget(k.params_b, k.k, k.length, k.topology, 64, 1 if k.as_stated else 4)
     step = t.step(k.topology)
     return {"roles": {r: getattr(t, r) for r in ("rollout", "verify", "ref", "train", "sync")}, "step_s": step,
-            "tok_s": useful_tokens_per_sec(64, k.k, k.length, step), "rollout_share": (t.rollout + t.verify) / step,
+            "tok_s": useful_tokens_per_sec(64, k.k, k.length, step), "rollout_share": t.rollout / step,
             "per_topology": {top: t.step(top) for top in ("colocated", "disaggregated", "async")}}
 
 

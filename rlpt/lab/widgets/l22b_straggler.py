@@ -10,7 +10,9 @@ from rlpt.lab import svg
 
 TITLE = "Straggler tax"
 SOURCE = ["rlpt.perf.throughput:max_of_k", "rlpt.perf.throughput:straggler_tax"]
-NOTES = [("course", "K=16, CV=1: the group waits ≈5.0× the mean length (tax ≈ 300%, the course's '200–300%')."),
+NOTES = [("course", "K=16, CV=1: the group waits for its straggler, ≈5.0× the mean length."),
+         ("fix", "The course's widget reports a tax of '≈200–300%' at K=16, CV=1 from one seeded sample; the "
+                 "expected value from the lesson's own extreme-value formula is max/mean − 1 = 402%."),
          ("fix", "The course says going from K=16 to 32 'adds about 15%'; its own formula gives +26% at CV=1."),
          ("fix", "The course widget draws one seeded sample (its Resample button has no effect because it reseeds); "
                  "the lab shows the expected maximum, which is what the lesson's table is about."),
