@@ -1,0 +1,482 @@
+"""rlpt against TRL at the same work, in one process: a GRPO step (β = 0 and β > 0) and a DPO step (batch 8, 64).
+
+    GRPO step = sample B×K (T = 1, ≤ max_tokens) + verify + [π_ref forward if β > 0] + fwd/bwd/AdamW + sync
+    DPO step  = policy forward over [chosen; rejected] + π_ref forward (both sides) + DPO loss + bwd/AdamW
+    ratio     = median TRL step / median rlpt step   (> 1: rlpt is faster)
+
+Both sides start from the same gpt_mini SFT weights: rlpt trains them as gpt_mini, TRL 1.16 as the
+`LlamaForCausalLM` `rlpt.models.hf.gpt_mini_to_hf` makes of them (equal logits to 1e-5), with the
+character tokenizer as a `PreTrainedTokenizerFast` (`rlpt.models.export.char_tokenizer_to_hf`, the same ids).
+Same prompts (the arithmetic task's train split; rlpt's env draws them, TRL's dataset is a list of them),
+the same verifier (TRL's reward function decodes the completion ids with gpt_mini's tokenizer and calls the
+task's `verify`), the same shapes (B prompts × K samples, max_tokens, T = 1, no top-k/top-p), the same loss
+(GRPO's clipped surrogate, seq-mean-token-mean = TRL's loss_type="grpo", group std scaling, k3 KL at β),
+the same optimizer (AdamW lr, betas 0.9/0.95, wd 0, clip 1.0, constant schedule) and mini-batches.
+
+Rounds alternate: TRL's trainer runs its own loop and, after each of its GRPO (or DPO) steps, a callback
+runs one step of every rlpt side (their order flipped every step), so load drift on the shared machine hits
+all sides alike; the first `--warmup` steps of every side are dropped; medians are kept. TRL's step is the
+wall time between two callbacks less nothing (its data loading, logging and metrics count, as rlpt's do).
+
+Where the time goes: rlpt's per-role `time/*` from the controller's metrics (rollout, verify, ref, train,
+sync); TRL's by wrapping its methods: `_generate_single_turn` (generate), the reward function (verify),
+`_get_per_token_logps_and_entropies` under no_grad (ref: π_ref at β > 0, and π_old when TRL scores it);
+TRL's "train" is the rest of its step (collate, advantages, fwd/bwd/AdamW, its metrics).
+
+The work must match, and is checked: mean sampled length and mean reward (same distribution, the policies
+start equal, so they agree to sampling noise), and rows trained. rlpt drops groups whose K rewards are all
+equal (zero advantage, zero gradient); TRL trains every row. The side `rlpt_all` is rlpt with that drop
+undone (degenerate flags cleared after the advantages, so those rows train with A = 0, as in TRL): the
+equal-rows comparison.
+
+    python bench/vs_trl.py                       # SFT start (~60 s) + GRPO β 0 / 0.04 + DPO 8 / 64; JSON line last
+    python bench/vs_trl.py --init runs/x/sft/step_180 --steps 20 --only grpo
+    python bench/vs_trl.py --curve 240           # also held-out accuracy against wall-clock, 240 s each side
+
+Needs `pip install rlpt[peers]` (trl==1.16.0) and `rlpt[hf]`.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import os
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("WANDB_DISABLED", "true")
+
+import torch  # noqa: E402
+
+from rlpt.gpt_mini.task import verify  # noqa: E402
+from rlpt.gpt_mini.tokenizer import CharTokenizer  # noqa: E402
+
+ROLES = ("rollout", "verify", "ref", "train", "sync")     # rlpt's controller timings, time/<role>
+TRL_PHASES = ("generate", "verify", "ref", "train")       # TRL's, train = the rest of the step
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--init", default=None, help="an rlpt SFT checkpoint; default: train one now (--sft-steps)")
+    p.add_argument("--sft-steps", type=int, default=180, help="the recipe's SFT start (grpo_arith's sft: section)")
+    p.add_argument("--only", choices=["grpo", "dpo", "all"], default="all")
+    p.add_argument("--prompts", type=int, default=8)
+    p.add_argument("--k", type=int, default=8)
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--betas", default="0,0.04", help="GRPO β settings, comma-separated")
+    p.add_argument("--mini-batches", type=int, default=1,
+                   help="optimizer steps per rollout batch, both sides (TRL: steps_per_generation; at > 1 TRL adds "
+                        "a π_old forward that rlpt takes from the sampler)")
+    p.add_argument("--lr", type=float, default=5e-5)
+    p.add_argument("--dpo-batches", default="8,64", help="DPO pairs per step, comma-separated")
+    p.add_argument("--dpo-beta", type=float, default=0.1)
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps per side")
+    p.add_argument("--steps", type=int, default=12, help="timed steps per side")
+    p.add_argument("--curve", type=float, default=0.0, help="seconds of training per side for the held-out "
+                                                            "accuracy curve (0: skip)")
+    p.add_argument("--plot", default="docs/img/perf_heldout_vs_wallclock.png")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args()
+
+
+def quiet() -> None:
+    warnings.filterwarnings("ignore")
+    for name in ("transformers", "trl", "accelerate", "datasets"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    import datasets
+    import transformers
+    datasets.disable_progress_bars()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+# ---------------------------------------------------------------- the shared start
+
+def sft_start(args, tmp: Path) -> tuple[Path, float]:
+    """The recipe's SFT start (rlpt), trained now unless --init names one; -> (checkpoint, seconds)."""
+    if args.init:
+        return Path(args.init), 0.0
+    from rlpt.train import load_train_job, sft_init
+    job = load_train_job("recipes/grpo_arith.yaml", [f"run.out_dir={tmp}", "run.name=start", "run.progress=false",
+                                                      f"sft.steps={args.sft_steps}", f"run.seed={args.seed}"])
+    t = time.perf_counter()
+    ckpt = sft_init(job, resume=False)
+    return ckpt, time.perf_counter() - t
+
+
+def export_hf(ckpt: Path, out: Path) -> Path:
+    """The SFT weights as a LlamaForCausalLM directory + the character tokenizer, for TRL to load by path."""
+    from rlpt.gpt_mini.model import load_model
+    from rlpt.models.export import char_tokenizer_to_hf
+    from rlpt.models.hf import gpt_mini_to_hf
+    gpt = load_model(ckpt, None, CharTokenizer())
+    gpt_mini_to_hf(gpt).save_pretrained(out)
+    char_tokenizer_to_hf().save_pretrained(out)
+    return out
+
+
+# ---------------------------------------------------------------- GRPO
+
+def rlpt_grpo(args, ckpt: Path, beta: float, all_rows: bool, lr: float | None = None, steps: int = 1000):
+    """rlpt's controller at the bench's shapes; `all_rows`: degenerate groups trained too (A = 0), as TRL does."""
+    from rlpt.train import build, load_train_job
+    job = load_train_job("recipes/grpo_arith.yaml", [
+        f"init_from={ckpt}", f"rollout.prompts_per_step={args.prompts}", f"rollout.k={args.k}",
+        f"rollout.max_tokens={args.max_tokens}", "rollout.temperature=1.0", f"algorithm.beta={beta}",
+        f"trainer.mini_batches={args.mini_batches}", f"trainer.optim.lr={lr or args.lr}",
+        "trainer.optim.schedule=constant", "trainer.optim.warmup_steps=0", f"steps={steps}",
+        "run.progress=false", f"run.seed={args.seed}"])
+    ctl, heldout = build(job, ckpt)
+    train_step = ctl.trainer.train_step
+
+    def seen(batch, loss_fn):        # the batch the trainer got: its padding share, and kept for the ceilings
+        ctl.last_batch = batch.input_ids
+        return train_step(batch, loss_fn)
+    ctl.trainer.train_step, ctl.last_batch = seen, None
+    if all_rows:
+        original = ctl.algorithm.compute_advantages
+
+        def keep_all(groups):
+            original(groups)
+            for g in groups:
+                for t in g:
+                    t.degenerate = False      # A stays 0: the row trains with no gradient signal, as in TRL
+        ctl.algorithm.compute_advantages = keep_all
+    return ctl, heldout
+
+
+def rlpt_step(ctl) -> dict:
+    """One controller step -> its wall time, role timings, and the work it did."""
+    t = time.perf_counter()
+    m = ctl.step()
+    out = {"total": time.perf_counter() - t, **{r: m.get(f"time/{r}", 0.0) for r in ROLES}}
+    rows = ctl.rollout.prompts_per_step * ctl.k
+    out |= {"len": m["response/len_mean"], "reward": m["reward/mean"],
+            "rows": rows * m["groups/kept"] if not m["step/skipped"] else 0.0,
+            "pad_frac": float((ctl.last_batch == ctl.pad_id).float().mean()) if ctl.last_batch is not None else 0.0}
+    return out
+
+
+def prompt_rows(args, n: int, seed: int) -> list[dict]:
+    """n train-split prompts of the arithmetic task (what rlpt's env draws), as TRL dataset rows."""
+    from rlpt.config import TaskConfig
+    from rlpt.framework.environment import ArithmeticEnv
+    from rlpt.gpt_mini.task import make_task
+    from rlpt.train import load_train_job
+    task_cfg = load_train_job("recipes/grpo_arith.yaml", []).task
+    env = ArithmeticEnv(make_task(TaskConfig(**task_cfg.model_dump())), seed=seed)
+    return [{"prompt": (p := env.reset("train")).text, "gold": p.gold} for _ in range(n)]
+
+
+class TRLProbe:
+    """TRL's phases, by wrapping its methods on the trainer instance; `take()` returns and resets them."""
+
+    def __init__(self):
+        self.t = dict.fromkeys(TRL_PHASES, 0.0)
+        self.work = []   # (length, reward) of every completion scored
+
+    def attach(self, trainer) -> None:
+        gen, score = trainer._generate_single_turn, trainer._get_per_token_logps_and_entropies
+
+        def timed_gen(*a, **k):
+            t0 = time.perf_counter()
+            try:
+                return gen(*a, **k)
+            finally:
+                self.t["generate"] += time.perf_counter() - t0
+
+        def timed_score(*a, **k):
+            if torch.is_grad_enabled():       # the training forward: part of "train"
+                return score(*a, **k)
+            t0 = time.perf_counter()
+            try:
+                return score(*a, **k)
+            finally:
+                self.t["ref"] += time.perf_counter() - t0
+        trainer._generate_single_turn, trainer._get_per_token_logps_and_entropies = timed_gen, timed_score
+
+    def reward_fn(self):
+        tok = CharTokenizer()
+
+        def arithmetic_reward(prompts, completions, completion_ids, gold, **_):
+            t0 = time.perf_counter()
+            rewards = [verify(tok.decode(ids), g) for ids, g in zip(completion_ids, gold)]
+            self.work += [(len(ids), r) for ids, r in zip(completion_ids, rewards)]
+            self.t["verify"] += time.perf_counter() - t0
+            return rewards
+        return arithmetic_reward
+
+    def take(self, total: float) -> dict:
+        out = {**self.t, "total": total}
+        out["train"] = total - self.t["generate"] - self.t["verify"] - self.t["ref"]
+        n = len(self.work) or 1
+        out |= {"len": sum(x for x, _ in self.work) / n, "reward": sum(r for _, r in self.work) / n,
+                "rows": float(len(self.work))}
+        self.t, self.work = dict.fromkeys(TRL_PHASES, 0.0), []
+        return out
+
+
+def interleaver(per_step: int, sides: dict, record: dict, probe: TRLProbe | None = None, take=None):
+    """A TrainerCallback: after every `per_step` TRL optimizer steps (one GRPO/DPO step), record TRL's step and
+    run one step of each rlpt side, order flipped each time."""
+    from transformers import TrainerCallback
+
+    class Interleave(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kw):
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step % per_step:
+                return
+            total = time.perf_counter() - self.t0
+            record["trl"].append(probe.take(total) if probe else take(total))
+            names = list(sides) if len(record["trl"]) % 2 else list(sides)[::-1]
+            for name in names:
+                record[name].append(sides[name]())
+            self.t0 = time.perf_counter()
+    return Interleave()
+
+
+def bench_grpo(args, ckpt: Path, hf_dir: Path, beta: float, tmp: Path) -> dict:
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
+    n_steps = args.warmup + args.steps
+    rows = args.prompts * args.k
+    cfg = GRPOConfig(
+        output_dir=str(tmp / f"trl_grpo_{beta}"), per_device_train_batch_size=rows // args.mini_batches,
+        steps_per_generation=args.mini_batches, num_generations=args.k, max_completion_length=args.max_tokens,
+        temperature=1.0, top_p=1.0, top_k=0, beta=beta, epsilon=0.2, loss_type="grpo", scale_rewards="group",
+        num_iterations=1, learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0, adam_beta1=0.9,
+        adam_beta2=0.95, weight_decay=0.0, max_grad_norm=1.0, max_steps=n_steps * args.mini_batches,
+        gradient_accumulation_steps=1, logging_steps=10 ** 6, save_strategy="no", report_to="none", use_cpu=True,
+        seed=args.seed, disable_dropout=True, log_completions=False, mask_truncated_completions=False,
+        dataloader_num_workers=0, bf16=False, fp16=False, model_init_kwargs={"dtype": "float32"})
+    data = Dataset.from_list(prompt_rows(args, args.prompts * (n_steps + 2), args.seed))
+    probe = TRLProbe()
+    trainer = GRPOTrainer(model=str(hf_dir), reward_funcs=[probe.reward_fn()], args=cfg, train_dataset=data,
+                          processing_class=_hf_tokenizer(hf_dir))
+    probe.attach(trainer)
+    _silence(trainer)
+    ctls = {"rlpt": rlpt_grpo(args, ckpt, beta, all_rows=False)[0],
+            "rlpt_all": rlpt_grpo(args, ckpt, beta, all_rows=True)[0]}
+    record = {"trl": [], **{k: [] for k in ctls}}
+    sides = {k: (lambda c=c: rlpt_step(c)) for k, c in ctls.items()}
+    trainer.add_callback(interleaver(args.mini_batches, sides, record, probe))
+    trainer.train()
+    out = {k: v[args.warmup:] for k, v in record.items()}
+    c = ctls["rlpt_all"]
+    out["ceilings"] = ceilings(c.trainer.model, c.last_batch, c.pad_id)
+    return out
+
+
+def _silence(trainer) -> None:
+    """No progress bar and no printed log dicts from the HF Trainer loop."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+
+
+def ceilings(model, ids: torch.Tensor, pad_id: int, reps: int = 7) -> dict:
+    """What the train role could gain on this CPU, measured on a batch rlpt trained (fwd + bwd of the log-probs):
+    fp32 as trained; bf16 autocast (the CPU's AVX-512-BF16 path, if any); and a dense batch holding the same
+    non-pad tokens with no padding (the FLOPs sequence packing would spend). Alternating, medians, seconds."""
+    from rlpt.framework.trajectory import per_token_logp
+    n_tok = int((ids != pad_id).sum())
+    width = ids.shape[1]
+    packed = ids[ids != pad_id][: (n_tok // width) * width].view(-1, width)   # same tokens, no pad
+    model = model.train()
+
+    def fwd_bwd(x, bf16: bool):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = per_token_logp(model, x).float().mean()
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    cases = {"fp32": (ids, False), "bf16": (ids, True), "fp32_packed": (packed, False)}
+    times = {k: [] for k in cases}
+    for r in range(reps + 1):
+        for k in (list(cases) if r % 2 else list(cases)[::-1]):
+            t = time.perf_counter()
+            fwd_bwd(*cases[k])
+            if r:                                  # round 0 warms up
+                times[k].append(time.perf_counter() - t)
+    m = {k: statistics.median(v) for k, v in times.items()}
+    return {"rows": ids.shape[0], "width": width, "pad_frac": round(1 - n_tok / ids.numel(), 3),
+            **{f"fwd_bwd_{k}_s": round(v, 4) for k, v in m.items()},
+            "bf16_speedup": round(m["fp32"] / m["bf16"], 3),
+            "packed_speedup": round(m["fp32"] / m["fp32_packed"] * packed.numel() / n_tok, 3)}
+
+
+def _hf_tokenizer(hf_dir: Path):
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(hf_dir, local_files_only=True)
+
+
+# ---------------------------------------------------------------- DPO
+
+def bench_dpo(args, ckpt: Path, hf_dir: Path, batch: int, tmp: Path) -> dict:
+    """TRL's DPOTrainer (reference model forward every step) against rlpt's DPO step with the reference forward
+    every step (bench/dpo_step.py's PrefStep without a precomputed table), `batch` pairs per step."""
+    from datasets import Dataset
+    from trl import DPOConfig as TRLDPOConfig
+    from trl import DPOTrainer
+
+    from rlpt.config import OptimConfig
+    from rlpt.gpt_mini.model import load_model
+    from rlpt.preference.data import collate_pairs
+    from rlpt.preference.dpo import DPOConfig
+    sys.path.insert(0, str(Path(__file__).parent))
+    dpo_step = importlib.import_module("dpo_step")
+    n_steps = args.warmup + args.steps
+    pairs = dpo_step.fixed_pairs(batch * (n_steps + 2), args.seed)
+    tok = CharTokenizer()
+    cfg = DPOConfig(method="dpo", beta=args.dpo_beta, batch_size=batch,
+                    optim=OptimConfig(lr=1e-5, warmup_steps=0, schedule="constant"))
+    side = dpo_step.PrefStep(load_model(ckpt, None, tok), cfg, tok, n_steps + 10)
+    state = {"i": 0}
+
+    def rlpt_dpo() -> dict:
+        part = pairs[state["i"] * batch:(state["i"] + 1) * batch]
+        state["i"] += 1
+        t = time.perf_counter()
+        side(part)
+        total = time.perf_counter() - t
+        b = collate_pairs(part, tok)
+        return {"total": total, "rows": float(b.ids.shape[0]), "tokens": float((b.ids != tok.pad_id).sum())}
+
+    tcfg = TRLDPOConfig(
+        output_dir=str(tmp / f"trl_dpo_{batch}"), per_device_train_batch_size=batch, beta=args.dpo_beta,
+        loss_type=["sigmoid"], precompute_ref_log_probs=False, learning_rate=1e-5, lr_scheduler_type="constant",
+        warmup_steps=0, adam_beta1=0.9, adam_beta2=0.95, weight_decay=0.0, max_grad_norm=1.0, max_steps=n_steps,
+        gradient_accumulation_steps=1, logging_steps=10 ** 6, save_strategy="no", report_to="none", use_cpu=True,
+        seed=args.seed, disable_dropout=True, dataloader_num_workers=0, bf16=False, fp16=False,
+        model_init_kwargs={"dtype": "float32"})
+    data = Dataset.from_list([{"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected} for p in pairs])
+    trainer = DPOTrainer(model=str(hf_dir), args=tcfg, train_dataset=data, processing_class=_hf_tokenizer(hf_dir))
+    seen = {"rows": 0.0, "tokens": 0.0}
+    compute_loss = trainer.compute_loss
+
+    def counted(model, inputs, *a, **k):          # what TRL trained: rows and non-pad tokens of its batch
+        ids = inputs.get("input_ids")
+        mask = inputs.get("attention_mask")
+        if ids is not None:
+            seen["rows"] += float(ids.shape[0])
+            seen["tokens"] += float(mask.sum()) if mask is not None else float(ids.numel())
+        return compute_loss(model, inputs, *a, **k)
+    trainer.compute_loss = counted
+    _silence(trainer)
+
+    def take(total: float) -> dict:
+        out = {"total": total, **seen}
+        seen.update(rows=0.0, tokens=0.0)
+        return out
+    record = {"trl": [], "rlpt": []}
+    trainer.add_callback(interleaver(1, {"rlpt": rlpt_dpo}, record, take=take))
+    trainer.train()
+    return {k: v[args.warmup:] for k, v in record.items()}
+
+
+# ---------------------------------------------------------------- report
+
+def med(xs: list[dict], key: str) -> float:
+    return statistics.median(x[key] for x in xs) if xs else float("nan")
+
+
+def mean(xs: list[dict], key: str) -> float:
+    return sum(x[key] for x in xs) / len(xs) if xs else float("nan")
+
+
+def report_grpo(beta: float, rec: dict) -> dict:
+    trl, out = rec["trl"], {}
+    print(f"\nGRPO step, beta={beta}: median seconds per step over {len(trl)} steps (1 thread)")
+    print(f"| {'side':<9} | {'step':>7} | {'rollout':>7} | {'verify':>6} | {'ref':>6} | {'train':>6} | "
+          f"{'sync':>6} | {'TRL/x':>6} | {'len':>5} | {'reward':>6} | {'rows':>5} |")
+    trl_row = {"generate": med(trl, "generate"), "verify": med(trl, "verify"), "ref": med(trl, "ref"),
+               "train": med(trl, "train")}
+    print(f"| {'trl':<9} | {med(trl, 'total'):>7.3f} | {trl_row['generate']:>7.3f} | {trl_row['verify']:>6.3f} | "
+          f"{trl_row['ref']:>6.3f} | {trl_row['train']:>6.3f} | {'-':>6} | {1.0:>6.2f} | {mean(trl, 'len'):>5.1f} | "
+          f"{mean(trl, 'reward'):>6.3f} | {mean(trl, 'rows'):>5.1f} |")
+    out["trl"] = {"step_s": round(med(trl, "total"), 4), **{k + "_s": round(v, 4) for k, v in trl_row.items()},
+                  "len_mean": round(mean(trl, "len"), 2), "reward_mean": round(mean(trl, "reward"), 3),
+                  "rows_mean": round(mean(trl, "rows"), 1)}
+    for side in ("rlpt", "rlpt_all"):
+        r = rec[side]
+        ratio = med(trl, "total") / med(r, "total")
+        print(f"| {side:<9} | {med(r, 'total'):>7.3f} | {med(r, 'rollout'):>7.3f} | {med(r, 'verify'):>6.3f} | "
+              f"{med(r, 'ref'):>6.3f} | {med(r, 'train'):>6.3f} | {med(r, 'sync'):>6.3f} | {ratio:>6.2f} | "
+              f"{mean(r, 'len'):>5.1f} | {mean(r, 'reward'):>6.3f} | {mean(r, 'rows'):>5.1f} |")
+        out[side] = {"step_s": round(med(r, "total"), 4), **{k + "_s": round(med(r, k), 4) for k in ROLES},
+                     "len_mean": round(mean(r, "len"), 2), "reward_mean": round(mean(r, "reward"), 3),
+                     "rows_mean": round(mean(r, "rows"), 1), "trl_over_rlpt": round(ratio, 3),
+                     # the ceiling: rlpt's step without its reference forward, and its train time alone
+                     "trl_over_rlpt_no_ref": round(med(trl, "total") / med([{"x": x["total"] - x["ref"]}
+                                                                             for x in r], "x"), 3)}
+    # ceilings: rlpt_all's step with its train role made faster by what `ceilings` measured (bf16 autocast,
+    # no padding; assumed to multiply), and with a free rollout: what each lever could buy at most
+    c, r = rec["ceilings"], rec["rlpt_all"]
+    step, train, rollout = med(r, "total"), med(r, "train"), med(r, "rollout")
+    for name, f in (("packed", c["packed_speedup"]), ("bf16", c["bf16_speedup"]),
+                    ("packed_bf16", c["packed_speedup"] * c["bf16_speedup"])):
+        c[f"trl_over_rlpt_{name}_est"] = round(med(trl, "total") / (step - train + train / f), 3)
+    c["trl_over_rlpt_free_rollout"] = round(med(trl, "total") / (step - rollout), 3)
+    c["rlpt_pad_frac_mean"] = round(mean(r, "pad_frac"), 3)
+    out["ceilings"] = c
+    print(f"ceilings (rlpt_all's trained batch, fwd+bwd): {json.dumps(c)}")
+    # the work matches when lengths and rewards agree to sampling noise (64 rows a step, a few % on the mean)
+    out["match"] = {"len_rel_gap": round(abs(mean(rec["rlpt_all"], "len") / mean(trl, "len") - 1), 3),
+                    "reward_abs_gap": round(abs(mean(rec["rlpt_all"], "reward") - mean(trl, "reward")), 3),
+                    "rows_equal_rlpt_all": mean(rec["rlpt_all"], "rows") == mean(trl, "rows")}
+    return out
+
+
+def report_dpo(batch: int, rec: dict) -> dict:
+    trl, r = rec["trl"], rec["rlpt"]
+    ratio = med(trl, "total") / med(r, "total")
+    print(f"\nDPO step, {batch} pairs, reference forward every step on both sides: median ms over {len(trl)} steps")
+    print(f"| side | ms/step | rows | non-pad tokens | TRL/x |\n| trl  | {med(trl, 'total') * 1e3:>7.1f} | "
+          f"{mean(trl, 'rows'):>4.0f} | {mean(trl, 'tokens'):>14.0f} | {1.0:>5.2f} |\n| rlpt | "
+          f"{med(r, 'total') * 1e3:>7.1f} | {mean(r, 'rows'):>4.0f} | {mean(r, 'tokens'):>14.0f} | {ratio:>5.2f} |")
+    return {"trl_ms": round(med(trl, "total") * 1e3, 2), "rlpt_ms": round(med(r, "total") * 1e3, 2),
+            "trl_over_rlpt": round(ratio, 3), "trl_rows": mean(trl, "rows"), "rlpt_rows": mean(r, "rows"),
+            "trl_tokens": round(mean(trl, "tokens"), 1), "rlpt_tokens": round(mean(r, "tokens"), 1)}
+
+
+def main():
+    args = parse_args()
+    torch.set_num_threads(1)
+    torch.set_num_interop_threads(1)
+    quiet()
+    tmp = Path(tempfile.mkdtemp(prefix="vs_trl_"))
+    ckpt, sft_s = sft_start(args, tmp)
+    hf_dir = export_hf(ckpt, tmp / "hf")
+    result = {"bench": "vs_trl", "threads": 1, "prompts": args.prompts, "k": args.k, "max_tokens": args.max_tokens,
+              "mini_batches": args.mini_batches, "lr": args.lr, "warmup": args.warmup, "steps": args.steps,
+              "sft_s": round(sft_s, 1), "cpu": _cpu(), "grpo": {}, "dpo": {}}
+    if args.only in ("grpo", "all"):
+        for beta in (float(b) for b in args.betas.split(",")):
+            result["grpo"][str(beta)] = report_grpo(beta, bench_grpo(args, ckpt, hf_dir, beta, tmp))
+    if args.only in ("dpo", "all"):
+        for batch in (int(b) for b in args.dpo_batches.split(",")):
+            result["dpo"][str(batch)] = report_dpo(batch, bench_dpo(args, ckpt, hf_dir, batch, tmp))
+    print(json.dumps(result))
+
+
+def _cpu() -> str:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "unknown"
+    name = next((line.split(":", 1)[1].strip() for line in flags.splitlines() if line.startswith("model name")), "?")
+    has = [f for f in ("avx512f", "avx512_bf16", "amx_bf16") if f" {f}" in flags]
+    return f"{name} ({os.cpu_count()} cpus; {' '.join(has) or 'no avx512'})"
+
+
+if __name__ == "__main__":
+    main()
