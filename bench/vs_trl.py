@@ -66,7 +66,8 @@ def parse_args():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--init", default=None, help="an rlpt SFT checkpoint; default: train one now (--sft-steps)")
     p.add_argument("--sft-steps", type=int, default=180, help="the recipe's SFT start (grpo_arith's sft: section)")
-    p.add_argument("--only", choices=["grpo", "dpo", "all"], default="all")
+    p.add_argument("--only", choices=["grpo", "dpo", "all", "none"], default="all",
+                   help="which step benchmarks to run (none: only --curve)")
     p.add_argument("--prompts", type=int, default=8)
     p.add_argument("--k", type=int, default=8)
     p.add_argument("--max-tokens", type=int, default=32)
@@ -124,14 +125,16 @@ def export_hf(ckpt: Path, out: Path) -> Path:
 
 # ---------------------------------------------------------------- GRPO
 
-def rlpt_grpo(args, ckpt: Path, beta: float, all_rows: bool, lr: float | None = None, steps: int = 1000):
-    """rlpt's controller at the bench's shapes; `all_rows`: degenerate groups trained too (A = 0), as TRL does."""
+def rlpt_grpo(args, ckpt: Path, beta: float, all_rows: bool, **settings):
+    """rlpt's controller at the bench's shapes (`settings` override them: prompts, temperature, mini_batches);
+    `all_rows`: degenerate groups trained too (A = 0), as TRL does."""
     from rlpt.train import build, load_train_job
+    s = {"prompts": args.prompts, "temperature": 1.0, "mini_batches": args.mini_batches} | settings
     job = load_train_job("recipes/grpo_arith.yaml", [
-        f"init_from={ckpt}", f"rollout.prompts_per_step={args.prompts}", f"rollout.k={args.k}",
-        f"rollout.max_tokens={args.max_tokens}", "rollout.temperature=1.0", f"algorithm.beta={beta}",
-        f"trainer.mini_batches={args.mini_batches}", f"trainer.optim.lr={lr or args.lr}",
-        "trainer.optim.schedule=constant", "trainer.optim.warmup_steps=0", f"steps={steps}",
+        f"init_from={ckpt}", f"rollout.prompts_per_step={s['prompts']}", f"rollout.k={args.k}",
+        f"rollout.max_tokens={args.max_tokens}", f"rollout.temperature={s['temperature']}", f"algorithm.beta={beta}",
+        f"trainer.mini_batches={s['mini_batches']}", f"trainer.optim.lr={args.lr}",
+        "trainer.optim.schedule=constant", "trainer.optim.warmup_steps=0", "steps=100000", "eval.size=200",
         "run.progress=false", f"run.seed={args.seed}"])
     ctl, heldout = build(job, ckpt)
     train_step = ctl.trainer.train_step
@@ -383,6 +386,97 @@ def bench_dpo(args, ckpt: Path, hf_dir: Path, batch: int, tmp: Path) -> dict:
     return {k: v[args.warmup:] for k, v in record.items()}
 
 
+# ---------------------------------------------------------------- held-out accuracy against wall-clock
+
+CURVE = {"prompts": 32, "temperature": 0.7, "mini_batches": 2, "beta": 0.05}   # recipes/grpo_arith.yaml's
+
+
+def bench_curve(args, ckpt: Path, hf_dir: Path, tmp: Path) -> dict:
+    """Held-out greedy accuracy (200 problems, the same evaluator for both: TRL's weights go back to gpt_mini
+    with hf_to_gpt_mini) against each side's own training wall-clock, from the same SFT start, the recipe's
+    rollout / loss settings (constant lr). Interleaved: after each TRL GRPO step, rlpt steps until its clock
+    catches up, so load drift hits both; evaluation time is not on either clock."""
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from rlpt.framework.evaluate import evaluate
+    from rlpt.models.hf import hf_to_gpt_mini
+    mb, rows = CURVE["mini_batches"], CURVE["prompts"] * args.k
+    ctl, heldout = rlpt_grpo(args, ckpt, CURVE["beta"], all_rows=False, prompts=CURVE["prompts"],
+                             temperature=CURVE["temperature"], mini_batches=mb)
+    cfg = GRPOConfig(
+        output_dir=str(tmp / "trl_curve"), per_device_train_batch_size=rows // mb, steps_per_generation=mb,
+        num_generations=args.k, max_completion_length=args.max_tokens, temperature=CURVE["temperature"], top_p=1.0,
+        top_k=0, beta=CURVE["beta"], epsilon=0.2, loss_type="grpo", scale_rewards="group", num_iterations=1,
+        learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0, adam_beta1=0.9, adam_beta2=0.95,
+        weight_decay=0.0, max_grad_norm=1.0, max_steps=10 ** 6, gradient_accumulation_steps=1, logging_steps=10 ** 6,
+        save_strategy="no", report_to="none", use_cpu=True, seed=args.seed, disable_dropout=True,
+        log_completions=False, mask_truncated_completions=False, dataloader_num_workers=0,
+        model_init_kwargs={"dtype": "float32"})
+    probe = TRLProbe()
+    data = Dataset.from_list(prompt_rows(args, 20000, args.seed))
+    trainer = GRPOTrainer(model=str(hf_dir), reward_funcs=[probe.reward_fn()], args=cfg, train_dataset=data,
+                          processing_class=_hf_tokenizer(hf_dir))
+    _silence(trainer)
+    every, budget = args.curve / 8, args.curve
+    acc0 = evaluate(ctl.trainer.model, ctl.env, heldout, args.max_tokens)["acc"]
+    points = {"trl": [(0.0, 0, acc0)], "rlpt": [(0.0, 0, acc0)]}
+    clock = {"trl": 0.0, "rlpt": 0.0}
+    steps = {"trl": 0, "rlpt": 0}
+
+    def mark(side: str, model) -> None:
+        if clock[side] >= every * len(points[side]) or clock[side] >= budget:
+            points[side].append((round(clock[side], 1), steps[side],
+                                 evaluate(model, ctl.env, heldout, args.max_tokens)["acc"]))
+
+    def rlpt_until(t: float) -> None:
+        while clock["rlpt"] < min(t, budget):
+            t0 = time.perf_counter()
+            ctl.step()
+            clock["rlpt"] += time.perf_counter() - t0
+            steps["rlpt"] += 1
+            mark("rlpt", ctl.trainer.model)
+
+    class Race(TrainerCallback):
+        def on_train_begin(self, a, state, control, **kw):
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, a, state, control, **kw):
+            if state.global_step % mb:
+                return
+            clock["trl"] += time.perf_counter() - self.t0
+            steps["trl"] += 1
+            mark("trl", hf_to_gpt_mini(trainer.model))
+            rlpt_until(clock["trl"])
+            control.should_training_stop = clock["trl"] >= budget
+            self.t0 = time.perf_counter()
+    trainer.add_callback(Race())
+    trainer.train()
+    rlpt_until(budget)
+    return {"seconds": budget, "settings": CURVE, "heldout": len(heldout), "points": points,
+            "steps_per_s": {k: round(steps[k] / clock[k], 4) for k in steps}}
+
+
+def plot_curve(curve: dict, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for side, colour in (("rlpt", "tab:blue"), ("trl", "tab:orange")):
+        pts = curve["points"][side]
+        ax.plot([p[0] for p in pts], [p[2] for p in pts], "o-", color=colour,
+                label=f"{side} ({curve['steps_per_s'][side]:.3f} steps/s)")
+    ax.set_xlabel("training wall-clock, s (1 thread, evaluation excluded)")
+    ax.set_ylabel(f"held-out greedy accuracy ({curve['heldout']})")
+    ax.set_title("GRPO from one SFT start: rlpt vs TRL 1.16 (1 seed)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 # ---------------------------------------------------------------- report
 
 def med(xs: list[dict], key: str) -> float:
@@ -465,6 +559,10 @@ def main():
     if args.only in ("dpo", "all"):
         for batch in (int(b) for b in args.dpo_batches.split(",")):
             result["dpo"][str(batch)] = report_dpo(batch, bench_dpo(args, ckpt, hf_dir, batch, tmp))
+    if args.curve > 0:
+        result["curve"] = bench_curve(args, ckpt, hf_dir, tmp)
+        print(f"\nheld-out accuracy against wall-clock: {json.dumps(result['curve'])}")
+        plot_curve(result["curve"], args.plot)
     print(json.dumps(result))
 
 
