@@ -90,6 +90,7 @@ def test_bad_knob_is_a_400_naming_it(client, slug, query, msg):
 def test_too_long_a_request_is_refused_before_running(client):
     r = client.get("/api/16", params={"steps": 20000})
     assert r.status_code == 400 and r.json()["error"].startswith("refused: 20000 steps")
+    assert "at most 2000" in r.json()["error"]
 
 
 # -- each widget at the course's defaults ------------------------------------------------------------------------

@@ -18,6 +18,7 @@ NOTES = [("course", "β = 0.5: π*(D) = 0.702 and the implicit reward gap D−A 
                  "unscaled, so its minimum is at Δ = 1/(2β). The course's trainer samples noisy pairs and shows a "
                  "running average that lags; the lab descends the expected loss, so it lands on π*.")]
 SCORES = (0.0, 1.0, 2.0, 2.5)
+MAX_STEPS = 2000          # ~1-2 ms a step here: a request past this is refused before it runs
 
 
 class Knobs(BaseModel):
@@ -26,8 +27,9 @@ class Knobs(BaseModel):
 
 
 def limit(k: Knobs) -> str | None:
-    if k.steps > 5000:
-        return f"{k.steps} steps would take ~{k.steps / 2000:.0f} s here; the lab runs at most 5000 in one request"
+    if k.steps > MAX_STEPS:
+        return (f"{k.steps} steps would take ~{k.steps / 500:.0f} s on a busy 2-core machine; the lab runs at most "
+                f"{MAX_STEPS} in one request (knob 'steps')")
     return None
 
 
