@@ -207,6 +207,14 @@ def test_l20_kv(client):
     assert api(client, "20", model="70b", batch=1, seq=128)["free_gb"] == 0
 
 
+def test_l20_paged_blocks_from_the_block_manager(client):
+    r = api(client, "20")                                                  # P 160, G 32, K 16, 16-token blocks
+    assert r["paged_used"] == r["paged_formula"] == 10 + 16 * 2 and r["paged_copied"] == 16 * 12
+    assert r["cow_copies"] == 0 and all(t[:10] == r["tables"][0][:10] for t in r["tables"])   # shared prefix
+    part = api(client, "20", prompt=150, completion=20)                    # 6 tokens in a partial prompt block
+    assert part["paged_used"] == part["paged_formula"] == 9 + 16 * 2 and part["cow_copies"] == 15
+
+
 def test_l22_memory(client):
     r = api(client, "22")
     assert r["train_gb"] == pytest.approx(32.9, abs=0.05) and r["infer_gb"] == pytest.approx(2.3, abs=0.05)
