@@ -1,0 +1,174 @@
+"""LoRA through `peft`: a policy with low-rank adapters, the reference as the same model with them disabled,
+and adapter-only payloads for weight sync and checkpoints.
+
+    W' = W + (α / r) · B A,    A ∈ R^{r×d_in} (random), B ∈ R^{d_out×r} (zeros): W' = W at step 0 (Hu et al. 2021)
+
+    policy = apply_lora(load_hf_policy("out/grpo-hf"), LoraSpec(r=8, alpha=16, targets="all-linear"))
+    ref = AdapterDisabled(policy)          # π_ref: the same weights with the adapters off, no second copy
+    Reference(ref)                         # rlpt.framework.reference: its deepcopy of `ref` is `ref` itself
+    sd = lora_state_dict(policy)           # adapter tensors only: what an adapter-only sync / checkpoint moves
+    merged = merged_state_dict(policy)     # base names, W + ΔW: what a merged sync pushes (TRL's names)
+    save_adapter(policy, "ckpt/adapter")   # adapter_model.safetensors + adapter_config.json, nothing else
+
+As in TRL (`with model.disable_adapter():` in its DPO/PPO/GRPO utils), the reference is the base model
+reached by switching the adapters off: it equals a frozen copy of the base to 0.0 because the base weights
+never receive a gradient (peft freezes them). LoRA dropout must be 0: a live dropout makes the trainer's
+log-probs differ from the rollout's, and rlpt's `check/logp_mismatch` would (rightly) fire.
+
+The engine serves a LoRA policy as is (rlpt/engine/weights.py merges B A into its fused weights whenever
+the adapter changes), so the trainer's model is also the rollout's, with no merge step.
+
+Needs the optional dependency: `pip install rlpt[hf]` (transformers, peft).
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+ALL_LINEAR = "all-linear"     # peft: every nn.Linear but the output head
+
+
+@dataclass
+class LoraSpec:
+    r: int = 8
+    alpha: float = 16.0
+    targets: str | list[str] = field(default=ALL_LINEAR)    # "all-linear" or module names, e.g. ["q_proj", "v_proj"]
+    dropout: float = 0.0
+
+    def __post_init__(self):
+        if self.r < 1:
+            raise ValueError(f"lora.r={self.r} must be >= 1 (the adapter's rank)")
+        if self.alpha <= 0:
+            raise ValueError(f"lora.alpha={self.alpha} must be > 0 (the update is scaled by alpha / r)")
+        if self.dropout != 0.0:
+            raise ValueError(f"lora.dropout={self.dropout}: must be 0 for RL (a live dropout makes the trainer's "
+                             "log-probs differ from the rollout's)")
+        if isinstance(self.targets, str) and self.targets != ALL_LINEAR:
+            self.targets = [self.targets]
+        if not self.targets:
+            raise ValueError("lora.targets is empty: name the modules to adapt (e.g. [q_proj, v_proj]) or 'all-linear'")
+
+
+def _peft_model(model):
+    """The peft model inside `model` (a PeftModel, or an HFPolicy whose .model is one); ValueError if none."""
+    inner = getattr(model, "model", None) if not hasattr(model, "disable_adapter") else model
+    if inner is None or not hasattr(inner, "disable_adapter"):
+        raise ValueError(f"{type(model).__name__} has no LoRA adapter: wrap it with rlpt.models.lora.apply_lora")
+    return inner
+
+
+def apply_lora(policy, spec: LoraSpec):
+    """Add LoRA adapters to a HF causal LM or an HFPolicy (whose `.model` becomes the peft model, in place).
+
+    Only the adapters require grad afterwards. -> the policy (HFPolicy) or the peft model."""
+    from peft import LoraConfig, get_peft_model
+    is_policy = hasattr(policy, "new_cache") and isinstance(getattr(policy, "model", None), nn.Module)
+    hf = policy.model if is_policy else policy
+    if hasattr(hf, "disable_adapter"):
+        raise ValueError("the model already has a LoRA adapter; apply_lora once")
+    config = LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=0.0, bias="none",
+                        target_modules=spec.targets, task_type="CAUSAL_LM")
+    try:
+        peft_model = get_peft_model(hf, config)
+    except ValueError as e:       # e.g. a target module name the model does not have
+        raise ValueError(f"lora.targets={spec.targets!r} does not fit {type(hf).__name__}: {e}") from None
+    if is_policy:
+        policy.model = peft_model
+        return policy
+    return peft_model
+
+
+@contextmanager
+def adapter_disabled(model) -> Iterator[None]:
+    """Run the base model: every adapter off inside the block, back on after (also on an exception)."""
+    with _peft_model(model).disable_adapter():
+        yield
+
+
+class AdapterDisabled(nn.Module):
+    """π_ref as a view: `ref(ids)` is the policy's forward with the adapters disabled, in eval mode, no grad.
+
+    It owns no parameters (the policy is held outside the module tree), so `Reference.freeze()` cannot
+    freeze the adapters, and a deepcopy returns the view itself: no second copy of the model."""
+
+    def __init__(self, policy):
+        super().__init__()
+        _peft_model(policy)                       # fail now if there is no adapter to disable
+        object.__setattr__(self, "policy", policy)
+
+    def __deepcopy__(self, memo):
+        return self
+
+    @torch.no_grad()
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        was = self.policy.training
+        self.policy.eval()
+        try:
+            with adapter_disabled(self.policy):
+                out = self.policy(input_ids)
+        finally:
+            self.policy.train(was)
+        return getattr(out, "logits", out)
+
+
+def lora_state_dict(model) -> dict[str, torch.Tensor]:
+    """The adapter tensors only (peft's names): the payload of an adapter-only sync or checkpoint."""
+    from peft import get_peft_model_state_dict
+    return {k: v.detach() for k, v in get_peft_model_state_dict(_peft_model(model)).items()}
+
+
+def load_lora_state(model, state: dict[str, torch.Tensor]) -> None:
+    """Load adapter tensors (from `lora_state_dict`) into a model with the same adapter; strict."""
+    from peft import set_peft_model_state_dict
+    res = set_peft_model_state_dict(_peft_model(model), state)
+    bad = [k for k in getattr(res, "unexpected_keys", []) if "lora_" in k]
+    if bad:
+        raise ValueError(f"adapter state has tensors the model lacks: {bad[:4]} (another r or targets?)")
+
+
+def payload_bytes(state: dict[str, torch.Tensor]) -> int:
+    """Bytes of a state dict's tensors, a tied tensor (embedding = head) counted once."""
+    unique = {(t.data_ptr(), t.numel(), t.dtype): t for t in state.values()}
+    return sum(t.numel() * t.element_size() for t in unique.values())
+
+
+@torch.no_grad()
+def merged_state_dict(model) -> dict[str, torch.Tensor]:
+    """The base model's state dict under its own names with every active adapter merged in (W + α/r·BA):
+    what a merged weight sync pushes to a rollout engine that knows nothing of LoRA (TRL's sync_weights
+    names: `.base_layer` dropped, `lora_*` skipped). Computed out of place, never by peft's merge/unmerge:
+    W + ΔW − ΔW is not W in floating point, and the base must stay bit-exact (it is the reference)."""
+    base = _peft_model(model).get_base_model()
+    lora = {name: m for name, m in base.named_modules() if hasattr(m, "base_layer") and hasattr(m, "lora_A")}
+    out = {}
+    for name, t in base.state_dict().items():
+        if "lora_" in name or "original_module" in name:
+            continue
+        owner, _, leaf = name.rpartition(".")
+        m = lora.get(owner.removesuffix(".base_layer")) if owner.endswith(".base_layer") else None
+        if m is not None and leaf == "weight" and not m.merged and not m.disable_adapters:
+            for adapter in m.active_adapters:
+                if adapter in m.lora_A:
+                    t = t + m.get_delta_weight(adapter)
+        out[name.replace(".base_layer", "")] = t.detach().clone()
+    return out
+
+
+def save_adapter(model, out_dir: str | Path) -> Path:
+    """adapter_model.safetensors + adapter_config.json (peft's layout): the adapters only, never the base."""
+    out_dir = Path(out_dir)
+    _peft_model(model).save_pretrained(out_dir)
+    return out_dir
+
+
+def load_adapter(base, adapter_dir: str | Path):
+    """A HF base model (not yet adapted) + a `save_adapter` directory -> the peft model, adapters trainable."""
+    from peft import PeftModel
+    if not (Path(adapter_dir) / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"{str(adapter_dir)!r} has no adapter_config.json: not a save_adapter directory")
+    return PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=True)
