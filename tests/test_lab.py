@@ -117,6 +117,16 @@ def test_l04_advantages(client):
     assert broken["degenerate"] and broken["adv"]["grpo"] == [0, 0, 0]
 
 
+def test_l08_tool_mask(client):
+    r = api(client, "08")
+    assert r["prompt_len"] == 13 and len(r["response"]) == 55
+    assert r["mask"] == [1.0] * 30 + [0.0] * 6 + [1.0] * 19 and r["n_scored"] == 49
+    assert r["response"][30:36] == "=1368#" and r["tool_share"] == 0              # the calculator's real reply
+    bug = api(client, "08", mask_tool="false")
+    assert bug["n_scored"] == 55 and bug["tool_share"] == pytest.approx(6 / 55)
+    assert "=1000#" in api(client, "08", a=999, b=1, c=0)["response"]
+
+
 def test_l10_clip_table(client):
     cells = {(c["rho"], c["A"]): c for c in api(client, "10")["cells"]}
     assert cells[(0.7, 1)]["flows"] and not cells[(0.7, -1)]["flows"]

@@ -38,7 +38,7 @@ LESSONS = [
     Lesson("07", "Controller: the orchestrator", "rlpt/framework/controller.py",
            missing="the phase-by-phase controller widget is not built in the lab yet"),
     Lesson("08", "Agentic RL: multi-turn and tool masking", "rlpt/framework/agent_loop.py, rlpt/envs/calculator.py",
-           missing="the token/mask widget is not built in the lab yet"),
+           widget="l08_tool_mask"),
     Lesson("09", "REINFORCE", "rlpt/algorithms/reinforce.py",
            missing="the estimator-noise-vs-K widget is not built in the lab yet"),
     Lesson("10", "PPO: the clip table", "rlpt/framework/algorithm.py (clipped_surrogate), rlpt/algorithms/ppo.py",
