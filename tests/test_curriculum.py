@@ -91,6 +91,20 @@ def test_curriculum_sample_among_a_subset():
     assert firsts.count("a") / 4000 == pytest.approx(0.01 / 0.76, abs=0.006)     # ±3.3σ
 
 
+def test_strata_share_a_pooled_pass_rate():
+    c = Curriculum(["a", "b", "c"], strata=[1, 1, 2], prior=2.0)
+    c.update([("a", [1, 1, 1, 1])])                     # stratum 1: q = (4 + 1)/(4 + 2) = 5/6; stratum 2: 1/2
+    assert c.p_hat("a") == pytest.approx((4 + 2 * 5 / 6) / (4 + 2), abs=1e-15)    # 17/18
+    assert c.p_hat("b") == pytest.approx(5 / 6, abs=1e-15) and c.p_hat("c") == 0.5    # unseen: its stratum's rate
+    c.update([("b", [0, 0, 0, 0])])                     # q1 = (4 + 0 + 1)/(8 + 2) = 1/2
+    assert c.p_hat("a") == pytest.approx((4 + 1) / 6, abs=1e-15) and c.p_hat("b") == pytest.approx(1 / 6, abs=1e-15)
+    r = Curriculum(["a", "b", "c"], strata=[1, 1, 2], prior=2.0)
+    r.load_state_dict(c.state_dict())
+    assert [r.p_hat(x) for x in "abc"] == [c.p_hat(x) for x in "abc"]
+    with pytest.raises(ValueError, match="one stratum per prompt"):
+        Curriculum(["a", "b"], strata=[1])
+
+
 # -- the env -------------------------------------------------------------------------------------------------
 def env(start=2, **cfg):
     return CurriculumEnv(ArithmeticTask(max_operands=4), seed=3,
@@ -115,7 +129,9 @@ def test_env_draws_distinct_active_prompts_and_the_ramp_opens_new_ones():
     assert len(e.reset("heldout").meta["operands"]) in (2, 3, 4)         # eval: the whole task
     m = e.observe([group([1, 1, 1, 1], p.text) for p in step[:2]])  # 8 samples at width 2, all pass
     assert m["curriculum/width"] == 3.0 and m["curriculum/widened"] == 1.0 and m["curriculum/active"] == 60.0
-    assert e.curriculum.p_hat(step[0].text) == 5 / 6 and e.order == []
+    # count 2 pooled: q = (8 + 1)/(8 + 2); a prompt with 4 passes: (4 + 2q)/(4 + 2); an unseen one: q
+    assert e.curriculum.p_hat(step[0].text) == pytest.approx((4 + 2 * 0.9) / 6, abs=1e-15) and e.order == []
+    assert e.curriculum.p_hat(step[5].text) == pytest.approx(0.9, abs=1e-15)
     # every 2-operand prompt solved 48 times (p̂ = 49/50, weight 0.0196) against 30 unseen 3-operand ones (0.25):
     # P(a draw is 3-operand) ≈ 7.5 / 8.09 = 0.93 while they last
     two = [x for x in e.active() if x.count("+") == 1]

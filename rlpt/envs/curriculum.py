@@ -3,7 +3,8 @@
     pool      `env.curriculum.pool` distinct training prompts per operand count, task.min_operands..max_operands
     active    the pool's prompts with at most `width` operands (rlpt.data.curriculum.OperandRamp)
     draw      each step, a weighted random order of the active prompts, P ∝ max(p̂(1-p̂), floor); the rollout
-              takes prompts from its front, so a step's prompts are distinct (rlpt.data.curriculum.Curriculum)
+              takes prompts from its front, so a step's prompts are distinct (rlpt.data.curriculum.Curriculum);
+              p̂ of a prompt pools its own groups with its operand count's rate (`stratify`, `prior`)
     observe   after the step's advantages, the controller hands the groups back: each prompt's p̂ takes its K
               rewards, the ramp its rewards at the widest count; the next step draws with the new weights
 
@@ -41,7 +42,12 @@ class CurriculumConfig(Section):
     pool: int = Field(256, ge=1, description="distinct training prompts per operand count (fewer where the "
                                              "task's training split has fewer)")
     floor: float = Field(0.01, gt=0, le=0.25, description="least sampling weight: p̂(1-p̂) is at most 0.25")
-    decay: float = Field(1.0, gt=0, le=1, description="γ: each step's older counts are multiplied by it; 1 keeps all")
+    decay: float = Field(1.0, gt=0, le=1, description="γ: a prompt's older counts are multiplied by it at each of "
+                                                      "its groups; 1 keeps all")
+    stratify: bool = Field(True, description="share pass rates among the prompts of one operand count: an unseen "
+                                             "or rarely seen prompt reads its count's pooled rate")
+    prior: float = Field(2.0, gt=0, description="α: pseudo-samples at the count's pooled rate (at 1/2 without "
+                                                "stratify) added to a prompt's own")
     start_operands: int = Field(0, ge=0, description="widest operand count at the start; 0 = task.max_operands "
                                                      "(no ramp)")
     threshold: float = Field(0.8, gt=0, le=1, description="widen when the pass rate at the widest count reaches it")
@@ -78,7 +84,9 @@ class CurriculumEnv(ArithmeticEnv):
             raise ValueError(f"env.curriculum.start_operands={cfg.start_operands} must lie in task.min_operands.."
                              f"task.max_operands ({t.min_operands}..{t.max_operands}), or be 0 for no ramp")
         self.problems = {p.prompt: p for p in arithmetic_pool(t, cfg.pool, seed)}
-        self.curriculum = Curriculum(list(self.problems), floor=cfg.floor, decay=cfg.decay, seed=seed)
+        strata = [len(p.operands) for p in self.problems.values()] if cfg.stratify else None
+        self.curriculum = Curriculum(list(self.problems), floor=cfg.floor, decay=cfg.decay, seed=seed,
+                                     strata=strata, prior=cfg.prior)
         self.ramp = OperandRamp(start, t.max_operands, cfg.threshold, cfg.window)
         self.order: list[str] = []      # the rest of this step's weighted order of the active prompts
         if not self.active():
