@@ -259,6 +259,15 @@ def test_l22c_async(client):
     assert api(client, "22c", topology="async", staleness=8)["clip"] == pytest.approx(0.33, abs=5e-3)
 
 
+def test_l25_kernels(client):
+    r = api(client, "25")
+    assert r["sharing"] == pytest.approx(6.15, abs=0.01)
+    assert api(client, "25", k=64)["sharing"] == pytest.approx(8.65, abs=0.01)
+    assert r["logits_gb"] == pytest.approx(8.4, abs=0.05) and r["naive_peak_gb"] == pytest.approx(16.8, abs=0.1)
+    assert r["chunked_mb"] == pytest.approx(67.1, abs=0.1)                # "≈ 64 MB" (MiB) with 1k-vocab chunks
+    assert api(client, "25", chunk=4096)["chunk_factor"] == pytest.approx(31.25)   # "V_chunk = 4k → 32×"
+
+
 def test_l27_kl(client):
     r = api(client, "27", samples=20000)
     assert r["k1"]["bias"] == pytest.approx(0, abs=1e-6) and r["k3"]["bias"] == pytest.approx(0, abs=1e-6)

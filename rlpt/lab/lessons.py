@@ -73,7 +73,7 @@ LESSONS = [
     Lesson("24", "RL infra engineer: the role", "check/logp_mismatch in rlpt/framework/trainer.py",
            missing="the course has no calculator here; not built in the lab"),
     Lesson("25", "Kernels for RL", "rlpt/perf/memory.py (logits_bytes, prefix_sharing_ratio)",
-           missing="the kernel-surface widget is not built in the lab yet"),
+           widget="l25_kernels"),
     Lesson("26", "Why RL is shaping this way", "(synthesis)",
            missing="the three-forces simulator is a toy with no rlpt code behind it; not built"),
     Lesson("27", "Missing concepts", "rlpt/framework/algorithm.py (kl_estimate k1/k2/k3)", widget="l27_kl"),
