@@ -8,6 +8,12 @@ system gathers shards, casts (bf16 → fp8) and reshards. Names and shapes are c
 blindly. With `every > 1` the rollout samples from stale weights: the PPO ratio drifts away from 1
 and the clip fraction climbs (lesson 06) — that is what the knob is for. Production variants
 (NCCL broadcast, shared memory, resharding) keep this interface.
+
+The rollout's `version` becomes the trainer's (its number of train steps) at each sync, is stamped on every
+trajectory (`Trajectory.version`) and is saved in the rollout's state_dict, so a resumed run stamps the same
+versions; the trainer reads staleness from it (`staleness/mean|max`, in optimizer steps). With every = 1 it
+equals the number of syncs; with every = 2 the unsynced steps are one train step (mini_batches × epochs
+optimizer steps) stale, and an off-policy correction (`algorithm.offpolicy.mode`) can weigh that.
 """
 from __future__ import annotations
 
