@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import socket
+from pathlib import Path
 
 import pytest
 
@@ -311,6 +312,18 @@ def test_path_traversal_refused(client, name):
         r = client.get(path)
         assert r.status_code == 404
         assert "42" not in r.text
+
+
+def test_ratio_histogram_and_real_run(tmp_path):
+    """The diagnose fixture's real reward-hacking run: its curves, its log-ρ histogram and its findings."""
+    import shutil
+
+    from rlpt.framework.trainer import RATIO_BINS
+    from rlpt.lab import app
+    assert app.RATIO_BINS == RATIO_BINS
+    shutil.copytree(Path(__file__).parent / "data" / "diagnose" / "hack", tmp_path / "hack")
+    page = TestClient(create_app(tmp_path)).get("/runs/hack")
+    assert page.status_code == 200 and "log ρ histogram" in page.text and "reward hacking" in page.text
 
 
 def test_runs_get_confines_to_root(runs_dir):

@@ -33,8 +33,10 @@ HERE = Path(__file__).parent
 TIME_LIMIT_S = 10.0            # a widget computation longer than this is abandoned with a 503
 STATIC = {"lab.js": "application/javascript", "lab.css": "text/css"}
 RUN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*")
+# rlpt.framework.trainer.RATIO_BINS (not imported: it would import torch); tests/test_lab.py checks they agree
+RATIO_BINS = (-1.0, -0.3, -0.1, -0.03, -0.01, 0.01, 0.03, 0.1, 0.3, 1.0)
 CURVES = [("accuracy", ["acc/heldout", "acc/heldout_honest", "acc/train"]), ("reward", ["reward/mean"]),
-          ("KL", ["loss/kl", "kl/mean"]), ("entropy", ["entropy/mean", "entropy"]),
+          ("KL", ["kl/mean", "loss/kl"]), ("entropy", ["policy/entropy", "entropy/mean"]),
           ("clip fraction", ["clip/frac"]),
           ("seconds per role", ["time/rollout", "time/verify", "time/ref", "time/train", "time/sync"])]
 
@@ -96,6 +98,14 @@ def curves_fragment(rows: list[dict]) -> str:
         if series:
             parts.append(f'<figure><figcaption>{escape(title)}</figcaption>'
                          f'{svg.line_chart(series, "step", title, title)}</figure>')
+    hists = [r for r in rows if isinstance(r.get("ratio/hist"), list)]
+    if hists and len(hists[-1]["ratio/hist"]) == len(RATIO_BINS) + 1:
+        edges = [f"{e:g}" for e in RATIO_BINS]
+        labels = [f"<{edges[0]}"] + [f"{a}..{b}" for a, b in zip(edges, edges[1:])] + [f">{edges[-1]}"]
+        step = hists[-1].get("step", "?")
+        parts.append(f'<figure><figcaption>log ρ histogram, step {escape(str(step))}</figcaption>'
+                     f'{svg.bar_chart(labels, {"tokens": [float(x) for x in hists[-1]["ratio/hist"]]}, "tokens")}'
+                     f'</figure>')
     last = rows[-1].get("step", len(rows) - 1) if rows else "-"
     head = f'<p class="meta">{len(rows)} rows, last step <b data-kpi="last step">{escape(str(last))}</b></p>'
     return head + ("".join(parts) or '<p class="empty">no curves logged yet</p>')
