@@ -168,3 +168,19 @@ def test_other_architectures_are_refused_by_name():
     assert not serves(gpt2)
     with pytest.raises(ValueError, match="model_type='gpt2'.*rollout.backend=simple"):
         LLM(gpt2)
+
+
+def test_bf16_weights_are_served_near_hf_bf16():
+    """bf16 runs (RoPE, norm statistics and softmax in fp32, decode through the gather path) and its
+    log-probs sit at bf16's rounding from HF's own bf16 forward (measured mean 1.4e-2, max 6e-2 here)."""
+    model = _model("qwen2").to(torch.bfloat16)
+    outs = LLM(model, block_size=8).generate(PROMPTS, SamplingParams(n=2, temperature=1.0, max_tokens=16, seed=0))
+    gaps = []
+    for prompt, out in zip(PROMPTS, outs):
+        for c in out.outputs:
+            want = _hf_logp(model, prompt + c.token_ids)[len(prompt) - 1:-1]
+            gaps.append((want.gather(-1, torch.tensor(c.token_ids)[:, None]).squeeze(-1)
+                         - torch.tensor(c.token_logprobs)).abs())
+    gaps = torch.cat(gaps)
+    assert gaps.numel() == len(PROMPTS) * 2 * 16
+    assert gaps.mean() < 3e-2 and gaps.max() < 0.25

@@ -81,7 +81,8 @@ class ModelRunner:
         self.block_size = block_size
         # In-place decode attention uses sparse CSR kernels tested on CPU; elsewhere the gather path runs
         # (a real deployment would call a fused paged-attention kernel there instead).
-        self.decode_in_place = p.device.type == "cpu"
+        # torch's sparse sampled_addmm has no bf16 kernel: bf16 weights decode through the gather path too
+        self.decode_in_place = p.device.type == "cpu" and p.dtype in (torch.float32, torch.float64)
         half = c.head_dim // 2
         # RoPE as one complex multiply: q and k head dims are stored pair-interleaved (x_i, x_{i+hd/2})
         # by permuting the rows of W_q and W_k (scores q·k are unchanged by a permutation applied to
@@ -91,6 +92,9 @@ class ModelRunner:
         cos, sin = self.served.rope_cos, self.served.rope_sin                        # (L, hd), half-split
         self.cis = torch.complex(cos[:, :half], sin[:, :half]).unsqueeze(1)          # (L, 1, hd/2)
         self.eps = c.norm_eps
+        # bf16 / fp16 weights: RoPE, RMSNorm statistics and softmax in fp32, as HF's Llama computes them
+        self.rope_fp32 = p.dtype != torch.float32
+        self.rms_norm = F.rms_norm if p.dtype == torch.float32 else _rms_norm_fp32
         self._signature = None
         self.refresh()
 
@@ -143,12 +147,13 @@ class ModelRunner:
                         - np.repeat(np.cumsum(n_logits) - n_logits, n_logits))
         dev = self.cis.device
         t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(dev)
+        tb = t if self.kv.kv[0].dtype == torch.float32 else lambda a: t(a).to(self.kv.kv[0].dtype)   # 0 / -inf masks
         if T == 1 and self.decode_in_place:                          # decode: sequence b feeds token b
             slots = self.kv.slots(tables[np.arange(B), starts // bs], starts % bs)
             S = int(starts.max()) + 1
             index, bias = self.kv.decode_index(tables, starts + 1, S, H)
             index = t(index)
-            pattern = decode_pattern(index, t(bias), B * H, S, self.kv.num_blocks * Hkv * bs)
+            pattern = decode_pattern(index, tb(bias), B * H, S, self.kv.num_blocks * Hkv * bs)
             offsets = torch.arange(0, B * H * S, S, device=dev)
             return ForwardBatch(t(ids), t(starts), t(slots), B, 1, S, None if M == N else t(logits_index),
                                 index=index, pattern=pattern, offsets=offsets)
@@ -159,7 +164,7 @@ class ModelRunner:
         q_pos = starts[:, None] + np.arange(T)                                       # (B, T); pad rows harmless
         return ForwardBatch(t(ids), t(positions), t(slots), B, T, nb * bs, t(logits_index),
                             tiles=t(self.kv.tiles(tables)), pad_index=t(seq * T + local),
-                            bias=t(attention_bias(q_pos, nb * bs, Hkv, H // Hkv)))
+                            bias=tb(attention_bias(q_pos, nb * bs, Hkv, H // Hkv)))
 
     # -- forward ------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -176,9 +181,12 @@ class ModelRunner:
         cis = self.cis[fb.positions]                                                # (N, 1, hd/2) complex
         x = F.embedding(fb.input_ids, m.embed)                                      # (N, d)
         for i, layer in enumerate(m.layers):
-            qkv = F.linear(F.rms_norm(x, (d,), layer.input_norm, eps), self.w_qkv[i], self.b_qkv[i])  # (N, (H+2H_kv)hd)
-            q = torch.view_as_real(torch.view_as_complex(qkv[:, :H * hd].view(N, H, hd // 2, 2)) * cis)
-            k = torch.view_as_real(torch.view_as_complex(qkv[:, H * hd:(H + Hkv) * hd].view(N, Hkv, hd // 2, 2)) * cis)
+            h = self.rms_norm(x, (d,), layer.input_norm, eps)
+            qkv = F.linear(h, self.w_qkv[i], self.b_qkv[i])                         # (N, (H+2H_kv)·hd)
+            qk = qkv[:, :(H + Hkv) * hd].float() if self.rope_fp32 else qkv[:, :(H + Hkv) * hd]
+            q, k = _rotate(qk[:, :H * hd], N, H, hd, cis), _rotate(qk[:, H * hd:], N, Hkv, hd, cis)
+            if self.rope_fp32:                                                      # bf16 / fp16: back after RoPE
+                q, k = q.to(qkv.dtype), k.to(qkv.dtype)
             self.kv.write(i, k, qkv[:, (H + Hkv) * hd:], fb.slots)                 # RoPE'd k, v
             if fb.pattern is not None:                                              # decode: in place
                 k_rows, v_rows = self.kv.rows(i)
@@ -191,11 +199,12 @@ class ModelRunner:
                 o = paged_attention(q, k, v, fb.bias).view(B, Hkv, g, T, hd)        # (B, H_kv, g, T, hd)
                 o = o.permute(0, 3, 1, 2, 4).reshape(B * T, H * hd)[fb.pad_index]
             x = torch.addmm(x if self.b_o[i] is None else x + self.b_o[i], o, self.wt_o[i])   # x + o_proj(o)
-            gate_up = F.linear(F.rms_norm(x, (d,), layer.post_attn_norm, eps), self.w_gate_up[i], self.b_gate_up[i])
+            h = self.rms_norm(x, (d,), layer.post_attn_norm, eps)
+            gate_up = F.linear(h, self.w_gate_up[i], self.b_gate_up[i])
             gate, up = gate_up.chunk(2, dim=-1)
             x = torch.addmm(x if self.b_down[i] is None else x + self.b_down[i], F.silu(gate) * up,
                             self.wt_down[i])                                        # x + down(silu(gate)·up)
-        h = F.rms_norm(x if fb.logits_index is None else x[fb.logits_index], (d,), m.norm, eps)
+        h = self.rms_norm(x if fb.logits_index is None else x[fb.logits_index], (d,), m.norm, eps)
         return F.linear(h, self.w_head, self.b_head).float()                                    # (M, V)
 
     def run(self, chunks: list[Chunk]) -> torch.Tensor:
@@ -205,3 +214,13 @@ class ModelRunner:
 def _bias(b: torch.Tensor | None, w: torch.Tensor) -> torch.Tensor:
     """A projection's bias, zeros where it has none (so q|k|v biases can be fused when only some exist)."""
     return b if b is not None else w.new_zeros(w.shape[0])
+
+
+def _rotate(x: torch.Tensor, N: int, n: int, hd: int, cis: torch.Tensor) -> torch.Tensor:
+    """Pair-interleaved (N, n·hd) -> rotated (N, n, hd/2, 2) by the complex multiply x · cis (fp32 / fp64)."""
+    return torch.view_as_real(torch.view_as_complex(x.view(N, n, hd // 2, 2)) * cis)
+
+
+def _rms_norm_fp32(x: torch.Tensor, shape, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """HF Llama's RMSNorm for low-precision x: normalise in fp32, round to x's dtype, then scale."""
+    return weight * F.rms_norm(x.float(), shape, None, eps).to(x.dtype)

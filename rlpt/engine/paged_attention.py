@@ -121,7 +121,8 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: tor
     -> (B·H_kv, M, hd)."""
     scale = 1.0 / math.sqrt(q.shape[-1])
     scores = torch.baddbmm(bias, q, k.transpose(1, 2), alpha=scale)            # (B·H_kv, M, S)
-    return torch.bmm(scores.softmax(-1), v)
+    p = scores.softmax(-1) if scores.dtype == torch.float32 else scores.float().softmax(-1).to(v.dtype)   # bf16: fp32
+    return torch.bmm(p, v)
 
 
 def decode_pattern(index: torch.Tensor, bias: torch.Tensor, n_rows: int, S: int, n_pool_rows: int) -> torch.Tensor:
