@@ -68,7 +68,7 @@ def test_every_lesson_page(client, lesson):
 
 def test_unknown_lesson_and_widget_404(client):
     assert client.get("/lesson/99").status_code == 404
-    assert client.get("/api/05").status_code == 404            # lesson 05 has no widget yet
+    assert client.get("/api/07").status_code == 404            # lesson 07 has no widget yet
     assert client.get("/static/../app.py").status_code == 404
 
 
@@ -117,6 +117,22 @@ def test_l04_advantages(client):
     assert r["adv"]["grpo"] == pytest.approx([-0.577, -0.577, 1.155], abs=1e-3)   # rlpt (unbiased std)
     broken = api(client, "04", r0=1, r1=1, r2=1)
     assert broken["degenerate"] and broken["adv"]["grpo"] == [0, 0, 0]
+
+
+@pytest.mark.parametrize("shift,pg,k3,frac", [(0.0, 0.0, 0.0077651, 0.0), (0.3, 0.05320, 0.03361, 1.0),
+                                              (-0.3, 0.02101, 0.07783, 1.0)])
+def test_l05_loss_assembly(client, shift, pg, k3, frac):
+    r = api(client, "05", shift=shift)
+    assert r["pg"] == pytest.approx(pg, abs=1e-5) and r["kl"] == pytest.approx(k3, abs=1e-5)
+    assert r["kl_loss"] == pytest.approx(0.05 * k3, abs=1e-6) and r["clip_frac"] == frac
+    assert len(r["rows"]) == 8
+
+
+@pytest.mark.parametrize("every,frac,ema", [(1, 0.0, 0.88), (3, 0.035, 0.88), (5, 0.145, 0.88), (10, 0.5, 0.86),
+                                            (20, 0.885, 0.58), (40, 0.95, 0.33)])
+def test_l06_stale_sync(client, every, frac, ema):
+    r = api(client, "06", sync_every=every)
+    assert r["frac_clipped"] == pytest.approx(frac) and r["reward_ema"] == pytest.approx(ema, abs=0.005)
 
 
 def test_l08_tool_mask(client):
