@@ -92,16 +92,29 @@ class Stateless:
             raise ValueError(f"{type(self).__name__} keeps no state across steps, but was given {sorted(state)}")
 
 
-def config_changes(old: dict, new: dict, prefix: str = "") -> dict[str, tuple]:
-    """{dotted key: (old value, new value)} for every leaf that differs between two config trees."""
+def config_changes(old: dict, new: dict, prefix: str = "", defaults: dict | None = None) -> dict[str, tuple]:
+    """{dotted key: (old value, new value)} for every leaf that differs between two config trees. With `defaults`
+    (the schema's default tree): a key the old config lacks (a folder written before rlpt had that key) whose
+    new value is its default is no change: that run ran with what the default now says."""
     out = {}
     for k in sorted(set(old) | set(new), key=str):
         a, b = old.get(k), new.get(k)
+        d = defaults.get(k) if isinstance(defaults, dict) else None
+        if k not in old and defaults is not None and k in defaults and b == d:
+            continue
         if isinstance(a, dict) and isinstance(b, dict):
-            out |= config_changes(a, b, f"{prefix}{k}.")
+            out |= config_changes(a, b, f"{prefix}{k}.", d if isinstance(d, dict) else None)
         elif a != b:
             out[f"{prefix}{k}"] = (a, b)
     return out
+
+
+def _default_tree(config) -> dict | None:
+    """The config's schema at its defaults, as config.yaml would hold it; None when it has no defaults."""
+    try:
+        return yaml.safe_load(dump_config(type(config)())) or {}
+    except (ValueError, TypeError):   # a schema with required fields (ValidationError): every key then counts
+        return None
 
 
 def _allowed(key: str, allow: Collection[str]) -> bool:
@@ -120,6 +133,7 @@ class Run:
         self.metrics_path = self.dir / "metrics.jsonl"
         self.resume = resume
         self._config = dump_config(config)
+        self._defaults = _default_tree(config)
         self._tb, self._purge_step, self._keep = None, None, None
         if not resume:
             self._refuse_checkpoints()                        # before touching anything
@@ -152,7 +166,8 @@ class Run:
         saved = self.dir / "config.yaml"
         if not saved.is_file():
             return
-        changes = config_changes(yaml.safe_load(saved.read_text()) or {}, yaml.safe_load(self._config) or {})
+        changes = config_changes(yaml.safe_load(saved.read_text()) or {}, yaml.safe_load(self._config) or {},
+                                 defaults=self._defaults)
         refused = [k for k in changes if not _allowed(k, allow)]
         if refused:
             listed = "; ".join(f"{k}: {changes[k][0]!r} -> {changes[k][1]!r}" for k in refused)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import save_file
 
 from rlpt.checkpoint import (
@@ -440,6 +441,20 @@ def test_changed_config_on_resume_is_refused_unless_allowed(tmp_path, tiny_job, 
     train_sft(tiny_job("run.name=a", *changed), resume=True, allow_change=["sft", "eval", "run.seed"])
     assert "sft.steps changes from 2 to 3 (allowed)" in capsys.readouterr().out
     assert load_config(SFTJob, folder / "config.yaml").run.seed == 7    # it records what the run now uses
+
+
+def test_a_key_newer_than_the_run_folder_is_no_change_at_its_default(tmp_path, tiny_job):
+    """A folder written before rlpt had a key (here: sft.optim.weight_decay deleted from its config.yaml) resumes
+    without --allow-change when the key keeps its default, and is refused when the resume sets another value."""
+    job = tiny_job("sft.steps=2", "run.name=a")
+    train_sft(job)
+    saved = Path(job.run.out_dir) / "a" / "config.yaml"
+    old = yaml.safe_load(saved.read_text())
+    del old["sft"]["optim"]["weight_decay"]
+    saved.write_text(yaml.safe_dump(old, sort_keys=False))
+    with pytest.raises(ConfigError, match=r"differs .*: sft.optim.weight_decay: None -> 0.1\. "):
+        train_sft(tiny_job("sft.steps=2", "run.name=a", "sft.optim.weight_decay=0.1"), resume=True)
+    train_sft(tiny_job("sft.steps=2", "run.name=a"), resume=True)   # the default: the run used it
 
 
 def test_non_finite_step_is_skipped_and_counted(tmp_path):
