@@ -9,10 +9,18 @@ import pytest
 import torch
 
 pytest.importorskip("peft")
+import rlpt.algorithms  # noqa: E402, F401 - registers the algorithms make_algorithm builds
 from rlpt.engine import LLM, SamplingParams  # noqa: E402
+from rlpt.framework.algorithm import make_algorithm  # noqa: E402
+from rlpt.framework.controller import Controller  # noqa: E402
 from rlpt.framework.reference import Reference  # noqa: E402
+from rlpt.framework.rollout import Rollout  # noqa: E402
+from rlpt.framework.trainer import Trainer  # noqa: E402
 from rlpt.framework.trajectory import per_token_logp  # noqa: E402
+from rlpt.framework.weight_sync import WeightSyncer  # noqa: E402
+from rlpt.gpt_mini.generate import SamplingParams as RolloutParams  # noqa: E402
 from rlpt.gpt_mini.model import GPT, GPTConfig  # noqa: E402
+from rlpt.gpt_mini.task import ArithmeticTask  # noqa: E402
 from rlpt.models.hf import HFPolicy, gpt_mini_to_hf  # noqa: E402
 from rlpt.models.lora import (  # noqa: E402
     AdapterDisabled,
@@ -27,7 +35,7 @@ from rlpt.models.lora import (  # noqa: E402
     save_adapter,
 )
 
-from conftest import TOK, tiny_gpt  # noqa: E402
+from conftest import TOK, ParityEnv, tiny_gpt  # noqa: E402
 
 IDS = torch.tensor([TOK.encode("<12+7+9>28#"), TOK.encode("(1+2)*3=9#x")])      # (2, 11)
 
@@ -162,3 +170,25 @@ def test_bad_specs_are_clear_errors():
     policy, _ = _policy()
     with pytest.raises(ValueError, match="already has a LoRA adapter"):
         apply_lora(policy, LoraSpec())
+
+
+def test_lora_grpo_steps_through_the_engine_pass_the_logp_check_and_keep_the_reference():
+    """The framework's loop on a LoRA HFPolicy: engine rollouts (the adapted weights, synced), π_ref as the
+    adapter-disabled view. The run-time log-prob check holds (< 1e-5) and π_ref never moves (0.0)."""
+    policy = apply_lora(HFPolicy(gpt_mini_to_hf(tiny_gpt())), LoraSpec(r=4, alpha=8))
+    ref = AdapterDisabled(policy)
+    with torch.no_grad():
+        ref_before = ref(IDS)
+    env = ParityEnv(ArithmeticTask(max_operands=3), seed=0, tokenizer=TOK)
+    rollout = Rollout(copy.deepcopy(policy), TOK, 3, RolloutParams(max_tokens=8, temperature=1.0), backend="engine")
+    opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-2)
+    trainer = Trainer(policy, opt, None, 1.0, 0, 1, 1, temperature=1.0)
+    ctl = Controller(rollout, env, Reference(ref, temperature=1.0), make_algorithm({"name": "grpo"}, 4, 8),
+                     trainer, WeightSyncer(1), 4, TOK.pad_id)
+    for _ in range(3):
+        m = ctl.step()                                   # raises LogpMismatchError past check.logp_tol
+        assert m["check/logp_mismatch"] < 1e-5
+    with torch.no_grad():
+        assert torch.equal(ref(IDS), ref_before)         # the base never moved
+        assert not torch.equal(policy(IDS), ref_before)  # the adapters did
+    assert rollout._engine.engine(rollout.model).runner.served.kind == "llama"
