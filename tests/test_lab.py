@@ -96,6 +96,13 @@ def test_too_long_a_request_is_refused_before_running(client):
 
 
 # -- each widget at the course's defaults ------------------------------------------------------------------------
+def test_l01_bandit_trained_by_rlpt_reinforce(client):
+    r = api(client, "01")
+    assert r["argmax"] == "C" and r["pi_c"] == pytest.approx(0.98, abs=0.01)   # η 0.4, 200 steps
+    assert all(api(client, "01", seed=s)["argmax"] == "C" for s in range(1, 6))
+    assert api(client, "01", eta=2.0, seed=16)["argmax"] != "C"               # breaking: locked onto a wrong arm
+
+
 def test_l02_sampling(client):
     r = api(client, "02")
     assert r["p_digit"] == pytest.approx(0.7, abs=1e-5) and r["p_correct"] == pytest.approx(0.49, abs=1e-5)

@@ -21,9 +21,8 @@ class Lesson:
 LESSONS = [
     Lesson("00", "Orientation: the six roles", "rlpt/framework/ (one file per role), rlpt/framework/controller.py",
            missing="the course has no widget here (a static figure); the lab's index links every role's lesson"),
-    Lesson("01", "What is post-training RL?", "rlpt/framework/controller.py, rlpt/sft.py",
-           missing="the 5-action toy policy widget is not built in the lab yet (needs a REINFORCE loop on a toy "
-                   "policy; rlpt's REINFORCE is rlpt/algorithms/reinforce.py)"),
+    Lesson("01", "What is post-training RL?", "rlpt/algorithms/reinforce.py, rlpt/framework/controller.py",
+           widget="l01_bandit"),
     Lesson("02", "Rollout: sampling and π_old", "rlpt/engine/sampling.py, rlpt/framework/rollout.py",
            widget="l02_sampling"),
     Lesson("03", "Reward & reference: the KL anchor", "rlpt/framework/algorithm.py (kl_estimate), rlpt/envs/",
