@@ -17,7 +17,8 @@ NOTES = [("course", "True rewards A–E = 0.1, 0.3, 0.9, 0.4, 0.2 (C is best), �
                     "π(C) ≈ 0.98 and no run ends on a wrong arm; breaking: η = 2.0 — variance kicks the policy around "
                     "and about 10% of runs lock onto a wrong arm."),
          ("course", "Every sampled action is pushed up (all rewards are positive), just by different amounts; the "
-                    "baseline (rlpt's REINFORCE `baseline: true`, a running mean) makes below-average actions go down.")]
+                    "baseline (rlpt's REINFORCE `baseline: true`, a running mean) makes below-average actions go "
+                    "down.")]
 REWARDS = (0.1, 0.3, 0.9, 0.4, 0.2)
 ARMS = "ABCDE"
 
