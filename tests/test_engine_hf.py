@@ -184,3 +184,27 @@ def test_bf16_weights_are_served_near_hf_bf16():
     gaps = torch.cat(gaps)
     assert gaps.numel() == len(PROMPTS) * 2 * 16
     assert gaps.mean() < 3e-2 and gaps.max() < 0.25
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_30m_configs_greedy_equal_hf_generate(kind):
+    """The issue's 30 M shapes (8 x 512, GQA 8/4, vocab 8192; Qwen2: biases, tied): batched engine greedy equals
+    HF generate() row by row (~3 s each here)."""
+    shape = {**SHAPE, "vocab_size": 8192, "hidden_size": 512, "intermediate_size": 1408, "num_hidden_layers": 8,
+             "num_attention_heads": 8, "num_key_value_heads": 4, "max_position_embeddings": 256}
+    torch.manual_seed(0)
+    m = (LlamaForCausalLM(LlamaConfig(**shape, tie_word_embeddings=False)) if kind == "llama"
+         else Qwen2ForCausalLM(Qwen2Config(**shape, tie_word_embeddings=True))).eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():                       # peaked logits (std 0.05), so greedy ties are not what is tested
+        for name, p in m.named_parameters():
+            if "norm" not in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    assert 27e6 < sum(p.numel() for p in m.parameters()) < 33e6
+    prompts = torch.randint(0, 8192, (4, 8), generator=g)
+    outs = LLM(m).generate(prompts.tolist(), SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True))
+    with torch.no_grad():
+        ref = m.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=16, do_sample=False,
+                         eos_token_id=None, pad_token_id=0)[:, 8:]
+    assert [o.outputs[0].token_ids for o in outs] == ref.tolist()
