@@ -10,6 +10,7 @@ on the same collated batch. The ratio framework / bare shows the framework's ove
 policies train apart, so compare their response lengths (both in the JSON) before reading it.
 
     python bench/grpo_step.py [--threads 2] [--steps 12] [--prompts 16] [--k 8] [--max-tokens 32] [--backend engine]
+                              [--set algorithm.beta=0 ...]   any `rlpt train` key=value
 """
 from __future__ import annotations
 
@@ -43,6 +44,9 @@ def main() -> None:
                    help="rollout.backend; simple here (not the framework's default, engine) so that the "
                         "ratio to the bare loop, which always uses the simple sampler, isolates the framework's "
                         "overhead; --backend engine shows what the engine saves")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="more `rlpt train` overrides, e.g. algorithm.beta=0 (no KL term: the reference forward "
+                        "is skipped)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -54,7 +58,7 @@ def main() -> None:
     save_checkpoint(tmp / "init", model, model.cfg.to_dict(), {"step": 0})
     job = load_train_job(None, [f"init_from={tmp / 'init'}", f"rollout.prompts_per_step={args.prompts}",
                                 f"rollout.k={args.k}", f"rollout.max_tokens={args.max_tokens}", "run.progress=false",
-                                f"rollout.backend={args.backend}"])
+                                f"rollout.backend={args.backend}", *args.set])
     ctl, _ = build(job, tmp / "init")
     ctl.env.verify = lambda prompt, response: float(len(response) % 2)
     ctl.logp_tol = None
@@ -97,7 +101,7 @@ def main() -> None:
     print(f"{'total':<14}{med['total']:>10.4f}")
     print(f"{'bare loop':<14}{bare_med:>10.4f}   (same sampling + ref forward + fwd/bwd/AdamW, no framework)")
     print(json.dumps({"bench": "grpo_step", "backend": args.backend, "prompts": args.prompts, "k": args.k,
-                      "max_tokens": args.max_tokens, "threads": args.threads, "steps": args.steps,
+                      "max_tokens": args.max_tokens, "threads": args.threads, "steps": args.steps, "set": args.set,
                       "step_s_median": round(med["total"], 4), "bare_s_median": round(bare_med, 4),
                       "overhead_ratio": round(med["total"] / bare_med, 3),
                       **{k.replace("time/", "") + "_s": round(med[k], 4) for k in roles},
