@@ -78,3 +78,19 @@ def test_cli_export_and_bad_input(run_dir, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "not_a_run" in err and "run folder" in err
     assert not (tmp_path / "o2").exists()                                # nothing written on an error
+
+
+def test_export_served_by_the_engine_like_the_gpt_mini_it_came_from(run_dir, tmp_path):
+    from rlpt.engine import LLM, SamplingParams
+    from rlpt.models.hf import load_hf_policy
+    run, gpt = run_dir
+    export_checkpoint(run, tmp_path / "hf")
+    policy = load_hf_policy(tmp_path / "hf")                       # HFPolicy + the exported tokenizer
+    sp = SamplingParams(n=2, temperature=1.0, max_tokens=12, seed=0)
+    ours = LLM(gpt, TOK).generate(PROMPTS, sp)
+    theirs = LLM(policy, policy.tokenizer).generate(PROMPTS, sp)
+    for a, b in zip(ours, theirs):
+        for x, y in zip(a.outputs, b.outputs):
+            assert x.token_ids == y.token_ids and x.text == y.text
+            torch.testing.assert_close(torch.tensor(x.token_logprobs), torch.tensor(y.token_logprobs),
+                                       atol=1e-5, rtol=0)
