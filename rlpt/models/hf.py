@@ -6,6 +6,11 @@
     samples = generate(policy, [policy.tokenizer.encode("3+4=")], SamplingParams(),
                        policy.tokenizer.eos_id, policy.tokenizer.pad_id)
 
+The rollout engine serves a Llama / Qwen2 / Mistral `HFPolicy` (or the bare model, or a LoRA-wrapped one) in
+place, reading the trainer's own parameters (rlpt/engine/weights.py), so `hf_to_gpt_mini` is for when you
+want a gpt_mini; `rlpt export` (rlpt/models/export.py) writes gpt_mini as a HF directory, LoRA is
+rlpt/models/lora.py.
+
 `HFPolicy` obeys gpt_mini's protocol: `policy(input_ids) -> logits (B, T, V)` as a plain tensor, and
 `policy(ids, cache=policy.new_cache(B), positions=pos, key_mask=km)` for incremental decoding, so
 `rlpt.gpt_mini.generate.generate` and the trainers use it unchanged. Dropout in the wrapped model
