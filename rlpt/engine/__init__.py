@@ -7,7 +7,8 @@ Files, one concept each: sampling (params, counter RNG), sequence (state), block
 refcounts, copy-on-write), radix_cache (prefix index), paged_attention (KV pool, attention through block
 tables), model_runner (one flat forward per step), scheduler (continuous batching, chunked prefill,
 preemption), spec_decode (draft + exact rejection sampling), llm (the engine), backend (the RL rollout
-contract), naive (the reference decode loop).
+contract), weights (what is served: gpt_mini or a HF Llama / Qwen2 / Mistral, read in place, LoRA merged),
+naive (the reference decode loop).
 """
 from rlpt.engine.backend import EngineBackend
 from rlpt.engine.llm import LLM
