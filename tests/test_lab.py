@@ -201,6 +201,14 @@ def test_l14_drgrpo(client):
     assert api(client, "14", y_long=500)["modes"]["GRPO"]["ratio"] == pytest.approx(0.02)   # breaking
 
 
+def test_l15_bradley_terry(client):
+    """8 seeds × 500 pairs: η 0.05 orders all four (course: 97 %); η 1.0 keeps swapping C/D (course: ≈40 %)."""
+    calm = [api(client, "15", eta=0.05, steps=500, seed=s) for s in range(8)]
+    wild = [api(client, "15", eta=1.0, steps=500, seed=s) for s in range(8)]
+    assert sum(r["ordered"] for r in calm) >= 7 and sum(r["ordered"] for r in wild) <= 4
+    assert sum(r["agreement"] for r in calm) / 8 > 0.95 > 0.9 > sum(r["agreement"] for r in wild) / 8
+
+
 def test_l16_dpo(client):
     r = api(client, "16")
     assert r["closed_form"][3] == pytest.approx(0.702, abs=5e-4)

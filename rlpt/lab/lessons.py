@@ -48,7 +48,7 @@ LESSONS = [
     Lesson("14", "Dr.GRPO: debiasing", "rlpt/algorithms/drgrpo.py, rlpt/framework/algorithm.py (aggregate)",
            widget="l14_drgrpo"),
     Lesson("15", "RLHF: the original recipe", "rlpt/preference/reward_model.py",
-           missing="the Bradley–Terry training widget is not built in the lab yet"),
+           widget="l15_bradley_terry"),
     Lesson("16", "DPO: RL without RL", "rlpt/preference/dpo.py", widget="l16_dpo"),
     Lesson("17", "PRM, ORM & search", "rlpt/search/",
            missing="the search-at-fixed-budget widget is not built in the lab yet (it would be a background job)"),
