@@ -152,6 +152,13 @@ def test_l08_tool_mask(client):
     assert "=1000#" in api(client, "08", a=999, b=1, c=0)["response"]
 
 
+def test_l09_estimator_noise_falls_as_one_over_sqrt_k(client):
+    r = api(client, "09", trials=100)
+    rf, rl = dict(r["error"]["REINFORCE"]), dict(r["error"]["RLOO baseline"])
+    assert 3.0 < rf[1] / rf[16] < 5.5                                      # √16 = 4
+    assert all(rl[k] < rf[k] for k in (4, 8, 16, 32))                     # the baseline cuts it again
+
+
 def test_l10_clip_table(client):
     cells = {(c["rho"], c["A"]): c for c in api(client, "10")["cells"]}
     assert cells[(0.7, 1)]["flows"] and not cells[(0.7, -1)]["flows"]

@@ -39,7 +39,7 @@ LESSONS = [
     Lesson("08", "Agentic RL: multi-turn and tool masking", "rlpt/framework/agent_loop.py, rlpt/envs/calculator.py",
            widget="l08_tool_mask"),
     Lesson("09", "REINFORCE", "rlpt/algorithms/reinforce.py",
-           missing="the estimator-noise-vs-K widget is not built in the lab yet"),
+           widget="l09_estimator_noise"),
     Lesson("10", "PPO: the clip table", "rlpt/framework/algorithm.py (clipped_surrogate), rlpt/algorithms/ppo.py",
            widget="l10_ppo_clip"),
     Lesson("11", "GRPO: drop the critic", "rlpt/algorithms/grpo.py", widget="l11_grpo"),
