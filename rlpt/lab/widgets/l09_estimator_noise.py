@@ -15,8 +15,9 @@ TITLE = "Gradient estimator noise vs K"
 SOURCE = ["rlpt.algorithms.reinforce:policy_gradient_loss", "rlpt.algorithms.rloo:RLOO.group_advantages"]
 NOTES = [("course", "K = 1 swings wildly in direction; averaging K estimates cuts the noise as 1/√K, and a baseline "
                     "cuts it again without adding bias: every algorithm of Part II is a variance-reduction patch."),
-         ("fix", "The course's toy compares its estimate with a 'reward direction' (1, 0.4) that is not the estimator's "
-                 "expectation (that is ≈(0.28, 0.11)), so its displayed error stalls at ≈0.77 instead of going to 0. "
+         ("fix", "The course's toy compares its estimate with a 'reward direction' (1, 0.4) that is not the "
+                 "estimator's expectation (that is ≈(0.28, 0.11)), so its displayed error stalls at ≈0.77 instead of "
+                 "going to 0. "
                  "The lab measures against the exact gradient of the bandit, so the error really falls as 1/√K.")]
 REWARDS = (0.1, 0.3, 0.9, 0.4, 0.2)
 THETA = (0.0, 0.5, 0.0, 0.3, -0.2)          # a policy part-way through training
@@ -67,8 +68,8 @@ def compute(k: Knobs) -> dict:
             e = [float((_estimate(kk, rng, algo, base) - exact).norm()) for _ in range(k.trials)]
             err[name].append((kk, sum(e) / len(e)))
     mine = [_estimate(k.k, rng, algo, False) for _ in range(k.trials)]
-    return {"exact": exact.tolist(), "error": err, "error_at_k": sum(float((g - exact).norm()) for g in mine) / k.trials,
-            "estimates": [g.tolist() for g in mine[:20]]}
+    at_k = sum(float((g - exact).norm()) for g in mine) / k.trials
+    return {"exact": exact.tolist(), "error": err, "error_at_k": at_k, "estimates": [g.tolist() for g in mine[:20]]}
 
 
 def render(r: dict) -> str:
