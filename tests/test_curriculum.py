@@ -140,6 +140,19 @@ def test_env_draws_distinct_active_prompts_and_the_ramp_opens_new_ones():
     assert drawn.count(3) >= 12, drawn
 
 
+def test_the_ramp_reads_only_the_probes():
+    e = env(pool=30, threshold=0.5, window=8, probe=2)
+    step = [e.reset() for _ in range(6)]
+    assert set(e.probes) == {step[0].text, step[1].text}
+    assert e.observe([group([1, 1, 1, 1], p.text) for p in step[2:]])["curriculum/widened"] == 0.0   # not probes
+    assert e.ramp.pass_rate() is None and e.probes == []
+    step = [e.reset() for _ in range(6)]
+    assert e.observe([group([1, 1, 1, 1], p.text) for p in step[:2]])["curriculum/widened"] == 1.0
+    f = env(pool=30, threshold=0.5, window=8, probe=0)        # probe 0: every widest-count group counts
+    step = [f.reset() for _ in range(6)]
+    assert f.observe([group([1, 1, 1, 1], p.text) for p in step[4:]])["curriculum/widened"] == 1.0
+
+
 def test_env_state_round_trips_to_the_same_draws():
     a = env(pool=20, threshold=0.5, window=4)
     for _ in range(3):
