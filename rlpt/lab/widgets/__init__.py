@@ -2,6 +2,7 @@
 
 A widget module defines:
     TITLE                 the course widget's name
+    KIND                  optional: "simulation" for a loop of training steps (default: a calculator, a formula)
     SOURCE                ["module:function", ...] the rlpt functions compute() calls (shown on the page)
     NOTES                 [(kind, text)], kind "course" (what the lesson says) or "fix" (⚠: the course's widget
                           was wrong; what rlpt gives instead and why)

@@ -11,6 +11,7 @@ from pydantic import BaseModel, Field
 
 from rlpt.lab import svg
 
+KIND = "simulation"      # a loop of training steps, not a formula: not held to the calculators' 300 ms
 TITLE = "Toy policy: 5 actions, 1 best"
 SOURCE = ["rlpt.algorithms.reinforce:REINFORCE.compute_advantages", "rlpt.algorithms.reinforce:policy_gradient_loss"]
 NOTES = [("course", "True rewards A–E = 0.1, 0.3, 0.9, 0.4, 0.2 (C is best), θ starts at 0. η = 0.4: after 200 steps "

@@ -11,6 +11,7 @@ from pydantic import BaseModel, Field
 
 from rlpt.lab import svg
 
+KIND = "simulation"      # a loop of training steps, not a formula: not held to the calculators' 300 ms
 TITLE = "Stale π_old → ratio explosion"
 SOURCE = ["rlpt.framework.algorithm:clipped_surrogate"]
 NOTES = [("course", "200 steps: sync every 1 → 0% clipped, reward EMA 0.88; every 10 → 50%, 0.86; every 20 → "

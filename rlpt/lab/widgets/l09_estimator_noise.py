@@ -11,6 +11,7 @@ from pydantic import BaseModel, Field
 
 from rlpt.lab import svg
 
+KIND = "simulation"      # a loop of training steps, not a formula: not held to the calculators' 300 ms
 TITLE = "Gradient estimator noise vs K"
 SOURCE = ["rlpt.algorithms.reinforce:policy_gradient_loss", "rlpt.algorithms.rloo:RLOO.group_advantages"]
 NOTES = [("course", "K = 1 swings wildly in direction; averaging K estimates cuts the noise as 1/√K, and a baseline "

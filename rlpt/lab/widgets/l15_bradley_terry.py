@@ -11,6 +11,7 @@ from pydantic import BaseModel, Field
 
 from rlpt.lab import svg
 
+KIND = "simulation"      # a loop of training steps, not a formula: not held to the calculators' 300 ms
 TITLE = "Bradley–Terry reward model on 4 responses"
 SOURCE = ["rlpt.preference.reward_model:bt_loss"]
 NOTES = [("course", "η = 0.3: the cumulative agreement with the true order reaches ≈0.90 at 50 pairs and ≈0.95 at "

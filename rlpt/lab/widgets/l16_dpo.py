@@ -10,6 +10,7 @@ from pydantic import BaseModel, Field
 
 from rlpt.lab import svg
 
+KIND = "simulation"      # a loop of training steps, not a formula: not held to the calculators' 300 ms
 TITLE = "DPO on 4 responses, and the per-pair loss"
 SOURCE = ["rlpt.preference.dpo:dpo_loss", "rlpt.preference.dpo:ipo_loss"]
 NOTES = [("course", "β = 0.5: π*(D) = 0.702 and the implicit reward gap D−A → 2.5 (the true gap). Breaking: "
