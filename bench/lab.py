@@ -64,6 +64,8 @@ def random_knobs(model, rng: random.Random) -> dict[str, str]:
     for key, f in model.model_fields.items():
         if f.annotation is bool:
             out[key] = rng.choice(["true", "false"])
+        elif f.annotation is str:
+            out[key] = rng.choice([f.default, f.default[::-1], "12#", "120#"])
         elif typing.get_origin(f.annotation) is typing.Literal:
             out[key] = rng.choice(typing.get_args(f.annotation))
         else:

@@ -4,6 +4,7 @@ knob is a 400 naming it, the runs dashboard reads nothing outside --runs, and th
 from __future__ import annotations
 
 import json
+import math
 import socket
 from pathlib import Path
 
@@ -113,6 +114,19 @@ def test_l02_sampling(client):
     assert api(client, "02", k=2, temperature=0.5)["degenerate_p"] > 0.85     # breaking: low T, K = 2
     top1 = api(client, "02", top_k=1)
     assert top1["p_digit"] == pytest.approx(1.0) and all(t["reward"] == 1 for t in top1["trajs"])
+
+
+def test_l03_verifier_and_kl_anchor(client):
+    r = api(client, "03")
+    assert (r["answer"], r["reward"], r["hacked"]) == (12, 1.0, False)
+    hack = api(client, "03", response="120#")
+    assert (hack["answer"], hack["reward"], hack["leaky_reward"], hack["hacked"]) == (120, 0.0, 1.0, True)
+    assert r["exp_reward"] == pytest.approx(1.0, abs=1e-6)              # β 0.05: all mass on the right answers
+    assert r["kl"] == pytest.approx(math.log(1 / 0.2), abs=1e-4)        # = log 1/π_ref(right)
+    anchored = api(client, "03", beta=1.0)
+    assert anchored["exp_reward"] < 0.45 and anchored["kl"] < 0.15       # large β: close to π_ref (reward 0.2)
+    r = client.get("/api/03", params={"response": "x" * 201})
+    assert r.status_code == 400 and r.json()["error"].startswith("knob 'response' must be a text of at most 200")
 
 
 def test_l04_advantages(client):

@@ -25,9 +25,8 @@ LESSONS = [
            widget="l01_bandit"),
     Lesson("02", "Rollout: sampling and π_old", "rlpt/engine/sampling.py, rlpt/framework/rollout.py",
            widget="l02_sampling"),
-    Lesson("03", "Reward & reference: the KL anchor", "rlpt/framework/algorithm.py (kl_estimate), rlpt/envs/",
-           missing="the course's β-vs-drift widget is not built (as coded, its 'reward-hacked' state is unreachable "
-                   "in 200 steps, shared/spec part 1 §5.4); the KL estimators it anchors on are live on lesson 27"),
+    Lesson("03", "Reward & reference: the KL anchor", "rlpt/gpt_mini/task.py (verify), rlpt/envs/leaky.py, "
+           "rlpt/framework/algorithm.py (kl_estimate)", widget="l03_reward_kl"),
     Lesson("04", "Algorithm: the plugin interface", "rlpt/framework/algorithm.py, rlpt/algorithms/",
            widget="l04_advantages"),
     Lesson("05", "Trainer: where gradients flow", "rlpt/framework/trainer.py, rlpt/framework/trajectory.py",

@@ -45,8 +45,8 @@ def bounds(model: type[BaseModel], key: str) -> tuple[float | None, float | None
     """(lo, hi) from a field's ge/le (or gt/lt) constraints."""
     lo = hi = None
     for m in model.model_fields[key].metadata:
-        lo = getattr(m, "ge", getattr(m, "gt", lo))
-        hi = getattr(m, "le", getattr(m, "lt", hi))
+        lo = getattr(m, "ge", getattr(m, "gt", getattr(m, "min_length", lo)))
+        hi = getattr(m, "le", getattr(m, "lt", getattr(m, "max_length", hi)))
     return lo, hi
 
 
@@ -55,6 +55,8 @@ def describe(model: type[BaseModel], key: str) -> str:
     ann = model.model_fields[key].annotation
     if ann is bool:
         return "true or false"
+    if ann is str:
+        return f"a text of at most {bounds(model, key)[1]} characters"
     if typing.get_origin(ann) is typing.Literal:
         return "one of " + ", ".join(map(str, typing.get_args(ann)))
     lo, hi = bounds(model, key)
