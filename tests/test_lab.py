@@ -240,6 +240,14 @@ def test_l16_dpo(client):
     assert diffuse["closed_form"][3] == pytest.approx(0.394, abs=5e-4)
 
 
+def test_l18_reward_hacking(client):
+    honest = [api(client, "18", rho=0, steps=300, seed=s) for s in range(4)]
+    leaky = [api(client, "18", rho=0.5, steps=300, seed=s) for s in range(4)]
+    assert min(r["p_solve"] for r in honest) > 0.85 and max(r["p_solve"] for r in leaky) < 0.3
+    c = honest[0]["checklist"]                                             # checklist 1: a random baseline
+    assert c["honest"] < 0.02 and c["leaky"] > 0.1
+
+
 def test_l18a_signal(client):
     r = api(client, "18a")
     assert r["kept"] == 1000 and r["signal_course"] == pytest.approx(120.5, abs=0.05)

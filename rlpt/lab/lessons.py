@@ -52,7 +52,7 @@ LESSONS = [
     Lesson("17", "PRM, ORM & search", "rlpt/search/",
            missing="the search-at-fixed-budget widget is not built in the lab yet (it would be a background job)"),
     Lesson("18", "Environments & verifiers", "rlpt/framework/environment.py, rlpt/envs/",
-           missing="the reward-hacking widget is not built in the lab yet"),
+           widget="l18_reward_hacking"),
     Lesson("18a", "Data pipelines & curation", "rlpt/data/signal.py", widget="l18a_signal"),
     Lesson("19", "System topology", "rlpt/perf/throughput.py (RoleTimes); Ray executors: rlpt/systems/ (open issue)",
            widget="l19_topology"),
