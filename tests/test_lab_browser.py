@@ -54,7 +54,7 @@ def server(tmp_path_factory):
         if srv.started:
             break
         time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
+    yield f"http://127.0.0.1:{port}", runs
     srv.should_exit = True
     t.join(10)
 
@@ -85,6 +85,7 @@ def save(driver, shots: Path, name: str, docs: bool = True) -> None:
 
 
 def test_every_page_loads_without_console_errors(server, driver, shots):
+    server, _ = server
     pages = ["/", "/runs", "/runs/grpo_demo"] + [f"/lesson/{lesson.slug}" for lesson in LESSONS]
     bad = {}
     for path in pages:
@@ -120,6 +121,7 @@ def move(driver, name: str, value) -> None:
     ("11", "r1", 1, "A₀", "+0.866", "+0.500"),
 ])
 def test_moving_a_knob_changes_the_result(server, driver, shots, slug, knob, value, name, before, after):
+    server, _ = server
     driver.get(f"{server}/lesson/{slug}")
     assert kpi(driver, name) == before
     old = driver.find_element(By.ID, "result").get_attribute("innerHTML")
@@ -132,9 +134,21 @@ def test_moving_a_knob_changes_the_result(server, driver, shots, slug, knob, val
 
 
 def test_a_checkbox_flips_the_verdict(server, driver):
+    server, _ = server
     driver.get(f"{server}/lesson/22")
     assert kpi(driver, "fits in 80 GB") == "yes"
     driver.find_element(By.NAME, "checkpoint").click()
     WebDriverWait(driver, 15).until(lambda d: kpi(d, "fits in 80 GB") == "no")
     assert kpi(driver, "train / GPU") == "153.2 GB"
+    assert not errors(driver)
+
+
+def test_run_page_refreshes_while_the_run_trains(server, driver):
+    """A step appended to metrics.jsonl shows up without a reload (the page polls its curves every 5 s)."""
+    url, runs = server
+    driver.get(f"{url}/runs/grpo_demo")
+    assert kpi(driver, "last step") == "30"
+    with open(runs / "grpo_demo" / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": 31, "reward/mean": 0.9, "acc/heldout": 0.85}) + "\n")
+    WebDriverWait(driver, 12).until(lambda d: kpi(d, "last step") == "31")
     assert not errors(driver)
