@@ -2,9 +2,10 @@
 resume exactly from their state, verify every weight sync by digest (object store and gloo), one_step_off trains
 on weights exactly one sync old, and async stays within η under random rollout delays.
 
-One local Ray per session (`ray.init(num_cpus=4)`, no dashboard, usage stats off; ~10 s to start here) and three
-systems of actors (each actor imports torch and rlpt: ~5 s), so the file takes about a minute on 2 cores; the
-tests are end-to-end runs, hence `slow`. The 200-step staleness property runs without Ray in test_systems.py.
+One local Ray per session (`ray.init(num_cpus=4)`, no dashboard, usage stats off; ~10 s to start here) and five
+actors (each imports torch and rlpt: ~5 s): the two rlpt train makes, first (the 4 logical CPUs hold 4 actors at
+a time), then a pool of three that two tests rebuild. The file takes about a minute on 2 cores; the tests are
+end-to-end runs, hence `slow`. The 200-step staleness property runs without Ray, in test_systems.py.
 """
 from __future__ import annotations
 
@@ -35,18 +36,33 @@ def ray_local():
 
 @pytest.fixture(scope="session")
 def sft_start(tmp_path_factory):
-    from conftest import TINY_RL
-
     from rlpt.train import load_train_job, sft_init
+
+    from conftest import TINY_RL
     out = tmp_path_factory.mktemp("systems")
     job = load_train_job(None, [*TINY_RL, *SFT_STEPS, f"run.out_dir={out}", "run.name=start"])
     return out, sft_init(job, resume=False)
 
 
-def job_for(sft_start, *overrides):
-    from conftest import TINY_RL
+@pytest.fixture(scope="session")
+def actor_pool(ray_local, sft_start):
+    """Two rollout actors and a trainer actor, made once (each costs seconds of imports) and rebuilt by every
+    RaySystem that takes them (`actors=`)."""
+    from rlpt.systems.workers import actor_classes
+    from rlpt.train import build
+    Rollout, Trainer = actor_classes()
+    args = (build, job_for(sft_start), sft_start[1])
+    workers = [Rollout.remote(*args, r, "object_store", True) for r in range(2)]
+    trainer = Trainer.remote(*args, "object_store", True)
+    yield workers, trainer
+    for a in (*workers, trainer):
+        ray.kill(a)
 
+
+def job_for(sft_start, *overrides):
     from rlpt.train import load_train_job
+
+    from conftest import TINY_RL
     out, init = sft_start
     return load_train_job(None, [*TINY_RL, *SFT_STEPS, f"run.out_dir={out}", f"init_from={init}", *overrides])
 
@@ -63,41 +79,6 @@ def assert_same(a: dict, b: dict, step: int) -> None:
             assert a[k] == b[k], (step, k)
         else:
             assert abs(a[k] - b[k]) <= 1e-6, (step, k, a[k], b[k])
-
-
-def test_disaggregated_equals_in_process_and_resumes(ray_local, sft_start):
-    """η = 0 on actors = the in-process Controller over 5 GRPO steps (same seeds), every sync verified; restoring
-    the step-3 state into the actors replays steps 4-5 bit for bit."""
-    from rlpt.systems.runner import RaySystem
-    from rlpt.train import build
-    init = sft_start[1]
-    job = job_for(sft_start, "system.topology=disaggregated")
-    torch.manual_seed(job.run.seed)
-    ctl, _ = build(job, init)
-    local = [ctl.step() for _ in range(5)]
-    assert sum(m["step/skipped"] == 0 for m in local) >= 3          # the comparison covers real training
-    torch.manual_seed(job.run.seed)
-    sys_ = RaySystem(job, build, init)
-    try:
-        got, saved = [], None
-        for i in range(5):
-            got.append(sys_.step())
-            if i == 2:
-                saved = (sys_.state_dict(), {k: v.clone() for k, v in sys_.trainer.model.state_dict().items()})
-        for i, (a, b) in enumerate(zip(local, got)):
-            assert_same(a, b, i)
-            assert b["system/staleness_max"] == 0 and b.get("staleness/max", 0) <= 1   # η = 0; 2 mini-batches
-        assert digest(sys_.trainer.model) == digest(ctl.trainer.model)
-        trained = sum(m["sync/done"] for m in got if "sync/done" in m)
-        assert len(sys_.sync_log) == trained and all(e["worker_digests"] == [e["digest"]] for e in sys_.sync_log)
-        assert saved[0].keys() >= set(ctl.state_dict())   # the in-process checkpoint's keys, and more
-        state, weights = saved
-        sys_.trainer.model.load_state_dict(weights)       # what run_train's resume does: weights, then state
-        sys_.load_state_dict(state)
-        for i in (3, 4):
-            assert_same(got[i], sys_.step(), i)
-    finally:
-        sys_.close()
 
 
 def test_one_step_off_over_gloo_through_rlpt_train(ray_local, sft_start):
@@ -124,14 +105,49 @@ def test_one_step_off_over_gloo_through_rlpt_train(ray_local, sft_start):
     assert len({e["digest"] for e in ctl.sync_log}) == ctl.syncs          # each sync moved new weights
 
 
-def test_async_stays_within_eta_under_random_delays(ray_local, sft_start):
+def test_disaggregated_equals_in_process_and_resumes(actor_pool, sft_start):
+    """η = 0 on actors = the in-process Controller over 5 GRPO steps (same seeds), every sync verified; restoring
+    the step-3 state into the actors replays steps 4-5 bit for bit."""
+    from rlpt.systems.runner import RaySystem
+    from rlpt.train import build
+    init = sft_start[1]
+    job = job_for(sft_start, "system.topology=disaggregated")
+    torch.manual_seed(job.run.seed)
+    ctl, _ = build(job, init)
+    local = [ctl.step() for _ in range(5)]
+    assert sum(m["step/skipped"] == 0 for m in local) >= 3          # the comparison covers real training
+    torch.manual_seed(job.run.seed)
+    sys_ = RaySystem(job, build, init, actors=actor_pool)
+    try:
+        got, saved = [], None
+        for i in range(5):
+            got.append(sys_.step())
+            if i == 2:
+                saved = (sys_.state_dict(), {k: v.clone() for k, v in sys_.trainer.model.state_dict().items()})
+        for i, (a, b) in enumerate(zip(local, got)):
+            assert_same(a, b, i)
+            assert b["system/staleness_max"] == 0 and b.get("staleness/max", 0) <= 1   # η = 0; 2 mini-batches
+        assert digest(sys_.trainer.model) == digest(ctl.trainer.model)
+        trained = sum(m["sync/done"] for m in got if "sync/done" in m)
+        assert len(sys_.sync_log) == trained and all(e["worker_digests"] == [e["digest"]] for e in sys_.sync_log)
+        assert saved[0].keys() >= set(ctl.state_dict())   # the in-process checkpoint's keys, and more
+        state, weights = saved
+        sys_.trainer.model.load_state_dict(weights)       # what run_train's resume does: weights, then state
+        sys_.load_state_dict(state)
+        for i in (3, 4):
+            assert_same(got[i], sys_.step(), i)
+    finally:
+        sys_.close()
+
+
+def test_async_stays_within_eta_under_random_delays(actor_pool, sft_start):
     """Two rollout workers with random delays (0-0.3 s per chunk), η = 1: every step's staleness ≤ η, and the
     second step trains on groups sampled while the first trained (staleness exactly 1: the gate let them run)."""
     from rlpt.systems.runner import RaySystem
     from rlpt.train import build
     job = job_for(sft_start, "system.topology=async", "system.rollout_workers=2", "system.max_staleness=1",
                   "steps=8")
-    sys_ = RaySystem(job, build, sft_start[1])
+    sys_ = RaySystem(job, build, sft_start[1], actors=actor_pool)
     try:
         ray.get([w.slow_verify.remote(0.0, 0.3, seed=7) for w in sys_.workers])
         rows = [sys_.step() for _ in range(8)]

@@ -71,10 +71,12 @@ class _TrainerView:
 
 
 class RaySystem:
-    def __init__(self, job, build: Callable, init, local=None, threads: int | None = None):
+    def __init__(self, job, build: Callable, init, local=None, threads: int | None = None,
+                 actors: tuple[list, object] | None = None):
         """Start (or attach to) Ray and the actors for `job.system`. `build` is rlpt.train.build; `local` the
         in-process Controller rlpt.train built (its trainer's model is what checkpoints and evaluation read,
-        its env what evaluation scores with); None builds one."""
+        its env what evaluation scores with); None builds one. `actors` = (rollout workers, trainer) reuses
+        actors an earlier RaySystem made (`.actors`; their roles are rebuilt from this job, `close` leaves them)."""
         self.ray = ray = require_ray()
         sc = job.system
         if sc.topology not in ("disaggregated", "one_step_off", "async"):
@@ -96,8 +98,17 @@ class RaySystem:
         threads = threads or job.run.threads or 1
         Rollout, Trainer = actor_classes()
         args, group = (build, job, init), f"rlpt_sync_{uuid.uuid4().hex[:12]}"   # one collective group per system
-        self.workers = [Rollout.remote(*args, r, sc.transport, sc.verify, threads, group) for r in range(N)]
-        self.trainer_actor = Trainer.remote(*args, sc.transport, sc.verify, threads, group)
+        self.owns_actors = actors is None
+        if actors is None:
+            self.workers = [Rollout.remote(*args, r, sc.transport, sc.verify, threads, group) for r in range(N)]
+            self.trainer_actor = Trainer.remote(*args, sc.transport, sc.verify, threads, group)
+        else:
+            if len(actors[0]) < N:
+                raise ValueError(f"{len(actors[0])} rollout actors given, system.rollout_workers={N}")
+            self.workers, self.trainer_actor = list(actors[0][:N]), actors[1]
+            ray.get([w.rebuild.remote(*args, r, sc.transport, sc.verify, threads, group)
+                     for r, w in enumerate(self.workers)] +
+                    [self.trainer_actor.rebuild.remote(*args, sc.transport, sc.verify, threads, group)])
         info = ray.get(self.trainer_actor.info.remote())
         if sc.topology == "async" and info["group_filter"]:
             raise ValueError(f"system.topology=async cannot run {job.algorithm.name}'s dynamic sampling (a group "
@@ -303,9 +314,16 @@ class RaySystem:
             gate.version, gate.accepted, gate.running = system["gate"]["version"], system["gate"]["accepted"], 0
             self._async["done"] = system.get("done", [])
 
+    @property
+    def actors(self) -> tuple[list, object]:
+        return self.workers, self.trainer_actor
+
     def close(self) -> None:
-        """Check the queued syncs, refresh trainer.model, stop the actors (the Ray runtime stays up)."""
+        """Check the queued syncs, refresh trainer.model, stop the actors it made (the Ray runtime stays up)."""
+        if self._async is not None:   # let the chunks in flight finish (a reused actor must be idle)
+            self.ray.get(list(self._async["inflight"]))
         self.check_syncs()
         self.trainer.model   # noqa: B018 - pull the last weights before the trainer actor goes
-        for a in [*self.workers, self.trainer_actor]:
-            self.ray.kill(a)
+        if self.owns_actors:
+            for a in [*self.workers, self.trainer_actor]:
+                self.ray.kill(a)

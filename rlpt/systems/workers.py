@@ -55,6 +55,10 @@ class RolloutWorker:
         self.syncs = 0                 # weight syncs received (the rollout stamps its version, the trainer's)
         self.slow: tuple[float, float, random.Random] | None = None
 
+    def rebuild(self, *args) -> None:
+        """Build the roles again from a (new) job, in this same process: reuse an actor across runs."""
+        self.__init__(*args)
+
     def slow_verify(self, seconds: float, jitter: float = 0.0, seed: int = 0) -> None:
         """Inject latency after each generate (a judge or sandbox stand-in, or the async test's random delays):
         sleeps seconds + U(0, jitter), counted in time/verify."""
@@ -139,6 +143,9 @@ class TrainerWorker:
         ctl.syncer = DeferredSyncer(job.sync.every)
         self.ctl = ctl
         self.transport = make_transport(transport, verify, group)
+
+    def rebuild(self, *args) -> None:
+        self.__init__(*args)
 
     def info(self) -> dict:
         return {"group_filter": self.has_group_filter, "version": self.ctl.trainer.version}
