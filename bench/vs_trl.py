@@ -286,7 +286,7 @@ def _silence(trainer) -> None:
     trainer.remove_callback(ProgressCallback)
 
 
-def ceilings(model, ids: torch.Tensor, pad_id: int, reps: int = 7) -> dict:
+def ceilings(model, ids: torch.Tensor, pad_id: int, reps: int = 15) -> dict:
     """What the train role could gain on this CPU, measured on a batch rlpt trained (fwd + bwd of the log-probs):
     fp32 as trained; bf16 autocast (the CPU's AVX-512-BF16 path, if any); and a dense batch holding the same
     non-pad tokens with no padding (the FLOPs sequence packing would spend). Alternating, medians, seconds."""
