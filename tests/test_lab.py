@@ -90,6 +90,41 @@ def test_bad_knob_is_a_400_naming_it(client, slug, query, msg):
         assert r.status_code == 400 and r.json() == {"error": msg}
 
 
+def wait_job(client, job_id, timeout=30.0):
+    import time
+    seen = []
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        st = client.get(f"/jobs/{job_id}").json()
+        seen.append(st["progress"])
+        if st["finished"]:
+            return st, seen
+        time.sleep(0.02)
+    raise AssertionError(f"job {job_id} still running after {timeout} s")
+
+
+def test_simulation_runs_as_a_background_job_with_progress(client):
+    r = client.post("/jobs/01", params={"steps": 400, "seed": 3})
+    assert r.status_code == 202
+    st, seen = wait_job(client, r.json()["id"])
+    assert st["state"] == "done" and st["progress"] == 1.0 and 'data-kpi="π(C)"' in st["html"]
+    assert seen == sorted(seen)                                            # progress only moves forward
+    same = client.get("/api/01", params={"steps": 400, "seed": 3}).json()   # the same numbers as the direct call
+    assert f'{same["pi_c"]:.3f}' in st["html"]
+
+
+def test_jobs_validate_cancel_and_refuse(client):
+    bad = client.post("/jobs/01", params={"eta": 5})
+    assert bad.status_code == 400 and bad.json() == {"error": "knob 'eta' must be a number 0.01..2.0, got 5"}
+    assert client.post("/jobs/16", params={"steps": 20000}).status_code == 400
+    assert client.post("/jobs/20").status_code == 404                     # a calculator answers directly
+    assert client.get("/jobs/nope").status_code == 404 and client.delete("/jobs/nope").status_code == 404
+    job_id = client.post("/jobs/09", params={"trials": 200}).json()["id"]
+    assert client.delete(f"/jobs/{job_id}").json()["state"] == "cancelled"
+    st, _ = wait_job(client, job_id)
+    assert st["state"] == "cancelled" and "html" not in st
+
+
 def test_too_long_a_request_is_refused_before_running(client):
     r = client.get("/api/16", params={"steps": 20000})
     assert r.status_code == 400 and r.json()["error"].startswith("refused: 20000 steps")

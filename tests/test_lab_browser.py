@@ -119,6 +119,7 @@ def move(driver, name: str, value) -> None:
     ("20", "batch", 64, "KV total", "8.0 GiB", "16.0 GiB"),
     ("22b", "k", 32, "straggler tax", "402%", "533%"),
     ("11", "r1", 1, "A₀", "+0.866", "+0.500"),
+    ("06", "sync_every", 20, "frac clipped", "0.0%", "88.5%"),             # a simulation: a background job
 ])
 def test_moving_a_knob_changes_the_result(server, driver, shots, slug, knob, value, name, before, after):
     server, _ = server

@@ -6,6 +6,10 @@
     GET /api/<slug>?knob=v...   the result as JSON (tests, scripts)
     GET /runs                   run folders under runs_dir; /runs/<name> one run's curves and `rlpt diagnose`
     GET /runs/<name>/curves     the curves fragment (polled while the run trains)
+    POST /jobs/<slug>?knob=v... a simulation (KIND = "simulation") started in the background -> {"id": ...};
+    GET /jobs/<id>              {"state": running | done | error | cancelled, "progress": 0..1, "finished": the
+                                worker has returned, "html" when done};
+    DELETE /jobs/<id>           cancel it (the page does when a knob moves on)
 
 Errors: a bad knob -> 400 {"error": "knob 'K' must be an integer 2..64, got 99"}; a setting the widget knows
 would take too long -> 400 {"error": "refused: ..."}; a computation past TIME_LIMIT_S -> 503. A run name that is
@@ -17,6 +21,9 @@ import json
 import math
 import re
 import threading
+import time
+import uuid
+from dataclasses import dataclass
 from html import escape
 from pathlib import Path
 
@@ -31,6 +38,8 @@ from rlpt.lab.widgets import KnobError, bounds, describe, load, parse_knobs, pre
 
 HERE = Path(__file__).parent
 TIME_LIMIT_S = 10.0            # a widget computation longer than this is abandoned with a 503
+JOB_LIMIT_S = 60.0             # a background job longer than this is stopped (at its next progress report)
+MAX_JOBS = 16                  # jobs kept (finished ones are dropped first); at most 2 run at once
 STATIC = {"lab.js": "application/javascript", "lab.css": "text/css"}
 RUN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*")
 # rlpt.framework.trainer.RATIO_BINS (not imported: it would import torch); tests/test_lab.py checks they agree
@@ -49,6 +58,37 @@ def _jsonable(x):
     if isinstance(x, (list, tuple)):
         return [_jsonable(v) for v in x]
     return x
+
+
+class JobStopped(Exception):
+    """Raised from a job's progress callback: cancelled, or past JOB_LIMIT_S."""
+
+
+@dataclass
+class Job:
+    slug: str
+    started: float
+    state: str = "running"          # running | done | error | cancelled
+    progress: float = 0.0
+    html: str = ""
+    error: str = ""
+    finished: bool = False          # the worker thread has returned (a cancelled job stops at its next report)
+
+    def report(self, fraction: float) -> None:
+        """The progress callback a simulation calls every step: records it, stops the job if asked to."""
+        if self.state == "cancelled":
+            raise JobStopped("cancelled")
+        if time.monotonic() - self.started > JOB_LIMIT_S:
+            raise JobStopped(f"stopped: this setting ran past {JOB_LIMIT_S:.0f} s; choose smaller knobs")
+        self.progress = fraction
+
+    def view(self) -> dict:
+        out = {"state": self.state, "progress": round(self.progress, 4), "finished": self.finished}
+        if self.state == "done":
+            out["html"] = self.html
+        if self.error:
+            out["error"] = self.error
+        return out
 
 
 class Runs:
@@ -131,6 +171,7 @@ def create_app(runs_dir: str | Path = "runs") -> FastAPI:
     runs = Runs(runs_dir)
     busy = threading.BoundedSemaphore(4)   # at most 4 widget computations at once (2 cores)
     ready: set = set()                     # widget modules whose rlpt imports are done
+    jobs: dict[str, Job] = {}
 
     def page(template: str, status: int = 200, **ctx) -> HTMLResponse:
         return HTMLResponse(env.get_template(template).render(lessons=LESSONS, **ctx), status_code=status)
@@ -209,6 +250,55 @@ def create_app(runs_dir: str | Path = "runs") -> FastAPI:
             return error(404, f"no widget for lesson {slug!r}")
         out = await run_widget(mod, dict(request.query_params))
         return out if isinstance(out, Response) else JSONResponse(_jsonable(out[1]))
+
+    def run_job(job: Job, mod, knobs) -> None:
+        try:
+            prepare(mod)
+            html = mod.render(mod.compute(knobs, progress=job.report))
+            if job.state == "running":          # not cancelled meanwhile
+                job.html, job.progress, job.state = html, 1.0, "done"
+        except JobStopped as e:
+            job.error = "" if job.state == "cancelled" else str(e)
+            job.state = job.state if job.state == "cancelled" else "error"
+        except Exception as e:   # shown on the page, not swallowed: the widget has a bug
+            job.state, job.error = "error", f"{type(e).__name__}: {e}"
+        finally:
+            job.finished = True
+
+    @app.post("/jobs/{slug}")
+    def start_job(slug: str, request: Request):
+        lesson, mod = widget(slug)
+        if mod is None or getattr(mod, "KIND", "calculator") != "simulation":
+            return error(404, f"no simulation widget for lesson {slug!r}")
+        try:
+            knobs = parse_knobs(mod.Knobs, dict(request.query_params))
+        except KnobError as e:
+            return error(400, str(e))
+        refusal = mod.limit(knobs) if hasattr(mod, "limit") else None
+        if refusal:
+            return error(400, f"refused: {refusal}")
+        if sum(j.state == "running" for j in jobs.values()) >= 2:
+            return error(503, "refused: 2 simulations are running; try again in a moment")
+        for old in [i for i, j in jobs.items() if j.state != "running"][:max(0, len(jobs) + 1 - MAX_JOBS)]:
+            del jobs[old]
+        job_id = uuid.uuid4().hex[:12]
+        jobs[job_id] = job = Job(slug, time.monotonic())
+        threading.Thread(target=run_job, args=(job, mod, knobs), daemon=True).start()
+        return JSONResponse({"id": job_id}, status_code=202)
+
+    @app.get("/jobs/{job_id}")
+    def job_status(job_id: str):
+        job = jobs.get(job_id)
+        return JSONResponse(job.view()) if job else error(404, f"no job {job_id!r}")
+
+    @app.delete("/jobs/{job_id}")
+    def cancel_job(job_id: str):
+        job = jobs.get(job_id)
+        if job is None:
+            return error(404, f"no job {job_id!r}")
+        if job.state == "running":
+            job.state = "cancelled"
+        return JSONResponse(job.view())
 
     @app.get("/runs", response_class=HTMLResponse)
     def runs_page():

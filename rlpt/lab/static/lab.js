@@ -1,11 +1,14 @@
-// rlpt lab: the only JavaScript. A knob change -> GET /w/<slug>?<knobs> -> swap the result fragment in;
-// a run page re-fetches its curves every 5 s while it is open. No libraries, no network beyond this server.
+// rlpt lab: the only JavaScript. A knob change -> GET /w/<slug>?<knobs> -> swap the result fragment in; for a
+// simulation (data-kind), POST /jobs/<slug>?<knobs> and poll /jobs/<id> with a progress bar, cancelling the job
+// a newer knob value replaces. A run page re-fetches its curves every 5 s while it is open.
+// No libraries, no network beyond this server.
 (function () {
   "use strict";
   var form = document.getElementById("knobs");
   var result = document.getElementById("result");
   var errorBox = document.getElementById("error");
-  var timer = null, seq = 0;
+  var bar = document.getElementById("progress");
+  var timer = null, seq = 0, job = null;
 
   function query() {
     var parts = [];
@@ -17,21 +20,53 @@
     return parts.join("&");
   }
 
+  function show(ok, body) {
+    if (ok) {
+      errorBox.hidden = true;
+      result.innerHTML = body;
+    } else {
+      errorBox.textContent = body;
+      errorBox.hidden = false;
+    }
+  }
+
+  function errorOf(text) {
+    try { return JSON.parse(text).error; } catch (e) { return text; }
+  }
+
+  function runJob() {
+    var mine = ++seq;
+    if (job) { fetch("/jobs/" + job, {method: "DELETE"}); job = null; }
+    fetch("/jobs/" + form.dataset.slug + "?" + query(), {method: "POST"}).then(function (r) {
+      return r.text().then(function (body) { return {ok: r.ok, body: body}; });
+    }).then(function (res) {
+      if (mine !== seq) { return; }
+      if (!res.ok) { show(false, errorOf(res.body)); return; }
+      job = JSON.parse(res.body).id;
+      bar.hidden = false;
+      poll(job, mine);
+    });
+  }
+
+  function poll(id, mine) {
+    fetch("/jobs/" + id).then(function (r) { return r.json(); }).then(function (st) {
+      if (mine !== seq) { return; }
+      bar.value = st.progress;
+      if (st.state === "running") { setTimeout(function () { poll(id, mine); }, 250); return; }
+      bar.hidden = true;
+      job = null;
+      if (st.state === "done") { show(true, st.html); } else if (st.error) { show(false, st.error); }
+    });
+  }
+
   function refresh() {
+    if (form.dataset.kind === "simulation") { runJob(); return; }
     var mine = ++seq;
     fetch("/w/" + form.dataset.slug + "?" + query()).then(function (r) {
       return r.text().then(function (body) { return {ok: r.ok, body: body}; });
     }).then(function (res) {
       if (mine !== seq) { return; }             // a newer request is on its way
-      if (res.ok) {
-        errorBox.hidden = true;
-        result.innerHTML = res.body;
-      } else {
-        var msg = res.body;
-        try { msg = JSON.parse(res.body).error; } catch (e) { /* not JSON: show as is */ }
-        errorBox.textContent = msg;
-        errorBox.hidden = false;
-      }
+      show(res.ok, res.ok ? res.body : errorOf(res.body));
     });
   }
 

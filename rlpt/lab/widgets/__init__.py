@@ -7,7 +7,8 @@ A widget module defines:
     NOTES                 [(kind, text)], kind "course" (what the lesson says) or "fix" (⚠: the course's widget
                           was wrong; what rlpt gives instead and why)
     class Knobs(BaseModel) typed knobs with the course's ranges (Field ge/le) and defaults
-    compute(knobs) -> dict   JSON-able numbers from rlpt's own functions
+    compute(knobs) -> dict   JSON-able numbers from rlpt's own functions; a simulation's compute also takes
+                          `progress`, a callable it gives the fraction done (the lab's background jobs show it)
     render(result) -> str    an HTML fragment with its SVG plot
     limit(knobs) -> str | None   optional: why this setting would take too long (refused before running)
 
@@ -22,6 +23,10 @@ import typing
 from types import ModuleType
 
 from pydantic import BaseModel, ValidationError
+
+
+def no_progress(fraction: float) -> None:
+    """The default `progress` of a simulation's compute: nobody is watching."""
 
 
 class KnobError(ValueError):

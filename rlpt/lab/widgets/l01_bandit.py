@@ -10,6 +10,7 @@ import random
 from pydantic import BaseModel, Field
 
 from rlpt.lab import svg
+from rlpt.lab.widgets import no_progress
 
 KIND = "simulation"      # a loop of training steps, not a formula: not held to the calculators' 300 ms
 TITLE = "Toy policy: 5 actions, 1 best"
@@ -31,7 +32,7 @@ class Knobs(BaseModel):
     baseline: bool = Field(False, description="running-mean baseline")
 
 
-def compute(k: Knobs) -> dict:
+def compute(k: Knobs, progress=no_progress) -> dict:
     import torch
 
     import rlpt.algorithms  # noqa: F401 - registers reinforce
@@ -42,6 +43,7 @@ def compute(k: Knobs) -> dict:
     rng = random.Random(k.seed)
     ema, curve, pc = None, [], []
     for s in range(k.steps):
+        progress(s / k.steps)
         logp = torch.log_softmax(theta, 0)
         u, a = rng.random(), 0
         for p in logp.detach().exp().tolist():                  # inverse-CDF draw from π

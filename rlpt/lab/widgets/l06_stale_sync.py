@@ -10,6 +10,7 @@ import math
 from pydantic import BaseModel, Field
 
 from rlpt.lab import svg
+from rlpt.lab.widgets import no_progress
 
 KIND = "simulation"      # a loop of training steps, not a formula: not held to the calculators' 300 ms
 TITLE = "Stale π_old → ratio explosion"
@@ -29,7 +30,7 @@ class Knobs(BaseModel):
     steps: int = Field(200, ge=10, le=1000, description="steps", json_schema_extra={"step": 10})
 
 
-def compute(k: Knobs) -> dict:
+def compute(k: Knobs, progress=no_progress) -> dict:
     import torch
 
     from rlpt.framework.algorithm import clipped_surrogate
@@ -37,6 +38,7 @@ def compute(k: Knobs) -> dict:
     ema, clipped, log_rho, rewards = 0.0, 0, [], []
     one = torch.ones(1, 1)
     for s in range(k.steps):
+        progress(s / k.steps)
         new = torch.full((1, 1), theta_t, requires_grad=True)
         pg_tok, _ = clipped_surrogate(new, torch.full((1, 1), theta_r), one, one, k.eps, k.eps)
         pg_tok.sum().backward()

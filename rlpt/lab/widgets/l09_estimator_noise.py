@@ -10,6 +10,7 @@ import random
 from pydantic import BaseModel, Field
 
 from rlpt.lab import svg
+from rlpt.lab.widgets import no_progress
 
 KIND = "simulation"      # a loop of training steps, not a formula: not held to the calculators' 300 ms
 TITLE = "Gradient estimator noise vs K"
@@ -52,7 +53,7 @@ def _estimate(k: int, rng: random.Random, algo, baseline: bool):
     return -theta.grad                                                                     # ĝ: ascent direction
 
 
-def compute(k: Knobs) -> dict:
+def compute(k: Knobs, progress=no_progress) -> dict:
     import torch
 
     import rlpt.algorithms  # noqa: F401 - registers reinforce and rloo
@@ -64,9 +65,12 @@ def compute(k: Knobs) -> dict:
     exact = pi * (r - (pi * r).sum())                         # Σ_a π_a r_a (e_a − π), per component
     rng = random.Random(k.seed)
     err = {"REINFORCE": [], "RLOO baseline": []}
-    for kk in KS:
+    for i, kk in enumerate(KS):
         for name, base in (("REINFORCE", False), ("RLOO baseline", True)):
-            e = [float((_estimate(kk, rng, algo, base) - exact).norm()) for _ in range(k.trials)]
+            e = []
+            for _ in range(k.trials):
+                progress(i / (len(KS) + 1))            # often: a cancelled job stops within one estimate
+                e.append(float((_estimate(kk, rng, algo, base) - exact).norm()))
             err[name].append((kk, sum(e) / len(e)))
     mine = [_estimate(k.k, rng, algo, False) for _ in range(k.trials)]
     at_k = sum(float((g - exact).norm()) for g in mine) / k.trials

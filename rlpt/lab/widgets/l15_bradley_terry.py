@@ -10,6 +10,7 @@ import random
 from pydantic import BaseModel, Field
 
 from rlpt.lab import svg
+from rlpt.lab.widgets import no_progress
 
 KIND = "simulation"      # a loop of training steps, not a formula: not held to the calculators' 300 ms
 TITLE = "Bradley–Terry reward model on 4 responses"
@@ -27,7 +28,7 @@ class Knobs(BaseModel):
     seed: int = Field(0, ge=0, le=999, description="seed")
 
 
-def compute(k: Knobs) -> dict:
+def compute(k: Knobs, progress=no_progress) -> dict:
     import torch
 
     from rlpt.preference.reward_model import bt_loss
@@ -35,6 +36,7 @@ def compute(k: Knobs) -> dict:
     rng = random.Random(k.seed)
     agree, curve, loss = 0, [], 0.0
     for s in range(k.steps):
+        progress(s / k.steps)
         i, j = rng.sample(range(4), 2)
         if rng.random() >= 1 / (1 + math.exp(-(SCORES[i] - SCORES[j]))):   # the human prefers j
             i, j = j, i

@@ -9,6 +9,7 @@ import math
 from pydantic import BaseModel, Field
 
 from rlpt.lab import svg
+from rlpt.lab.widgets import no_progress
 
 KIND = "simulation"      # a loop of training steps, not a formula: not held to the calculators' 300 ms
 TITLE = "DPO on 4 responses, and the per-pair loss"
@@ -34,7 +35,7 @@ def limit(k: Knobs) -> str | None:
     return None
 
 
-def compute(k: Knobs) -> dict:
+def compute(k: Knobs, progress=no_progress) -> dict:
     import torch
 
     from rlpt.preference.dpo import dpo_loss, ipo_loss
@@ -49,7 +50,8 @@ def compute(k: Knobs) -> dict:
     # by P_BT(w ≻ l). Pair i's loss reaches θ only through its own pc_i and pr_i, so scaling their gradients by
     # 12·P_i turns ∇ mean_i ℓ_i into ∇ Σ_i P_i ℓ_i exactly, with one call to the real loss per step.
     scale = len(w) * p_bt
-    for _ in range(k.steps):
+    for step in range(k.steps):
+        progress(step / k.steps)
         logp = torch.log_softmax(theta, 0)
         pc, pr = logp[w], logp[l]
         pc.register_hook(lambda g: g * scale)

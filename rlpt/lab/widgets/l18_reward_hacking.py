@@ -13,6 +13,7 @@ import random
 from pydantic import BaseModel, Field
 
 from rlpt.lab import svg
+from rlpt.lab.widgets import no_progress
 
 KIND = "simulation"      # a loop of training steps, not a formula: not held to the calculators' 300 ms
 TITLE = "Reward hacking under a leaky verifier"
@@ -47,7 +48,7 @@ def _checklist(n: int = 300) -> dict:
     return {"honest": h / n, "leaky": lk / n}
 
 
-def compute(k: Knobs) -> dict:
+def compute(k: Knobs, progress=no_progress) -> dict:
     import torch
 
     import rlpt.algorithms  # noqa: F401 - registers reinforce
@@ -59,6 +60,7 @@ def compute(k: Knobs) -> dict:
     train_ema = held_ema = None
     curve, p_solve = [], []
     for s in range(k.steps):
+        progress(s / k.steps)
         logp = torch.log_softmax(theta, 0)
         a = 0 if rng.random() < float(logp[0].detach().exp()) else 1
         right = float(rng.random() < P_RIGHT[("solve", "emit phrase")[a]])
