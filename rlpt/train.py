@@ -94,6 +94,11 @@ class TrainerConfig(Section):
     micro_batch_size: int = Field(0, ge=0, description="rows per forward/backward chunk; 0 = whole mini-batch")
     mini_batches: int = Field(2, ge=1, description="optimizer steps per epoch over the rollout batch")
     epochs: int = Field(1, ge=1, description="passes over each rollout batch")
+    packing: bool = Field(False, description="pack each micro-batch's rows end to end (no FLOP on padding; "
+                          "gpt_mini without a critic; else length-bucketed micro-batches); the reference too")
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32", description="bf16: CPU autocast on the trainer's and the reference's forward (fp32 master weights "
+                            "and AdamW); the log-prob check then uses check.logp_tol_bf16")
 
 
 class SyncConfig(Section):
@@ -107,6 +112,10 @@ class CheckConfig(Section):
     side, dropout, an off-by-one) moves the mean by orders of magnitude more."""
     logp_tol: float = Field(1e-5, gt=0, description="limit on the mean |trainer logp − old_logp|")
     logp_tol_max: float = Field(1e-3, gt=0, description="limit on the worst token")
+    # bf16 autocast on the trainer against the fp32 sampler: the log-probs differ by ~1e-3 per token on average
+    # (gpt_mini here; 3.1e-3 on a 26M Llama, research wave2 §4.4) and ~1e-2 at worst, so 10x those
+    logp_tol_bf16: float = Field(1e-2, gt=0, description="limit on the mean |Δ| when trainer.precision=bf16")
+    logp_tol_max_bf16: float = Field(1e-1, gt=0, description="limit on the worst token when trainer.precision=bf16")
     enabled: bool = True
 
 
@@ -289,20 +298,22 @@ def build(job: TrainJob, init: Path):
     rollout.use_backend(job.rollout.backend)
     scorers = {"values": critic} if critic is not None else {}   # V_old (PPO), scored before any update
     if algo.uses_prox:   # an off-policy correction: the trainer's log-probs before the update are π_prox
-        scorers["prox_logp"] = Reference.prox_scorer(policy, job.rollout.temperature)
+        scorers["prox_logp"] = Reference.prox_scorer(policy, job.rollout.temperature, job.trainer.precision)
     # β = 0 and no other reader of π_ref: its forward is skipped (issue 14, "do less")
     reference = Reference(policy, temperature=job.rollout.temperature, scorers=scorers,
-                          ref_logp=algo.uses_reference)
+                          ref_logp=algo.uses_reference, packing=job.trainer.packing, precision=job.trainer.precision)
     t = job.trainer
     total_opt_steps = job.steps * t.epochs * t.mini_batches
     trained = policy if critic is None else torch.nn.ModuleList([policy, critic])   # one optimizer for both
     opt, sched = make_optimizer(trained, t.optim, total_opt_steps)
     trainer = Trainer(policy, opt, sched, t.optim.grad_clip, t.micro_batch_size, t.mini_batches, t.epochs,
-                            temperature=job.rollout.temperature, seed=job.run.seed, critic=critic)
+                            temperature=job.rollout.temperature, seed=job.run.seed, critic=critic,
+                            packing=t.packing, precision=t.precision)
     exact = job.rollout.top_p == 1.0 and job.rollout.top_k == 0   # else old_logp is from a truncated dist
+    c, bf16 = job.check, t.precision == "bf16"
     ctl = Controller(rollout, env, reference, algo, trainer, WeightSyncer(job.sync.every), job.rollout.k,
-                     tok.pad_id, logp_tol=job.check.logp_tol if job.check.enabled and exact else None,
-                     logp_tol_max=job.check.logp_tol_max)
+                     tok.pad_id, logp_tol=(c.logp_tol_bf16 if bf16 else c.logp_tol) if c.enabled and exact else None,
+                     logp_tol_max=c.logp_tol_max_bf16 if bf16 else c.logp_tol_max)
     return ctl, env.heldout(job.eval.size)
 
 

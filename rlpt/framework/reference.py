@@ -17,6 +17,11 @@ Reference.prox_scorer(trainer.model, T)}`: scored before the update, they are π
 
 "Do less": with `ref_logp=False` (the algorithm's `uses_reference` is False: β = 0, no term reads π_ref)
 the π_ref forward is skipped, `ref_logp` stays None (zeros after collate) and only the scorers run.
+
+"Do it tighter": with `packing=True` (and a model that takes segment ids) the π_ref forward runs on packed rows
+(rlpt.framework.trajectory.pack_rows), with `precision="bf16"` under CPU autocast, as the trainer's does
+(trainer.packing, trainer.precision): π_ref and π_θ are then computed the same way, so KL(π_θ‖π_ref) is 0 at
+step 0 in either precision. The prox scorer runs at the trainer's precision for the same reason.
 """
 from __future__ import annotations
 
@@ -25,13 +30,26 @@ from collections.abc import Callable
 
 import torch
 
-from rlpt.framework.trajectory import Trajectory, collate, per_token_logp, response_slice
+from rlpt.framework.trainer import autocast
+from rlpt.framework.trajectory import (
+    Trajectory,
+    collate,
+    pack_rows,
+    per_token_logp,
+    response_slice,
+    supports_packing,
+    trained_lengths,
+)
 
 
 class Reference:
     def __init__(self, model: torch.nn.Module, temperature: float = 1.0, micro_batch_size: int = 256,
-                 scorers: dict[str, Callable[[torch.Tensor], torch.Tensor]] | None = None, ref_logp: bool = True):
+                 scorers: dict[str, Callable[[torch.Tensor], torch.Tensor]] | None = None, ref_logp: bool = True,
+                 packing: bool = False, precision: str = "fp32"):
         self.model = copy.deepcopy(model)
+        self.packing = packing and supports_packing(self.model)
+        autocast(precision)                # an unknown precision fails here
+        self.precision = precision
         self.temperature = temperature
         self.micro_batch_size = micro_batch_size
         self.scorers = dict(scorers or {})
@@ -39,14 +57,16 @@ class Reference:
         self.freeze()
 
     @staticmethod
-    def prox_scorer(model: torch.nn.Module, temperature: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    def prox_scorer(model: torch.nn.Module, temperature: float,
+                    precision: str = "fp32") -> Callable[[torch.Tensor], torch.Tensor]:
         """The live trainer's log-probs as a scorer (eval mode for the forward, then its mode restored): run
         before the update, they are π_prox of the off-policy corrections."""
         def score(input_ids: torch.Tensor) -> torch.Tensor:
             was = model.training
             model.eval()
             try:
-                return per_token_logp(model, input_ids, temperature)
+                with autocast(precision):
+                    return per_token_logp(model, input_ids, temperature)
             finally:
                 model.train(was)
         return score
@@ -65,7 +85,11 @@ class Reference:
         for i in range(0, len(trajs), self.micro_batch_size):
             part = trajs[i:i + self.micro_batch_size]
             batch = collate(part, pad_id)
-            logp = per_token_logp(self.model, batch.input_ids, self.temperature) if self.ref_logp else None
+            logp = None
+            if self.ref_logp:
+                packed = pack_rows(batch.input_ids, trained_lengths(batch.mask)) if self.packing else None
+                with autocast(self.precision):
+                    logp = per_token_logp(self.model, batch.input_ids, self.temperature, packed=packed)
             scored = {name: fn(batch.input_ids) for name, fn in self.scorers.items()}   # each (b, T-1)
             for row, t in enumerate(part):
                 cols = response_slice(len(t.prompt_ids), len(t.response_ids))

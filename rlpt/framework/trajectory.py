@@ -90,6 +90,25 @@ class Batch:
         return [self.select(idx[i:i + micro_batch_size], renormalize=False)
                 for i in range(0, self.size, micro_batch_size)]
 
+    def bucketed(self, micro_batch_size: int, lengths: torch.Tensor) -> list[Batch]:
+        """Length-bucketed chunks: rows sorted by `lengths` (B,) (the tokens each needs), `micro_batch_size` at
+        a time (0 = one chunk), each cut to its own longest row, so short rows are not padded to the longest of
+        the batch. Denominators are kept, as in `chunks`."""
+        order = torch.sort(lengths, descending=True, stable=True).indices
+        size = micro_batch_size if micro_batch_size > 0 else self.size
+        out = []
+        for i in range(0, self.size, size):
+            rows = order[i:i + size]
+            out.append(self.select(rows, renormalize=False).trim(max(int(lengths[rows].max()), 2)))
+        return out
+
+    def trim(self, n_tokens: int) -> Batch:
+        """The first `n_tokens` columns of input_ids (and n_tokens − 1 of every (B, T-1) tensor)."""
+        c = n_tokens - 1
+        sub = {k: getattr(self, k)[:, :c] for k in ("mask", "old_logp", "ref_logp", "advantage")}
+        return replace(self, input_ids=self.input_ids[:, :n_tokens], **sub,
+                       extra={k: v[:, :c] for k, v in self.extra.items()})
+
     def minibatches(self, n: int, generator: torch.Generator | None = None) -> list[Batch]:
         """`n` shuffled mini-batches, each normalised on its own (one optimizer step each)."""
         if n <= 1:
@@ -170,12 +189,16 @@ def _collate_extra(trajs: list[Trajectory], T: int) -> dict:
 
 
 def per_token_logp(model, input_ids: torch.Tensor, temperature: float = 1.0,
-                   with_entropy: bool = False):
+                   with_entropy: bool = False, packed: Packing | None = None):
     """log π(ids[:, j+1] | ids[:, ≤j]) -> (B, T-1); optionally also the entropy per position (B, T-1).
 
     `temperature` must be the rollout's: old_logp was recorded under logits / temperature
-    (lesson 02's traps).
+    (lesson 02's traps). With `packed` (from `pack_rows` on these ids) the forward runs on the packed
+    layout and the result is scattered back to (B, T-1): equal to the padded forward's on every column
+    the packing kept (each row's first `lengths` − 1), 0 on the others.
     """
+    if packed is not None:
+        return _packed_logp(model, packed, temperature, with_entropy)
     logits = model(input_ids)[:, :-1].float()                   # (B, T-1, V)
     if temperature != 1.0:
         logits = logits / temperature
@@ -186,6 +209,94 @@ def per_token_logp(model, input_ids: torch.Tensor, temperature: float = 1.0,
     with torch.no_grad():
         entropy = -(logp_all.exp() * logp_all).sum(-1)         # (B, T-1)
     return logp, entropy
+
+
+# -- sequence packing (lesson 22b) ------------------------------------------------------------------------
+#
+# A padded (B, T) batch of RL rollouts spends a third of its FLOPs on padding (prompts and responses of
+# different lengths; docs/performance.md). Packing lays the rows end to end in fewer, fuller rows of `capacity`
+# tokens (first-fit decreasing), each token tagged with its row (segment id) and its position within that row:
+# the model's block-diagonal causal mask keeps the rows apart and RoPE restarts at 0 for each, so every row's
+# log-probs equal its padded forward's (to fp32 rounding: different GEMM shapes) and their gradients too.
+
+@dataclass
+class Packing:
+    """Where each row of a padded (B, T) batch sits in a packed (b, capacity) layout."""
+    input_ids: torch.Tensor     # (b, L) the rows end to end, pad_id after the last
+    positions: torch.Tensor     # (b, L) position of each token within its own row (0 on padding)
+    segment_ids: torch.Tensor   # (b, L) the padded row each token came from; -1 on padding
+    src: torch.Tensor           # (M,) flat index into (b·L): the positions whose logits predict a kept target
+    dst: torch.Tensor           # (M,) flat index into (B·(T-1)): the same targets' columns in the padded layout
+    targets: torch.Tensor       # (M,) the token predicted there
+    shape: tuple[int, int]      # (B, T-1)
+
+    @property
+    def tokens(self) -> int:
+        return int((self.segment_ids >= 0).sum())
+
+
+def trained_lengths(mask: torch.Tensor) -> torch.Tensor:
+    """(B, T-1) target mask -> (B,) tokens each row needs: up to its last target (column c scores token c+1, so
+    c + 2 tokens), 0 for a row with none. Tokens after the last target cannot change any target's log-prob
+    (attention is causal), so a trainer or scorer that reads only masked columns need not pack them."""
+    cols = torch.arange(1, mask.shape[1] + 1)
+    last = ((mask > 0) * cols).amax(-1)                         # (B,) last target column + 1, 0 if none
+    return torch.where(last > 0, last + 1, torch.zeros_like(last))
+
+
+def pack_rows(input_ids: torch.Tensor, lengths: torch.Tensor, capacity: int = 0, pad_id: int = 0) -> Packing:
+    """Pack the first `lengths[b]` tokens of each row of `input_ids` (B, T) into rows of `capacity` tokens
+    (0: the longest row), first-fit decreasing; rows of length ≤ 1 predict nothing and are left out."""
+    B, T = input_ids.shape
+    n = [int(x) for x in lengths.tolist()]
+    L = max(capacity, max(n, default=0), 1)
+    if max(n, default=0) > T:
+        raise ValueError(f"pack_rows(): a row length of {max(n)} exceeds the batch's {T} columns")
+    bins: list[int] = []                                        # tokens used in each packed row
+    where = [(0, 0)] * B                                        # (packed row, offset) of each row
+    for b in sorted((b for b in range(B) if n[b] > 1), key=lambda b: -n[b]):   # stable: ties keep row order
+        r = next((r for r, used in enumerate(bins) if used + n[b] <= L), len(bins))
+        if r == len(bins):
+            bins.append(0)
+        where[b] = (r, bins[r])
+        bins[r] += n[b]
+    rows = [b for b in range(B) if n[b] > 1]
+    lens = torch.tensor([n[b] for b in rows], dtype=torch.long)
+    starts = torch.tensor([where[b][0] * L + where[b][1] for b in rows], dtype=torch.long)
+    row = torch.repeat_interleave(torch.tensor(rows, dtype=torch.long), lens)             # (N,) source row
+    within = torch.arange(int(lens.sum())) - torch.repeat_interleave(lens.cumsum(0) - lens, lens)   # (N,)
+    flat = torch.repeat_interleave(starts, lens) + within                               # (N,) packed slot
+    nb = max(len(bins), 1)
+    ids = torch.full((nb * L,), pad_id, dtype=input_ids.dtype)
+    pos = torch.zeros(nb * L, dtype=torch.long)
+    seg = torch.full((nb * L,), -1, dtype=torch.long)
+    ids[flat], pos[flat], seg[flat] = input_ids[row, within], within, row
+    keep = within < torch.repeat_interleave(lens, lens) - 1                             # has a next token
+    return Packing(input_ids=ids.view(nb, L), positions=pos.view(nb, L), segment_ids=seg.view(nb, L),
+                   src=flat[keep], dst=row[keep] * (T - 1) + within[keep],
+                   targets=input_ids[row[keep], within[keep] + 1], shape=(B, T - 1))
+
+
+def supports_packing(model) -> bool:
+    """Whether `model`'s forward takes positions= and segment_ids= (gpt_mini does; HF models here do not)."""
+    return bool(getattr(model, "supports_packing", False))
+
+
+def _packed_logp(model, p: Packing, temperature: float, with_entropy: bool):
+    logits = model(p.input_ids, positions=p.positions, segment_ids=p.segment_ids)     # (b, L, V)
+    logits = logits.reshape(-1, logits.shape[-1])[p.src].float()                       # (M, V)
+    if temperature != 1.0:
+        logits = logits / temperature
+    logp_all = F.log_softmax(logits, dim=-1)                                            # (M, V)
+    logp = logp_all.gather(-1, p.targets[:, None]).squeeze(-1)                          # (M,)
+    B, C = p.shape
+    out = logp.new_zeros(B * C).index_put((p.dst,), logp).view(B, C)                    # (B, T-1)
+    if not with_entropy:
+        return out
+    with torch.no_grad():
+        ent = -(logp_all.exp() * logp_all).sum(-1)
+        entropy = ent.new_zeros(B * C).index_put((p.dst,), ent).view(B, C)
+    return out, entropy
 
 
 def flatten(groups: list[list[Trajectory]]) -> list[Trajectory]:

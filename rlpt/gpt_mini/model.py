@@ -11,6 +11,10 @@ differ from the rollout's: lesson 02).
 The protocol every rlpt policy obeys is `model(input_ids) -> logits (B, T, V)`. For decoding,
 `model(input_ids, cache=cache, positions=pos, key_mask=km)` appends this chunk's keys and values to a
 `KVCache` and attends to everything cached so far; its logits equal the full forward's to 1e-5.
+For training on packed rows (lesson 22b), `model(input_ids, positions=pos, segment_ids=seg)` runs several
+sequences laid end to end in one row: each token attends only to earlier tokens of its own segment (a
+block-diagonal causal mask) and its rotary position restarts at 0 with every segment, so each sequence's
+logits equal those of its own unpacked forward (to fp32 rounding) and no FLOP goes to padding.
 
     python -c "from rlpt.gpt_mini.model import GPT, GPTConfig; print(GPT(GPTConfig()).num_params())"
 """
@@ -184,15 +188,22 @@ class GPT(nn.Module):
         p = self.embed.weight
         return KVCache(self.cfg, batch_size, max_len or self.cfg.max_seq_len, p.device, p.dtype)
 
+    supports_packing = True   # forward takes segment_ids (rlpt.framework.trajectory.pack_rows)
+
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None,
-                positions: torch.Tensor | None = None, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+                positions: torch.Tensor | None = None, key_mask: torch.Tensor | None = None,
+                segment_ids: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids (B, T) -> logits (B, T, V).
 
         Without a cache: a plain causal forward from position 0 (right padding is harmless).
         With a cache: `positions` (B, T) are each token's rotary positions (default: cache.pos + arange)
         and `key_mask` (B, T) marks real tokens (False for left padding) for this chunk.
+        Packed (no cache): `segment_ids` (B, T) names the sequence each token belongs to and `positions` (B, T)
+        its position within it; query i sees key j iff j <= i and segment_ids[j] == segment_ids[i].
         """
         B, T = input_ids.shape
+        if segment_ids is not None:
+            return self._forward_packed(input_ids, positions, segment_ids)
         start = cache.pos if cache is not None else 0
         if start + T > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {start + T} tokens exceeds model.max_seq_len={self.cfg.max_seq_len}")
@@ -213,6 +224,24 @@ class GPT(nn.Module):
             x = layer(x, cos, sin, i, cache, mask)
         if cache is not None:
             cache.pos += T
+        return self.lm_head(self.norm(x))
+
+    def _forward_packed(self, input_ids: torch.Tensor, positions: torch.Tensor | None,
+                        segment_ids: torch.Tensor) -> torch.Tensor:
+        """Block-diagonal causal attention over segments laid end to end; rotary positions restart per segment."""
+        B, T = input_ids.shape
+        if positions is None or positions.shape != (B, T) or segment_ids.shape != (B, T):
+            raise ValueError(f"a packed forward needs positions and segment_ids of the shape of input_ids {(B, T)}")
+        if int(positions.max()) >= self.cfg.max_seq_len:
+            raise ValueError(f"a packed sequence of {int(positions.max()) + 1} tokens exceeds "
+                             f"model.max_seq_len={self.cfg.max_seq_len}")
+        cos = self.rope_cos[positions].unsqueeze(1)   # (B, 1, T, hd)
+        sin = self.rope_sin[positions].unsqueeze(1)
+        causal = torch.ones(T, T, dtype=torch.bool, device=input_ids.device).tril()
+        mask = ((segment_ids[:, :, None] == segment_ids[:, None, :]) & causal).unsqueeze(1)   # (B, 1, T, T)
+        x = self.embed(input_ids)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, i, None, mask)
         return self.lm_head(self.norm(x))
 
 

@@ -20,7 +20,10 @@ in the optimizer); SimPO and ORPO need none, so none is built. Since both the pa
 reference are fixed, log π_ref of every pair is computed once at the start (`precompute_reference`):
 a DPO step then costs what a SimPO step costs (bench/dpo_step.py). Pairs are sampled once from the
 starting policy (rlpt.preference.data) and saved as `pairs.jsonl` in the run folder, so a resume
-trains on the same data. `dpo.nll_weight` > 0 adds α·NLL(y_w) per token (RPO; Pang et al. 2024's
+trains on the same data. With `dpo.packing` the 2B rows of [chosen; rejected] run as one packed forward
+(rlpt.framework.trajectory.pack_rows: rows end to end, a block-diagonal causal mask, positions restarting per
+row), so no FLOP goes to padding; the loss equals the padded forward's to fp32 rounding.
+`dpo.nll_weight` > 0 adds α·NLL(y_w) per token (RPO; Pang et al. 2024's
 fix for reasoning tasks, where pure DPO can lower the chosen answers' likelihood).
 
     rlpt dpo recipes/dpo_arith.yaml init_from=runs/sft_cot [dpo.method=ipo] [key=value ...] [--resume]
@@ -41,7 +44,7 @@ from pydantic import Field
 from rlpt.config import ConfigError, EvalConfig, JobConfig, LoopConfig, OptimConfig, RunConfig, Section
 from rlpt.framework.environment import ArithmeticEnv
 from rlpt.framework.evaluate import evaluate
-from rlpt.framework.trajectory import per_token_logp
+from rlpt.framework.trajectory import pack_rows, per_token_logp, supports_packing, trained_lengths
 from rlpt.gpt_mini.model import load_model
 from rlpt.gpt_mini.task import make_task
 from rlpt.gpt_mini.tokenizer import CharTokenizer
@@ -69,10 +72,13 @@ DEFAULT_BETA = {"dpo": 0.5, "ipo": 0.1, "kto": 0.1, "orpo": 0.0, "simpo": 2.0}
 
 
 # -- sequence log-probs ----------------------------------------------------------------------------
-def sequence_logp(model, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def sequence_logp(model, ids: torch.Tensor, mask: torch.Tensor,
+                  packing: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (Σ_t mask·log π(token), |y|) per row, both (N,). Only response tokens count: a prompt token is
-    context, not the policy's choice."""
-    logp = per_token_logp(model, ids)                       # (N, T-1)
+    context, not the policy's choice. `packing`: one packed forward of the N rows (a model that takes segment
+    ids; else the padded one)."""
+    packed = pack_rows(ids, trained_lengths(mask)) if packing and supports_packing(model) else None
+    logp = per_token_logp(model, ids, packed=packed)        # (N, T-1)
     return (logp * mask).sum(-1), mask.sum(-1)
 
 
@@ -158,6 +164,7 @@ class DPOConfig(LoopConfig):
     lam_d: float = Field(1.0, gt=0, description="KTO weight of desirable responses")
     lam_u: float = Field(1.0, gt=0, description="KTO weight of undesirable responses")
     nll_weight: float = Field(0.0, ge=0, description="α of an extra per-token NLL on y_w (RPO); 0 = off")
+    packing: bool = Field(False, description="one packed forward of [chosen; rejected] (no FLOP on padding)")
     # 100: held-out accuracy peaked around step 50-100 and slid back by 200 (the pairs are few and
     # fixed, so later steps mostly overfit them: offline DPO's limit, lesson 16)
     steps: int = Field(100, ge=1)
@@ -208,13 +215,13 @@ def preference_loss(cfg: DPOConfig, policy, reference, batch: PairBatch, pad_id:
     """One forward of [chosen; rejected] through the policy -> (loss, metrics). The reference's
     log-probs are `ref_logp` (2B,) when precomputed, else one no-grad forward of the frozen reference."""
     B, beta = batch.n, cfg.beta_value
-    logp, lens = sequence_logp(policy, batch.ids, batch.mask)                       # (2B,)
+    logp, lens = sequence_logp(policy, batch.ids, batch.mask, cfg.packing)          # (2B,)
     pc, pr, len_c, len_r = logp[:B], logp[B:], lens[:B], lens[B:]
     ref_c = ref_r = None
     if reference is not None:
         if ref_logp is None:
             with torch.no_grad():
-                ref_logp, _ = sequence_logp(reference, batch.ids, batch.mask)
+                ref_logp, _ = sequence_logp(reference, batch.ids, batch.mask, cfg.packing)
         ref_c, ref_r = ref_logp[:B], ref_logp[B:]
     m = cfg.method
     if m == "dpo":
@@ -224,8 +231,8 @@ def preference_loss(cfg: DPOConfig, policy, reference, batch: PairBatch, pad_id:
     elif m == "kto":
         kl_batch = collate_responses(mismatched(batch), pad_id)
         with torch.no_grad():   # z0 is detached: no graph needed for the KL estimate
-            kl_p, _ = sequence_logp(policy, kl_batch.ids, kl_batch.mask)
-            kl_r, _ = sequence_logp(reference, kl_batch.ids, kl_batch.mask)
+            kl_p, _ = sequence_logp(policy, kl_batch.ids, kl_batch.mask, cfg.packing)
+            kl_r, _ = sequence_logp(reference, kl_batch.ids, kl_batch.mask, cfg.packing)
         loss, metrics = kto_loss(pc, pr, ref_c, ref_r, kl_p, kl_r, beta, cfg.lam_d, cfg.lam_u)
     elif m == "orpo":
         loss, metrics = orpo_loss(pc, pr, len_c, len_r, cfg.lam)
@@ -241,14 +248,15 @@ def preference_loss(cfg: DPOConfig, policy, reference, batch: PairBatch, pad_id:
 
 
 @torch.no_grad()
-def precompute_reference(reference, pairs: list[PreferencePair], tok: CharTokenizer, batch: int = 256) -> torch.Tensor:
+def precompute_reference(reference, pairs: list[PreferencePair], tok: CharTokenizer, batch: int = 256,
+                         packing: bool = False) -> torch.Tensor:
     """log π_ref(chosen), log π_ref(rejected) of every pair -> (N, 2), once: the pairs and the reference
     are both fixed, so a reference forward per step would recompute the same numbers (TRL's
     `precompute_ref_log_probs`). Only KTO still runs the reference per step, on its mismatched pairs."""
     out = []
     for i in range(0, len(pairs), batch):
         b = collate_pairs(pairs[i:i + batch], tok)
-        logp, _ = sequence_logp(reference, b.ids, b.mask)
+        logp, _ = sequence_logp(reference, b.ids, b.mask, packing)
         out.append(torch.stack([logp[:b.n], logp[b.n:]], 1))
     return torch.cat(out)
 
@@ -300,7 +308,8 @@ def run_dpo(job: DPOJob, resume: bool = False,
     print(f"[rlpt] {len(pairs)} preference pairs ({pair_stats.get('source')}): "
           + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in pair_stats.items()
                       if k != "source"))
-    ref_table = precompute_reference(reference, pairs, tok) if reference is not None else None   # (N, 2)
+    ref_table = None if reference is None else \
+        precompute_reference(reference, pairs, tok, packing=cfg.packing)       # (N, 2)
 
     def loss_fn(rng: random.Random) -> tuple[torch.Tensor, dict]:
         chosen = rng.sample(range(len(pairs)), min(cfg.batch_size, len(pairs)))
