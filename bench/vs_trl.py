@@ -16,7 +16,9 @@ the same optimizer (AdamW lr, betas 0.9/0.95, wd 0, clip 1.0, constant schedule)
 Rounds alternate: TRL's trainer runs its own loop and, after each of its GRPO (or DPO) steps, a callback
 runs one step of every rlpt side (their order flipped every step), so load drift on the shared machine hits
 all sides alike; the first `--warmup` steps of every side are dropped; medians are kept. TRL's step is the
-wall time between two callbacks less nothing (its data loading, logging and metrics count, as rlpt's do).
+wall time between two callbacks (its data loading, logging and metrics count, as rlpt's do). Each step's
+process CPU time is kept beside its wall time: with one torch thread it is the cost of the step itself,
+much less moved by other jobs on a shared machine than wall time is (the `cpu` columns, `*_cpu` in the JSON).
 
 Where the time goes: rlpt's per-role `time/*` from the controller's metrics (rollout, verify, ref, train,
 sync); TRL's by wrapping its methods: `_generate_single_turn` (generate), the reward function (verify),
@@ -157,9 +159,10 @@ def rlpt_grpo(args, ckpt: Path, beta: float, all_rows: bool, **settings):
 
 def rlpt_step(ctl) -> dict:
     """One controller step -> its wall time, role timings, and the work it did."""
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     m = ctl.step()
-    out = {"total": time.perf_counter() - t, **{r: m.get(f"time/{r}", 0.0) for r in ROLES}}
+    out = {"total": time.perf_counter() - t, "cpu": time.process_time() - c,
+           **{r: m.get(f"time/{r}", 0.0) for r in ROLES}}
     rows = ctl.rollout.prompts_per_step * ctl.k
     out |= {"len": m["response/len_mean"], "reward": m["reward/mean"],
             "rows": rows * m["groups/kept"] if not m["step/skipped"] else 0.0,
@@ -233,17 +236,17 @@ def interleaver(per_step: int, sides: dict, record: dict, probe: TRLProbe | None
 
     class Interleave(TrainerCallback):
         def on_train_begin(self, args, state, control, **kw):
-            self.t0 = time.perf_counter()
+            self.t0, self.c0 = time.perf_counter(), time.process_time()
 
         def on_step_end(self, args, state, control, **kw):
             if state.global_step % per_step:
                 return
-            total = time.perf_counter() - self.t0
-            record["trl"].append(probe.take(total) if probe else take(total))
+            total, cpu = time.perf_counter() - self.t0, time.process_time() - self.c0
+            record["trl"].append({**(probe.take(total) if probe else take(total)), "cpu": cpu})
             names = list(sides) if len(record["trl"]) % 2 else list(sides)[::-1]
             for name in names:
                 record[name].append(sides[name]())
-            self.t0 = time.perf_counter()
+            self.t0, self.c0 = time.perf_counter(), time.process_time()
     return Interleave()
 
 
@@ -306,10 +309,10 @@ def ceilings(model, ids: torch.Tensor, pad_id: int, reps: int = 15) -> dict:
     times = {k: [] for k in cases}
     for r in range(reps + 1):
         for k in (list(cases) if r % 2 else list(cases)[::-1]):
-            t = time.perf_counter()
+            t = time.process_time()                # CPU time: steadier than wall time on a shared machine
             fwd_bwd(*cases[k])
             if r:                                  # round 0 warms up
-                times[k].append(time.perf_counter() - t)
+                times[k].append(time.process_time() - t)
     m = {k: statistics.median(v) for k, v in times.items()}
     return {"rows": ids.shape[0], "width": width, "pad_frac": round(1 - n_tok / ids.numel(), 3),
             **{f"fwd_bwd_{k}_s": round(v, 4) for k, v in m.items()},
@@ -348,11 +351,11 @@ def bench_dpo(args, ckpt: Path, hf_dir: Path, batch: int, tmp: Path) -> dict:
     def rlpt_dpo() -> dict:
         part = pairs[state["i"] * batch:(state["i"] + 1) * batch]
         state["i"] += 1
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         side(part)
-        total = time.perf_counter() - t
+        total, cpu = time.perf_counter() - t, time.process_time() - c
         b = collate_pairs(part, tok)
-        return {"total": total, "rows": float(b.ids.shape[0]), "tokens": float((b.ids != tok.pad_id).sum())}
+        return {"total": total, "cpu": cpu, "rows": float(b.ids.shape[0]), "tokens": float((b.ids != tok.pad_id).sum())}
 
     tcfg = TRLDPOConfig(
         output_dir=str(tmp / f"trl_dpo_{batch}"), per_device_train_batch_size=batch, beta=args.dpo_beta,
@@ -491,22 +494,25 @@ def report_grpo(beta: float, rec: dict) -> dict:
     trl, out = rec["trl"], {}
     print(f"\nGRPO step, beta={beta}: median seconds per step over {len(trl)} steps (1 thread)")
     print(f"| {'side':<9} | {'step':>7} | {'rollout':>7} | {'verify':>6} | {'ref':>6} | {'train':>6} | "
-          f"{'sync':>6} | {'TRL/x':>6} | {'len':>5} | {'reward':>6} | {'rows':>5} |")
+          f"{'sync':>6} | {'TRL/x':>6} | {'cpu s':>6} | {'TRL/x':>5} | {'len':>5} | {'reward':>6} | {'rows':>5} |")
     trl_row = {"generate": med(trl, "generate"), "verify": med(trl, "verify"), "ref": med(trl, "ref"),
                "train": med(trl, "train")}
     print(f"| {'trl':<9} | {med(trl, 'total'):>7.3f} | {trl_row['generate']:>7.3f} | {trl_row['verify']:>6.3f} | "
-          f"{trl_row['ref']:>6.3f} | {trl_row['train']:>6.3f} | {'-':>6} | {1.0:>6.2f} | {mean(trl, 'len'):>5.1f} | "
-          f"{mean(trl, 'reward'):>6.3f} | {mean(trl, 'rows'):>5.1f} |")
-    out["trl"] = {"step_s": round(med(trl, "total"), 4), **{k + "_s": round(v, 4) for k, v in trl_row.items()},
+          f"{trl_row['ref']:>6.3f} | {trl_row['train']:>6.3f} | {'-':>6} | {1.0:>6.2f} | {med(trl, 'cpu'):>6.3f} | "
+          f"{1.0:>5.2f} | {mean(trl, 'len'):>5.1f} | {mean(trl, 'reward'):>6.3f} | {mean(trl, 'rows'):>5.1f} |")
+    out["trl"] = {"step_s": round(med(trl, "total"), 4), "step_cpu_s": round(med(trl, "cpu"), 4),
+                  **{k + "_s": round(v, 4) for k, v in trl_row.items()},
                   "len_mean": round(mean(trl, "len"), 2), "reward_mean": round(mean(trl, "reward"), 3),
                   "rows_mean": round(mean(trl, "rows"), 1)}
     for side in ("rlpt", "rlpt_all"):
         r = rec[side]
-        ratio = med(trl, "total") / med(r, "total")
+        ratio, ratio_cpu = med(trl, "total") / med(r, "total"), med(trl, "cpu") / med(r, "cpu")
         print(f"| {side:<9} | {med(r, 'total'):>7.3f} | {med(r, 'rollout'):>7.3f} | {med(r, 'verify'):>6.3f} | "
               f"{med(r, 'ref'):>6.3f} | {med(r, 'train'):>6.3f} | {med(r, 'sync'):>6.3f} | {ratio:>6.2f} | "
-              f"{mean(r, 'len'):>5.1f} | {mean(r, 'reward'):>6.3f} | {mean(r, 'rows'):>5.1f} |")
-        out[side] = {"step_s": round(med(r, "total"), 4), **{k + "_s": round(med(r, k), 4) for k in ROLES},
+              f"{med(r, 'cpu'):>6.3f} | {ratio_cpu:>5.2f} | {mean(r, 'len'):>5.1f} | {mean(r, 'reward'):>6.3f} | "
+              f"{mean(r, 'rows'):>5.1f} |")
+        out[side] = {"step_s": round(med(r, "total"), 4), "step_cpu_s": round(med(r, "cpu"), 4),
+                     "trl_over_rlpt_cpu": round(ratio_cpu, 3), **{k + "_s": round(med(r, k), 4) for k in ROLES},
                      "len_mean": round(mean(r, "len"), 2), "reward_mean": round(mean(r, "reward"), 3),
                      "rows_mean": round(mean(r, "rows"), 1), "trl_over_rlpt": round(ratio, 3),
                      # the ceiling: rlpt's step without its reference forward, and its train time alone
@@ -532,13 +538,16 @@ def report_grpo(beta: float, rec: dict) -> dict:
 
 def report_dpo(batch: int, rec: dict) -> dict:
     trl, r = rec["trl"], rec["rlpt"]
-    ratio = med(trl, "total") / med(r, "total")
+    ratio, ratio_cpu = med(trl, "total") / med(r, "total"), med(trl, "cpu") / med(r, "cpu")
     print(f"\nDPO step, {batch} pairs, reference forward every step on both sides: median ms over {len(trl)} steps")
-    print(f"| side | ms/step | rows | non-pad tokens | TRL/x |\n| trl  | {med(trl, 'total') * 1e3:>7.1f} | "
-          f"{mean(trl, 'rows'):>4.0f} | {mean(trl, 'tokens'):>14.0f} | {1.0:>5.2f} |\n| rlpt | "
-          f"{med(r, 'total') * 1e3:>7.1f} | {mean(r, 'rows'):>4.0f} | {mean(r, 'tokens'):>14.0f} | {ratio:>5.2f} |")
+    print("| side | ms/step | TRL/x | cpu ms | TRL/x | rows | non-pad tokens |")
+    for name, x, q, qc in (("trl", trl, 1.0, 1.0), ("rlpt", r, ratio, ratio_cpu)):
+        print(f"| {name:<4} | {med(x, 'total') * 1e3:>7.1f} | {q:>5.2f} | {med(x, 'cpu') * 1e3:>6.1f} | {qc:>5.2f} | "
+              f"{mean(x, 'rows'):>4.0f} | {mean(x, 'tokens'):>14.0f} |")
     return {"trl_ms": round(med(trl, "total") * 1e3, 2), "rlpt_ms": round(med(r, "total") * 1e3, 2),
-            "trl_over_rlpt": round(ratio, 3), "trl_rows": mean(trl, "rows"), "rlpt_rows": mean(r, "rows"),
+            "trl_cpu_ms": round(med(trl, "cpu") * 1e3, 2), "rlpt_cpu_ms": round(med(r, "cpu") * 1e3, 2),
+            "trl_over_rlpt": round(ratio, 3), "trl_over_rlpt_cpu": round(ratio_cpu, 3),
+            "trl_rows": mean(trl, "rows"), "rlpt_rows": mean(r, "rows"),
             "trl_tokens": round(mean(trl, "tokens"), 1), "rlpt_tokens": round(mean(r, "tokens"), 1)}
 
 
