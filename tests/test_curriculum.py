@@ -215,3 +215,37 @@ def test_rlpt_train_with_the_curriculum_resumes_bit_identically(tmp_path):
 def test_the_recipe_loads():
     job = load_train_job("recipes/curriculum_arith.yaml", [])
     assert job.env.name == "curriculum" and job.env.curriculum.start_operands == 4 and job.task.max_operands == 6
+
+
+def test_the_controller_hands_each_step_groups_to_the_env_and_logs_the_data_metrics():
+    import copy
+
+    from rlpt.framework.algorithm import make_algorithm
+    from rlpt.framework.controller import Controller
+    from rlpt.framework.reference import Reference
+    from rlpt.framework.rollout import Rollout
+    from rlpt.framework.trainer import Trainer
+    from rlpt.framework.weight_sync import WeightSyncer
+    from rlpt.gpt_mini.generate import SamplingParams
+
+    from conftest import TOK, ParityEnv, tiny_gpt
+
+    class Seen(ParityEnv):
+        calls: list = []
+
+        def observe(self, groups):
+            self.calls.append([[t.reward for t in g] for g in groups])
+            return {"env/seen": float(len(groups))}
+
+    policy = tiny_gpt()
+    env = Seen(ArithmeticTask(max_operands=3), seed=0, tokenizer=TOK)
+    rollout = Rollout(copy.deepcopy(policy), TOK, 3, SamplingParams(max_tokens=6, temperature=1.0))
+    trainer = Trainer(policy, torch.optim.AdamW(policy.parameters(), lr=1e-2), None, 1.0, 0, 1, 1, temperature=1.0)
+    ctl = Controller(rollout, env, Reference(policy, temperature=1.0), make_algorithm({"name": "grpo"}, 4, 6),
+                     trainer, WeightSyncer(1), 4, TOK.pad_id)
+    m = ctl.step()
+    assert len(env.calls) == 1 and len(env.calls[0]) == 3 and all(len(g) == 4 for g in env.calls[0])
+    assert m["env/seen"] == 3.0
+    expected = signal_metrics([group(r) for r in env.calls[0]])
+    assert {k: m[k] for k in expected} == expected
+    assert m["data/wasted_realised"] == 4 * m["groups/degenerate_frac"]
