@@ -125,6 +125,15 @@ def test_jobs_validate_cancel_and_refuse(client):
     assert st["state"] == "cancelled" and "html" not in st
 
 
+def test_a_computation_past_the_time_limit_is_stopped(monkeypatch, runs_dir):
+    from rlpt.lab import app
+    monkeypatch.setattr(app, "TIME_LIMIT_S", 0.2)
+    c = TestClient(create_app(runs_dir))
+    assert c.get("/api/20").status_code == 200                             # a calculator: well inside
+    r = c.get("/api/09", params={"trials": 200})                           # ~2 s of estimates
+    assert r.status_code == 503 and r.json()["error"].startswith("refused: this setting took longer than")
+
+
 def test_too_long_a_request_is_refused_before_running(client):
     r = client.get("/api/16", params={"steps": 20000})
     assert r.status_code == 400 and r.json()["error"].startswith("refused: 20000 steps")

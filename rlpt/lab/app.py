@@ -24,6 +24,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
+from functools import partial
 from html import escape
 from pathlib import Path
 
@@ -198,9 +199,17 @@ def create_app(runs_dir: str | Path = "runs") -> FastAPI:
             if mod not in ready:                   # first use: its imports, off the event loop, untimed
                 await anyio.to_thread.run_sync(prepare, mod)
                 ready.add(mod)
+            compute = mod.compute
+            if getattr(mod, "KIND", "calculator") == "simulation":   # it reports progress: stop it at the limit,
+                deadline = time.monotonic() + TIME_LIMIT_S              # rather than leave a thread running on
+
+                def stop_at_deadline(_: float) -> None:
+                    if time.monotonic() > deadline:
+                        raise JobStopped("past the time limit")
+                compute = partial(mod.compute, progress=stop_at_deadline)
             with anyio.fail_after(TIME_LIMIT_S):
-                result = await anyio.to_thread.run_sync(mod.compute, knobs, abandon_on_cancel=True)
-        except TimeoutError:
+                result = await anyio.to_thread.run_sync(compute, knobs, abandon_on_cancel=True)
+        except (TimeoutError, JobStopped):
             return error(503, f"refused: this setting took longer than {TIME_LIMIT_S:.0f} s; choose smaller knobs")
         except KnobError as e:
             return error(400, str(e))
