@@ -145,7 +145,8 @@ def test_l01_bandit_trained_by_rlpt_reinforce(client):
     r = api(client, "01")
     assert r["argmax"] == "C" and r["pi_c"] == pytest.approx(0.98, abs=0.01)   # η 0.4, 200 steps
     assert all(api(client, "01", seed=s)["argmax"] == "C" for s in range(1, 6))
-    assert api(client, "01", eta=2.0, seed=16)["argmax"] != "C"               # breaking: locked onto a wrong arm
+    # breaking: η 2.0 locks some runs onto a wrong arm (course: 10 %; here seeds 16 and 18 of 10..19)
+    assert any(api(client, "01", eta=2.0, seed=s)["argmax"] != "C" for s in range(10, 20))
 
 
 def test_l02_sampling(client):
