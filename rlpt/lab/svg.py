@@ -32,13 +32,13 @@ def _ticks(lo: float, hi: float, n: int = 5) -> list[float]:
     return [start + i * step for i in range(int((hi - start) / step + 1e-9) + 1)]
 
 
-def _frame(x0, x1, y0, y1, xlabel, ylabel, title) -> tuple[list[str], callable, callable]:
+def _frame(x0, x1, y0, y1, xlabel, ylabel, title, xticks: bool = True) -> tuple[list[str], callable, callable]:
     sx = lambda x: L + (x - x0) / ((x1 - x0) or 1) * (W - L - R)            # noqa: E731
     sy = lambda y: H - B - (y - y0) / ((y1 - y0) or 1) * (H - T - B)        # noqa: E731
     out = [f'<svg class="plot" viewBox="0 0 {W} {H}" width="{W}" height="{H}" role="img" '
            f'aria-label="{escape(title)}" xmlns="http://www.w3.org/2000/svg">',
            f'<rect x="{L}" y="{T}" width="{W - L - R}" height="{H - T - B}" fill="#fff" stroke="#999"/>']
-    for t in _ticks(x0, x1):
+    for t in _ticks(x0, x1) if xticks else []:
         out.append(f'<text x="{sx(t):.1f}" y="{H - B + 14}" font-size="10" text-anchor="middle">{fmt(t)}</text>')
     for t in _ticks(y0, y1):
         out.append(f'<line x1="{L}" x2="{W - R}" y1="{sy(t):.1f}" y2="{sy(t):.1f}" stroke="#eee"/>'
@@ -78,8 +78,7 @@ def bar_chart(labels: list[str], groups: dict[str, list[float]], ylabel: str = "
     lo, hi = min(0.0, *vals), max(0.0, *vals)
     if hi - lo < 1e-12:
         hi = lo + 1
-    out, _, sy = _frame(0, 1, lo, hi, "", ylabel, title)
-    out = [o for o in out if 'text-anchor="middle">' not in o or "rotate" in o]   # no numeric x ticks for bars
+    out, _, sy = _frame(0, 1, lo, hi, "", ylabel, title, xticks=False)   # bars are labelled below, not ticked
     n, k = len(labels), len(groups)
     slot = (W - L - R) / max(n, 1)
     bw = slot * 0.8 / max(k, 1)
