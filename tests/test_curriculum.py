@@ -16,7 +16,7 @@ from rlpt.envs.curriculum import CurriculumConfig, CurriculumEnv, arithmetic_poo
 from rlpt.framework.environment import ArithmeticEnv, env_class
 from rlpt.framework.signal_metrics import bucket, signal, signal_metrics, wasted
 from rlpt.framework.trajectory import Trajectory
-from rlpt.gpt_mini.task import ArithmeticTask
+from rlpt.gpt_mini.task import ArithmeticTask, parse_prompt
 from rlpt.train import load_train_job, run_train
 
 from conftest import TINY_RL
@@ -122,7 +122,7 @@ def test_pool_is_distinct_training_prompts_per_count():
 
 
 def test_env_draws_distinct_active_prompts_and_the_ramp_opens_new_ones():
-    e = env(pool=30, threshold=0.5, window=8)
+    e = env(pool=30, threshold=0.5, window=8, probe=0)          # probe 0: the ramp reads the pool's groups
     assert env_class("curriculum") is CurriculumEnv and isinstance(e, ArithmeticEnv)
     step = [e.reset() for _ in range(12)]
     assert len({p.text for p in step}) == 12 and all(len(p.meta["operands"]) == 2 for p in step)
@@ -143,7 +143,10 @@ def test_env_draws_distinct_active_prompts_and_the_ramp_opens_new_ones():
 def test_the_ramp_reads_only_the_probes():
     e = env(pool=30, threshold=0.5, window=8, probe=2)
     step = [e.reset() for _ in range(6)]
-    assert set(e.probes) == {step[0].text, step[1].text}
+    assert e.probes == [step[0].text, step[1].text] and all(len(p.meta["operands"]) == 2 for p in step)
+    assert not any(e.task.is_heldout(parse_prompt(p.text)) for p in step)
+    fresh = env(pool=30, threshold=0.5, window=8, probe=200)   # fresh problems, not the pool's: most 2-operand sums
+    assert len(set(fresh.reset().text for _ in range(200)) - set(fresh.problems)) > 30
     assert e.observe([group([1, 1, 1, 1], p.text) for p in step[2:]])["curriculum/widened"] == 0.0   # not probes
     assert e.ramp.pass_rate() is None and e.probes == []
     step = [e.reset() for _ in range(6)]
@@ -190,7 +193,7 @@ def test_rlpt_train_with_the_curriculum_resumes_bit_identically(tmp_path):
     """A crash after step 5 of 6 with the step-3 checkpoint left: the resumed run equals the uninterrupted one
     (parameters torch.equal, every metrics row), through a widening of the ramp."""
     cur = ["env.name=curriculum", "env.curriculum.start_operands=2", "env.curriculum.threshold=0.1",
-           "env.curriculum.window=8", "env.curriculum.pool=40", "steps=6", "ckpt_every=3"]
+           "env.curriculum.window=8", "env.curriculum.pool=40", "env.curriculum.probe=2", "steps=6", "ckpt_every=3"]
     ctl_a, run_a, _ = run_train(tiny(tmp_path, "run.name=straight", *cur))
     broken = tiny(tmp_path, "run.name=resumed", f"init_from={run_a.dir / 'sft'}", *cur)
     ctl_b, run_b, _ = run_train(broken)

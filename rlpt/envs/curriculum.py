@@ -5,10 +5,12 @@
     draw      each step, a weighted random order of the active prompts, P ∝ max(p̂(1-p̂), floor); the rollout
               takes prompts from its front, so a step's prompts are distinct (rlpt.data.curriculum.Curriculum);
               p̂ of a prompt pools its own groups with its operand count's rate (`stratify`, `prior`)
-    probe     the first `probe` prompts of a step are drawn uniformly from the widest count instead: the ramp
-              reads only their groups. The weighted draws cannot measure a count: among unsolved prompts the
-              sampler favours those that passed (p(1-p) rises with p below 1/2), so their pass rate overstates
-              the count's (measured: the ramp opened 6 operands at a 5-operand greedy accuracy of 0.15)
+    probe     the first `probe` prompts of a step are fresh training problems of the widest count, drawn
+              uniformly from the task (not the pool); the ramp reads only their groups. The weighted draws cannot
+              measure a count: among unsolved prompts the sampler favours those that passed (p(1-p) rises with p
+              below 1/2), so their pass rate overstates the count's (measured: the ramp opened 6 operands at a
+              5-operand greedy accuracy of 0.15); and the pool's prompts are trained on again and again, so their
+              pass rate would read memorisation too. Probes train like the others.
     observe   after the step's advantages, the controller hands the groups back: each prompt's p̂ takes its K
               rewards, the ramp the probes' rewards; the next step draws with the new weights
 
@@ -37,7 +39,7 @@ from pydantic import Field
 from rlpt.config import Section
 from rlpt.data.curriculum import Curriculum, OperandRamp
 from rlpt.framework.environment import ArithmeticEnv, Prompt, register_env
-from rlpt.gpt_mini.task import ArithmeticTask, Problem
+from rlpt.gpt_mini.task import ArithmeticTask, Problem, parse_prompt
 from rlpt.gpt_mini.tokenizer import CharTokenizer
 
 
@@ -56,8 +58,8 @@ class CurriculumConfig(Section):
                                                      "(no ramp)")
     threshold: float = Field(0.8, gt=0, le=1, description="widen when the pass rate at the widest count reaches it")
     window: int = Field(64, ge=1, description="samples at the widest count the pass rate is measured over")
-    probe: int = Field(4, ge=0, description="prompts per step drawn uniformly from the widest count, the only ones "
-                                            "the ramp measures; 0 = every widest-count group (biased upwards)")
+    probe: int = Field(4, ge=0, description="fresh problems of the widest count per step, the only ones the ramp "
+                                            "measures; 0 = the pool's widest-count groups (biased upwards)")
 
 
 def arithmetic_pool(task: ArithmeticTask, per_count: int, seed: int) -> list[Problem]:
@@ -109,21 +111,29 @@ class CurriculumEnv(ArithmeticEnv):
             return super().reset(split)
         if not self.order:
             active = self.active()
-            widest = [x for x in active if len(self.problems[x].operands) == self.ramp.width]
-            probes = self.probe_rng.sample(widest, min(self.cfg.probe, len(widest)))
+            probes = [self._fresh(self.ramp.width).prompt for _ in range(self.cfg.probe)]
             self.probes += probes
             taken = set(probes)
             rest = [x for x in active if x not in taken]
             self.order = probes + self.curriculum.sample(len(rest), among=rest)
-        return self._prompt(self.problems[self.order.pop(0)])
+        x = self.order.pop(0)
+        return self._prompt(self.problems.get(x) or parse_prompt(x))
+
+    def _fresh(self, count: int) -> Problem:
+        """A training problem of `count` operands, uniform over the task's values (a probe)."""
+        t = self.task
+        for _ in range(100_000):
+            p = Problem(tuple(self.probe_rng.randint(t.min_value, t.max_value) for _ in range(count)))
+            if not t.is_heldout(p):
+                return p
+        raise RuntimeError(f"no training problem of {count} operands: check task.heldout_frac={t.heldout_frac}")
 
     def observe(self, groups: list) -> dict:
-        outcomes = [(g[0].info["prompt"], [float(t.reward) for t in g]) for g in groups
-                    if g and g[0].info.get("prompt") in self.problems]
-        self.curriculum.update(outcomes)
+        outcomes = [(g[0].info["prompt"], [float(t.reward) for t in g]) for g in groups if g and "prompt" in g[0].info]
+        self.curriculum.update([(x, r) for x, r in outcomes if x in self.problems])
         probes = set(self.probes)
-        measured = [(x, r) for x, r in outcomes if x in probes] if self.cfg.probe else outcomes
-        widened = self.ramp.update([(len(self.problems[x].operands), r) for x, r in measured])
+        measured = [(x, r) for x, r in outcomes if (x in probes if self.cfg.probe else x in self.problems)]
+        widened = self.ramp.update([(x.count("+") + 1, r) for x, r in measured])
         self.order, self.probes = [], []    # the next step draws with the new weights (and width)
         active = self.active()
         out = {"curriculum/width": float(self.ramp.width), "curriculum/widened": float(widened),
