@@ -10,6 +10,7 @@ end-to-end runs, hence `slow`. The 200-step staleness property runs without Ray,
 from __future__ import annotations
 
 import os
+import shutil
 
 import pytest
 import torch
@@ -84,9 +85,11 @@ def assert_same(a: dict, b: dict, step: int) -> None:
 def test_one_step_off_over_gloo_through_rlpt_train(ray_local, sft_start):
     """`rlpt train … system.topology=one_step_off system.transport=gloo`: from step 2 on every trained group was
     sampled one step before the trainer's version (exactly one sync behind when that step trained; in optimizer
-    steps Δ·M·E + j); every gloo broadcast arrives bit-equal (digest)."""
+    steps Δ·M·E + j); every gloo broadcast arrives bit-equal (digest). `--resume` from the step-2 checkpoint
+    replays steps 3-5 exactly: the checkpoint holds the generation that was in flight."""
     from rlpt.train import run_train
-    job = job_for(sft_start, "system.topology=one_step_off", "system.transport=gloo", "run.name=osoff")
+    over = ["system.topology=one_step_off", "system.transport=gloo", "ckpt_every=2", "keep_checkpoints=5"]
+    job = job_for(sft_start, *over, "run.name=osoff")
     ctl, run, _ = run_train(job)
     rows = [r for r in run.read_metrics() if "system/staleness_max" in r]
     assert len(rows) == 5 and sum(r["step/skipped"] == 0 for r in rows[:-1]) >= 2
@@ -103,6 +106,17 @@ def test_one_step_off_over_gloo_through_rlpt_train(ray_local, sft_start):
     assert ctl.syncs >= 3 and len(ctl.sync_log) == ctl.syncs
     assert all(e["worker_digests"] == [e["digest"]] for e in ctl.sync_log)
     assert len({e["digest"] for e in ctl.sync_log}) == ctl.syncs          # each sync moved new weights
+
+    b_dir = run.dir.parent / "resumed"                   # the same run, cut back to its step-2 checkpoint
+    shutil.copytree(run.dir, b_dir)
+    (b_dir / "checkpoints" / "latest").write_text("step_00000002")
+    for step in (4, 5):
+        shutil.rmtree(b_dir / "checkpoints" / f"step_{step:08d}")
+    ctl_b, run_b, _ = run_train(job_for(sft_start, *over, "run.name=resumed"), resume=True)
+    machine = ("time/", "mem/", "timeline/")
+    strip = [{k: v for k, v in r.items() if not k.startswith(machine)} for r in run_b.read_metrics()]
+    assert strip == [{k: v for k, v in r.items() if not k.startswith(machine)} for r in run.read_metrics()]
+    assert digest(ctl_b.trainer.model) == digest(ctl.trainer.model)
 
 
 def test_disaggregated_equals_in_process_and_resumes(actor_pool, sft_start):
