@@ -69,7 +69,7 @@ def test_every_lesson_page(client, lesson):
 
 def test_unknown_lesson_and_widget_404(client):
     assert client.get("/lesson/99").status_code == 404
-    assert client.get("/api/07").status_code == 404            # lesson 07 has no widget yet
+    assert client.get("/api/17").status_code == 404            # lesson 17 has no widget yet
     assert client.get("/static/../app.py").status_code == 404
 
 
@@ -199,6 +199,16 @@ def test_l05_loss_assembly(client, shift, pg, k3, frac):
 def test_l06_stale_sync(client, every, frac, ema):
     r = api(client, "06", sync_every=every)
     assert r["frac_clipped"] == pytest.approx(frac) and r["reward_ema"] == pytest.approx(ema, abs=0.005)
+
+
+def test_l07_a_real_controller_step(client):
+    r = api(client, "07")                                                  # leaky verifier, K 3, 4 prompts
+    m = r["metrics"]
+    assert m["step/skipped"] == 0 and m["sync/done"] == 1 and "loss/pg" in m
+    assert all(m[f"time/{p}"] >= 0 for p in ("rollout", "verify", "ref", "train", "sync"))
+    assert len(r["rows"]) == 12 and any(row[3] > 0 for row in r["rows"])
+    skipped = api(client, "07", env="arithmetic", seed=1)["metrics"]       # breaking: every group degenerate
+    assert skipped["step/skipped"] == 1 and "loss/pg" not in skipped and "time/train" not in skipped
 
 
 def test_l08_tool_mask(client):

@@ -34,7 +34,7 @@ LESSONS = [
     Lesson("06", "Weight sync: closing the loop", "rlpt/framework/weight_sync.py",
            widget="l06_stale_sync"),
     Lesson("07", "Controller: the orchestrator", "rlpt/framework/controller.py",
-           missing="the phase-by-phase controller widget is not built in the lab yet"),
+           widget="l07_controller"),
     Lesson("08", "Agentic RL: multi-turn and tool masking", "rlpt/framework/agent_loop.py, rlpt/envs/calculator.py",
            widget="l08_tool_mask"),
     Lesson("09", "REINFORCE", "rlpt/algorithms/reinforce.py",
