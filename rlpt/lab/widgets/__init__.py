@@ -11,6 +11,7 @@ A widget module defines:
                           `progress`, a callable it gives the fraction done (the lab's background jobs show it)
     render(result) -> str    an HTML fragment with its SVG plot
     limit(knobs) -> str | None   optional: why this setting would take too long (refused before running)
+    IMPORTS               optional: more modules to import before the first computation (heavy ones)
 
 Modules are imported on first use (`load`), so the index page never imports torch.
 """
@@ -40,7 +41,7 @@ def load(name: str) -> ModuleType:
 def prepare(mod: ModuleType) -> None:
     """Import the rlpt modules a widget runs (torch among them, for some) before its first computation, so the
     time limit measures the computation and not a one-off import."""
-    for ref in mod.SOURCE:
+    for ref in [*mod.SOURCE, *getattr(mod, "IMPORTS", ())]:
         importlib.import_module(ref.partition(":")[0])
     if "torch" in sys.modules:   # the widgets' tensors are tiny: extra threads only contend (10x slower here)
         sys.modules["torch"].set_num_threads(1)

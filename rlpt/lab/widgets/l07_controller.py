@@ -16,6 +16,7 @@ from rlpt.lab.widgets import no_progress
 KIND = "simulation"      # a loop of training steps, not a formula: not held to the calculators' 300 ms
 TITLE = "One controller iteration, phase by phase"
 SOURCE = ["rlpt.framework.controller:Controller.step"]
+IMPORTS = ["rlpt.envs", "rlpt.algorithms", "rlpt.framework.rollout", "rlpt.framework.trainer"]
 NOTES = [("course", "The seven steps: 1 rollout.generate(env, K) (sample + verify), 2 reference.score, 3 "
                     "algorithm.compute_advantages, 4 collate, 5 trainer.train_step(batch, algorithm.compute_loss), "
                     "6 weight sync, 7 metrics. The controller never touches tensors itself."),
