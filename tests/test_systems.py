@@ -175,3 +175,12 @@ def test_system_config_key(tiny_train_job):
         tiny_train_job("system.topology=pipelined")
     with pytest.raises(ConfigError, match="system.max_staleness"):
         tiny_train_job("system.max_staleness=-1")
+
+
+def test_missing_ray_names_the_extra(monkeypatch):
+    import sys
+
+    from rlpt.systems.workers import require_ray
+    monkeypatch.setitem(sys.modules, "ray", None)   # `import ray` then raises ImportError
+    with pytest.raises(ImportError, match=r"pip install 'rlpt\[ray\]'"):
+        require_ray()

@@ -15,7 +15,7 @@ import shutil
 import pytest
 import torch
 
-from rlpt.systems.transport import digest
+from rlpt.systems.transport import Payload, digest
 
 ray = pytest.importorskip("ray")
 
@@ -169,5 +169,9 @@ def test_async_stays_within_eta_under_random_delays(actor_pool, sft_start):
         assert all(r["system/staleness_max"] <= 1 for r in rows)
         assert rows[0]["system/staleness_max"] == 0 and rows[1]["system/staleness_max"] == 1
         assert all(e["worker_digests"] == [e["digest"]] * 2 for e in sys_.sync_log)
+        # a sync whose bytes do not hash to the digest sent with them stops, naming the version
+        bad = Payload(99, "0" * 64, ray.put(ray.get(sys_.trainer_actor.weights.remote())))
+        with pytest.raises(ray.exceptions.RayTaskError, match="version 99 failed its check"):
+            ray.get(sys_.workers[0].apply.remote(bad))
     finally:
         sys_.close()

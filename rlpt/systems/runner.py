@@ -111,6 +111,9 @@ class RaySystem:
                     [self.trainer_actor.rebuild.remote(*args, sc.transport, sc.verify, threads, group)])
         info = ray.get(self.trainer_actor.info.remote())
         if sc.topology == "async" and info["group_filter"]:
+            if self.owns_actors:
+                for a in [*self.workers, self.trainer_actor]:
+                    ray.kill(a)
             raise ValueError(f"system.topology=async cannot run {job.algorithm.name}'s dynamic sampling (a group "
                              "filter re-draws groups, and the gate counts what it admitted): use disaggregated or "
                              "one_step_off")
