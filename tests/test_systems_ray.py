@@ -175,3 +175,28 @@ def test_async_stays_within_eta_under_random_delays(actor_pool, sft_start):
             ray.get(sys_.workers[0].apply.remote(bad))
     finally:
         sys_.close()
+
+
+def test_disaggregated_restarts_a_killed_rollout_worker(actor_pool, sft_start):
+    """A rollout worker's process dies mid-step (os._exit inside generate): it is restarted from the state copied
+    before the step, redraws the same groups, and the run's metrics equal a run without the fault. Last in the
+    file: it leaves the pool's worker 1 dead."""
+    from rlpt.systems.runner import RaySystem
+    from rlpt.train import build
+    job = job_for(sft_start, "system.topology=disaggregated", "system.rollout_workers=2", "system.max_restarts=1",
+                  "rollout.prompts_per_step=4", "steps=3")
+    init = sft_start[1]
+    straight = RaySystem(job, build, init, actors=actor_pool)
+    rows = [straight.step() for _ in range(3)]
+    straight.close()
+    faulty = RaySystem(job, build, init, actors=actor_pool)
+    try:
+        ray.get(faulty.workers[1].crash_on_generate.remote(2))   # dies in step 2
+        got = [faulty.step() for _ in range(3)]
+        assert [r["system/restarts"] for r in got] == [0.0, 1.0, 1.0]
+        assert faulty.workers[1] is not actor_pool[0][1]
+        for i, (a, b) in enumerate(zip(rows, got)):
+            assert_same(a, b, i)
+        assert digest(faulty.trainer.model) == digest(straight.trainer.model)
+    finally:
+        faulty.close()

@@ -31,5 +31,8 @@ class SystemConfig(Section):
                                     "gloo broadcast from the trainer")
     verify: bool = Field(True, description="check every sync by a sha256 digest of the weights (a mismatch stops "
                                            "the run)")
+    max_restarts: int = Field(0, ge=0, description="disaggregated: rollout workers that may die and be restarted "
+                                                   "from their state before the step (a full state copy per step); "
+                                                   "0 = a dead worker ends the run")
     address: str | None = Field(None, description="Ray cluster to attach to (e.g. 'auto', 'ray://head:10001'); "
                                                   "None: RAY_ADDRESS, or a local Ray started for the run")

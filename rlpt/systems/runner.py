@@ -11,6 +11,7 @@ from the trainer; `time/sync`: publish to the last worker's check; `time/step`: 
     system/staleness_mean|max   trainer version − weights version of the trained groups, in syncs
                                 (the optimizer-step count of rlpt.framework's `staleness/*` is finer)
     system/syncs                syncs so far; every one verified by digest when system.verify
+    system/restarts             rollout workers restarted so far (disaggregated with system.max_restarts)
     timeline/<role>_t0|t1       start and end of each role in the step, seconds from the step's start
                                 (rollout0.., train, sync): the Gantt chart of one step
 
@@ -99,6 +100,7 @@ class RaySystem:
         Rollout, Trainer = actor_classes()
         args, group = (build, job, init), f"rlpt_sync_{uuid.uuid4().hex[:12]}"   # one collective group per system
         self.owns_actors = actors is None
+        self._make = (args, sc.transport, sc.verify, threads, group)   # to restart a rollout worker
         if actors is None:
             self.workers = [Rollout.remote(*args, r, sc.transport, sc.verify, threads, group) for r in range(N)]
             self.trainer_actor = Trainer.remote(*args, sc.transport, sc.verify, threads, group)
@@ -128,6 +130,8 @@ class RaySystem:
         self.trainer = _TrainerView(self, local.trainer.model)
         self.version = info["version"]      # the trainer's, as of the last step
         self.syncs = 0
+        self.restarts = 0                   # rollout workers restarted (disaggregated, system.max_restarts)
+        self._spawned: list = []            # actors made to replace dead ones (stopped by close)
         self.sync_log: list[dict] = []      # every sync: version, trainer digest, each worker's verified digest
         self._pending = None                # one_step_off: the generation in flight (refs, or results on resume)
         self._async = None
@@ -137,7 +141,7 @@ class RaySystem:
         t_step = time.time()
         top = self.cfg.topology
         if top == "disaggregated":
-            outs = self.ray.get(self._launch())
+            outs = self._generate_restarting() if self.cfg.max_restarts else self.ray.get(self._launch())
         elif top == "one_step_off":
             if self._pending is None:
                 self._pending = self._launch()
@@ -148,6 +152,32 @@ class RaySystem:
         groups, stats = self._gather(outs)
         res = self.ray.get(self.trainer_actor.step.remote(groups, stats))
         return self._finish(t_step, res, outs, groups, [o["version"] for o in outs for _ in o["groups"]])
+
+    def _generate_restarting(self) -> list[dict]:
+        """Disaggregated with restarts: each worker's state is copied before it generates; a worker that dies
+        mid-step is replaced by a new actor loaded with that copy, which redraws exactly the groups it would have."""
+        ray = self.ray
+        states = ray.get([w.state_dict.remote() for w in self.workers])
+        refs, outs = self._launch(), []
+        for r, ref in enumerate(refs):
+            try:
+                outs.append(ray.get(ref))
+            except ray.exceptions.RayActorError as e:
+                if self.restarts >= self.cfg.max_restarts:
+                    raise RuntimeError(f"rollout worker {r} died and system.max_restarts={self.cfg.max_restarts} "
+                                       f"restarts are used up: {e}") from e
+                if self.cfg.transport == "gloo":
+                    raise RuntimeError(f"rollout worker {r} died; a gloo group cannot take a new member: restart "
+                                       "needs system.transport=object_store") from e
+                args, transport, verify, threads, group = self._make
+                Rollout, _ = actor_classes()
+                w = Rollout.remote(*args, r, transport, verify, threads, group)
+                ray.get(w.load_state_dict.remote(states[r]))
+                self.workers[r] = w
+                self._spawned.append(w)
+                self.restarts += 1
+                outs.append(ray.get(w.generate.remote(self.B // self.N)))
+        return outs
 
     def _launch(self) -> list:
         n = self.B // self.N
@@ -178,6 +208,7 @@ class RaySystem:
         m["system/staleness_mean"] = sum(stale) / len(stale)
         m["system/staleness_max"] = float(max(stale))
         m["system/syncs"] = float(self.syncs)
+        m["system/restarts"] = float(self.restarts)
         by_rank: dict[int, list[dict]] = {}
         for o in outs:
             by_rank.setdefault(o["rank"], []).append(o)
@@ -327,6 +358,5 @@ class RaySystem:
             self.ray.get(list(self._async["inflight"]))
         self.check_syncs()
         self.trainer.model   # noqa: B018 - pull the last weights before the trainer actor goes
-        if self.owns_actors:
-            for a in [*self.workers, self.trainer_actor]:
-                self.ray.kill(a)
+        for a in [*self.workers, self.trainer_actor] if self.owns_actors else self._spawned:
+            self.ray.kill(a)

@@ -17,6 +17,7 @@ actor: run.threads, or 1 (on a small machine the actors contend for the same cor
 """
 from __future__ import annotations
 
+import os
 import random
 import time
 from collections.abc import Callable
@@ -54,6 +55,7 @@ class RolloutWorker:
         self.transport = make_transport(transport, verify, group)
         self.syncs = 0                 # weight syncs received (the rollout stamps its version, the trainer's)
         self.slow: tuple[float, float, random.Random] | None = None
+        self.crash_in = 0              # fault injection: see crash_on_generate
 
     def rebuild(self, *args) -> None:
         """Build the roles again from a (new) job, in this same process: reuse an actor across runs."""
@@ -64,8 +66,15 @@ class RolloutWorker:
         sleeps seconds + U(0, jitter), counted in time/verify."""
         self.slow = (seconds, jitter, random.Random(seed + self.rank))
 
+    def crash_on_generate(self, calls: int) -> None:
+        """Fault injection (tests): the `calls`-th generate from now kills this actor's process mid-step."""
+        self.crash_in = calls
+
     def generate(self, n_groups: int) -> dict:
         t0 = time.time()
+        self.crash_in -= 1
+        if self.crash_in == 0:
+            os._exit(1)
         self.rollout.prompts_per_step = n_groups
         groups = self.rollout.generate(self.env, self.k)
         stats = dict(self.rollout.stats)
