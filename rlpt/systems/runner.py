@@ -90,6 +90,9 @@ class RaySystem:
         if sc.topology != "disaggregated" and job.sync.every != 1:
             raise ValueError(f"system.topology={sc.topology} syncs after every train step (its staleness bound "
                              f"counts syncs): set sync.every=1 (got {job.sync.every})")
+        if sc.max_restarts and sc.topology != "disaggregated":
+            raise ValueError(f"system.max_restarts restarts rollout workers in disaggregated runs only (got "
+                             f"system.topology={sc.topology}): set system.max_restarts=0 or topology=disaggregated")
         if not ray.is_initialized():
             if sc.address:
                 ray.init(address=sc.address, log_to_driver=False)
