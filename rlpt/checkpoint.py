@@ -28,16 +28,14 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_model
 
+from rlpt.errors import CheckpointError  # defined without torch, for the CLI
+
 FORMAT = "rlpt-checkpoint-v1"
 MANIFEST = "manifest.json"
 FILES = ("model.safetensors", "state.pt")   # what a checkpoint holds; the manifest holds their sha256
 STEP_DIR = re.compile(r"step_(\d+)")
 HIDDEN_DIR = re.compile(r"\.(tmp|old)-(step_\d+)(-\d+)?")   # a save in progress (-PID: rlpt before manifests)
 STOP_SIGNALS = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
-
-
-class CheckpointError(RuntimeError):
-    pass
 
 
 # -- saving: atomic, checksummed, never non-finite -------------------------------------------------------

@@ -343,9 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:   # `rlpt` alone: what the commands are, and an error status (nothing was run)
         parser.print_help()
         return 2
-    from rlpt.checkpoint import CheckpointError
-    from rlpt.framework.controller import LogpMismatchError
-    from rlpt.run import StopRequested
+    from rlpt.errors import CheckpointError, LogpMismatchError, StopRequested  # without torch: `rlpt lab`
     err = f"rlpt {args.command}: error:"
     try:
         return args.fn(args)

@@ -45,6 +45,7 @@ from rlpt.checkpoint import (
     write_atomic,
 )
 from rlpt.config import ConfigError, dump_config
+from rlpt.errors import StopRequested  # defined without torch, for the CLI
 from rlpt.lock import LOCK, FolderLock, RunFolderError, claim_folder  # noqa: F401 - re-exported
 
 ALWAYS_ALLOWED = ("run.name", "run.out_dir", "run.progress")   # where the folder is and how it shows progress
@@ -258,11 +259,6 @@ def read_metrics(path: Path) -> list[dict]:
 
 
 # -- signals ---------------------------------------------------------------------------------------------
-class StopRequested(KeyboardInterrupt):
-    """Raised at a step boundary after Ctrl-C or SIGTERM, once the checkpoint of that boundary is saved; or at
-    once after a second one. The CLI prints its message on one line and exits 130."""
-
-
 class GracefulInterrupt:
     """First Ctrl-C or SIGTERM (what cluster schedulers send): finish the current step, save, stop.
     A second: stop at once (StopRequested, one line, no traceback).

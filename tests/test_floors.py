@@ -11,7 +11,7 @@ ROOT = Path(__file__).parents[1]
 # where -> floor; a folder entry covers every module under it (examples/, bench/, tests/ are outside rlpt)
 FLOORS = {
     "rlpt/__init__.py": 0, "rlpt/config.py": 0, "rlpt/validate.py": 0, "rlpt/checkpoint.py": 0, "rlpt/run.py": 0,
-    "rlpt/lock.py": 0, "rlpt/loop.py": 0, "rlpt/optim.py": 0, "rlpt/report.py": 0, "rlpt/perf/": 0,
+    "rlpt/lock.py": 0, "rlpt/errors.py": 0, "rlpt/loop.py": 0, "rlpt/optim.py": 0, "rlpt/report.py": 0, "rlpt/perf/": 0,
     "rlpt/gpt_mini/": 1, "rlpt/models/": 1,
     "rlpt/engine/": 2,
     "rlpt/framework/": 3,

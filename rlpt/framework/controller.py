@@ -26,16 +26,13 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+from rlpt.errors import LogpMismatchError  # defined without torch, for the CLI
 from rlpt.framework.algorithm import Algorithm
 from rlpt.framework.environment import Environment
 from rlpt.framework.roles import ReferenceRole, RolloutRole, SyncerRole, TrainerRole
 from rlpt.framework.signal_metrics import signal_metrics
 from rlpt.framework.trajectory import collate, flatten, rollout_metrics
 from rlpt.perf.probe import PeakMemory
-
-
-class LogpMismatchError(RuntimeError):
-    pass
 
 
 def length_quantiles(lengths: list[int]) -> dict:
