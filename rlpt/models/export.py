@@ -21,12 +21,10 @@ import hashlib
 import json
 from pathlib import Path
 
-import torch
-
-from rlpt.checkpoint import CheckpointError, read_checkpoint_meta, resolve_checkpoint
-from rlpt.config import ConfigError
-from rlpt.gpt_mini.model import GPT, load_model
 from rlpt.gpt_mini.tokenizer import ALPHABET, PAD, CharTokenizer
+
+# torch, transformers and the checkpoint code are imported inside the functions: `rlpt --help` and
+# `rlpt lab` build the parser (add_commands) without loading torch
 
 PAD_TOKEN = "<pad>"       # NUL is no good as a token string in JSON tools; the id stays 0
 PROBE = "<12+7+9>28#"     # a sentence of the arithmetic language, for the read-back check
@@ -58,6 +56,7 @@ def _sha256(path: Path) -> str:
 
 
 def _check_out_dir(out_dir: Path, force: bool) -> None:
+    from rlpt.config import ConfigError
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"export target {str(out_dir)!r} is a file; name a directory")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
@@ -67,8 +66,11 @@ def _check_out_dir(out_dir: Path, force: bool) -> None:
 
 def export_checkpoint(src: str | Path, out_dir: str | Path, force: bool = False) -> dict:
     """Write the gpt_mini of `src` (run or checkpoint folder) as a HF Llama directory; -> a summary dict."""
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from rlpt.checkpoint import CheckpointError, read_checkpoint_meta, resolve_checkpoint
+    from rlpt.gpt_mini.model import load_model
     from rlpt.models.hf import gpt_mini_to_hf
     out_dir = Path(out_dir)
     _check_out_dir(out_dir, force)
@@ -79,7 +81,7 @@ def export_checkpoint(src: str | Path, out_dir: str | Path, force: bool = False)
         raise CheckpointError(f"checkpoint {str(ckpt)!r} has vocab_size={vocab} but gpt_mini's character "
                               f"tokenizer has {tok.vocab_size} tokens: only models trained on "
                               "rlpt.gpt_mini.tokenizer.ALPHABET can be exported with their tokenizer")
-    gpt: GPT = load_model(ckpt).float().eval()
+    gpt = load_model(ckpt).float().eval()
     hf = gpt_mini_to_hf(gpt, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id, bos_token_id=None)
     hf.generation_config.eos_token_id, hf.generation_config.pad_token_id = tok.eos_id, tok.pad_id
     hf.generation_config.bos_token_id = None
