@@ -84,6 +84,8 @@ def parse_args():
     p.add_argument("--steps", type=int, default=12, help="timed steps per side")
     p.add_argument("--curve", type=float, default=0.0, help="seconds of training per side for the held-out "
                                                             "accuracy curve (0: skip)")
+    p.add_argument("--curve-seeds", default="0", help="seeds of the curve runs (the SFT start is shared)")
+    p.add_argument("--target", type=float, default=0.6, help="held-out accuracy whose first crossing is timed")
     p.add_argument("--plot", default="docs/img/perf_heldout_vs_wallclock.png")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args()
@@ -461,18 +463,25 @@ def bench_curve(args, ckpt: Path, hf_dir: Path, tmp: Path) -> dict:
             "steps_per_s": {k: round(steps[k] / clock[k], 4) for k in steps}}
 
 
-def plot_curve(curve: dict, path: str) -> None:
+def time_to(points: list, target: float) -> float | None:
+    """The first clock reading (s) at which held-out accuracy reached `target`; None if it never did."""
+    return next((t for t, _, acc in points if acc >= target), None)
+
+
+def plot_curve(curves: list[dict], path: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6, 3.6))
     for side, colour in (("rlpt", "tab:blue"), ("trl", "tab:orange")):
-        pts = curve["points"][side]
-        ax.plot([p[0] for p in pts], [p[2] for p in pts], "o-", color=colour,
-                label=f"{side} ({curve['steps_per_s'][side]:.3f} steps/s)")
+        rate = statistics.median(c["steps_per_s"][side] for c in curves)
+        for i, c in enumerate(curves):
+            pts = c["points"][side]
+            ax.plot([p[0] for p in pts], [p[2] for p in pts], "o-", color=colour, alpha=0.8, markersize=3,
+                    label=f"{side} ({rate:.3f} steps/s)" if i == 0 else None)
     ax.set_xlabel("training wall-clock, s (1 thread, evaluation excluded)")
-    ax.set_ylabel(f"held-out greedy accuracy ({curve['heldout']})")
-    ax.set_title("GRPO from one SFT start: rlpt vs TRL 1.16 (1 seed)")
+    ax.set_ylabel(f"held-out greedy accuracy ({curves[0]['heldout']})")
+    ax.set_title(f"GRPO from one SFT start: rlpt vs TRL 1.16 ({len(curves)} seed(s))")
     ax.grid(alpha=0.3)
     ax.legend()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -569,9 +578,14 @@ def main():
         for batch in (int(b) for b in args.dpo_batches.split(",")):
             result["dpo"][str(batch)] = report_dpo(batch, bench_dpo(args, ckpt, hf_dir, batch, tmp))
     if args.curve > 0:
-        result["curve"] = bench_curve(args, ckpt, hf_dir, tmp)
-        print(f"\nheld-out accuracy against wall-clock: {json.dumps(result['curve'])}")
-        plot_curve(result["curve"], args.plot)
+        curves = []
+        for seed in (int(x) for x in args.curve_seeds.split(",")):
+            c = bench_curve(argparse.Namespace(**{**vars(args), "seed": seed}), ckpt, hf_dir, tmp)
+            c |= {"seed": seed, "time_to_target": {k: time_to(c["points"][k], args.target) for k in c["points"]}}
+            print(f"\nheld-out accuracy against wall-clock, seed {seed}: {json.dumps(c)}")
+            curves.append(c)
+        result["curve"] = {"target": args.target, "runs": curves}
+        plot_curve(curves, args.plot)
     print(json.dumps(result))
 
 
