@@ -31,9 +31,17 @@ equal (zero advantage, zero gradient); TRL trains every row. The side `rlpt_all`
 undone (degenerate flags cleared after the advantages, so those rows train with A = 0, as in TRL): the
 equal-rows comparison.
 
-    python bench/vs_trl.py                       # SFT start (~60 s) + GRPO β 0 / 0.04 + DPO 8 / 64; JSON line last
-    python bench/vs_trl.py --init runs/x/sft/step_180 --steps 20 --only grpo
-    python bench/vs_trl.py --curve 240           # also held-out accuracy against wall-clock, 240 s each side
+The ceilings (GRPO): on a batch `rlpt_all` trained, fwd + bwd of the log-probs in fp32, under bf16 autocast,
+and on a dense batch of the same non-pad tokens (the FLOPs sequence packing would spend), alternating, CPU
+time; then TRL's step over rlpt_all's with its train time divided by those factors, and with a free rollout:
+what each lever could buy at most on this CPU (docs/performance.md).
+
+The curve (`--curve S`): held-out greedy accuracy against each side's own training clock from the same SFT
+start at the recipe's rollout / loss settings, interleaved, the same evaluator; `--curve-seeds`, `--target`.
+
+    python bench/vs_trl.py                       # SFT start (~50 s CPU) + GRPO β 0 / 0.04 + DPO 8 / 64; JSON last
+    python bench/vs_trl.py --init runs/x/sft/checkpoints/step_00000180 --steps 20 --only grpo
+    python bench/vs_trl.py --only none --curve 180 --curve-seeds 0,1,2    # accuracy against wall-clock only
 
 Needs `pip install rlpt[peers]` (trl==1.16.0) and `rlpt[hf]`.
 """
