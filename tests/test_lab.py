@@ -501,3 +501,16 @@ def test_server_binds_loopback_only():
     finally:
         server.should_exit = True
         t.join(10)
+
+
+def test_rlpt_lab_starts_without_torch():
+    """`rlpt lab` answers within 3 s of start: nothing on its path to serving (the CLI's parser with every command
+    registered, main's error classes, the app with every lesson page) imports torch; a widget imports it when run."""
+    import subprocess
+    import sys
+    code = ("import sys, rlpt.cli, rlpt.errors\nrlpt.cli.build_parser()\nfrom rlpt.lab.app import create_app\n"
+            "from fastapi.testclient import TestClient\nc = TestClient(create_app())\n"
+            "assert c.get('/').status_code == 200\nprint('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "False"
