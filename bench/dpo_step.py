@@ -6,10 +6,12 @@ The rlpt side is the step `rlpt.preference.dpo.run_dpo` runs: `collate_pairs` (t
 -> `preference_loss` (one policy forward over [chosen; rejected], the reference's log-probs looked up
 in the table `precompute_reference` made once, the DPO loss and its metrics) -> backward ->
 `clip_grad_norm_` -> AdamW -> schedule. Two more sides show what the reference costs: DPO with a
-reference forward every step (the textbook loop), and SimPO (no reference at all). The bare side runs
-the same `GPT` on the very tensors `collate_pairs` built with a masked-sum NLL written inline and a
-plain AdamW. Rounds alternate their order so drift on a shared machine hits every side alike; medians
-are kept.
+reference forward every step (the textbook loop), and SimPO (no reference at all). The packed sides
+(`dpo.packing=true`) run the same steps with [chosen; rejected] as one packed forward (rows end to end,
+a block-diagonal causal mask: no FLOP on padding), for the policy and the reference alike; their loss is
+checked against the padded one before timing. The bare side runs the same `GPT` on the very tensors
+`collate_pairs` built with a masked-sum NLL written inline and a plain AdamW. Rounds alternate their
+order so drift on a shared machine hits every side alike; medians are kept.
 
     python bench/dpo_step.py                        # gpt_mini 4 x 128, 32 pairs of CoT responses, 1 thread
     python bench/dpo_step.py --pairs 64 --threads 2 --rounds 9
@@ -63,7 +65,8 @@ class PrefStep:
     def __init__(self, model, cfg: DPOConfig, tok, total: int, pairs=None):
         self.model, self.cfg, self.tok = model, cfg, tok
         self.ref = make_reference(model, cfg.method)
-        self.table = precompute_reference(self.ref, pairs, tok) if pairs is not None and self.ref is not None else None
+        self.table = precompute_reference(self.ref, pairs, tok, packing=cfg.packing) \
+            if pairs is not None and self.ref is not None else None
         self.opt, self.sched = make_optimizer(model, cfg.optim, total)
 
     def __call__(self, pairs) -> None:
@@ -101,16 +104,23 @@ def main():
     batch = collate_pairs(pairs, tok)
     torch.manual_seed(args.seed)
     base = make_model(model_cfg, tok)
-    models = {name: make_model(model_cfg, tok) for name in ("dpo", "dpo_pre", "simpo", "bare")}
+    names = ("dpo", "dpo_packed", "dpo_pre", "dpo_pre_packed", "simpo", "bare")
+    models = {name: make_model(model_cfg, tok) for name in names}
     for m in models.values():
         m.load_state_dict(base.state_dict())
+    # the packed loss against the padded one, before any step (fresh weights, reference forward)
+    losses = [preference_loss(DPOConfig(method="dpo", packing=pk), base, make_reference(base, "dpo"), batch,
+                              tok.pad_id)[0].item() for pk in (False, True)]
+    loss_diff = abs(losses[0] - losses[1])
     total = args.warmup + args.rounds * args.steps
     sides = {"dpo": PrefStep(models["dpo"], DPOConfig(method="dpo"), tok, total),
+             "dpo_packed": PrefStep(models["dpo_packed"], DPOConfig(method="dpo", packing=True), tok, total),
              "dpo_pre": PrefStep(models["dpo_pre"], DPOConfig(method="dpo"), tok, total, pairs),
+             "dpo_pre_packed": PrefStep(models["dpo_pre_packed"], DPOConfig(method="dpo", packing=True), tok, total,
+                                        pairs),
              "simpo": PrefStep(models["simpo"], DPOConfig(method="simpo"), tok, total)}
     bare = BareStep(models["bare"], DPOConfig().optim.lr)
-    run = {"dpo": lambda: sides["dpo"](pairs), "dpo_pre": lambda: sides["dpo_pre"](pairs),
-           "simpo": lambda: sides["simpo"](pairs), "bare": lambda: bare(batch.ids, batch.mask)}
+    run = {k: (lambda k=k: sides[k](pairs)) for k in sides} | {"bare": lambda: bare(batch.ids, batch.mask)}
     for fn in run.values():
         for _ in range(args.warmup):
             fn()
@@ -132,16 +142,24 @@ def main():
     print(f"| {'step':<50} | {'ms/step':>8} | {'min':>8} | {'max':>8} | {'x bare':>7} |")
     print(f"|{'-' * 52}|{'-' * 9}:|{'-' * 9}:|{'-' * 9}:|{'-' * 8}:|")
     labels = {"dpo": "rlpt DPO, reference forward every step",
-              "dpo_pre": "rlpt DPO, reference precomputed (run_dpo)", "simpo": "rlpt SimPO (no reference)",
-              "bare": "bare fwd + bwd + AdamW, same tokens"}
-    for k in ("dpo", "dpo_pre", "simpo", "bare"):
+              "dpo_packed": "  the same, packed (policy and reference)",
+              "dpo_pre": "rlpt DPO, reference precomputed (run_dpo)", "dpo_pre_packed": "  the same, packed",
+              "simpo": "rlpt SimPO (no reference)", "bare": "bare fwd + bwd + AdamW, same tokens"}
+    for k in names:
         print(f"| {labels[k]:<50} | {med[k]:>8.1f} | {min(times[k]):>8.1f} | {max(times[k]):>8.1f} | "
               f"{med[k] / med['bare']:>7.2f} |")
+    print(f"packed / padded speed-up: {med['dpo'] / med['dpo_packed']:.2f}x with a reference forward every step, "
+          f"{med['dpo_pre'] / med['dpo_pre_packed']:.2f}x with the table; packed loss - padded loss: {loss_diff:.1e}")
     print(json.dumps({"bench": "dpo_step", "dpo_ms": round(med["dpo_pre"], 2),
                       "dpo_ref_per_step_ms": round(med["dpo"], 2), "simpo_ms": round(med["simpo"], 2),
                       "bare_ms": round(med["bare"], 2), "dpo_over_bare": round(med["dpo_pre"] / med["bare"], 3),
                       "dpo_ref_per_step_over_bare": round(med["dpo"] / med["bare"], 3),
-                      "simpo_over_bare": round(med["simpo"] / med["bare"], 3), "pairs": args.pairs,
+                      "simpo_over_bare": round(med["simpo"] / med["bare"], 3),
+                      "dpo_packed_ms": round(med["dpo_pre_packed"], 2),
+                      "dpo_ref_per_step_packed_ms": round(med["dpo_packed"], 2),
+                      "packed_speedup": round(med["dpo_pre"] / med["dpo_pre_packed"], 3),
+                      "packed_speedup_ref_per_step": round(med["dpo"] / med["dpo_packed"], 3),
+                      "packed_loss_abs_diff": loss_diff, "pairs": args.pairs,
                       "rows": 2 * args.pairs, "seq_len": T, "tokens": tokens, "params": n_params,
                       "model": model_cfg.model_dump(), "threads": args.threads, "rounds": args.rounds,
                       "steps": args.steps}))

@@ -94,7 +94,9 @@ class TrainerConfig(Section):
     micro_batch_size: int = Field(0, ge=0, description="rows per forward/backward chunk; 0 = whole mini-batch")
     mini_batches: int = Field(2, ge=1, description="optimizer steps per epoch over the rollout batch")
     epochs: int = Field(1, ge=1, description="passes over each rollout batch")
-    packing: bool = Field(False, description="pack each micro-batch's rows end to end (no FLOP on padding; "
+    # on by default: 1.2-1.3x the padded train step on the recipe's rollouts (bench/packing.py), gradients equal
+    # to fp32 rounding (tests/test_packing.py), the log-prob check and resume unchanged
+    packing: bool = Field(True, description="pack each micro-batch's rows end to end (no FLOP on padding; "
                           "gpt_mini without a critic; else length-bucketed micro-batches); the reference too")
     precision: Literal["fp32", "bf16"] = Field(
         "fp32", description="bf16: CPU autocast on the trainer's and the reference's forward (fp32 master weights "
@@ -112,10 +114,11 @@ class CheckConfig(Section):
     side, dropout, an off-by-one) moves the mean by orders of magnitude more."""
     logp_tol: float = Field(1e-5, gt=0, description="limit on the mean |trainer logp − old_logp|")
     logp_tol_max: float = Field(1e-3, gt=0, description="limit on the worst token")
-    # bf16 autocast on the trainer against the fp32 sampler: the log-probs differ by ~1e-3 per token on average
-    # (gpt_mini here; 3.1e-3 on a 26M Llama, research wave2 §4.4) and ~1e-2 at worst, so 10x those
+    # bf16 autocast on the trainer against the fp32 sampler: the log-probs differ by 1.5e-3 per token on average
+    # (gpt_mini, bench/packing.py; 3.1e-3 on a 26M Llama, research wave2 §4.4) and up to 8e-2 on a rare
+    # low-probability token of a 4k-token batch; a real bug moves the mean by far more than 1e-2
     logp_tol_bf16: float = Field(1e-2, gt=0, description="limit on the mean |Δ| when trainer.precision=bf16")
-    logp_tol_max_bf16: float = Field(1e-1, gt=0, description="limit on the worst token when trainer.precision=bf16")
+    logp_tol_max_bf16: float = Field(0.5, gt=0, description="limit on the worst token when trainer.precision=bf16")
     enabled: bool = True
 
 

@@ -69,6 +69,32 @@ def test_pack_rows_first_fit_decreasing_layout():
     assert p.src[:5].tolist() == [10, 11, 12, 13, 14] and p.dst[:5].tolist() == [0, 1, 2, 3, 4]
 
 
+def test_shared_prompt_layout_and_logits_equal_each_row_alone():
+    torch.manual_seed(0)
+    model = tiny_gpt().eval()
+    prompt = [5, 6, 7]
+    tails = [[8, 9], [10, 11, 12, 13], [14], [15, 16, 17]]
+    ids = torch.zeros(5, 8, dtype=torch.long)
+    for b, t in enumerate(tails):
+        ids[b, :3 + len(t)] = torch.tensor(prompt + t)
+    ids[4, :5] = torch.tensor([9, 9, 8, 1, 2])                # another prompt: a unit of its own
+    lengths = torch.tensor([5, 7, 4, 6, 5])
+    p = pack_rows(ids, lengths, capacity=12, prefix_len=torch.tensor([3, 3, 3, 3, 2]))
+    # prompt group: tails 4, 3, 2, 1 fill units of 12 - 3 = 9 tokens decreasing: {row 1, row 3, row 0}, {row 2};
+    # a unit lays its rows out in row order
+    assert p.input_ids[0].tolist() == [5, 6, 7, 8, 9, 10, 11, 12, 13, 15, 16, 17]
+    assert p.positions[0].tolist() == [0, 1, 2, 3, 4, 3, 4, 5, 6, 3, 4, 5]
+    assert p.branch_ids[0].tolist() == [0, 0, 0, 1, 1, 2, 2, 2, 2, 4, 4, 4]
+    assert p.tokens == 12 + 4 + 5 < int(lengths.sum())       # the prompt stored twice, not four times
+    logits = model(p.input_ids, positions=p.positions, segment_ids=p.segment_ids, branch_ids=p.branch_ids)
+    flat = logits.reshape(-1, logits.shape[-1])
+    for b in range(5):
+        alone = model(ids[b:b + 1, :int(lengths[b])])[0, :-1]                        # (n-1, V)
+        mine = p.dst // 7 == b
+        assert torch.allclose(flat[p.src[mine]], alone[p.dst[mine] % 7], atol=1e-5), b
+        assert p.targets[mine].tolist() == ids[b, 1:int(lengths[b])].tolist()
+
+
 def test_trained_lengths_stop_at_the_last_target():
     mask = torch.tensor([[0, 0, 1, 1, 0, 0], [0, 1, 0, 1, 1, 1], [0, 0, 0, 0, 0, 0.]])
     assert trained_lengths(mask).tolist() == [5, 7, 0]

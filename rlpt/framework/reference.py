@@ -87,7 +87,8 @@ class Reference:
             batch = collate(part, pad_id)
             logp = None
             if self.ref_logp:
-                packed = pack_rows(batch.input_ids, trained_lengths(batch.mask)) if self.packing else None
+                packed = pack_rows(batch.input_ids, trained_lengths(batch.mask), prefix_len=batch.prompt_len) \
+                    if self.packing else None
                 with autocast(self.precision):
                     logp = per_token_logp(self.model, batch.input_ids, self.temperature, packed=packed)
             scored = {name: fn(batch.input_ids) for name, fn in self.scorers.items()}   # each (b, T-1)

@@ -224,7 +224,8 @@ class Packing:
     """Where each row of a padded (B, T) batch sits in a packed (b, capacity) layout."""
     input_ids: torch.Tensor     # (b, L) the rows end to end, pad_id after the last
     positions: torch.Tensor     # (b, L) position of each token within its own row (0 on padding)
-    segment_ids: torch.Tensor   # (b, L) the padded row each token came from; -1 on padding
+    segment_ids: torch.Tensor   # (b, L) the unit each token belongs to (a row, or a shared prompt and its rows); -1 pad
+    branch_ids: torch.Tensor | None   # (b, L) shared prefix: 0 on the prompt, 1 + row on a row's own tokens
     src: torch.Tensor           # (M,) flat index into (b·L): the positions whose logits predict a kept target
     dst: torch.Tensor           # (M,) flat index into (B·(T-1)): the same targets' columns in the padded layout
     targets: torch.Tensor       # (M,) the token predicted there
@@ -244,37 +245,92 @@ def trained_lengths(mask: torch.Tensor) -> torch.Tensor:
     return torch.where(last > 0, last + 1, torch.zeros_like(last))
 
 
-def pack_rows(input_ids: torch.Tensor, lengths: torch.Tensor, capacity: int = 0, pad_id: int = 0) -> Packing:
-    """Pack the first `lengths[b]` tokens of each row of `input_ids` (B, T) into rows of `capacity` tokens
-    (0: the longest row), first-fit decreasing; rows of length ≤ 1 predict nothing and are left out."""
+def _first_fit(sizes: list[int], capacity: int) -> tuple[list[int], list[int]]:
+    """First-fit decreasing (stable on ties) -> (bin of each item, offset of each item in its bin)."""
+    used: list[int] = []
+    where, offset = [0] * len(sizes), [0] * len(sizes)
+    for i in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
+        r = next((r for r, u in enumerate(used) if u + sizes[i] <= capacity), len(used))
+        if r == len(used):
+            used.append(0)
+        where[i], offset[i] = r, used[r]
+        used[r] += sizes[i]
+    return where, offset
+
+
+def _spans(spans: list[tuple[int, int, int, int]]):
+    """(row, first column, length, first slot) spans -> per token: row, column, slot (each (N,))."""
+    row, col, n, slot = (torch.tensor([s[i] for s in spans], dtype=torch.long) for i in range(4))
+    within = torch.arange(int(n.sum())) - torch.repeat_interleave(n.cumsum(0) - n, n)
+    return (torch.repeat_interleave(row, n), torch.repeat_interleave(col, n) + within,
+            torch.repeat_interleave(slot, n) + within)
+
+
+def pack_rows(input_ids: torch.Tensor, lengths: torch.Tensor, capacity: int = 0, pad_id: int = 0,
+              prefix_len: torch.Tensor | None = None) -> Packing:
+    """Pack the first `lengths[b]` tokens of each row of `input_ids` (B, T) into rows of `capacity` tokens,
+    first-fit decreasing; rows of length ≤ 1 predict nothing and are left out.
+
+    With `prefix_len` (B,) (the prompt lengths), rows that start with the same prompt share one copy of it: a unit
+    is that prompt followed by as many of its rows' remaining tokens as fit (the K samples of a group; DPO's
+    chosen and rejected), each row attending to the prompt and to itself only (`branch_ids`). capacity 0: the
+    longest row, or three times that with shared prompts (a unit then holds a prompt and a few rows; on the
+    recipe's rollouts 3x was faster than 2x and 4x: fewer prompt copies against longer attention rows)."""
     B, T = input_ids.shape
     n = [int(x) for x in lengths.tolist()]
-    L = max(capacity, max(n, default=0), 1)
     if max(n, default=0) > T:
         raise ValueError(f"pack_rows(): a row length of {max(n)} exceeds the batch's {T} columns")
-    bins: list[int] = []                                        # tokens used in each packed row
-    where = [(0, 0)] * B                                        # (packed row, offset) of each row
-    for b in sorted((b for b in range(B) if n[b] > 1), key=lambda b: -n[b]):   # stable: ties keep row order
-        r = next((r for r, used in enumerate(bins) if used + n[b] <= L), len(bins))
-        if r == len(bins):
-            bins.append(0)
-        where[b] = (r, bins[r])
-        bins[r] += n[b]
     rows = [b for b in range(B) if n[b] > 1]
-    lens = torch.tensor([n[b] for b in rows], dtype=torch.long)
-    starts = torch.tensor([where[b][0] * L + where[b][1] for b in rows], dtype=torch.long)
-    row = torch.repeat_interleave(torch.tensor(rows, dtype=torch.long), lens)             # (N,) source row
-    within = torch.arange(int(lens.sum())) - torch.repeat_interleave(lens.cumsum(0) - lens, lens)   # (N,)
-    flat = torch.repeat_interleave(starts, lens) + within                               # (N,) packed slot
-    nb = max(len(bins), 1)
+    longest = max(n, default=1)
+    if prefix_len is None:
+        L = max(capacity, longest, 1)
+        units = [(0, [b]) for b in rows]                        # (prompt tokens shared, rows)
+    else:
+        L = max(capacity or 3 * longest, longest, 1)
+        groups: dict[tuple, list[int]] = {}
+        for b in rows:
+            p = min(int(prefix_len[b]), n[b] - 1)               # a row shorter than its prompt shares what it has
+            groups.setdefault(tuple(input_ids[b, :p].tolist()), []).append(b)
+        units = []
+        for key, members in groups.items():                     # each group's rows into units of <= L tokens
+            p = len(key)
+            where, _ = _first_fit([n[b] - p for b in members], L - p)
+            for u in range(max(where) + 1):
+                units.append((p, [b for b, w in zip(members, where) if w == u]))
+    sizes = [p + sum(n[b] - p for b in members) for p, members in units]
+    where, offset = _first_fit(sizes, L)
+    tok_spans, tgt_spans, seg, branch = [], [], [], []          # spans: (row, first column, length, first slot)
+    for u, (p, members) in enumerate(units):
+        start = where[u] * L + offset[u]
+        if p:
+            tok_spans.append((members[0], 0, p, start))
+            seg.append((u, p))
+            branch.append((0, p))
+        slot = start + p
+        for b in members:
+            tok_spans.append((b, p, n[b] - p, slot))
+            seg.append((u, n[b] - p))
+            branch.append((b + 1, n[b] - p))
+            if p:                                               # targets read from the shared prompt's slots
+                tgt_spans.append((b, 0, p, start))
+            tgt_spans.append((b, p, n[b] - p - 1, slot))        # and from its own (the last token predicts nothing)
+            slot += n[b] - p
+    nb = max(where, default=0) + 1
     ids = torch.full((nb * L,), pad_id, dtype=input_ids.dtype)
     pos = torch.zeros(nb * L, dtype=torch.long)
-    seg = torch.full((nb * L,), -1, dtype=torch.long)
-    ids[flat], pos[flat], seg[flat] = input_ids[row, within], within, row
-    keep = within < torch.repeat_interleave(lens, lens) - 1                             # has a next token
-    return Packing(input_ids=ids.view(nb, L), positions=pos.view(nb, L), segment_ids=seg.view(nb, L),
-                   src=flat[keep], dst=row[keep] * (T - 1) + within[keep],
-                   targets=input_ids[row[keep], within[keep] + 1], shape=(B, T - 1))
+    seg_ids = torch.full((nb * L,), -1, dtype=torch.long)
+    br_ids = torch.zeros(nb * L, dtype=torch.long)
+    if tok_spans:
+        row, col, flat = _spans(tok_spans)
+        ids[flat], pos[flat] = input_ids[row, col], col
+        seg_ids[flat] = torch.repeat_interleave(*(torch.tensor(x) for x in zip(*seg)))
+        br_ids[flat] = torch.repeat_interleave(*(torch.tensor(x) for x in zip(*branch)))
+        t_row, t_col, src = _spans([s for s in tgt_spans if s[2] > 0])
+    else:
+        t_row = t_col = src = torch.zeros(0, dtype=torch.long)
+    return Packing(input_ids=ids.view(nb, L), positions=pos.view(nb, L), segment_ids=seg_ids.view(nb, L),
+                   branch_ids=br_ids.view(nb, L) if prefix_len is not None else None, src=src,
+                   dst=t_row * (T - 1) + t_col, targets=input_ids[t_row, t_col + 1], shape=(B, T - 1))
 
 
 def supports_packing(model) -> bool:
@@ -283,7 +339,8 @@ def supports_packing(model) -> bool:
 
 
 def _packed_logp(model, p: Packing, temperature: float, with_entropy: bool):
-    logits = model(p.input_ids, positions=p.positions, segment_ids=p.segment_ids)     # (b, L, V)
+    kw = {"branch_ids": p.branch_ids} if p.branch_ids is not None else {}
+    logits = model(p.input_ids, positions=p.positions, segment_ids=p.segment_ids, **kw)   # (b, L, V)
     logits = logits.reshape(-1, logits.shape[-1])[p.src].float()                       # (M, V)
     if temperature != 1.0:
         logits = logits / temperature

@@ -14,7 +14,9 @@ The protocol every rlpt policy obeys is `model(input_ids) -> logits (B, T, V)`. 
 For training on packed rows (lesson 22b), `model(input_ids, positions=pos, segment_ids=seg)` runs several
 sequences laid end to end in one row: each token attends only to earlier tokens of its own segment (a
 block-diagonal causal mask) and its rotary position restarts at 0 with every segment, so each sequence's
-logits equal those of its own unpacked forward (to fp32 rounding) and no FLOP goes to padding.
+logits equal those of its own unpacked forward (to fp32 rounding) and no FLOP goes to padding. With
+`branch_ids` too, sequences that start with the same prompt share one copy of it (a shared-prefix tree: the K
+samples of a GRPO group, DPO's chosen and rejected): a token sees the prefix (branch 0) and its own branch only.
 
     python -c "from rlpt.gpt_mini.model import GPT, GPTConfig; print(GPT(GPTConfig()).num_params())"
 """
@@ -192,18 +194,19 @@ class GPT(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None,
                 positions: torch.Tensor | None = None, key_mask: torch.Tensor | None = None,
-                segment_ids: torch.Tensor | None = None) -> torch.Tensor:
+                segment_ids: torch.Tensor | None = None, branch_ids: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids (B, T) -> logits (B, T, V).
 
         Without a cache: a plain causal forward from position 0 (right padding is harmless).
         With a cache: `positions` (B, T) are each token's rotary positions (default: cache.pos + arange)
         and `key_mask` (B, T) marks real tokens (False for left padding) for this chunk.
         Packed (no cache): `segment_ids` (B, T) names the sequence each token belongs to and `positions` (B, T)
-        its position within it; query i sees key j iff j <= i and segment_ids[j] == segment_ids[i].
+        its position within it; query i sees key j iff j <= i and segment_ids[j] == segment_ids[i], and, with
+        `branch_ids` (B, T), branch_ids[j] is 0 (a shared prefix) or branch_ids[i].
         """
         B, T = input_ids.shape
         if segment_ids is not None:
-            return self._forward_packed(input_ids, positions, segment_ids)
+            return self._forward_packed(input_ids, positions, segment_ids, branch_ids)
         start = cache.pos if cache is not None else 0
         if start + T > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {start + T} tokens exceeds model.max_seq_len={self.cfg.max_seq_len}")
@@ -227,7 +230,7 @@ class GPT(nn.Module):
         return self.lm_head(self.norm(x))
 
     def _forward_packed(self, input_ids: torch.Tensor, positions: torch.Tensor | None,
-                        segment_ids: torch.Tensor) -> torch.Tensor:
+                        segment_ids: torch.Tensor, branch_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Block-diagonal causal attention over segments laid end to end; rotary positions restart per segment."""
         B, T = input_ids.shape
         if positions is None or positions.shape != (B, T) or segment_ids.shape != (B, T):
@@ -238,7 +241,10 @@ class GPT(nn.Module):
         cos = self.rope_cos[positions].unsqueeze(1)   # (B, 1, T, hd)
         sin = self.rope_sin[positions].unsqueeze(1)
         causal = torch.ones(T, T, dtype=torch.bool, device=input_ids.device).tril()
-        mask = ((segment_ids[:, :, None] == segment_ids[:, None, :]) & causal).unsqueeze(1)   # (B, 1, T, T)
+        mask = (segment_ids[:, :, None] == segment_ids[:, None, :]) & causal                  # (B, T, T)
+        if branch_ids is not None:   # the shared prefix, and the query's own branch
+            mask &= (branch_ids[:, None, :] == 0) | (branch_ids[:, :, None] == branch_ids[:, None, :])
+        mask = mask.unsqueeze(1)                                                                # (B, 1, T, T)
         x = self.embed(input_ids)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, i, None, mask)

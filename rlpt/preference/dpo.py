@@ -77,7 +77,10 @@ def sequence_logp(model, ids: torch.Tensor, mask: torch.Tensor,
     """-> (Σ_t mask·log π(token), |y|) per row, both (N,). Only response tokens count: a prompt token is
     context, not the policy's choice. `packing`: one packed forward of the N rows (a model that takes segment
     ids; else the padded one)."""
-    packed = pack_rows(ids, trained_lengths(mask)) if packing and supports_packing(model) else None
+    packed = None
+    if packing and supports_packing(model):   # chosen and rejected share one copy of their prompt
+        prompt_len = (mask > 0).float().argmax(-1) + 1                  # response token 0 sits at column P-1
+        packed = pack_rows(ids, trained_lengths(mask), prefix_len=prompt_len)
     logp = per_token_logp(model, ids, packed=packed)        # (N, T-1)
     return (logp * mask).sum(-1), mask.sum(-1)
 
