@@ -15,7 +15,7 @@ compute-bound and with a latency-bound verifier, beside the throughput equation'
             overlapped max(R + V, ref + train)           (one_step_off / async: the slower side sets the pace)
     The runs train apart (staleness changes the updates, so the response lengths drift): compare their `len`.
 
-    python bench/systems.py [--threads 2] [--steps 6] [--prompts 16] [--k 8] [--max-tokens 32] [--verify-s 1.5]
+    python bench/systems.py [--threads 1] [--steps 8] [--prompts 16] [--k 8] [--max-tokens 32] [--verify-s 1.5]
 
 Prints a table, then one JSON line.
 """
@@ -122,7 +122,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1,
                    help="colocated torch threads (the actors get 1 each); 1 by default: on a 2-core machine shared "
                         "with other processes two OpenMP threads make each step ~10x slower (measured: 14 s vs 1.5 s)")
-    p.add_argument("--steps", type=int, default=6, help="timed steps per setting (after 2 warm-up steps)")
+    p.add_argument("--steps", type=int, default=8, help="timed steps per setting (after 2 warm-up steps)")
     p.add_argument("--prompts", type=int, default=16)
     p.add_argument("--k", type=int, default=8)
     p.add_argument("--max-tokens", type=int, default=32)
