@@ -112,6 +112,10 @@ def main() -> None:
                         refused += 1
                         continue
                     lat.append(time.perf_counter() - t0)
+                if not lat:   # every random setting refused (too long a run): nothing to time
+                    rows.append({"lesson": lesson.slug, "widget": lesson.widget, "kind": kind,
+                                 "first_s": round(first, 3), "p50_ms": None, "p95_ms": None, "refused": refused})
+                    continue
                 p50 = statistics.median(lat)
                 p95 = statistics.quantiles(lat, n=20)[18] if len(lat) >= 2 else lat[0]
                 rows.append({"lesson": lesson.slug, "widget": lesson.widget, "kind": kind, "first_s": round(first, 3),
@@ -124,8 +128,9 @@ def main() -> None:
     sims_p95 = statistics.quantiles(sims, n=20)[18] if len(sims) >= 2 else 0.0
     print(f"{'lesson':>6}  {'widget':<20} {'kind':<10} {'first use':>9}  {'p50':>9}  {'p95':>9}  refused")
     for r in rows:
-        print(f"{r['lesson']:>6}  {r['widget']:<20} {r['kind']:<10} {r['first_s']:>8.2f}s  {r['p50_ms']:>7.1f}ms  "
-              f"{r['p95_ms']:>7.1f}ms  {r['refused']}")
+        p50, p95 = (f"{r[k]:>7.1f}ms" if r[k] is not None else f"{'-':>9}" for k in ("p50_ms", "p95_ms"))
+        print(f"{r['lesson']:>6}  {r['widget']:<20} {r['kind']:<10} {r['first_s']:>8.2f}s  {p50}  {p95}  "
+              f"{r['refused']}")
     for label, dt in starts.items():
         print(f"time to first answer, {label}: {dt:.2f} s")
     print(f"calculator widgets, p95 over {len(calc)} requests: {1000 * calc_p95:.1f} ms")
