@@ -180,14 +180,19 @@ def test_dpo_packed_loss_and_gradients_equal_padded():
     pairs = [PreferencePair("1+2=", "3#", "4#"), PreferencePair("12+30+4=", "12+30=42,42+4=46#", "47#"),
              PreferencePair("5*6=", "30#", "31#")]
     batch = collate_pairs(pairs, TOK)
+    reference = make_reference(policy, "dpo")
+    with torch.no_grad():   # a policy that has moved away from its reference: Δ ≠ 0, a loss other than log 2
+        for p in policy.parameters():
+            p.add_(0.02 * torch.randn_like(p))
     out = []
     for packing in (False, True):
         model = copy.deepcopy(policy)
         cfg = DPOConfig(method="dpo", packing=packing)
-        loss, m = preference_loss(cfg, model, make_reference(model, "dpo"), batch, TOK.pad_id)
+        loss, m = preference_loss(cfg, model, reference, batch, TOK.pad_id)
         loss.backward()
         out.append((loss.item(), m["logp/chosen"].item(), [p.grad for p in model.parameters()]))
-    assert out[1][0] == pytest.approx(out[0][0], abs=1e-6) and out[1][1] == pytest.approx(out[0][1], abs=1e-6)
+    assert abs(out[0][0] - 0.6931) > 1e-3                     # not the trivial Δ = 0
+    assert out[1][0] == pytest.approx(out[0][0], abs=1e-6) and out[1][1] == pytest.approx(out[0][1], abs=1e-5)
     assert max((a - b).abs().max().item() for a, b in zip(out[0][2], out[1][2])) <= 1e-6
 
 
