@@ -113,12 +113,13 @@ def main():
         seq = [sequence_logp(base, batch.ids, batch.mask, packing=pk)[0] for pk in (False, True)]   # (2B,) each
     loss_diff = (seq[0] - seq[1]).abs().max().item()
     total = args.warmup + args.rounds * args.steps
-    sides = {"dpo": PrefStep(models["dpo"], DPOConfig(method="dpo"), tok, total),
+    padded = {"packing": False}
+    sides = {"dpo": PrefStep(models["dpo"], DPOConfig(method="dpo", **padded), tok, total),
              "dpo_packed": PrefStep(models["dpo_packed"], DPOConfig(method="dpo", packing=True), tok, total),
-             "dpo_pre": PrefStep(models["dpo_pre"], DPOConfig(method="dpo"), tok, total, pairs),
+             "dpo_pre": PrefStep(models["dpo_pre"], DPOConfig(method="dpo", **padded), tok, total, pairs),
              "dpo_pre_packed": PrefStep(models["dpo_pre_packed"], DPOConfig(method="dpo", packing=True), tok, total,
                                         pairs),
-             "simpo": PrefStep(models["simpo"], DPOConfig(method="simpo"), tok, total)}
+             "simpo": PrefStep(models["simpo"], DPOConfig(method="simpo", **padded), tok, total)}
     bare = BareStep(models["bare"], DPOConfig().optim.lr)
     run = {k: (lambda k=k: sides[k](pairs)) for k in sides} | {"bare": lambda: bare(batch.ids, batch.mask)}
     for fn in run.values():
