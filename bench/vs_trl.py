@@ -578,7 +578,7 @@ def main():
     hf_dir = export_hf(ckpt, tmp / "hf")
     result = {"bench": "vs_trl", "threads": 1, "prompts": args.prompts, "k": args.k, "max_tokens": args.max_tokens,
               "mini_batches": args.mini_batches, "lr": args.lr, "warmup": args.warmup, "steps": args.steps,
-              "sft_s": round(sft_s, 1), "cpu": _cpu(), "grpo": {}, "dpo": {}}
+              "sft_s": round(sft_s, 1), "cpu": _cpu(), "rlpt": _rlpt_settings(), "grpo": {}, "dpo": {}}
     if args.only in ("grpo", "all"):
         for beta in (float(b) for b in args.betas.split(",")):
             result["grpo"][str(beta)] = report_grpo(beta, bench_grpo(args, ckpt, hf_dir, beta, tmp))
@@ -595,6 +595,15 @@ def main():
         result["curve"] = {"target": args.target, "runs": curves}
         plot_curve(curves, args.plot)
     print(json.dumps(result))
+
+
+def _rlpt_settings() -> dict:
+    """rlpt's defaults that change its step's cost (packing, precision), as this checkout has them."""
+    from rlpt.preference.dpo import DPOConfig
+    from rlpt.train import load_train_job
+    t = load_train_job("recipes/grpo_arith.yaml", []).trainer
+    return {"trainer_packing": getattr(t, "packing", False), "trainer_precision": getattr(t, "precision", "fp32"),
+            "dpo_packing": getattr(DPOConfig(), "packing", False)}
 
 
 def _cpu() -> str:
