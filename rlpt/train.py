@@ -314,10 +314,12 @@ def build(job: TrainJob, init: Path):
                             temperature=job.rollout.temperature, seed=job.run.seed, critic=critic,
                             packing=t.packing, precision=t.precision)
     exact = job.rollout.top_p == 1.0 and job.rollout.top_k == 0   # else old_logp is from a truncated dist
-    c, bf16 = job.check, t.precision == "bf16"
+    sfx = "_bf16" if t.precision == "bf16" else ""   # bf16 has its own limits: check.logp_tol_bf16, ...
+    keys = (f"check.logp_tol{sfx}", f"check.logp_tol_max{sfx}")
+    tol, tol_max = (getattr(job.check, k.removeprefix("check.")) for k in keys)
     ctl = Controller(rollout, env, reference, algo, trainer, WeightSyncer(job.sync.every), job.rollout.k,
-                     tok.pad_id, logp_tol=(c.logp_tol_bf16 if bf16 else c.logp_tol) if c.enabled and exact else None,
-                     logp_tol_max=c.logp_tol_max_bf16 if bf16 else c.logp_tol_max)
+                     tok.pad_id, logp_tol=tol if job.check.enabled and exact else None, logp_tol_max=tol_max,
+                     tol_keys=keys)
     return ctl, env.heldout(job.eval.size)
 
 

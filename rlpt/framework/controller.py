@@ -56,6 +56,7 @@ class Controller:
     pad_id: int
     logp_tol: float | None = 1e-5       # on the mean |Δ|; None: no check (top-p/top-k sampling)
     logp_tol_max: float = 1e-3          # on the worst token
+    tol_keys: tuple[str, str] = ("check.logp_tol", "check.logp_tol_max")   # the config keys they came from
     timings: dict = field(default_factory=dict)
 
     @contextmanager
@@ -113,7 +114,7 @@ class Controller:
         if mean > self.logp_tol or worst > self.logp_tol_max:
             raise LogpMismatchError(
                 f"trainer log-probs differ from the rollout's old_logp by {mean:.3g} on average and {worst:.3g} "
-                f"at worst (limits check.logp_tol={self.logp_tol:g}, check.logp_tol_max={self.logp_tol_max:g}) "
+                f"at worst (limits {self.tol_keys[0]}={self.logp_tol:g}, {self.tol_keys[1]}={self.logp_tol_max:g}) "
                 "on a batch sampled with the trainer's current weights. The rollout and "
                 "trainer disagree: look for a temperature applied on one side only, dropout left on, an "
                 "off-by-one in collate, or different precision.")
