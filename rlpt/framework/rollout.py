@@ -29,8 +29,9 @@ cache per call, draws from `torch.multinomial`; it drives any model with the inc
 HF policies included: `backend_for(model)` picks it where the engine cannot serve the model).
 Both record old_logp the same way (`processed_logp` of the sampled token) and are reproducible from
 the generator's state, so a checkpoint holds the same state either way; they draw different tokens at
-temperature > 0 and the same at temperature 0. The engine backend serves gpt_mini models only (HF
-policies: convert with `rlpt.models.hf.hf_to_gpt_mini`) and sees weight sync through the parameters'
+temperature > 0 and the same at temperature 0. The engine backend serves gpt_mini and Hugging Face
+Llama / Qwen2 / Mistral policies in place (rlpt/engine/weights.py reads the trainer's own parameters; LoRA
+deltas merged) and sees weight sync through the parameters'
 version counters (in-place `copy_` bumps them: its fused weights are rebuilt, its prefix cache
 dropped). Its prefix cache is also dropped at the start of every `generate`, so what a step samples
 depends only on (weights, prompts, generator state) — the bit-identical resume contract — while the
