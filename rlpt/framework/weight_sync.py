@@ -31,26 +31,23 @@ class WeightSyncer:
         self.syncs = 0
 
     @staticmethod
-    @torch.no_grad()
     def copy_weights(src: torch.nn.Module, dst: torch.nn.Module) -> None:
-        src_p = dict(src.named_parameters())
-        dst_p = dict(dst.named_parameters())
-        if src_p.keys() != dst_p.keys():
-            diff = sorted(set(src_p) ^ set(dst_p))[:4]
-            raise ValueError(f"trainer and rollout models differ in parameter names: {diff}")
-        for name, p in dst_p.items():
-            if p.shape != src_p[name].shape:
-                raise ValueError(f"{name}: trainer {tuple(src_p[name].shape)} vs rollout {tuple(p.shape)}")
-            p.copy_(src_p[name])
+        copy_named(dst, dict(src.named_parameters()))
 
-    def sync(self, trainer: TrainerRole, rollout: RolloutRole) -> bool:
-        """Called once per train step; copies on every `every`-th call. Returns whether it copied."""
+    def due(self) -> bool:
+        """Counts one train step; True on every `every`-th, the steps whose weights go to the rollout."""
         self.steps += 1
         if self.steps % self.every:
             return False
+        self.syncs += 1
+        return True
+
+    def sync(self, trainer: TrainerRole, rollout: RolloutRole) -> bool:
+        """Called once per train step; copies on every `every`-th call. Returns whether it copied."""
+        if not self.due():
+            return False
         self.copy_weights(trainer.model, rollout.model)
         rollout.version = trainer.version
-        self.syncs += 1
         return True
 
     def state_dict(self) -> dict:
@@ -58,3 +55,17 @@ class WeightSyncer:
 
     def load_state_dict(self, state: dict) -> None:
         self.steps, self.syncs = state["steps"], state["syncs"]
+
+
+@torch.no_grad()
+def copy_named(dst: torch.nn.Module, named: dict[str, torch.Tensor]) -> None:
+    """p.copy_(named[name]) for every parameter of `dst` (in place: the rollout's engine sees the new version
+    counters), names and shapes checked first; a mismatch is a ValueError naming the parameter."""
+    params = dict(dst.named_parameters())
+    if params.keys() != named.keys():
+        diff = sorted(set(params) ^ set(named))[:4]
+        raise ValueError(f"trainer and rollout models differ in parameter names: {diff}")
+    for name, p in params.items():
+        if p.shape != named[name].shape:
+            raise ValueError(f"{name}: trainer {tuple(named[name].shape)} vs rollout {tuple(p.shape)}")
+        p.copy_(named[name])

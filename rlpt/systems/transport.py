@@ -26,6 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
+from rlpt.framework.weight_sync import copy_named
+
 
 class WeightSyncError(RuntimeError):
     pass
@@ -63,17 +65,12 @@ def check(model: torch.nn.Module, payload: Payload, where: str = "rollout worker
                               "reordered or cast on the way); stopping rather than sampling from stale weights")
 
 
-@torch.no_grad()
 def copy_into(model: torch.nn.Module, named: dict[str, torch.Tensor]) -> None:
-    """p.copy_(named[name]) for every parameter, names and shapes checked."""
-    params = dict(model.named_parameters())
-    if params.keys() != named.keys():
-        diff = sorted(set(params) ^ set(named))[:4]
-        raise WeightSyncError(f"trainer and rollout models differ in parameter names: {diff}")
-    for name, p in params.items():
-        if p.shape != named[name].shape:
-            raise WeightSyncError(f"{name}: trainer {tuple(named[name].shape)} vs rollout {tuple(p.shape)}")
-        p.copy_(named[name])
+    """The in-process syncer's copy (rlpt.framework.weight_sync.copy_named), its errors as WeightSyncError."""
+    try:
+        copy_named(model, named)
+    except ValueError as e:
+        raise WeightSyncError(str(e)) from None
 
 
 class InProcess:

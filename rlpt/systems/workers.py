@@ -25,6 +25,7 @@ from collections.abc import Callable
 import torch
 
 from rlpt.framework.trajectory import Trajectory
+from rlpt.framework.weight_sync import WeightSyncer
 from rlpt.systems.transport import Payload, digest, make_transport, named_weights
 
 
@@ -120,25 +121,12 @@ class Feed:
         return self.groups
 
 
-class DeferredSyncer:
+class DeferredSyncer(WeightSyncer):
     """WeightSyncer's counting (sync every `every` train steps, same state) without the copy: `sync` says whether
     this step's weights are due at the rollout workers, and the runner moves them with its transport."""
 
-    def __init__(self, every: int = 1):
-        self.every, self.steps, self.syncs = every, 0, 0
-
     def sync(self, trainer, rollout) -> bool:
-        self.steps += 1
-        if self.steps % self.every:
-            return False
-        self.syncs += 1
-        return True
-
-    def state_dict(self) -> dict:
-        return {"steps": self.steps, "syncs": self.syncs}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.steps, self.syncs = state["steps"], state["syncs"]
+        return self.due()
 
 
 class TrainerWorker:
