@@ -357,3 +357,29 @@ def test_prm_orm_search_and_prm_env_end_to_end(tiny_job, tiny_train_job, tmp_pat
                          f"init_from={sft_run.dir}", *model_overrides(SFT_SHAPE), "rollout.max_tokens=16")
     _, run, _ = run_train(ppo)
     assert any("acc/heldout" in r for r in run.read_metrics())
+
+
+def test_search_with_a_policy_as_generative_verifier(tmp_path, monkeypatch):
+    """`rlpt search verifier=<policy>`: the strategies get that policy's own probability of each step (a
+    LogProbScorer on its weights); a scorer and a verifier together, or neither for a strategy that needs one,
+    are errors that say what to set."""
+    from rlpt.checkpoint import save_checkpoint
+    from rlpt.config import ConfigError, load_config
+    from rlpt.search import jobs
+
+    torch.manual_seed(0)
+    model = tiny_gpt()
+    ckpt = save_checkpoint(tmp_path / "policy", model, model.cfg.to_dict(), {"step": 0})
+    base = [f"policy={ckpt}", f"run.out_dir={tmp_path / 'runs'}", "task.max_operands=3", "search.prompts=3",
+            "search.n=[2]", "search.bootstrap=10", "search.max_tokens=12", "search.strategies=[best_of_n]"]
+    seen, real = [], jobs.run_strategy
+    monkeypatch.setattr(jobs, "run_strategy", lambda name, llm, prompts, n, scorer, *a: seen.append(scorer)
+                        or real(name, llm, prompts, n, scorer, *a))
+    _, rows = jobs.run_search(load_config(jobs.SearchJob, None, [*base, f"verifier={ckpt}"]))
+    assert [r["strategy"] for r in rows] == ["best_of_n"] and len(seen) == 1
+    pair = [(P3.prompt, "3+4=7,7+5=12#")]
+    assert isinstance(seen[0], LogProbScorer) and seen[0].score(pair) == LogProbScorer(model, TOK).score(pair)
+    with pytest.raises(ConfigError, match="not both"):
+        jobs.run_search(load_config(jobs.SearchJob, None, [*base, f"verifier={ckpt}", f"scorer={ckpt}"]))
+    with pytest.raises(ConfigError, match=r"need a scorer: set scorer=.* or verifier="):
+        jobs.run_search(load_config(jobs.SearchJob, None, base))

@@ -3,6 +3,7 @@
     rlpt prm [recipe.yaml] init_from=<SFT run> [key=value ...] [--resume]     a process reward model
     rlpt orm [recipe.yaml] init_from=<SFT run> [key=value ...] [--resume]     an outcome reward model
     rlpt search [recipe.yaml] policy=<SFT run> scorer=<prm run> [key=value ...]   strategies x budgets
+    rlpt search policy=<SFT run> verifier=<a stronger policy> search.strategies=[best_of_n,weighted_best_of_n]
 
 The job schemas (ScorerJob, SearchJob) open rlpt/search/jobs.py.
 """

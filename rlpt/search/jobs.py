@@ -35,7 +35,7 @@ from rlpt.preference.data import distinct_problems
 from rlpt.report import figure, fmt, machine, table
 from rlpt.run import Run
 from rlpt.search.labels import StepRow, auroc, label_auroc, load_rows, mc_labels, sample_responses, save_rows
-from rlpt.search.scorer import StepScorer, bce_at, boundary_targets, load_scorer
+from rlpt.search.scorer import LogProbScorer, StepScorer, bce_at, boundary_targets, load_scorer
 from rlpt.search.steps import outcome, split_steps, true_step_labels
 from rlpt.search.strategies import STRATEGIES, run_strategy
 
@@ -228,6 +228,9 @@ class SearchJob(Section):
     policy: str | None = Field(None, description="the policy's checkpoint or run folder")
     scorer: str | None = Field(None, description="an `rlpt prm` / `rlpt orm` run folder (needed by every "
                                                  "strategy but greedy and majority)")
+    verifier: str | None = Field(None, description="instead of a scorer: a policy checkpoint or run folder as a "
+                                                   "generative verifier, its own probability of each step prefix "
+                                                   "(LogProbScorer; no training, for best-of-N)")
     search: SearchSpec = SearchSpec()
 
 
@@ -249,13 +252,17 @@ def run_search(job: SearchJob) -> tuple[Run, list[dict]]:
     if not job.policy:
         raise ConfigError("rlpt search needs policy=<an SFT checkpoint or run folder>")
     needs = [x for x in s.strategies if x not in ("greedy", "majority")]
-    if needs and not job.scorer:
-        raise ConfigError(f"search.strategies {needs} need a scorer: set scorer=<an rlpt prm / rlpt orm run folder>")
+    if job.scorer and job.verifier:
+        raise ConfigError("set scorer=<an rlpt prm / orm run> or verifier=<a policy checkpoint>, not both")
+    if needs and not (job.scorer or job.verifier):
+        raise ConfigError(f"search.strategies {needs} need a scorer: set scorer=<an rlpt prm / rlpt orm run folder> "
+                          "or verifier=<a policy checkpoint> (its own probability of each step)")
     if job.run.threads:
         torch.set_num_threads(job.run.threads)
     tok = CharTokenizer()
     llm = LLM(load_model(job.policy), tok, seed=job.run.seed)
-    scorer = load_scorer(job.scorer, tok) if job.scorer else None
+    scorer = load_scorer(job.scorer, tok) if job.scorer else \
+        LogProbScorer(load_model(job.verifier), tok) if job.verifier else None
     prompts = [p.prompt for p in make_task(job.task).heldout_set(s.prompts)]
     run = Run(job.run.out_dir, job.run.name, job)
     rows = []
@@ -287,7 +294,8 @@ def write_search_report(run: Run, job: SearchJob, rows: list[dict]) -> None:
         ax.set_ylabel("accuracy (95% bootstrap CI)")
         ax.legend(fontsize=8)
     lines = [f"# Search: {run.dir.name}", "", f"Measured on {machine()}.", "",
-             f"Policy `{job.policy}`, scorer `{job.scorer}`, {job.search.prompts} held-out prompts "
+             f"Policy `{job.policy}`, scorer `{job.scorer or f'logprob of {job.verifier}'}`, "
+             f"{job.search.prompts} held-out prompts "
              f"({job.task.min_operands}-{job.task.max_operands} operands), agg={job.search.agg}, "
              f"width={job.search.width}, temperature {job.search.temperature}.", "",
              "| strategy | n | accuracy | 95% CI | tokens/prompt |", "|---|---:|---:|---|---:|"]
