@@ -86,6 +86,8 @@ def parse_args():
                    help="optimizer steps per rollout batch, both sides (TRL: steps_per_generation; at > 1 TRL adds "
                         "a π_old forward that rlpt takes from the sampler)")
     p.add_argument("--lr", type=float, default=5e-5)
+    p.add_argument("--no-packing", dest="packing", action="store_false",
+                   help="rlpt's trainer, reference and DPO padded (trainer.packing / dpo packing off): the control")
     p.add_argument("--dpo-batches", default="8,64", help="DPO pairs per step, comma-separated")
     p.add_argument("--dpo-beta", type=float, default=0.1)
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per side")
@@ -147,6 +149,7 @@ def rlpt_grpo(args, ckpt: Path, beta: float, all_rows: bool, **settings):
         f"rollout.max_tokens={args.max_tokens}", f"rollout.temperature={s['temperature']}", f"algorithm.beta={beta}",
         f"trainer.mini_batches={s['mini_batches']}", f"trainer.optim.lr={args.lr}",
         "trainer.optim.schedule=constant", "trainer.optim.warmup_steps=0", "steps=100000", "eval.size=200",
+        f"trainer.packing={str(args.packing).lower()}",
         "run.progress=false", f"run.seed={args.seed}"])
     ctl, heldout = build(job, ckpt)
     train_step = ctl.trainer.train_step
@@ -353,7 +356,7 @@ def bench_dpo(args, ckpt: Path, hf_dir: Path, batch: int, tmp: Path) -> dict:
     n_steps = args.warmup + args.steps
     pairs = dpo_step.fixed_pairs(batch * (n_steps + 2), args.seed)
     tok = CharTokenizer()
-    cfg = DPOConfig(method="dpo", beta=args.dpo_beta, batch_size=batch,
+    cfg = DPOConfig(method="dpo", beta=args.dpo_beta, batch_size=batch, packing=args.packing,
                     optim=OptimConfig(lr=1e-5, warmup_steps=0, schedule="constant"))
     side = dpo_step.PrefStep(load_model(ckpt, None, tok), cfg, tok, n_steps + 10)
     state = {"i": 0}
@@ -578,7 +581,8 @@ def main():
     hf_dir = export_hf(ckpt, tmp / "hf")
     result = {"bench": "vs_trl", "threads": 1, "prompts": args.prompts, "k": args.k, "max_tokens": args.max_tokens,
               "mini_batches": args.mini_batches, "lr": args.lr, "warmup": args.warmup, "steps": args.steps,
-              "sft_s": round(sft_s, 1), "cpu": _cpu(), "rlpt": _rlpt_settings(), "grpo": {}, "dpo": {}}
+              "sft_s": round(sft_s, 1), "cpu": _cpu(),
+              "rlpt": {**_rlpt_settings(), "packing_this_run": args.packing}, "grpo": {}, "dpo": {}}
     if args.only in ("grpo", "all"):
         for beta in (float(b) for b in args.betas.split(",")):
             result["grpo"][str(beta)] = report_grpo(beta, bench_grpo(args, ckpt, hf_dir, beta, tmp))
