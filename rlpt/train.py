@@ -73,6 +73,8 @@ class EnvConfig(Section):
                                    "(reward_model: an `rlpt rm` run; judge: an SFT checkpoint)")
     curriculum: CurriculumConfig = Field(CurriculumConfig(), description="env.name=curriculum only: the online "
                                          "curriculum and operand ramp (rlpt/envs/curriculum.py)")
+    process_coef: float = Field(0.5, ge=0, lt=1, description="env.name=prm only: c in R = 1[verifier] − c·mean_k(1 − "
+                                "PRM step score) (rlpt/envs/prm.py); below 1 so that reward > 0 still means correct")
 
 
 class RolloutConfig(Section):
@@ -232,14 +234,25 @@ def env_model_kwargs(env: EnvConfig) -> dict:
     """`env.model_path` as the keyword its env takes (`model_path_arg`: the RM env's model_path, the
     judge's judge_path); an env that needs a model and got none, or got one it cannot use, is an error."""
     arg = env_class(env.name).model_path_arg
+    extra = curriculum_kwargs(env.name, env.curriculum) | process_kwargs(env)
     if arg is None:
         if env.model_path is not None:
             raise ValueError(f"env.model_path is set but env '{env.name}' scores without a model: "
                              "remove env.model_path or pick an env that takes one (reward_model, judge)")
-        return curriculum_kwargs(env.name, env.curriculum)
+        return extra
     if env.model_path is None:
         raise ValueError(f"env '{env.name}' needs a model: set env.model_path=<checkpoint or run folder>")
-    return {arg: env.model_path, **curriculum_kwargs(env.name, env.curriculum)}
+    return {arg: env.model_path, **extra}
+
+
+def process_kwargs(env: EnvConfig) -> dict:
+    """`env.process_coef` for env.name=prm; set to another value for any other env, an error naming the key."""
+    if env.name == "prm":
+        return {"process_coef": env.process_coef}
+    if env.process_coef != EnvConfig.model_fields["process_coef"].default:
+        raise ValueError(f"env.process_coef is set but env.name={env.name} has no process reward: set env.name=prm "
+                         "or remove env.process_coef")
+    return {}
 
 
 def load_train_job(path: str | None, overrides: list[str], base: dict | None = None) -> TrainJob:

@@ -383,3 +383,16 @@ def test_search_with_a_policy_as_generative_verifier(tmp_path, monkeypatch):
         jobs.run_search(load_config(jobs.SearchJob, None, [*base, f"verifier={ckpt}", f"scorer={ckpt}"]))
     with pytest.raises(ConfigError, match=r"need a scorer: set scorer=.* or verifier="):
         jobs.run_search(load_config(jobs.SearchJob, None, base))
+
+
+def test_env_process_coef_reaches_the_prm_env_and_only_it():
+    from rlpt.config import ConfigError
+    from rlpt.train import EnvConfig, env_model_kwargs, load_train_job
+
+    assert env_model_kwargs(EnvConfig(name="prm", model_path="runs/prm", process_coef=0.25)) == \
+        {"model_path": "runs/prm", "process_coef": 0.25}
+    assert env_model_kwargs(EnvConfig(name="prm", model_path="runs/prm"))["process_coef"] == 0.5
+    with pytest.raises(ConfigError, match=r"env.process_coef is set but env.name=arithmetic"):
+        load_train_job(None, ["env.process_coef=0.3"])
+    with pytest.raises(ConfigError, match=r"'env.process_coef': Input should be less than 1"):
+        load_train_job(None, ["env.process_coef=1", "env.name=prm", "env.model_path=x"])

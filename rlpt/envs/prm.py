@@ -1,7 +1,7 @@
 """The `prm` env: arithmetic rewarded by the verifier plus a process reward model's doubt about each step (lesson 17).
 
     s_k = PRM(prefix up to step k) ∈ (0, 1)          S = the response's steps
-    R   = 1[verifier] − c · (1/S) Σ_k (1 − s_k)         (c = process_coef, default 0.5)
+    R   = 1[verifier] − c · (1/S) Σ_k (1 − s_k)         (c = env.process_coef, default 0.5)
     per step (for PPO's per-token GAE):  r_k = −c (1 − s_k) / S at step k's delimiter, the rest of R at the last token
 
 One reward, two consumers. GRPO reads the scalar R: the outcome plus a process bonus that separates the
