@@ -69,7 +69,7 @@ def test_every_lesson_page(client, lesson):
 
 def test_unknown_lesson_and_widget_404(client):
     assert client.get("/lesson/99").status_code == 404
-    assert client.get("/api/17").status_code == 404            # lesson 17 has no widget yet
+    assert client.get("/api/24").status_code == 404            # lesson 24 has no widget
     assert client.get("/static/../app.py").status_code == 404
 
 
@@ -83,6 +83,10 @@ def test_unknown_lesson_and_widget_404(client):
     ("11", {"r0": 2}, "knob 'r0' must be an integer 0..1, got 2"),
     ("18a", {"bogus": 1}, "unknown knob 'bogus': this widget's knobs are strength, curation, k"),
     ("13", {"max_len": 64, "buffer": 128}, "refused: knob 'buffer' (128) must be <= knob 'max_len' (64)"),
+    ("17", {"agg": "sum"}, "knob 'agg' must be one of min, prod, last, got sum"),
+    ("21", {"slots": 0}, "knob 'slots' must be an integer 1..32, got 0"),
+    ("21", {"kv_blocks": 3}, "knob 'kv_blocks' (3): num_blocks=3 cannot hold one sequence of model.max_seq_len=64 "
+                             "tokens: need >= 5 blocks of 16"),                # the engine's own refusal
 ])
 def test_bad_knob_is_a_400_naming_it(client, slug, query, msg):
     for route in ("api", "w"):
@@ -293,6 +297,49 @@ def test_l16_dpo(client):
     assert r["ipo_min"] == pytest.approx(1.0)
     diffuse = api(client, "16", beta=2.0)
     assert diffuse["closed_form"][3] == pytest.approx(0.394, abs=5e-4)
+
+
+def test_l17_search_on_rlpt_search(client):
+    r = api(client, "17")                                # p_good 0.75, N 16, ORM flip 0.10, PRM flip 0.15, 500 trials
+    a = r["accuracy"]
+    assert r["greedy_closed"] == 0.75 ** 6 and r["pass_at_n_closed"] == pytest.approx(0.9565, abs=1e-4)
+    assert r["orm_course"] == pytest.approx(0.653, abs=5e-4)               # the course's (1−(1−0.242)^16)·0.661
+    assert r["orm_closed"] == pytest.approx(0.6533, abs=5e-4)              # + the tie term it leaves out
+    # pure-Python draws: exact on any CPU
+    assert a == {"one sample": 0.156, "pass@N (BoN, oracle)": 0.948, "majority": 0.252, "BoN-ORM": 0.634,
+                 "BoN-PRM": 0.656, "weighted PRM": 0.66}
+    sd = math.sqrt(0.25 / 500)                                             # the measured rates vs closed forms
+    assert abs(a["one sample"] - r["greedy_closed"]) < 3 * sd and abs(a["BoN-ORM"] - r["orm_closed"]) < 3 * sd
+    assert abs(a["pass@N (BoN, oracle)"] - r["pass_at_n_closed"]) < 3 * sd
+    assert a["pass@N (BoN, oracle)"] == max(a.values())                    # the oracle is the ceiling
+    chance = api(client, "17", prm_flip=0.5)["accuracy"]                   # breaking: a PRM at chance
+    assert chance["one sample"] == a["one sample"] and chance["majority"] == a["majority"]   # the same candidates
+    assert abs(chance["BoN-PRM"] - a["one sample"]) < 3 * sd and chance["BoN-PRM"] < chance["majority"]
+    perfect = api(client, "17", prm_flip=0.0, orm_flip=0.0)["accuracy"]
+    assert perfect["BoN-PRM"] == perfect["BoN-ORM"] == perfect["pass@N (BoN, oracle)"]
+    refused = client.get("/api/17", params={"n": 64, "trials": 2000})
+    assert refused.status_code == 400 and refused.json()["error"].startswith("refused: N · trials = 128000")
+
+
+def test_l21_scheduling_on_the_real_engine(client):
+    r = api(client, "21")          # 16 requests (4 long of 40 tokens, 12 short of 4), 8 slots, budget 64
+    assert r["lengths"].count(40) == 4 and sum(r["lengths"]) == 208
+    c, s = r["continuous"], r["static"]
+    assert c["generated"] == s["generated"] == r["spec"]["generated"] == 208
+    # ignore_eos: the step counts do not depend on the sampled tokens (exact on any CPU)
+    assert (c["steps"], s["steps"]) == (48, 80) and r["static_over_continuous"] == pytest.approx(80 / 48)
+    assert s["slot_use"] == pytest.approx(208 / (8 * 80)) and c["preemptions"] == 0
+    assert 0.5 < r["acceptance"] < 1 and r["course_accept"] == pytest.approx(0.51)
+    same = api(client, "21", draft_noise=0.0)                              # draft = target: every draft accepted
+    assert same["acceptance"] == 1.0 and same["per_verify_formula"] == 5.0 and same["spec"]["steps"] == 13
+    worse = [api(client, "21", draft_noise=x)["acceptance"] for x in (0.5, 1.0, 2.0)]
+    assert worse == sorted(worse, reverse=True) and worse[-1] < 0.7       # a worse draft, fewer accepted
+    assert api(client, "21", long_frac=0.0)["static_over_continuous"] == 1.0   # no tail: nothing to gain
+    tight = api(client, "21", kv_blocks=6)                                 # breaking: the pool preempts
+    assert tight["continuous"]["preemptions"] >= 1 and tight["continuous"]["recompute"] > 0
+    assert tight["continuous"]["steps"] > c["steps"]
+    refused = client.get("/api/21", params={"requests": 48, "short_len": 48})
+    assert refused.status_code == 400 and refused.json()["error"].startswith("refused: 6624 tokens")  # 3·(12·40+36·48)
 
 
 def test_l18_reward_hacking(client):
