@@ -120,6 +120,7 @@ def move(driver, name: str, value) -> None:
     ("22b", "k", 32, "straggler tax", "402%", "533%"),
     ("11", "r1", 1, "A₀", "+0.866", "+0.500"),
     ("06", "sync_every", 20, "frac clipped", "0.0%", "88.5%"),             # a simulation: a background job
+    ("21", "long_frac", 0, "static / continuous", "1.67×", "1.00×"),        # the real engine, three runs
 ])
 def test_moving_a_knob_changes_the_result(server, driver, shots, slug, knob, value, name, before, after):
     server, _ = server
