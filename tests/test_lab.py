@@ -306,17 +306,17 @@ def test_l17_search_on_rlpt_search(client):
     assert r["orm_course"] == pytest.approx(0.653, abs=5e-4)               # the course's (1−(1−0.242)^16)·0.661
     assert r["orm_closed"] == pytest.approx(0.6533, abs=5e-4)              # + the tie term it leaves out
     # pure-Python draws: exact on any CPU
-    assert a == {"one sample": 0.156, "pass@N (BoN, oracle)": 0.948, "majority": 0.252, "BoN-ORM": 0.634,
+    assert a == {"one sample": 0.156, "oracle BoN": 0.948, "majority": 0.252, "BoN-ORM": 0.634,
                  "BoN-PRM": 0.656, "weighted PRM": 0.66}
     sd = math.sqrt(0.25 / 500)                                             # the measured rates vs closed forms
     assert abs(a["one sample"] - r["greedy_closed"]) < 3 * sd and abs(a["BoN-ORM"] - r["orm_closed"]) < 3 * sd
-    assert abs(a["pass@N (BoN, oracle)"] - r["pass_at_n_closed"]) < 3 * sd
-    assert a["pass@N (BoN, oracle)"] == max(a.values())                    # the oracle is the ceiling
+    assert abs(a["oracle BoN"] - r["pass_at_n_closed"]) < 3 * sd
+    assert a["oracle BoN"] == max(a.values())                    # the oracle is the ceiling
     chance = api(client, "17", prm_flip=0.5)["accuracy"]                   # breaking: a PRM at chance
     assert chance["one sample"] == a["one sample"] and chance["majority"] == a["majority"]   # the same candidates
     assert abs(chance["BoN-PRM"] - a["one sample"]) < 3 * sd and chance["BoN-PRM"] < chance["majority"]
     perfect = api(client, "17", prm_flip=0.0, orm_flip=0.0)["accuracy"]
-    assert perfect["BoN-PRM"] == perfect["BoN-ORM"] == perfect["pass@N (BoN, oracle)"]
+    assert perfect["BoN-PRM"] == perfect["BoN-ORM"] == perfect["oracle BoN"]
     refused = client.get("/api/17", params={"n": 64, "trials": 2000})
     assert refused.status_code == 400 and refused.json()["error"].startswith("refused: N · trials = 128000")
 

@@ -24,7 +24,9 @@ NOTES = [("course", "Continuous batching: evict the finished, admit the waiting,
                     "steps under the token budget; speculative decoding pays at low temperature, where drafts are "
                     "accepted, and not at T = 1."),
          ("course", "The course's simulator (7B on an H100, a formula): defaults 4803 tok/s, 1.57×; its spec model is "
-                    "accept = 1 − 0.7·T, speedup 1 + 1.5·accept (1.45× at T = 1)."),
+                    "accept = 1 − 0.7·T, speedup 1 + 1.5·accept (1.45× at T = 1). Its multipliers (0.6·B without "
+                    "continuous batching, 1.4 without prefix caching, 0.95 for chunked prefill) have no rlpt code "
+                    "behind them: the lab does not reproduce the 4803, it measures the engine."),
          ("fix", "The course's spec-decode formula gives 1.45× at T = 1 where its own prose says ≈1×; the lab measures "
                  "the acceptance rate α on the engine instead. α = Σ min(p, q) = 1 − TV(p, q): 1 with a draft equal to "
                  "the target at any T, falling with the draft's distance from it. How α moves with T depends on the "
@@ -140,6 +142,7 @@ def render(r: dict) -> str:
                   ("slot use (cont / static)", f'{c["slot_use"]:.0%} / {s["slot_use"]:.0%}'),
                   ("preemptions", str(c["preemptions"])),
                   ("spec acceptance α", f'{r["acceptance"]:.3f} (course 1−0.7T: {r["course_accept"]:.2f})'),
+                  ("tokens per verify (1−α^{k+1})/(1−α)", f'{r["per_verify_formula"]:.2f}'),
                   ("spec: steps", f'{p["steps"]} ({c["steps"] / p["steps"]:.2f}× fewer)')])
     warn = ""
     if s["slot_use"] < 0.5:
