@@ -366,3 +366,47 @@ def test_cli_tables(capsys):
     assert "640 GiB" in capsys.readouterr().out
     assert _cli("perf", "throughput") == 0
     assert "12.4 s" in capsys.readouterr().out
+
+
+# -- the per-role timeline (`rlpt perf timeline`) ----------------------------------------------------------------
+def test_timeline_in_process_rows_lay_the_roles_end_to_end():
+    from rlpt.perf.timeline import Span, equation, spans
+    rows = [{"step": 0, "acc/heldout": 0.5},
+            {"step": 1, "time/rollout": 1.0, "time/verify": 0.5, "time/ref": 0.25, "time/train": 2.0,
+             "time/sync": 0.25},
+            {"step": 2, "time/rollout": 2.0, "time/verify": 0.0, "time/ref": 0.5, "time/train": 1.0, "time/sync": 0.5}]
+    assert spans(rows) == [Span(1, "rollout", 0.0, 1.0), Span(1, "verify", 1.0, 1.5), Span(1, "ref", 1.5, 1.75),
+                           Span(1, "train", 1.75, 3.75), Span(1, "sync", 3.75, 4.0),
+                           Span(2, "rollout", 4.0, 6.0), Span(2, "ref", 6.0, 6.5), Span(2, "train", 6.5, 7.5),
+                           Span(2, "sync", 7.5, 8.0)]
+    eq = equation(rows)   # medians of two rows: the upper one (index len // 2)
+    assert (eq["rollout"], eq["verify"], eq["ref"], eq["train"], eq["sync"]) == (2.0, 0.5, 0.5, 2.0, 0.5)
+    assert eq["sum"] == 5.5 and eq["max"] == max(2.0 + 0.5, 0.5 + 2.0 + 0.5) == 3.0 and eq["measured"] == 4.0
+
+
+def test_timeline_ray_rows_overlap_and_steps_follow_time_step():
+    from rlpt.perf.timeline import Span, spans
+    row = {"step": 3, "time/train": 1.0, "time/step": 2.0,
+           "timeline/rollout0_t0": 0.0, "timeline/rollout0_t1": 1.5, "timeline/rollout1_t0": 0.1,
+           "timeline/rollout1_t1": 1.2, "timeline/train_t0": 0.2, "timeline/train_t1": 1.2,
+           "timeline/sync_t0": 1.2, "timeline/sync_t1": 1.3}
+    got = spans([row, {**row, "step": 4}], last=2)
+    assert got[:4] == [Span(3, "rollout0", 0.0, 1.5), Span(3, "rollout1", 0.1, 1.2), Span(3, "sync", 1.2, 1.3),
+                       Span(3, "train", 0.2, 1.2)]
+    assert got[4] == Span(4, "rollout0", 2.0, 3.5)   # the second step starts at the first one's time/step
+
+
+def test_rlpt_perf_timeline_writes_the_gantt(tmp_path, capsys):
+    from rlpt.cli import main
+    run = tmp_path / "run"
+    run.mkdir()
+    rows = [{"step": s, "time/rollout": 1.0, "time/verify": 0.1, "time/ref": 0.2, "time/train": 1.5,
+             "time/sync": 0.1} for s in range(1, 9)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["perf", "timeline", str(run), "--steps", "3"]) == 0
+    out = capsys.readouterr().out
+    assert (run / "timeline.png").stat().st_size > 0
+    assert "equation, colocated (sum of terms)" in out and "2.9 s" in out and "1.8 s" in out
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 0, "acc/heldout": 0.1}) + "\n")
+    assert main(["perf", "timeline", str(run)]) == 2
+    assert "logged no per-role times" in capsys.readouterr().err

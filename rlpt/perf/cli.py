@@ -5,6 +5,7 @@
     rlpt perf throughput --model 7b --k 16 --len 1024                 lesson 22a's per-role model per topology
     rlpt perf throughput runs/grpo                                   a run's measured split, and the allocator
     rlpt perf memory --model runs/grpo                               its model's numbers, its measured peak per role
+    rlpt perf timeline runs/grpo                                     a Gantt of the last steps' roles -> timeline.png
     rlpt diagnose runs/grpo                                          findings, written into the run's report.md
 
 --model takes a size in billions (1–700, the course's widget table), llama-3-8b / llama-3-70b / qwen2.5-7b, a
@@ -171,6 +172,30 @@ def cmd_throughput(args) -> int:
     return 0
 
 
+def cmd_timeline(args) -> int:
+    from rlpt.perf import timeline
+    from rlpt.perf.diagnose import read_metrics
+    rows = read_metrics(args.run)
+    sp = timeline.spans(rows, args.steps)
+    if not sp:
+        from rlpt.config import ConfigError
+        raise ConfigError(f"{args.run} logged no per-role times: a timeline comes from `rlpt train` runs")
+    eq = timeline.equation(rows)
+    path = timeline.plot(Path(args.run) / "timeline.png", sp, f"{Path(args.run).name}: last {args.steps} steps")
+    busy: dict[str, float] = {}
+    for s in sp:
+        busy[s.role] = busy.get(s.role, 0.0) + s.end - s.start
+    span = max(s.end for s in sp)
+    out = [(role, f"{b:.3g} s busy ({b / span:.0%} of {span:.3g} s)") for role, b in busy.items()]
+    if eq:
+        out += [("median step, measured", f"{eq['measured']:.3g} s"),
+                ("equation, colocated (sum of terms)", f"{eq['sum']:.3g} s"),
+                ("equation, overlapped (max of sides)", f"{eq['max']:.3g} s")]
+    print(_table(out, ("role / step", "seconds")))
+    print(f"\nwritten {path}")
+    return 0
+
+
 def cmd_diagnose(args) -> int:
     from rlpt.perf.diagnose import diagnose, read_metrics, render, write_into_report
     rows = read_metrics(args.run)
@@ -229,6 +254,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--flops", type=float, default=None,
                    help="device TFLOP/s (default 800, an H100; with a run: the predicted train time)")
     t.set_defaults(fn=cmd_throughput)
+
+    tl = ps.add_parser("timeline", help="a run's per-role timeline from its timestamps (a Gantt chart, "
+                                        "timeline.png) beside the throughput equation's sum and max")
+    tl.add_argument("run", help="an `rlpt train` run folder (in-process or Ray)")
+    tl.add_argument("--steps", type=int, default=6, help="the last N training steps")
+    tl.set_defaults(fn=cmd_timeline)
 
     d = sub.add_parser("diagnose", help="lesson 23's failure modes and lesson 28's playbook on a run folder; "
                                         "writes them into its report.md")
