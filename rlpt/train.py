@@ -17,6 +17,7 @@ so `--resume` continues bit-identically.
 from __future__ import annotations
 
 import copy
+import json
 from collections.abc import Collection
 from pathlib import Path
 from typing import Literal
@@ -58,7 +59,7 @@ from rlpt.framework.weight_sync import WeightSyncer
 from rlpt.gpt_mini.generate import SamplingParams
 from rlpt.gpt_mini.model import load_model
 from rlpt.gpt_mini.task import TRACE_FORMATS, make_task
-from rlpt.gpt_mini.tokenizer import CharTokenizer
+from rlpt.gpt_mini.tokenizer import ALPHABET, CharTokenizer
 from rlpt.loop import train_loop
 from rlpt.optim import make_optimizer
 from rlpt.report import LAST10, PROGRESS, summarize  # noqa: F401 - the end-of-run table, re-exported
@@ -89,6 +90,52 @@ class RolloutConfig(Section):
     backend: Literal["engine", "simple"] = Field(
         "engine", description="sampler: 'engine' (rlpt.engine: paged KV, continuous batching, one prefill per "
                               "group) or 'simple' (rlpt.gpt_mini.generate: padded batches, dense KV cache)")
+
+
+class TrainModelConfig(ModelConfig):
+    """gpt_mini's shape, or a Hugging Face policy (`hf_path`; the shape keys are then unused)."""
+    hf_path: str | None = Field(None, description="a local Hugging Face causal-LM directory as the policy, e.g. "
+                                "`rlpt export` output (its tokenizer must be gpt_mini's); None = gpt_mini")
+
+    def gpt_mini(self) -> ModelConfig:
+        """The gpt_mini shape alone (what load_model and SFT take)."""
+        return ModelConfig(**self.model_dump(exclude={"hf_path"}))
+
+
+class LoraSection(Section):
+    """LoRA on a Hugging Face policy (rlpt.models.lora): W' = W + (alpha / r)·B A, only A and B trained."""
+    r: int = Field(0, ge=0, description="adapter rank; 0 = off (full fine-tuning); needs model.hf_path")
+    alpha: float = Field(16.0, gt=0, description="the update is scaled by alpha / r")
+    targets: str | list[str] = Field("all-linear", description="'all-linear' or module names, e.g. [q_proj, v_proj]")
+
+
+HF_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")   # what the engine serves
+
+
+def check_hf_path(path: str) -> dict:
+    """model.hf_path must be a local HF directory of a causal LM the engine serves -> its config.json."""
+    d = Path(path)
+    if not d.is_dir():
+        raise ValueError(f"model.hf_path={path!r} is not a directory (a local `save_pretrained` folder, e.g. the "
+                         "output of `rlpt export runs/x out_dir/`; hub ids are not fetched)")
+    if not (d / "config.json").is_file():
+        raise ValueError(f"model.hf_path={path!r} has no config.json: not a Hugging Face model directory")
+    config = json.loads((d / "config.json").read_text())
+    archs = config.get("architectures") or []
+    if not any(a in HF_ARCHITECTURES for a in archs):
+        raise ValueError(f"model.hf_path={path!r} holds {archs or config.get('model_type')!r}, not a causal LM "
+                         f"`rlpt train` runs: one of {', '.join(HF_ARCHITECTURES)}")
+    return config
+
+
+def check_char_tokenizer(tokenizer, path: str) -> None:
+    """The arithmetic envs speak CharTokenizer ids: the HF tokenizer must give the same ids for the alphabet."""
+    tok = CharTokenizer()
+    text = ALPHABET[1:]     # every character but NUL (the pad)
+    if tokenizer is None or tokenizer.encode(text) != tok.encode(text) or tokenizer.eos_id != tok.eos_id:
+        raise ValueError(f"model.hf_path={path!r}: its tokenizer is not gpt_mini's character tokenizer (other ids "
+                         "for the alphabet or another EOS), and `rlpt train`'s envs score CharTokenizer ids. Use a "
+                         "directory written by `rlpt export` (it has rlpt_export.json)")
 
 
 class TrainerConfig(Section):
@@ -166,13 +213,36 @@ class TrainStage(Section):
 class TrainJob(TrainStage):
     """`rlpt train`'s schema: the stage, and what it runs on (run folder, model, task, env, start, eval)."""
     run: RunConfig = RunConfig(name=DEFAULT_ALGORITHM)
-    model: ModelConfig = ModelConfig()
+    model: TrainModelConfig = TrainModelConfig()
+    lora: LoraSection = LoraSection()
     task: TaskConfig = TaskConfig()
     env: EnvConfig = EnvConfig()
     init_from: str | None = None
     sft: SFTConfig = SFTConfig(steps=180, format="cot")
     eval: EvalConfig = EvalConfig(every=25, size=400)
     system: SystemConfig = SystemConfig()   # where the roles run: in-process (colocated) or Ray actors
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _model(cls, model):
+        # a pipeline hands its ModelConfig (gpt_mini only) to its RL stage
+        return model.model_dump() if isinstance(model, ModelConfig) and not isinstance(model, TrainModelConfig) \
+            else model
+
+    @model_validator(mode="after")
+    def _hf(self):
+        if self.lora.r and self.model.hf_path is None:
+            raise ValueError(f"lora.r={self.lora.r} needs model.hf_path: LoRA adapts a Hugging Face policy (gpt_mini "
+                             "trains fully); set model.hf_path=<dir> or lora.r=0")
+        if self.model.hf_path is None:
+            return self
+        check_hf_path(self.model.hf_path)
+        if self.init_from is not None:
+            raise ValueError("init_from and model.hf_path are both set: the HF directory is the start; remove one")
+        if self.system.topology != "colocated":
+            raise ValueError(f"system.topology={self.system.topology} with model.hf_path is not supported yet: "
+                             "use system.topology=colocated")
+        return self
 
     @model_validator(mode="after")
     def _env(self):
@@ -197,7 +267,7 @@ class TrainJob(TrainStage):
                              "(rlpt.models.hf), or pick env.name=arithmetic, calculator, math, leaky, reward_model "
                              "or judge")
         check_prompt_fits(self.task, self.model.max_seq_len)
-        if self.init_from is None:   # the SFT start is trained here
+        if self.init_from is None and self.model.hf_path is None:   # the SFT start is trained here
             check_demonstration_fits(self.task, self.sft.format, self.model.max_seq_len)
         if env_class(self.env.name).model_path_arg is None:   # cheap to build: look at its prompts
             check_env_prompts(self)
@@ -282,6 +352,8 @@ def algorithm_overrides(name: str) -> tuple[str, ...]:
 
 def sft_init(job: TrainJob, resume: bool, allow_change: Collection[str] = ()) -> Path:
     """The SFT checkpoint RL starts from: `init_from`, or one trained now into runs/<name>/sft."""
+    if job.model.hf_path:
+        return Path(job.model.hf_path)
     if job.init_from:
         return Path(job.init_from)
     sft_dir = Path(job.run.out_dir) / job.run.name / "sft"
@@ -290,7 +362,8 @@ def sft_init(job: TrainJob, resume: bool, allow_change: Collection[str] = ()) ->
         return done
     ck = latest_checkpoint(sft_dir)
     sft_job = SFTJob(run=job.run.model_copy(update={"out_dir": str(sft_dir.parent), "name": "sft"}),
-                     model=job.model, task=job.task, sft=job.sft, eval=job.eval.model_copy(update={"pass_k": 1}))
+                     model=job.model.gpt_mini(), task=job.task, sft=job.sft,
+                     eval=job.eval.model_copy(update={"pass_k": 1}))
     print(f"[rlpt] no init_from: training the SFT start ({job.sft.steps} steps) into {sft_dir}")
     train_sft(sft_job, resume=ck is not None, allow_change=allow_change)
     return latest_checkpoint(sft_dir)
@@ -299,13 +372,16 @@ def sft_init(job: TrainJob, resume: bool, allow_change: Collection[str] = ()) ->
 def build(job: TrainJob, init: Path):
     """The six roles, wired. Returns (controller, heldout prompts)."""
     tok = CharTokenizer()
-    policy = load_model(init, job.model, tok)
+    policy = load_policy(job, init, tok)
     env = make_env(job.env.name, task=make_task(job.task), seed=job.run.seed, tokenizer=tok,
                    **env_model_kwargs(job.env))
     sp = SamplingParams(max_tokens=job.rollout.max_tokens, temperature=job.rollout.temperature,
                         top_p=job.rollout.top_p, top_k=job.rollout.top_k)
     algo = make_algorithm(job.algorithm.model_dump(), job.rollout.k, job.rollout.max_tokens)
     critic = algo.make_critic(policy)   # None but for an algorithm with a value model (PPO)
+    if critic is not None and job.model.hf_path:
+        raise ValueError(f"algorithm.name={job.algorithm.name} trains a critic, which is gpt_mini-only: with "
+                         "model.hf_path use a critic-free algorithm (grpo, rloo, reinforce, ...)")
     # an env that answers turns (`multi_turn`, e.g. the calculator) gets the agent loop; same interface
     multi = {"max_turns": job.rollout.max_turns, "turn_tokens": job.rollout.turn_tokens} \
         if env.multi_turn else {}
@@ -317,7 +393,12 @@ def build(job: TrainJob, init: Path):
     if algo.uses_prox:   # an off-policy correction: the trainer's log-probs before the update are π_prox
         scorers["prox_logp"] = Reference.prox_scorer(policy, job.rollout.temperature, job.trainer.precision)
     # β = 0 and no other reader of π_ref: its forward is skipped (issue 14, "do less")
-    reference = Reference(policy, temperature=job.rollout.temperature, scorers=scorers,
+    # under LoRA π_ref is the same model with the adapters off (no second copy), else a frozen deep copy
+    ref_model = policy
+    if job.lora.r:
+        from rlpt.models.lora import AdapterDisabled
+        ref_model = AdapterDisabled(policy)
+    reference = Reference(ref_model, temperature=job.rollout.temperature, scorers=scorers,
                           ref_logp=algo.uses_reference, packing=job.trainer.packing, precision=job.trainer.precision)
     t = job.trainer
     total_opt_steps = job.steps * t.epochs * t.mini_batches
@@ -334,6 +415,31 @@ def build(job: TrainJob, init: Path):
                      tok.pad_id, logp_tol=tol if job.check.enabled and exact else None, logp_tol_max=tol_max,
                      tol_keys=keys)
     return ctl, env.heldout(job.eval.size)
+
+
+def load_policy(job: TrainJob, init: Path, tok: CharTokenizer):
+    """gpt_mini from checkpoint `init`, or the HF policy of model.hf_path (+ LoRA when lora.r > 0)."""
+    if not job.model.hf_path:
+        return load_model(init, job.model.gpt_mini(), tok)
+    from rlpt.models.hf import load_hf_policy
+    policy = load_hf_policy(job.model.hf_path)
+    check_char_tokenizer(policy.tokenizer, job.model.hf_path)
+    if job.lora.r:
+        from rlpt.models.lora import LoraSpec, apply_lora
+        policy = apply_lora(policy, LoraSpec(r=job.lora.r, alpha=job.lora.alpha, targets=job.lora.targets))
+    return policy
+
+
+def checkpointed(job: TrainJob, model: torch.nn.Module) -> tuple[torch.nn.Module, dict]:
+    """What a checkpoint's model.safetensors holds, and its metadata: gpt_mini's weights and shape, an HF policy's
+    full state dict, or under LoRA the adapters only (the base is model.hf_path, unchanged)."""
+    if not job.model.hf_path:
+        return model, model.cfg.to_dict()
+    meta = {"hf_path": job.model.hf_path, "lora": job.lora.model_dump()}
+    if not job.lora.r:
+        return model, meta
+    from rlpt.models.lora import AdapterWeights
+    return AdapterWeights(model), meta
 
 
 def run_train(job: TrainJob, resume: bool = False, allow_change: Collection[str] = ()) -> tuple[Controller, Run, dict]:
@@ -353,18 +459,18 @@ def run_train(job: TrainJob, resume: bool = False, allow_change: Collection[str]
     start = 0
     ck = run.resume_from
     if ck is not None:
-        load_weights(ck, ctl.trainer.model)
+        load_weights(ck, checkpointed(job, ctl.trainer.model)[0])
         state = load_state(ck)
         ctl.load_state_dict(state)
         set_rng_state(state["rng"])
         start = state["step"]
         run.keep_metrics(start, state.get("metrics_rows"))
         print(f"[rlpt] resumed {run.dir} from {ck.name} (step {start})")
-    meta = ctl.trainer.model.cfg.to_dict()
+    weights, meta = checkpointed(job, ctl.trainer.model)
 
     def save(step: int):
         state = {"step": step, "init": str(init), **ctl.state_dict(), "rng": rng_state()}
-        return run.save(step, ctl.trainer.model, meta, state, keep=job.keep_checkpoints)
+        return run.save(step, weights, meta, state, keep=job.keep_checkpoints)
 
     def eval_fn() -> dict:
         r = job.rollout   # greedy, on the trainer's weights, with the rollout's budget, sampler and turns

@@ -122,6 +122,19 @@ def lora_state_dict(model) -> dict[str, torch.Tensor]:
     return {k: v.detach() for k, v in get_peft_model_state_dict(_peft_model(model)).items()}
 
 
+class AdapterWeights(nn.Module):
+    """The adapters of `policy` as a module whose state_dict is `lora_state_dict` (live tensors, peft's names):
+    what an rlpt checkpoint of a LoRA run saves and loads (rlpt.checkpoint), the base left out."""
+
+    def __init__(self, policy):
+        super().__init__()
+        _peft_model(policy)
+        object.__setattr__(self, "policy", policy)
+
+    def state_dict(self, *args, **kwargs) -> dict[str, torch.Tensor]:
+        return lora_state_dict(self.policy)
+
+
 def load_lora_state(model, state: dict[str, torch.Tensor]) -> None:
     """Load adapter tensors (from `lora_state_dict`) into a model with the same adapter; strict."""
     from peft import set_peft_model_state_dict

@@ -1,0 +1,114 @@
+"""`rlpt train model.hf_path=<dir>`: GRPO on a Hugging Face policy (an `rlpt export`ed gpt_mini), full or LoRA.
+
+The start is a tiny gpt_mini after a short CoT SFT (mixed groups, so steps train), exported once per module.
+Checked: the run-time log-prob check passes on engine rollouts; under LoRA the base stays bit-identical, only
+adapters move and π_ref is the base; a resume from step 2 equals an uninterrupted 3-step run; bad input."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+pytest.importorskip("peft")
+from rlpt.config import ConfigError  # noqa: E402
+from rlpt.models.export import export_checkpoint  # noqa: E402
+from rlpt.models.hf import load_hf_policy  # noqa: E402
+from rlpt.sft import train_sft  # noqa: E402
+from rlpt.train import load_train_job, run_train  # noqa: E402
+
+from conftest import TINY_RL, TOK  # noqa: E402
+
+FAST = [o for o in TINY_RL if not o.startswith(("model.", "sft."))] + ["eval.every=100", "eval.size=8"]
+IDS = torch.tensor([TOK.encode("<12+7+9>28#"), TOK.encode("(1+2)*3=9#x")])
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    """A tiny gpt_mini after 30 CoT SFT steps (TINY_RL's start), exported with `rlpt export`."""
+    root = tmp_path_factory.mktemp("hf_train")
+    sft = load_train_job(None, [*TINY_RL, f"run.out_dir={root}", "run.name=start"])
+    from rlpt.sft import SFTJob
+    job = SFTJob(run=sft.run.model_copy(update={"name": "sft"}), model=sft.model.gpt_mini(), task=sft.task,
+                 sft=sft.sft, eval=sft.eval.model_copy(update={"pass_k": 1, "size": 8}))
+    train_sft(job)
+    export_checkpoint(root / "sft", root / "hf")
+    return root / "hf"
+
+
+def _job(tmp_path, hf_dir, *overrides):
+    return load_train_job(None, [*FAST, f"run.out_dir={tmp_path / 'runs'}", f"model.hf_path={hf_dir}", *overrides])
+
+
+def _trained(policy) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in policy.named_parameters() if v.requires_grad}
+
+
+def test_full_fine_tuning_of_an_hf_policy_trains_with_the_logp_check(tmp_path, hf_dir):
+    ctl, run, _ = run_train(_job(tmp_path, hf_dir, "steps=3"))
+    rows = [json.loads(r) for r in (run.dir / "metrics.jsonl").read_text().splitlines()]
+    trained = [r for r in rows if r.get("step/skipped") == 0.0]
+    assert trained, "no step trained (all groups degenerate)"
+    assert all(r["check/logp_mismatch"] < 1e-4 for r in trained)       # the check ran (and raised on none)
+    assert type(ctl.trainer.model.model).__name__ == "LlamaForCausalLM"
+    assert ctl.rollout.backend == "engine"
+    base = load_hf_policy(hf_dir)
+    assert not all(torch.equal(a, b) for a, b in zip(base.state_dict().values(),
+                                                        ctl.trainer.model.state_dict().values()))
+    meta_keys = set(ctl.trainer.model.state_dict())
+    from safetensors.torch import load_file
+    saved = load_file(str(run.dir / "checkpoints" / "step_00000003" / "model.safetensors"))
+    assert set(saved) <= meta_keys and len(saved) >= len(meta_keys) - 1   # full weights (a tied head once)
+
+
+@pytest.mark.slow
+def test_lora_keeps_the_base_bit_identical_and_resumes_exactly(tmp_path, hf_dir):
+    lora = ["lora.r=4", "lora.alpha=8", "trainer.optim.lr=5e-3"]
+    ctl, run, _ = run_train(_job(tmp_path, hf_dir, "steps=3", "run.name=straight", *lora))
+    policy = ctl.trainer.model
+    rows = [json.loads(r) for r in (run.dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r for r in rows if r.get("step/skipped") == 0.0]
+    assert all(r["check/logp_mismatch"] < 1e-4 for r in rows if "check/logp_mismatch" in r)
+    base = load_hf_policy(hf_dir)
+    frozen = {k.replace("base_model.model.", "").replace(".base_layer", ""): v
+              for k, v in policy.model.state_dict().items() if "lora_" not in k}
+    for k, v in base.model.state_dict().items():
+        assert torch.equal(frozen[k], v), k                                          # base bit-identical
+    trained = _trained(policy)
+    assert trained and all("lora_" in k for k in trained)
+    assert any(v.abs().sum() > 0 for k, v in trained.items() if "lora_B" in k)         # the adapters moved
+    with torch.no_grad():
+        assert torch.equal(ctl.reference.model(IDS), base(IDS))                        # π_ref = the base, exactly
+        assert not torch.equal(policy(IDS), base(IDS))
+    ck = run.dir / "checkpoints" / "step_00000003"
+    from safetensors.torch import load_file
+    assert all("lora_" in k for k in load_file(str(ck / "model.safetensors")))       # adapters only
+
+    # a crash after step 2: rerun with ckpt_every=2, drop step 3, resume
+    broken = _job(tmp_path, hf_dir, "steps=3", "run.name=resumed", "ckpt_every=2", *lora)
+    _, run_b, _ = run_train(broken)
+    shutil.rmtree(run_b.dir / "checkpoints" / "step_00000003")
+    (run_b.dir / "checkpoints" / "latest").write_text("step_00000002")
+    ctl_b, _, _ = run_train(broken, resume=True)
+    resumed = _trained(ctl_b.trainer.model)
+    assert resumed.keys() == trained.keys()
+    for k in trained:
+        assert torch.equal(trained[k], resumed[k]), k
+
+
+def test_bad_hf_settings_name_the_key(tmp_path, hf_dir):
+    with pytest.raises(ConfigError, match="model.hf_path.*not a directory"):
+        _job(tmp_path, tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="model.hf_path.*no config.json"):
+        _job(tmp_path, tmp_path / "empty")
+    with pytest.raises(ConfigError, match="lora.r=4 needs model.hf_path"):
+        load_train_job(None, [*FAST, "lora.r=4"])
+    with pytest.raises(ConfigError, match="init_from and model.hf_path"):
+        _job(tmp_path, hf_dir, "init_from=runs/x")
+    seq = tmp_path / "seq2seq"
+    seq.mkdir()
+    (seq / "config.json").write_text(json.dumps({"architectures": ["T5ForConditionalGeneration"]}))
+    with pytest.raises(ConfigError, match="model.hf_path.*T5ForConditionalGeneration.*not a causal LM"):
+        _job(tmp_path, seq)
