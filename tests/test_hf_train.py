@@ -60,6 +60,13 @@ def test_full_fine_tuning_of_an_hf_policy_trains_with_the_logp_check(tmp_path, h
     from safetensors.torch import load_file
     saved = load_file(str(run.dir / "checkpoints" / "step_00000003" / "model.safetensors"))
     assert set(saved) <= meta_keys and len(saved) >= len(meta_keys) - 1   # full weights (a tied head once)
+    broken = _job(tmp_path, hf_dir, "steps=3", "run.name=resumed", "ckpt_every=2")
+    _, run_b, _ = run_train(broken)
+    shutil.rmtree(run_b.dir / "checkpoints" / "step_00000003")
+    (run_b.dir / "checkpoints" / "latest").write_text("step_00000002")
+    ctl_b, _, _ = run_train(broken, resume=True)                        # resume after step 2 == 3 straight steps
+    for (k, a), b in zip(ctl.trainer.model.state_dict().items(), ctl_b.trainer.model.state_dict().values()):
+        assert torch.equal(a, b), k
 
 
 @pytest.mark.slow
@@ -112,3 +119,16 @@ def test_bad_hf_settings_name_the_key(tmp_path, hf_dir):
     (seq / "config.json").write_text(json.dumps({"architectures": ["T5ForConditionalGeneration"]}))
     with pytest.raises(ConfigError, match="model.hf_path.*T5ForConditionalGeneration.*not a causal LM"):
         _job(tmp_path, seq)
+
+
+def test_a_tokenizer_other_than_gpt_minis_is_refused(tmp_path, hf_dir):
+    other = tmp_path / "other_tok"
+    shutil.copytree(hf_dir, other)
+    spec = json.loads((other / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    vocab["0"], vocab["1"] = vocab["1"], vocab["0"]          # two digits' ids swapped
+    (other / "tokenizer.json").write_text(json.dumps(spec))
+    with pytest.raises(ValueError, match="model.hf_path.*not gpt_mini's character tokenizer"):
+        run_train(_job(tmp_path, other, "steps=1"))
+    assert not (tmp_path / "runs" / "grpo").exists()           # a failed start leaves no run folder
+
