@@ -101,6 +101,12 @@ class TrainModelConfig(ModelConfig):
         """The gpt_mini shape alone (what load_model and SFT take)."""
         return ModelConfig(**self.model_dump(exclude={"hf_path"}))
 
+    def __eq__(self, other) -> bool:
+        # the pipeline hands its RL stage a ModelConfig: without hf_path this is that same gpt_mini
+        if type(other) is ModelConfig:
+            return self.hf_path is None and self.gpt_mini() == other
+        return super().__eq__(other)
+
 
 class LoraSection(Section):
     """LoRA on a Hugging Face policy (rlpt.models.lora): W' = W + (alpha / r)·B A, only A and B trained."""
