@@ -13,6 +13,10 @@ needs a policy that is right sometimes, not always). The SFT weights become thre
 copies: the trainer's policy, the rollout's copy (updated only by weight sync) and the frozen
 reference. Checkpoints hold the trainer, the rollout copy, the env's and every generator's state,
 so `--resume` continues bit-identically.
+
+With `model.hf_path=<dir>` (e.g. `rlpt export` output) the policy is that Hugging Face model instead, with
+LoRA when `lora.r > 0`: π_ref is then the same model with its adapters off and checkpoints hold the adapters
+only (docs/real_models.md §5). No SFT start is trained; the tokenizer must be gpt_mini's.
 """
 from __future__ import annotations
 
@@ -242,7 +246,13 @@ class TrainJob(TrainStage):
                              "trains fully); set model.hf_path=<dir> or lora.r=0")
         if self.model.hf_path is None:
             return self
-        check_hf_path(self.model.hf_path)
+        n_pos = check_hf_path(self.model.hf_path).get("max_position_embeddings")
+        if n_pos is not None:   # the HF model's context, not model.max_seq_len, bounds the prompts
+            try:
+                check_prompt_fits(self.task, int(n_pos))
+            except ValueError as e:
+                raise ValueError(f"model.hf_path={self.model.hf_path!r} (max_position_embeddings={n_pos}): "
+                                 f"{e}") from None
         if self.init_from is not None:
             raise ValueError("init_from and model.hf_path are both set: the HF directory is the start; remove one")
         if self.system.topology != "colocated":
@@ -272,7 +282,8 @@ class TrainJob(TrainStage):
                              "be 0 and every step skipped. Use the env from Python with a Hugging Face policy "
                              "(rlpt.models.hf), or pick env.name=arithmetic, calculator, math, leaky, reward_model "
                              "or judge")
-        check_prompt_fits(self.task, self.model.max_seq_len)
+        if self.model.hf_path is None:   # else checked against the HF model's context in _hf
+            check_prompt_fits(self.task, self.model.max_seq_len)
         if self.init_from is None and self.model.hf_path is None:   # the SFT start is trained here
             check_demonstration_fits(self.task, self.sft.format, self.model.max_seq_len)
         if env_class(self.env.name).model_path_arg is None:   # cheap to build: look at its prompts

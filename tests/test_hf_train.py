@@ -114,6 +114,8 @@ def test_bad_hf_settings_name_the_key(tmp_path, hf_dir):
         load_train_job(None, [*FAST, "lora.r=4"])
     with pytest.raises(ConfigError, match="init_from and model.hf_path"):
         _job(tmp_path, hf_dir, "init_from=runs/x")
+    with pytest.raises(ConfigError, match="max_position_embeddings=.*longest prompt"):
+        _job(tmp_path, hf_dir, "task.max_operands=12", "task.max_value=999")
     seq = tmp_path / "seq2seq"
     seq.mkdir()
     (seq / "config.json").write_text(json.dumps({"architectures": ["T5ForConditionalGeneration"]}))
