@@ -483,11 +483,12 @@ def run_train(job: TrainJob, resume: bool = False, allow_change: Collection[str]
         start = state["step"]
         run.keep_metrics(start, state.get("metrics_rows"))
         print(f"[rlpt] resumed {run.dir} from {ck.name} (step {start})")
-    weights, meta = checkpointed(job, ctl.trainer.model)
+    meta = checkpointed(job, ctl.trainer.model)[1]
 
     def save(step: int):
         state = {"step": step, "init": str(init), **ctl.state_dict(), "rng": rng_state()}
-        return run.save(step, weights, meta, state, keep=job.keep_checkpoints)
+        # ctl.trainer.model read at each save: a Ray run's local copy is refreshed from the trainer actor on read
+        return run.save(step, checkpointed(job, ctl.trainer.model)[0], meta, state, keep=job.keep_checkpoints)
 
     def eval_fn() -> dict:
         r = job.rollout   # greedy, on the trainer's weights, with the rollout's budget, sampler and turns
