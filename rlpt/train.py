@@ -21,7 +21,6 @@ only (docs/real_models.md §5). No SFT start is trained; the tokenizer must be g
 from __future__ import annotations
 
 import copy
-import json
 from collections.abc import Collection
 from pathlib import Path
 from typing import Literal
@@ -61,9 +60,17 @@ from rlpt.framework.rollout import Rollout
 from rlpt.framework.trainer import Trainer
 from rlpt.framework.weight_sync import WeightSyncer
 from rlpt.gpt_mini.generate import SamplingParams
-from rlpt.gpt_mini.model import load_model
 from rlpt.gpt_mini.task import TRACE_FORMATS, make_task
-from rlpt.gpt_mini.tokenizer import ALPHABET, CharTokenizer
+from rlpt.gpt_mini.tokenizer import CharTokenizer
+from rlpt.hf_policy import (  # noqa: F401 - re-exported: a Hugging Face policy through rlpt train
+    HF_ARCHITECTURES,
+    LoraSection,
+    TrainModelConfig,
+    check_char_tokenizer,
+    check_hf_path,
+    checkpointed,
+    load_policy,
+)
 from rlpt.loop import train_loop
 from rlpt.optim import make_optimizer
 from rlpt.report import LAST10, PROGRESS, summarize  # noqa: F401 - the end-of-run table, re-exported
@@ -94,58 +101,6 @@ class RolloutConfig(Section):
     backend: Literal["engine", "simple"] = Field(
         "engine", description="sampler: 'engine' (rlpt.engine: paged KV, continuous batching, one prefill per "
                               "group) or 'simple' (rlpt.gpt_mini.generate: padded batches, dense KV cache)")
-
-
-class TrainModelConfig(ModelConfig):
-    """gpt_mini's shape, or a Hugging Face policy (`hf_path`; the shape keys are then unused)."""
-    hf_path: str | None = Field(None, description="a local Hugging Face causal-LM directory as the policy, e.g. "
-                                "`rlpt export` output (its tokenizer must be gpt_mini's); None = gpt_mini")
-
-    def gpt_mini(self) -> ModelConfig:
-        """The gpt_mini shape alone (what load_model and SFT take)."""
-        return ModelConfig(**self.model_dump(exclude={"hf_path"}))
-
-    def __eq__(self, other) -> bool:
-        # the pipeline hands its RL stage a ModelConfig: without hf_path this is that same gpt_mini
-        if type(other) is ModelConfig:
-            return self.hf_path is None and self.gpt_mini() == other
-        return super().__eq__(other)
-
-
-class LoraSection(Section):
-    """LoRA on a Hugging Face policy (rlpt.models.lora): W' = W + (alpha / r)·B A, only A and B trained."""
-    r: int = Field(0, ge=0, description="adapter rank; 0 = off (full fine-tuning); needs model.hf_path")
-    alpha: float = Field(16.0, gt=0, description="the update is scaled by alpha / r")
-    targets: str | list[str] = Field("all-linear", description="'all-linear' or module names, e.g. [q_proj, v_proj]")
-
-
-HF_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")   # what the engine serves
-
-
-def check_hf_path(path: str) -> dict:
-    """model.hf_path must be a local HF directory of a causal LM the engine serves -> its config.json."""
-    d = Path(path)
-    if not d.is_dir():
-        raise ValueError(f"model.hf_path={path!r} is not a directory (a local `save_pretrained` folder, e.g. the "
-                         "output of `rlpt export runs/x out_dir/`; hub ids are not fetched)")
-    if not (d / "config.json").is_file():
-        raise ValueError(f"model.hf_path={path!r} has no config.json: not a Hugging Face model directory")
-    config = json.loads((d / "config.json").read_text())
-    archs = config.get("architectures") or []
-    if not any(a in HF_ARCHITECTURES for a in archs):
-        raise ValueError(f"model.hf_path={path!r} holds {archs or config.get('model_type')!r}, not a causal LM "
-                         f"`rlpt train` runs: one of {', '.join(HF_ARCHITECTURES)}")
-    return config
-
-
-def check_char_tokenizer(tokenizer, path: str) -> None:
-    """The arithmetic envs speak CharTokenizer ids: the HF tokenizer must give the same ids for the alphabet."""
-    tok = CharTokenizer()
-    text = ALPHABET[1:]     # every character but NUL (the pad)
-    if tokenizer is None or tokenizer.encode(text) != tok.encode(text) or tokenizer.eos_id != tok.eos_id:
-        raise ValueError(f"model.hf_path={path!r}: its tokenizer is not gpt_mini's character tokenizer (other ids "
-                         "for the alphabet or another EOS), and `rlpt train`'s envs score CharTokenizer ids. Use a "
-                         "directory written by `rlpt export` (it has rlpt_export.json)")
 
 
 class TrainerConfig(Section):
@@ -432,31 +387,6 @@ def build(job: TrainJob, init: Path):
                      tok.pad_id, logp_tol=tol if job.check.enabled and exact else None, logp_tol_max=tol_max,
                      tol_keys=keys)
     return ctl, env.heldout(job.eval.size)
-
-
-def load_policy(job: TrainJob, init: Path, tok: CharTokenizer):
-    """gpt_mini from checkpoint `init`, or the HF policy of model.hf_path (+ LoRA when lora.r > 0)."""
-    if not job.model.hf_path:
-        return load_model(init, job.model.gpt_mini(), tok)
-    from rlpt.models.hf import load_hf_policy
-    policy = load_hf_policy(job.model.hf_path)
-    check_char_tokenizer(policy.tokenizer, job.model.hf_path)
-    if job.lora.r:
-        from rlpt.models.lora import LoraSpec, apply_lora
-        policy = apply_lora(policy, LoraSpec(r=job.lora.r, alpha=job.lora.alpha, targets=job.lora.targets))
-    return policy
-
-
-def checkpointed(job: TrainJob, model: torch.nn.Module) -> tuple[torch.nn.Module, dict]:
-    """What a checkpoint's model.safetensors holds, and its metadata: gpt_mini's weights and shape, an HF policy's
-    full state dict, or under LoRA the adapters only (the base is model.hf_path, unchanged)."""
-    if not job.model.hf_path:
-        return model, model.cfg.to_dict()
-    meta = {"hf_path": job.model.hf_path, "lora": job.lora.model_dump()}
-    if not job.lora.r:
-        return model, meta
-    from rlpt.models.lora import AdapterWeights
-    return AdapterWeights(model), meta
 
 
 def run_train(job: TrainJob, resume: bool = False, allow_change: Collection[str] = ()) -> tuple[Controller, Run, dict]:

@@ -1,0 +1,98 @@
+"""`rlpt train model.hf_path=<dir> [lora.r=8]`: a Hugging Face policy in place of gpt_mini (docs/real_models.md §5).
+
+    TrainModelConfig   gpt_mini's shape, or `hf_path`: a local Llama / Qwen2 / Mistral directory (e.g. `rlpt export`)
+    LoraSection        lora.r (0 = full fine-tuning), lora.alpha, lora.targets
+    load_policy        the policy `build` wires: gpt_mini from a checkpoint, or the HF model (+ LoRA adapters)
+    checkpointed       what a checkpoint's model.safetensors holds: the weights, or under LoRA the adapters only
+
+The arithmetic envs score CharTokenizer ids, so the HF tokenizer must be gpt_mini's (`check_char_tokenizer`).
+rlpt.train re-exports these names; its TrainJob holds the two sections.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from pydantic import Field
+
+from rlpt.config import ModelConfig, Section
+from rlpt.gpt_mini.model import load_model
+from rlpt.gpt_mini.tokenizer import ALPHABET, CharTokenizer
+
+
+class TrainModelConfig(ModelConfig):
+    """gpt_mini's shape, or a Hugging Face policy (`hf_path`; the shape keys are then unused)."""
+    hf_path: str | None = Field(None, description="a local Hugging Face causal-LM directory as the policy, e.g. "
+                                "`rlpt export` output (its tokenizer must be gpt_mini's); None = gpt_mini")
+
+    def gpt_mini(self) -> ModelConfig:
+        """The gpt_mini shape alone (what load_model and SFT take)."""
+        return ModelConfig(**self.model_dump(exclude={"hf_path"}))
+
+    def __eq__(self, other) -> bool:
+        # the pipeline hands its RL stage a ModelConfig: without hf_path this is that same gpt_mini
+        if type(other) is ModelConfig:
+            return self.hf_path is None and self.gpt_mini() == other
+        return super().__eq__(other)
+
+
+class LoraSection(Section):
+    """LoRA on a Hugging Face policy (rlpt.models.lora): W' = W + (alpha / r)·B A, only A and B trained."""
+    r: int = Field(0, ge=0, description="adapter rank; 0 = off (full fine-tuning); needs model.hf_path")
+    alpha: float = Field(16.0, gt=0, description="the update is scaled by alpha / r")
+    targets: str | list[str] = Field("all-linear", description="'all-linear' or module names, e.g. [q_proj, v_proj]")
+
+
+HF_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")   # what the engine serves
+
+
+def check_hf_path(path: str) -> dict:
+    """model.hf_path must be a local HF directory of a causal LM the engine serves -> its config.json."""
+    d = Path(path)
+    if not d.is_dir():
+        raise ValueError(f"model.hf_path={path!r} is not a directory (a local `save_pretrained` folder, e.g. the "
+                         "output of `rlpt export runs/x out_dir/`; hub ids are not fetched)")
+    if not (d / "config.json").is_file():
+        raise ValueError(f"model.hf_path={path!r} has no config.json: not a Hugging Face model directory")
+    config = json.loads((d / "config.json").read_text())
+    archs = config.get("architectures") or []
+    if not any(a in HF_ARCHITECTURES for a in archs):
+        raise ValueError(f"model.hf_path={path!r} holds {archs or config.get('model_type')!r}, not a causal LM "
+                         f"`rlpt train` runs: one of {', '.join(HF_ARCHITECTURES)}")
+    return config
+
+
+def check_char_tokenizer(tokenizer, path: str) -> None:
+    """The arithmetic envs speak CharTokenizer ids: the HF tokenizer must give the same ids for the alphabet."""
+    tok = CharTokenizer()
+    text = ALPHABET[1:]     # every character but NUL (the pad)
+    if tokenizer is None or tokenizer.encode(text) != tok.encode(text) or tokenizer.eos_id != tok.eos_id:
+        raise ValueError(f"model.hf_path={path!r}: its tokenizer is not gpt_mini's character tokenizer (other ids "
+                         "for the alphabet or another EOS), and `rlpt train`'s envs score CharTokenizer ids. Use a "
+                         "directory written by `rlpt export` (it has rlpt_export.json)")
+
+
+def load_policy(job, init: Path, tok: CharTokenizer):
+    """gpt_mini from checkpoint `init`, or the HF policy of model.hf_path (+ LoRA when lora.r > 0)."""
+    if not job.model.hf_path:
+        return load_model(init, job.model.gpt_mini(), tok)
+    from rlpt.models.hf import load_hf_policy
+    policy = load_hf_policy(job.model.hf_path)
+    check_char_tokenizer(policy.tokenizer, job.model.hf_path)
+    if job.lora.r:
+        from rlpt.models.lora import LoraSpec, apply_lora
+        policy = apply_lora(policy, LoraSpec(r=job.lora.r, alpha=job.lora.alpha, targets=job.lora.targets))
+    return policy
+
+
+def checkpointed(job, model: torch.nn.Module) -> tuple[torch.nn.Module, dict]:
+    """What a checkpoint's model.safetensors holds, and its metadata: gpt_mini's weights and shape, an HF policy's
+    full state dict, or under LoRA the adapters only (the base is model.hf_path, unchanged)."""
+    if not job.model.hf_path:
+        return model, model.cfg.to_dict()
+    meta = {"hf_path": job.model.hf_path, "lora": job.lora.model_dump()}
+    if not job.lora.r:
+        return model, meta
+    from rlpt.models.lora import AdapterWeights
+    return AdapterWeights(model), meta
