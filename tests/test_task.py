@@ -101,3 +101,21 @@ def test_config_errors():
         ArithmeticTask(min_operands=3, max_operands=2)
     with pytest.raises(ValueError, match="min_value"):
         ArithmeticTask(min_value=5, max_value=2)
+
+
+def test_no_heldout_problem_has_a_reordered_twin_in_training():
+    """The split hashes the sorted operands, so every ordering of a held-out multiset is held out. Over the default
+    task's whole space (2-4 operands of 0..9: 11,100 problems) and its 500-problem held-out set."""
+    task = ArithmeticTask()
+    space = [Problem(ops) for n in (2, 3, 4) for ops in itertools.product(range(10), repeat=n)]
+    assert len(space) == task.num_distinct == 11_100
+    by_multiset: dict[tuple[int, ...], set[bool]] = {}
+    for p in space:
+        by_multiset.setdefault(tuple(sorted(p.operands)), set()).add(task.is_heldout(p))
+    assert all(len(sides) == 1 for sides in by_multiset.values())      # one side per multiset
+    held = [k for k, sides in by_multiset.items() if sides == {True}]
+    assert 0.05 * len(by_multiset) <= len(held) <= 0.15 * len(by_multiset)   # about heldout_frac of the multisets
+    for p in task.heldout_set(500):
+        twins = {Problem(ops) for ops in itertools.permutations(p.operands)}
+        assert not any(not task.is_heldout(t) for t in twins), p
+    assert task.is_heldout(Problem((4, 3, 9))) == task.is_heldout(Problem((9, 4, 3)))
