@@ -173,6 +173,94 @@ def test_env_state_round_trips_to_the_same_draws():
                                                                                   for p in pb])
 
 
+# -- the curriculum over a prompt file ---------------------------------------------------------------------
+def write_rows(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def train_rows(task, n, seed=0, **meta):
+    """n distinct training prompts of `task` as prompt rows (what rlpt data make-arith writes)."""
+    import random
+    rng, seen, rows = random.Random(seed), set(), []
+    while len(rows) < n:
+        p = task.sample(rng, "train")
+        if p not in seen:
+            seen.add(p)
+            rows.append({"id": f"r{len(rows)}", "prompt": p.prompt, "answer": str(p.gold), "metadata": dict(meta)})
+    return rows
+
+
+def test_curriculum_over_a_prompt_file_draws_its_rows_weighted_by_their_pass_rates(tmp_path):
+    task = ArithmeticTask(max_operands=3)
+    rows = train_rows(task, 12)
+    for i, r in enumerate(rows):      # curate's metadata: 4 prompts solved 8/8, 4 at 4/8, 4 at 0/8
+        r["metadata"] = {"p_hat": [1.0, 0.5, 0.0][i % 3], "k": 8}
+    path = write_rows(tmp_path / "curated.jsonl", rows)
+    e = CurriculumEnv(task, seed=0, curriculum=CurriculumConfig(prompts=path, stratify=False, probe=0))
+    assert list(e.problems) == [r["prompt"] for r in rows]                     # the file's rows are the pool
+    # warm start: s = p̂·8, n = 8, Laplace prior α = 2 at q = 1/2: (8+1)/10, (4+1)/10, (0+1)/10
+    assert [e.curriculum.p_hat(r["prompt"]) for r in rows[:3]] == pytest.approx([0.9, 0.5, 0.1], abs=1e-15)
+    # weights 0.09, 0.25, 0.09: the middle third is drawn first with P = 4·0.25 / (4·0.25 + 8·0.09) = 0.581
+    where = {r["prompt"]: i % 3 for i, r in enumerate(rows)}
+    firsts = []
+    for _ in range(3000):
+        firsts.append(where[e.reset().text])
+        e.order = []                  # a fresh weighted order (observe() does this between steps)
+    assert firsts.count(1) / 3000 == pytest.approx(1 / 1.72, abs=0.03)        # ±3.3σ
+    assert {len(e.reset().text) for _ in range(11)} <= {5, 7}                   # 2-3 operands, the file's
+    cold = CurriculumEnv(task, seed=0, curriculum=CurriculumConfig(prompts=path, stratify=False, probe=0,
+                                                                  warm_start=False))
+    assert cold.curriculum.p_hat(rows[0]["prompt"]) == 0.5
+    uniform = CurriculumEnv(task, seed=0, curriculum=CurriculumConfig(prompts=path, floor=0.25, probe=0))
+    assert {uniform.curriculum.weight(x) for x in uniform.problems} == {0.25}  # floor 0.25: a uniform draw
+    # p̂ then moves with the groups observed, and the state round-trips
+    step = [e.reset() for _ in range(4)]
+    e.observe([group([0, 0, 0, 1], p.text) for p in step])
+    b = CurriculumEnv(task, seed=0, curriculum=CurriculumConfig(prompts=path, stratify=False, probe=0))
+    b.load_state_dict(e.state_dict())
+    assert [b.reset().text for _ in range(12)] == [e.reset().text for _ in range(12)]
+
+
+@pytest.mark.parametrize("row,message", [
+    ({"prompt": "what is 3+4?", "answer": "7"}, "is not an arithmetic prompt"),
+    ({"prompt": "<3+4>", "answer": "8"}, "answer '8' is not the sum 7"),
+    ({"prompt": "<1+2+3+4+5>", "answer": "15"}, "has 5 operands, outside task.min_operands"),
+    ({"prompt": "<2+3>", "answer": "5", "metadata": {"p_hat": 1.5, "k": 8}}, "is not a pass rate"),
+])
+def test_a_bad_prompt_file_row_names_the_file_and_row(tmp_path, row, message):
+    task = ArithmeticTask(max_operands=3)
+    ok = train_rows(task, 2)
+    path = write_rows(tmp_path / "set.jsonl", [*ok, {"id": "bad", **row}])
+    with pytest.raises(ValueError, match=message) as e:
+        CurriculumEnv(task, curriculum=CurriculumConfig(prompts=path))
+    assert "set.jsonl, row id 'bad'" in str(e.value)
+
+
+def test_a_prompt_file_may_not_hold_a_heldout_problem_or_a_prompt_twice(tmp_path):
+    task = ArithmeticTask(max_operands=3)
+    held = task.heldout_set(1)[0]
+    path = write_rows(tmp_path / "leak.jsonl", [{"id": "h", "prompt": held.prompt, "answer": str(held.gold)}])
+    with pytest.raises(ValueError, match="row id 'h'.* is in the task's held-out split"):
+        CurriculumEnv(task, curriculum=CurriculumConfig(prompts=path))
+    twice = train_rows(task, 1)
+    path = write_rows(tmp_path / "twice.jsonl", [*twice, {**twice[0], "id": "again"}])
+    with pytest.raises(ValueError, match="row id 'again'.* is also row id 'r0'"):
+        CurriculumEnv(task, curriculum=CurriculumConfig(prompts=path))
+
+
+def test_rlpt_train_reads_env_curriculum_prompts(tmp_path):
+    rows = train_rows(ArithmeticTask(max_operands=3), 6)
+    path = write_rows(tmp_path / "six.jsonl", rows)
+    job = tiny(tmp_path, "env.name=curriculum", f"env.curriculum.prompts={path}", "env.curriculum.probe=0",
+               "steps=1")
+    ctl, run, _ = run_train(job)
+    assert set(ctl.env.curriculum.ids) == {r["prompt"] for r in rows}
+    assert sum(ctl.env.curriculum.n) == 4 * 4            # the step's 4 groups of K = 4, all from the file
+    with pytest.raises(ConfigError, match="no prompt file"):
+        tiny(tmp_path, "env.name=curriculum", f"env.curriculum.prompts={tmp_path / 'none.jsonl'}")
+
+
 def tiny(tmp_path, *overrides):
     return load_train_job(None, [*TINY_RL, f"run.out_dir={tmp_path / 'runs'}", *overrides])
 

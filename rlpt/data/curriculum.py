@@ -28,6 +28,9 @@ For arithmetic, `OperandRamp` widens the operand counts a curriculum draws from,
 so RL extends a policy past its demonstrations only as fast as it masters each width. A count just opened brings
 unseen prompts (p̂ = 1/2, the largest weight), so the sampler turns to them by itself.
 
+Over a prompt file the counts may start from an offline measurement (`counts`: rlpt data curate writes p̂ and K
+into each kept row's metadata), so the first draws already favour the prompts that teach.
+
 The state (counts, the sampler's RNG, the ramp's width and window) round-trips through `state_dict`, so a resumed
 run draws the same batches. The classes are pure; rlpt.envs.curriculum wires them into training (`env.name=
 curriculum`), where the controller hands each step's groups to the env's `observe`.
@@ -41,7 +44,8 @@ from collections.abc import Hashable, Sequence
 
 class Curriculum:
     def __init__(self, ids: Sequence[str], floor: float = 0.01, decay: float = 1.0, seed: int = 0,
-                 strata: Sequence[Hashable] | None = None, prior: float = 2.0):
+                 strata: Sequence[Hashable] | None = None, prior: float = 2.0,
+                 counts: Sequence[tuple[float, float]] | None = None):
         if not ids:
             raise ValueError("a curriculum needs at least one prompt")
         if len(set(ids)) != len(ids):
@@ -54,11 +58,16 @@ class Curriculum:
             raise ValueError(f"prior (pseudo-samples at the stratum's rate) must be > 0, got {prior}")
         if strata is not None and len(strata) != len(ids):
             raise ValueError(f"one stratum per prompt: {len(strata)} strata for {len(ids)} prompts")
+        if counts is not None and (len(counts) != len(ids) or any(not 0 <= s <= n for s, n in counts)):
+            raise ValueError(f"one (successes, samples) pair per prompt with 0 <= successes <= samples: {len(counts)} "
+                             f"pairs for {len(ids)} prompts")
         self.ids, self.floor, self.decay, self.prior = list(ids), floor, decay, prior
         self.index = {x: i for i, x in enumerate(self.ids)}
         self.strata = list(strata) if strata is not None else None     # None: q = 1/2 for every prompt
-        self.s = [0.0] * len(self.ids)       # discounted reward sums
-        self.n = [0.0] * len(self.ids)       # discounted sample counts
+        # discounted reward sums and sample counts; `counts` starts them from an offline measurement
+        # (rlpt data curate's p̂ of K samples: s = p̂ K, n = K), else from nothing
+        self.s = [float(s) for s, _ in counts] if counts is not None else [0.0] * len(self.ids)
+        self.n = [float(n) for _, n in counts] if counts is not None else [0.0] * len(self.ids)
         self.rng = random.Random(seed)
         self._pool()
 

@@ -1,6 +1,9 @@
 """The arithmetic task behind an online curriculum (lesson 18a online): `env.name=curriculum`.
 
-    pool      `env.curriculum.pool` distinct training prompts per operand count, task.min_operands..max_operands
+    pool      `env.curriculum.pool` distinct training prompts per operand count, task.min_operands..max_operands;
+              or the rows of a JSONL prompt set (`env.curriculum.prompts`: rlpt data make-arith, or the
+              curated.jsonl of rlpt data curate), each row's counts started from the p̂ and K curate measured
+              (`warm_start`); `floor=0.25` makes every weight 0.25, a uniform draw (the control of a study)
     active    the pool's prompts with at most `width` operands (rlpt.data.curriculum.OperandRamp)
     draw      each step, a weighted random order of the active prompts, P ∝ max(p̂(1-p̂), floor); the rollout
               takes prompts from its front, so a step's prompts are distinct (rlpt.data.curriculum.Curriculum);
@@ -60,6 +63,11 @@ class CurriculumConfig(Section):
     window: int = Field(64, ge=1, description="samples at the widest count the pass rate is measured over")
     probe: int = Field(4, ge=0, description="fresh problems of the widest count per step, the only ones the ramp "
                                             "measures; 0 = the pool's widest-count groups (biased upwards)")
+    prompts: str | None = Field(None, description="a JSONL prompt set whose rows are the pool (instead of `pool` "
+                                                  "draws of the task): arithmetic prompts, answer = the sum, none "
+                                                  "in the task's held-out split")
+    warm_start: bool = Field(True, description="with `prompts`: a row's metadata p_hat and k (rlpt data curate's) "
+                                               "start its counts at s = p̂·k, n = k")
 
 
 def arithmetic_pool(task: ArithmeticTask, per_count: int, seed: int) -> list[Problem]:
@@ -78,6 +86,46 @@ def arithmetic_pool(task: ArithmeticTask, per_count: int, seed: int) -> list[Pro
     return pool
 
 
+def file_pool(path: str, task: ArithmeticTask) -> tuple[list[Problem], list[tuple[float, float] | None]]:
+    """The problems of a prompt set, in file order, and each row's measured (p̂·k, k) from its metadata (None where
+    the row has none). Every row must be an arithmetic prompt of the task's operand counts whose answer is its sum
+    and which is not in the task's held-out split (training on it would leak into acc/heldout); a row that is not
+    is an error naming the file and the row's id."""
+    from rlpt.data.prompts import read_prompts
+    problems, counts, seen = [], [], {}
+    for r in read_prompts(path):
+        where = f"{path}, row id {r.id!r}"
+        try:
+            p = parse_prompt(r.prompt)
+        except ValueError:
+            raise ValueError(f"{where}: {r.prompt[:60]!r} is not an arithmetic prompt like '<3+4+5>' "
+                             "(env.curriculum.prompts takes the arithmetic task's prompts)") from None
+        if r.answer.strip() != str(p.gold):
+            raise ValueError(f"{where}: answer {r.answer[:20]!r} is not the sum {p.gold} of {r.prompt}")
+        if not task.min_operands <= len(p.operands) <= task.max_operands:
+            raise ValueError(f"{where}: {r.prompt} has {len(p.operands)} operands, outside task.min_operands.."
+                             f"task.max_operands ({task.min_operands}..{task.max_operands}): widen the task")
+        if task.is_heldout(p):
+            raise ValueError(f"{where}: {r.prompt} is in the task's held-out split: drop it (rlpt data curate "
+                             "--eval HELD.jsonl) or it leaks into acc/heldout")
+        if r.prompt in seen:
+            raise ValueError(f"{where}: {r.prompt} is also row id {seen[r.prompt]!r}: a prompt set's prompts "
+                             "must be distinct")
+        seen[r.prompt] = r.id
+        problems.append(p)
+        m = r.metadata
+        if "p_hat" in m and "k" in m:
+            if not (isinstance(m["k"], int) and m["k"] >= 1 and 0 <= m["p_hat"] <= 1):
+                raise ValueError(f"{where}: metadata p_hat={m['p_hat']!r}, k={m['k']!r} is not a pass rate of k >= 1 "
+                                 "samples")
+            counts.append((m["p_hat"] * m["k"], float(m["k"])))
+        else:
+            counts.append(None)
+    if not problems:
+        raise ValueError(f"{path} holds no prompt row: env.curriculum.prompts needs at least one")
+    return problems, counts
+
+
 @register_env("curriculum")
 class CurriculumEnv(ArithmeticEnv):
     """The arithmetic task with its training prompts drawn by an online curriculum (module doc)."""
@@ -91,17 +139,25 @@ class CurriculumEnv(ArithmeticEnv):
         if not t.min_operands <= start <= t.max_operands:
             raise ValueError(f"env.curriculum.start_operands={cfg.start_operands} must lie in task.min_operands.."
                              f"task.max_operands ({t.min_operands}..{t.max_operands}), or be 0 for no ramp")
-        self.problems = {p.prompt: p for p in arithmetic_pool(t, cfg.pool, seed)}
+        counts = None
+        if cfg.prompts:
+            problems, measured = file_pool(cfg.prompts, t)
+            if cfg.warm_start and any(c is not None for c in measured):
+                counts = [c or (0.0, 0.0) for c in measured]
+        else:
+            problems = arithmetic_pool(t, cfg.pool, seed)
+        self.problems = {p.prompt: p for p in problems}
         strata = [len(p.operands) for p in self.problems.values()] if cfg.stratify else None
         self.curriculum = Curriculum(list(self.problems), floor=cfg.floor, decay=cfg.decay, seed=seed,
-                                     strata=strata, prior=cfg.prior)
+                                     strata=strata, prior=cfg.prior, counts=counts)
         self.ramp = OperandRamp(start, t.max_operands, cfg.threshold, cfg.window)
         self.probe_rng = random.Random(f"curriculum-probe:{seed}")
         self.order: list[str] = []      # the rest of this step's order: probes first, then weighted
         self.probes: list[str] = []     # this step's probes
         if not self.active():
-            raise ValueError(f"the task's training split has no prompt of at most {start} operands: widen "
-                             "task.max_value or raise env.curriculum.start_operands")
+            where = cfg.prompts or "the task's training split"
+            raise ValueError(f"{where} has no prompt of at most {start} operands: widen task.max_value (or the "
+                             "prompt set) or raise env.curriculum.start_operands")
 
     def active(self) -> list[str]:
         return [x for x, p in self.problems.items() if len(p.operands) <= self.ramp.width]
