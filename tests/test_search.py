@@ -17,9 +17,9 @@ import torch
 from rlpt.engine import LLM
 from rlpt.engine.sequence import CompletionOutput, RequestOutput
 from rlpt.gpt_mini.task import Problem, parse_prompt
-from rlpt.search.jobs import ScorerJob, scorer_rows
-from rlpt.search.labels import auroc, label_auroc, load_rows, mc_labels, save_rows
-from rlpt.search.scorer import LogProbScorer, OracleScorer, StepScorer, bce_at, boundary_targets
+from rlpt.search.jobs import ScorerJob, draw_rows, prompt_groups, scorer_rows
+from rlpt.search.labels import StepRow, auroc, label_auroc, load_rows, mc_labels, save_rows, within_auroc
+from rlpt.search.scorer import LogProbScorer, OracleScorer, StepScorer, bce_at, boundary_targets, last_read, rank_loss
 from rlpt.search.steps import split_steps, step_ends, true_step_labels
 from rlpt.search.strategies import (
     STRATEGIES,
@@ -160,6 +160,51 @@ def test_prm_head_reads_exactly_the_step_boundaries():
     assert m_orm.sum() == 2 and t_orm[m_orm > 0].tolist() == [1.0, 0.0]
     assert m_orm[0, len(prompts[0]) + len(responses[0]) - 1] == 1
     assert [len(s) for s in scorer.score([(P3.prompt, "3+4=7,"), (P3.prompt, "3+4=7,7+5=12#")])] == [1, 2]
+
+
+def test_rank_loss_is_its_formula_and_compares_only_responses_of_one_prompt():
+    # prompt 0: one right (z=2.0), two wrong (0.5, -1.0); prompt 1: right 3.0, wrong 1.0; prompt 2: two right
+    z = torch.tensor([2.0, 0.5, -1.0, 3.0, 1.0, 4.0, 4.5], requires_grad=True)
+    correct = torch.tensor([True, False, False, True, False, True, True])
+    group = torch.tensor([0, 0, 0, 1, 1, 2, 2])
+    # pairs (right, wrong, same prompt): (0,1) d=1.5, (0,2) d=3.0, (3,4) d=2.0; −log σ(d) = log(1 + e^−d)
+    want = (math.log1p(math.exp(-1.5)) + math.log1p(math.exp(-3.0)) + math.log1p(math.exp(-2.0))) / 3
+    loss = rank_loss(z, correct, group)
+    assert loss.item() == pytest.approx(want, rel=1e-6)
+    loss.backward()
+    assert z.grad[5:].tolist() == [0.0, 0.0]                  # a prompt with no wrong response: no pair, no push
+    assert z.grad[0] < 0 < z.grad[1] and z.grad[3] < 0 < z.grad[4]     # (descent raises the right, lowers the wrong)
+    # across prompts nothing is compared: shift one prompt's scores far above another's, the loss stays
+    shifted = z.detach() + torch.tensor([0.0, 0.0, 0.0, 50.0, 50.0, -50.0, -50.0])
+    assert rank_loss(shifted, correct, group).item() == pytest.approx(want, rel=1e-6)
+    # the same scores as one prompt would add the cross pairs (0,4), (3,1), (3,2), ...: a different loss
+    assert rank_loss(z.detach(), correct, torch.zeros(7, dtype=torch.long)).item() != pytest.approx(want, rel=1e-3)
+    none = torch.tensor([1.0, 2.0], requires_grad=True)       # no (right, wrong) pair in a prompt: 0, with a graph
+    out = rank_loss(none, torch.tensor([True, False]), torch.tensor([0, 1]))
+    out.backward()
+    assert out.item() == 0.0 and none.grad.tolist() == [0.0, 0.0]
+
+
+def test_rank_loss_reads_each_rows_final_score_and_batches_hold_whole_prompts():
+    mask = torch.tensor([[0, 1, 0, 1, 0, 0], [0, 0, 1, 0, 0, 1], [0, 0, 0, 0, 0, 0]], dtype=torch.float)
+    last, has = last_read(mask)
+    assert last[:2].tolist() == [3, 5] and has.tolist() == [True, True, False]
+    rows = [StepRow(p, ["1#"], [True], [1.0], [True]) for p in ("<1+2>", "<3+4>", "<1+2>", "<5+6>", "<3+4>", "<1+2>")]
+    groups = prompt_groups(rows)
+    assert groups == [[0, 2, 5], [1, 4], [3]]
+    for seed in range(5):
+        drawn = draw_rows(len(rows), groups, 4, True, random.Random(seed))    # 4 rows' worth of 2-row prompts: 2
+        picked = {rows[i].prompt for i in drawn}
+        assert len(picked) == 2 and sorted(drawn) == sorted(i for g in groups if rows[g[0]].prompt in picked for i in g)
+    assert draw_rows(6, groups, 4, False, random.Random(0)) == random.Random(0).sample(range(6), 4)   # BCE: as before
+
+
+def test_within_prompt_auroc_by_hand():
+    scores = [[0.9, 0.1, 0.5], [0.2, 0.8], [0.95, 0.99]]
+    truth = [[True, False, False], [True, False], [True, True]]           # the last prompt has one class: skipped
+    assert within_auroc(scores, truth) == pytest.approx((1.0 + 0.0) / 2)
+    assert auroc(sum(scores, []), sum(truth, [])) == pytest.approx(10 / 12)  # pooled: 3 + 1 + 3 + 3 of 12
+    assert math.isnan(within_auroc([[0.1]], [[True]]))
 
 
 def test_a_score_does_not_depend_on_the_other_candidates_in_its_batch():

@@ -35,7 +35,16 @@ from rlpt.preference.data import distinct_problems
 from rlpt.report import figure, fmt, machine, table
 from rlpt.run import Run
 from rlpt.search.labels import StepRow, auroc, label_auroc, load_rows, mc_labels, sample_responses, save_rows
-from rlpt.search.scorer import LogProbScorer, StepScorer, bce_at, boundary_targets, load_scorer
+from rlpt.search.scorer import (
+    LogProbScorer,
+    StepScorer,
+    bce_at,
+    boundary_targets,
+    last_read,
+    load_scorer,
+    rank_loss,
+    rank_pairs,
+)
 from rlpt.search.steps import outcome, split_steps, true_step_labels
 from rlpt.search.strategies import STRATEGIES, run_strategy
 
@@ -67,6 +76,9 @@ class ScorerConfig(LoopConfig):
     optim: OptimConfig = OptimConfig(lr=1e-4, warmup_steps=10, schedule="cosine")
     ckpt_every: int = Field(100, ge=1)
     eval_every: int = Field(50, ge=1)
+    rank_coef: float = Field(0.0, ge=0, description="weight of the within-prompt ranking loss added to BCE "
+                             "(pairwise logistic between a prompt's right and wrong responses' final scores); "
+                             "> 0 draws whole prompts into a batch, and needs scorer.data.responses > 1")
     data: ScorerData = ScorerData()
 
 
@@ -129,6 +141,24 @@ def scorer_rows(job: ScorerJob, llm: LLM, run: Run, resume: bool) -> tuple[list[
     return train, held, stats
 
 
+def prompt_groups(rows: list[StepRow]) -> list[list[int]]:
+    """Row indices grouped by prompt, in first-seen order (a prompt's responses: the ranking loss's pairs)."""
+    groups: dict[str, list[int]] = {}
+    for i, r in enumerate(rows):
+        groups.setdefault(r.prompt, []).append(i)
+    return list(groups.values())
+
+
+def draw_rows(n_rows: int, groups: list[list[int]], batch_size: int, by_prompt: bool, rng: random.Random
+              ) -> list[int]:
+    """A training batch's row indices: `batch_size` rows at random (the BCE-only recipe), or, `by_prompt`,
+    whole prompts, about batch_size rows' worth, so that a prompt's right and wrong responses meet in it."""
+    if not by_prompt:
+        return rng.sample(range(n_rows), min(batch_size, n_rows))
+    k = min(len(groups), max(1, round(batch_size * len(groups) / n_rows)))
+    return [i for g in rng.sample(range(len(groups)), k) for i in groups[g]]
+
+
 def _batch(scorer: StepScorer, rows: list[StepRow]):
     tok = scorer.tok
     L = scorer.cfg.max_seq_len
@@ -183,11 +213,28 @@ def train_scorer(job: ScorerJob, resume: bool = False, allow_change: Collection[
     trunk = load_model(job.trunk, job.model, tok) if job.trunk else policy
     scorer = StepScorer(trunk, tok, cfg.kind)
 
+    groups = prompt_groups(train)
+    if cfg.rank_coef > 0 and len(groups) == len(train):
+        raise ConfigError(f"scorer.rank_coef={cfg.rank_coef} compares responses of the same prompt, but every "
+                          "training prompt has one response: set scorer.data.responses=4 (or a file with several "
+                          "responses per prompt), or scorer.rank_coef=0")
+
     def loss_fn(rng: random.Random) -> tuple[torch.Tensor, dict]:
-        ids, target, mask = _batch(scorer, [train[i] for i in rng.sample(range(len(train)),
-                                                                         min(cfg.batch_size, len(train)))])
-        loss = bce_at(scorer(ids), target, mask)                              # (B, T) logits, read at the mask
-        return loss, {"loss/bce": loss.detach(), "positions/step": mask.sum()}
+        rows = [train[i] for i in draw_rows(len(train), groups, cfg.batch_size, cfg.rank_coef > 0, rng)]
+        ids, target, mask = _batch(scorer, rows)
+        logits = scorer(ids)                                                  # (B, T), read at the mask
+        bce = bce_at(logits, target, mask)
+        logs = {"loss/bce": bce.detach(), "positions/step": mask.sum()}
+        if cfg.rank_coef == 0:
+            return bce, logs
+        last, has = last_read(mask)                                          # (B,) each row's final score
+        z = logits[torch.arange(len(rows)), last][has]
+        correct = torch.tensor([r.soft_labels[-1] == 1.0 for r in rows])[has]   # the verdict: the last label
+        ids_of = {p: g for g, p in enumerate(dict.fromkeys(r.prompt for r in rows))}
+        group = torch.tensor([ids_of[r.prompt] for r in rows])[has]
+        rank = rank_loss(z, correct, group)
+        return bce + cfg.rank_coef * rank, logs | {"loss/rank": rank.detach(),
+                                                   "rank/pairs": rank_pairs(correct, group).sum()}
 
     def final_fn() -> dict:
         final = {**scorer_metrics(scorer, held, "heldout"),

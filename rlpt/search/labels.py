@@ -118,6 +118,13 @@ def auroc(scores: list[float], truth: list[bool]) -> float:
     return wins / (len(pos) * len(neg))
 
 
+def within_auroc(scores: list[list[float]], truth: list[list[bool]]) -> float:
+    """The ranking best-of-N does: per prompt, the AUROC of its own candidates' scores against their
+    verdicts; the mean over prompts that have both a right and a wrong candidate (NaN if none has)."""
+    per = [a for a in (auroc(s, t) for s, t in zip(scores, truth)) if a == a]      # a != a: NaN, one class
+    return sum(per) / len(per) if per else float("nan")
+
+
 def label_auroc(rows: list[StepRow], intermediate_only: bool = True) -> float:
     """AUROC of the soft labels against exact prefix truth (by default over the steps MC estimated, the
     last step's label being the verifier's verdict)."""

@@ -4,6 +4,8 @@
     PRM:  score_k = σ(logit at the delimiter of step k)      target p̂_k (Monte-Carlo soft label)
     ORM:  score   = σ(logit at the response's last token)     target 1[verifier]
     L = −mean over read positions [ y log σ(logit) + (1 − y) log(1 − σ(logit)) ]
+    + rank_coef · L_rank     L_rank = mean over pairs (i right, j wrong, same prompt) of −log σ(z_i − z_j)
+                             z = the logit at a response's last read position (its final score)
 
 The same model serves both (lesson 17: "same architecture as the BT RM, only the objective differs"):
 an ORM is a PRM whose only labelled position is the last one, so `kind` changes the targets, not the
@@ -12,6 +14,12 @@ network. The head is read at the step delimiters and nowhere else (`boundary_tar
 The trunk starts from the SFT policy (it already reads the task), as rlpt.preference.reward_model's.
 
 Scoring a partial response (beam search) reads the PRM at its last delimiter: the prefix's score.
+
+Why the ranking term (`rank_loss`): best-of-N compares the candidates of *one* prompt, and BCE pooled over
+prompts mostly learns which prompts are hard (docs/search.md: pooled outcome AUROC 0.78, within a prompt
+0.54-0.61). The pairwise logistic loss of lesson 16's Bradley-Terry reward model, taken only between a
+prompt's own right and wrong responses, trains exactly the comparison the search makes; BCE keeps the
+scores calibrated (the beam and the `prm` env read them as probabilities).
 """
 from __future__ import annotations
 
@@ -102,6 +110,31 @@ def bce_at(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> to
     """(B, T) logits, soft targets and read mask -> BCE averaged over the read positions only."""
     loss = F.binary_cross_entropy_with_logits(logits, target, reduction="none")   # (B, T)
     return (loss * mask).sum() / mask.sum().clamp(min=1)
+
+
+def last_read(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T) read mask -> (B,) the position of each row's last read (its final score), (B,) whether it has one."""
+    T = mask.shape[1]
+    return T - 1 - mask.flip(1).argmax(1), mask.sum(1) > 0
+
+
+def rank_pairs(correct: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
+    """(B,) verdicts and prompt ids -> (B, B) bool, True at (i, j) iff i is right, j wrong, same prompt."""
+    return (group[:, None] == group[None, :]) & correct[:, None] & ~correct[None, :]
+
+
+def rank_loss(z: torch.Tensor, correct: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
+    """Within-prompt pairwise logistic loss on final logits z (B,), verdicts `correct` (B,) bool and prompt
+    ids `group` (B,):
+
+        L_rank = (1 / |P|) Σ_{(i, j) ∈ P} −log σ(z_i − z_j)      P = {(i, j): group_i = group_j, y_i = 1, y_j = 0}
+
+    Responses of different prompts are never compared. No pair in the batch: 0 (with a graph, so the
+    caller's backward still runs)."""
+    pair = rank_pairs(correct, group)
+    if not pair.any():
+        return z.sum() * 0.0
+    return F.softplus(-(z[:, None] - z[None, :])[pair]).mean()            # softplus(−d) = −log σ(d)
 
 
 def load_scorer(path, tok: CharTokenizer | None = None) -> StepScorer:
