@@ -256,6 +256,82 @@ def test_curate_errors_are_one_line(tmp_path, capsys):
     assert "difficulty.low must be < difficulty.high" in capsys.readouterr().err
 
 
+# -- the stratified mix (stage 6) ---------------------------------------------------------------------------------
+def test_apportion_by_largest_remainder():
+    from rlpt.data.curate import apportion
+    assert apportion(10, {"a": 0.5, "b": 0.3, "c": 0.2}) == {"a": 5, "b": 3, "c": 2}
+    assert apportion(7, {"a": 1 / 3, "b": 1 / 3, "c": 1 / 3}) == {"a": 3, "b": 2, "c": 2}   # a tie: the first
+    assert apportion(5, {"a": 0.55, "b": 0.45}) == {"a": 3, "b": 2}         # 2.75 / 2.25: the larger remainder
+    assert apportion(0, {"a": 1.0}) == {"a": 0}
+
+
+def _mixed(n_a=30, n_b=10):
+    return ([PromptRow(f"a{i}", f"<{i}+1>", str(i + 1), "a", {"ops": 2}) for i in range(n_a)] +
+            [PromptRow(f"b{i}", f"<{i}+2>", str(i + 2), "b", {"ops": 3}) for i in range(n_b)])
+
+
+def test_stratified_mix_meets_the_target_shares_without_repeating_a_row():
+    from rlpt.data.curate import stratified_mix
+    rows = _mixed()
+    kept, removed, counts = stratified_mix(rows, ["source"], {"a": 0.5, "b": 0.5})
+    # N = min(30 / 0.5, 10 / 0.5) = 20: 10 of each; b's 10 all kept
+    assert counts == [{"stratum": "a", "available": 30, "share": 0.5, "wanted": 10, "kept": 10},
+                      {"stratum": "b", "available": 10, "share": 0.5, "wanted": 10, "kept": 10}]
+    assert len(kept) == 20 and [r.source for r in kept].count("a") == 10 and len(removed) == 20
+    assert kept == sorted(kept, key=rows.index)                                    # input order
+    assert removed[0].reason == "stratum a: 10 of 30 kept for a share of 0.500"
+    assert stratified_mix(rows, ["source"], {"a": 0.5, "b": 0.5}, seed=1)[0] != kept   # the seed picks the rows
+    assert stratified_mix(rows, ["source"], {"a": 0.5, "b": 0.5})[0] == kept
+    # 0.7 / 0.3: N = min(30 / 0.7, 10 / 0.3) = min(42.86, 33.33) = 33 -> 23.1 / 9.9 -> 23 / 10
+    assert [c["kept"] for c in stratified_mix(rows, ["source"], {"a": 0.7, "b": 0.3})[2]] == [23, 10]
+    # a size the strata cannot fill: b keeps all 10 of its 20 wanted, nothing is repeated
+    _, _, counts = stratified_mix(rows, ["source"], {}, size=40)                   # no targets: equal shares
+    assert [(c["wanted"], c["kept"]) for c in counts] == [(20, 20), (20, 10)]
+    # a stratum without a share goes; two keys join with '/'
+    kept, _, counts = stratified_mix(rows, ["source", "ops"], {"a/2": 1.0})
+    assert [c["stratum"] for c in counts] == ["a/2", "b/3"] and len(kept) == 30 and counts[1]["kept"] == 0
+
+
+def test_stratified_mix_by_difficulty_and_its_errors():
+    from rlpt.data.curate import MixConfig, stratified_mix
+    rows = [PromptRow(f"r{i}", f"<{i}+1>", str(i + 1), "s", {"p_hat": p, "k": 8})
+            for i, p in enumerate([0.125, 0.125, 0.5, 0.5, 0.5, 0.5, 1.0, 0.0])]
+    _, _, counts = stratified_mix(rows, ["p_hat"], {"1/8": 0.5, "4/8": 0.5})
+    assert [(c["stratum"], c["kept"]) for c in counts] == [("1/8", 2), ("4/8", 2), ("8/8", 0), ("0/8", 0)]
+    _, _, counts = stratified_mix(rows, ["bucket"], {"train": 0.75, "too_easy": 0.25})
+    assert [(c["stratum"], c["available"], c["kept"]) for c in counts] == \
+        [("train", 6, 3), ("too_easy", 1, 1), ("too_hard", 1, 0)]
+    with pytest.raises(ConfigError, match="mix.targets names 'x', which no row is in"):
+        stratified_mix(rows, ["source"], {"x": 1.0})
+    with pytest.raises(ConfigError, match="mix.by=bucket needs each row's pass rate, but row 'a0' has none"):
+        stratified_mix(_mixed(), ["bucket"], {})
+    with pytest.raises(ConfigError, match="row 'a0' has no metadata key 'level'"):
+        stratified_mix(_mixed(), ["level"], {})
+    with pytest.raises(ConfigError, match="shares >= 0"):
+        stratified_mix(_mixed(), ["source"], {"a": -1.0, "b": 2.0})
+    with pytest.raises(ValueError, match="mix.by is empty"):
+        MixConfig(targets={"a": 1.0})
+
+
+def test_curate_reports_the_mix_counts(tmp_path, capsys):
+    from rlpt.data.prompts import write_prompts
+    src = write_prompts(tmp_path / "mixed.jsonl", _mixed())
+    assert main(["data", "curate", str(src), f"run.out_dir={tmp_path}", "mix.by=[source]", "mix.targets.a=0.75",
+                 "mix.targets.b=0.25"]) == 0
+    printed = capsys.readouterr().out
+    assert "stratified mix" in printed and "39 -> 36" in printed
+    folder = tmp_path / "curate"
+    report = (folder / "report.md").read_text()
+    # exact dedup drops b1 '<1+2>' (= a2 '<2+1>'), so b has 9: N = min(30 / 0.75, 9 / 0.25) = 36 -> 27 + 9
+    assert "| stratified mix | 39 | 36 | 3 | by source, a 27, b 9 |" in report
+    assert "| a | 30 | 0.750 | 27 | 27 |" in report and "| b | 9 | 0.250 | 9 | 9 |" in report
+    assert main(["data", "curate", str(src), f"run.out_dir={tmp_path}", "run.name=small", "mix.by=[source]",
+                 "mix.size=8"]) == 0
+    assert len(read_jsonl(tmp_path / "small" / "curated.jsonl")) == 8     # equal shares: 4 + 4
+    removed = [json.loads(x) for x in (tmp_path / "small" / "removed.jsonl").read_text().splitlines()]
+    assert [x["stage"] for x in removed].count("stratified mix") == 31
+
+
 # -- the online curriculum -------------------------------------------------------------------------------------
 def test_curriculum_pass_rates_weights_and_floor():
     from rlpt.data.curriculum import Curriculum

@@ -1,7 +1,16 @@
 """`rlpt data curate`: lesson 18a's offline stages chained over one prompt set, into a run folder.
 
     read -> exact dedup -> near dedup (MinHash) -> decontaminate (8/13-grams) -> answer check -> fits
-         -> pass rate (K samples, the policy) -> band filter (low < p̂ < high)
+         -> pass rate (K samples, the policy) -> band filter (low < p̂ < high) -> stratified mix
+
+The stratified mix (the course's stage 6) samples the kept rows to target shares of strata: by source, by the
+pass-rate bucket or p̂, or by a metadata key (`mix.by`). With shares t_s (normalised to sum 1) and n_s rows
+available in stratum s, the mix keeps
+
+    N = mix.size, or (when 0) the largest N with t_s N <= n_s for every s: min_s floor(n_s / t_s)
+    N_s = t_s N apportioned by largest remainder (Hamilton), at most n_s (a row is never repeated)
+
+rows of each stratum, a seeded random subset in file order, and reports every stratum's n_s, t_s, N_s and kept.
 
 Each stage reports its counts in and out and a few examples of what it removed (with the reason). The run
 folder holds curated.jsonl (the kept rows, their p̂ in metadata), removed.jsonl (every dropped row, its stage and
@@ -16,6 +25,8 @@ pass-rate and band stages are skipped (the report says so).
 from __future__ import annotations
 
 import json
+import math
+import random
 from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from pathlib import Path
@@ -52,6 +63,23 @@ class DifficultyConfig(Section):
         return self
 
 
+class MixConfig(Section):
+    by: list[str] = Field(default_factory=list, description="stratify the kept rows by these keys: 'source', "
+                          "'bucket' (too_hard/train/too_easy), 'p_hat' (as successes/K), or a metadata key; "
+                          "empty: no mix stage")
+    targets: dict[str, float] = Field(default_factory=dict, description="stratum -> target share (normalised to "
+                                      "sum 1); a stratum is its keys' values joined by '/'; empty: equal shares of "
+                                      "the strata present")
+    size: int = Field(0, ge=0, description="rows the mix keeps; 0: the most the shares allow without repeating a row")
+
+    @model_validator(mode="after")
+    def _needs_by(self):
+        if (self.targets or self.size) and not self.by:
+            raise ValueError("mix.targets / mix.size are set but mix.by is empty: name the keys to stratify by, "
+                             "e.g. mix.by=[source]")
+        return self
+
+
 class CurateJob(Section):
     """`rlpt data curate`'s schema: the input, the policy and eval sets (also the command's arguments), each
     stage's settings, and the run folder."""
@@ -65,6 +93,7 @@ class CurateJob(Section):
     ngrams: list[int] = Field([8, 13], min_length=1, description="decontamination word n-gram sizes")
     dedup: DedupConfig = DedupConfig()
     difficulty: DifficultyConfig = DifficultyConfig()
+    mix: MixConfig = MixConfig()
     examples: int = Field(5, ge=0, description="removed rows quoted per stage in the report")
 
 
@@ -75,6 +104,7 @@ class Stage:
     n_out: int
     removed: list[Removed] = field(default_factory=list)
     note: str = ""
+    strata: list[dict] = field(default_factory=list)     # the mix: one {stratum, available, share, wanted, kept}
 
 
 # a gold answer as the env's verifier compares it (the arithmetic env checks an integer)
@@ -131,6 +161,69 @@ def fits(rows: list[PromptRow], tok, max_seq_len: int, max_tokens: int) -> tuple
     return kept, removed
 
 
+def stratum(row: PromptRow, keys: list[str]) -> str:
+    """A row's stratum: its values of `keys` joined by '/' (module doc); a key the row lacks is an error."""
+    from rlpt.data.difficulty import bucket
+    out = []
+    for key in keys:
+        m = row.metadata
+        if key == "source":
+            out.append(row.source or "(none)")
+        elif key in ("bucket", "p_hat"):
+            if "p_hat" not in m or "k" not in m:
+                raise ConfigError(f"mix.by={key} needs each row's pass rate, but row {quote(row.id)} has none: give "
+                                  "--policy (the pass-rate stage) or stratify by source or a metadata key")
+            out.append(bucket(m["p_hat"]) if key == "bucket" else f"{round(m['p_hat'] * m['k'])}/{m['k']}")
+        elif key in m:
+            out.append(str(m[key]))
+        else:
+            raise ConfigError(f"mix.by={key}: row {quote(row.id)} has no metadata key {quote(key)} (known keys: "
+                              f"source, bucket, p_hat, {', '.join(sorted(m)) or 'no metadata'})")
+    return "/".join(out)
+
+
+def apportion(total: int, shares: dict[str, float]) -> dict[str, int]:
+    """Hamilton's largest-remainder rounding of total · share (shares sum to 1): the counts sum to `total`; ties
+    go to the stratum named first."""
+    exact = {s: total * t for s, t in shares.items()}
+    counts = {s: int(x) for s, x in exact.items()}
+    order = sorted(shares, key=lambda s: (-(exact[s] - counts[s]), list(shares).index(s)))
+    for s in order[:total - sum(counts.values())]:
+        counts[s] += 1
+    return counts
+
+
+def stratified_mix(rows: list[PromptRow], keys: list[str], targets: dict[str, float], size: int = 0,
+                   seed: int = 0) -> tuple[list[PromptRow], list[Removed], list[dict]]:
+    """Sample `rows` to target shares of strata (module doc): (kept rows in input order, removed, per-stratum
+    counts). A target naming a stratum no row has, or a share < 0, is an error."""
+    groups: dict[str, list[int]] = {}
+    for i, r in enumerate(rows):
+        groups.setdefault(stratum(r, keys), []).append(i)
+    if targets:
+        bad = [s for s in targets if s not in groups]
+        if bad:
+            raise ConfigError(f"mix.targets names {quote(bad[0])}, which no row is in (strata by "
+                              f"{'/'.join(keys)}: {', '.join(sorted(groups))})")
+        if any(t < 0 for t in targets.values()) or sum(targets.values()) <= 0:
+            raise ConfigError(f"mix.targets must be shares >= 0 with a positive sum, got {targets}")
+    raw = targets or {s: 1.0 for s in groups}
+    shares = {s: raw.get(s, 0.0) / sum(raw.values()) for s in groups}
+    if not size:     # min_s floor(n_s / t_s), with room for the rounding of t_s (30 / 0.3 = 99.99999999999999)
+        size = min(math.floor(len(groups[s]) / t + 1e-9) for s, t in shares.items() if t > 0)
+    wanted = apportion(size, shares)
+    rng, keep, counts = random.Random(seed), set(), []
+    for s, idx in groups.items():
+        chosen = sorted(rng.sample(idx, min(wanted[s], len(idx))))
+        keep.update(chosen)
+        counts.append({"stratum": s, "available": len(idx), "share": shares[s], "wanted": wanted[s],
+                       "kept": len(chosen)})
+    why = {c["stratum"]: f"stratum {c['stratum']}: {c['kept']} of {c['available']} kept for a share of "
+                         f"{c['share']:.3f}" for c in counts}
+    removed = [Removed(r, why[stratum(r, keys)]) for i, r in enumerate(rows) if i not in keep]
+    return [r for i, r in enumerate(rows) if i in keep], removed, counts
+
+
 def curate(job: CurateJob) -> tuple[Path, list[Stage], list[PassRate]]:
     """Run the stages; write the run folder; return (folder, stages, pass rates of the prompts scored)."""
     import rlpt.envs  # noqa: F401 - registers the envs named by job.env
@@ -174,6 +267,13 @@ def curate(job: CurateJob) -> tuple[Path, list[Stage], list[PassRate]]:
     by_id = {p.id: p for p in rates}
     rows = [replace(r, metadata={**r.metadata, "p_hat": by_id[r.id].p_hat, "k": by_id[r.id].k})
             if r.id in by_id else r for r in rows]
+    if job.mix.by:
+        n_in = len(rows)
+        rows, removed, strata = stratified_mix(rows, job.mix.by, job.mix.targets, job.mix.size, job.run.seed)
+        short = [f"{c['stratum']} short by {c['wanted'] - c['kept']}" for c in strata if c["kept"] < c["wanted"]]
+        stages.append(Stage("stratified mix", n_in, len(rows), removed,
+                            f"by {'/'.join(job.mix.by)}, " + ", ".join(f"{c['stratum']} {c['kept']}" for c in strata)
+                            + (f" ({'; '.join(short)})" if short else ""), strata))
 
     run = Run(job.run.out_dir, job.run.name, job)
     try:
@@ -246,6 +346,13 @@ def write_curate_report(folder: Path, job: CurateJob, stages: list[Stage], rates
         if s.removed and job.examples:
             parts += [f"**{s.name}**, removed for example:", ""]
             parts += [f"- `{x.row.id}` {quote(x.row.prompt, 80)}: {x.reason}" for x in s.removed[:job.examples]]
+            parts.append("")
+    for s in stages:
+        if s.strata:
+            parts += [f"## {s.name.capitalize()} (by {'/'.join(job.mix.by)})", "",
+                      "| stratum | available | target share | wanted | kept |", "|---|---:|---:|---:|---:|"]
+            parts += [f"| {c['stratum']} | {c['available']} | {c['share']:.3f} | {c['wanted']} | {c['kept']} |"
+                      for c in s.strata]
             parts.append("")
     if rates:
         k = job.difficulty.k
