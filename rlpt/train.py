@@ -55,6 +55,7 @@ from rlpt.framework.algorithm import ALGORITHMS, AlgorithmConfig, AlgorithmConfi
 from rlpt.framework.controller import Controller
 from rlpt.framework.environment import env_class, make_env
 from rlpt.framework.evaluate import evaluate
+from rlpt.framework.lagged_sync import LaggedSyncer
 from rlpt.framework.reference import Reference
 from rlpt.framework.rollout import Rollout
 from rlpt.framework.trainer import Trainer
@@ -119,6 +120,15 @@ class TrainerConfig(Section):
 
 class SyncConfig(Section):
     every: int = Field(1, ge=1, description="sync rollout weights every N train steps")
+    lag: int = Field(0, ge=0, description="sample with the weights of exactly N train steps ago, every step "
+                     "(rlpt.framework.lagged_sync: a deterministic async staleness); 0 = off")
+
+    @model_validator(mode="after")
+    def _lag(self):
+        if self.lag and self.every != 1:
+            raise ValueError(f"sync.lag={self.lag} with sync.every={self.every}: the lag already sets which weights "
+                             "the rollout holds; set sync.every=1")
+        return self
 
 
 class CheckConfig(Section):
@@ -213,6 +223,13 @@ class TrainJob(TrainStage):
         if self.system.topology != "colocated":
             raise ValueError(f"system.topology={self.system.topology} with model.hf_path is not supported yet: "
                              "use system.topology=colocated")
+        return self
+
+    @model_validator(mode="after")
+    def _lag(self):
+        if self.sync.lag and self.system.topology != "colocated":
+            raise ValueError(f"sync.lag={self.sync.lag} is the in-process stand-in for async staleness; with "
+                             f"system.topology={self.system.topology} use system.max_staleness, and sync.lag=0")
         return self
 
     @model_validator(mode="after")
@@ -383,7 +400,8 @@ def build(job: TrainJob, init: Path):
     sfx = "_bf16" if t.precision == "bf16" else ""   # bf16 has its own limits: check.logp_tol_bf16, ...
     keys = (f"check.logp_tol{sfx}", f"check.logp_tol_max{sfx}")
     tol, tol_max = (getattr(job.check, k.removeprefix("check.")) for k in keys)
-    ctl = Controller(rollout, env, reference, algo, trainer, WeightSyncer(job.sync.every), job.rollout.k,
+    syncer = LaggedSyncer(job.sync.lag) if job.sync.lag else WeightSyncer(job.sync.every)
+    ctl = Controller(rollout, env, reference, algo, trainer, syncer, job.rollout.k,
                      tok.pad_id, logp_tol=tol if job.check.enabled and exact else None, logp_tol_max=tol_max,
                      tol_keys=keys)
     return ctl, env.heldout(job.eval.size)
