@@ -7,6 +7,7 @@
     rlpt rm [recipe.yaml] [key=value ...] [--resume]
     rlpt compare [recipe.yaml] [--algos a,b,...] [key=value ...]
     rlpt pipeline [recipe.yaml] [key=value ...] [--resume]       SFT -> CoT -> DPO -> RLVR (`make run`)
+    rlpt recipe recipes/<x>.yaml [key=value ...] [--resume]     a multi-stage recipe (lesson 23, rlpt/recipe.py)
     rlpt eval CHECKPOINT [key=value ...] [--split heldout|train] [--pass-k K] [--format direct|cot|tool]
     rlpt prm | orm [recipe.yaml] [key=value ...] [--resume]     process / outcome reward models (rlpt/search/cli.py)
     rlpt search [recipe.yaml] [key=value ...]                    test-time search strategies vs budget
@@ -111,6 +112,17 @@ def cmd_pipeline(args) -> int:
     root, rows = run_pipeline(job, resume=args.resume, allow_change=args.allow_change)
     print(pipeline_table(job, rows))
     print(f"pipeline folder: {root}   report: {root / 'report.md'}")
+    return 0
+
+
+def cmd_recipe(args) -> int:
+    from rlpt.recipe import load_recipe, recipe_table, run_recipe
+    path, overrides = split_recipe_args(args.items)
+    job = load_recipe(path, overrides)
+    args.out_dir = job.run.out_dir   # named by an OSError without a path (disk full)
+    root, rows = run_recipe(job, resume=args.resume, allow_change=args.allow_change)
+    print(recipe_table(job, rows))
+    print(f"recipe folder: {root}   report: {root / 'report.md'}")
     return 0
 
 
@@ -232,6 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
             ("train", "RL on a recipe: the six roles and the seven-step loop (GRPO by default)", None, cmd_train),
             ("pipeline", "the gpt_mini pipeline SFT -> CoT -> DPO -> RLVR, with a per-stage report (the README's "
              "main job, `make run`)", "skip finished stages, continue the unfinished one", cmd_pipeline),
+            ("recipe", "a named multi-stage recipe (InstructGPT, R1-Zero, R1, Tulu 3, DAPO: recipes/*.yaml), each "
+             "stage an ordinary job", "skip finished stages, continue the unfinished one", cmd_recipe),
             ("dpo", "DPO / IPO / KTO / ORPO / SimPO from an SFT checkpoint on preference pairs", None, cmd_dpo),
             ("rm", "a Bradley-Terry reward model (SFT trunk + scalar head) on preference pairs", None, cmd_rm)]
     for name, help_, resume_help, fn in jobs:

@@ -167,6 +167,10 @@ class LoopConfig(Section):
 class SFTConfig(LoopConfig):
     format: Literal["direct", "cot", "tool"] = Field(
         "direct", description="tool: calculator tool-use traces, tool reply masked (registered by rlpt.envs)")
+    cot_frac: float = Field(0.0, ge=0, le=1, description="share of demonstrations written as a chain of thought "
+                            "instead of sft.format (a 'base model' that saw some worked sums: recipes/r1_zero.yaml)")
+    data_file: str | None = Field(None, description="a JSONL file of demonstrations {\"prompt\": ..., \"response\": "
+                                  "...} to train on instead of the task's own (rlpt.sft.load_demonstrations)")
 
 
 Job = TypeVar("Job", bound=BaseModel)

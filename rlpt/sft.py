@@ -9,27 +9,32 @@ and to read its reply, never to predict it (lesson 08); its held-out evaluation 
 agent loop. The skeleton is `rlpt.loop.SupervisedLoop` (AdamW, linear warmup then cosine or linear
 decay); held-out greedy accuracy every `eval.every` steps and pass@k at the end. Checkpoints hold
 weights, optimizer, schedule, RNG and the data sampler's state, so `--resume` continues bit-identically.
+`sft.data_file` trains on a JSONL file of demonstrations instead, one {"prompt", "response"} object a line
+(the rejection-sampled SFT of DeepSeek-R1's third stage writes one: rlpt.recipe), drawn uniformly per step.
 
     rlpt sft                                  # embedded defaults
     rlpt sft recipes/sft_arith.yaml sft.steps=300 sft.format=cot run.name=sft_cot
+    rlpt sft sft.data_file=demos.jsonl init_from=runs/x
 """
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Callable, Collection
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from pydantic import Field, model_validator
 
 import rlpt.envs  # noqa: F401 - registers the envs and the trace formats they bring (sft.format=tool)
-from rlpt.config import EvalConfig, JobConfig, SFTConfig
+from rlpt.config import ConfigError, EvalConfig, JobConfig, SFTConfig, quote, read_text
 from rlpt.framework.environment import make_env
 from rlpt.framework.evaluate import evaluate
 from rlpt.framework.trajectory import pad_sequences
 from rlpt.gpt_mini.model import GPT, load_model, make_model
-from rlpt.gpt_mini.task import ArithmeticTask, Problem, demonstration, make_task, trace_format
-from rlpt.gpt_mini.tokenizer import CharTokenizer
+from rlpt.gpt_mini.task import ArithmeticTask, Problem, demonstration, make_task, parse_prompt, trace_format
+from rlpt.gpt_mini.tokenizer import EOS, PAD, CharTokenizer
 from rlpt.loop import SupervisedLoop, open_run
 from rlpt.run import Run
 
@@ -42,7 +47,13 @@ class SFTJob(JobConfig):
 
     @model_validator(mode="after")
     def _fits(self):
-        check_demonstration_fits(self.task, self.sft.format, self.model.max_seq_len)
+        if self.sft.data_file is None:   # a file's rows are checked one by one when it is read
+            check_demonstration_fits(self.task, self.sft.format, self.model.max_seq_len)
+        if self.sft.cot_frac:
+            if self.sft.format not in ("direct", "cot"):
+                raise ValueError(f"sft.cot_frac mixes chains of thought into plain demonstrations, not into "
+                                 f"sft.format={self.sft.format}: set sft.cot_frac=0 or sft.format=direct")
+            check_demonstration_fits(self.task, "cot", self.model.max_seq_len, "sft.cot_frac")
         return self
 
 
@@ -71,6 +82,62 @@ def sft_batch(problems: list[Problem], fmt: str, tok: CharTokenizer) -> tuple[to
         responses.append(b)
         masks.append(m)
     return pad_sequences([tok.encode(p.prompt) for p in problems], responses, tok.pad_id, masks)
+
+
+def load_demonstrations(path: str | Path, tok: CharTokenizer, max_seq_len: int,
+                        task: ArithmeticTask | None = None) -> list[tuple[list[int], list[int]]]:
+    """A JSONL file of {"prompt": ..., "response": ...} -> [(prompt ids, response ids)]. A row that cannot be
+    trained on is an error naming the file and line: not a JSON object with two non-empty strings, a character
+    outside the alphabet, a response without the EOS `#` (the model would never learn to stop), longer than the
+    context, or (with `task`) an arithmetic prompt from the held-out split, which held-out accuracy would then
+    measure memorised."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"sft.data_file {quote(str(p))} does not exist: write one JSON object per line, "
+                          '{"prompt": "<3+4>", "response": "3+4=7#"}')
+    rows = []
+    for n, line in enumerate(read_text(p, "sft.data_file").splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"sft.data_file {quote(str(p))} line {n}"
+        try:
+            row = json.loads(line)
+        except (json.JSONDecodeError, RecursionError):
+            raise ConfigError(f"{where}: not valid JSON") from None
+        if not isinstance(row, dict) or not all(isinstance(row.get(f), str) and row[f] for f in ("prompt", "response")):
+            raise ConfigError(f"{where}: expected an object with non-empty string fields 'prompt' and 'response'")
+        for f in ("prompt", "response"):
+            bad = next((ch for ch in row[f] if ch not in tok.stoi or ch == PAD), None)
+            if bad is not None:
+                raise ConfigError(f"{where}: field {f!r} holds {bad!r}, not in the alphabet {tok.alphabet[1:]!r}")
+        if not row["response"].endswith(EOS):
+            raise ConfigError(f"{where}: the response must end with the EOS {EOS!r} (else the model never learns to "
+                              f"stop): {quote(row['response'], 40)}")
+        ids = (tok.encode(row["prompt"]), tok.encode(row["response"]))
+        if len(ids[0]) + len(ids[1]) > max_seq_len:
+            raise ConfigError(f"{where}: prompt + response is {len(ids[0]) + len(ids[1])} tokens, more than "
+                              f"model.max_seq_len={max_seq_len}")
+        if task is not None and _is_heldout(task, row["prompt"]):
+            raise ConfigError(f"{where}: the prompt {row['prompt']} is in the task's held-out split; training on it "
+                              "would inflate acc/heldout: remove the row")
+        rows.append(ids)
+    if not rows:
+        raise ConfigError(f"sft.data_file {quote(str(p))} holds no demonstration")
+    return rows
+
+
+def _is_heldout(task: ArithmeticTask, prompt: str) -> bool:
+    try:
+        return task.is_heldout(parse_prompt(prompt))
+    except ValueError:   # not an arithmetic prompt: no split to leak from
+        return False
+
+
+def sft_mixed_batch(problems: list[Problem], formats: list[str],
+                    tok: CharTokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+    """sft_batch with a format per problem (plain formats only: no trace masks)."""
+    return pad_sequences([tok.encode(p.prompt) for p in problems],
+                         [tok.encode(demonstration(p, f)[0]) for p, f in zip(problems, formats)], tok.pad_id)
 
 
 def sft_loss(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -108,9 +175,19 @@ def train_sft(job: SFTJob, resume: bool = False, model: GPT | None = None,
     if tf is not None and tf.check is not None:   # e.g. eval.max_tokens too short for a tool trace: fail now
         tf.check(task.heldout_set(job.eval.size), job.eval.max_tokens)
     run, ckpt = open_run(job, resume, allow_change)   # the folder only once the job is known to start
+    if demonstrations is None and job.sft.data_file is not None:
+        rows = load_demonstrations(job.sft.data_file, tok, job.model.max_seq_len, task)
+
+        def demonstrations(rng: random.Random) -> tuple[torch.Tensor, torch.Tensor]:
+            drawn = [rows[rng.randrange(len(rows))] for _ in range(job.sft.batch_size)]
+            return pad_sequences([p for p, _ in drawn], [r for _, r in drawn], tok.pad_id)
     if demonstrations is None:
         def demonstrations(rng: random.Random) -> tuple[torch.Tensor, torch.Tensor]:
-            return sft_batch([task.sample(rng, "train") for _ in range(job.sft.batch_size)], job.sft.format, tok)
+            problems = [task.sample(rng, "train") for _ in range(job.sft.batch_size)]
+            if not job.sft.cot_frac:
+                return sft_batch(problems, job.sft.format, tok)
+            cot = [rng.random() < job.sft.cot_frac for _ in problems]   # drawn only when mixing: old runs unchanged
+            return sft_mixed_batch(problems, ["cot" if c else job.sft.format for c in cot], tok)
 
     def loss_fn(rng: random.Random) -> tuple[torch.Tensor, dict]:
         ids, mask = demonstrations(rng)

@@ -3,6 +3,9 @@
 Paper: Schulman et al. 2017, "Proximal Policy Optimization Algorithms"; GAE: Schulman et al. 2016.
 Advantage: A_t = Σ_k (γλ)^k δ_{t+k},  δ_t = r_t + γ V_old(s_{t+1}) − V_old(s_t);  r_t = R at the last token, else 0
            (a process-reward env, rlpt.envs.prm, moves part of R onto step delimiters: info["step_rewards"]).
+KL in the reward (`kl_in_reward: true`, InstructGPT, Ouyang et al. 2022 eq. 2; Stiennon et al. 2020):
+           r_t = −β (log π_old − log π_ref)(y_t) + [t = last]·R, the k1 log-ratio at each sampled token, and no
+           β·KL loss term: the anchor then reaches the critic and the advantages instead of the gradient directly.
 Loss:      token-mean[ −min(ρ_t A_t, clip(ρ_t, 1−ε, 1+ε) A_t) ] + c_v · token-mean[ (V_φ(s_t) − R_t)² ] + β·KL_k3
 Diff from REINFORCE: a critic replaces the constant baseline, the importance ratio ρ and its clip
 allow several epochs per batch (`trainer.epochs`, 4 in its runs: `trainer_defaults`), advantages are per token.
@@ -35,6 +38,7 @@ from rlpt.framework.algorithm import (
     AlgorithmConfig,
     aggregate,
     clipped_surrogate,
+    kl_estimate,
     masked_mean,
     register,
 )
@@ -64,6 +68,14 @@ class PPO(Algorithm):
         value_clip: float | None = Field(None, gt=0, description="clip V around V_old by ±this; None = off")
         value_head: Literal["separate", "shared"] = "separate"
         whiten: bool = Field(True, description="normalise advantages to mean 0, std 1 over the batch")
+        kl_in_reward: bool = Field(False, description="put −β·(log π_old − log π_ref) into each token's reward "
+                                   "(InstructGPT) instead of β·KL into the loss")
+
+        def resolve(self, group_size: int, max_tokens: int) -> None:
+            super().resolve(group_size, max_tokens)
+            if self.kl_in_reward and self.beta == 0:
+                raise ValueError("config key 'algorithm.kl_in_reward': true with algorithm.beta=0 puts nothing in "
+                                 "the reward; set algorithm.beta > 0 (e.g. 0.05) or kl_in_reward: false")
 
     default_agg: AggMode = "token-mean"
     trainer_defaults = ("trainer.epochs=4",)   # several epochs per batch: what the ratio and clip are for
@@ -77,6 +89,9 @@ class PPO(Algorithm):
             if "values" not in t.extra:
                 raise ValueError("ppo needs V_old on every trajectory: attach its critic to the reference "
                                  "(Reference(scorers={'values': critic}), as rlpt.train.build does)")
+            if self.cfg.kl_in_reward and t.ref_logp is None:
+                raise ValueError("ppo with kl_in_reward needs ref_logp on every trajectory: score the batch with "
+                                 "the reference (Reference(..., ref_logp=True)) before compute_advantages")
             policy = t.response_mask.nonzero().squeeze(-1)              # positions the policy chose
             adv, ret = torch.zeros(len(t.response_ids)), torch.zeros(len(t.response_ids))
             if len(policy):
@@ -85,6 +100,10 @@ class PPO(Algorithm):
                     dense[pos] += x
                 r = dense[policy]
                 r[-1] += t.reward - r.sum()                             # the rest of R at the last token
+                if self.cfg.kl_in_reward:                               # r_t −= β (log π_old − log π_ref)(y_t)
+                    kl = t.old_logp[policy] - t.ref_logp[policy]
+                    r = r - self.cfg.beta * kl
+                    t.info["shaped_reward"] = float(r.sum())             # logged as reward/shaped_mean
                 adv[policy], ret[policy] = gae(r, t.extra["values"][policy], self.cfg.gamma, self.cfg.lam)
             t.advantage, t.extra["returns"] = adv, ret
             t.degenerate = False
@@ -107,6 +126,13 @@ class PPO(Algorithm):
         v_term = self.cfg.value_coef * v_loss
         return pg + v_term + kl, {"loss/pg": pg.detach(), "loss/value": v_term.detach(), "loss/kl": kl.detach(),
                                   **stats, **v_stats, **kl_stats, **off}
+
+    def kl_term(self, batch, new_logp) -> tuple[torch.Tensor, dict]:
+        """With the KL in the reward there is no loss term; kl/mean is still logged (on the fresh log-probs)."""
+        if not self.cfg.kl_in_reward:
+            return super().kl_term(batch, new_logp)
+        kl_tok = kl_estimate(new_logp.detach(), batch.ref_logp, self.cfg.kl_estimator)   # (B, T-1)
+        return new_logp.new_zeros(()), {"kl/mean": masked_mean(kl_tok, batch.mask)}
 
     def value_loss(self, batch, values) -> tuple[torch.Tensor, dict]:
         """token-mean (V − R)², or with value_clip the pessimistic max against V_old + clip(V − V_old)."""

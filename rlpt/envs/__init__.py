@@ -7,5 +7,6 @@
     leaky       a deliberately hackable verifier (reward-hacking demo) rlpt.envs.leaky
     prm         the verifier plus a process reward model's step scores  rlpt.envs.prm
     curriculum  arithmetic prompts drawn by an online curriculum         rlpt.envs.curriculum
+    format      accuracy plus R1-Zero's format reward (a chain of thought)  rlpt.envs.format_reward
 """
-from rlpt.envs import calculator, code_sandbox, curriculum, judge, leaky, math_answer, prm  # noqa: F401 - registers them
+from rlpt.envs import calculator, code_sandbox, curriculum, format_reward, judge, leaky, math_answer, prm  # noqa: F401

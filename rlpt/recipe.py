@@ -1,0 +1,431 @@
+"""`rlpt recipe`: a named post-training recipe (lesson 23) as a list of stages, each an ordinary rlpt job.
+
+    rlpt recipe recipes/instructgpt.yaml [key=value ...] [--resume]
+    rlpt recipe recipes/r1.yaml run.name=r1_small rl1.steps=20 rs.rs.k=4      <stage name>.<key> sets a stage's key
+
+A recipe is lesson 23's tuple (data, algorithm, reward, system, scale) written as stages. The file has the
+sections every stage shares (run, model, task, eval; `hard` and `final_eval` as `rlpt pipeline` has them) and
+`stages:`, a list of {name, kind, <that job's own keys>}:
+
+    kind     job                                   starts from           leaves
+    sft      rlpt sft (rlpt.sft.SFTJob)            the policy (or init)  the new policy
+    rm       rlpt rm  (Bradley–Terry, RMJob)       the policy            a reward model; the policy unchanged
+    dpo      rlpt dpo (DPOJob)                     the policy            the new policy
+    train    rlpt train (TrainJob: GRPO, PPO, …)   the policy            the new policy
+    rs_sft   rejection sampling, then rlpt sft     the policy            the new policy
+
+Stage i (from 1) runs in runs/<run.name>/<i>_<name>/ as the job it names, with the shared sections and the
+previous policy stage's final checkpoint as `init_from`. A first stage of kind `sft` starts from random weights
+(gpt_mini's stand-in for pre-training); a first stage of kind `train` trains its own SFT start from its `sft:`
+section, as `rlpt train` does, or starts from `model.hf_path`. An `rm` stage's run folder becomes the
+`env.model_path` of every later train stage with `env.name: reward_model` that names none itself.
+
+Rejection-sampled SFT (DeepSeek-R1's third stage, lesson 23): `rs.k` samples for each of `rs.prompts` distinct
+training prompts from the current policy at `rs.temperature`; a sample is kept when the env `rs.env` gives it
+reward ≥ `rs.min_reward` and it ended with EOS, at most `rs.max_per_prompt` distinct ones per prompt; the kept
+(prompt, response) pairs are written to runs/<run.name>/<i>_<name>.jsonl and the stage is `rlpt sft` with
+`sft.data_file` on them, from the current policy.
+
+`--resume` skips the stages that finished and continues the one that did not (as `rlpt pipeline`, whose
+per-stage helpers live here: `run_job_stage`, `StageClock`, `evaluate_checkpoints`, `stage_table`). At the end
+every policy stage's final weights are evaluated the same way (greedy and sampled held-out accuracy, and the
+harder slice) into report.md and stages.json.
+"""
+from __future__ import annotations
+
+import json
+import random
+import re
+import time
+from collections.abc import Callable, Collection
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+import rlpt.envs  # noqa: F401 - registers the envs a stage or rs.env may name
+from rlpt.checkpoint import finished_checkpoint, latest_checkpoint
+from rlpt.config import (
+    ConfigError,
+    EvalConfig,
+    ModelConfig,
+    RunConfig,
+    Section,
+    TaskConfig,
+    apply_overrides,
+    check_prompt_fits,
+    deep_merge,
+    load_config,
+    quote,
+    read_yaml,
+)
+from rlpt.framework.environment import ArithmeticEnv, Prompt, env_class, make_env
+from rlpt.framework.evaluate import evaluate
+from rlpt.gpt_mini.generate import SamplingParams
+from rlpt.gpt_mini.model import load_model
+from rlpt.gpt_mini.task import make_task
+from rlpt.gpt_mini.tokenizer import EOS, CharTokenizer
+from rlpt.hf_policy import TrainModelConfig
+from rlpt.lock import claim_folder
+from rlpt.preference.data import distinct_problems, sample_groups
+from rlpt.preference.dpo import DPOJob, run_dpo
+from rlpt.preference.reward_model import RMJob, train_rm
+from rlpt.report import figure, machine
+from rlpt.sft import SFTJob, train_sft
+from rlpt.train import TrainJob, load_train_job, run_train
+
+
+# -- helpers every multi-stage job shares (rlpt.pipeline uses them too) ------------------------------------------
+def run_job_stage(label: str, stage_dir: Path, steps: int, run: Callable[[bool], Any], resume: bool,
+                  who: str = "recipe") -> Path:
+    """Run one stage's job into `stage_dir` and return its final checkpoint. With `resume`, a finished stage is
+    skipped and an unfinished one continues from its latest checkpoint. `run(resume_the_job)` runs the job."""
+    if resume and (done := finished_checkpoint(stage_dir, steps)) is not None:
+        print(f"[rlpt] {who}: {label} already finished ({done}); skipping")
+        return done
+    again = resume and latest_checkpoint(stage_dir) is not None
+    print(f"[rlpt] {who}: stage {label} ({steps} steps) -> {stage_dir}")
+    run(again)
+    return latest_checkpoint(stage_dir)
+
+
+class StageClock:
+    """Each stage's wall clock, kept across invocations in stage_seconds.json: a stage skipped on --resume keeps
+    the time it took, a continued one adds this invocation's time to what it had."""
+
+    def __init__(self, root: Path, resume: bool):
+        self.path = root / "stage_seconds.json"
+        self.seconds: dict[str, float] = json.loads(self.path.read_text()) if resume and self.path.exists() else {}
+
+    def add(self, stage: str, t0: float) -> None:
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - t0
+        self.path.write_text(json.dumps(self.seconds))
+
+
+class StageEval(Section):
+    """How every stage's final weights are scored at the end (the same problems for all stages)."""
+    samples: int = Field(4, ge=0, description="also score k samples per problem at `temperature` (0 = greedy only)")
+    temperature: float = Field(1.0, gt=0)
+
+
+class HardSlice(Section):
+    """The harder slice: problems with more operands than any training prompt (never trained on)."""
+    operands: int = Field(5, ge=2, description="operands per problem; must exceed task.max_operands")
+
+
+def evaluate_checkpoints(ckpts: dict[str, Path], model: ModelConfig, task: TaskConfig, ev: EvalConfig,
+                         hard: HardSlice, fe: StageEval, seed: int) -> list[dict]:
+    """Greedy (and sampled) accuracy of every stage's final checkpoint on the same two held-out sets."""
+    tok = CharTokenizer()
+    env = ArithmeticEnv(make_task(task), tokenizer=tok)
+    hard_env = ArithmeticEnv(make_task(task.model_copy(update={"min_operands": hard.operands,
+                                                               "max_operands": hard.operands})), tokenizer=tok)
+    train_dist, hard_set = env.heldout(ev.size), hard_env.heldout(ev.size)
+    # a 5-operand chain of thought is ~6 characters per operand: give the harder slice room to finish
+    hard_tokens = max(ev.max_tokens, 8 * hard.operands)
+    rows = []
+    for stage, ck in ckpts.items():
+        m = load_model(ck, model, tok)
+        a = evaluate(m, env, train_dist, ev.max_tokens, k=fe.samples, temperature=fe.temperature, seed=seed)
+        h = evaluate(m, hard_env, hard_set, hard_tokens)
+        row = {"stage": stage, "checkpoint": str(ck), "acc/heldout": a["acc"], "acc/hard": h["acc"],
+               "len/heldout": a["len"]}
+        if fe.samples:   # the mean of k samples at T: what greedy accuracy near 1.0 no longer shows
+            row["acc/heldout_sampled"] = a["acc_sampled"]
+        rows.append(row)
+    return rows
+
+
+def stage_table(rows: list[dict], task: TaskConfig, eval_size: int, hard: HardSlice, fe: StageEval) -> str:
+    lo, hi = task.min_operands, task.max_operands
+    sampled = f" sampled ({fe.samples} per problem, T={fe.temperature:g}) |" if fe.samples else ""
+    head = (f"| stage | held-out greedy ({lo}–{hi} operands, {eval_size} problems) |{sampled} "
+            f"harder slice, greedy ({hard.operands} operands) | mean response length | seconds |")
+    lines = [head, "|---|---:|" + ("---:|" if fe.samples else "") + "---:|---:|---:|"]
+    for r in rows:
+        s = f" {r['acc/heldout_sampled']:.4f} |" if fe.samples else ""
+        lines.append(f"| {r['stage']} | {r['acc/heldout']:.4f} |{s} {r['acc/hard']:.4f} | {r['len/heldout']:.1f} | "
+                     f"{r['seconds']:.0f} |")
+    return "\n".join(lines)
+
+
+def plot_stage_rows(rows: list[dict], hard: HardSlice, fe: StageEval, path: Path) -> Path:
+    """Accuracy after each stage, one line per evaluation set, stages on the x axis."""
+    series = {"held-out greedy (training distribution)": "acc/heldout",
+              f"held-out sampled (T={fe.temperature:g})": "acc/heldout_sampled",
+              f"harder slice ({hard.operands} operands), greedy": "acc/hard"}
+    x = list(range(len(rows)))
+    with figure(path) as ax:
+        for label, key in series.items():
+            if all(key in r for r in rows):
+                ax.plot(x, [r[key] for r in rows], marker="o", label=label)
+        ax.set_xticks(x, [r["stage"] for r in rows])
+        ax.set_ylim(0, 1.02)
+        ax.set_ylabel("accuracy")
+        ax.set_title("held-out accuracy after each stage")
+        ax.legend(fontsize=8)
+    return path
+
+
+# -- the recipe's schema ---------------------------------------------------------------------------------------
+class RSConfig(Section):
+    """Rejection sampling for an rs_sft stage: the policy's own verified samples become its SFT data."""
+    prompts: int = Field(512, ge=1, description="distinct training prompts to sample")
+    k: int = Field(8, ge=1, description="samples per prompt")
+    temperature: float = Field(1.0, gt=0)
+    max_tokens: int = Field(32, ge=1)
+    env: str = Field("arithmetic", description="the env whose reward decides (one that scores without a model)")
+    min_reward: float = Field(1.0, description="keep a sample whose reward is at least this (1.0: correct)")
+    max_per_prompt: int = Field(1, ge=1, description="distinct kept responses per prompt at most")
+
+
+KINDS = ("sft", "rm", "dpo", "train", "rs_sft")
+JOBS: dict[str, type[BaseModel]] = {"sft": SFTJob, "rm": RMJob, "dpo": DPOJob, "train": TrainJob, "rs_sft": SFTJob}
+MAKES_POLICY = {"sft", "dpo", "train", "rs_sft"}       # an rm stage leaves the policy as it was
+RUNNER_KEYS = ("run", "model", "init_from")          # set by the runner, never by a stage
+_NAME = re.compile(r"[a-z][a-z0-9_]*")
+
+
+class StageSpec(BaseModel):
+    """One stage: its name, its kind, and (as extra keys) that job's own sections."""
+    model_config = ConfigDict(extra="allow")
+    name: str
+    kind: str
+
+    def own(self) -> dict:
+        return dict(self.model_extra or {})
+
+
+class RecipeJob(Section):
+    run: RunConfig = RunConfig(name="recipe", threads=1)   # 1 thread: as fast as 2 here, and reproducible
+    model: TrainModelConfig = TrainModelConfig()
+    task: TaskConfig = TaskConfig()
+    eval: EvalConfig = EvalConfig(every=100, size=400, pass_k=1)
+    hard: HardSlice = HardSlice()
+    final_eval: StageEval = StageEval()
+    stages: list[StageSpec] = Field(default_factory=list, description="the stages, in order: {name, kind, ...}")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.hard.operands <= self.task.max_operands:
+            raise ValueError(f"hard.operands ({self.hard.operands}) must exceed task.max_operands "
+                             f"({self.task.max_operands}): the harder slice has more operands than any training prompt")
+        if self.model.hf_path is None:
+            check_prompt_fits(self.task, self.model.max_seq_len, self.hard.operands, "hard.operands")
+        seen, policy, rm = set(), False, False
+        for i, s in enumerate(self.stages):
+            where = f"stages[{i}] {s.name!r}"
+            if not _NAME.fullmatch(s.name) or s.name in type(self).model_fields:
+                raise ValueError(f"stages[{i}].name {s.name!r}: use lowercase letters, digits and _, not one of the "
+                                 f"shared sections ({', '.join(type(self).model_fields)})")
+            if s.name in seen:
+                raise ValueError(f"{where}: a second stage with this name; stage names must be unique")
+            seen.add(s.name)
+            if s.kind not in KINDS:
+                raise ValueError(f"stages[{i}].kind {s.kind!r} is not a stage kind: use one of {', '.join(KINDS)}")
+            for key in RUNNER_KEYS:
+                if key in s.own():
+                    raise ValueError(f"{where}: key {key!r} is set by the recipe runner (shared sections at the top, "
+                                     "the previous stage's checkpoint as init_from): remove it from the stage")
+            if s.kind in ("rm", "dpo", "rs_sft") and not policy:
+                raise ValueError(f"{where} (kind {s.kind}) needs a policy stage before it (sft, dpo, train or "
+                                 "rs_sft): it starts from the policy's weights")
+            if self.model.hf_path is not None and (s.kind != "train" or len(self.stages) > 1):
+                raise ValueError(f"model.hf_path with {where} (kind {s.kind}): only a recipe of one train stage runs "
+                                 "on a Hugging Face policy today (rlpt sft / rm / dpo train gpt_mini only)")
+            try:
+                job = self.stage_job(i, "<previous stage>" if policy else None, "<rm stage>" if rm else None)
+                if s.kind == "rs_sft":
+                    env_class(self.rs(i).env)
+            except KeyError as e:
+                raise ValueError(f"{where} (kind {s.kind}): rs.env: {e.args[0]}") from None
+            except ConfigError as e:
+                raise ValueError(f"{where} (kind {s.kind}): {str(e).removeprefix('invalid config (defaults): ')}") \
+                    from None
+            if s.kind == "train" and job.env.name == "reward_model" and not rm and "model_path" not in \
+                    s.own().get("env", {}):
+                raise ValueError(f"{where}: env.name=reward_model needs an rm stage before it (or env.model_path)")
+            policy |= s.kind in MAKES_POLICY
+            rm |= s.kind == "rm"
+        return self
+
+    @property
+    def root(self) -> Path:
+        return Path(self.run.out_dir) / self.run.name
+
+    def folder(self, i: int) -> str:
+        return f"{i + 1}_{self.stages[i].name}"
+
+    def stage_job(self, i: int, init: str | None, rm_dir: str | None) -> BaseModel:
+        """The ordinary job that runs stage i: the stage's own keys over what every stage shares (the run folder
+        runs/<run.name>/<i>_<name>/, the model, the task, the held-out eval, the previous stage's weights)."""
+        s = self.stages[i]
+        cls, own = JOBS[s.kind], s.own()
+        if s.kind == "rs_sft":
+            own.pop("rs", None)   # the sampling's, not the SFT job's
+        model = self.model.model_dump() if s.kind == "train" else self.model.gpt_mini().model_dump()
+        base = {"run": self.run.model_copy(update={"out_dir": str(self.root), "name": self.folder(i)}).model_dump(),
+                "model": model, "init_from": init, "task": self.task.model_dump(),
+                "eval": self.eval.model_copy(update={"pass_k": 1}).model_dump()}
+        base = {k: v for k, v in base.items() if k in cls.model_fields}
+        if s.kind == "train" and own.get("env", {}).get("name") == "reward_model" and rm_dir is not None:
+            base["env"] = {"model_path": rm_dir}
+        if s.kind == "rs_sft":
+            base["sft"] = {"data_file": f"<{self.folder(i)}.jsonl>"}
+        if s.kind == "train":
+            return load_train_job(None, [], base=deep_merge(base, own))
+        return load_config(cls, None, [], base=deep_merge(base, own))
+
+    def rs(self, i: int) -> RSConfig:
+        """An rs_sft stage's `rs:` section (a ConfigError naming `rs.<key>` if it is wrong)."""
+        try:
+            return load_config(RSConfig, None, [], base=self.stages[i].own().get("rs", {}))
+        except ConfigError as e:
+            raise ConfigError("rs: " + str(e).removeprefix("invalid config (defaults): ")) from None
+
+
+def stage_steps(kind: str, job: Any) -> int:
+    """The steps that finish stage `kind`'s job (what --resume compares its latest checkpoint against)."""
+    return {"sft": lambda: job.sft.steps, "rs_sft": lambda: job.sft.steps, "rm": lambda: job.rm.steps,
+            "dpo": lambda: job.dpo.steps, "train": lambda: job.steps}[kind]()
+
+
+def load_recipe(path: str | None, overrides: list[str]) -> RecipeJob:
+    """The recipe file < overrides. `<stage name>.<key>=v` sets key <key> of that stage; other keys are shared."""
+    if path is None:
+        raise ConfigError("rlpt recipe needs a recipe file, e.g. rlpt recipe recipes/instructgpt.yaml")
+    data = read_yaml(path)
+    stages = data.get("stages")
+    if not isinstance(stages, list) or not stages or not all(isinstance(s, dict) for s in stages):
+        raise ConfigError(f"recipe {quote(path)}: `stages:` must be a non-empty list of {{name, kind, ...}} "
+                          "sections, e.g. stages: [{name: sft, kind: sft}]")
+    names = [s.get("name") for s in stages]
+    shared, by_stage = [], {}
+    for item in overrides:
+        head = item.split("=", 1)[0].split(".", 1)
+        if head[0] in names and len(head) == 2:
+            by_stage.setdefault(head[0], []).append(item.split(".", 1)[1])
+        elif head[0] in RecipeJob.model_fields and head[0] != "stages":
+            shared.append(item)
+        else:
+            raise ConfigError(f"override {quote(item)}: {head[0]!r} is neither a shared section "
+                              f"({', '.join(k for k in RecipeJob.model_fields if k != 'stages')}) nor a stage "
+                              f"({', '.join(map(str, names))}); write <stage>.<key>=value for a stage's key")
+    data = apply_overrides({k: v for k, v in data.items() if k != "stages"}, shared)
+    data["stages"] = [apply_overrides(s, by_stage.get(s.get("name"), [])) for s in stages]
+    src = quote(str(path)) + (" + overrides" if overrides else "")
+    try:
+        return load_config(RecipeJob, None, [], base=data)
+    except ConfigError as e:
+        raise ConfigError(str(e).replace("invalid config (defaults)", f"invalid recipe ({src})", 1)) from None
+
+
+# -- running it -----------------------------------------------------------------------------------------------
+@torch.no_grad()
+def rejection_sample(policy_ck: Path, job: RecipeJob, i: int, out: Path) -> dict:
+    """Sample the policy, keep the samples the env rewards ≥ rs.min_reward, write them as SFT demonstrations."""
+    rs, tok = job.rs(i), CharTokenizer()
+    if env_class(rs.env).model_path_arg is not None:
+        raise ConfigError(f"stages[{i}] rs.env={rs.env} scores with a model; rejection sampling takes a verifier "
+                          "(arithmetic, format, ...)")
+    task = make_task(job.task)
+    env = make_env(rs.env, task=task, tokenizer=tok)
+    policy = load_model(policy_ck, job.model.gpt_mini(), tok)
+    problems = distinct_problems(task, random.Random(job.run.seed), rs.prompts, "train")
+    gen = torch.Generator().manual_seed(job.run.seed)
+    texts = sample_groups(policy, tok, [p.prompt for p in problems], rs.k,
+                          SamplingParams(max_tokens=rs.max_tokens, temperature=rs.temperature), gen)
+    rows, kept_prompts = [], 0
+    for j, p in enumerate(problems):
+        prompt, kept = Prompt(p.prompt, tok.encode(p.prompt), p.gold, {"operands": p.operands}), []
+        for t in texts[j * rs.k:(j + 1) * rs.k]:
+            if t.endswith(EOS) and t not in kept and env.verify(prompt, t).reward >= rs.min_reward:
+                kept.append(t)
+            if len(kept) == rs.max_per_prompt:
+                break
+        kept_prompts += bool(kept)
+        rows += [{"prompt": p.prompt, "response": t} for t in kept]
+    if not rows:
+        raise ConfigError(f"stages[{i}] {job.stages[i].name!r}: no sample of {len(problems)} prompts × {rs.k} reached "
+                          f"rs.min_reward={rs.min_reward:g}; raise rs.k or start from a stronger policy")
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tmp.replace(out)
+    return {"prompts": len(problems), "samples": len(texts), "kept": len(rows), "prompts_kept": kept_prompts}
+
+
+def run_recipe(job: RecipeJob, resume: bool = False, allow_change: Collection[str] = ()) -> tuple[Path, list[dict]]:
+    """Every stage in order, then the same evaluation of each policy stage's final weights.
+    Returns (recipe folder, one row per policy stage)."""
+    if job.run.threads:
+        torch.set_num_threads(job.run.threads)
+    lock, _ = claim_folder(job.root)   # one recipe per folder, and never into a folder rlpt did not make
+    try:
+        return _run_stages(job, resume, allow_change)
+    finally:
+        lock.release()
+
+
+def _run_stages(job: RecipeJob, resume: bool, allow_change: Collection[str]) -> tuple[Path, list[dict]]:
+    root, clock = job.root, StageClock(job.root, resume)
+    init = rm_dir = None
+    ckpts: dict[str, Path] = {}
+    for i, spec in enumerate(job.stages):
+        folder = job.folder(i)
+        stage = job.stage_job(i, str(init) if init is not None else None, str(rm_dir) if rm_dir else None)
+        steps, t0 = stage_steps(spec.kind, stage), time.perf_counter()
+        done = finished_checkpoint(root / folder, steps) if resume else None
+        if spec.kind == "rs_sft" and done is None:
+            demos = root / f"{folder}.jsonl"
+            if not (resume and demos.exists()):
+                stats = rejection_sample(init, job, i, demos)
+                print(f"[rlpt] recipe: {folder} rejection sampling kept {stats['kept']} of {stats['samples']} "
+                      f"samples ({stats['prompts_kept']} of {stats['prompts']} prompts) -> {demos}")
+            stage = stage.model_copy(update={"sft": stage.sft.model_copy(update={"data_file": str(demos)})})
+        run = {"sft": train_sft, "rs_sft": train_sft, "rm": train_rm, "dpo": run_dpo, "train": run_train}[spec.kind]
+        ck = run_job_stage(f"{folder} ({spec.kind})", root / folder, steps,
+                           lambda again, run=run, stage=stage: run(stage, resume=again, allow_change=allow_change),
+                           resume)
+        if done is None:
+            clock.add(folder, t0)
+        if spec.kind == "rm":
+            rm_dir = root / folder
+        else:
+            init = ckpts[folder] = ck
+    t0 = time.perf_counter()
+    if job.model.hf_path is None:
+        rows = evaluate_checkpoints(ckpts, job.model.gpt_mini(), job.task, job.eval, job.hard, job.final_eval,
+                                    job.run.seed)
+    else:   # an HF policy's checkpoint is not a gpt_mini one: its own last held-out evaluation stands
+        rows = [hf_row(folder, ck) for folder, ck in ckpts.items()]
+    for r in rows:
+        r["seconds"] = clock.seconds.get(r["stage"], 0.0)
+    (root / "stages.json").write_text(json.dumps(rows, indent=1))
+    write_recipe_report(job, rows, sum(clock.seconds.values()), time.perf_counter() - t0)
+    return root, rows
+
+
+def hf_row(folder: str, ck: Path) -> dict:
+    rows = [json.loads(x) for x in (ck.parent.parent / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    last = [r for r in rows if "acc/heldout" in r][-1]
+    return {"stage": folder, "checkpoint": str(ck), "acc/heldout": last["acc/heldout"], "acc/hard": float("nan"),
+            "len/heldout": last.get("response/len_heldout", float("nan"))}
+
+
+def recipe_table(job: RecipeJob, rows: list[dict]) -> str:
+    fe = job.final_eval if job.model.hf_path is None else StageEval(samples=0)
+    return stage_table(rows, job.task, job.eval.size, job.hard, fe)
+
+
+def write_recipe_report(job: RecipeJob, rows: list[dict], train_s: float, eval_s: float) -> Path:
+    order = " → ".join(f"{s.name} ({s.kind})" for s in job.stages)
+    parts = [f"# Recipe {job.run.name}: {order}", "", f"Measured on {machine()}.", "", recipe_table(job, rows), "",
+             f"Wall clock: {train_s:.0f} s for the stages (seconds column: each stage, summed over the invocations "
+             f"that ran it), {eval_s:.0f} s for this evaluation.", ""]
+    if job.model.hf_path is None:
+        png = plot_stage_rows(rows, job.hard, job.final_eval, job.root / "stages.png")
+        parts += [f"![accuracy after each stage]({png.name})", ""]
+    path = job.root / "report.md"
+    path.write_text("\n".join(parts))
+    return path
