@@ -23,7 +23,6 @@ last few steps.
 """
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Collection
 from pathlib import Path
@@ -31,7 +30,7 @@ from pathlib import Path
 import torch
 from pydantic import Field, model_validator
 
-from rlpt.checkpoint import finished_checkpoint, latest_checkpoint
+from rlpt.checkpoint import finished_checkpoint
 from rlpt.config import (
     EvalConfig,
     ModelConfig,
@@ -45,28 +44,20 @@ from rlpt.config import (
     lookup,
     read_yaml,
 )
-from rlpt.framework.environment import ArithmeticEnv
-from rlpt.framework.evaluate import evaluate
-from rlpt.gpt_mini.model import load_model
-from rlpt.gpt_mini.task import make_task
-from rlpt.gpt_mini.tokenizer import CharTokenizer
 from rlpt.preference.dpo import DPOConfig, DPOJob, PairsConfig, run_dpo
-from rlpt.report import figure, machine
+from rlpt.recipe import (
+    HardSlice,
+    StageClock,
+    StageEval,
+    evaluate_checkpoints,
+    plot_stage_rows,
+    run_job_stage,
+    stage_table,
+)
+from rlpt.report import machine
 from rlpt.run import claim_folder
 from rlpt.sft import SFTJob, check_demonstration_fits, train_sft
 from rlpt.train import TrainJob, TrainStage, algorithm_overrides, run_train
-
-
-class StageEval(Section):
-    """How every stage's final weights are scored at the end (the same problems for all stages)."""
-    samples: int = Field(4, ge=0, description="also score k samples per problem at `temperature` (0 = greedy only)")
-    temperature: float = Field(1.0, gt=0)
-
-
-class HardSlice(Section):
-    """The harder slice: problems with more operands than any training prompt (never trained on)."""
-    operands: int = Field(5, ge=2, description="operands per problem; must exceed task.max_operands")
-
 
 RL_ALGORITHM = "dapo"
 
@@ -135,17 +126,10 @@ def run_stage(job: PipelineJob, stage: str, init: Path | None, resume: bool,
               allow_change: Collection[str] = ()) -> Path:
     """Run one stage into runs/<run.name>/<stage>/ and return its final checkpoint. With `resume`, a
     finished stage is skipped and an unfinished one continues from its latest checkpoint."""
-    root = Path(job.run.out_dir) / job.run.name
-    stage_dir = root / stage
-    steps = _steps(job, stage)
-    if resume and (done := finished_checkpoint(stage_dir, steps)) is not None:
-        print(f"[rlpt] pipeline: {stage} already finished ({done}); skipping")
-        return done
-    again = resume and latest_checkpoint(stage_dir) is not None
-    print(f"[rlpt] pipeline: stage {stage} ({steps} steps) -> {stage_dir}")
+    stage_job = job.stage_job(stage, str(init) if init is not None else None)
     run = {"1_direct": train_sft, "2_cot": train_sft, "3_dpo": run_dpo, "4_rlvr": run_train}[stage]
-    run(job.stage_job(stage, str(init) if init is not None else None), resume=again, allow_change=allow_change)
-    return latest_checkpoint(stage_dir)
+    return run_job_stage(stage, Path(job.run.out_dir) / job.run.name / stage, _steps(job, stage),
+                         lambda again: run(stage_job, resume=again, allow_change=allow_change), resume, "pipeline")
 
 
 def run_pipeline(job: PipelineJob, resume: bool = False, allow_change: Collection[str] = ()) -> tuple[Path, list[dict]]:
@@ -162,79 +146,34 @@ def run_pipeline(job: PipelineJob, resume: bool = False, allow_change: Collectio
 
 
 def _run_stages(job: PipelineJob, root: Path, resume: bool, allow_change: Collection[str]) -> tuple[Path, list[dict]]:
-    # each stage's wall clock, kept across invocations: a stage skipped on --resume keeps the time it took
-    times_path = root / "stage_seconds.json"
-    seconds = json.loads(times_path.read_text()) if resume and times_path.exists() else {}
+    clock = StageClock(root, resume)   # each stage's wall clock, kept across invocations
     ckpts, init = {}, None
     for stage in STAGES:
         t0 = time.perf_counter()
         done = finished_checkpoint(root / stage, _steps(job, stage)) if resume else None
         init = ckpts[stage] = run_stage(job, stage, init, resume, allow_change)
         if done is None:   # it ran (from scratch, or continued): add this invocation's time to what it had
-            seconds[stage] = (seconds.get(stage, 0.0) if resume else 0.0) + time.perf_counter() - t0
-            times_path.write_text(json.dumps(seconds))
+            clock.add(stage, t0)
     t0 = time.perf_counter()
     rows = evaluate_stages(job, ckpts)
     for r in rows:
-        r["seconds"] = seconds.get(r["stage"], 0.0)
-    write_pipeline_report(job, root, rows, sum(seconds.values()), time.perf_counter() - t0)
+        r["seconds"] = clock.seconds.get(r["stage"], 0.0)
+    write_pipeline_report(job, root, rows, sum(clock.seconds.values()), time.perf_counter() - t0)
     return root, rows
 
 
 def evaluate_stages(job: PipelineJob, ckpts: dict[str, Path]) -> list[dict]:
     """Greedy (and sampled) accuracy of every stage's final checkpoint on the same two held-out sets."""
-    tok = CharTokenizer()
-    env = ArithmeticEnv(make_task(job.task), tokenizer=tok)
-    hard_env = ArithmeticEnv(make_task(job.task.model_copy(update={"min_operands": job.hard.operands,
-                                                                   "max_operands": job.hard.operands})), tokenizer=tok)
-    train_dist, hard = env.heldout(job.eval.size), hard_env.heldout(job.eval.size)
-    # a 5-operand chain of thought is ~6 characters per operand: give the harder slice room to finish
-    hard_tokens = max(job.eval.max_tokens, 8 * job.hard.operands)
-    fe = job.final_eval
-    rows = []
-    for stage, ck in ckpts.items():
-        model = load_model(ck, job.model, tok)
-        a = evaluate(model, env, train_dist, job.eval.max_tokens, k=fe.samples, temperature=fe.temperature,
-                     seed=job.run.seed)
-        h = evaluate(model, hard_env, hard, hard_tokens)
-        row = {"stage": stage, "checkpoint": str(ck), "acc/heldout": a["acc"], "acc/hard": h["acc"],
-               "len/heldout": a["len"]}
-        if fe.samples:   # the mean of k samples at T: what greedy accuracy near 1.0 no longer shows
-            row["acc/heldout_sampled"] = a["acc_sampled"]
-        rows.append(row)
-    return rows
+    return evaluate_checkpoints(ckpts, job.model, job.task, job.eval, job.hard, job.final_eval, job.run.seed)
 
 
 def pipeline_table(job: PipelineJob, rows: list[dict]) -> str:
-    lo, hi = job.task.min_operands, job.task.max_operands
-    fe = job.final_eval
-    sampled = f" sampled ({fe.samples} per problem, T={fe.temperature:g}) |" if fe.samples else ""
-    head = (f"| stage | held-out greedy ({lo}–{hi} operands, {job.eval.size} problems) |{sampled} "
-            f"harder slice, greedy ({job.hard.operands} operands) | mean response length | seconds |")
-    lines = [head, "|---|---:|" + ("---:|" if fe.samples else "") + "---:|---:|---:|"]
-    for r in rows:
-        s = f" {r['acc/heldout_sampled']:.4f} |" if fe.samples else ""
-        lines.append(f"| {r['stage']} | {r['acc/heldout']:.4f} |{s} {r['acc/hard']:.4f} | {r['len/heldout']:.1f} | "
-                     f"{r['seconds']:.0f} |")
-    return "\n".join(lines)
+    return stage_table(rows, job.task, job.eval.size, job.hard, job.final_eval)
 
 
 def plot_stages(job: PipelineJob, rows: list[dict], path: Path) -> Path:
     """Accuracy after each stage, one line per evaluation set, stages on the x axis."""
-    series = {"held-out greedy (training distribution)": "acc/heldout",
-              f"held-out sampled (T={job.final_eval.temperature:g})": "acc/heldout_sampled",
-              f"harder slice ({job.hard.operands} operands), greedy": "acc/hard"}
-    x = list(range(len(rows)))
-    with figure(path) as ax:
-        for label, key in series.items():
-            if all(key in r for r in rows):
-                ax.plot(x, [r[key] for r in rows], marker="o", label=label)
-        ax.set_xticks(x, [r["stage"] for r in rows])
-        ax.set_ylim(0, 1.02)
-        ax.set_ylabel("accuracy")
-        ax.set_title("held-out accuracy after each stage")
-        ax.legend(fontsize=8)
-    return path
+    return plot_stage_rows(rows, job.hard, job.final_eval, path)
 
 
 def write_pipeline_report(job: PipelineJob, root: Path, rows: list[dict], train_s: float, eval_s: float) -> Path:
