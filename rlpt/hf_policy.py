@@ -1,17 +1,22 @@
 """`rlpt train model.hf_path=<dir> [lora.r=8]`: a Hugging Face policy in place of gpt_mini (docs/real_models.md §5).
 
     TrainModelConfig   gpt_mini's shape, or `hf_path`: a local Llama / Qwen2 / Mistral directory (e.g. `rlpt export`)
-    LoraSection        lora.r (0 = full fine-tuning), lora.alpha, lora.targets
+    LoraSection        lora.r (0 = full fine-tuning), lora.alpha, lora.targets, lora.sync (adapters | merged)
     load_policy        the policy `build` wires: gpt_mini from a checkpoint, or the HF model (+ LoRA adapters)
     checkpointed       what a checkpoint's model.safetensors holds: the weights, or under LoRA the adapters only
+    rollout_policy     the rollout's copy: a deep copy, or under LoRA one sharing the frozen base (lora.sync)
+    sync_payload       what a weight sync moves: every parameter, or under LoRA the adapters / merged weights
+    set_grad_checkpointing   trainer.grad_checkpointing on gpt_mini or an HF policy
 
 The arithmetic envs score CharTokenizer ids, so the HF tokenizer must be gpt_mini's (`check_char_tokenizer`).
 rlpt.train re-exports these names; its TrainJob holds the two sections.
 """
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
+from typing import Literal
 
 import torch
 from pydantic import Field
@@ -42,6 +47,9 @@ class LoraSection(Section):
     r: int = Field(0, ge=0, description="adapter rank; 0 = off (full fine-tuning); needs model.hf_path")
     alpha: float = Field(16.0, gt=0, description="the update is scaled by alpha / r")
     targets: str | list[str] = Field("all-linear", description="'all-linear' or module names, e.g. [q_proj, v_proj]")
+    sync: Literal["adapters", "merged"] = Field(
+        "adapters", description="what a weight sync moves to the rollout: 'adapters' (A, B only; the rollout "
+        "copy shares the frozen base) or 'merged' (W + alpha/r·BA for every weight, into a plain second copy)")
 
 
 HF_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")   # what the engine serves
@@ -84,6 +92,35 @@ def load_policy(job, init: Path, tok: CharTokenizer):
         from rlpt.models.lora import LoraSpec, apply_lora
         policy = apply_lora(policy, LoraSpec(r=job.lora.r, alpha=job.lora.alpha, targets=job.lora.targets))
     return policy
+
+
+def rollout_policy(job, policy) -> torch.nn.Module:
+    """The rollout's own copy of the policy: a deep copy, or under LoRA `rollout_copy(policy, lora.sync)`
+    (adapters: the frozen base shared, only A, B copied; merged: a plain HF model)."""
+    if not job.lora.r:
+        return copy.deepcopy(policy)
+    from rlpt.models.lora import rollout_copy
+    return rollout_copy(policy, job.lora.sync)
+
+
+def sync_payload(job):
+    """What WeightSyncer moves (its `payload`): None = every parameter; under LoRA the adapters or the merged
+    weights (rlpt.models.lora.adapter_payload / merged_payload)."""
+    if not job.lora.r:
+        return None
+    from rlpt.models.lora import adapter_payload, merged_payload
+    return adapter_payload if job.lora.sync == "adapters" else merged_payload
+
+
+def set_grad_checkpointing(policy, on: bool = True) -> None:
+    """trainer.grad_checkpointing on gpt_mini (torch.utils.checkpoint per block) or an HF policy (its own
+    gradient_checkpointing_enable): each block's activations are recomputed in backward instead of kept."""
+    if hasattr(policy, "set_grad_checkpointing"):
+        policy.set_grad_checkpointing(on)
+    elif hasattr(type(policy), "grad_checkpointing"):
+        policy.grad_checkpointing = on
+    else:
+        raise ValueError(f"trainer.grad_checkpointing: {type(policy).__name__} is neither gpt_mini nor an HF policy")
 
 
 def checkpointed(job, model: torch.nn.Module) -> tuple[torch.nn.Module, dict]:

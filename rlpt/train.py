@@ -15,12 +15,12 @@ reference. Checkpoints hold the trainer, the rollout copy, the env's and every g
 so `--resume` continues bit-identically.
 
 With `model.hf_path=<dir>` (e.g. `rlpt export` output) the policy is that Hugging Face model instead, with
-LoRA when `lora.r > 0`: π_ref is then the same model with its adapters off and checkpoints hold the adapters
-only (docs/real_models.md §5). No SFT start is trained; the tokenizer must be gpt_mini's.
+LoRA when `lora.r > 0`: π_ref is then the same model with its adapters off, the rollout's copy shares the frozen
+base and a sync moves the adapters only (`lora.sync`), and checkpoints hold the adapters only (docs/real_models.md
+§5). No SFT start is trained; the tokenizer must be gpt_mini's.
 """
 from __future__ import annotations
 
-import copy
 from collections.abc import Collection
 from pathlib import Path
 from typing import Literal
@@ -71,6 +71,9 @@ from rlpt.hf_policy import (  # noqa: F401 - re-exported: a Hugging Face policy 
     check_hf_path,
     checkpointed,
     load_policy,
+    rollout_policy,
+    set_grad_checkpointing,
+    sync_payload,
 )
 from rlpt.loop import train_loop
 from rlpt.optim import make_optimizer
@@ -116,6 +119,9 @@ class TrainerConfig(Section):
     precision: Literal["fp32", "bf16"] = Field(
         "fp32", description="bf16: CPU autocast on the trainer's and the reference's forward (fp32 master weights "
                             "and AdamW); the log-prob check then uses check.logp_tol_bf16")
+    grad_checkpointing: bool = Field(False, description="recompute each block's activations in backward instead of "
+                                     "keeping them (gpt_mini: torch.utils.checkpoint per block; HF: its own): "
+                                     "same gradients, less activation memory, one more forward")
 
 
 class SyncConfig(Section):
@@ -362,6 +368,8 @@ def build(job: TrainJob, init: Path):
     """The six roles, wired. Returns (controller, heldout prompts)."""
     tok = CharTokenizer()
     policy = load_policy(job, init, tok)
+    if job.trainer.grad_checkpointing:   # only the trainer's train-mode forward recomputes; copies inherit the flag
+        set_grad_checkpointing(policy)
     env = make_env(job.env.name, task=make_task(job.task), seed=job.run.seed, tokenizer=tok,
                    **env_model_kwargs(job.env))
     sp = SamplingParams(max_tokens=job.rollout.max_tokens, temperature=job.rollout.temperature,
@@ -375,7 +383,7 @@ def build(job: TrainJob, init: Path):
     multi = {"max_turns": job.rollout.max_turns, "turn_tokens": job.rollout.turn_tokens} \
         if env.multi_turn else {}
     rollout = (MultiTurnRollout if multi else Rollout)(
-        copy.deepcopy(policy), tok, job.rollout.prompts_per_step, sp, seed=job.run.seed,
+        rollout_policy(job, policy), tok, job.rollout.prompts_per_step, sp, seed=job.run.seed,
         group_filter=algo.group_filter, **multi)
     rollout.use_backend(job.rollout.backend)
     scorers = {"values": critic} if critic is not None else {}   # V_old (PPO), scored before any update
@@ -400,7 +408,7 @@ def build(job: TrainJob, init: Path):
     sfx = "_bf16" if t.precision == "bf16" else ""   # bf16 has its own limits: check.logp_tol_bf16, ...
     keys = (f"check.logp_tol{sfx}", f"check.logp_tol_max{sfx}")
     tol, tol_max = (getattr(job.check, k.removeprefix("check.")) for k in keys)
-    syncer = LaggedSyncer(job.sync.lag) if job.sync.lag else WeightSyncer(job.sync.every)
+    syncer = LaggedSyncer(job.sync.lag) if job.sync.lag else WeightSyncer(job.sync.every, sync_payload(job))
     ctl = Controller(rollout, env, reference, algo, trainer, syncer, job.rollout.k,
                      tok.pad_id, logp_tol=tol if job.check.enabled and exact else None, logp_tol_max=tol_max,
                      tol_keys=keys)

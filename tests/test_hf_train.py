@@ -71,9 +71,12 @@ def test_full_fine_tuning_of_an_hf_policy_trains_with_the_logp_check(tmp_path, h
 
 @pytest.mark.slow
 def test_lora_keeps_the_base_bit_identical_and_resumes_exactly(tmp_path, hf_dir):
-    lora = ["lora.r=4", "lora.alpha=8", "trainer.optim.lr=5e-3"]
+    lora = ["lora.r=4", "lora.alpha=8", "trainer.optim.lr=5e-3", "trainer.grad_checkpointing=true"]
     ctl, run, _ = run_train(_job(tmp_path, hf_dir, "steps=3", "run.name=straight", *lora))
     policy = ctl.trainer.model
+    assert policy.grad_checkpointing and ctl.syncer.bytes_last > 0
+    assert ctl.rollout.model.shares_base_with(policy)                                # lora.sync=adapters: one base
+    assert ctl.syncer.bytes_last == sum(v.numel() * 4 for v in _trained(policy).values())   # the adapters only
     rows = [json.loads(r) for r in (run.dir / "metrics.jsonl").read_text().splitlines()]
     assert [r for r in rows if r.get("step/skipped") == 0.0]
     assert all(r["check/logp_mismatch"] < 1e-4 for r in rows if "check/logp_mismatch" in r)
@@ -91,6 +94,9 @@ def test_lora_keeps_the_base_bit_identical_and_resumes_exactly(tmp_path, hf_dir)
     ck = run.dir / "checkpoints" / "step_00000003"
     from safetensors.torch import load_file
     assert all("lora_" in k for k in load_file(str(ck / "model.safetensors")))       # adapters only
+    rollout_state = torch.load(ck / "state.pt", weights_only=False)["rollout"]["model"]
+    assert rollout_state.keys() == ctl.rollout.model.state_dict().keys()             # no second copy of the base
+    assert rollout_state and all("lora_" in k for k in rollout_state)
 
     # a crash after step 2: rerun with ckpt_every=2, drop step 3, resume
     broken = _job(tmp_path, hf_dir, "steps=3", "run.name=resumed", "ckpt_every=2", *lora)
@@ -102,6 +108,18 @@ def test_lora_keeps_the_base_bit_identical_and_resumes_exactly(tmp_path, hf_dir)
     assert resumed.keys() == trained.keys()
     for k in trained:
         assert torch.equal(trained[k], resumed[k]), k
+
+
+@pytest.mark.slow
+def test_lora_merged_sync_trains_with_the_logp_check(tmp_path, hf_dir):
+    ctl, run, _ = run_train(_job(tmp_path, hf_dir, "steps=2", "lora.r=4", "lora.alpha=8", "lora.sync=merged",
+                                 "trainer.optim.lr=5e-3"))
+    rows = [json.loads(r) for r in (run.dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r for r in rows if r.get("step/skipped") == 0.0]
+    assert all(r["check/logp_mismatch"] < 1e-4 for r in rows if "check/logp_mismatch" in r)
+    assert not any("lora_" in n for n, _ in ctl.rollout.model.named_parameters())   # a plain HF model
+    with torch.no_grad():
+        torch.testing.assert_close(ctl.rollout.model(IDS), ctl.trainer.model(IDS), atol=1e-5, rtol=0)
 
 
 def test_bad_hf_settings_name_the_key(tmp_path, hf_dir):

@@ -4,6 +4,7 @@ checkpoints hold adapters only; the engine serves the adapted model (and the bas
 from __future__ import annotations
 
 import copy
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -24,14 +25,18 @@ from rlpt.gpt_mini.task import ArithmeticTask  # noqa: E402
 from rlpt.models.hf import HFPolicy, gpt_mini_to_hf  # noqa: E402
 from rlpt.models.lora import (  # noqa: E402
     AdapterDisabled,
+    AdapterRollout,
     LoraSpec,
     adapter_disabled,
+    adapter_payload,
     apply_lora,
     load_adapter,
     load_lora_state,
     lora_state_dict,
+    merged_payload,
     merged_state_dict,
     payload_bytes,
+    rollout_copy,
     save_adapter,
 )
 
@@ -172,19 +177,88 @@ def test_bad_specs_are_clear_errors():
         apply_lora(policy, LoraSpec())
 
 
-def test_lora_grpo_steps_through_the_engine_pass_the_logp_check_and_keep_the_reference():
-    """The framework's loop on a LoRA HFPolicy: engine rollouts (the adapted weights, synced), π_ref as the
-    adapter-disabled view. The run-time log-prob check holds (< 1e-5) and π_ref never moves (0.0)."""
+def _synced(policy, rollout_model, payload=None):
+    """One WeightSyncer.sync from the policy into rollout_model (the roles as plain namespaces)."""
+    syncer = WeightSyncer(1, payload)
+    trainer, rollout = SimpleNamespace(model=policy, version=1), SimpleNamespace(model=rollout_model, version=0)
+    assert syncer.sync(trainer, rollout) and rollout.version == 1
+    return syncer
+
+
+def test_adapter_only_sync_moves_the_adapter_bytes_exactly_on_gpt_mini():
+    """gpt_mini's default shape (4 x 128, d_ff 352, tied), exported, LoRA r 8 on all 7 linears, fp32: the bytes
+    each sync moves, from the shapes. Full: every parameter once; adapters: r·(d_in + d_out) per linear."""
+    cfg = GPTConfig(vocab_size=TOK.vocab_size)
+    L, d, f, V, r = cfg.n_layer, cfg.d_model, cfg.d_ff, cfg.vocab_size, 8
+    kv = cfg.n_kv_head * cfg.head_dim
+    full_bytes = 4 * (V * d + L * (2 * d * d + 2 * d * kv + 3 * d * f + 2 * d) + d)   # embed (= head), blocks, norm
+    adapter_bytes = 4 * r * L * (2 * (d + d) + 2 * (d + kv) + 2 * (d + f) + (f + d))   # q o, k v, gate up, down
+    policy = apply_lora(HFPolicy(gpt_mini_to_hf(GPT(cfg))), LoraSpec(r=r, alpha=16))
+    _train(policy, steps=1, lr=1e-3)
+    full = _synced(policy, copy.deepcopy(policy))                                   # every parameter, full copy
+    adapters = _synced(policy, rollout_copy(policy, "adapters"), adapter_payload)
+    merged = _synced(policy, rollout_copy(policy, "merged"), merged_payload)
+    assert full_bytes == 4 * GPT(cfg).num_params()
+    assert adapters.bytes_last == adapter_bytes == 315_392
+    assert merged.bytes_last == full_bytes                                          # W + ΔW for every weight
+    assert full.bytes_last == full_bytes + adapter_bytes                            # today's copy: base + A, B
+    assert adapters.bytes_last / merged.bytes_last <= 0.10                          # 9.7 % (vocab 50)
+
+
+def test_adapter_rollout_shares_the_frozen_base_and_equals_the_trainer_after_sync():
+    policy, _ = _policy(seed=2)
+    rollout = rollout_copy(policy, "adapters")
+    assert isinstance(rollout, AdapterRollout) and rollout.shares_base_with(policy)
+    base_ptrs = {p.data_ptr() for p in policy.parameters() if not p.requires_grad}
+    assert all(p.data_ptr() not in base_ptrs for p in rollout.parameters() if p.requires_grad)   # own A, B
+    _train(policy)
+    with torch.no_grad():
+        assert not torch.equal(rollout(IDS), policy(IDS))                          # stale until synced
+    _synced(policy, rollout, adapter_payload)
+    with torch.no_grad():
+        assert torch.equal(rollout(IDS), policy(IDS))                              # same base, same A, B
+    state = rollout.state_dict()                                                    # what state.pt keeps
+    assert state and all("lora_" in k for k in state) and state.keys() == lora_state_dict(policy).keys()
+    assert payload_bytes(state) < 0.2 * payload_bytes(policy.model.get_base_model().state_dict())
+    fresh = rollout_copy(_policy(seed=2)[0], "adapters")
+    fresh.load_state_dict(state)                                                    # a resume
+    with torch.no_grad():
+        assert torch.equal(fresh(IDS), policy(IDS))
+    with pytest.raises(ValueError, match="lora.sync='nope'"):
+        rollout_copy(policy, "nope")
+    with pytest.raises(ValueError, match="lacks"):
+        _synced(policy, HFPolicy(copy.deepcopy(_policy()[1])), adapter_payload)   # a rollout without adapters
+
+
+def test_merged_rollout_is_a_plain_model_equal_to_the_trainer_after_sync():
+    policy, base = _policy(seed=3)
+    rollout = rollout_copy(policy, "merged")
+    assert type(rollout) is HFPolicy and type(rollout.model) is type(base)          # no peft on the rollout side
+    assert not any("lora_" in n for n, _ in rollout.named_parameters())
+    _train(policy)
+    _synced(policy, rollout, merged_payload)
+    with torch.no_grad():
+        torch.testing.assert_close(rollout(IDS), policy(IDS), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("sync", ["full", "adapters", "merged"])
+def test_lora_grpo_steps_through_the_engine_pass_the_logp_check_and_keep_the_reference(sync):
+    """The framework's loop on a LoRA HFPolicy: engine rollouts (the adapted weights, synced: a full deep copy,
+    the adapters only, or merged weights), π_ref as the adapter-disabled view. The run-time log-prob check holds
+    (< 1e-5) and π_ref never moves (0.0)."""
     policy = apply_lora(HFPolicy(gpt_mini_to_hf(tiny_gpt())), LoraSpec(r=4, alpha=8))
     ref = AdapterDisabled(policy)
     with torch.no_grad():
         ref_before = ref(IDS)
     env = ParityEnv(ArithmeticTask(max_operands=3), seed=0, tokenizer=TOK)
-    rollout = Rollout(copy.deepcopy(policy), TOK, 3, RolloutParams(max_tokens=8, temperature=1.0), backend="engine")
+    copy_, payload = {"full": (copy.deepcopy(policy), None), "adapters": (rollout_copy(policy), adapter_payload),
+                      "merged": (rollout_copy(policy, "merged"), merged_payload)}[sync]
+    rollout = Rollout(copy_, TOK, 3, RolloutParams(max_tokens=8, temperature=1.0), backend="engine")
     opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-2)
     trainer = Trainer(policy, opt, None, 1.0, 0, 1, 1, temperature=1.0)
+    syncer = WeightSyncer(1, payload)
     ctl = Controller(rollout, env, Reference(ref, temperature=1.0), make_algorithm({"name": "grpo"}, 4, 8),
-                     trainer, WeightSyncer(1), 4, TOK.pad_id)
+                     trainer, syncer, 4, TOK.pad_id)
     for _ in range(3):
         m = ctl.step()                                   # raises LogpMismatchError past check.logp_tol
         assert m["check/logp_mismatch"] < 1e-5
@@ -192,3 +266,7 @@ def test_lora_grpo_steps_through_the_engine_pass_the_logp_check_and_keep_the_ref
         assert torch.equal(ref(IDS), ref_before)         # the base never moved
         assert not torch.equal(policy(IDS), ref_before)  # the adapters did
     assert rollout._engine.engine(rollout.model).runner.served.kind == "llama"
+    named = dict(policy.named_parameters())
+    moved = {"full": named, "adapters": lora_state_dict(policy),
+             "merged": {k: v for k, v in named.items() if "lora_" not in k}}[sync]   # base + A, B / A, B / W'
+    assert syncer.bytes_last == payload_bytes(moved)

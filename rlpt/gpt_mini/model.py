@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 
 @dataclass
@@ -191,6 +192,7 @@ class GPT(nn.Module):
         return KVCache(self.cfg, batch_size, max_len or self.cfg.max_seq_len, p.device, p.dtype)
 
     supports_packing = True   # forward takes segment_ids (rlpt.framework.trajectory.pack_rows)
+    grad_checkpointing = False   # trainer.grad_checkpointing: recompute each block's activations in backward
 
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None,
                 positions: torch.Tensor | None = None, key_mask: torch.Tensor | None = None,
@@ -224,7 +226,7 @@ class GPT(nn.Module):
             mask = (mask | (k_pos == q_pos)).unsqueeze(1)                      # (B, 1, T, S)
         x = self.embed(input_ids)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, i, cache, mask)
+            x = self._block(layer, x, cos, sin, i, cache, mask)
         if cache is not None:
             cache.pos += T
         return self.lm_head(self.norm(x))
@@ -247,8 +249,16 @@ class GPT(nn.Module):
         mask = mask.unsqueeze(1)                                                                # (B, 1, T, T)
         x = self.embed(input_ids)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, i, None, mask)
+            x = self._block(layer, x, cos, sin, i, None, mask)
         return self.lm_head(self.norm(x))
+
+    def _block(self, layer: Block, x, cos, sin, i, cache, mask) -> torch.Tensor:
+        """One block. With `grad_checkpointing` (training, grad on) only its input is kept for backward and its
+        activations are recomputed there: the blocks' saved activations shrink to n_layer · B·T·d (their inputs) plus
+        one block's, for one more forward of each block. use_reentrant=False: the gradients are the plain path's."""
+        if self.grad_checkpointing and self.training and torch.is_grad_enabled() and cache is None:
+            return checkpoint(layer, x, cos, sin, i, cache, mask, use_reentrant=False)
+        return layer(x, cos, sin, i, cache, mask)
 
 
 # -- building and loading (floor 0's config and checkpoints; the model's own shape checks) ----------

@@ -169,6 +169,24 @@ class HFPolicy(nn.Module):
         params = inspect.signature(model.forward).parameters
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
 
+    def set_grad_checkpointing(self, on: bool = True) -> None:
+        """trainer.grad_checkpointing: the HF model's own per-layer checkpointing, active in train mode with grad on.
+        use_reentrant=False: the gradients are the plain path's, and a frozen base under LoRA needs no input that
+        requires grad (the reentrant variant would drop the adapters' gradients without one)."""
+        hf = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model   # peft: inside
+        kwargs = {"use_reentrant": False}
+        if hasattr(hf, "activation_checkpointing_enable"):     # transformers >= 5.2x; the old names warn there
+            hf.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs) if on \
+                else hf.activation_checkpointing_disable()
+        else:
+            hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs) if on \
+                else hf.gradient_checkpointing_disable()
+
+    @property
+    def grad_checkpointing(self) -> bool:
+        hf = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        return any(getattr(m, "gradient_checkpointing", False) for m in hf.modules())
+
     def new_cache(self, batch_size: int, max_len: int | None = None) -> HFCache:
         device = next(self.model.parameters()).device
         return HFCache(DynamicCache(config=self.model.config), batch_size, max_len or self.cfg.max_seq_len, device)

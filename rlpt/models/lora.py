@@ -10,6 +10,16 @@ and adapter-only payloads for weight sync and checkpoints.
     merged = merged_state_dict(policy)     # base names, W + ΔW: what a merged sync pushes (TRL's names)
     save_adapter(policy, "ckpt/adapter")   # adapter_model.safetensors + adapter_config.json, nothing else
 
+The rollout's copy and its weight sync (`lora.sync`, rlpt.framework.weight_sync's `payload`):
+
+    lora.sync=adapters (default)   rollout = rollout_copy(policy, "adapters"): an AdapterRollout holding its own
+                                   A, B and the trainer's frozen base tensors themselves (shared, never copied);
+                                   a sync moves adapter_payload(policy) = the A, B only (9.7 % of the bytes on
+                                   gpt_mini's shape, r 8); its state_dict (state.pt) is the adapters only
+    lora.sync=merged               rollout = rollout_copy(policy, "merged"): a plain HF model (no peft), a second
+                                   full copy; a sync moves merged_payload(policy) = W + α/r·BA for every weight:
+                                   what an engine that knows nothing of LoRA needs (vLLM without --enable-lora)
+
 As in TRL (`with model.disable_adapter():` in its DPO/PPO/GRPO utils), the reference is the base model
 reached by switching the adapters off: it equals a frozen copy of the base to 0.0 because the base weights
 never receive a gradient (peft freezes them). LoRA dropout must be 0: a live dropout makes the trainer's
@@ -22,13 +32,17 @@ Needs the optional dependency: `pip install rlpt[hf]` (transformers, peft).
 """
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.nn as nn
+
+from rlpt.models.hf import HFPolicy
 
 ALL_LINEAR = "all-linear"     # peft: every nn.Linear but the output head
 
@@ -185,3 +199,65 @@ def load_adapter(base, adapter_dir: str | Path):
     if not (Path(adapter_dir) / "adapter_config.json").is_file():
         raise FileNotFoundError(f"{str(adapter_dir)!r} has no adapter_config.json: not a save_adapter directory")
     return PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=True)
+
+
+# -- the rollout's copy and what a weight sync moves (lora.sync) ------------------------------------------------
+SYNC_MODES = ("adapters", "merged")
+
+
+def adapter_payload(model) -> dict[str, torch.Tensor]:
+    """What an adapter-only sync moves: the trainer's A and B (under the model's own parameter names, which an
+    AdapterRollout shares), nothing of the frozen base. Bytes: Σ_adapted linears r · (d_in + d_out) · 4 (fp32)."""
+    named = {n: p.detach() for n, p in model.named_parameters() if "lora_" in n}
+    if not named:
+        raise ValueError(f"{type(model).__name__} has no LoRA adapter: lora.sync=adapters needs lora.r > 0")
+    return named
+
+
+def merged_payload(model) -> dict[str, torch.Tensor]:
+    """What a merged sync moves: every base parameter with its adapter merged in (merged_state_dict), under the
+    names of the plain model `rollout_copy(model, "merged")` holds (a tied weight once, as named_parameters)."""
+    base = _peft_model(model).get_base_model()
+    names = {n.replace(".base_layer", "") for n, _ in base.named_parameters() if "lora_" not in n}
+    prefix = "model." if isinstance(model, HFPolicy) else ""     # an HFPolicy's parameters live under .model
+    return {prefix + n: t for n, t in merged_state_dict(model).items() if n in names}
+
+
+class AdapterRollout(HFPolicy):
+    """The rollout's copy of a LoRA policy under lora.sync=adapters: its own adapters, the trainer's frozen base.
+
+    Built by `rollout_copy`: a deepcopy of the peft model in which every frozen tensor maps to itself, so the base
+    exists once in the process and only A, B are new. The engine serves it as any LoRA policy (W + α/r·BA merged
+    into its fused weights when A or B change). Its state_dict is the adapters only: the base never changes (it is
+    model.hf_path's), so a checkpoint's rollout state (state.pt) holds no second copy of the model."""
+
+    def state_dict(self, *args, destination=None, prefix: str = "", keep_vars: bool = False):
+        out = {prefix + k: v for k, v in lora_state_dict(self).items()}
+        if destination is not None:
+            destination.update(out)
+            return destination
+        return out
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        load_lora_state(self, state_dict)
+
+    def shares_base_with(self, policy) -> bool:
+        """Whether every frozen tensor of `policy` is this copy's own (the same storage, not an equal copy)."""
+        mine = {p.data_ptr() for p in self.parameters() if not p.requires_grad}
+        theirs = [p.data_ptr() for p in policy.parameters() if not p.requires_grad]
+        return bool(theirs) and all(ptr in mine for ptr in theirs)
+
+
+def rollout_copy(policy: HFPolicy, sync: Literal["adapters", "merged"] = "adapters") -> HFPolicy:
+    """The rollout's own model for a LoRA `policy` (an HFPolicy around a peft model); see the module doc."""
+    if sync not in SYNC_MODES:
+        raise ValueError(f"lora.sync={sync!r}: must be one of {', '.join(SYNC_MODES)}")
+    if not isinstance(policy, HFPolicy):
+        raise ValueError(f"rollout_copy takes the HFPolicy around a LoRA model, got {type(policy).__name__}")
+    peft_model = _peft_model(policy)
+    if sync == "adapters":
+        frozen = {id(p): p for p in peft_model.parameters() if not p.requires_grad}   # deepcopy's memo: kept as is
+        return AdapterRollout(copy.deepcopy(peft_model, frozen), policy.tokenizer)
+    plain = copy.deepcopy(peft_model).merge_and_unload()         # LoRA layers -> nn.Linear, peft gone
+    plain.load_state_dict(merged_state_dict(policy))             # exactly what every merged sync will push
+    return HFPolicy(plain.eval(), policy.tokenizer)
