@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from rlpt.config import Section
 
@@ -34,5 +34,22 @@ class SystemConfig(Section):
     max_restarts: int = Field(0, ge=0, description="disaggregated: rollout workers that may die and be restarted "
                                                    "from their state before the step (a full state copy per step); "
                                                    "0 = a dead worker ends the run")
+    trainer_workers: int = Field(1, ge=1, description="data-parallel trainer actors (rlpt.systems.ddp): each "
+                                                      "trains its share of every mini-batch, gradients summed "
+                                                      "over gloo (NCCL on GPU); rank 0 syncs the rollout workers")
+    partial_rollouts: bool = Field(False, description="async only: a rollout worker keeps its unfinished "
+                                                      "sequences across a weight update; each token carries the "
+                                                      "version it was sampled under (lesson 22b)")
     address: str | None = Field(None, description="Ray cluster to attach to (e.g. 'auto', 'ray://head:10001'); "
                                                   "None: RAY_ADDRESS, or a local Ray started for the run")
+
+    @model_validator(mode="after")
+    def _placement(self):
+        if self.topology == "colocated" and self.trainer_workers > 1:
+            raise ValueError(f"system.trainer_workers={self.trainer_workers} places trainer actors on Ray: set "
+                             "system.topology=disaggregated (or one_step_off / async), or trainer_workers=1")
+        if self.partial_rollouts and self.topology != "async":
+            raise ValueError("system.partial_rollouts=true carries sequences across weight updates, which only "
+                             f"system.topology=async makes (got {self.topology}): set topology=async or "
+                             "partial_rollouts=false")
+        return self

@@ -33,23 +33,10 @@ from collections.abc import Callable
 
 import torch
 
-from rlpt.systems.staleness import AsyncSchedule, StalenessGate
+from rlpt.systems.ddp import start_ranks, wait_all
+from rlpt.systems.streaming import AsyncDriver, merge_stats
 from rlpt.systems.transport import WeightSyncError, copy_into
 from rlpt.systems.workers import actor_classes, require_ray
-
-
-def merge_stats(stats: list[dict]) -> dict:
-    """Rollout stats of several workers (or chunks): times are the slowest's, counts add up, the rest average."""
-    out: dict = {}
-    for k in {k for s in stats for k in s}:
-        vals = [float(s[k]) for s in stats if k in s]
-        if k.startswith("time/"):
-            out[k] = max(vals)
-        elif k in ("sampling/draws",) or k.startswith("sampling/groups_"):
-            out[k] = sum(vals)
-        else:
-            out[k] = sum(vals) / len(vals)
-    return out
 
 
 class _TrainerView:
@@ -71,7 +58,7 @@ class _TrainerView:
         return self._system.version
 
 
-class RaySystem:
+class RaySystem(AsyncDriver):
     def __init__(self, job, build: Callable, init, local=None, threads: int | None = None,
                  actors: tuple[list, object] | None = None):
         """Start (or attach to) Ray and the actors for `job.system`. `build` is rlpt.train.build; `local` the
@@ -122,6 +109,10 @@ class RaySystem:
             raise ValueError(f"system.topology=async cannot run {job.algorithm.name}'s dynamic sampling (a group "
                              "filter re-draws groups, and the gate counts what it admitted): use disaggregated or "
                              "one_step_off")
+        self.trainer_ranks = [self.trainer_actor]   # data-parallel trainers (rlpt.systems.ddp); rank 0 syncs
+        if sc.trainer_workers > 1:
+            self.trainer_ranks = start_ranks(ray, Trainer, (*args, sc.transport, sc.verify, threads, group),
+                                             sc.trainer_workers, self.trainer_actor)
         if sc.transport == "gloo":
             ray.get([self.trainer_actor.join.remote(N + 1, 0)] +
                     [w.join.remote(N + 1, r + 1) for r, w in enumerate(self.workers)])
@@ -153,7 +144,7 @@ class RaySystem:
         else:
             return self._async_step(t_step)
         groups, stats = self._gather(outs)
-        res = self.ray.get(self.trainer_actor.step.remote(groups, stats))
+        res = self._trained(self._train(groups, stats))
         return self._finish(t_step, res, outs, groups, [o["version"] for o in outs for _ in o["groups"]])
 
     def _generate_restarting(self) -> list[dict]:
@@ -181,6 +172,15 @@ class RaySystem:
                 self.restarts += 1
                 outs.append(ray.get(w.generate.remote(self.B // self.N)))
         return outs
+
+    def _train(self, groups: list, stats: dict):
+        """Every trainer rank steps on the same groups; -> rank 0's ref (its metrics are the step's)."""
+        refs = [t.step.remote(groups, stats) for t in self.trainer_ranks]
+        self._rank_refs = refs
+        return refs[0]
+
+    def _trained(self, ref) -> dict:
+        return wait_all(self.ray, self._rank_refs)[0]
 
     def _launch(self) -> list:
         n = self.B // self.N
@@ -259,56 +259,6 @@ class RaySystem:
         self.ray.get(getattr(self, "_sends", []))
         self._sends = []
 
-    # -- async ---------------------------------------------------------------------------------------------
-    def _async_init(self) -> None:
-        chunk = self.B // self.N
-        gate = StalenessGate(self.cfg.max_staleness, self.B, max_running=self.N * chunk)
-        self._async = {"sched": AsyncSchedule(gate, chunk), "idle": list(range(self.N)), "inflight": {},
-                       "done": []}
-
-    def _admit(self) -> None:
-        a = self._async
-        for w, ticket, n in a["sched"].admit(a["idle"]):
-            a["idle"].remove(w)
-            a["inflight"][self.workers[w].generate.remote(n)] = (w, ticket)
-
-    def _collect(self, refs: list) -> None:
-        a = self._async
-        for ref in refs:
-            w, ticket = a["inflight"].pop(ref)
-            out = self.ray.get(ref)
-            a["sched"].finished(ticket, out["groups"], out["version"])
-            a["idle"].append(w)
-            a["done"].append(out)
-
-    def _async_step(self, t_step: float) -> dict:
-        ray = self.ray
-        if self._async is None:
-            self._async_init()
-        a = self._async
-        while (batch := a["sched"].batch()) is None:
-            self._admit()
-            ready, _ = ray.wait(list(a["inflight"]), num_returns=1)
-            self._collect(ready)
-        outs, a["done"] = a["done"], []
-        groups = [g for g, _ in batch]
-        for i, g in enumerate(groups):
-            for t in g:
-                t.group = i
-        stats = merge_stats([o["stats"] for o in outs]) if outs else {}
-        train = self.trainer_actor.step.remote(groups, stats)
-        while True:   # keep the workers busy while the trainer trains
-            self._admit()
-            ready, _ = ray.wait([train, *a["inflight"]], num_returns=1)
-            if train in ready:
-                break
-            self._collect(ready)
-        res = ray.get(train)
-        a["sched"].trained()
-        return self._finish(t_step, res, outs or [{"groups": [], "stats": {}, "rank": 0, "t0": t_step,
-                                                    "t1": t_step, "version": 0}],
-                            groups, [v for g, v in batch for _ in g])
-
     # -- checkpoints ---------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         ray = self.ray
@@ -337,7 +287,7 @@ class RaySystem:
             raise ValueError(f"the checkpoint has {len(workers)} rollout workers' state, this run "
                              f"system.rollout_workers={self.N}: resume with the same number")
         weights = {k: v.detach().clone() for k, v in self.trainer._model.named_parameters()}
-        ray.get([self.trainer_actor.load_state_dict.remote(state, weights)] +
+        ray.get([t.load_state_dict.remote(state, weights) for t in self.trainer_ranks] +
                 [w.load_state_dict.remote(s) for w, s in zip(self.workers, workers)])
         self.version = ray.get(self.trainer_actor.info.remote())["version"]
         self.trainer.pulled = self.version
@@ -362,4 +312,6 @@ class RaySystem:
         self.check_syncs()
         self.trainer.model   # noqa: B018 - pull the last weights before the trainer actor goes
         for a in [*self.workers, self.trainer_actor] if self.owns_actors else self._spawned:
+            self.ray.kill(a)
+        for a in self.trainer_ranks[1:]:
             self.ray.kill(a)

@@ -26,6 +26,7 @@ import torch
 
 from rlpt.framework.trajectory import Trajectory
 from rlpt.framework.weight_sync import WeightSyncer
+from rlpt.systems.ddp import RankGroup, data_parallel, open_store
 from rlpt.systems.transport import Payload, digest, make_transport, named_weights
 
 
@@ -156,6 +157,20 @@ class TrainerWorker:
 
     def join(self, world_size: int, rank: int) -> None:
         self.transport.join(world_size, rank)
+
+    def ddp_open(self) -> tuple[str, int]:
+        """Rank 0 of the data-parallel trainers (rlpt.systems.ddp): the rendezvous, on a free port."""
+        import ray
+        host = ray.util.get_node_ip_address()
+        self._store = open_store(host)
+        return host, self._store.port
+
+    def ddp_join(self, host: str, port: int, rank: int, world: int) -> str:
+        """Become rank `rank` of `world` data-parallel trainers (all join at once); -> the digest of the weights."""
+        backend = "nccl" if next(self.ctl.trainer.model.parameters()).is_cuda else "gloo"
+        group = RankGroup(host, port, rank, world, store=self._store if rank == 0 else None, backend=backend)
+        self.ctl.trainer = data_parallel(self.ctl.trainer, group)
+        return digest(self.ctl.trainer.model)
 
     def publish(self) -> Payload:
         return self.transport.publish(self.ctl.trainer.model, self.ctl.trainer.version)

@@ -1,0 +1,82 @@
+"""The async topology's driver: workers generate whenever the staleness gate admits, the trainer takes B groups
+oldest-first (rlpt.systems.staleness holds the policy; this is its Ray side, mixed into RaySystem).
+
+    admit:   every idle worker gets a chunk of groups while the gate's capacity allows
+    collect: a finished chunk goes into the buffer at its ticket; its worker is idle again
+    step:    wait until B groups are ready in admission order, train on them, and keep admitting and
+             collecting while the trainer trains
+
+A sync is queued on every worker right after each train step (RaySystem._sync), behind the generation running
+there and ahead of anything admitted later: the ordering the staleness bound rests on.
+"""
+from __future__ import annotations
+
+from rlpt.systems.staleness import AsyncSchedule, StalenessGate
+
+
+def merge_stats(stats: list[dict]) -> dict:
+    """Rollout stats of several workers (or chunks): times are the slowest's, counts add up, the rest average."""
+    out: dict = {}
+    for k in {k for s in stats for k in s}:
+        vals = [float(s[k]) for s in stats if k in s]
+        if k.startswith("time/"):
+            out[k] = max(vals)
+        elif k in ("sampling/draws",) or k.startswith("sampling/groups_"):
+            out[k] = sum(vals)
+        else:
+            out[k] = sum(vals) / len(vals)
+    return out
+
+
+class AsyncDriver:
+    """RaySystem's async methods (self: a RaySystem)."""
+
+    def _async_init(self) -> None:
+        chunk = self.B // self.N
+        gate = StalenessGate(self.cfg.max_staleness, self.B, max_running=self.N * chunk)
+        self._async = {"sched": AsyncSchedule(gate, chunk), "idle": list(range(self.N)), "inflight": {},
+                       "done": []}
+
+    def _admit(self) -> None:
+        a = self._async
+        for w, ticket, n in a["sched"].admit(a["idle"]):
+            a["idle"].remove(w)
+            a["inflight"][self.workers[w].generate.remote(n)] = (w, ticket)
+
+    def _collect(self, refs: list) -> None:
+        a = self._async
+        for ref in refs:
+            w, ticket = a["inflight"].pop(ref)
+            out = self.ray.get(ref)
+            a["sched"].finished(ticket, out["groups"], out["version"])
+            a["idle"].append(w)
+            a["done"].append(out)
+
+    def _async_step(self, t_step: float) -> dict:
+        ray = self.ray
+        if self._async is None:
+            self._async_init()
+        a = self._async
+        while (batch := a["sched"].batch()) is None:
+            self._admit()
+            ready, _ = ray.wait(list(a["inflight"]), num_returns=1)
+            self._collect(ready)
+        outs, a["done"] = a["done"], []
+        groups = [g for g, _ in batch]
+        for i, g in enumerate(groups):
+            for t in g:
+                t.group = i
+        stats = merge_stats([o["stats"] for o in outs]) if outs else {}
+        train = self._train(groups, stats)
+        while True:   # keep the workers busy while the trainer trains
+            self._admit()
+            ready, _ = ray.wait([train, *a["inflight"]], num_returns=1)
+            if train in ready:
+                break
+            self._collect(ready)
+        res = self._trained(train)
+        a["sched"].trained()
+        return self._finish(t_step, res, outs or [{"groups": [], "stats": {}, "rank": 0, "t0": t_step,
+                                                    "t1": t_step, "version": 0}],
+                            groups, [v for g, v in batch for _ in g])
+
