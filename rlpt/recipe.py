@@ -234,8 +234,11 @@ class RecipeJob(Section):
             if self.model.hf_path is not None and (s.kind != "train" or len(self.stages) > 1):
                 raise ValueError(f"model.hf_path with {where} (kind {s.kind}): only a recipe of one train stage runs "
                                  "on a Hugging Face policy today (rlpt sft / rm / dpo train gpt_mini only)")
+            env = s.own().get("env", {}) if isinstance(s.own().get("env"), dict) else {}
+            if s.kind == "train" and env.get("name") == "reward_model" and not rm and "model_path" not in env:
+                raise ValueError(f"{where}: env.name=reward_model needs an rm stage before it (or env.model_path)")
             try:
-                job = self.stage_job(i, "<previous stage>" if policy else None, "<rm stage>" if rm else None)
+                self.stage_job(i, "<previous stage>" if policy else None, "<rm stage>" if rm else None)
                 if s.kind == "rs_sft":
                     env_class(self.rs(i).env)
             except KeyError as e:
@@ -243,9 +246,6 @@ class RecipeJob(Section):
             except ConfigError as e:
                 raise ValueError(f"{where} (kind {s.kind}): {str(e).removeprefix('invalid config (defaults): ')}") \
                     from None
-            if s.kind == "train" and job.env.name == "reward_model" and not rm and "model_path" not in \
-                    s.own().get("env", {}):
-                raise ValueError(f"{where}: env.name=reward_model needs an rm stage before it (or env.model_path)")
             policy |= s.kind in MAKES_POLICY
             rm |= s.kind == "rm"
         return self
