@@ -305,3 +305,23 @@ def test_sft_data_file_trains_on_the_files_rows(tmp_path):
     toks = [x["tokens/step"] for x in m if "tokens/step" in x]
     assert toks and all(x == 12 for x in toks)                        # 2 rows × len("1+2=3#") each step
     assert load_state(latest_checkpoint(run.dir))["step"] == 2
+
+
+def test_qwen_dapo_on_a_hugging_face_policy(tmp_path):
+    """model.hf_path: the one train stage runs on an `rlpt export`ed gpt_mini (no SFT start trained); its row is the
+    stage's own last held-out evaluation."""
+    from rlpt.models.export import export_checkpoint
+    from rlpt.sft import train_sft
+    shape = [o for o in TINY if o.startswith("model.")]
+    start = load_config(SFTJob, None, [*shape, "task.max_operands=3", "sft.steps=20", "sft.format=cot", "eval.size=8",
+                                       "eval.pass_k=1", f"run.out_dir={tmp_path}", "run.name=sft",
+                                       "run.progress=false"])
+    train_sft(start)
+    export_checkpoint(tmp_path / "sft", tmp_path / "hf")
+    r = recipe("qwen_dapo", tmp_path, *TINY, *SMALL["qwen_dapo"], f"model.hf_path={tmp_path / 'hf'}")
+    root, rows = run_recipe(r)
+    assert not (root / "1_dapo" / "sft").exists() and "hf_path" in (root / "1_dapo" / "config.yaml").read_text()
+    m = [json.loads(x) for x in (root / "1_dapo" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["stage"] == "1_dapo" and rows[0]["acc/heldout"] == [x for x in m if "acc/heldout" in x][-1][
+        "acc/heldout"]
+    assert "1_dapo" in (root / "report.md").read_text()
