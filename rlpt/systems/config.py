@@ -40,6 +40,9 @@ class SystemConfig(Section):
     partial_rollouts: bool = Field(False, description="async only: a rollout worker keeps its unfinished "
                                                       "sequences across a weight update; each token carries the "
                                                       "version it was sampled under (lesson 22b)")
+    segment_tokens: int = Field(0, ge=0, description="partial rollouts: new tokens per sequence between two "
+                                                     "points where a weight update may land; 0 = "
+                                                     "rollout.max_tokens // 4")
     address: str | None = Field(None, description="Ray cluster to attach to (e.g. 'auto', 'ray://head:10001'); "
                                                   "None: RAY_ADDRESS, or a local Ray started for the run")
 

@@ -34,6 +34,7 @@ from collections.abc import Callable
 import torch
 
 from rlpt.systems.ddp import start_ranks, wait_all
+from rlpt.systems.partial import token_staleness
 from rlpt.systems.streaming import AsyncDriver, merge_stats
 from rlpt.systems.transport import WeightSyncError, copy_into
 from rlpt.systems.workers import actor_classes, require_ray
@@ -210,6 +211,7 @@ class RaySystem(AsyncDriver):
         stale = [res["version_before"] - v for v in versions]
         m["system/staleness_mean"] = sum(stale) / len(stale)
         m["system/staleness_max"] = float(max(stale))
+        m |= token_staleness(groups, res["version_before"])     # per token (partial rollouts mix versions)
         m["system/syncs"] = float(self.syncs)
         m["system/restarts"] = float(self.restarts)
         by_rank: dict[int, list[dict]] = {}
@@ -269,7 +271,8 @@ class RaySystem(AsyncDriver):
             system["pending"] = self._pending
         if self._async is not None:   # let what is in flight finish: a running chunk cannot be saved
             a = self._async
-            self._collect(list(a["inflight"]))
+            while a["inflight"]:       # partial rollouts: segments until every chunk has finished
+                self._collect(list(a["inflight"]))
             system["buffer"] = a["sched"].buffer.state_dict()
             system["gate"] = a["sched"].gate.state_dict()
             system["done"] = a["done"]

@@ -41,13 +41,22 @@ class AsyncDriver:
         a = self._async
         for w, ticket, n in a["sched"].admit(a["idle"]):
             a["idle"].remove(w)
-            a["inflight"][self.workers[w].generate.remote(n)] = (w, ticket)
+            a["inflight"][self._generate(w, n)] = (w, ticket)
+
+    def _generate(self, w: int, n: int):
+        """Worker w's chunk of n groups (n = 0: the next segment of its chunk in progress, partial rollouts)."""
+        if self.cfg.partial_rollouts:
+            return self.workers[w].generate_partial.remote(n, self.cfg.segment_tokens)
+        return self.workers[w].generate.remote(n)
 
     def _collect(self, refs: list) -> None:
         a = self._async
         for ref in refs:
             w, ticket = a["inflight"].pop(ref)
             out = self.ray.get(ref)
+            if not out.get("done", True):   # a segment: the chunk goes on (a sync queued meanwhile lands first)
+                a["inflight"][self._generate(w, 0)] = (w, ticket)
+                continue
             a["sched"].finished(ticket, out["groups"], out["version"])
             a["idle"].append(w)
             a["done"].append(out)

@@ -27,6 +27,7 @@ import torch
 from rlpt.framework.trajectory import Trajectory
 from rlpt.framework.weight_sync import WeightSyncer
 from rlpt.systems.ddp import RankGroup, data_parallel, open_store
+from rlpt.systems.partial import PartialRollout
 from rlpt.systems.transport import Payload, digest, make_transport, named_weights
 
 
@@ -58,6 +59,8 @@ class RolloutWorker:
         self.syncs = 0                 # weight syncs received (the rollout stamps its version, the trainer's)
         self.slow: tuple[float, float, random.Random] | None = None
         self.crash_in = 0              # fault injection: see crash_on_generate
+        self.partial: PartialRollout | None = None   # the chunk in progress (system.partial_rollouts)
+        self._chunk_t0 = 0.0
 
     def rebuild(self, *args) -> None:
         """Build the roles again from a (new) job, in this same process: reuse an actor across runs."""
@@ -87,6 +90,30 @@ class RolloutWorker:
             stats["time/verify"] = stats.get("time/verify", 0.0) + pause
         return {"groups": groups, "stats": stats, "version": self.rollout.version, "rank": self.rank,
                 "t0": t0, "t1": time.time()}
+
+    def generate_partial(self, n_groups: int, segment_tokens: int) -> dict:
+        """One segment of a chunk (rlpt.systems.partial): n_groups > 0 starts one. -> {"done": False} while its
+        sequences are unfinished (a sync queued now lands before the next segment), then what `generate`
+        returns, its version the chunk's oldest token's."""
+        if self.partial is None:
+            model = self.rollout.model
+            max_seq_len = getattr(getattr(model, "cfg", None), "max_seq_len", None) or 1 << 30
+            self.partial = PartialRollout(self.rollout, self.env, self.k, segment_tokens, max_seq_len)
+        if n_groups:
+            self._chunk_t0 = time.time()
+            self.partial.start(n_groups)
+        groups = self.partial.advance()
+        if groups is None:
+            return {"done": False, "version": self.rollout.version, "rank": self.rank}
+        stats = dict(self.partial.stats)
+        if self.slow is not None:
+            seconds, jitter, rng = self.slow
+            pause = seconds + rng.uniform(0.0, jitter)
+            time.sleep(pause)
+            stats["time/verify"] = stats.get("time/verify", 0.0) + pause
+        version = min(t.version for g in groups for t in g)
+        return {"done": True, "groups": groups, "stats": stats, "version": version, "rank": self.rank,
+                "t0": self._chunk_t0, "t1": time.time()}
 
     def join(self, world_size: int, rank: int) -> None:
         self.transport.join(world_size, rank)
