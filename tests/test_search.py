@@ -430,6 +430,22 @@ def test_search_with_a_policy_as_generative_verifier(tmp_path, monkeypatch):
         jobs.run_search(load_config(jobs.SearchJob, None, base))
 
 
+def test_search_temperature_reaches_every_sampling_strategy(tmp_path, monkeypatch):
+    from rlpt.checkpoint import save_checkpoint
+    from rlpt.config import load_config
+    from rlpt.search import jobs
+
+    model = tiny_gpt()
+    ckpt = save_checkpoint(tmp_path / "policy", model, model.cfg.to_dict(), {"step": 0})
+    seen = []
+    monkeypatch.setattr(jobs, "run_strategy", lambda name, llm, prompts, n, scorer, agg, width, temperature, *a:
+                        seen.append((name, temperature)) or [SimpleNamespace(correct=False, tokens=1)] * len(prompts))
+    jobs.run_search(load_config(jobs.SearchJob, None, [
+        f"policy={ckpt}", f"run.out_dir={tmp_path / 'runs'}", "search.prompts=2", "search.n=[2]", "search.bootstrap=10",
+        "search.strategies=[greedy,majority]", "search.temperature=0.5"]))
+    assert seen == [("greedy", 0.5), ("majority", 0.5)]       # greedy ignores it (temperature 0 inside)
+
+
 def test_env_process_coef_reaches_the_prm_env_and_only_it():
     from rlpt.config import ConfigError
     from rlpt.train import EnvConfig, env_model_kwargs, load_train_job

@@ -263,7 +263,9 @@ class SearchSpec(Section):
     n: list[int] = Field([4, 16], description="budgets: samples (best-of-N family) or step-samples per iteration")
     agg: Literal["last", "min", "prod"] = Field("last", description="how best-of-N folds step scores")
     width: int = Field(4, ge=1, description="beam: beams kept; dvts: expansions per subtree per step")
-    temperature: float = Field(0.8, gt=0)
+    temperature: float = Field(0.8, gt=0, description="of every sample but greedy's; a knob to choose on prompts "
+                               "other than the test slice (bench/search_rank.py): each sample's accuracy falls as it "
+                               "rises, what voting gains grows with it")
     max_tokens: int = Field(40, ge=1)
     prompts: int = Field(200, ge=1, description="held-out prompts searched")
     bootstrap: int = Field(1000, ge=10, description="bootstrap resamples of the prompts for the 95% intervals")
