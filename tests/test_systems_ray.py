@@ -177,6 +177,27 @@ def test_async_stays_within_eta_under_random_delays(actor_pool, sft_start):
         sys_.close()
 
 
+def test_async_partial_rollouts_mix_versions_within_eta(actor_pool, sft_start):
+    """system.partial_rollouts with segments of 4 tokens, two workers, η = 1: syncs land between segments, so
+    some trained sequences span two versions; every group's oldest token stays within η, and no token is staler
+    than the stalest group (later segments are fresher). Saving drains the chunks in progress segment by segment."""
+    from rlpt.systems.runner import RaySystem
+    from rlpt.train import build
+    job = job_for(sft_start, "system.topology=async", "system.rollout_workers=2", "system.max_staleness=1",
+                  "system.partial_rollouts=true", "system.segment_tokens=4", "steps=6")
+    sys_ = RaySystem(job, build, sft_start[1], actors=actor_pool)
+    try:
+        rows = [sys_.step() for _ in range(6)]
+        sys_.check_syncs()
+        assert all(r["system/staleness_max"] <= 1 and r["system/token_staleness_max"] <= 1 for r in rows)
+        assert all(r["system/token_staleness_max"] <= r["system/staleness_max"] for r in rows)
+        assert any(r["system/mixed_version_frac"] > 0 for r in rows)
+        state = sys_.state_dict()                         # drains the chunks in progress, segment by segment
+        assert not sys_._async["inflight"] and "buffer" in state["system"]
+    finally:
+        sys_.close()
+
+
 def test_disaggregated_restarts_a_killed_rollout_worker(actor_pool, sft_start):
     """A rollout worker's process dies mid-step (os._exit inside generate): it is restarted from the state copied
     before the step, redraws the same groups, and the run's metrics equal a run without the fault. Last in the
