@@ -59,7 +59,7 @@ class ForwardBatch:
     B: int
     T: int                       # longest chunk; 1 on a decode-only step
     S: int                       # keys per sequence attended (padded, masked)
-    logits_index: torch.Tensor | None   # (M,); None: every row (a decode step)
+    logits_index: torch.Tensor | None   # (M,); None: every row needs logits (a decode step)
     # decode step (T == 1): pool rows read in place
     index: torch.Tensor | None = None      # (B·H·S,) pool row of each (sequence, head, key position)
     pattern: torch.Tensor | None = None    # CSR (B·H, pool rows) with the 0/-inf bias as values
@@ -89,7 +89,9 @@ class ModelRunner:
         # both; V is untouched), so rotating is view_as_complex(x) · e^{iθ}. The cached K carries the
         # same permutation. One op instead of mul, flip, mul, add.
         self.perm = torch.stack([torch.arange(half), torch.arange(half) + half], -1).reshape(-1)
-        cos, sin = self.served.rope_cos, self.served.rope_sin                        # (L, hd), half-split
+        # (L, hd), half-split; fp32 even when gpt_mini's buffers were cast to bf16 with the model
+        rope_dtype = torch.promote_types(self.served.rope_cos.dtype, torch.float32)
+        cos, sin = self.served.rope_cos.to(rope_dtype), self.served.rope_sin.to(rope_dtype)
         self.cis = torch.complex(cos[:, :half], sin[:, :half]).unsqueeze(1)          # (L, 1, hd/2)
         self.eps = c.norm_eps
         # bf16 / fp16 weights: RoPE, RMSNorm statistics and softmax in fp32, as HF's Llama computes them
@@ -141,13 +143,15 @@ class ModelRunner:
         nb = cdiv(int((starts + q_lens).max()), bs)
         ids = np.fromiter(itertools.chain.from_iterable(c.tokens for c in chunks), np.int64, N)
         tables = np.array([c.block_table[:nb] + [0] * (nb - len(c.block_table)) for c in chunks], np.int64)
-        ends = np.cumsum(q_lens)                                                     # logits: last n of each chunk
+        ends = np.cumsum(q_lens)
         M = int(n_logits.sum())
-        logits_index = (np.repeat(ends - n_logits, n_logits) + np.arange(M)
-                        - np.repeat(np.cumsum(n_logits) - n_logits, n_logits))
         dev = self.cis.device
         t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(dev)
         tb = t if self.kv.kv[0].dtype == torch.float32 else lambda a: t(a).to(self.kv.kv[0].dtype)   # 0 / -inf masks
+        # logits: the last n_logits rows of each chunk; None when every row needs them (a decode step, a prefill
+        # of 1-token chunks), which saves building the index and the row gather before the head
+        logits_index = None if M == N else t(np.repeat(ends - n_logits, n_logits) + np.arange(M)
+                                              - np.repeat(np.cumsum(n_logits) - n_logits, n_logits))
         if T == 1 and self.decode_in_place:                          # decode: sequence b feeds token b
             slots = self.kv.slots(tables[np.arange(B), starts // bs], starts % bs)
             S = int(starts.max()) + 1
@@ -155,14 +159,14 @@ class ModelRunner:
             index = t(index)
             pattern = decode_pattern(index, tb(bias), B * H, S, self.kv.num_blocks * Hkv * bs)
             offsets = torch.arange(0, B * H * S, S, device=dev)
-            return ForwardBatch(t(ids), t(starts), t(slots), B, 1, S, None if M == N else t(logits_index),
+            return ForwardBatch(t(ids), t(starts), t(slots), B, 1, S, logits_index,
                                 index=index, pattern=pattern, offsets=offsets)
         seq = np.repeat(np.arange(B), q_lens)                                        # (N,)
         local = np.arange(N) - (ends - q_lens)[seq]
         positions = starts[seq] + local
         slots = self.kv.slots(tables[seq, positions // bs], positions % bs)
         q_pos = starts[:, None] + np.arange(T)                                       # (B, T); pad rows harmless
-        return ForwardBatch(t(ids), t(positions), t(slots), B, T, nb * bs, t(logits_index),
+        return ForwardBatch(t(ids), t(positions), t(slots), B, T, nb * bs, logits_index,
                             tiles=t(self.kv.tiles(tables)), pad_index=t(seq * T + local),
                             bias=tb(attention_bias(q_pos, nb * bs, Hkv, H // Hkv)))
 
