@@ -105,6 +105,11 @@ class RolloutConfig(Section):
     backend: Literal["engine", "simple"] = Field(
         "engine", description="sampler: 'engine' (rlpt.engine: paged KV, continuous batching, one prefill per "
                               "group) or 'simple' (rlpt.gpt_mini.generate: padded batches, dense KV cache)")
+    verify_workers: int = Field(0, ge=0, description="verifier processes (lesson 28): 0 = verify inline after "
+                                "sampling; N = a pool of N processes verifying each sequence the moment the engine "
+                                "finishes it, overlapped with the rest of the sampling (rlpt/framework/dispatch.py)")
+    verify_timeout: float = Field(30.0, gt=0, description="seconds one verify may take in the pool "
+                                  "(verify_workers > 0); past it the reward is 0 and verify/timeouts counts it")
 
 
 class TrainerConfig(Section):
@@ -386,6 +391,7 @@ def build(job: TrainJob, init: Path):
         rollout_policy(job, policy), tok, job.rollout.prompts_per_step, sp, seed=job.run.seed,
         group_filter=algo.group_filter, **multi)
     rollout.use_backend(job.rollout.backend)
+    rollout.use_verifier(job.rollout.verify_workers, job.rollout.verify_timeout)
     scorers = {"values": critic} if critic is not None else {}   # V_old (PPO), scored before any update
     if algo.uses_prox:   # an off-policy correction: the trainer's log-probs before the update are π_prox
         scorers["prox_logp"] = Reference.prox_scorer(policy, job.rollout.temperature, job.trainer.precision)

@@ -50,7 +50,9 @@ class EngineBackend:
             llm.reset_prefix_cache()
 
     def __call__(self, model, prompts: list[list[int]], sp, eos_id: int, pad_id: int,
-                 generator: torch.Generator | None = None) -> list[Sample]:
+                 generator: torch.Generator | None = None, on_sample=None) -> list[Sample]:
+        """`on_sample(i, sample)`, if given, gets each prompt's Sample the step it finishes (LLM.generate's
+        on_finish); the samples returned are the same."""
         if not prompts:
             raise ValueError("generate() needs at least one prompt")
         empty = [i for i, p in enumerate(prompts) if len(p) == 0]
@@ -66,7 +68,10 @@ class EngineBackend:
                                  max_tokens=sp.max_tokens, seed=s) for k, s in zip(keys, seeds)]
         llm = self.engine(model)
         llm.eos_id = eos_id
-        outs = llm.generate([list(k) for k in keys], params)
+        finished = None if on_sample is None else \
+            (lambda r, j, c: on_sample(groups[keys[r]][j], Sample(list(c.token_ids), list(c.token_logprobs),
+                                                                  c.finish_reason)))
+        outs = llm.generate([list(k) for k in keys], params, on_finish=finished)
         samples: list[Sample | None] = [None] * len(prompts)
         for k, out in zip(keys, outs):
             for i, c in zip(groups[k], out.outputs):

@@ -89,8 +89,10 @@ class LLM:
                                     "tokens/generated", "tokens/shared_by_fork"), 0)
 
     # -- public API ---------------------------------------------------------------------------
-    def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None
-                 ) -> list[RequestOutput]:
+    def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
+                 on_finish=None) -> list[RequestOutput]:
+        """`on_finish(i, j, completion)`, if given, is called the step sample j of prompt i finishes (a verifier
+        can start on it while the rest decode: rlpt.framework.dispatch); the return value is as without it."""
         prompts = self._normalize_prompts(prompts)
         sps = sampling_params if isinstance(sampling_params, list) else \
             [sampling_params or SamplingParams()] * len(prompts)
@@ -106,9 +108,12 @@ class LLM:
         if self.spec is not None:
             self.spec.runner.refresh()
         requests = [self._add_request(p, ids, sp) for p, ids, sp in zip(prompts, encoded, sps)]
+        reported: set[tuple[int, int]] = set()
         try:
             while self.scheduler.has_work():        # the API is synchronous: all work is this call's
                 self.step()
+                if on_finish is not None:
+                    self._report_finished(requests, reported, on_finish)
         except BaseException:
             self.scheduler.abort([s for r in requests for s in r.seqs])
             raise
@@ -274,6 +279,16 @@ class LLM:
         if reason:
             self.scheduler.finish(seq, reason)
         return reason is not None
+
+    def _report_finished(self, requests: list[Request], reported: set, on_finish) -> None:
+        """Hand each sequence that finished since the last call to `on_finish(prompt index, sample index, output)`."""
+        for i, req in enumerate(requests):
+            new = [s.index for s in req.seqs if s.is_finished and (i, s.index) not in reported]
+            if new:
+                outs = self._output(req).outputs    # sorted by index, all n forked at the first sample
+                for j in new:
+                    reported.add((i, j))
+                    on_finish(i, j, outs[j])
 
     # -- requests -----------------------------------------------------------------------------
     def _normalize_prompts(self, prompts) -> list:

@@ -36,6 +36,14 @@ version counters (in-place `copy_` bumps them: its fused weights are rebuilt, it
 dropped). Its prefix cache is also dropped at the start of every `generate`, so what a step samples
 depends only on (weights, prompts, generator state) — the bit-identical resume contract — while the
 turns of one multi-turn step still reuse each other's K/V.
+
+Verification runs inline after sampling by default (`rollout.verify_workers=0`: the rollout side of a step is
+τ_R + τ_V). `use_verifier(W, timeout)` with W > 0 hands each sequence to a pool of W verifier processes the step
+the engine finishes it (rlpt/framework/dispatch.py, lesson 28), so verification overlaps the decoding of the
+rest: τ_R + τ_V becomes ≈ max(τ_R, τ_V / W) plus the verifies of the last sequences to finish. Rewards are the
+same (each verdict is keyed to its sample); `time/verify` is then only the wait for verdicts after sampling ended,
+and `verify/*` counts timeouts (reward 0), worker restarts and worker-seconds, with `verify/t0|t1` (seconds from
+the rollout's start) for the timeline's verify lane. Single-turn envs only: the agent loop verifies turn by turn.
 """
 from __future__ import annotations
 
@@ -48,6 +56,7 @@ import torch
 
 from rlpt.engine.backend import EngineBackend
 from rlpt.engine.llm import serves
+from rlpt.framework.dispatch import VerifierPool
 from rlpt.framework.environment import Prompt, Verdict, safe_verify
 from rlpt.framework.trajectory import Trajectory
 from rlpt.gpt_mini.generate import SamplingParams, generate
@@ -87,6 +96,8 @@ class Rollout:
         self.group_filter = group_filter
         self.stats: dict = {}
         self.use_backend(backend)
+        self.verify_workers, self.verify_timeout, self._pool, self._pool_env = 0, 30.0, None, None
+        self._t_start: float | None = None
 
     def use_backend(self, backend: str) -> None:
         """Pick the sampler (see module doc); subclasses need not forward a constructor argument."""
@@ -96,19 +107,42 @@ class Rollout:
         # one paged engine per model object (the rollout copy; evaluate may pass the trainer's)
         self._engine = EngineBackend(max_num_seqs=min(self.batch_limit, 256)) if backend == "engine" else None
 
-    def _sample(self, prompts: list[list[int]], sp: SamplingParams, generator=None, model=None):
+    def use_verifier(self, workers: int, timeout: float = 30.0) -> None:
+        """Verify inline (workers = 0) or in a pool of `workers` processes overlapped with sampling (see module
+        doc); the pool starts at the first `generate` (on the env it is given) and stops with `close`."""
+        if workers < 0 or not timeout > 0:
+            raise ValueError(f"rollout.verify_workers must be >= 0 and rollout.verify_timeout > 0, got {workers} "
+                             f"and {timeout}")
+        if workers and type(self)._draw is not Rollout._draw:
+            raise ValueError(f"rollout.verify_workers={workers}: {type(self).__name__} verifies turn by turn inside "
+                             "its own loop (a multi-turn env); use rollout.verify_workers=0")
+        self.close()
+        self.verify_workers, self.verify_timeout = workers, float(timeout)
+
+    def close(self) -> None:
+        """Stop the verifier pool, if one runs (it also stops when the rollout is garbage collected)."""
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
+
+    def _sample(self, prompts: list[list[int]], sp: SamplingParams, generator=None, model=None, on_sample=None):
+        """Samples in prompt order; `on_sample(i, sample)` sees each as it finishes (engine: the step it ends;
+        simple: at the end of its padded batch)."""
         if self._engine is not None:            # continuous batching: every prompt in one call
             return self._engine(model or self.model, prompts, sp, self.tokenizer.eos_id, self.tokenizer.pad_id,
-                                generator)
+                                generator, on_sample=on_sample)
         out = []
         for i in range(0, len(prompts), self.batch_limit):
             out += generate(model or self.model, prompts[i:i + self.batch_limit], sp, self.tokenizer.eos_id,
                             self.tokenizer.pad_id, generator)
+            for j in range(i, len(out)) if on_sample is not None else ():
+                on_sample(j, out[j])
         return out
 
     def generate(self, env, K: int) -> list[list[Trajectory]]:
         """B = prompts_per_step groups of K trajectories each, rewards attached (filtered: see module doc)."""
         self.stats = {"time/generate": 0.0, "time/verify": 0.0}
+        self._t_start = time.perf_counter()      # the verify lane's clock (verify/t0|t1)
         if self._engine is not None:
             self._engine.reset_prefix_caches()
         target, f = self.prompts_per_step, self.group_filter
@@ -130,6 +164,8 @@ class Rollout:
     def _draw(self, env, K: int, n: int, first: int) -> list[list[Trajectory]]:
         """n fresh prompts, K samples each; groups numbered from `first`."""
         prompts = [env.reset("train") for _ in range(n)]
+        if self.verify_workers:
+            return self._draw_dispatched(env, K, prompts, first)
         t0 = time.perf_counter()
         samples = self._sample([p.ids for p in prompts for _ in range(K)], self.sampling, self.generator)
         t1 = time.perf_counter()
@@ -140,9 +176,43 @@ class Rollout:
         self.stats["time/verify"] += time.perf_counter() - t1
         return groups
 
-    def _trajectory(self, prompt: Prompt, s, env, group: int) -> Trajectory:
+    def _draw_dispatched(self, env, K: int, prompts: list[Prompt], first: int) -> list[list[Trajectory]]:
+        """`_draw` with each sample verified in the pool from the step it finishes; verdicts keyed by the
+        sample's index i = b·K + k, so the order they come back in does not matter."""
+        if self._pool is not None and self._pool_env is not env:    # the workers hold a copy of another env
+            self.close()
+        if self._pool is None:
+            self._pool, self._pool_env = VerifierPool(env, self.verify_workers, self.verify_timeout), env
+            self.stats["verify/pool_start_s"] = self._pool.start_s    # once: before the step's clocks start
+            self._t_start = None
+        pool = self._pool
+        pool.take_stats()              # nothing of an earlier draw leaks into this one
+        t0 = time.perf_counter()
+        samples = self._sample([p.ids for p in prompts for _ in range(K)], self.sampling, self.generator,
+                               on_sample=lambda i, s: pool.submit(i, prompts[i // K], self.tokenizer.decode(s.tokens)))
+        t1 = time.perf_counter()
+        verdicts = pool.gather(range(len(samples)))
+        t2 = time.perf_counter()
+        groups = [[self._trajectory(prompt, samples[b * K + k], env, first + b, verdicts[b * K + k])
+                   for k in range(K)] for b, prompt in enumerate(prompts)]
+        st, ps = self.stats, pool.take_stats()
+        st["time/generate"] += t1 - t0
+        st["time/verify"] += t2 - t1               # only the wait after sampling: the rest overlapped it
+        for k in ("verify/timeouts", "verify/restarts", "verify/count", "verify/busy"):   # summed over draws
+            st[k] = st.get(k, 0.0) + ps[k]
+        if st["verify/count"]:
+            st["verify/latency_mean"] = st["verify/busy"] / st["verify/count"]
+            st["verify/latency_max"] = max(st.get("verify/latency_max", 0.0), ps.get("verify/latency_max", 0.0))
+        if ps["t_first"] is not None:                # first hand-out and last verdict, from the rollout's start
+            start = t0 if self._t_start is None else self._t_start
+            st.setdefault("verify/t0", ps["t_first"] - start)
+            st["verify/t1"] = ps["t_last"] - start
+        return groups
+
+    def _trajectory(self, prompt: Prompt, s, env, group: int, verdict: Verdict | None = None) -> Trajectory:
         text = self.tokenizer.decode(s.tokens)
-        verdict = safe_verify(env, prompt, text)
+        if verdict is None:
+            verdict = safe_verify(env, prompt, text)
         R = len(s.tokens)
         return Trajectory(prompt_ids=list(prompt.ids), response_ids=list(s.tokens),
                           response_mask=torch.ones(R), old_logp=torch.tensor(s.logps, dtype=torch.float32),
