@@ -6,7 +6,11 @@ adapters move and π_ref is the base; a resume from step 2 equals an uninterrupt
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -152,3 +156,33 @@ def test_a_tokenizer_other_than_gpt_minis_is_refused(tmp_path, hf_dir):
         run_train(_job(tmp_path, other, "steps=1"))
     assert not (tmp_path / "runs" / "grpo").exists()           # a failed start leaves no run folder
 
+
+
+GPU_CHECK = Path(__file__).resolve().parents[1] / "bench" / "gpu_check.sh"
+
+
+def test_gpu_check_script_parses():
+    out = subprocess.run(["bash", "-n", str(GPU_CHECK)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert os.access(GPU_CHECK, os.X_OK)
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run_runs_a_grpo_step_on_the_cpu():
+    """bench/gpu_check.sh --dry-run: the device script's whole path (engine rollout of the adapter copy, π_ref with
+    adapters off, bf16 + checkpointed LoRA train step, adapter-only sync, the fwd+bwd variants) on a tiny config."""
+    env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+    env.pop("OUT", None)
+    out = subprocess.run([str(GPU_CHECK), "--dry-run"], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["bench"] == "gpu_check" and result["dry_run"] and result["device"] == "cpu"
+    assert result["roles"].keys() == {"rollout", "ref", "train", "sync"}
+    assert result["sampler"] == {"name": "engine", "error": None}
+    assert result["fwd_bwd"].keys() == {"bf16+ckpt", "bf16", "fp32+ckpt", "fp32"}
+    assert result["loss_finite"] and result["logp_mismatch_mean"] < 1e-2           # bf16 trainer vs fp32 rollout
+    # the adapters only: r (d_in + d_out) per adapted linear (q k v o gate up down), fp32
+    s = result["shape"]
+    d, f, kv = s["hidden_size"], s["intermediate_size"], s["hidden_size"] // s["num_attention_heads"] * 2
+    per_layer = 2 * (d + d) + 2 * (d + kv) + 2 * (d + f) + (f + d)
+    assert result["sync_bytes"] == 4 * 4 * s["num_hidden_layers"] * per_layer == 4 * result["trainable"]
