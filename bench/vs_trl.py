@@ -37,10 +37,18 @@ time; then TRL's step over rlpt_all's with its train time divided by those facto
 what each lever could buy at most on this CPU (docs/performance.md).
 
 The curve (`--curve S`): held-out greedy accuracy against each side's own training clock from the same SFT
-start at the recipe's rollout / loss settings, interleaved, the same evaluator; `--curve-seeds`, `--target`.
+start at the recipe's rollout / loss settings (fp32), interleaved, the same evaluator, `--curve-evals` evaluations
+per side (the grid that resolves the time to a target); `--curve-seeds`; `--target` (several, comma-separated):
+the first clock reading at which accuracy reached it (window 1) and at which the mean of 3 consecutive
+evaluations did (window 3: a crossing that holds), TRL's over rlpt's per seed and the median over seeds.
+
+`--precision bf16`: GRPO with each side's best CPU setting (rlpt trainer.precision=bf16, TRL bf16=True: CPU
+autocast, fp32 master weights on both); the samplers stay fp32. The JSON records the precision, the CPU's
+bf16 flags and the load average at the start and the end (this machine is shared).
 
     python bench/vs_trl.py                       # SFT start (~50 s CPU) + GRPO β 0 / 0.04 + DPO 8 / 64; JSON last
     python bench/vs_trl.py --init runs/x/sft/checkpoints/step_00000180 --steps 20 --only grpo
+    python bench/vs_trl.py --init <ckpt> --only grpo --precision bf16     # best vs best (bf16 autocast both)
     python bench/vs_trl.py --only none --curve 180 --curve-seeds 0,1,2    # accuracy against wall-clock only
 
 Needs `pip install rlpt[peers]` (trl==1.16.0) and `rlpt[hf]`.
@@ -86,6 +94,11 @@ def parse_args():
                    help="optimizer steps per rollout batch, both sides (TRL: steps_per_generation; at > 1 TRL adds "
                         "a π_old forward that rlpt takes from the sampler)")
     p.add_argument("--lr", type=float, default=5e-5)
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                   help="GRPO's training precision on both sides: fp32 (the same-work comparison) or bf16 = each "
+                        "side's best CPU setting: rlpt trainer.precision=bf16 (autocast, fp32 master weights), "
+                        "TRL bf16=True (the same autocast through accelerate); the samplers stay fp32 (the engine's "
+                        "bf16 path is slower on this CPU: docs/engine.md)")
     p.add_argument("--no-packing", dest="packing", action="store_false",
                    help="rlpt's trainer, reference and DPO padded (trainer.packing / dpo packing off): the control")
     p.add_argument("--dpo-batches", default="8,64", help="DPO pairs per step, comma-separated")
@@ -95,7 +108,13 @@ def parse_args():
     p.add_argument("--curve", type=float, default=0.0, help="seconds of training per side for the held-out "
                                                             "accuracy curve (0: skip)")
     p.add_argument("--curve-seeds", default="0", help="seeds of the curve runs (the SFT start is shared)")
-    p.add_argument("--target", type=float, default=0.6, help="held-out accuracy whose first crossing is timed")
+    p.add_argument("--curve-clock", choices=["cpu", "wall"], default="cpu",
+                   help="each side's training clock: this process's CPU time in its steps (1 thread: the work itself, "
+                        "barely moved by other jobs on a shared machine) or wall time")
+    p.add_argument("--curve-evals", type=int, default=36,
+                   help="held-out evaluations per side over --curve seconds (the grid that resolves time to target)")
+    p.add_argument("--target", default="0.6,0.62,0.64", help="held-out accuracies whose first crossing is timed, "
+                                                             "comma-separated (the first is the headline)")
     p.add_argument("--plot", default="docs/img/perf_heldout_vs_wallclock.png")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args()
@@ -149,7 +168,7 @@ def rlpt_grpo(args, ckpt: Path, beta: float, all_rows: bool, **settings):
         f"rollout.max_tokens={args.max_tokens}", f"rollout.temperature={s['temperature']}", f"algorithm.beta={beta}",
         f"trainer.mini_batches={s['mini_batches']}", f"trainer.optim.lr={args.lr}",
         "trainer.optim.schedule=constant", "trainer.optim.warmup_steps=0", "steps=100000", "eval.size=200",
-        f"trainer.packing={str(args.packing).lower()}",
+        f"trainer.packing={str(args.packing).lower()}", f"trainer.precision={s.get('precision', args.precision)}",
         "run.progress=false", f"run.seed={args.seed}"])
     ctl, heldout = build(job, ckpt)
     train_step = ctl.trainer.train_step
@@ -276,7 +295,7 @@ def bench_grpo(args, ckpt: Path, hf_dir: Path, beta: float, tmp: Path) -> dict:
         adam_beta2=0.95, weight_decay=0.0, max_grad_norm=1.0, max_steps=n_steps * args.mini_batches,
         gradient_accumulation_steps=1, logging_steps=10 ** 6, save_strategy="no", report_to="none", use_cpu=True,
         seed=args.seed, disable_dropout=True, log_completions=False, mask_truncated_completions=False,
-        dataloader_num_workers=0, bf16=False, fp16=False, model_init_kwargs={"dtype": "float32"})
+        dataloader_num_workers=0, bf16=args.precision == "bf16", fp16=False, model_init_kwargs={"dtype": "float32"})
     data = Dataset.from_list(prompt_rows(args, args.prompts * (n_steps + 2), args.seed))
     probe = TRLProbe()
     trainer = GRPOTrainer(model=str(hf_dir), reward_funcs=[probe.reward_fn()], args=cfg, train_dataset=data,
@@ -420,7 +439,7 @@ def bench_curve(args, ckpt: Path, hf_dir: Path, tmp: Path) -> dict:
     from rlpt.models.hf import hf_to_gpt_mini
     mb, rows = CURVE["mini_batches"], CURVE["prompts"] * args.k
     ctl, heldout = rlpt_grpo(args, ckpt, CURVE["beta"], all_rows=False, prompts=CURVE["prompts"],
-                             temperature=CURVE["temperature"], mini_batches=mb)
+                             temperature=CURVE["temperature"], mini_batches=mb, precision="fp32")
     cfg = GRPOConfig(
         output_dir=str(tmp / "trl_curve"), per_device_train_batch_size=rows // mb, steps_per_generation=mb,
         num_generations=args.k, max_completion_length=args.max_tokens, temperature=CURVE["temperature"], top_p=1.0,
@@ -435,7 +454,8 @@ def bench_curve(args, ckpt: Path, hf_dir: Path, tmp: Path) -> dict:
     trainer = GRPOTrainer(model=str(hf_dir), reward_funcs=[probe.reward_fn()], args=cfg, train_dataset=data,
                           processing_class=_hf_tokenizer(hf_dir))
     _silence(trainer)
-    every, budget = args.curve / 8, args.curve
+    every, budget = args.curve / args.curve_evals, args.curve
+    now = time.process_time if args.curve_clock == "cpu" else time.perf_counter
     acc0 = evaluate(ctl.trainer.model, ctl.env, heldout, args.max_tokens)["acc"]
     points = {"trl": [(0.0, 0, acc0)], "rlpt": [(0.0, 0, acc0)]}
     clock = {"trl": 0.0, "rlpt": 0.0}
@@ -448,38 +468,58 @@ def bench_curve(args, ckpt: Path, hf_dir: Path, tmp: Path) -> dict:
 
     def rlpt_until(t: float) -> None:
         while clock["rlpt"] < min(t, budget):
-            t0 = time.perf_counter()
+            t0 = now()
             ctl.step()
-            clock["rlpt"] += time.perf_counter() - t0
+            clock["rlpt"] += now() - t0
             steps["rlpt"] += 1
             mark("rlpt", ctl.trainer.model)
 
     class Race(TrainerCallback):
         def on_train_begin(self, a, state, control, **kw):
-            self.t0 = time.perf_counter()
+            self.t0 = now()
 
         def on_step_end(self, a, state, control, **kw):
             if state.global_step % mb:
                 return
-            clock["trl"] += time.perf_counter() - self.t0
+            clock["trl"] += now() - self.t0
             steps["trl"] += 1
             mark("trl", hf_to_gpt_mini(trainer.model))
             rlpt_until(clock["trl"])
             control.should_training_stop = clock["trl"] >= budget
-            self.t0 = time.perf_counter()
+            self.t0 = now()
     trainer.add_callback(Race())
     trainer.train()
     rlpt_until(budget)
-    return {"seconds": budget, "settings": CURVE, "heldout": len(heldout), "points": points,
+    return {"seconds": budget, "clock": args.curve_clock, "settings": CURVE, "heldout": len(heldout), "points": points,
             "steps_per_s": {k: round(steps[k] / clock[k], 4) for k in steps}}
 
 
-def time_to(points: list, target: float) -> float | None:
-    """The first clock reading (s) at which held-out accuracy reached `target`; None if it never did."""
-    return next((t for t, _, acc in points if acc >= target), None)
+def time_to(points: list, target: float, window: int = 1) -> float | None:
+    """The first clock reading (s) from which held-out accuracy averaged over `window` consecutive evaluations
+    reached `target` (window 1: the first crossing; 3: a crossing that holds, not one evaluation's noise);
+    None if it never did."""
+    accs = [acc for _, _, acc in points]
+    return next((points[i][0] for i in range(len(points) - window + 1)
+                 if sum(accs[i:i + window]) / window >= target), None)
 
 
-def plot_curve(curves: list[dict], path: str) -> None:
+def speedups(curves: list[dict], targets: list[float]) -> dict:
+    """Per target and window: TRL's time to it over rlpt's, per seed (None where a side never got there) and the
+    median over the seeds that both reached."""
+    out = {}
+    for target in targets:
+        for window in (1, 3):
+            per = []
+            for c in curves:
+                t_r, t_t = (time_to(c["points"][k], target, window) for k in ("rlpt", "trl"))
+                per.append({"seed": c["seed"], "rlpt_s": t_r, "trl_s": t_t,
+                            "trl_over_rlpt": round(t_t / t_r, 2) if t_r and t_t else None})
+            both = [x["trl_over_rlpt"] for x in per if x["trl_over_rlpt"] is not None]
+            out[f"{target}/w{window}"] = {"runs": per, "median": statistics.median(both) if both else None}
+    return out
+
+
+def plot_curve(curves: list[dict], path: str, target: float | None = None) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -490,7 +530,10 @@ def plot_curve(curves: list[dict], path: str) -> None:
             pts = c["points"][side]
             ax.plot([p[0] for p in pts], [p[2] for p in pts], "o-", color=colour, alpha=0.8, markersize=3,
                     label=f"{side} ({rate:.3f} steps/s)" if i == 0 else None)
-    ax.set_xlabel("training wall-clock, s (1 thread, evaluation excluded)")
+    if target is not None:
+        ax.axhline(target, color="grey", linestyle=":", linewidth=1, label=f"target {target}")
+    clock = "CPU time" if curves[0].get("clock") == "cpu" else "wall-clock"
+    ax.set_xlabel(f"training {clock}, s (1 thread, evaluation excluded)")
     ax.set_ylabel(f"held-out greedy accuracy ({curves[0]['heldout']})")
     ax.set_title(f"GRPO from one SFT start: rlpt vs TRL 1.16 ({len(curves)} seed(s))")
     ax.grid(alpha=0.3)
@@ -582,22 +625,31 @@ def main():
     result = {"bench": "vs_trl", "threads": 1, "prompts": args.prompts, "k": args.k, "max_tokens": args.max_tokens,
               "mini_batches": args.mini_batches, "lr": args.lr, "warmup": args.warmup, "steps": args.steps,
               "sft_s": round(sft_s, 1), "cpu": _cpu(),
+              "precision": args.precision, "load_avg_start": os.getloadavg(),
               "rlpt": {**_rlpt_settings(), "packing_this_run": args.packing}, "grpo": {}, "dpo": {}}
     if args.only in ("grpo", "all"):
         for beta in (float(b) for b in args.betas.split(",")):
             result["grpo"][str(beta)] = report_grpo(beta, bench_grpo(args, ckpt, hf_dir, beta, tmp))
-    if args.only in ("dpo", "all"):
+    if args.only in ("dpo", "all") and args.precision == "bf16":
+        print("DPO skipped at --precision bf16: rlpt's DPO has no bf16 setting (DPOConfig), so there is no "
+              "best-vs-best pair to time")
+    elif args.only in ("dpo", "all"):
         for batch in (int(b) for b in args.dpo_batches.split(",")):
             result["dpo"][str(batch)] = report_dpo(batch, bench_dpo(args, ckpt, hf_dir, batch, tmp))
     if args.curve > 0:
-        curves = []
+        curves, targets = [], [float(x) for x in args.target.split(",")]
         for seed in (int(x) for x in args.curve_seeds.split(",")):
             c = bench_curve(argparse.Namespace(**{**vars(args), "seed": seed}), ckpt, hf_dir, tmp)
-            c |= {"seed": seed, "time_to_target": {k: time_to(c["points"][k], args.target) for k in c["points"]}}
-            print(f"\nheld-out accuracy against wall-clock, seed {seed}: {json.dumps(c)}")
+            c |= {"seed": seed, "time_to_target": {k: time_to(c["points"][k], targets[0]) for k in c["points"]}}
+            print(f"\nheld-out accuracy against wall-clock, seed {seed}: {json.dumps(c)}", flush=True)
             curves.append(c)
-        result["curve"] = {"target": args.target, "runs": curves}
-        plot_curve(curves, args.plot)
+        result["curve"] = {"target": targets[0], "targets": targets, "runs": curves,
+                           "time_to_target": speedups(curves, targets)}
+        for key, v in result["curve"]["time_to_target"].items():
+            print(f"time to {key} (target/window): TRL / rlpt per seed "
+                  f"{[x['trl_over_rlpt'] for x in v['runs']]}, median {v['median']}")
+        plot_curve(curves, args.plot, targets[0])
+    result["load_avg_end"] = os.getloadavg()
     print(json.dumps(result))
 
 
