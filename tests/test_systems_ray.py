@@ -221,3 +221,37 @@ def test_disaggregated_restarts_a_killed_rollout_worker(actor_pool, sft_start):
         assert digest(faulty.trainer.model) == digest(straight.trainer.model)
     finally:
         faulty.close()
+
+
+def test_one_step_off_and_async_replace_a_killed_rollout_worker(actor_pool, sft_start):
+    """one_step_off, then async (η = 1), each with a rollout worker whose process dies mid-run: it is replaced by a
+    new actor given the trainer's weights (digest-checked), its share is drawn again, and the run finishes within
+    its staleness bound. Last in the file: the pool's worker 1 died in the test before; this one kills worker 0."""
+    from rlpt.systems.runner import RaySystem
+    from rlpt.train import build
+    init, (w0, trainer) = sft_start[1], (actor_pool[0][0], actor_pool[1])
+    job = job_for(sft_start, "system.topology=one_step_off", "system.max_restarts=1", "steps=4")
+    osoff = RaySystem(job, build, init, actors=([w0], trainer))
+    try:
+        ray.get(w0.crash_on_generate.remote(3))        # the generation step 2 launches for step 3
+        rows = [osoff.step() for _ in range(4)]
+        osoff.check_syncs()
+        assert rows[-1]["system/restarts"] == 1.0 and osoff.workers[0] is not w0
+        assert all(r["system/staleness_max"] <= 1 for r in rows)
+        digests = [e["worker_digests"] for e in osoff.sync_log]
+        assert [None] in digests                       # the sync queued behind the dead generation
+        assert all(d == [e["digest"]] for d, e in zip(digests, osoff.sync_log) if d != [None])
+        replacement = osoff.workers[0]
+        osoff._spawned.remove(replacement)             # kept alive for the async half
+    finally:
+        osoff.close()
+    job = job_for(sft_start, "system.topology=async", "system.max_staleness=1", "system.max_restarts=1", "steps=4")
+    asy = RaySystem(job, build, init, actors=([replacement], trainer))
+    try:
+        ray.get(replacement.crash_on_generate.remote(2))   # the chunk admitted while step 1 trains
+        rows = [asy.step() for _ in range(4)]
+        asy.check_syncs()
+        assert rows[-1]["system/restarts"] == 1.0 and asy.workers[0] is not replacement
+        assert all(r["system/staleness_max"] <= 1 for r in rows)
+    finally:
+        asy.close()

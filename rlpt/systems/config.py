@@ -31,9 +31,10 @@ class SystemConfig(Section):
                                     "gloo broadcast from the trainer")
     verify: bool = Field(True, description="check every sync by a sha256 digest of the weights (a mismatch stops "
                                            "the run)")
-    max_restarts: int = Field(0, ge=0, description="disaggregated: rollout workers that may die and be restarted "
-                                                   "from their state before the step (a full state copy per step); "
-                                                   "0 = a dead worker ends the run")
+    max_restarts: int = Field(0, ge=0, description="rollout workers that may die and be replaced (rlpt.systems."
+                                                   "restart; disaggregated: from a state copy per step, exactly; "
+                                                   "one_step_off / async: with the trainer's weights); 0 = a dead "
+                                                   "worker ends the run")
     trainer_workers: int = Field(1, ge=1, description="data-parallel trainer actors (rlpt.systems.ddp): each "
                                                       "trains its share of every mini-batch, gradients summed "
                                                       "over gloo (NCCL on GPU); rank 0 syncs the rollout workers")

@@ -11,7 +11,7 @@ from the trainer; `time/sync`: publish to the last worker's check; `time/step`: 
     system/staleness_mean|max   trainer version − weights version of the trained groups, in syncs
                                 (the optimizer-step count of rlpt.framework's `staleness/*` is finer)
     system/syncs                syncs so far; every one verified by digest when system.verify
-    system/restarts             rollout workers restarted so far (disaggregated with system.max_restarts)
+    system/restarts             rollout workers replaced so far (system.max_restarts, rlpt.systems.restart)
     timeline/<role>_t0|t1       start and end of each role in the step, seconds from the step's start
                                 (rollout0.., train, sync): the Gantt chart of one step
 
@@ -35,6 +35,7 @@ import torch
 
 from rlpt.systems.ddp import start_ranks, wait_all
 from rlpt.systems.partial import token_staleness
+from rlpt.systems.restart import Restarts
 from rlpt.systems.streaming import AsyncDriver, merge_stats
 from rlpt.systems.transport import WeightSyncError, copy_into
 from rlpt.systems.workers import actor_classes, require_ray
@@ -59,7 +60,7 @@ class _TrainerView:
         return self._system.version
 
 
-class RaySystem(AsyncDriver):
+class RaySystem(AsyncDriver, Restarts):
     def __init__(self, job, build: Callable, init, local=None, threads: int | None = None,
                  actors: tuple[list, object] | None = None):
         """Start (or attach to) Ray and the actors for `job.system`. `build` is rlpt.train.build; `local` the
@@ -78,9 +79,6 @@ class RaySystem(AsyncDriver):
         if sc.topology != "disaggregated" and job.sync.every != 1:
             raise ValueError(f"system.topology={sc.topology} syncs after every train step (its staleness bound "
                              f"counts syncs): set sync.every=1 (got {job.sync.every})")
-        if sc.max_restarts and sc.topology != "disaggregated":
-            raise ValueError(f"system.max_restarts restarts rollout workers in disaggregated runs only (got "
-                             f"system.topology={sc.topology}): set system.max_restarts=0 or topology=disaggregated")
         if not ray.is_initialized():
             if sc.address:
                 ray.init(address=sc.address, log_to_driver=False)
@@ -125,7 +123,7 @@ class RaySystem(AsyncDriver):
         self.trainer = _TrainerView(self, local.trainer.model)
         self.version = info["version"]      # the trainer's, as of the last step
         self.syncs = 0
-        self.restarts = 0                   # rollout workers restarted (disaggregated, system.max_restarts)
+        self.restarts = 0                   # rollout workers restarted (system.max_restarts; rlpt.systems.restart)
         self._spawned: list = []            # actors made to replace dead ones (stopped by close)
         self.sync_log: list[dict] = []      # every sync: version, trainer digest, each worker's verified digest
         self._pending = None                # one_step_off: the generation in flight (refs, or results on resume)
@@ -148,32 +146,6 @@ class RaySystem(AsyncDriver):
         res = self._trained(self._train(groups, stats))
         return self._finish(t_step, res, outs, groups, [o["version"] for o in outs for _ in o["groups"]])
 
-    def _generate_restarting(self) -> list[dict]:
-        """Disaggregated with restarts: each worker's state is copied before it generates; a worker that dies
-        mid-step is replaced by a new actor loaded with that copy, which redraws exactly the groups it would have."""
-        ray = self.ray
-        states = ray.get([w.state_dict.remote() for w in self.workers])
-        refs, outs = self._launch(), []
-        for r, ref in enumerate(refs):
-            try:
-                outs.append(ray.get(ref))
-            except ray.exceptions.RayActorError as e:
-                if self.restarts >= self.cfg.max_restarts:
-                    raise RuntimeError(f"rollout worker {r} died and system.max_restarts={self.cfg.max_restarts} "
-                                       f"restarts are used up: {e}") from e
-                if self.cfg.transport == "gloo":
-                    raise RuntimeError(f"rollout worker {r} died; a gloo group cannot take a new member: restart "
-                                       "needs system.transport=object_store") from e
-                args, transport, verify, threads, group = self._make
-                Rollout, _ = actor_classes()
-                w = Rollout.remote(*args, r, transport, verify, threads, group)
-                ray.get(w.load_state_dict.remote(states[r]))
-                self.workers[r] = w
-                self._spawned.append(w)
-                self.restarts += 1
-                outs.append(ray.get(w.generate.remote(self.B // self.N)))
-        return outs
-
     def _train(self, groups: list, stats: dict):
         """Every trainer rank steps on the same groups; -> rank 0's ref (its metrics are the step's)."""
         refs = [t.step.remote(groups, stats) for t in self.trainer_ranks]
@@ -185,10 +157,13 @@ class RaySystem(AsyncDriver):
 
     def _launch(self) -> list:
         n = self.B // self.N
+        self._launched_to = list(self.workers)   # which actor each ref belongs to (a replaced one redraws)
         return [w.generate.remote(n) for w in self.workers]
 
     def _resolve(self, pending: list) -> list[dict]:
-        return pending if pending and isinstance(pending[0], dict) else self.ray.get(pending)
+        if pending and isinstance(pending[0], dict):   # restored from a checkpoint: already results
+            return pending
+        return [self._get_generated(r, ref, a) for r, (ref, a) in enumerate(zip(pending, self._launched_to))]
 
     @staticmethod
     def _gather(outs: list[dict]) -> tuple[list, dict]:
@@ -239,7 +214,7 @@ class RaySystem(AsyncDriver):
         applies = [w.apply.remote(payload) for w in self.workers]
         sends = [self.trainer_actor.send.remote()] if self.cfg.transport == "gloo" else []
         self.syncs += 1
-        entry = {"version": payload.version, "digest": payload.digest, "applies": applies}
+        entry = {"version": payload.version, "digest": payload.digest, "applies": applies, "to": list(self.workers)}
         self.sync_log.append(entry)
         if self.cfg.topology != "async":
             self._check_sync(entry, sends)
@@ -247,10 +222,10 @@ class RaySystem(AsyncDriver):
             self._sends = getattr(self, "_sends", []) + sends
 
     def _check_sync(self, entry: dict, sends: list = ()) -> None:
-        outs = self.ray.get(list(entry.pop("applies")) + list(sends))
-        got = [o["digest"] for o in outs[:self.N]]
+        got = self._applied_digests(entry)     # None: a worker that died and was replaced (rlpt.systems.restart)
+        self.ray.get(list(sends))
         entry["worker_digests"] = got
-        if any(g != entry["digest"] for g in got):   # the workers raise first; this guards a transport that did not
+        if any(g is not None and g != entry["digest"] for g in got):   # workers raise first; this guards a transport
             raise WeightSyncError(f"sync to version {entry['version']}: worker digests {got} != {entry['digest']}")
 
     def check_syncs(self) -> None:

@@ -157,6 +157,10 @@ class AsyncSchedule:
         self.buffer.put(ticket, groups, version)
         self.gate.finish(n)
 
+    def size(self, ticket: int) -> int:
+        """Groups admitted under `ticket` and not yet finished (to request them again from a restarted worker)."""
+        return self._sizes[ticket]
+
     def batch(self) -> list[tuple[object, int]] | None:
         return self.buffer.take(self.gate.batch)
 

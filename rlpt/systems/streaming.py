@@ -41,7 +41,7 @@ class AsyncDriver:
         a = self._async
         for w, ticket, n in a["sched"].admit(a["idle"]):
             a["idle"].remove(w)
-            a["inflight"][self._generate(w, n)] = (w, ticket)
+            a["inflight"][self._generate(w, n)] = (w, ticket, self.workers[w])
 
     def _generate(self, w: int, n: int):
         """Worker w's chunk of n groups (n = 0: the next segment of its chunk in progress, partial rollouts)."""
@@ -52,10 +52,18 @@ class AsyncDriver:
     def _collect(self, refs: list) -> None:
         a = self._async
         for ref in refs:
-            w, ticket = a["inflight"].pop(ref)
-            out = self.ray.get(ref)
+            w, ticket, actor = a["inflight"].pop(ref)
+            try:
+                out = self.ray.get(ref)
+            except self.ray.exceptions.RayActorError as e:   # the worker died: a replacement redraws the chunk
+                if not self.cfg.max_restarts:
+                    raise
+                if self.workers[w] is actor:
+                    self._replace_worker(w, e)
+                a["inflight"][self._generate(w, a["sched"].size(ticket))] = (w, ticket, self.workers[w])
+                continue
             if not out.get("done", True):   # a segment: the chunk goes on (a sync queued meanwhile lands first)
-                a["inflight"][self._generate(w, 0)] = (w, ticket)
+                a["inflight"][self._generate(w, 0)] = (w, ticket, actor)
                 continue
             a["sched"].finished(ticket, out["groups"], out["version"])
             a["idle"].append(w)
