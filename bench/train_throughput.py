@@ -13,11 +13,23 @@ so drift on a shared machine hits both sides alike. tokens = non-pad input token
 
     python bench/train_throughput.py                    # default model (4 x 128), batch 64, 2 threads
     python bench/train_throughput.py --threads 1 --rounds 9 --steps 10
+
+`--bf16`: the RL trainer's step (`Trainer.train_step` with GRPO's loss: per-token log-probs, backward, clip,
+AdamW; packing as configured) in fp32 against `trainer.precision=bf16` (CPU autocast: bf16 matmuls, fp32
+master weights, fp32 log-softmax and AdamW), same start weights, same synthetic batch (B rows of `--seq` random
+tokens, the last `--response` trained with advantages ±1), alternating, CPU-time medians (a shared machine's
+load hits both sides alike). Also: mean and max |log π_bf16 − log π_fp32| on the trained tokens, and the
+ceiling, a bare matmul of the block's linear shapes (tokens × d_in @ d_in × d_out, forward + the two backward
+products) in bf16 against fp32 with the operands already in their dtype (no casts, no other op).
+
+    python bench/train_throughput.py --bf16 --threads 1                         # the recipe's gpt_mini 4 x 128
+    python bench/train_throughput.py --bf16 --threads 1 --n-layer 8 --d-model 512 --d-ff 1408 --seq 128
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import statistics
 import time
@@ -43,6 +55,19 @@ def parse_args():
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--log-every", type=int, default=SFTConfig().log_every)
     p.add_argument("--seed", type=int, default=0)
+    g = p.add_argument_group("--bf16: the RL trainer step, fp32 against bf16 autocast")
+    g.add_argument("--bf16", action="store_true")
+    g.add_argument("--n-layer", type=int, default=ModelConfig().n_layer)
+    g.add_argument("--d-model", type=int, default=ModelConfig().d_model)
+    g.add_argument("--n-head", type=int, default=ModelConfig().n_head)
+    g.add_argument("--d-ff", type=int, default=ModelConfig().d_ff)
+    g.add_argument("--seq", type=int, default=48, help="tokens per row (prompt + response)")
+    g.add_argument("--response", type=int, default=32, help="trained tokens at the end of each row")
+    g.add_argument("--rows", type=int, default=64, help="rows per train step (one mini-batch)")
+    g.add_argument("--packing", action=argparse.BooleanOptionalAction, default=True)
+    g.add_argument("--attn-fp32", action="store_true", help="an experiment: under bf16, run scaled_dot_product_"
+                   "attention in fp32 (q, k, v cast up, output cast back): this CPU's bf16 flash-attention backward "
+                   "is the slow kernel at small d_model")
     return p.parse_args()
 
 
@@ -87,8 +112,130 @@ class BareStep:
         self.opt.step()
 
 
+def rl_batch(args, vocab: int, g: torch.Generator):
+    """`rows` trajectories of `seq` random tokens, the last `response` sampled (mask 1), advantages ±1, collated."""
+    from rlpt.framework.trajectory import Trajectory, collate
+    P = args.seq - args.response
+    trajs = []
+    for b in range(args.rows):
+        ids = torch.randint(1, vocab, (args.seq,), generator=g).tolist()
+        trajs.append(Trajectory(prompt_ids=ids[:P], response_ids=ids[P:], response_mask=torch.ones(args.response),
+                                old_logp=torch.zeros(args.response), reward=float(b % 2), group=b // 8))
+        trajs[-1].advantage = 1.0 if b % 2 else -1.0
+    return collate(trajs, pad_id=0)
+
+
+def matmul_ceiling(d_in_out: list[tuple[int, int]], tokens: int, reps: int) -> dict:
+    """CPU seconds of a block's linears (forward y = x W^T, backward dx = dy W, dW = dy^T x) in fp32 and in bf16
+    with the operands already cast: the most bf16 can give the trainer's matmuls on this CPU."""
+    def run(dtype) -> float:
+        ops = [tuple(torch.randn(*shape, dtype=dtype) for shape in ((tokens, i), (o, i), (tokens, o)))
+               for i, o in d_in_out]                                  # x, W, dy
+
+        def once():
+            for x, w, dy in ops:
+                x @ w.T
+                dy @ w
+                dy.T @ x
+        once()
+        times = []
+        for _ in range(reps):
+            t = time.process_time()
+            once()
+            times.append(time.process_time() - t)
+        return statistics.median(times)
+    fp32, bf16 = run(torch.float32), run(torch.bfloat16)
+    return {"fp32_s": fp32, "bf16_s": bf16, "speedup": fp32 / bf16}
+
+
+def sdpa_in_fp32() -> None:
+    """--attn-fp32: under autocast, F.scaled_dot_product_attention on fp32 q, k, v (autocast off inside; o_proj
+    casts its output to bf16). Patches torch.nn.functional for this process only (gpt_mini calls it through F)."""
+    sdpa = F.scaled_dot_product_attention
+
+    def fp32_sdpa(q, k, v, *a, **kw):
+        if not torch.is_autocast_enabled("cpu"):
+            return sdpa(q, k, v, *a, **kw)
+        with torch.autocast("cpu", enabled=False):        # autocast would cast q, k, v (fp32 after RoPE) to bf16
+            return sdpa(q.float(), k.float(), v.float(), *a, **kw)      # the next linear casts back to bf16
+    F.scaled_dot_product_attention = fp32_sdpa
+
+
+def main_bf16(args):
+    """The RL trainer step, fp32 against bf16 autocast (module doc)."""
+    if args.attn_fp32:
+        sdpa_in_fp32()
+    import copy
+
+    import rlpt.algorithms  # noqa: F401 - registers grpo
+    from rlpt.framework.algorithm import make_algorithm
+    from rlpt.framework.trainer import Trainer, autocast, bf16_path
+    from rlpt.framework.trajectory import per_token_logp
+    from rlpt.gpt_mini.model import GPTConfig
+    torch.set_num_threads(args.threads)
+    tok = CharTokenizer()
+    cfg = GPTConfig(vocab_size=tok.vocab_size, n_layer=args.n_layer, n_head=args.n_head, n_kv_head=args.n_head,
+                    d_model=args.d_model, d_ff=args.d_ff, max_seq_len=max(64, args.seq))
+    torch.manual_seed(args.seed)
+    base = GPT(cfg)
+    batch = rl_batch(args, tok.vocab_size, torch.Generator().manual_seed(args.seed))
+    with torch.no_grad():
+        batch.old_logp = per_token_logp(base, batch.input_ids) * batch.mask      # on-policy: ρ = 1 at the start
+        with autocast("bf16"):
+            lp_bf16 = per_token_logp(base, batch.input_ids)
+        lp_fp32 = per_token_logp(base, batch.input_ids)
+    gap = (lp_bf16.float() - lp_fp32).abs()[batch.mask > 0]
+    algo = make_algorithm({"name": "grpo"}, 8, args.response)
+    optim = OptimConfig(lr=1e-5, warmup_steps=0, schedule="constant")
+    sides = {}
+    for precision in ("fp32", "bf16"):
+        model = copy.deepcopy(base)
+        opt, sched = make_optimizer(model, optim, 10 ** 6)
+        sides[precision] = Trainer(model, opt, sched, 1.0, 0, 1, 1, packing=args.packing, precision=precision)
+    for tr in sides.values():
+        for _ in range(args.warmup):
+            tr.train_step(batch, algo.compute_loss)
+    times = {k: [] for k in sides}
+    for r in range(args.rounds):
+        order = list(sides) if r % 2 == 0 else list(sides)[::-1]
+        for name in order:
+            t = time.process_time()
+            for _ in range(args.steps):
+                sides[name].train_step(batch, algo.compute_loss)
+            times[name].append((time.process_time() - t) / args.steps)
+    n_tok = int((batch.input_ids != 0).sum())
+    tps = {k: n_tok / statistics.median(v) for k, v in times.items()}
+    d, f = args.d_model, args.d_ff
+    ceiling = matmul_ceiling([(d, d)] * 4 + [(d, f), (d, f), (f, d)], n_tok, max(3, args.rounds))
+    speedup = tps["bf16"] / tps["fp32"]
+    print(f"RL trainer step (GRPO loss, packing {'on' if args.packing else 'off'}"
+          f"{', bf16 attention in fp32' if args.attn_fp32 else ''}), gpt_mini {args.n_layer} x "
+          f"{args.d_model} (d_ff {args.d_ff}, {base.num_params() / 1e6:.2f} M params), {args.rows} rows x "
+          f"{args.seq} tokens ({args.response} trained), {args.threads} thread(s), bf16 kernels: {bf16_path()}; "
+          f"CPU-time medians of {args.rounds} rounds x {args.steps} steps")
+    print(f"| {'precision':<9} | {'tokens/s':>9} | {'s/step':>7} |")
+    print(f"|{'-' * 11}|{'-' * 10}:|{'-' * 8}:|")
+    for k in sides:
+        print(f"| {k:<9} | {tps[k]:>9.0f} | {statistics.median(times[k]):>7.3f} |")
+    print(f"bf16 / fp32 = {speedup:.2f}x (goal >= 2); mean |dlogp| {gap.mean().item():.2e}, max {gap.max().item():.2e}"
+          f" (bf16 autocast vs fp32, same weights, {gap.numel()} tokens); bare matmul ceiling at these shapes "
+          f"({n_tok} tokens): {ceiling['speedup']:.2f}x; load average {os.getloadavg()[0]:.1f}")
+    print(json.dumps({"bench": "train_throughput_bf16", "fp32_tokens_per_s": round(tps["fp32"], 1),
+                      "bf16_tokens_per_s": round(tps["bf16"], 1), "speedup": round(speedup, 3), "goal": 2.0,
+                      "mean_abs_dlogp": gap.mean().item(), "max_abs_dlogp": gap.max().item(),
+                      "matmul_ceiling": {k: round(v, 4) for k, v in ceiling.items()}, "bf16_path": bf16_path(),
+                      "model": {"n_layer": args.n_layer, "d_model": args.d_model, "d_ff": args.d_ff,
+                                "params": base.num_params()},
+                      "rows": args.rows, "seq": args.seq, "response": args.response, "packing": args.packing,
+                      "attn_fp32": args.attn_fp32,
+                      "threads": args.threads, "rounds": args.rounds, "steps": args.steps,
+                      "load_avg": round(os.getloadavg()[0], 2)}))
+
+
 def main():
     args = parse_args()
+    if args.bf16:
+        return main_bf16(args)
     torch.set_num_threads(args.threads)
     tok, task = CharTokenizer(), make_task(TaskConfig())
     model_cfg, optim = ModelConfig(), OptimConfig()
