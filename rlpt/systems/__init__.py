@@ -8,5 +8,8 @@
 Files: config (SystemConfig, the `system:` section of a TrainJob), staleness (the admission gate and the
 versioned buffer; pure), transport (weight transports behind one interface, each sync checked by a digest),
 workers (the Ray actors wrapping the roles), runner (the topologies; `RaySystem` stands where `rlpt train`
-keeps its Controller). Ray is imported lazily: nothing here needs it until a Ray topology runs.
+keeps its Controller), streaming (the async driver), ddp (data-parallel trainer workers:
+system.trainer_workers), partial (partial rollouts, per-token versions: system.partial_rollouts), restart
+(replacing dead rollout workers: system.max_restarts). Ray is imported lazily: nothing here needs it until a
+Ray topology runs.
 """
