@@ -1,6 +1,11 @@
 """End-of-run output: a summary table on the terminal, and report.md with plots in the run folder.
 
     write_report(run, "SFT", final_metrics, plots={"accuracy": ["acc/heldout"], "loss": ["loss/sft"]})
+
+A run whose steps logged per-role times (every `rlpt train` topology: colocated's `time/*`, the Ray topologies'
+`timeline/*`, the verifier pool's `verify/t0|t1`) also gets its timeline: the Gantt chart of the last steps
+(`timeline.png`, rlpt/perf/timeline.py, lessons 19 and 22a) with each role's busy share, the measured median
+step and the throughput equation's sum (one role at a time) and max of sides (overlapped) beside it.
 """
 from __future__ import annotations
 
@@ -87,11 +92,27 @@ def write_report(run, title: str, final: dict, plots: dict[str, list[str]], note
         png = plot_series(metrics, keys, run.dir / f"{name}.png", title=name)
         if png is not None:
             parts += [f"![{name}]({png.name})", ""]
+    parts += timeline_section(run.dir, metrics)
     if notes:
         parts += [notes, ""]
     path = run.dir / "report.md"
     path.write_text("\n".join(parts))
     return path
+
+
+def timeline_section(run_dir: Path, rows: list[dict], steps: int = 6) -> list[str]:
+    """The report's timeline: `timeline.png` of the last `steps` steps and its table (markdown lines); none for a
+    run without per-role times (SFT, DPO). `rlpt perf timeline RUN` draws the same chart for any run folder."""
+    from rlpt.perf import timeline
+    sp = timeline.spans(rows, steps)
+    if not sp:
+        return []
+    n = len({s.step for s in sp})
+    png = timeline.plot(Path(run_dir) / "timeline.png", sp, f"{Path(run_dir).name}: last {n} steps")
+    return [f"## Timeline: the last {n} steps, role by role", "", f"![timeline]({png.name})", "",
+            table(timeline.summary(sp, timeline.equation(rows), rows), ("role / step", "seconds")), "",
+            "Colocated runs one role at a time, so its step is the equation's sum; an overlapped topology (Ray's "
+            "one_step_off / async, or the verifier pool beside the sampler) approaches the max of its sides.", ""]
 
 
 # RL runs (rlpt.train): shown on the progress bar each step, and averaged over the last 10 steps in the end-of-run table
