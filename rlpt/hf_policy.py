@@ -99,6 +99,9 @@ def rollout_policy(job, policy) -> torch.nn.Module:
     (adapters: the frozen base shared, only A, B copied; merged: a plain HF model)."""
     if not job.lora.r:
         return copy.deepcopy(policy)
+    if job.lora.sync == "merged" and getattr(job.sync, "lag", 0):
+        raise ValueError(f"sync.lag={job.sync.lag} with lora.sync=merged: the lagged syncer copies parameters by the "
+                         "trainer's names, which a merged rollout copy does not have; use lora.sync=adapters")
     from rlpt.models.lora import rollout_copy
     return rollout_copy(policy, job.lora.sync)
 

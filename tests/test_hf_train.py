@@ -126,6 +126,17 @@ def test_lora_merged_sync_trains_with_the_logp_check(tmp_path, hf_dir):
         torch.testing.assert_close(ctl.rollout.model(IDS), ctl.trainer.model(IDS), atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
+def test_lora_bf16_with_grad_checkpointing_trains_under_the_bf16_check(tmp_path, hf_dir):
+    ctl, run, _ = run_train(_job(tmp_path, hf_dir, "steps=2", "lora.r=4", "lora.alpha=8", "trainer.optim.lr=5e-3",
+                                 "trainer.precision=bf16", "trainer.grad_checkpointing=true"))
+    rows = [json.loads(r) for r in (run.dir / "metrics.jsonl").read_text().splitlines()]
+    trained = [r for r in rows if r.get("step/skipped") == 0.0]
+    assert trained and all("trainer/bf16_native" in r for r in trained)               # bf16 autocast was on
+    assert all(0 < r["check/logp_mismatch_mean"] < 1e-2 for r in trained)            # bf16 vs the fp32 rollout
+    assert ctl.trainer.model.grad_checkpointing and ctl.rollout.model.shares_base_with(ctl.trainer.model)
+
+
 def test_bad_hf_settings_name_the_key(tmp_path, hf_dir):
     with pytest.raises(ConfigError, match="model.hf_path.*not a directory"):
         _job(tmp_path, tmp_path / "nowhere")
@@ -134,6 +145,10 @@ def test_bad_hf_settings_name_the_key(tmp_path, hf_dir):
         _job(tmp_path, tmp_path / "empty")
     with pytest.raises(ConfigError, match="lora.r=4 needs model.hf_path"):
         load_train_job(None, [*FAST, "lora.r=4"])
+    with pytest.raises(ValueError, match="sync.lag=1 with lora.sync=merged"):
+        run_train(_job(tmp_path, hf_dir, "lora.r=4", "lora.sync=merged", "sync.lag=1"))
+    with pytest.raises(ConfigError, match="lora.sync"):
+        _job(tmp_path, hf_dir, "lora.r=4", "lora.sync=full")
     with pytest.raises(ConfigError, match="init_from and model.hf_path"):
         _job(tmp_path, hf_dir, "init_from=runs/x")
     with pytest.raises(ConfigError, match="max_position_embeddings=.*longest prompt"):
