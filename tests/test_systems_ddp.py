@@ -226,7 +226,11 @@ def test_two_trainer_workers_on_ray_equal_the_single_trainer(tmp_path):
     assert all(m["step/skipped"] == 0 for m in local)
     sys_ = RaySystem(job, parity_build, tmp_path / "init")
     try:
-        got = [sys_.step() for _ in range(3)]
+        got, saved = [], None
+        for i in range(3):
+            got.append(sys_.step())
+            if i == 1:
+                saved = (sys_.state_dict(), {k: v.clone() for k, v in sys_.trainer.model.state_dict().items()})
         ranks = ray.get([t.digest.remote() for t in sys_.trainer_ranks])
         assert len(sys_.trainer_ranks) == 2 and ranks[0] == ranks[1]
         want = dict(ctl.trainer.model.named_parameters())
@@ -236,6 +240,12 @@ def test_two_trainer_workers_on_ray_equal_the_single_trainer(tmp_path):
         for a, b in zip(local, got):
             for k in ("loss", "loss/pg", "loss/kl", "grad/norm", "reward/mean", "staleness/max", "clip/frac"):
                 assert abs(a[k] - b[k]) <= 1e-5 * max(1.0, abs(a[k])), (k, a[k], b[k])
+        end = ranks[0]
+        sys_.trainer.model.load_state_dict(saved[1])      # resume at step 2 (rlpt train's order: weights, state):
+        sys_.load_state_dict(saved[0])                    # every rank gets them, and step 3 replays bit for bit
+        again = sys_.step()
+        assert all(again[k] == got[2][k] for k in ("loss", "grad/norm", "reward/mean"))
+        assert ray.get([t.digest.remote() for t in sys_.trainer_ranks]) == [end, end]
     finally:
         sys_.close()
         if started:

@@ -56,6 +56,7 @@ from rlpt.framework.trainer import Trainer, _merge
 from rlpt.framework.trajectory import Batch
 
 TIMEOUT = datetime.timedelta(seconds=300)   # a rank that waits longer for the others fails with gloo's timeout
+PLACE_TIMEOUT_S = 180                        # for Ray to start the trainer actors (imports take seconds each)
 
 
 def open_store(host: str) -> dist.TCPStore:
@@ -184,6 +185,11 @@ def start_ranks(ray, trainer_cls, args: tuple, world: int, first) -> list:
     """Ranks 1 … world−1 as new trainer actors built like rank 0 (`first`, from the same args and seed), every
     rank joined to one data-parallel group; their weights are checked equal (rank 0's, broadcast)."""
     ranks = [first, *(trainer_cls.remote(*args) for _ in range(world - 1))]
+    up, _ = ray.wait([r.info.remote() for r in ranks], num_returns=world, timeout=PLACE_TIMEOUT_S)
+    if len(up) < world:   # else rank 0 would wait in the rendezvous for a rank Ray never places
+        raise RuntimeError(f"only {len(up)} of system.trainer_workers={world} trainer actors started within "
+                           f"{PLACE_TIMEOUT_S} s: the Ray cluster lacks CPUs for them (each actor asks for one; "
+                           f"available now: {ray.available_resources().get('CPU', 0)})")
     host, port = ray.get(first.ddp_open.remote())
     digests = ray.get([r.ddp_join.remote(host, port, i, world) for i, r in enumerate(ranks)])
     if len(set(digests)) != 1:

@@ -83,7 +83,8 @@ class RaySystem(AsyncDriver, Restarts):
             if sc.address:
                 ray.init(address=sc.address, log_to_driver=False)
             else:   # RAY_ADDRESS, if set, attaches; else a local Ray with a CPU per actor (logical: may oversubscribe)
-                ray.init(num_cpus=max(os.cpu_count() or 1, N + 1), include_dashboard=False, log_to_driver=False)
+                ray.init(num_cpus=max(os.cpu_count() or 1, N + sc.trainer_workers), include_dashboard=False,
+                         log_to_driver=False)
         self.job, self.cfg, self.B, self.N = job, sc, B, N
         threads = threads or job.run.threads or 1
         Rollout, Trainer = actor_classes()
