@@ -175,6 +175,56 @@ def test_data_parallel_keeps_the_trainer_and_broadcasts_rank0s_weights():
     assert all(torch.equal(a, b) for a, b in zip(models[0].parameters(), models[1].parameters()))
 
 
+def test_sharded_reference_scores_a_share_and_gathers_the_rest():
+    """Two ranks each score half of 9 trajectories (π_ref and a scorer) and end with all 9 scored, equal to one
+    Reference's scores to fp32 rounding."""
+    from rlpt.framework.reference import Reference
+    from rlpt.systems.ddp import ShardedReference
+    policy = tiny_gpt(seed=1)
+    single = _trajs(policy)
+    one = Reference(policy, scorers={"prox_logp": Reference.prox_scorer(policy, 1.0)})
+    one.score(single, TOK.pad_id)
+    scored: list = []
+
+    class Counting(Reference):
+        def score(self, trajs, pad_id):
+            scored.append(len(trajs))
+            super().score(trajs, pad_id)
+
+    store = open_store("127.0.0.1")
+    out = [None, None]
+
+    def rank(r):
+        torch.set_num_threads(1)
+        group = RankGroup("127.0.0.1", store.port, r, 2, store=store if r == 0 else None)
+        trajs = _trajs(policy)
+        ref = ShardedReference(Counting(policy, scorers={"prox_logp": Reference.prox_scorer(policy, 1.0)}), group)
+        ref.score(trajs, TOK.pad_id)
+        out[r] = trajs
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert sorted(scored) == [4, 5]                                   # each rank scored its share only
+    for trajs in out:
+        for a, b in zip(single, trajs):
+            assert torch.allclose(a.ref_logp, b.ref_logp, atol=1e-6)
+            assert torch.allclose(a.extra["prox_logp"], b.extra["prox_logp"], atol=1e-6)
+
+
+def _trajs(policy) -> list:
+    """9 trajectories of unequal lengths, unscored (fresh objects each call)."""
+    g = torch.Generator().manual_seed(7)
+    out = []
+    for _ in range(9):
+        prompt = torch.randint(3, TOK.vocab_size, (4,), generator=g).tolist()
+        R = int(torch.randint(2, 10, (1,), generator=g))
+        resp = torch.randint(3, TOK.vocab_size, (R,), generator=g).tolist()
+        out.append(Trajectory(prompt, resp, torch.ones(R), torch.zeros(R)))
+    return out
+
+
 def test_trainer_workers_needs_a_ray_topology():
     from rlpt.systems.config import SystemConfig
     with pytest.raises(ValueError, match="system.trainer_workers=2 places trainer actors on Ray"):

@@ -3,9 +3,9 @@
     rlpt train recipes/grpo_arith.yaml system.topology=disaggregated system.trainer_workers=2
 
 Every rank is a trainer actor (rlpt.systems.workers.TrainerWorker) running the in-process Controller's step on
-the SAME groups: reference scoring, advantages, collate and the mini-batch shuffle are computed identically on
-each rank (same seed, same generator). Only the gradient work is split. Inside each mini-batch of the global
-batch, rank r takes a contiguous share of the rows, runs its forward/backward on them, and the gradients are
+the SAME groups: advantages, collate and the mini-batch shuffle are computed identically on each rank (same
+seed, same generator). The forwards are split: the scoring (below) and the gradients. Inside each mini-batch of
+the global batch, rank r takes a contiguous share of the rows, runs its forward/backward on them; the gradients are
 summed over the ranks (one flattened all-reduce per optimizer step, gloo on CPU, NCCL on GPU) before the clip
 and the AdamW step, which every rank then takes with the same gradient: the replicas never drift. Rank 0 is the
 trainer of the topologies: its weights go to the rollout workers, its state to checkpoints.
@@ -37,12 +37,12 @@ does under `no_sync()` gradient accumulation with a SUM hook: accumulate locally
 step. The process group is the rank's own (`ProcessGroupGloo` on a TCPStore rank 0 opens on a free port), not
 torch.distributed's default one, which ray.util.collective's gloo transport claims in the trainer actor.
 
-Costs and limits: every rank scores the whole batch (π_ref, π_prox, values: 1/W of the training but all of the
-scoring; sharding the reference is the next step), and every rank holds a full replica of the weights and the
-optimizer state. That is the limit where FSDP (ZeRO-3) is needed: when the weights + gradients + AdamW moments,
-16 bytes per parameter in fp32 (rlpt perf memory), do not fit one device; FSDP shards them over the ranks and
-gathers each layer's weights for its forward. gpt_mini (0.8 M parameters, 13 MB of training state) is far from
-it; not done here.
+The scoring is split too (`ShardedReference`): each rank scores its 1/W of the trajectories (π_ref, π_prox,
+values) and gathers the rest, equal to one process's scores to fp32 rounding (other rows share a padded
+micro-batch). Every rank holds a full replica of the weights and the optimizer state: that is the limit where
+FSDP (ZeRO-3) is needed, when the weights + gradients + AdamW moments, 16 bytes per parameter in fp32 (rlpt perf
+memory), do not fit one device; FSDP shards them over the ranks and gathers each layer's weights for its
+forward. gpt_mini (0.8 M parameters, 13 MB of training state) is far from it; not done here.
 """
 from __future__ import annotations
 
@@ -168,6 +168,31 @@ class DDPTrainer(Trainer):
         """Rank 0's weights to every rank (what DDP does when it wraps a model): the replicas start equal."""
         for p in trained_params(self):
             self.group.broadcast(p.data)
+
+
+class ShardedReference:
+    """A rank's reference role: it scores its contiguous 1/W of the trajectories (π_ref, and every scorer: π_prox,
+    values) and gathers the other ranks' scores, so each rank ends with the whole batch scored, for 1/W of the
+    forwards. A row's scores come from a micro-batch of other rows than in one process (another padded length):
+    equal to fp32 rounding, not bit for bit."""
+
+    def __init__(self, inner, group: RankGroup):
+        self.inner, self.group = inner, group
+
+    def score(self, trajs: list, pad_id: int) -> None:
+        rows = shard_rows(len(trajs), self.group.rank, self.group.world).tolist()
+        mine = [trajs[i] for i in rows]
+        if mine:
+            self.inner.score(mine, pad_id)
+        names = list(getattr(self.inner, "scorers", {}))
+        parts = self.group.all_gather([(i, t.ref_logp, {k: t.extra[k] for k in names}) for i, t in zip(rows, mine)])
+        for part in parts:
+            for i, ref_logp, extra in part:
+                trajs[i].ref_logp = ref_logp
+                trajs[i].extra.update(extra)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
 
 
 def data_parallel(trainer: Trainer, group: RankGroup) -> DDPTrainer:

@@ -26,7 +26,7 @@ import torch
 
 from rlpt.framework.trajectory import Trajectory
 from rlpt.framework.weight_sync import WeightSyncer
-from rlpt.systems.ddp import RankGroup, data_parallel, open_store
+from rlpt.systems.ddp import RankGroup, ShardedReference, data_parallel, open_store
 from rlpt.systems.partial import PartialRollout
 from rlpt.systems.transport import Payload, digest, make_transport, named_weights
 
@@ -197,6 +197,7 @@ class TrainerWorker:
         backend = "nccl" if next(self.ctl.trainer.model.parameters()).is_cuda else "gloo"
         group = RankGroup(host, port, rank, world, store=self._store if rank == 0 else None, backend=backend)
         self.ctl.trainer = data_parallel(self.ctl.trainer, group)
+        self.ctl.reference = ShardedReference(self.ctl.reference, group)
         return digest(self.ctl.trainer.model)
 
     def publish(self) -> Payload:
