@@ -1,10 +1,12 @@
 """rlpt.systems on a local Ray: the roles as actors give the in-process Controller's metrics (disaggregated, η = 0),
 resume exactly from their state, verify every weight sync by digest (object store and gloo), one_step_off trains
-on weights exactly one sync old, and async stays within η under random rollout delays.
+on weights exactly one sync old, async stays within η under random rollout delays (and with partial rollouts),
+and a killed rollout worker is replaced in every topology.
 
 One local Ray per session (`ray.init(num_cpus=4)`, no dashboard, usage stats off; ~10 s to start here) and five
 actors (each imports torch and rlpt: ~5 s): the two rlpt train makes, first (the 4 logical CPUs hold 4 actors at
-a time), then a pool of three that two tests rebuild. The file takes about a minute on 2 cores; the tests are
+a time), then a pool of three that the other tests rebuild (the last two kill its workers). The file takes
+3-4 minutes on the 2 shared cores; the tests are
 end-to-end runs, hence `slow`. The 200-step staleness property runs without Ray, in test_systems.py.
 """
 from __future__ import annotations
