@@ -6,8 +6,8 @@ and a killed rollout worker is replaced in every topology.
 One local Ray per session (`ray.init(num_cpus=4)`, no dashboard, usage stats off; ~10 s to start here) and five
 actors (each imports torch and rlpt: ~5 s): the two rlpt train makes, first (the 4 logical CPUs hold 4 actors at
 a time), then a pool of three that the other tests rebuild (the last two kill its workers). The file takes
-3-4 minutes on the 2 shared cores; the tests are
-end-to-end runs, hence `slow`. The 200-step staleness property runs without Ray, in test_systems.py.
+3-4 minutes on the 2 shared cores; the tests are end-to-end runs, hence `slow`. The 200-step staleness property
+runs without Ray, in test_systems.py.
 """
 from __future__ import annotations
 
