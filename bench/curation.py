@@ -56,6 +56,7 @@ def parse_args():
     p.add_argument("--eval-size", type=int, default=400)
     p.add_argument("--lr", type=float, default=5e-5, help="trainer.optim.lr (recipes/grpo_arith.yaml's)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--report", action="store_true", help="only tabulate the runs already finished under --out")
     return p.parse_args()
 
 
@@ -100,7 +101,7 @@ def rl_run(out: Path, start: Path, prompts: Path, algo: str, arm: str, seed: int
     name = f"{algo}_{arm}_s{seed}"
     done = out / "rl" / name / "summary.json"
     if done.exists():
-        return json.loads(done.read_text())
+        return summarise(out / "rl" / name, json.loads(done.read_text())["prompts"], algo, arm, seed)
     floor = 0.01 if arm == "online" else 0.25
     job = load_train_job(None, [
         f"run.out_dir={out / 'rl'}", f"run.name={name}", f"run.seed={seed}", "run.progress=false",
@@ -111,22 +112,28 @@ def rl_run(out: Path, start: Path, prompts: Path, algo: str, arm: str, seed: int
         f"rollout.temperature={args.temperature}", f"rollout.max_tokens={args.max_tokens}",
         f"eval.every={args.eval_every}", f"eval.size={args.eval_size}", f"trainer.optim.lr={args.lr}"])
     _, run, _ = run_train(job)
-    rows = run.read_metrics()
+    summary = summarise(run.dir, str(prompts), algo, arm, seed)
+    done.write_text(json.dumps(summary))
+    return summary
+
+
+def summarise(folder: Path, prompts: str, algo: str, arm: str, seed: int) -> dict:
+    """A finished run's summary, from its metrics.jsonl (module doc)."""
+    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
     steps = [r for r in rows if "reward/mean" in r]
 
     def mean(key):
         xs = [r[key] for r in steps if key in r]
         return sum(xs) / len(xs) if xs else None
     evals = [(r["step"], r.get("time/elapsed", 0.0), r["acc/heldout"]) for r in rows if "acc/heldout" in r]
-    summary = {"algo": algo, "arm": arm, "seed": seed, "prompts": str(prompts), "steps": len(steps),
-               "wall_s": max(r.get("time/elapsed", 0.0) for r in rows),
-               "degenerate_frac": mean("groups/degenerate_frac"), "filtered_frac": mean("sampling/filtered_frac"),
-               "draws": mean("sampling/draws"), "groups_drawn": mean("sampling/groups_drawn"),
-               "cap_hit": mean("sampling/cap_hit"), "skipped": mean("step/skipped"),
-               "wasted_realised": mean("data/wasted_realised"), "reward_mean": mean("reward/mean"),
-               "evals": evals}
-    done.write_text(json.dumps(summary))
-    return summary
+    return {"algo": algo, "arm": arm, "seed": seed, "prompts": prompts, "steps": len(steps),
+            "wall_s": max(r.get("time/elapsed", 0.0) for r in rows),
+            "degenerate_frac": mean("groups/degenerate_frac"), "filtered_frac": mean("sampling/filtered_frac"),
+            "draws": mean("sampling/draws"), "groups_drawn": mean("sampling/groups_drawn"),
+            "groups_kept": mean("sampling/groups_kept"), "cap_hit": mean("sampling/cap_hit"),
+            "skipped": mean("step/skipped"), "wasted_realised": mean("data/wasted_realised"),
+            "first_degenerate": steps[0].get("groups/degenerate_frac") if steps else None,
+            "reward_mean": mean("reward/mean"), "evals": evals}
 
 
 def acc_at(summary: dict, wall: float, offset: float = 0.0) -> float:
@@ -149,19 +156,21 @@ def tables(results: list[dict], curate_s: float, args, curated_rows: int) -> str
     out = [f"Measured on {machine()}; {args.steps} steps of {args.prompts_per_step} prompts x K = {args.k}, "
            f"T = {args.temperature}, seeds {seeds} (mean ± sd over seeds). The curated pool: {curated_rows} rows; "
            f"curation took {curate_s:.1f} s (charged to the curated runs at equal wall-clock).", "",
-           "| algorithm | pool | degenerate frac | DAPO draws / step | groups drawn / step | steps skipped | "
-           "reward/mean | held-out start | held-out, last eval | wall s |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
+           "| algorithm | pool | degenerate frac | degenerate, step 1 | DAPO draws / step | groups drawn / step | "
+           "groups kept / step | steps skipped | held-out start | held-out, last eval | wall s |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
     for algo in args.algos.split(","):
         for arm in arms:
             rs = [r for r in results if r["algo"] == algo and r["arm"] == arm]
             if not rs:
                 continue
             deg = [r["filtered_frac"] if algo == "dapo" else r["degenerate_frac"] for r in rs]
-            out.append(f"| {algo} | {arm} | {mean_sd(deg)} | {mean_sd([r['draws'] for r in rs])} | "
-                       f"{mean_sd([r['groups_drawn'] for r in rs])} | {mean_sd([r['skipped'] for r in rs])} | "
-                       f"{mean_sd([r['reward_mean'] for r in rs])} | {mean_sd([r['evals'][0][2] for r in rs])} | "
-                       f"{mean_sd([r['evals'][-1][2] for r in rs])} | {mean_sd([r['wall_s'] for r in rs])} |")
+            first = "—" if algo == "dapo" else mean_sd([r["first_degenerate"] for r in rs])   # DAPO's are filtered
+            out.append(f"| {algo} | {arm} | {mean_sd(deg)} | {first} | "
+                       f"{mean_sd([r['draws'] for r in rs])} | {mean_sd([r['groups_drawn'] for r in rs])} | "
+                       f"{mean_sd([r['groups_kept'] for r in rs])} | {mean_sd([r['skipped'] for r in rs])} | "
+                       f"{mean_sd([r['evals'][0][2] for r in rs])} | {mean_sd([r['evals'][-1][2] for r in rs])} | "
+                       f"{mean_sd([r['wall_s'] for r in rs])} |")
     out += ["", "Held-out accuracy at equal wall-clock (per algorithm and seed: W = the shorter run, the curated "
             "one charged the curation):", "", "| algorithm | seed | W s | uncurated | curated | curated − uncurated |",
             "|---|---|---:|---:|---:|---:|"]
@@ -194,6 +203,8 @@ def main() -> None:
         for algo in args.algos.split(","):
             for arm in args.arms.split(","):
                 t1 = time.perf_counter()
+                if args.report and not (out / "rl" / f"{algo}_{arm}_s{seed}" / "summary.json").exists():
+                    continue
                 r = rl_run(out, start, files[arm], algo, arm, seed, args)
                 results.append(r)
                 print(f"{algo} {arm} seed {seed}: degenerate {r['degenerate_frac']}, filtered {r['filtered_frac']}, "
