@@ -7,8 +7,10 @@ Three arms from one SFT start, each for S steps and the same seeds (issue 15's m
     none    sync.lag = η, algorithm.offpolicy.mode = none   sampled η steps ago, PPO's ratio anchored at μ
 
 `sync.lag` (rlpt.framework.lagged_sync) makes the staleness exact: from step η on, every batch was sampled with
-the weights of exactly η train steps before (= η optimizer steps, with trainer.mini_batches = 1 as set here), the
-same on every step and every rerun; the async Ray topology reaches up to η depending on timing. All arms see the
+the weights of exactly η train steps (weight versions, as `system.max_staleness` counts them) before, the same on
+every step and every rerun; the async Ray topology reaches up to η depending on timing. In optimizer steps, as
+`staleness/mean|max` counts them, that is η·m + j with m = --mini-batches (the recipe's 2) and j = 0 … m − 1;
+`--mini-batches 1` makes it exactly η optimizer steps too. All arms see the
 same number of samples (S × prompts_per_step × K) and are scored on the same held-out set (greedy, the recipe's
 400 problems) every --eval-every steps.
 
@@ -35,6 +37,7 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -52,6 +55,7 @@ def parse_args():
     p.add_argument("--sft-steps", type=int, default=180, help="the recipe's SFT start (grpo_arith's sft: section)")
     p.add_argument("--steps", type=int, default=150, help="GRPO steps per run (S)")
     p.add_argument("--lag", type=int, default=4, help="η: train steps between sampling and training (sync.lag)")
+    p.add_argument("--mini-batches", type=int, default=2, help="optimizer steps per rollout batch (the recipe's 2)")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--arms", default=",".join(ARMS))
     p.add_argument("--eval-every", type=int, default=25)
@@ -98,7 +102,8 @@ def run_arm(args, init: Path, arm: str, seed: int) -> dict:
     from rlpt.train import build, load_train_job
     job = load_train_job("recipes/grpo_arith.yaml", [
         f"init_from={init}", f"steps={args.steps}", f"run.seed={seed}", "run.progress=false",
-        "trainer.mini_batches=1", f"eval.size={args.eval_size}", *arm_overrides(arm, args.lag), *args.overrides])
+        f"trainer.mini_batches={args.mini_batches}", f"eval.size={args.eval_size}", *arm_overrides(arm, args.lag),
+        *args.overrides])
     torch.manual_seed(seed)
     ctl, heldout = build(job, init)
     if "prox_logp" not in ctl.reference.scorers:     # π_prox for the diagnostics in every arm (mode none ignores it)
@@ -148,7 +153,9 @@ def tables(runs: list[dict]) -> str:
     by = {a: sorted((r for r in runs if r["arm"] == a), key=lambda r: r["seed"]) for a in arms}
     seeds = sorted({r["seed"] for r in runs})
     lines = ["| arm | " + " | ".join(f"seed {s} (last eval / mean of last 3)" for s in seeds) + " | mean of last 3 |"
-             + " ratio to sync |", "|---" * (len(seeds) + 3) + "|"]
+             + " ratio to sync | last eval, mean | its ratio to sync | gain over the start |", "|---" * (len(seeds) + 6)
+             + "|"]
+    sync_last = statistics.fmean(r["evals"][-1][1] for r in by["sync"]) if "sync" in by else None
     sync_mean = statistics.fmean(final_acc(r) for r in by["sync"]) if "sync" in by else None
     for a in arms:
         cells = []
@@ -156,8 +163,12 @@ def tables(runs: list[dict]) -> str:
             r = next((r for r in by[a] if r["seed"] == s), None)
             cells.append(f"{r['evals'][-1][1]:.3f} / {final_acc(r):.3f}" if r else "—")
         m = statistics.fmean(final_acc(r) for r in by[a])
+        last = statistics.fmean(r["evals"][-1][1] for r in by[a])
+        gain = statistics.fmean(final_acc(r) - r["evals"][0][1] for r in by[a])
         ratio = f"{m / sync_mean:.3f}" if sync_mean else "—"
-        lines.append(f"| {a} | " + " | ".join(cells) + f" | {m:.3f} | {ratio} |")
+        last_ratio = f"{last / sync_last:.3f}" if sync_last else "—"
+        lines.append(f"| {a} | " + " | ".join(cells) + f" | {m:.3f} | {ratio} | {last:.3f} | {last_ratio} | "
+                     f"{gain:+.3f} |")
     per_seed = []
     if "sync" in by:
         for a in arms:
@@ -197,7 +208,8 @@ def main():
     t = time.perf_counter()
     init = sft_start(args, out.parent)
     print(f"[staleness] start {init} ({time.perf_counter() - t:.0f} s)", flush=True)
-    record = {"init": str(init), "lag": args.lag, "steps": args.steps, "cpu": os.cpu_count(),
+    record = {"init": str(init), "lag": args.lag, "steps": args.steps, "mini_batches": args.mini_batches,
+              "argv": sys.argv[1:], "cpu": os.cpu_count(),
               "loadavg_start": os.getloadavg(), "runs": []}
     for seed in (int(s) for s in args.seeds.split(",")):
         for arm in args.arms.split(","):
