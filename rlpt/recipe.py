@@ -240,9 +240,7 @@ class RecipeJob(Section):
             try:
                 self.stage_job(i, "<previous stage>" if policy else None, "<rm stage>" if rm else None)
                 if s.kind == "rs_sft":
-                    env_class(self.rs(i).env)
-            except KeyError as e:
-                raise ValueError(f"{where} (kind {s.kind}): rs.env: {e.args[0]}") from None
+                    check_rs_env(self.rs(i).env)
             except ConfigError as e:
                 raise ValueError(f"{where} (kind {s.kind}): {str(e).removeprefix('invalid config (defaults): ')}") \
                     from None
@@ -283,6 +281,17 @@ class RecipeJob(Section):
             return load_config(RSConfig, None, [], base=self.stages[i].own().get("rs", {}))
         except ConfigError as e:
             raise ConfigError("rs: " + str(e).removeprefix("invalid config (defaults): ")) from None
+
+
+def check_rs_env(name: str) -> None:
+    """rs.env must be a registered env that scores without a model (a verifier)."""
+    try:
+        cls = env_class(name)
+    except KeyError as e:
+        raise ConfigError(f"rs.env: {e.args[0]}") from None
+    if cls.model_path_arg is not None:
+        raise ConfigError(f"rs.env={name} scores with a model; rejection sampling keeps what a verifier accepts "
+                          "(arithmetic, format, ...)")
 
 
 def stage_steps(kind: str, job: Any) -> int:
@@ -326,9 +335,6 @@ def load_recipe(path: str | None, overrides: list[str]) -> RecipeJob:
 def rejection_sample(policy_ck: Path, job: RecipeJob, i: int, out: Path) -> dict:
     """Sample the policy, keep the samples the env rewards ≥ rs.min_reward, write them as SFT demonstrations."""
     rs, tok = job.rs(i), CharTokenizer()
-    if env_class(rs.env).model_path_arg is not None:
-        raise ConfigError(f"stages[{i}] rs.env={rs.env} scores with a model; rejection sampling takes a verifier "
-                          "(arithmetic, format, ...)")
     task = make_task(job.task)
     env = make_env(rs.env, task=task, tokenizer=tok)
     policy = load_model(policy_ck, job.model.gpt_mini(), tok)

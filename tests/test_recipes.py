@@ -189,6 +189,8 @@ def write(tmp_path, stages, **top):
      r"stages\[1\] 'b' \(kind rs_sft\): rs: config key 'k'"),
     ([{"name": "a", "kind": "sft"}, {"name": "b", "kind": "rs_sft", "rs": {"env": "nope"}}],
      r"stages\[1\] 'b' \(kind rs_sft\): rs.env: unknown env 'nope'"),
+    ([{"name": "a", "kind": "sft"}, {"name": "b", "kind": "rs_sft", "rs": {"env": "reward_model"}}],
+     r"stages\[1\] 'b' \(kind rs_sft\): rs.env=reward_model scores with a model"),
     ([], r"non-empty list"),
 ])
 def test_bad_recipe_names_the_stage_and_key(tmp_path, stages, match):
