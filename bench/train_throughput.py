@@ -65,9 +65,9 @@ def parse_args():
     g.add_argument("--response", type=int, default=32, help="trained tokens at the end of each row")
     g.add_argument("--rows", type=int, default=64, help="rows per train step (one mini-batch)")
     g.add_argument("--packing", action=argparse.BooleanOptionalAction, default=True)
-    g.add_argument("--attn-fp32", action="store_true", help="an experiment: under bf16, run scaled_dot_product_"
-                   "attention in fp32 (q, k, v cast up, output cast back): this CPU's bf16 flash-attention backward "
-                   "is the slow kernel at small d_model")
+    g.add_argument("--attn-bf16", action="store_true", help="the control: under bf16, run scaled_dot_product_"
+                   "attention in bf16 too (gpt_mini runs it in fp32 under autocast, rlpt.gpt_mini.model.sdpa: this "
+                   "CPU's bf16 flash-attention backward is the slow kernel at small d_model)")
     return p.parse_args()
 
 
@@ -148,23 +148,22 @@ def matmul_ceiling(d_in_out: list[tuple[int, int]], tokens: int, reps: int) -> d
     return {"fp32_s": fp32, "bf16_s": bf16, "speedup": fp32 / bf16}
 
 
-def sdpa_in_fp32() -> None:
-    """--attn-fp32: under autocast, F.scaled_dot_product_attention on fp32 q, k, v (autocast off inside; o_proj
-    casts its output to bf16). Patches torch.nn.functional for this process only (gpt_mini calls it through F)."""
-    sdpa = F.scaled_dot_product_attention
+def sdpa_in_bf16() -> None:
+    """--attn-bf16: the control for rlpt.gpt_mini.model.sdpa's fp32 attention under autocast: attention on whatever
+    autocast hands it (bf16). Patches gpt_mini's `sdpa` for this process only."""
+    import rlpt.gpt_mini.model as gm
 
-    def fp32_sdpa(q, k, v, *a, **kw):
-        if not torch.is_autocast_enabled("cpu"):
-            return sdpa(q, k, v, *a, **kw)
-        with torch.autocast("cpu", enabled=False):        # autocast would cast q, k, v (fp32 after RoPE) to bf16
-            return sdpa(q.float(), k.float(), v.float(), *a, **kw)      # the next linear casts back to bf16
-    F.scaled_dot_product_attention = fp32_sdpa
+    def bf16_sdpa(q, k, v, mask):
+        if mask is None:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    gm.sdpa = bf16_sdpa
 
 
 def main_bf16(args):
     """The RL trainer step, fp32 against bf16 autocast (module doc)."""
-    if args.attn_fp32:
-        sdpa_in_fp32()
+    if args.attn_bf16:
+        sdpa_in_bf16()
     import copy
 
     import rlpt.algorithms  # noqa: F401 - registers grpo
@@ -209,7 +208,7 @@ def main_bf16(args):
     ceiling = matmul_ceiling([(d, d)] * 4 + [(d, f), (d, f), (f, d)], n_tok, max(3, args.rounds))
     speedup = tps["bf16"] / tps["fp32"]
     print(f"RL trainer step (GRPO loss, packing {'on' if args.packing else 'off'}"
-          f"{', bf16 attention in fp32' if args.attn_fp32 else ''}), gpt_mini {args.n_layer} x "
+          f"{', bf16 attention in bf16 (control)' if args.attn_bf16 else ''}), gpt_mini {args.n_layer} x "
           f"{args.d_model} (d_ff {args.d_ff}, {base.num_params() / 1e6:.2f} M params), {args.rows} rows x "
           f"{args.seq} tokens ({args.response} trained), {args.threads} thread(s), bf16 kernels: {bf16_path()}; "
           f"CPU-time medians of {args.rounds} rounds x {args.steps} steps")
@@ -227,7 +226,7 @@ def main_bf16(args):
                       "model": {"n_layer": args.n_layer, "d_model": args.d_model, "d_ff": args.d_ff,
                                 "params": base.num_params()},
                       "rows": args.rows, "seq": args.seq, "response": args.response, "packing": args.packing,
-                      "attn_fp32": args.attn_fp32,
+                      "attn_bf16": args.attn_bf16,
                       "threads": args.threads, "rounds": args.rounds, "steps": args.steps,
                       "load_avg": round(os.getloadavg()[0], 2)}))
 
