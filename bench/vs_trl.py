@@ -40,7 +40,8 @@ The curve (`--curve S`): held-out greedy accuracy against each side's own traini
 start at the recipe's rollout / loss settings (fp32), interleaved, the same evaluator, `--curve-evals` evaluations
 per side (the grid that resolves the time to a target); `--curve-seeds`; `--target` (several, comma-separated):
 the first clock reading at which accuracy reached it (window 1) and at which the mean of 3 consecutive
-evaluations did (window 3: a crossing that holds), TRL's over rlpt's per seed and the median over seeds.
+evaluations did (windows 3 and 5: a crossing that holds, not one evaluation's ±0.035 noise on 200 problems),
+TRL's over rlpt's per seed and the median over seeds.
 
 `--precision bf16`: GRPO with each side's best CPU setting (rlpt trainer.precision=bf16, TRL bf16=True: CPU
 autocast, fp32 master weights on both); the samplers stay fp32. The JSON records the precision, the CPU's
@@ -508,7 +509,7 @@ def speedups(curves: list[dict], targets: list[float]) -> dict:
     median over the seeds that both reached."""
     out = {}
     for target in targets:
-        for window in (1, 3):
+        for window in (1, 3, 5):
             per = []
             for c in curves:
                 t_r, t_t = (time_to(c["points"][k], target, window) for k in ("rlpt", "trl"))
