@@ -27,7 +27,7 @@ mode none never reads it.
 
     python bench/staleness.py                                   # SFT start + 3 arms x 3 seeds, JSON to --out
     python bench/staleness.py --init runs/x/sft/checkpoints/step_00000180 --steps 150 --seeds 0,1,2
-    python bench/staleness.py --table /tmp/h4/staleness.json    # the markdown tables of a finished run
+    python bench/staleness.py --table a.json [b.json ...]       # the markdown tables of finished runs
 
 Each finished run is appended to the JSON at once, so a long study keeps what it has measured.
 """
@@ -62,7 +62,7 @@ def parse_args():
     p.add_argument("--eval-size", type=int, default=400)
     p.add_argument("--out", default="/tmp/staleness/staleness.json", help="results JSON (appended run by run)")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--table", default=None, help="print the tables of this results JSON and exit")
+    p.add_argument("--table", nargs="+", default=None, help="print the tables of these results JSONs and exit")
     p.add_argument("overrides", nargs="*", help="more recipe overrides (key=value), applied to every arm")
     return p.parse_args()
 
@@ -147,10 +147,17 @@ def final_acc(run: dict, last: int = 3) -> float:
     return statistics.fmean(a for _, a in run["evals"][-last:])
 
 
+def label(run: dict, lags: list[int]) -> str:
+    """The arm's row name: `tis`, or `tis η=16` when the runs hold more than one lag."""
+    return run["arm"] if run["arm"] == "sync" or len(lags) == 1 else f"{run['arm']} η={run['lag']}"
+
+
 def tables(runs: list[dict]) -> str:
-    arms = [a for a in ARMS if any(r["arm"] == a for r in runs)]
-    lag = max(r["lag"] for r in runs)
-    by = {a: sorted((r for r in runs if r["arm"] == a), key=lambda r: r["seed"]) for a in arms}
+    """The markdown tables of finished runs (of one or several JSONs: runs of other lags get their own rows)."""
+    lags = sorted({r["lag"] for r in runs if r["arm"] != "sync"})
+    order = ["sync"] + [label({"arm": a, "lag": g}, lags) for g in lags for a in ARMS[1:]]
+    arms = [a for a in order if any(label(r, lags) == a for r in runs)]
+    by = {a: sorted((r for r in runs if label(r, lags) == a), key=lambda r: r["seed"]) for a in arms}
     seeds = sorted({r["seed"] for r in runs})
     lines = ["| arm | " + " | ".join(f"seed {s} (last eval / mean of last 3)" for s in seeds) + " | mean of last 3 |"
              + " ratio to sync | last eval, mean | its ratio to sync | gain over the start |", "|---" * (len(seeds) + 6)
@@ -177,10 +184,9 @@ def tables(runs: list[dict]) -> str:
             rs = [final_acc(r) / final_acc(s) for r, s in zip(by[a], by["sync"]) if r["seed"] == s["seed"]]
             per_seed.append(f"{a}/sync per seed: " + ", ".join(f"{x:.3f}" for x in rs))
     head = "| arm | clip/frac | staleness mean / max | diag/kl_k3 | diag/ess_tis | diag/ess_rho | ρ > 2 | s/step |"
-    lines += ["", *per_seed, "", f"Per-step means over steps {lag + 1}…S (all seeds):", "", head,
-              "|---" * 8 + "|"]
+    lines += ["", *per_seed, "", "Per-step means from step η + 1 on (all seeds):", "", head, "|---" * 8 + "|"]
     for a in arms:
-        rows = [x for r in by[a] for x in r["per_step"][lag:]]
+        rows = [x for r in by[a] for x in r["per_step"][r["lag"]:]]
 
         def f(k, fmt=".4f", rows=rows):
             v = mean_of(rows, k, 0)
@@ -200,7 +206,7 @@ def tables(runs: list[dict]) -> str:
 def main():
     args = parse_args()
     if args.table:
-        print(tables(json.loads(Path(args.table).read_text())["runs"]))
+        print(tables([r for path in args.table for r in json.loads(Path(path).read_text())["runs"]]))
         return
     torch.set_num_threads(args.threads)
     out = Path(args.out)
