@@ -199,7 +199,8 @@ def report(data: dict) -> str:
              f"beam {RANK}", f"dvts {RANK}", f"weighted {S.GEN}", "pass@n (oracle)"]
     for name in names:
         if f"{name}@{NS[0]}" in res:
-            lines.append(f"| {name} | " + " | ".join(acc_cell(res[f"{name}@{n}"]) for n in NS) + " |")
+            lines.append(f"| {name} | " + " | ".join(acc_cell(res[f"{name}@{n}"]) if f"{name}@{n}" in res else "—"
+                                                     for n in NS) + " |")
     steps_p = {n: len(res[f"beam {RANK}@{n}"]["correct"]) for n in NS if f"beam {RANK}@{n}" in res}
     if steps_p:
         lines += ["", "Beam and DVTS ran on the first " + " / ".join(str(steps_p.get(n, 0)) for n in NS) +
