@@ -1,6 +1,6 @@
 """The online curriculum in RL (`env.name=curriculum`) and the data-signal metrics every RL step logs.
 
-Budget: the unit tests well under 0.1 s each (the prompt-file draw frequencies 0.3 s); the `rlpt train` resume test
+Budget: the unit tests well under 0.1 s each (prompt-file draw frequencies 0.4 s); the `rlpt train` resume test
 2 s and the one-step prompt-file run 1-2 s (AMD EPYC, 1 thread; 11 s and 5.5 s at a load average of 10), not `slow`.
 """
 import itertools
