@@ -20,7 +20,7 @@ from rlpt.gpt_mini.task import Problem, parse_prompt
 from rlpt.search.jobs import ScorerJob, draw_rows, prompt_groups, scorer_rows
 from rlpt.search.labels import StepRow, auroc, label_auroc, load_rows, mc_labels, save_rows, within_auroc
 from rlpt.search.scorer import LogProbScorer, OracleScorer, StepScorer, bce_at, boundary_targets, last_read, rank_loss
-from rlpt.search.steps import split_steps, step_ends, true_step_labels
+from rlpt.search.steps import outcome, split_steps, step_ends, true_step_labels
 from rlpt.search.strategies import (
     STRATEGIES,
     Samples,
@@ -397,6 +397,22 @@ def test_prm_orm_search_and_prm_env_end_to_end(tiny_job, tiny_train_job, tmp_pat
     assert [r["strategy"] for r in res] == ["greedy", "majority", "best_of_n", "weighted_best_of_n", "beam", "dvts"]
     assert all(r["tokens_per_prompt"] > 0 for r in res) and (runs / "search" / "accuracy_vs_tokens.png").exists()
     assert main(["orm", "scorer.kind=prm", *common]) == 2                 # rlpt orm trains ORMs only
+    # the ranking loss: needs several responses per prompt (a clear error otherwise), logs its pairs when it has them
+    assert main(["orm", *common, "run.name=orm_rank1", "scorer.rank_coef=1"]) == 2
+    pairs = []                                # per prompt one right and one wrong chain: one pair each
+    for ops in [(1, 2), (3, 4, 5), (2, 2), (6, 1, 1), (4, 4)]:
+        good = Problem(ops).cot()
+        bad = good[:-2] + str((int(good[-2]) + 1) % 10) + "#"            # the last digit of the sum, off by one
+        pairs += [(Problem(ops), good), (Problem(ops), bad)]
+    save_rows(tmp_path / "pairs.jsonl", [StepRow(p.prompt, split_steps(t), [True] * len(split_steps(t)),
+                                                 [1.0] * (len(split_steps(t)) - 1) + [float(outcome(p, t))],
+                                                 true_step_labels(p, t)) for p, t in pairs])
+    rows_file = tmp_path / "pairs.jsonl"
+    assert main(["orm", *common, "run.name=orm_rank", "scorer.rank_coef=1", f"scorer.data.file={rows_file}",
+                 f"scorer.data.heldout_file={rows_file}"]) == 0
+    logged = [json.loads(x) for x in (runs / "orm_rank" / "metrics.jsonl").read_text().splitlines()]
+    logged = [r for r in logged if "loss/rank" in r]
+    assert logged and all(r["rank/pairs"] == 2 and r["loss/rank"] > 0 for r in logged)   # batch 4: 2 prompts
 
     ppo = tiny_train_job("env.name=prm", f"env.model_path={run_a.dir}", "algorithm.name=ppo", "steps=2",
                          f"init_from={sft_run.dir}", *model_overrides(SFT_SHAPE), "rollout.max_tokens=16")
