@@ -11,6 +11,8 @@ stepwise JSONL in the run folder (a resume reuses them), and fits the scorer wit
 `rlpt orm` is the same job with the outcome as its only label (no rollouts). Both evaluate against exact
 step truth: step AUROC on held-out prompts, and at the end on a harder slice with more operands than any
 training prompt (`scorer.data.hard_operands`), plus the AUROC of the MC labels themselves.
+`scorer.rank_coef` > 0 adds the within-prompt ranking loss (rlpt.search.scorer.rank_loss) and draws whole
+prompts into each batch; it needs several responses per prompt (`scorer.data.responses`).
 
 `rlpt search` runs strategies × budgets on held-out prompts and writes results.jsonl, a table with 95 %
 bootstrap intervals (over prompts) and a plot of accuracy against generated tokens per prompt.
