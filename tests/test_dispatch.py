@@ -11,6 +11,7 @@ machine, more on a loaded one); each pool after it forks in milliseconds. The re
 """
 from __future__ import annotations
 
+import json
 import random
 import threading
 import time
@@ -26,7 +27,7 @@ from rlpt.framework.environment import Prompt
 from rlpt.framework.rollout import Rollout
 from rlpt.gpt_mini.generate import SamplingParams
 
-from conftest import TOK, tiny_gpt
+from conftest import TINY_RL, TOK, tiny_gpt
 
 
 @pytest.fixture(scope="module")
@@ -201,3 +202,24 @@ def test_a_run_without_role_times_gets_no_timeline(tmp_path):
     text = write_report(_Run(tmp_path, rows), "SFT", {"loss": 0.3}, plots={}).read_text()
     assert "Timeline" not in text and not (tmp_path / "timeline.png").exists()
 
+
+
+@pytest.mark.slow
+def test_rlpt_train_with_a_verifier_pool_trains_as_inline_and_reports_the_verify_lane(tmp_path):
+    """End to end: `rlpt train rollout.verify_workers=2` logs the same rewards and losses as the inline run (same
+    seeds: verdicts keyed to their samples), and its report's timeline has the verify lane."""
+    from rlpt.cli import main
+    out, common = tmp_path / "runs", [*TINY_RL, "steps=3", "eval.every=3"]
+    assert main(["train", *common, f"run.out_dir={out}", "run.name=inline"]) == 0
+    sft = out / "inline" / "sft"
+    assert main(["train", *common, f"run.out_dir={out}", "run.name=pool", f"init_from={sft}",
+                 "rollout.verify_workers=2", "rollout.verify_timeout=10"]) == 0
+
+    def rows(name):
+        return [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines()]
+    inline, pool = [r for r in rows("inline") if "reward/mean" in r], [r for r in rows("pool") if "reward/mean" in r]
+    assert [(r["reward/mean"], r.get("loss")) for r in pool] == [(r["reward/mean"], r.get("loss")) for r in inline]
+    assert all(r["verify/count"] == 16 and r["verify/timeouts"] == 0 for r in pool)   # 4 prompts x 4 samples
+    assert all("verify/count" not in r for r in inline)
+    report = (out / "pool" / "report.md").read_text()
+    assert "## Timeline" in report and "| verify " in report and "verify pool, median worker-seconds" in report

@@ -155,11 +155,14 @@ class VerifierPool:
                              ) from None
         self.timeout, self.grace = float(timeout), float(grace)
         self._ctx = mp.get_context("forkserver")
-        preload = ["rlpt.framework.dispatch"] + ([type(env).__module__] if type(env).__module__ != "__main__" else [])
-        self._ctx.set_forkserver_preload(preload)   # only read when the fork server starts (once per process)
+        # what the fork server imports once for all its workers (read only when it starts: once per process);
+        # "__main__" too, as by default, so that a worker does not re-import the main module (a script, pytest,
+        # a Ray worker) on its own
+        module = type(env).__module__
+        self._ctx.set_forkserver_preload(["__main__", "rlpt.framework.dispatch"] + ([module] * (module != "__main__")))
         self._lock = threading.Condition()
         self._queue: deque = deque()
-        self._results: dict = {}             # key -> (Verdict, latency, status)
+        self._results: dict = {}             # key -> (Verdict, latency)
         self._pending: set = set()           # keys submitted and not yet gathered
         self._stats = _Stats()
         self._error: str | None = None
@@ -250,7 +253,12 @@ class VerifierPool:
         parent, child = self._ctx.Pipe()
         p = self._ctx.Process(target=_work, args=(child, self._env_bytes, self.timeout), daemon=True,
                               name="rlpt-verifier")
-        p.start()
+        try:
+            p.start()
+        except (OSError, EOFError, RuntimeError) as e:   # the fork server died importing the main module
+            raise RuntimeError(f"cannot start a verifier worker ({type(e).__name__}: {e}); a script that verifies "
+                               f"in a pool (rollout.verify_workers > 0) needs the `if __name__ == '__main__':` "
+                               "guard, as the fork server imports the main module") from None
         child.close()
         return _Worker(p, parent)
 
