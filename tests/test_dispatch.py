@@ -134,13 +134,16 @@ def test_a_rollout_verified_in_the_pool_equals_the_inline_one(backend):
                     batch_limit=2, backend=backend)
         r.use_verifier(workers, timeout=5)
         env = DelayedArithmetic(seed=1)
-        groups = [r.generate(env, 3) for _ in range(2)]
+        groups, first = [r.generate(env, 3)], dict(r.stats)
+        groups.append(r.generate(env, 3))
         stats = dict(r.stats)
         r.close()
-        return [(t.reward, t.response_ids, t.old_logp.tolist(), t.info) for g in groups for gr in g for t in gr], stats
+        return [(t.reward, t.response_ids, t.old_logp.tolist(), t.info) for g in groups for gr in g for t in gr], \
+            stats, first
 
-    inline, s0 = run(0)
-    pooled, s2 = run(2)
+    inline, s0, _ = run(0)
+    pooled, s2, first = run(2)
+    assert first["verify/t0"] > first["verify/pool_start_s"] > 0      # the lane's clock starts before the pool does
     assert pooled == inline and "verify/t0" not in s0
     assert s2["verify/count"] == 12 and s2["verify/timeouts"] == 0
     # the first verdict was handed out while later waves (batch_limit 2: six sequences at a time) still sampled

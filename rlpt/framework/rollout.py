@@ -183,8 +183,7 @@ class Rollout:
             self.close()
         if self._pool is None:
             self._pool, self._pool_env = VerifierPool(env, self.verify_workers, self.verify_timeout), env
-            self.stats["verify/pool_start_s"] = self._pool.start_s    # once: before the step's clocks start
-            self._t_start = None
+            self.stats["verify/pool_start_s"] = self._pool.start_s    # once, inside the first step's rollout
         pool = self._pool
         pool.take_stats()              # nothing of an earlier draw leaks into this one
         t0 = time.perf_counter()
