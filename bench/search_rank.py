@@ -41,6 +41,7 @@ from common import f3, read_rows  # noqa: E402
 NS = S.NS
 OUT = S.OUT
 BCE, RANK = "prm_strong", "prm_strong_rank"
+CTRUNK = "prm_ctrunk"      # the study's variant that met the step-AUROC bars: completer trunk, 4096 x 1 response, BCE
 
 
 def build(rank_coef: float) -> tuple[Path, Path]:
@@ -50,6 +51,18 @@ def build(rank_coef: float) -> tuple[Path, Path]:
              ["trunk={completer}", f"scorer.data.file={OUT / BCE / 'steps.jsonl'}",
               f"scorer.data.heldout_file={OUT / BCE / 'steps_heldout.jsonl'}", f"scorer.rank_coef={rank_coef}"])
     return policy, completer
+
+
+def add_scorer(llm, prompts: list[str], temperature: float, name: str, scorer, greedy_res: dict, done: dict) -> None:
+    """Put `name`'s rows into `done` (a split's result at `temperature`), on the same 64 samples per prompt:
+    sample() is seeded, so the draw is repeated exactly; checked on majority vote, which depends only on it."""
+    new = best_of_n_family(llm, prompts, temperature, {name: scorer}, greedy_res)
+    for n in NS:
+        if new["results"][f"majority@{n}"] != done["results"][f"majority@{n}"]:
+            raise SystemExit(f"majority@{n} differs from the stored one: the samples were not redrawn identically "
+                             "(another CPU or engine?), so the new scorer's rows would not be paired")
+    done["results"] |= {k: v for k, v in new["results"].items() if name in k}
+    done["selection"][name] = new["selection"][name]
 
 
 def best_of_n_family(llm, prompts: list[str], temperature: float, scorers: dict, greedy_res: dict) -> dict:
@@ -121,6 +134,7 @@ def study(args) -> dict:
     path = OUT / "search_rank.json"
     data = json.loads(path.read_text()) if path.exists() else {}
     policy, completer = build(args.rank_coef)
+    S.scorer("prm", policy, completer, CTRUNK, S.VARIANTS[CTRUNK][1])
     tok = CharTokenizer()
     llm = LLM(load_model(policy), tok, max_num_seqs=256)
     scorers = {k: load_scorer(OUT / k, tok) for k in (BCE, RANK)}
@@ -155,6 +169,10 @@ def study(args) -> dict:
     if key not in data["test"]:
         scorers_gen = {**scorers, S.GEN: LogProbScorer(load_model(completer), tok)}
         data["test"][key] = best_of_n_family(llm, test, chosen, scorers_gen, data["test"]["greedy"])
+        save()
+    if f"weighted {CTRUNK}@{NS[0]}" not in data["test"][key]["results"]:   # the step-AUROC PRM, same samples
+        add_scorer(llm, test, chosen, CTRUNK, load_scorer(OUT / CTRUNK, tok), data["test"]["greedy"],
+                   data["test"][key])
         save()
     for n, count in zip(NS, args.step_prompts):                # beam and DVTS: the first `count` test prompts
         if f"beam {RANK}@{n}" not in data["test"][key]["results"]:
@@ -195,8 +213,9 @@ def report(data: dict) -> str:
               "", "| strategy | " + " | ".join(f"N={n}: acc [95% CI] · tokens" for n in NS) + " |",
               "|---|" + "---|" * len(NS),
               f"| greedy | {acc_cell(res['greedy@1'])} |" + " |" * (len(NS) - 1)]
-    names = ["majority", f"weighted {BCE}", f"weighted {RANK}", f"best_of_n {BCE} last", f"best_of_n {RANK} last",
-             f"beam {RANK}", f"dvts {RANK}", f"weighted {S.GEN}", "pass@n (oracle)"]
+    names = ["majority", f"weighted {BCE}", f"weighted {RANK}", f"weighted {CTRUNK}", f"best_of_n {BCE} last",
+             f"best_of_n {RANK} last", f"best_of_n {CTRUNK} last", f"beam {RANK}", f"dvts {RANK}", f"weighted {S.GEN}",
+             "pass@n (oracle)"]
     for name in names:
         if f"{name}@{NS[0]}" in res:
             lines.append(f"| {name} | " + " | ".join(acc_cell(res[f"{name}@{n}"]) if f"{name}@{n}" in res else "—"
@@ -213,6 +232,9 @@ def report(data: dict) -> str:
              (f"weighted `{BCE}` − majority", f"weighted {BCE}", "majority"),
              (f"weighted `{RANK}` − weighted `{BCE}`", f"weighted {RANK}", f"weighted {BCE}"),
              (f"best-of-N `{RANK}` − best-of-N `{BCE}`", f"best_of_n {RANK} last", f"best_of_n {BCE} last"),
+             (f"weighted `{CTRUNK}` − majority", f"weighted {CTRUNK}", "majority"),
+             (f"weighted `{CTRUNK}` − weighted `{RANK}`", f"weighted {CTRUNK}", f"weighted {RANK}"),
+             (f"best-of-N `{CTRUNK}` − best-of-N `{RANK}`", f"best_of_n {CTRUNK} last", f"best_of_n {RANK} last"),
              (f"beam `{RANK}` − majority", f"beam {RANK}", "majority"),
              (f"DVTS `{RANK}` − majority", f"dvts {RANK}", "majority"),
              (f"beam `{RANK}` − weighted `{RANK}`", f"beam {RANK}", f"weighted {RANK}")]
@@ -222,7 +244,7 @@ def report(data: dict) -> str:
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines += ["", "Within-prompt outcome AUROC on the test candidates (pooled in brackets): " + ", ".join(
         f"`{k}` {f3(sel[k]['within_auroc'])} ({f3(sel[k]['pooled_auroc'])})" for k in sel if k != "random") + "."]
-    for k in (BCE, RANK):
+    for k in (k for k in (BCE, RANK, CTRUNK) if f"weighted {k}@{NS[0]}" in res):
         parts, ok = [], True
         for n in NS:
             w, m = S.diff(res, f"weighted {k}@{n}", f"majority@{n}"), S.diff(res, f"majority@{n}", "greedy@1")
@@ -236,7 +258,7 @@ def report(data: dict) -> str:
         lines.append(f"\nCourse's claim (beam + PRM gains most at high budget), `{RANK}`: "
                      f"beam − majority {S.ci(g[NS[0]], True)} at N={NS[0]}, {S.ci(g[NS[-1]], True)} at N={NS[-1]}: "
                      + ("held." if grows else "did not hold."))
-    for k in (BCE, RANK):
+    for k in (k for k in (BCE, RANK, CTRUNK) if (OUT / k / "metrics.jsonl").exists()):
         rows = read_rows(OUT / k)
         fin = rows[-1]
         lines.append(f"\n`{k}` run: step AUROC held-out {f3(fin.get('prm/step_auroc_heldout'))}, "

@@ -47,9 +47,9 @@ SCORER = ["scorer.data.prompts=4096", "scorer.data.heldout_prompts=256", "scorer
 TARGET_GAIN = 0.05         # "steps to target": first eval at >= start + this
 # PRM variants, one lever each on top of the one before (run folder: what it changes, its overrides)
 VARIANTS = {
-    "prm_ctrunk": ("trunk = the strong completer, the same labelled rows as prm",
-                   ["trunk={completer}", "scorer.data.file={out}/prm/steps.jsonl",
-                    "scorer.data.heldout_file={out}/prm/steps_heldout.jsonl"]),
+    # samples and labels its own rows: the same policy, prompts, seeds and completer as prm, so the same rows as
+    # prm's, without needing the prm stage first (bench/search_rank.py trains it alone)
+    "prm_ctrunk": ("trunk = the strong completer, the same labelled rows as prm", ["trunk={completer}"]),
     "prm_ctrunk_1200": ("as prm_ctrunk, 1200 steps (was it still rising at 600?)",
                         ["trunk={completer}", "scorer.data.file={out}/prm/steps.jsonl",
                          "scorer.data.heldout_file={out}/prm/steps_heldout.jsonl", "scorer.steps=1200",
@@ -256,6 +256,21 @@ def probe_rows() -> list[str]:
     return rows
 
 
+KEPT = ("verdict", "3b")    # blocks of docs/search.md this script does not write: kept as they are on the page
+
+
+def kept_blocks(text: str) -> dict[str, str]:
+    """The page's hand-written blocks, `<!-- keep:NAME -->` ... `<!-- /keep:NAME -->` (markers included): the
+    verdict at the top and section 3b (bench/search_rank.py's numbers), so rewriting the study's sections does
+    not delete them. A block missing from the page comes back as an empty pair of markers."""
+    out = {}
+    for name in KEPT:
+        start, end = f"<!-- keep:{name} -->", f"<!-- /keep:{name} -->"
+        i, j = text.find(start), text.find(end)
+        out[name] = text[i:j + len(end)] if 0 <= i < j else f"{start}\n{end}"
+    return out
+
+
 def write_page(mc: dict, search: dict, rl: bool) -> Path:
     prm, orm = read_rows(OUT / "prm"), read_rows(OUT / "orm")
     pf, of = prm[-1], orm[-1]
@@ -438,10 +453,14 @@ def write_page(mc: dict, search: dict, rl: bool) -> Path:
                f"{f3(pf.get('labels/mc_auroc_train'))} / {f3(pf.get('labels/mc_auroc_heldout'))}", "—",
                [f"{f3(vf[k].get('labels/mc_auroc_train'))} / {f3(vf[k].get('labels/mc_auroc_heldout'))}"
                 for k in VARIANTS])]
+    page = DOCS / "search.md"
+    keep = kept_blocks(page.read_text() if page.exists() else "")
     text = f"""# ORM, PRM and test-time search on the arithmetic chain of thought (lesson 17)
 
 **Machine.** {machine()}. Accuracies move with the CPU (its kernels change float results): read the
 intervals and the differences, not the third digit.
+
+{keep["verdict"]}
 
 ```bash
 python examples/search_study.py          # every run below, then this page (reuses finished runs)
@@ -453,6 +472,14 @@ rlpt orm init_from=runs/policy {' '.join(SCORER)}
 {chr(10).join(variant_cmds)}
 rlpt search policy=runs/policy scorer=runs/prm task.min_operands=4 task.max_operands=4 search.n=[4,16,64]
 rlpt train env.name=prm env.model_path=runs/prm init_from=runs/policy algorithm.name=grpo
+# section 3b (issue 17's bar rerun): the temperature chosen on a dev split, the PRMs searched at it
+python bench/search_rank.py --rank-coef 1.0 --dev-prompts 300 --step-prompts 300,300,100
+python bench/search_rank.py --report-only        # its tables again, from runs/search_study/search_rank.json
+rlpt prm init_from=runs/policy trunk=runs/completer scorer.data.file=runs/prm_strong/steps.jsonl \\
+  scorer.data.heldout_file=runs/prm_strong/steps_heldout.jsonl {' '.join(SCORER)} scorer.rank_coef=1.0 \\
+  run.name=prm_strong_rank
+rlpt search policy=runs/policy scorer=runs/prm_ctrunk task.min_operands=4 task.max_operands=4 \\
+  search.n=[4,16,64] search.temperature=0.5
 ```
 
 Where the code is (`rlpt/search/`, floor 4): `steps.py` (split at `,` and the final `#`, delimiter positions,
@@ -596,6 +623,8 @@ pooled BCE (pairs of right and wrong chains for the same prompt under a ranking 
 reward model; many more responses per prompt), or keeping the completer's language-model head as the verifier
 (the generative verifier above, fine-tuned on the MC labels).
 
+{keep["3b"]}
+
 ## 4. Process rewards in GRPO
 
 From the policy, 3 seeds each: GRPO with the verifier's outcome only (`env.name=arithmetic`) against outcome
@@ -605,7 +634,6 @@ steps on 300 held-out prompts (2–4 operands).
 
 {rl_part}
 """
-    page = DOCS / "search.md"
     page.write_text(text)
     return page
 

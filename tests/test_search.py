@@ -473,3 +473,27 @@ def test_env_process_coef_reaches_the_prm_env_and_only_it():
         load_train_job(None, ["env.process_coef=0.3"])
     with pytest.raises(ConfigError, match=r"'env.process_coef': Input should be less than 1"):
         load_train_job(None, ["env.process_coef=1", "env.name=prm", "env.model_path=x"])
+
+
+# -- examples/search_study.py rewrites docs/search.md but keeps the blocks it does not write (section 3b) ------
+def test_search_study_page_keeps_the_marked_blocks_it_does_not_write():
+    import importlib.util
+    import sys
+    from pathlib import Path
+    examples = Path(__file__).resolve().parents[1] / "examples"
+    sys.path.insert(0, str(examples))           # what `python examples/search_study.py` puts first on the path
+    try:
+        spec = importlib.util.spec_from_file_location("example_search_study", examples / "search_study.py")
+        study = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(study)
+    finally:
+        sys.path.remove(str(examples))
+    old = ("# title\n<!-- keep:verdict -->\n**Verdict.** by hand\n<!-- /keep:verdict -->\n## 3. generated\n"
+           "<!-- keep:3b -->\n## 3b. rerun\n| a | b |\n<!-- /keep:3b -->\n## 4. generated\n")
+    kept = study.kept_blocks(old)
+    assert kept == {"verdict": "<!-- keep:verdict -->\n**Verdict.** by hand\n<!-- /keep:verdict -->",
+                    "3b": "<!-- keep:3b -->\n## 3b. rerun\n| a | b |\n<!-- /keep:3b -->"}
+    new = f"# title\n{kept['verdict']}\n## 3. regenerated\n{kept['3b']}\n## 4. regenerated\n"
+    assert study.kept_blocks(new) == kept                       # a second rewrite keeps them again
+    assert study.kept_blocks("# a page without markers\n") == {  # a first page: empty blocks, markers in place
+        "verdict": "<!-- keep:verdict -->\n<!-- /keep:verdict -->", "3b": "<!-- keep:3b -->\n<!-- /keep:3b -->"}
