@@ -40,7 +40,7 @@ The curve (`--curve S`): held-out greedy accuracy against each side's own traini
 start at the recipe's rollout / loss settings (fp32), interleaved, the same evaluator, `--curve-evals` evaluations
 per side (the grid that resolves the time to a target); `--curve-seeds`; `--target` (several, comma-separated):
 the first clock reading at which accuracy reached it (window 1) and at which the mean of 3 consecutive
-evaluations did (windows 3 and 5: a crossing that holds, not one evaluation's ±0.035 noise on 200 problems),
+evaluations up to it did (windows 3 and 5: a crossing that holds, not one evaluation's ±0.035 noise on 200 problems),
 TRL's over rlpt's per seed and the median over seeds.
 
 `--precision bf16`: GRPO with each side's best CPU setting (rlpt trainer.precision=bf16, TRL bf16=True: CPU
@@ -496,12 +496,12 @@ def bench_curve(args, ckpt: Path, hf_dir: Path, tmp: Path) -> dict:
 
 
 def time_to(points: list, target: float, window: int = 1) -> float | None:
-    """The first clock reading (s) from which held-out accuracy averaged over `window` consecutive evaluations
-    reached `target` (window 1: the first crossing; 3: a crossing that holds, not one evaluation's noise);
-    None if it never did."""
+    """The first clock reading (s) at which held-out accuracy, averaged over the last `window` evaluations up to
+    it, reached `target` (window 1: the first crossing; 3, 5: a trailing mean, so one evaluation's noise does not
+    count as a crossing and the time is when the crossing could be known); None if it never did."""
     accs = [acc for _, _, acc in points]
-    return next((points[i][0] for i in range(len(points) - window + 1)
-                 if sum(accs[i:i + window]) / window >= target), None)
+    return next((points[i][0] for i in range(window - 1, len(points))
+                 if sum(accs[i - window + 1:i + 1]) / window >= target), None)
 
 
 def speedups(curves: list[dict], targets: list[float]) -> dict:
@@ -514,9 +514,9 @@ def speedups(curves: list[dict], targets: list[float]) -> dict:
             for c in curves:
                 t_r, t_t = (time_to(c["points"][k], target, window) for k in ("rlpt", "trl"))
                 per.append({"seed": c["seed"], "rlpt_s": t_r, "trl_s": t_t,
-                            "trl_over_rlpt": round(t_t / t_r, 2) if t_r and t_t else None,
+                            "trl_over_rlpt": round(t_t / t_r, 2) if t_r and t_t is not None else None,
                             # TRL never got there within the budget: the ratio is at least budget / rlpt's time
-                            "trl_over_rlpt_at_least": round(c["seconds"] / t_r, 2) if t_r and not t_t else None})
+                            "trl_over_rlpt_at_least": round(c["seconds"] / t_r, 2) if t_r and t_t is None else None})
             both = [x["trl_over_rlpt"] for x in per if x["trl_over_rlpt"] is not None]
             out[f"{target}/w{window}"] = {"runs": per, "median": statistics.median(both) if both else None}
     return out
@@ -529,10 +529,13 @@ def plot_curve(curves: list[dict], path: str, target: float | None = None) -> No
     fig, ax = plt.subplots(figsize=(6, 3.6))
     for side, colour in (("rlpt", "tab:blue"), ("trl", "tab:orange")):
         rate = statistics.median(c["steps_per_s"][side] for c in curves)
-        for i, c in enumerate(curves):
+        for i, c in enumerate(curves):       # each evaluation (dots) and the trailing mean of 3 (the line)
             pts = c["points"][side]
-            ax.plot([p[0] for p in pts], [p[2] for p in pts], "o-", color=colour, alpha=0.8, markersize=3,
-                    label=f"{side} ({rate:.3f} steps/s)" if i == 0 else None)
+            accs = [p[2] for p in pts]
+            trail = [sum(accs[max(0, j - 2):j + 1]) / len(accs[max(0, j - 2):j + 1]) for j in range(len(accs))]
+            ax.plot([p[0] for p in pts], accs, "o", color=colour, alpha=0.25, markersize=2.5)
+            ax.plot([p[0] for p in pts], trail, "-", color=colour, alpha=0.85,
+                    label=f"{side} ({rate:.3f} steps/s; line: mean of the last 3 evals)" if i == 0 else None)
     if target is not None:
         ax.axhline(target, color="grey", linestyle=":", linewidth=1, label=f"target {target}")
     clock = "CPU time" if curves[0].get("clock") == "cpu" else "wall-clock"
