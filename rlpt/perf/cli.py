@@ -182,15 +182,7 @@ def cmd_timeline(args) -> int:
         raise ConfigError(f"{args.run} logged no per-role times: a timeline comes from `rlpt train` runs")
     eq = timeline.equation(rows)
     path = timeline.plot(Path(args.run) / "timeline.png", sp, f"{Path(args.run).name}: last {args.steps} steps")
-    busy: dict[str, float] = {}
-    for s in sp:
-        busy[s.role] = busy.get(s.role, 0.0) + s.end - s.start
-    span = max(s.end for s in sp)
-    out = [(role, f"{b:.3g} s busy ({b / span:.0%} of {span:.3g} s)") for role, b in busy.items()]
-    if eq:
-        out += [("median step, measured", f"{eq['measured']:.3g} s"),
-                ("equation, colocated (sum of terms)", f"{eq['sum']:.3g} s"),
-                ("equation, overlapped (max of sides)", f"{eq['max']:.3g} s")]
+    out = timeline.summary(sp, eq, rows)
     print(_table(out, ("role / step", "seconds")))
     print(f"\nwritten {path}")
     return 0
