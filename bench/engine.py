@@ -25,6 +25,7 @@ One process; torch threads pinned to each of --threads in turn. Human tables, th
     python bench/engine.py                                # default: 1.5-2.5 min here; ~4 min with another job running
     python bench/engine.py --quick                        # smaller: batches 1,64, fewer tokens
     python bench/engine.py --threads 1 --models gpt_mini --batches 64 --repeats 5
+    python bench/engine.py --quick --threads 1 --models gpt_mini --compile   # + torch.compile (cpp_wrapper) vs eager
 """
 from __future__ import annotations
 
@@ -286,6 +287,86 @@ def ceiling(name: str, B: int) -> dict:
             "engine_frac_of_ceiling": B / t_step / best}
 
 
+def compiled_decode(B: int = 64, repeats: int = 7) -> dict:
+    """torch.compile of the whole decode forward against the eager runner (gpt_mini, greedy, B sequences).
+
+    What is compiled: embed -> per layer (RMSNorm, q|k|v GEMM, RoPE in real arithmetic (inductor generates no
+    complex code), K/V write, paged decode attention, o GEMM + residual, RMSNorm, gate|up GEMM, SiLU·up, down
+    GEMM + residual) -> norm -> head, as ONE graph (fullgraph, dynamic shapes: B and the context change every
+    step), with inductor's C++ wrapper (`cpp_wrapper=True`: the graph's launcher is C++, not Python, cutting
+    the per-kernel Python dispatch this bench's ceiling prices). The K/V write and the sparse in-place decode
+    attention are custom ops (inductor cannot trace sparse kernels); prefill steps stay eager. Tokens must
+    equal the eager engine's. -> compile seconds, CPU ms per generate for both, and their ratio."""
+    import torch._inductor.config as inductor_config
+
+    from rlpt.engine.paged_attention import paged_decode_attention
+    inductor_config.cpp_wrapper = True
+
+    @torch.library.custom_op("rlpt_bench::kv_write", mutates_args=("pool",))
+    def kv_write(pool: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
+        k_rows, v_rows = pool.view(2, -1, pool.shape[-1]).unbind(0)
+        k_rows.index_copy_(0, slots, k)
+        v_rows.index_copy_(0, slots, v)
+
+    @torch.library.custom_op("rlpt_bench::decode_attention", mutates_args=())
+    def decode_attention(q: torch.Tensor, pool: torch.Tensor, crow: torch.Tensor, index: torch.Tensor,
+                         bias: torch.Tensor, offsets: torch.Tensor, S: int) -> torch.Tensor:
+        k_rows, v_rows = pool.view(2, -1, pool.shape[-1]).unbind(0)
+        pattern = torch.sparse_csr_tensor(crow, index, bias, size=(q.shape[0], k_rows.shape[0]),
+                                          check_invariants=False)
+        return paged_decode_attention(q, k_rows, v_rows, pattern, index, S, offsets)
+    decode_attention.register_fake(lambda q, *a: torch.empty_like(q))
+
+    cfg, P, G = MODELS["gpt_mini"]
+    torch.manual_seed(0)
+    model = GPT(cfg).eval()
+    ids = torch.randint(1, cfg.vocab_size, (B, P), generator=torch.Generator().manual_seed(1)).tolist()
+    sp = SamplingParams(temperature=0, max_tokens=G, ignore_eos=True)
+    llms = {"eager": LLM(model), "compiled": LLM(model)}
+    r = llms["compiled"].runner
+    H, Hkv, hd, eps, d, L = r.H, r.Hkv, r.hd, r.eps, cfg.d_model, cfg.n_layer
+
+    def step(ids, positions, slots, crow, index, bias, offsets, S: int, cos_all, sin_all, embed, norms, w_qkv,
+             wt_o, w_gate_up, wt_down, final_norm, w_head, pools):
+        N = ids.shape[0]
+        cos, sin = cos_all[positions], sin_all[positions]                      # (N, 1, hd/2)
+        x = F.embedding(ids, embed)
+        for i in range(L):
+            qkv = F.linear(F.rms_norm(x, (d,), norms[2 * i], eps), w_qkv[i])
+            pairs = qkv[:, :(H + Hkv) * hd].reshape(N, H + Hkv, hd // 2, 2)     # pair-interleaved q, k
+            xe, xo = pairs[..., 0], pairs[..., 1]
+            qk = torch.stack([xe * cos - xo * sin, xe * sin + xo * cos], -1)
+            kv_write(pools[i], qk[:, H:].reshape(N * Hkv, hd), qkv[:, (H + Hkv) * hd:].reshape(N * Hkv, hd), slots)
+            o = decode_attention(qk[:, :H].reshape(N * H, hd), pools[i], crow, index, bias, offsets, S)
+            x = torch.addmm(x, o.view(N, H * hd), wt_o[i])
+            gate, up = F.linear(F.rms_norm(x, (d,), norms[2 * i + 1], eps), w_gate_up[i]).chunk(2, -1)
+            x = torch.addmm(x, F.silu(gate) * up, wt_down[i])
+        return F.linear(F.rms_norm(x, (d,), final_norm, eps), w_head)
+
+    fn = torch.compile(step, dynamic=True, fullgraph=True)
+    eager_forward, cos_all, sin_all = r.forward, r.cis.real.contiguous(), r.cis.imag.contiguous()
+
+    @torch.inference_mode()
+    def forward(fb):
+        if fb.pattern is None or fb.logits_index is not None:                  # prefill: eager
+            return eager_forward(fb)
+        m, R = r.served, fb.offsets.shape[0]
+        norms = [t for layer in m.layers for t in (layer.input_norm, layer.post_attn_norm)]
+        return fn(fb.input_ids, fb.positions, fb.slots, torch.arange(0, R * fb.S + 1, fb.S), fb.index,
+                  fb.pattern.values().clone(), fb.offsets, fb.S, cos_all, sin_all, m.embed, norms, r.w_qkv, r.wt_o,
+                  r.w_gate_up, r.wt_down, m.norm, r.w_head, r.kv.kv).float()
+    r.forward = forward
+    t0 = time.perf_counter()
+    tokens = {k: [o.outputs[0].token_ids for o in llm.generate(ids, sp)] for k, llm in llms.items()}
+    compile_s = time.perf_counter() - t0
+    for llm in llms.values():                                                   # other shapes: no recompile after
+        llm.generate(ids[:B // 2], sp)
+    res = timed({k: partial(llm.generate, ids, sp) for k, llm in llms.items()}, repeats, max_s=60.0)
+    eager_ms, compiled_ms = res["eager"][1] * 1e3, res["compiled"][1] * 1e3
+    return {"B": B, "compile_s": compile_s, "tokens_equal": tokens["eager"] == tokens["compiled"],
+            "eager_ms_cpu": eager_ms, "compiled_ms_cpu": compiled_ms, "compiled_over_eager": compiled_ms / eager_ms}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--threads", default="1,2")
@@ -294,6 +375,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--naive-budget", type=float, default=6.0, help="skip the naive loop above this estimate (s)")
     p.add_argument("--quick", action="store_true", help="batches 1,64, half the tokens, 1 repeat")
+    p.add_argument("--compile", action="store_true", help="also time torch.compile (inductor, cpp_wrapper) of the "
+                                                          "whole decode step against eager (1-3 min to compile here)")
     args = p.parse_args()
     if args.quick:
         args.batches, args.repeats = "1,64", 1
@@ -356,6 +439,12 @@ def main() -> None:
                   f"time, whole generate) vs ceiling {c['floor_ms_per_generated_token_step']:.2f} (decode floor, "
                   f"prefill included) -> at most {c['max_speedup_vs_hf']:.2f}x HF; a zero-overhead engine (GEMMs + "
                   f"one K/V read, nothing else) {zero_ms:.2f} ms -> {c['max_speedup_vs_hf_zero_overhead']:.2f}x")
+    if args.compile:
+        extra["compiled_decode"] = c = compiled_decode()
+        print(f"torch.compile of the whole decode step (inductor, cpp_wrapper, dynamic, fullgraph), gpt_mini "
+              f"B={c['B']}: compile {c['compile_s']:.0f} s; per generate {c['compiled_ms_cpu']:.1f} ms vs eager "
+              f"{c['eager_ms_cpu']:.1f} ms CPU time ({c['compiled_over_eager']:.2f}x); tokens equal: "
+              f"{c['tokens_equal']}")
     goals = {}
     for th_s, per in results.items():
         for name in ("gpt_mini", "llama30m"):
