@@ -181,6 +181,45 @@ def study(args) -> dict:
     return data
 
 
+def step_positions() -> str:
+    """Why the step-AUROC bars are missed: per step position, how many of the evaluation rows' steps are wrong and
+    each PRM's AUROC there (the pooled step AUROC mixes positions), on the rows the runs' final metrics use (the
+    held-out rows of prm_ctrunk, the 5-operand responses hard_rows draws: same seed, same policy), beside the
+    generative verifier (the completer's probability of each step prefix) on the same rows."""
+    import random
+
+    from rlpt.engine import LLM
+    from rlpt.gpt_mini.model import load_model
+    from rlpt.gpt_mini.task import ArithmeticTask
+    from rlpt.gpt_mini.tokenizer import CharTokenizer
+    from rlpt.preference.data import distinct_problems
+    from rlpt.search.jobs import outcome_rows
+    from rlpt.search.labels import auroc, load_rows, sample_responses
+    from rlpt.search.scorer import LogProbScorer, load_scorer
+    tok = CharTokenizer()
+    llm = LLM(load_model(OUT / "policy"), tok, seed=0)
+    probs = distinct_problems(ArithmeticTask(min_operands=5, max_operands=5), random.Random(2), 256, "heldout")
+    sets = {"held-out (2-4 operands)": load_rows(OUT / CTRUNK / "steps_heldout.jsonl"),
+            "5 operands": outcome_rows(probs, sample_responses(llm, probs, 1.0, 40, 2))}
+    scorers = {k: load_scorer(OUT / k, tok) for k in (CTRUNK, BCE, RANK)}
+    scorers[S.GEN] = LogProbScorer(load_model(OUT / "completer"), tok)
+    lines = ["| rows | steps at position 1 / 2 / 3 (wrong) | scorer | pooled step AUROC "
+             "| AUROC at position 1 / 2 / 3 |", "|---|---|---|---:|---|"]
+    for name, rows in sets.items():
+        counts = " / ".join(f"{sum(len(r.truth) > k for r in rows)} "
+                            f"({sum(len(r.truth) > k and not r.truth[k] for r in rows)})" for k in range(3))
+        for k, sc in scorers.items():
+            scores = sc.score([(r.prompt, r.response) for r in rows])
+            pooled = auroc([x for a in scores for x in a], [x for r, a in zip(rows, scores) for x in r.truth[:len(a)]])
+            per = []
+            for pos in range(3):
+                pairs = [(a[pos], r.truth[pos]) for a, r in zip(scores, rows) if len(a) > pos]
+                ok = len({t for _, t in pairs}) == 2
+                per.append(f3(auroc([a for a, _ in pairs], [t for _, t in pairs])) if ok else "—")
+            lines.append(f"| {name} | {counts} | `{k}` | {f3(pooled)} | {' / '.join(per)} |")
+    return "\n".join(lines)
+
+
 # -- the tables ------------------------------------------------------------------------------------------------
 def acc_cell(r: dict) -> str:
     return f"{S.ci(S.boot([r['correct']])[0])} · {sum(r['tokens']) / len(r['tokens']):.0f}"
@@ -277,8 +316,12 @@ def main(argv: list[str]) -> int:
                     help="per N, how many of the test prompts (the first) beam and DVTS run on, e.g. 300,300,100")
     ap.add_argument("--dev-prompts", type=int, default=S.PROMPTS, help="dev prompts the temperature is chosen on")
     ap.add_argument("--report-only", action="store_true")
+    ap.add_argument("--step-positions", action="store_true", help="print the per-step-position AUROC table only")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
+    if args.step_positions:
+        print(step_positions())
+        return 0
     data = json.loads((OUT / "search_rank.json").read_text()) if args.report_only else study(args)
     print(report(data))
     return 0

@@ -51,8 +51,8 @@ VARIANTS = {
     # prm's, without needing the prm stage first (bench/search_rank.py trains it alone)
     "prm_ctrunk": ("trunk = the strong completer, the same labelled rows as prm", ["trunk={completer}"]),
     "prm_ctrunk_1200": ("as prm_ctrunk, 1200 steps (was it still rising at 600?)",
-                        ["trunk={completer}", "scorer.data.file={out}/prm/steps.jsonl",
-                         "scorer.data.heldout_file={out}/prm/steps_heldout.jsonl", "scorer.steps=1200",
+                        ["trunk={completer}", "scorer.data.file={out}/prm_ctrunk/steps.jsonl",
+                         "scorer.data.heldout_file={out}/prm_ctrunk/steps_heldout.jsonl", "scorer.steps=1200",
                          "scorer.eval_every=200"]),
     "prm_1kx4": ("trunk = the completer, 1024 prompts × 4 responses at the search's temperature 0.8",
                  ["trunk={completer}", "scorer.data.prompts=1024", "scorer.data.responses=4",
