@@ -42,14 +42,20 @@ NS = S.NS
 OUT = S.OUT
 BCE, RANK = "prm_strong", "prm_strong_rank"
 CTRUNK = "prm_ctrunk"      # the study's variant that met the step-AUROC bars: completer trunk, 4096 x 1 response, BCE
+CTRUNK_RANK = "prm_ctrunk_rank"   # its data as close as pairs allow (2048 prompts x 2 responses at T = 1) + rank loss
+EXTRA = (CTRUNK, CTRUNK_RANK)      # searched on the test slice only, at the chosen temperature, on the same samples
 
 
 def build(rank_coef: float) -> tuple[Path, Path]:
+    """The study's policy, completer and PRMs (each reused when finished), and the two PRMs of part 4."""
     policy, completer = S.sft("policy", S.POLICY_STEPS), S.sft("completer", S.COMPLETER_STEPS)
     S.scorer("prm", policy, completer, BCE, S.VARIANTS[BCE][1])
     S.scorer("prm", policy, completer, RANK,
              ["trunk={completer}", f"scorer.data.file={OUT / BCE / 'steps.jsonl'}",
               f"scorer.data.heldout_file={OUT / BCE / 'steps_heldout.jsonl'}", f"scorer.rank_coef={rank_coef}"])
+    S.scorer("prm", policy, completer, CTRUNK, S.VARIANTS[CTRUNK][1])
+    S.scorer("prm", policy, completer, CTRUNK_RANK, ["trunk={completer}", "scorer.data.prompts=2048",
+                                                     "scorer.data.responses=2", f"scorer.rank_coef={rank_coef}"])
     return policy, completer
 
 
@@ -134,7 +140,6 @@ def study(args) -> dict:
     path = OUT / "search_rank.json"
     data = json.loads(path.read_text()) if path.exists() else {}
     policy, completer = build(args.rank_coef)
-    S.scorer("prm", policy, completer, CTRUNK, S.VARIANTS[CTRUNK][1])
     tok = CharTokenizer()
     llm = LLM(load_model(policy), tok, max_num_seqs=256)
     scorers = {k: load_scorer(OUT / k, tok) for k in (BCE, RANK)}
@@ -170,10 +175,10 @@ def study(args) -> dict:
         scorers_gen = {**scorers, S.GEN: LogProbScorer(load_model(completer), tok)}
         data["test"][key] = best_of_n_family(llm, test, chosen, scorers_gen, data["test"]["greedy"])
         save()
-    if f"weighted {CTRUNK}@{NS[0]}" not in data["test"][key]["results"]:   # the step-AUROC PRM, same samples
-        add_scorer(llm, test, chosen, CTRUNK, load_scorer(OUT / CTRUNK, tok), data["test"]["greedy"],
-                   data["test"][key])
-        save()
+    for k in EXTRA:                                             # the step-AUROC PRMs, on the same samples
+        if f"weighted {k}@{NS[0]}" not in data["test"][key]["results"]:
+            add_scorer(llm, test, chosen, k, load_scorer(OUT / k, tok), data["test"]["greedy"], data["test"][key])
+            save()
     for n, count in zip(NS, args.step_prompts):                # beam and DVTS: the first `count` test prompts
         if f"beam {RANK}@{n}" not in data["test"][key]["results"]:
             data["test"][key]["results"] |= step_search(llm, test[:count], n, chosen, scorers[RANK], RANK)
@@ -201,7 +206,7 @@ def step_positions() -> str:
     probs = distinct_problems(ArithmeticTask(min_operands=5, max_operands=5), random.Random(2), 256, "heldout")
     sets = {"held-out (2-4 operands)": load_rows(OUT / CTRUNK / "steps_heldout.jsonl"),
             "5 operands": outcome_rows(probs, sample_responses(llm, probs, 1.0, 40, 2))}
-    scorers = {k: load_scorer(OUT / k, tok) for k in (CTRUNK, BCE, RANK)}
+    scorers = {k: load_scorer(OUT / k, tok) for k in (*EXTRA, BCE, RANK) if (OUT / k / "metrics.jsonl").exists()}
     scorers[S.GEN] = LogProbScorer(load_model(OUT / "completer"), tok)
     lines = ["| rows | steps at position 1 / 2 / 3 (wrong) | scorer | pooled step AUROC "
              "| AUROC at position 1 / 2 / 3 |", "|---|---|---|---:|---|"]
@@ -252,9 +257,9 @@ def report(data: dict) -> str:
               "", "| strategy | " + " | ".join(f"N={n}: acc [95% CI] · tokens" for n in NS) + " |",
               "|---|" + "---|" * len(NS),
               f"| greedy | {acc_cell(res['greedy@1'])} |" + " |" * (len(NS) - 1)]
-    names = ["majority", f"weighted {BCE}", f"weighted {RANK}", f"weighted {CTRUNK}", f"best_of_n {BCE} last",
-             f"best_of_n {RANK} last", f"best_of_n {CTRUNK} last", f"beam {RANK}", f"dvts {RANK}", f"weighted {S.GEN}",
-             "pass@n (oracle)"]
+    names = ["majority", *(f"weighted {k}" for k in (BCE, RANK, *EXTRA)),
+             *(f"best_of_n {k} last" for k in (BCE, RANK, *EXTRA)), f"beam {RANK}", f"dvts {RANK}",
+             f"weighted {S.GEN}", "pass@n (oracle)"]
     for name in names:
         if f"{name}@{NS[0]}" in res:
             lines.append(f"| {name} | " + " | ".join(acc_cell(res[f"{name}@{n}"]) if f"{name}@{n}" in res else "—"
@@ -271,9 +276,10 @@ def report(data: dict) -> str:
              (f"weighted `{BCE}` − majority", f"weighted {BCE}", "majority"),
              (f"weighted `{RANK}` − weighted `{BCE}`", f"weighted {RANK}", f"weighted {BCE}"),
              (f"best-of-N `{RANK}` − best-of-N `{BCE}`", f"best_of_n {RANK} last", f"best_of_n {BCE} last"),
-             (f"weighted `{CTRUNK}` − majority", f"weighted {CTRUNK}", "majority"),
-             (f"weighted `{CTRUNK}` − weighted `{RANK}`", f"weighted {CTRUNK}", f"weighted {RANK}"),
-             (f"best-of-N `{CTRUNK}` − best-of-N `{RANK}`", f"best_of_n {CTRUNK} last", f"best_of_n {RANK} last"),
+             *((f"weighted `{k}` − majority", f"weighted {k}", "majority") for k in EXTRA),
+             *((f"weighted `{k}` − weighted `{RANK}`", f"weighted {k}", f"weighted {RANK}") for k in EXTRA),
+             *((f"best-of-N `{k}` − best-of-N `{RANK}`", f"best_of_n {k} last", f"best_of_n {RANK} last")
+               for k in EXTRA),
              (f"beam `{RANK}` − majority", f"beam {RANK}", "majority"),
              (f"DVTS `{RANK}` − majority", f"dvts {RANK}", "majority"),
              (f"beam `{RANK}` − weighted `{RANK}`", f"beam {RANK}", f"weighted {RANK}")]
@@ -283,7 +289,7 @@ def report(data: dict) -> str:
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines += ["", "Within-prompt outcome AUROC on the test candidates (pooled in brackets): " + ", ".join(
         f"`{k}` {f3(sel[k]['within_auroc'])} ({f3(sel[k]['pooled_auroc'])})" for k in sel if k != "random") + "."]
-    for k in (k for k in (BCE, RANK, CTRUNK) if f"weighted {k}@{NS[0]}" in res):
+    for k in (k for k in (BCE, RANK, *EXTRA) if f"weighted {k}@{NS[0]}" in res):
         parts, ok = [], True
         for n in NS:
             w, m = S.diff(res, f"weighted {k}@{n}", f"majority@{n}"), S.diff(res, f"majority@{n}", "greedy@1")
@@ -297,7 +303,7 @@ def report(data: dict) -> str:
         lines.append(f"\nCourse's claim (beam + PRM gains most at high budget), `{RANK}`: "
                      f"beam − majority {S.ci(g[NS[0]], True)} at N={NS[0]}, {S.ci(g[NS[-1]], True)} at N={NS[-1]}: "
                      + ("held." if grows else "did not hold."))
-    for k in (k for k in (BCE, RANK, CTRUNK) if (OUT / k / "metrics.jsonl").exists()):
+    for k in (k for k in (BCE, RANK, *EXTRA) if (OUT / k / "metrics.jsonl").exists()):
         rows = read_rows(OUT / k)
         fin = rows[-1]
         lines.append(f"\n`{k}` run: step AUROC held-out {f3(fin.get('prm/step_auroc_heldout'))}, "

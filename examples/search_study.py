@@ -471,14 +471,17 @@ rlpt prm init_from=runs/policy scorer.data.completer=runs/completer {' '.join(SC
 rlpt orm init_from=runs/policy {' '.join(SCORER)}
 {chr(10).join(variant_cmds)}
 rlpt search policy=runs/policy scorer=runs/prm task.min_operands=4 task.max_operands=4 search.n=[4,16,64]
+rlpt search policy=runs/policy verifier=runs/completer task.min_operands=4 task.max_operands=4 search.n=[4,16,64] \\
+  search.strategies=[greedy,majority,best_of_n,weighted_best_of_n]   # the generative verifier (the ceiling row below)
 rlpt train env.name=prm env.model_path=runs/prm init_from=runs/policy algorithm.name=grpo
 # section 3b (issue 17's bar rerun): the temperature chosen on a dev split, the PRMs searched at it
 python bench/search_rank.py --rank-coef 1.0 --dev-prompts 300 --step-prompts 300,300,100
 python bench/search_rank.py --report-only        # its tables again, from runs/search_study/search_rank.json
+python bench/search_rank.py --step-positions     # why the step-AUROC bars are missed: AUROC per step position
 rlpt prm init_from=runs/policy trunk=runs/completer scorer.data.file=runs/prm_strong/steps.jsonl \\
   scorer.data.heldout_file=runs/prm_strong/steps_heldout.jsonl {' '.join(SCORER)} scorer.rank_coef=1.0 \\
   run.name=prm_strong_rank
-rlpt search policy=runs/policy scorer=runs/prm_ctrunk task.min_operands=4 task.max_operands=4 \\
+rlpt search policy=runs/policy scorer=runs/prm_strong_rank task.min_operands=4 task.max_operands=4 \\
   search.n=[4,16,64] search.temperature=0.5
 ```
 
