@@ -16,6 +16,12 @@ for each, and measures:
      against `prm_strong_rank`: the same labelled rows, BCE + scorer.rank_coef x the within-prompt pairwise
      logistic loss on the final scores (rlpt.search.scorer.rank_loss), batches drawn by whole prompts.
 
+  3. One PRM for both bars (docs/search.md section 3b part 4): the study's `prm_ctrunk` (completer trunk,
+     4096 prompts x 1 response at T = 1, BCE; it met the step-AUROC bars on earlier weights) and
+     `prm_ctrunk_rank` (2048 prompts x 2 responses at T = 1, BCE + the ranking loss) are trained and searched
+     on the test slice at the chosen T, on the same 64 samples per prompt (redrawn; majority checked identical).
+     `--step-positions` prints each PRM's step AUROC per step position beside the generative verifier's.
+
     python bench/search_rank.py [--rank-coef 1.0] [--temps 0.5,0.7,1.0] [--step-prompts 300,300,300]
                                 [--dev-prompts 300]
       -> runs/search_study/search_rank.json (per-prompt outcomes; reused when rerun) and the tables of
