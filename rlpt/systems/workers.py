@@ -82,14 +82,18 @@ class RolloutWorker:
             os._exit(1)
         self.rollout.prompts_per_step = n_groups
         groups = self.rollout.generate(self.env, self.k)
-        stats = dict(self.rollout.stats)
+        stats = self._slow_verify(dict(self.rollout.stats))
+        return {"groups": groups, "stats": stats, "version": self.rollout.version, "rank": self.rank,
+                "t0": t0, "t1": time.time()}
+
+    def _slow_verify(self, stats: dict) -> dict:
+        """The injected verifier latency of `slow_verify` (a judge or sandbox standing in), counted as verify time."""
         if self.slow is not None:
             seconds, jitter, rng = self.slow
             pause = seconds + rng.uniform(0.0, jitter)
             time.sleep(pause)
             stats["time/verify"] = stats.get("time/verify", 0.0) + pause
-        return {"groups": groups, "stats": stats, "version": self.rollout.version, "rank": self.rank,
-                "t0": t0, "t1": time.time()}
+        return stats
 
     def generate_partial(self, n_groups: int, segment_tokens: int) -> dict:
         """One segment of a chunk (rlpt.systems.partial): n_groups > 0 starts one. -> {"done": False} while its
@@ -105,12 +109,7 @@ class RolloutWorker:
         groups = self.partial.advance()
         if groups is None:
             return {"done": False, "version": self.rollout.version, "rank": self.rank}
-        stats = dict(self.partial.stats)
-        if self.slow is not None:
-            seconds, jitter, rng = self.slow
-            pause = seconds + rng.uniform(0.0, jitter)
-            time.sleep(pause)
-            stats["time/verify"] = stats.get("time/verify", 0.0) + pause
+        stats = self._slow_verify(dict(self.partial.stats))
         version = min(t.version for g in groups for t in g)
         return {"done": True, "groups": groups, "stats": stats, "version": version, "rank": self.rank,
                 "t0": self._chunk_t0, "t1": time.time()}
