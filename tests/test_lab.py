@@ -211,8 +211,15 @@ def test_l07_a_real_controller_step(client):
     assert m["step/skipped"] == 0 and m["sync/done"] == 1 and "loss/pg" in m
     assert all(m[f"time/{p}"] >= 0 for p in ("rollout", "verify", "ref", "train", "sync"))
     assert len(r["rows"]) == 12 and any(row[3] > 0 for row in r["rows"])
-    skipped = api(client, "07", env="arithmetic", seed=1)["metrics"]       # breaking: every group degenerate
-    assert skipped["step/skipped"] == 1 and "loss/pg" not in skipped and "time/train" not in skipped
+    # breaking: every group degenerate. An untrained policy's samples decide it, and they move with the CPU, so
+    # the first seed that skips is searched for (here 4 of 12 seeds skip: 4, 6, 10, 11; none in 16 would be a
+    # chance of ~0.2 % at that rate), and what a skipped step must look like is asserted on it.
+    for seed in range(16):
+        skipped = api(client, "07", env="arithmetic", seed=seed)["metrics"]
+        if skipped["step/skipped"] == 1:
+            break
+    assert skipped["step/skipped"] == 1, "no seed in 0..15 gave an all-degenerate step on the honest verifier"
+    assert "loss/pg" not in skipped and "time/train" not in skipped
 
 
 def test_l08_tool_mask(client):
@@ -306,8 +313,9 @@ def test_l17_search_on_rlpt_search(client):
     assert r["orm_course"] == pytest.approx(0.653, abs=5e-4)               # the course's (1−(1−0.242)^16)·0.661
     assert r["orm_closed"] == pytest.approx(0.6533, abs=5e-4)              # + the tie term it leaves out
     # pure-Python draws: exact on any CPU
-    assert a == {"one sample": 0.156, "oracle BoN": 0.948, "majority": 0.252, "BoN-ORM": 0.634,
-                 "BoN-PRM": 0.656, "weighted PRM": 0.66}
+    # (the problems come from task.sample's training split, the multiset split since 3081d94)
+    assert a == {"one sample": 0.134, "oracle BoN": 0.954, "majority": 0.25, "BoN-ORM": 0.614,
+                 "BoN-PRM": 0.674, "weighted PRM": 0.678}
     sd = math.sqrt(0.25 / 500)                                             # the measured rates vs closed forms
     assert abs(a["one sample"] - r["greedy_closed"]) < 3 * sd and abs(a["BoN-ORM"] - r["orm_closed"]) < 3 * sd
     assert abs(a["oracle BoN"] - r["pass_at_n_closed"]) < 3 * sd

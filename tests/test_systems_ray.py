@@ -189,6 +189,9 @@ def test_async_partial_rollouts_mix_versions_within_eta(actor_pool, sft_start):
                   "system.partial_rollouts=true", "system.segment_tokens=4", "steps=6")
     sys_ = RaySystem(job, build, sft_start[1], actors=actor_pool)
     try:
+        # each unfinished segment pauses 0.3 s, so a chunk outlasts a train step on any machine and a sync lands
+        # inside it (without the pause, whether one does depends on the relative speed of sampling and training)
+        ray.get([w.slow_segments.remote(0.3) for w in sys_.workers])
         rows = [sys_.step() for _ in range(6)]
         sys_.check_syncs()
         assert all(r["system/staleness_max"] <= 1 and r["system/token_staleness_max"] <= 1 for r in rows)

@@ -61,6 +61,7 @@ class RolloutWorker:
         self.crash_in = 0              # fault injection: see crash_on_generate
         self.partial: PartialRollout | None = None   # the chunk in progress (system.partial_rollouts)
         self._chunk_t0 = 0.0
+        self.segment_pause = 0.0       # test hook: see slow_segments
 
     def rebuild(self, *args) -> None:
         """Build the roles again from a (new) job, in this same process: reuse an actor across runs."""
@@ -70,6 +71,11 @@ class RolloutWorker:
         """Inject latency after each generate (a judge or sandbox stand-in, or the async test's random delays):
         sleeps seconds + U(0, jitter), counted in time/verify."""
         self.slow = (seconds, jitter, random.Random(seed + self.rank))
+
+    def slow_segments(self, seconds: float) -> None:
+        """Inject latency after each unfinished segment of a partial chunk (tests: a long-tail chunk still running
+        when the trainer finishes a step, so its sync lands between two segments whatever the machine's speed)."""
+        self.segment_pause = seconds
 
     def crash_on_generate(self, calls: int) -> None:
         """Fault injection (tests): the `calls`-th generate from now kills this actor's process mid-step."""
@@ -108,6 +114,7 @@ class RolloutWorker:
             self.partial.start(n_groups)
         groups = self.partial.advance()
         if groups is None:
+            time.sleep(self.segment_pause)
             return {"done": False, "version": self.rollout.version, "rank": self.rank}
         stats = self._slow_verify(dict(self.partial.stats))
         version = min(t.version for g in groups for t in g)

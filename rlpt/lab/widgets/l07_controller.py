@@ -21,9 +21,10 @@ NOTES = [("course", "The seven steps: 1 rollout.generate(env, K) (sample + verif
                     "algorithm.compute_advantages, 4 collate, 5 trainer.train_step(batch, algorithm.compute_loss), "
                     "6 weight sync, 7 metrics. The controller never touches tensors itself."),
          ("course", "Breaking: when every group is degenerate (all rewards equal) the controller skips the trainer "
-                    "(step/skipped = 1, no loss): an untrained policy on the honest verifier mostly scores 0 (seed 1 "
-                    "here). The leaky verifier pays random text that contains the answer's digits, so its groups are "
-                    "mixed and the step trains on noise: why it is a bad verifier (lesson 18). With single-digit "
+                    "(step/skipped = 1, no loss): an untrained policy on the honest verifier often scores 0 (seeds "
+                    "4, 6, 10 and 11 here). The leaky verifier pays random text that contains the answer's digits, so "
+                    "its groups are mixed and the step trains on noise: why it is a bad verifier (lesson 18). With "
+                    "single-digit "
                     "answers even the honest one sometimes pays random text ending in the right digit (seeds 0, 2, 3) "
                     "— the verifier checklist's random-baseline test.")]
 PHASES = ("rollout", "verify", "ref", "train", "sync")
