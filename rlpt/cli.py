@@ -16,7 +16,7 @@
     rlpt data make-arith|curate [options]                        prompt sets and their curation (rlpt/data/cli.py)
 
 Each job's config schema opens the job's module: TrainJob rlpt/train.py, PipelineJob rlpt/pipeline.py,
-DPOJob rlpt/preference/dpo.py, RMJob rlpt/preference/reward_model.py, `rlpt eval`'s EvalJob this file;
+DPOJob rlpt/preference/dpo.py, RMJob rlpt/preference/reward_model.py, `rlpt eval`'s EvalJob rlpt/eval_cmd.py;
 rlpt/config.py holds the loader and the sections several jobs share; SFTJob opens rlpt/sft.py.
 
 Overrides may come before or after the options (`rlpt eval runs/x --pass-k 2 eval.size=50`). Every bad
@@ -31,27 +31,9 @@ import errno
 import os
 import re
 import sys
-from pathlib import Path
 
-from rlpt.config import (
-    ConfigError,
-    EvalConfig,
-    Section,
-    TaskConfig,
-    check_prompt_fits,
-    key_list,
-    load_config,
-    one_line,
-    quote,
-    split_recipe_args,
-)
-
-
-class EvalJob(Section):
-    """`rlpt eval`'s schema: the task the held-out problems come from, how many, how long an answer may be
-    (eval.every and eval.pass_k are the training jobs'; here --pass-k chooses k)."""
-    task: TaskConfig = TaskConfig()
-    eval: EvalConfig = EvalConfig()
+from rlpt.config import ConfigError, key_list, load_config, one_line, quote, split_recipe_args
+from rlpt.eval_cmd import EvalJob, cmd_eval, evaluate_in_chunks  # noqa: F401  (EvalJob, evaluate_in_chunks: re-exported)
 
 
 def _report(run, title: str, final: dict, plots: dict[str, list[str]]) -> int:
@@ -104,26 +86,25 @@ def cmd_rm(args) -> int:
                    {"pair_accuracy": ["rm/pair_acc_heldout", "rm/pair_acc"], "loss": ["loss/bt"]})
 
 
+def _run_stages(args, noun: str, load, run, table) -> int:
+    """A multi-stage job (`rlpt pipeline`, `rlpt recipe`): load the job, run its stages, print its table."""
+    path, overrides = split_recipe_args(args.items)
+    job = load(path, overrides)
+    args.out_dir = job.run.out_dir   # named by an OSError without a path (disk full)
+    root, rows = run(job, resume=args.resume, allow_change=args.allow_change)
+    print(table(job, rows))
+    print(f"{noun} folder: {root}   report: {root / 'report.md'}")
+    return 0
+
+
 def cmd_pipeline(args) -> int:
     from rlpt.pipeline import load_pipeline_job, pipeline_table, run_pipeline
-    path, overrides = split_recipe_args(args.items)
-    job = load_pipeline_job(path, overrides)
-    args.out_dir = job.run.out_dir   # named by an OSError without a path (disk full)
-    root, rows = run_pipeline(job, resume=args.resume, allow_change=args.allow_change)
-    print(pipeline_table(job, rows))
-    print(f"pipeline folder: {root}   report: {root / 'report.md'}")
-    return 0
+    return _run_stages(args, "pipeline", load_pipeline_job, run_pipeline, pipeline_table)
 
 
 def cmd_recipe(args) -> int:
     from rlpt.recipe import load_recipe, recipe_table, run_recipe
-    path, overrides = split_recipe_args(args.items)
-    job = load_recipe(path, overrides)
-    args.out_dir = job.run.out_dir   # named by an OSError without a path (disk full)
-    root, rows = run_recipe(job, resume=args.resume, allow_change=args.allow_change)
-    print(recipe_table(job, rows))
-    print(f"recipe folder: {root}   report: {root / 'report.md'}")
-    return 0
+    return _run_stages(args, "recipe", load_recipe, run_recipe, recipe_table)
 
 
 def cmd_compare(args) -> int:
@@ -134,79 +115,6 @@ def cmd_compare(args) -> int:
     print((out / "compare.md").read_text())
     print(f"compare folder: {out}")
     return 0
-
-
-EVAL_CHUNK = 256   # problems per evaluate() call: the progress bar moves every chunk
-
-
-def evaluate_in_chunks(model, env, prompts: list, max_tokens: int, k: int = 0, progress: bool = True) -> dict:
-    """rlpt.framework.evaluate.evaluate over `prompts` in chunks, with a progress bar; the same metrics.
-    Every metric is a mean over the chunk's problems (acc_sampled over its k·n samples, k fixed), so the
-    whole set's is the chunk means weighted by chunk size. Chunk i samples with seed i."""
-    from tqdm import tqdm
-
-    from rlpt.framework.evaluate import evaluate
-    sums: dict[str, float] = {}
-    seen: set[str] | None = None
-    with tqdm(total=len(prompts), desc="eval", unit="problem", disable=not progress, dynamic_ncols=True) as bar:
-        for i, start in enumerate(range(0, len(prompts), EVAL_CHUNK)):
-            chunk = prompts[start:start + EVAL_CHUNK]
-            res = evaluate(model, env, chunk, max_tokens, k=k, seed=i)
-            seen = set(res) if seen is None else seen & set(res)   # a key some chunk lacks is not the set's
-            for key, v in res.items():
-                sums[key] = sums.get(key, 0.0) + v * len(chunk)
-            bar.update(len(chunk))
-    return {key: v / len(prompts) for key, v in sums.items() if key in seen}
-
-
-def cmd_eval(args) -> int:
-    import random
-
-    from rlpt.gpt_mini.model import load_model
-    from rlpt.gpt_mini.task import make_task
-    from rlpt.gpt_mini.tokenizer import CharTokenizer
-    from rlpt.report import fmt, table
-    from rlpt.sft import sft_env
-
-    path, overrides = split_recipe_args(args.items)
-    if path is not None:
-        raise ConfigError(f"rlpt eval takes key=value overrides after the checkpoint, not {path!r}")
-    job = load_config(EvalJob, None, overrides)
-    model = load_model(args.checkpoint)
-    try:
-        check_prompt_fits(job.task, model.cfg.max_seq_len)
-    except ValueError as e:
-        raise ConfigError(f"{e} (the checkpoint's context)") from None
-    tok, task = CharTokenizer(), make_task(job.task)
-    form = args.format or _run_format(args.checkpoint)
-    env = sft_env(form, task, tok)
-    if args.split == "heldout":
-        prompts = env.heldout(job.eval.size)
-    else:
-        env.rng = random.Random(0)
-        prompts = [env.reset("train") for _ in range(job.eval.size)]
-    res = evaluate_in_chunks(model, env, prompts, job.eval.max_tokens, k=args.pass_k)
-    if args.pass_k:
-        res.pop("acc_sampled")
-    print(table([(f"{k}/{args.split}", fmt(v)) for k, v in res.items()]
-                + [("problems", str(len(prompts))), ("format", form)]))
-    return 0
-
-
-def _run_format(checkpoint: str) -> str:
-    """The response format a checkpoint's run was trained on, from its run folder's config.yaml:
-    'tool' for a tool-using model (sft.format=tool, or RL with env.name=calculator), else 'direct'."""
-    import yaml
-
-    from rlpt.checkpoint import resolve_checkpoint
-    ck = resolve_checkpoint(checkpoint)
-    for cfg in (ck.parent.parent / "config.yaml", Path(checkpoint) / "config.yaml"):
-        if cfg.is_file():
-            data = yaml.safe_load(cfg.read_text()) or {}
-            if (data.get("env") or {}).get("name") == "calculator" or (data.get("sft") or {}).get("format") == "tool":
-                return "tool"
-            return "direct"
-    return "direct"
 
 
 class UsageError(Exception):
