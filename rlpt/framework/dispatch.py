@@ -40,78 +40,19 @@ workers, collects results and enforces the hard deadline; the caller's thread on
 from __future__ import annotations
 
 import multiprocessing as mp
-import os
 import pickle
-import signal
-import sys
 import threading
 import time
-import traceback
 import weakref
 from collections import deque
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
-from rlpt.framework.environment import Prompt, Verdict, safe_verify
+from rlpt.framework.environment import Prompt, Verdict
+from rlpt.framework.verify_worker import VerifyTimeout, timeout_verdict, worker_main  # noqa: F401  (VerifyTimeout: re-exported)
 
 KILL_GRACE_S = 2.0      # hard deadline = timeout + this: time for the soft timeout's cleanup (a jail's kill)
-
-
-class VerifyTimeout(BaseException):
-    """Raised inside a worker's verify by its SIGALRM timer (BaseException: `except Exception` lets it pass)."""
-
-
-def timeout_verdict(timeout: float, how: str) -> Verdict:
-    return Verdict(0.0, {"verify_error": f"timeout: verify took longer than rollout.verify_timeout={timeout:g} s "
-                                         f"({how})", "verify_timeout": True})
-
-
-# -- the worker process ---------------------------------------------------------------------------------------
-TIMEOUT_SIGNAL = signal.SIGUSR1     # not SIGALRM: a verifier may arm its own alarm (math_answer's time_cap does)
-_armed = False                      # a signal that lands between verifies is ignored
-
-
-def _on_timeout(signum, frame):
-    if _armed:
-        raise VerifyTimeout
-
-
-def _work(conn: Connection, env_bytes: bytes, timeout: float) -> None:
-    """A worker's life: unpickle the env, say ready, then verify one (key, prompt, text) at a time until told to
-    stop (None) or the parent is gone (EOF). A timer thread signals the main thread when a verify runs over."""
-    global _armed
-    if "torch" in sys.modules:     # the sampler owns the cores
-        sys.modules["torch"].set_num_threads(1)
-    try:
-        env = pickle.loads(env_bytes)
-    except BaseException:  # noqa: BLE001 - reported to the parent, which raises it where the caller sees it
-        conn.send(("failed", traceback.format_exc()))
-        return
-    signal.signal(TIMEOUT_SIGNAL, _on_timeout)
-    conn.send(("ready", os.getpid()))
-    main = threading.main_thread().ident
-    while True:
-        try:
-            task = conn.recv()
-        except (EOFError, OSError):
-            return
-        if task is None:
-            return
-        key, prompt, text = task
-        t0 = time.perf_counter()
-        timer = threading.Timer(timeout, signal.pthread_kill, (main, TIMEOUT_SIGNAL))
-        try:
-            _armed = True
-            timer.start()
-            try:
-                verdict, status = safe_verify(env, prompt, text), "ok"
-            finally:
-                _armed = False
-                timer.cancel()
-        except VerifyTimeout:
-            verdict, status = timeout_verdict(timeout, "stopped in the worker"), "timeout"
-        conn.send(("done", (key, verdict, time.perf_counter() - t0, status)))
 
 
 # -- the parent side ------------------------------------------------------------------------------------------
@@ -159,7 +100,8 @@ class VerifierPool:
         # "__main__" too, as by default, so that a worker does not re-import the main module (a script, pytest,
         # a Ray worker) on its own
         module = type(env).__module__
-        self._ctx.set_forkserver_preload(["__main__", "rlpt.framework.dispatch"] + ([module] * (module != "__main__")))
+        preload = ["__main__", "rlpt.framework.verify_worker"] + ([module] * (module != "__main__"))
+        self._ctx.set_forkserver_preload(preload)
         self._lock = threading.Condition()
         self._queue: deque = deque()
         self._results: dict = {}             # key -> (Verdict, latency)
@@ -251,7 +193,7 @@ class VerifierPool:
     # -- the dispatcher thread ------------------------------------------------------------------------
     def _spawn(self) -> _Worker:
         parent, child = self._ctx.Pipe()
-        p = self._ctx.Process(target=_work, args=(child, self._env_bytes, self.timeout), daemon=True,
+        p = self._ctx.Process(target=worker_main, args=(child, self._env_bytes, self.timeout), daemon=True,
                               name="rlpt-verifier")
         try:
             p.start()
