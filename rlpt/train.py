@@ -380,10 +380,8 @@ def build(job: TrainJob, init: Path):
     sp = SamplingParams(max_tokens=job.rollout.max_tokens, temperature=job.rollout.temperature,
                         top_p=job.rollout.top_p, top_k=job.rollout.top_k)
     algo = make_algorithm(job.algorithm.model_dump(), job.rollout.k, job.rollout.max_tokens)
-    critic = algo.make_critic(policy)   # None but for an algorithm with a value model (PPO)
-    if critic is not None and job.model.hf_path:
-        raise ValueError(f"algorithm.name={job.algorithm.name} trains a critic, which is gpt_mini-only: with "
-                         "model.hf_path use a critic-free algorithm (grpo, rloo, reinforce, ...)")
+    critic = algo.make_critic(policy)   # None but for an algorithm with a value model (PPO); an HF policy's critic
+    # is its decoder + a value head, under LoRA its own adapters on the policy's frozen base (rlpt.framework.critic)
     # an env that answers turns (`multi_turn`, e.g. the calculator) gets the agent loop; same interface
     multi = {"max_turns": job.rollout.max_turns, "turn_tokens": job.rollout.turn_tokens} \
         if env.multi_turn else {}
