@@ -18,7 +18,8 @@ FLOORS = {
     "rlpt/algorithms/": 4, "rlpt/envs/": 4, "rlpt/preference/": 4, "rlpt/search/": 4,
     "rlpt/data/": 4,
     "rlpt/systems/": 5,
-    "rlpt/sft.py": 6, "rlpt/train.py": 6, "rlpt/pipeline.py": 6, "rlpt/recipe.py": 6, "rlpt/compare.py": 6,
+    "rlpt/sft.py": 6, "rlpt/train.py": 6, "rlpt/pipeline.py": 6, "rlpt/recipe.py": 6, "rlpt/stages.py": 6,
+    "rlpt/compare.py": 6,
     "rlpt/cli.py": 6, "rlpt/eval_cmd.py": 6,
     "rlpt/lab/": 6, "rlpt/hf_policy.py": 6,
 }
