@@ -31,15 +31,7 @@ from collections.abc import Callable
 import torch
 
 from rlpt.framework.trainer import autocast
-from rlpt.framework.trajectory import (
-    Trajectory,
-    collate,
-    pack_rows,
-    per_token_logp,
-    response_slice,
-    supports_packing,
-    trained_lengths,
-)
+from rlpt.framework.trajectory import Trajectory, collate, pack_batch, per_token_logp, response_slice, supports_packing
 
 
 class Reference:
@@ -87,8 +79,7 @@ class Reference:
             batch = collate(part, pad_id)
             logp = None
             if self.ref_logp:
-                packed = pack_rows(batch.input_ids, trained_lengths(batch.mask), prefix_len=batch.prompt_len) \
-                    if self.packing else None
+                packed = pack_batch(self.model, batch.input_ids, batch.mask, batch.prompt_len) if self.packing else None
                 with autocast(self.precision):
                     logp = per_token_logp(self.model, batch.input_ids, self.temperature, packed=packed)
             scored = {name: fn(batch.input_ids) for name, fn in self.scorers.items()}   # each (b, T-1)

@@ -59,7 +59,7 @@ from contextlib import nullcontext
 import torch
 
 from rlpt.framework.critic import capture_hidden
-from rlpt.framework.trajectory import Batch, pack_rows, per_token_logp, supports_packing, trained_lengths
+from rlpt.framework.trajectory import Batch, pack_batch, per_token_logp, supports_packing, trained_lengths
 
 LossFn = Callable[..., tuple[torch.Tensor, dict]]   # (batch, new_logp[, values=]) -> (loss, metrics)
 
@@ -186,7 +186,7 @@ class Trainer:
     def _forward(self, chunk: Batch):
         """-> new_logp (B, T-1), entropy (B, T-1), extra loss inputs ({} or {"values": (B, T-1)})."""
         input_ids = chunk.input_ids
-        packed = pack_rows(input_ids, trained_lengths(chunk.mask), prefix_len=chunk.prompt_len) if self.packs else None
+        packed = pack_batch(self.model, input_ids, chunk.mask, chunk.prompt_len) if self.packs else None
         shared = self.critic is not None and self.critic.shared
         with capture_hidden(self.model) if shared else nullcontext([]) as hidden, autocast(self.precision):
             new_logp, entropy = per_token_logp(self.model, input_ids, self.temperature, with_entropy=True,

@@ -30,6 +30,8 @@ from dataclasses import dataclass, field, replace
 import torch
 import torch.nn.functional as F
 
+from rlpt.framework.varlen import Varlen, supports_varlen, varlen_rows
+
 
 @dataclass
 class Trajectory:
@@ -189,7 +191,7 @@ def _collate_extra(trajs: list[Trajectory], T: int) -> dict:
 
 
 def per_token_logp(model, input_ids: torch.Tensor, temperature: float = 1.0,
-                   with_entropy: bool = False, packed: Packing | None = None):
+                   with_entropy: bool = False, packed: Packing | Varlen | None = None):
     """log π(ids[:, j+1] | ids[:, ≤j]) -> (B, T-1); optionally also the entropy per position (B, T-1).
 
     `temperature` must be the rollout's: old_logp was recorded under logits / temperature
@@ -340,9 +342,20 @@ def supports_packing(model) -> bool:
     return bool(getattr(model, "supports_packing", False))
 
 
-def _packed_logp(model, p: Packing, temperature: float, with_entropy: bool):
-    kw = {"branch_ids": p.branch_ids} if p.branch_ids is not None else {}
-    logits = model(p.input_ids, positions=p.positions, segment_ids=p.segment_ids, **kw)   # (b, L, V)
+def pack_batch(model, input_ids: torch.Tensor, mask: torch.Tensor, prefix_len: torch.Tensor) -> Packing | Varlen:
+    """The tightest packed layout `model` runs for the trained columns of a batch: varlen (no padding in any
+    GEMM, rlpt.framework.varlen) where its forward takes it, else `pack_rows`' bins; prompts shared either way."""
+    if supports_varlen(model):
+        return varlen_rows(input_ids, trained_lengths(mask), prefix_len=prefix_len)
+    return pack_rows(input_ids, trained_lengths(mask), prefix_len=prefix_len)
+
+
+def _packed_logp(model, p: Packing | Varlen, temperature: float, with_entropy: bool):
+    if isinstance(p, Varlen):
+        logits = p.logits(model)                                                        # (N, V)
+    else:
+        kw = {"branch_ids": p.branch_ids} if p.branch_ids is not None else {}
+        logits = model(p.input_ids, positions=p.positions, segment_ids=p.segment_ids, **kw)   # (b, L, V)
     logits = logits.reshape(-1, logits.shape[-1])[p.src].float()                       # (M, V)
     if temperature != 1.0:
         logits = logits / temperature

@@ -132,6 +132,8 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.n_head * hd, cfg.d_model, bias=False)
 
     def forward(self, x, cos, sin, layer: int, cache: KVCache | None, mask: torch.Tensor | None):
+        if isinstance(mask, tuple):   # varlen: x (N, d) flat tokens, mask = (row_index, token_slot)
+            return self._varlen(x, cos, sin, *mask)
         B, T, _ = x.shape
         H, Hkv, hd = self.cfg.n_head, self.cfg.n_kv_head, self.cfg.head_dim
         q = self.q_proj(x).view(B, T, H, hd).transpose(1, 2)       # (B, H, T, hd)
@@ -148,6 +150,21 @@ class Attention(nn.Module):
             v = v.repeat_interleave(H // Hkv, dim=1)
         y = sdpa(q, k, v, mask)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, H * hd))
+
+    def _varlen(self, x, cos, sin, rows: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
+        """Projections and RoPE on the N flat tokens; causal attention in the (R, T) row layout `rows` indexes."""
+        N, (R, T) = x.shape[0], rows.shape
+        H, Hkv, hd = self.cfg.n_head, self.cfg.n_kv_head, self.cfg.head_dim
+        q = apply_rope(self.q_proj(x).view(N, H, hd), cos, sin)                    # cos, sin (N, 1, hd)
+        k = apply_rope(self.k_proj(x).view(N, Hkv, hd), cos, sin)
+        v = self.v_proj(x)
+        idx = rows.reshape(-1)
+        q, k, v = (t.reshape(N, -1).index_select(0, idx).view(R, T, -1, hd).transpose(1, 2) for t in (q, k, v))
+        if Hkv != H:
+            k = k.repeat_interleave(H // Hkv, dim=1)
+            v = v.repeat_interleave(H // Hkv, dim=1)
+        y = sdpa(q, k, v, None)                                                     # (R, H, T, hd), causal
+        return self.o_proj(y.transpose(1, 2).reshape(R * T, H * hd).index_select(0, slot))
 
 
 class MLP(nn.Module):
@@ -205,11 +222,13 @@ class GPT(nn.Module):
         return KVCache(self.cfg, batch_size, max_len or self.cfg.max_seq_len, p.device, p.dtype)
 
     supports_packing = True   # forward takes segment_ids (rlpt.framework.trajectory.pack_rows)
+    supports_varlen = True    # forward takes row_index and token_slot (rlpt.framework.varlen)
     grad_checkpointing = False   # trainer.grad_checkpointing: recompute each block's activations in backward
 
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None,
                 positions: torch.Tensor | None = None, key_mask: torch.Tensor | None = None,
-                segment_ids: torch.Tensor | None = None, branch_ids: torch.Tensor | None = None) -> torch.Tensor:
+                segment_ids: torch.Tensor | None = None, branch_ids: torch.Tensor | None = None,
+                row_index: torch.Tensor | None = None, token_slot: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids (B, T) -> logits (B, T, V).
 
         Without a cache: a plain causal forward from position 0 (right padding is harmless).
@@ -218,7 +237,11 @@ class GPT(nn.Module):
         Packed (no cache): `segment_ids` (B, T) names the sequence each token belongs to and `positions` (B, T)
         its position within it; query i sees key j iff j <= i and segment_ids[j] == segment_ids[i], and, with
         `branch_ids` (B, T), branch_ids[j] is 0 (a shared prefix) or branch_ids[i].
+        Varlen (rlpt.framework.varlen): input_ids and positions (N,) flat tokens, `row_index` (R, T) the flat token
+        at each column of each row, `token_slot` (N,) one slot of R·T per token -> logits (N, V).
         """
+        if row_index is not None:
+            return self._forward_varlen(input_ids, positions, row_index, token_slot)
         B, T = input_ids.shape
         if segment_ids is not None:
             return self._forward_packed(input_ids, positions, segment_ids, branch_ids)
@@ -263,6 +286,18 @@ class GPT(nn.Module):
         x = self.embed(input_ids)
         for i, layer in enumerate(self.layers):
             x = self._block(layer, x, cos, sin, i, None, mask)
+        return self.lm_head(self.norm(x))
+
+    def _forward_varlen(self, input_ids, positions, row_index, token_slot) -> torch.Tensor:
+        if positions is None or token_slot is None or positions.shape != input_ids.shape:
+            raise ValueError("a varlen forward needs positions and token_slot (rlpt.framework.varlen.varlen_rows)")
+        if row_index.shape[1] > self.cfg.max_seq_len:
+            raise ValueError(f"a varlen row of {row_index.shape[1]} tokens exceeds "
+                             f"model.max_seq_len={self.cfg.max_seq_len}")
+        cos, sin = self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1)   # (N, 1, hd)
+        x = self.embed(input_ids)                                                                   # (N, d)
+        for i, layer in enumerate(self.layers):
+            x = self._block(layer, x, cos, sin, i, None, (row_index, token_slot))
         return self.lm_head(self.norm(x))
 
     def _block(self, layer: Block, x, cos, sin, i, cache, mask) -> torch.Tensor:
