@@ -7,21 +7,26 @@
     rollout_policy     the rollout's copy: a deep copy, or under LoRA one sharing the frozen base (lora.sync)
     sync_payload       what a weight sync moves: every parameter, or under LoRA the adapters / merged weights
     set_grad_checkpointing   trainer.grad_checkpointing on gpt_mini or an HF policy
+    DataSection        data.prompts (a prompt set for env.name=math), data.format, data.heldout, data.chat_template
+    env_tokenizer      the env's and the rollout's tokenizer: CharTokenizer, or the HF model's own (+ chat template)
+    prompt_set_kwargs  the math env's training and held-out rows, each prompt checked to fit the model's context
 
-The arithmetic envs score CharTokenizer ids, so the HF tokenizer must be gpt_mini's (`check_char_tokenizer`).
-rlpt.train re-exports these names; its TrainJob holds the two sections.
+The arithmetic envs score CharTokenizer ids, so on them the HF tokenizer must be gpt_mini's (`check_char_tokenizer`);
+env.name=math scores text, so it runs any HF model with its own tokenizer (`ANY_TOKENIZER_ENVS`).
+rlpt.train re-exports these names; its TrainJob holds the sections.
 """
 from __future__ import annotations
 
 import copy
 import json
+import random
 from pathlib import Path
 from typing import Literal
 
 import torch
 from pydantic import Field
 
-from rlpt.config import ModelConfig, Section
+from rlpt.config import ConfigError, ModelConfig, Section
 from rlpt.gpt_mini.model import load_model
 from rlpt.gpt_mini.tokenizer import ALPHABET, CharTokenizer
 
@@ -52,7 +57,41 @@ class LoraSection(Section):
         "copy shares the frozen base) or 'merged' (W + alpha/r·BA for every weight, into a plain second copy)")
 
 
+class DataSection(Section):
+    """A prompt set of your own for env.name=math, and how its prompts reach the policy (docs/real_models.md)."""
+    prompts: str | None = Field(None, description="the prompt set: a .jsonl or .parquet file, hf:owner/name or a "
+                                "`save_to_disk` directory; None = the env's built-in task (env.name=math only)")
+    format: Literal["rows", "gsm8k", "math"] = Field(
+        "rows", description="rows: {prompt, answer, id, source, metadata}; gsm8k: {question, answer: '... #### 72'}; "
+                            "math: {problem, solution with \\boxed{}, level, type} (rlpt/data/formats.py)")
+    heldout: str | float = Field(0.1, description="the held-out rows: a file in data.format, or the fraction of "
+                                 "data.prompts held out (0 < f < 1, a fixed draw; those rows are never trained on)")
+    chat_template: bool = Field(False, description="encode each prompt as a user message through the tokenizer's "
+                                "chat template with the generation prompt (needs model.hf_path); false = plain text")
+    system: str | None = Field(None, description="a system message before each prompt (needs data.chat_template)")
+
+    def check(self, env_name: str, hf_path: str | None) -> None:
+        """The section's keys against the env and the model; a ValueError naming the key."""
+        if isinstance(self.heldout, float) and not 0 < self.heldout < 1:
+            raise ValueError(f"data.heldout={self.heldout} is a fraction of data.prompts: give 0 < f < 1, or a file")
+        if self.prompts is None:
+            changed = [k for k in ("format", "heldout") if getattr(self, k) != DataSection.model_fields[k].default]
+            if changed:
+                raise ValueError(f"data.{changed[0]} is set but data.prompts is not: set data.prompts=<file>")
+        elif env_name not in ANY_TOKENIZER_ENVS:
+            raise ValueError(f"data.prompts is a prompt set for env.name=math, but env.name={env_name} draws its own "
+                             "prompts: set env.name=math, or remove data.prompts")
+        if (self.chat_template or self.system is not None) and hf_path is None:
+            raise ValueError("data.chat_template / data.system need model.hf_path: gpt_mini has no chat template")
+        if self.chat_template and env_name not in ANY_TOKENIZER_ENVS:
+            raise ValueError(f"data.chat_template=true with env.name={env_name}: its prompts are gpt_mini's "
+                             "character ids; set env.name=math, or data.chat_template=false")
+        if self.system is not None and not self.chat_template:
+            raise ValueError("data.system is a system message for the chat template: set data.chat_template=true")
+
+
 HF_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")   # what the engine serves
+ANY_TOKENIZER_ENVS = ("math",)   # envs that score decoded text: they run an HF model with its own tokenizer
 
 
 def check_hf_path(path: str) -> dict:
@@ -71,14 +110,15 @@ def check_hf_path(path: str) -> dict:
     return config
 
 
-def check_char_tokenizer(tokenizer, path: str) -> None:
+def check_char_tokenizer(tokenizer, path: str, env_name: str = "arithmetic") -> None:
     """The arithmetic envs speak CharTokenizer ids: the HF tokenizer must give the same ids for the alphabet."""
     tok = CharTokenizer()
     text = ALPHABET[1:]     # every character but NUL (the pad)
     if tokenizer is None or tokenizer.encode(text) != tok.encode(text) or tokenizer.eos_id != tok.eos_id:
         raise ValueError(f"model.hf_path={path!r}: its tokenizer is not gpt_mini's character tokenizer (other ids "
-                         "for the alphabet or another EOS), and `rlpt train`'s envs score CharTokenizer ids. Use a "
-                         "directory written by `rlpt export` (it has rlpt_export.json)")
+                         f"for the alphabet or another EOS), and env.name={env_name} scores CharTokenizer ids. Use a "
+                         "directory written by `rlpt export` (it has rlpt_export.json), or env.name=math with "
+                         "data.prompts=<file> (any tokenizer; docs/real_models.md, \"Your own model and data\")")
 
 
 def load_policy(job, init: Path, tok: CharTokenizer):
@@ -87,11 +127,56 @@ def load_policy(job, init: Path, tok: CharTokenizer):
         return load_model(init, job.model.gpt_mini(), tok)
     from rlpt.models.hf import load_hf_policy
     policy = load_hf_policy(job.model.hf_path)
-    check_char_tokenizer(policy.tokenizer, job.model.hf_path)
+    if job.env.name not in ANY_TOKENIZER_ENVS:
+        check_char_tokenizer(policy.tokenizer, job.model.hf_path, job.env.name)
     if job.lora.r:
         from rlpt.models.lora import LoraSpec, apply_lora
         policy = apply_lora(policy, LoraSpec(r=job.lora.r, alpha=job.lora.alpha, targets=job.lora.targets))
     return policy
+
+
+def env_tokenizer(job, policy, tok: CharTokenizer):
+    """The env's and the rollout's tokenizer: `tok` (gpt_mini, or an HF policy on an arithmetic env, whose
+    tokenizer check_char_tokenizer found equal), else the HF model's own, prompts through its chat template when
+    data.chat_template (rlpt/models/chat.py)."""
+    if not job.model.hf_path or job.env.name not in ANY_TOKENIZER_ENVS:
+        return tok
+    from rlpt.models.chat import PromptTokenizer
+    return PromptTokenizer(policy.tokenizer, chat_template=job.data.chat_template, system=job.data.system)
+
+
+def prompt_set_kwargs(job, tok=None, max_len: int | None = None) -> dict:
+    """The math env's `rows` and `heldout_rows` from data.prompts (none without it). With `tok` and `max_len`,
+    every prompt is encoded once and must leave rollout.max_tokens of room in the model's context."""
+    d = job.data
+    if d.prompts is None:
+        return {}
+    from rlpt.data.formats import read_prompt_set
+    rows = read_prompt_set(d.prompts, d.format)
+    if isinstance(d.heldout, str):
+        train, held = rows, read_prompt_set(d.heldout, d.format)
+    else:
+        n_held = max(1, round(d.heldout * len(rows)))
+        if n_held >= len(rows):
+            raise ConfigError(f"data.prompts={d.prompts!r} has {len(rows)} rows: data.heldout={d.heldout} leaves "
+                              "none to train on; give more rows, a smaller fraction, or a held-out file")
+        picked = set(random.Random(0).sample(range(len(rows)), n_held))   # the same rows for every run
+        train = [r for i, r in enumerate(rows) if i not in picked]
+        held = [r for i, r in enumerate(rows) if i in picked]
+    if tok is not None and max_len is not None:
+        encode = getattr(tok, "encode_prompt", tok.encode)
+        room = max_len - job.rollout.max_tokens
+        for r in train + held:
+            try:
+                n = len(encode(r.prompt))
+            except ValueError as e:   # CharTokenizer: a character outside gpt_mini's alphabet
+                raise ConfigError(f"data.prompts: row {r.id!r} cannot be encoded ({e}): gpt_mini writes only its "
+                                  "arithmetic alphabet; use model.hf_path=<a model with its own tokenizer>") from None
+            if n > room:
+                raise ConfigError(f"data.prompts: row {r.id!r} ({r.source}) is {n} tokens, and with "
+                                  f"rollout.max_tokens={job.rollout.max_tokens} it overflows the model's context of "
+                                  f"{max_len}: lower rollout.max_tokens, or drop the longer rows")
+    return {"rows": train, "heldout_rows": held}
 
 
 def rollout_policy(job, policy) -> torch.nn.Module:

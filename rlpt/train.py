@@ -17,7 +17,8 @@ so `--resume` continues bit-identically.
 With `model.hf_path=<dir>` (e.g. `rlpt export` output) the policy is that Hugging Face model instead, with
 LoRA when `lora.r > 0`: π_ref is then the same model with its adapters off, the rollout's copy shares the frozen
 base and a sync moves the adapters only (`lora.sync`), and checkpoints hold the adapters only (docs/real_models.md
-§5). No SFT start is trained; the tokenizer must be gpt_mini's.
+§5). No SFT start is trained. On the arithmetic envs its tokenizer must be gpt_mini's; env.name=math runs it with
+its own tokenizer over a prompt set of yours (`data.prompts`, `data.format=rows|gsm8k|math`, `data.chat_template`).
 """
 from __future__ import annotations
 
@@ -64,13 +65,17 @@ from rlpt.gpt_mini.generate import SamplingParams
 from rlpt.gpt_mini.task import TRACE_FORMATS, make_task
 from rlpt.gpt_mini.tokenizer import CharTokenizer
 from rlpt.hf_policy import (  # noqa: F401 - re-exported: a Hugging Face policy through rlpt train
+    ANY_TOKENIZER_ENVS,
     HF_ARCHITECTURES,
+    DataSection,
     LoraSection,
     TrainModelConfig,
     check_char_tokenizer,
     check_hf_path,
     checkpointed,
+    env_tokenizer,
     load_policy,
+    prompt_set_kwargs,
     rollout_policy,
     set_grad_checkpointing,
     sync_payload,
@@ -91,6 +96,8 @@ class EnvConfig(Section):
                                          "curriculum and operand ramp (rlpt/envs/curriculum.py)")
     process_coef: float = Field(0.5, ge=0, lt=1, description="env.name=prm only: c in R = 1[verifier] − c·mean_k(1 − "
                                 "PRM step score) (rlpt/envs/prm.py); below 1 so that reward > 0 still means correct")
+    format_coef: float = Field(0.5, ge=0, lt=1, description="env.name=format only: c in R = accuracy − c·(1 − "
+                               "well_formed) (rlpt/envs/format_reward.py); below 1 so that reward > 0 still means correct")
 
 
 class RolloutConfig(Section):
@@ -203,6 +210,7 @@ class TrainJob(TrainStage):
     lora: LoraSection = LoraSection()
     task: TaskConfig = TaskConfig()
     env: EnvConfig = EnvConfig()
+    data: DataSection = DataSection()   # a prompt set of your own for env.name=math (docs/real_models.md)
     init_from: str | None = None
     sft: SFTConfig = SFTConfig(steps=180, format="cot")
     eval: EvalConfig = EvalConfig(every=25, size=400)
@@ -269,8 +277,10 @@ class TrainJob(TrainStage):
             check_prompt_fits(self.task, self.model.max_seq_len)
         if self.init_from is None and self.model.hf_path is None:   # the SFT start is trained here
             check_demonstration_fits(self.task, self.sft.format, self.model.max_seq_len)
-        if env_class(self.env.name).model_path_arg is None:   # cheap to build: look at its prompts
-            check_env_prompts(self)
+        self.data.check(self.env.name, self.model.hf_path)
+        own_tokenizer = self.model.hf_path is not None and self.env.name in ANY_TOKENIZER_ENVS
+        if env_class(self.env.name).model_path_arg is None and not own_tokenizer:   # cheap to build: its prompts
+            check_env_prompts(self)   # (an HF tokenizer's prompts are checked in build, against the model's context)
         return self
 
 
@@ -289,7 +299,7 @@ def check_env_prompts(job: TrainJob) -> None:
     alphabet cannot encode becomes an empty one (CodeEnv), and every RL step would be skipped."""
     tok = CharTokenizer()
     env = make_env(job.env.name, task=make_task(job.task), seed=0, tokenizer=tok,
-                   **curriculum_kwargs(job.env.name, job.env.curriculum))
+                   **curriculum_kwargs(job.env.name, job.env.curriculum), **prompt_set_kwargs(job))
     for p in env.heldout(8):
         if not p.ids:
             raise ValueError(f"env.name={job.env.name} asks {quote(p.text, 60)}, which gpt_mini's arithmetic "
@@ -304,7 +314,7 @@ def env_model_kwargs(env: EnvConfig) -> dict:
     """`env.model_path` as the keyword its env takes (`model_path_arg`: the RM env's model_path, the
     judge's judge_path); an env that needs a model and got none, or got one it cannot use, is an error."""
     arg = env_class(env.name).model_path_arg
-    extra = curriculum_kwargs(env.name, env.curriculum) | process_kwargs(env)
+    extra = curriculum_kwargs(env.name, env.curriculum) | coef_kwargs(env)
     if arg is None:
         if env.model_path is not None:
             raise ValueError(f"env.model_path is set but env '{env.name}' scores without a model: "
@@ -315,14 +325,20 @@ def env_model_kwargs(env: EnvConfig) -> dict:
     return {arg: env.model_path, **extra}
 
 
-def process_kwargs(env: EnvConfig) -> dict:
-    """`env.process_coef` for env.name=prm; set to another value for any other env, an error naming the key."""
-    if env.name == "prm":
-        return {"process_coef": env.process_coef}
-    if env.process_coef != EnvConfig.model_fields["process_coef"].default:
-        raise ValueError(f"env.process_coef is set but env.name={env.name} has no process reward: set env.name=prm "
-                         "or remove env.process_coef")
-    return {}
+COEF_ENVS = {"process_coef": ("prm", "process reward"), "format_coef": ("format", "format reward")}
+
+
+def coef_kwargs(env: EnvConfig) -> dict:
+    """`env.process_coef` for env.name=prm, `env.format_coef` for env.name=format; either set to another value
+    for any other env is an error naming the key."""
+    out = {}
+    for key, (name, what) in COEF_ENVS.items():
+        if env.name == name:
+            out[key] = getattr(env, key)
+        elif getattr(env, key) != EnvConfig.model_fields[key].default:
+            raise ValueError(f"env.{key} is set but env.name={env.name} has no {what}: set env.name={name} "
+                             f"or remove env.{key}")
+    return out
 
 
 def load_train_job(path: str | None, overrides: list[str], base: dict | None = None) -> TrainJob:
@@ -371,12 +387,12 @@ def sft_init(job: TrainJob, resume: bool, allow_change: Collection[str] = ()) ->
 
 def build(job: TrainJob, init: Path):
     """The six roles, wired. Returns (controller, heldout prompts)."""
-    tok = CharTokenizer()
-    policy = load_policy(job, init, tok)
+    policy = load_policy(job, init, CharTokenizer())
+    tok = env_tokenizer(job, policy, CharTokenizer())   # an HF model's own on env.name=math, else CharTokenizer
     if job.trainer.grad_checkpointing:   # only the trainer's train-mode forward recomputes; copies inherit the flag
         set_grad_checkpointing(policy)
     env = make_env(job.env.name, task=make_task(job.task), seed=job.run.seed, tokenizer=tok,
-                   **env_model_kwargs(job.env))
+                   **env_model_kwargs(job.env), **prompt_set_kwargs(job, tok, policy.cfg.max_seq_len))
     sp = SamplingParams(max_tokens=job.rollout.max_tokens, temperature=job.rollout.temperature,
                         top_p=job.rollout.top_p, top_k=job.rollout.top_k)
     algo = make_algorithm(job.algorithm.model_dump(), job.rollout.k, job.rollout.max_tokens)

@@ -1,5 +1,5 @@
 """Prompt sets: validated rows, read from JSONL (always), Parquet (with pyarrow) or a Hugging Face dataset
-(with `datasets`), written as JSONL.
+(with `datasets`: `hf:owner/name`, or a local `save_to_disk` directory), written as JSONL.
 
     {"id": "arith-17", "prompt": "<3+4+5>", "answer": "12", "source": "arith", "metadata": {"operands": 3}}
 
@@ -8,12 +8,16 @@ answer the verifier checks, where it came from (counted per source in every repo
 numbers is the course's stage-1 alarm) and free metadata. `id` defaults to `<file stem>-<line>` and `source`
 to the file stem, so a bare `{"prompt": ..., "answer": ...}` file is a prompt set. A bad row stops the read
 with one line naming the file and line and quoting the row (at most 200 characters).
+
+Every reader takes `parse` (record, where, default id, default source) -> PromptRow: `parse_row` for rows as
+above, or a published dataset's own fields (rlpt/data/formats.py: GSM8K, MATH).
 """
 from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -50,12 +54,17 @@ class _RowSchema(BaseModel):
         return v
 
 
+_PUBLISHED = {"question": "gsm8k", "problem": "math"}   # a published record's key -> its format (data/formats.py)
+
+
 def _error_text(e: ValidationError) -> str:
     parts = []
     for err in e.errors():
         where = ".".join(str(x) for x in err["loc"]) or "row"
         msg = "unknown key (known: id, prompt, answer, source, metadata)" if err["type"] == "extra_forbidden" \
             else err["msg"]
+        if err["type"] == "extra_forbidden" and where in _PUBLISHED:
+            msg += f"; a {_PUBLISHED[where]} record? read it as format {_PUBLISHED[where]} (data.format)"
         parts.append(f"{where}: {msg}")
     return "; ".join(parts)
 
@@ -72,7 +81,10 @@ def parse_row(data: Any, where: str, default_id: str, default_source: str) -> Pr
                      source=r.source if r.source is not None else default_source, metadata=r.metadata)
 
 
-def read_jsonl(path: str | Path) -> list[PromptRow]:
+RowParser = Callable[[Any, str, str, str], PromptRow]
+
+
+def read_jsonl(path: str | Path, parse: RowParser = parse_row) -> list[PromptRow]:
     path = Path(path)
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
@@ -89,11 +101,11 @@ def read_jsonl(path: str | Path) -> list[PromptRow]:
             data = json.loads(line)
         except json.JSONDecodeError as e:
             raise ConfigError(f"{where}: not JSON ({e.msg}): {quote(line)}") from None
-        rows.append(parse_row(data, where, f"{path.stem}-{i}", path.stem))
+        rows.append(parse(data, where, f"{path.stem}-{i}", path.stem))
     return _unique_ids(rows, str(path))
 
 
-def read_parquet(path: str | Path) -> list[PromptRow]:
+def read_parquet(path: str | Path, parse: RowParser = parse_row) -> list[PromptRow]:
     try:
         import pyarrow.parquet as pq
     except ImportError:
@@ -101,31 +113,49 @@ def read_parquet(path: str | Path) -> list[PromptRow]:
                           "or convert the file to JSONL") from None
     path = Path(path)
     records = pq.read_table(path).to_pylist()
-    rows = [parse_row(rec, f"{path}:row {i}", f"{path.stem}-{i}", path.stem) for i, rec in enumerate(records, 1)]
+    rows = [parse(rec, f"{path}:row {i}", f"{path.stem}-{i}", path.stem) for i, rec in enumerate(records, 1)]
     return _unique_ids(rows, str(path))
 
 
-def read_hf(name: str, split: str = "train") -> list[PromptRow]:
-    """A Hugging Face dataset by name (`hf:owner/name` on the command line), its columns named as a row's keys."""
+def _datasets(name: str):
     try:
         import datasets
     except ImportError:
         raise ConfigError(f"reading the Hugging Face dataset {quote(name)} needs `datasets`, which is not installed: "
                           "`pip install datasets`, or export the rows to JSONL") from None
-    ds = datasets.load_dataset(name, split=split)
-    stem = name.rsplit("/", 1)[-1]
-    rows = [parse_row(rec, f"{name}[{split}]:row {i}", f"{stem}-{i}", stem) for i, rec in enumerate(ds, 1)]
+    return datasets
+
+
+def read_hf(name: str, split: str = "train", parse: RowParser = parse_row) -> list[PromptRow]:
+    """A Hugging Face dataset by name (`hf:owner/name` on the command line), or a local directory written by
+    `Dataset.save_to_disk` / `DatasetDict.save_to_disk` (its `split`)."""
+    datasets = _datasets(name)
+    if Path(name).is_dir():
+        ds = datasets.load_from_disk(name)
+        if isinstance(ds, datasets.DatasetDict):
+            if split not in ds:
+                raise ConfigError(f"{quote(name)} has the splits {sorted(ds)}, not {quote(split)}")
+            ds = ds[split]
+    else:
+        ds = datasets.load_dataset(name, split=split)
+    stem = name.rstrip("/").rsplit("/", 1)[-1]
+    rows = [parse(rec, f"{name}[{split}]:row {i}", f"{stem}-{i}", stem) for i, rec in enumerate(ds, 1)]
     return _unique_ids(rows, name)
 
 
-def read_prompts(where: str | Path) -> list[PromptRow]:
-    """Rows from `*.jsonl`, `*.parquet` or `hf:owner/name`."""
+def read_prompts(where: str | Path, parse: RowParser = parse_row) -> list[PromptRow]:
+    """Rows from `*.jsonl`, `*.parquet`, `hf:owner/name` or a `save_to_disk` directory."""
     s = str(where)
     if s.startswith("hf:"):
-        return read_hf(s[3:])
+        return read_hf(s[3:], parse=parse)
     if s.endswith(".parquet"):
-        return read_parquet(s)
-    return read_jsonl(s)
+        return read_parquet(s, parse)
+    if Path(s).is_dir():
+        if not any((Path(s) / f).is_file() for f in ("dataset_info.json", "dataset_dict.json", "state.json")):
+            raise ConfigError(f"{quote(s)} is a directory but not a Hugging Face dataset written by save_to_disk "
+                              "(no dataset_info.json / dataset_dict.json): give a .jsonl or .parquet file")
+        return read_hf(s, parse=parse)
+    return read_jsonl(s, parse)
 
 
 def write_prompts(path: str | Path, rows: list[PromptRow]) -> Path:

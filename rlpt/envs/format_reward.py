@@ -19,7 +19,7 @@ advantages (GRPO, DAPO, RLOO) are unchanged by the constant −c, and `reward > 
 A wrong chain outscores a wrong bare answer: the format reward pays for showing the work, which is how R1-Zero's
 base model was pushed to reason at length (and why the paper's chains grew while accuracy rose).
 
-    rlpt train env.name=format [key=value ...]          rlpt recipe recipes/r1_zero.yaml
+    rlpt train env.name=format [env.format_coef=0.5] [key=value ...]          rlpt recipe recipes/r1_zero.yaml
 """
 from __future__ import annotations
 
@@ -46,8 +46,17 @@ def format_reward(response: str, gold: int, coef: float = FORMAT_COEF) -> float:
 
 @register_env("format")
 class FormatEnv(ArithmeticEnv):
-    """Arithmetic prompts; reward = accuracy with a format term (module doc). info: correct, well_formed."""
+    """Arithmetic prompts; reward = accuracy with a format term (module doc). info: correct, well_formed.
+    `format_coef` is c (env.format_coef), in [0, 1) so that reward > 0 still means correct."""
+
+    def __init__(self, task=None, seed: int = 0, tokenizer=None, format_coef: float = FORMAT_COEF):
+        if not 0 <= format_coef < 1:
+            raise ValueError(f"format_coef={format_coef} must be in [0, 1): at 1 or more a correct bare answer "
+                             "scores <= 0, and reward > 0 no longer means correct")
+        super().__init__(task, seed, tokenizer)
+        self.format_coef = format_coef
 
     def verify(self, prompt: Prompt, response: str) -> Verdict:
         ok = verify(response, prompt.gold) == 1.0
-        return Verdict(format_reward(response, prompt.gold), {"correct": ok, "well_formed": well_formed(response)})
+        return Verdict(format_reward(response, prompt.gold, self.format_coef),
+                       {"correct": ok, "well_formed": well_formed(response)})

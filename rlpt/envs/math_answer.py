@@ -15,7 +15,12 @@ whole-second alarm is switched off so the two do not cancel each other). Signals
 thread only, so a verify called from another thread has the length cap but no time cap. What is
 logged about a rejected answer is a preview of `PREVIEW_CHARS`, never the answer whole.
 
-The built-in task adds two fractions, `<1/2+1/3>` with gold 5/6, so it fits gpt_mini's alphabet.
+The built-in task adds two fractions, `<1/2+1/3>` with gold 5/6, so it fits gpt_mini's alphabet. A prompt set
+replaces it: `rows` (PromptRow, rlpt/data: e.g. GSM8K or MATH records) are drawn at random for training and
+`heldout_rows` are the held-out evaluation, in order. A prompt's ids come from the tokenizer's `encode_prompt`
+when it has one (an HF tokenizer through its chat template, rlpt/models/chat.py), else `encode`.
+
+    rlpt train model.hf_path=<dir> env.name=math data.prompts=train.jsonl data.format=gsm8k data.chat_template=true
 """
 from __future__ import annotations
 
@@ -37,7 +42,8 @@ from rlpt.framework.environment import Environment, Prompt, Verdict, register_en
 _BOXED = re.compile(r"\\boxed\s*\{")
 _ANSWER_IS = re.compile(r"answer\s*(?:is|:|=)\s*(.+)", re.I | re.S)
 _MATH_SPAN = re.compile(r"\$+([^$]+)\$+")
-_NUMBER = re.compile(r"-?\d+(?:\.\d+)?(?:\s*/\s*\d+)?|-?\.\d+")
+# 1,200 (GSM8K writes thousands so) is one number; a comma not followed by exactly three digits separates two
+_NUMBER = re.compile(r"-?\d{1,3}(?:,\d{3})+(?![\d,])(?:\.\d+)?|-?\d+(?:\.\d+)?(?:\s*/\s*\d+)?|-?\.\d+")
 MAX_ANSWER_CHARS = 256        # longer than any honest answer to a problem with a short gold
 VERIFY_TIME_S = 1.0           # parse + compare, per answer
 PREVIEW_CHARS = 80
@@ -74,7 +80,7 @@ def extract_answer(response: str) -> str | None:
     if "\\" in text:                        # bare LaTeX (\frac{3}{4}): the whole remaining text
         return text
     nums = _NUMBER.findall(text)
-    return nums[-1].replace(" ", "") if nums else None
+    return nums[-1].replace(" ", "").replace(",", "") if nums else None
 
 
 def _as_math(s: str):
@@ -134,11 +140,17 @@ def verify_math(response: str, gold: str, max_chars: int = MAX_ANSWER_CHARS,
 
 @register_env("math")
 class MathAnswerEnv(Environment):
-    """`<a/b+c/d>` -> the sum as any equivalent form. `problems` (text, gold) replaces the built-in task."""
+    """`<a/b+c/d>` -> the sum as any equivalent form. `problems` (text, gold) or `rows` (PromptRow) replace the
+    built-in task; `heldout_rows` (PromptRow) are then the held-out set (else it is drawn like training)."""
 
     def __init__(self, problems: list[tuple[str, str]] | None = None, seed: int = 0, tokenizer=None,
-                 max_den: int = 6, **_):
+                 max_den: int = 6, rows: list | None = None, heldout_rows: list | None = None, **_):
+        if rows is not None:
+            if not rows:
+                raise ValueError("the math env got an empty prompt set (no training rows)")
+            problems = [(r.prompt, r.answer) for r in rows]
         self.problems = problems
+        self.heldout_problems = [(r.prompt, r.answer) for r in heldout_rows] if heldout_rows else None
         self.tokenizer = tokenizer
         self.max_den = max_den
         self.rng = random.Random(seed)
@@ -152,8 +164,9 @@ class MathAnswerEnv(Environment):
         return f"<{x}/{a}+{y}/{b}>", str(s)
 
     def _prompt(self, text: str, gold: str) -> Prompt:
+        encode = getattr(self.tokenizer, "encode_prompt", None) or getattr(self.tokenizer, "encode", None)
         try:
-            ids = self.tokenizer.encode(text) if self.tokenizer is not None else []
+            ids = encode(text) if encode is not None else []
         except ValueError:
             ids = []
         return Prompt(text, ids, gold)
@@ -166,6 +179,8 @@ class MathAnswerEnv(Environment):
         return Verdict(r, info)
 
     def heldout(self, n: int) -> list[Prompt]:
+        if self.heldout_problems:
+            return [self._prompt(*p) for p in self.heldout_problems[:n]]
         rng = random.Random(1234)
         return [self._prompt(*self._make(rng)) for _ in range(n)]
 
