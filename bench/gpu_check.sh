@@ -18,6 +18,10 @@
 #   train    GRPO (group-normalised advantages, clipped surrogate, k3 KL β 0.04, token mean) under bf16 autocast,
 #            fp32 master weights and AdamW on the adapters only, gradient checkpointing on (use_reentrant=False)
 #   sync     WeightSyncer(payload=adapter_payload): the adapters only, into the rollout copy (bytes reported)
+#   vllm     optional, only where `import vllm` works (make test-vllm's .venv-vllm: PYTHON=.venv-vllm/bin/python):
+#            the same rollout through rollout.backend=vllm (rlpt/engine/vllm_backend.py, fp32, eager): engine
+#            start, tokens/s, one full weight push (reload_weights), its log-probs against the trainer's fp32;
+#            its result is "vllm" in the JSON (ran: false and why, where it did not run). --no-vllm skips it.
 # Needs torch, transformers, peft, pydantic, pyyaml; rlpt from this checkout (PYTHONPATH), no install.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -47,6 +51,7 @@ p.add_argument("--prompt-len", type=int, default=64)
 p.add_argument("--max-tokens", type=int, default=128)
 p.add_argument("--lora-r", type=int, default=16)
 p.add_argument("--seed", type=int, default=0)
+p.add_argument("--no-vllm", action="store_true", help="skip the optional rollout.backend=vllm step")
 args = p.parse_args(sys.argv[1:])
 if args.dry_run:
     args.steps, args.prompts, args.k, args.prompt_len, args.max_tokens, args.lora_r = 0, 2, 2, 6, 6, 4
@@ -243,13 +248,64 @@ print(f"| fwd+bwd variant | s | tokens/s | peak GB |")
 print(f"|---|---:|---:|---:|")
 for name, r in variants.items():
     print(f"| {name} | {r['s']:.3f} | {r['tokens_per_s']} | {r['peak_gb']:.2f} |")
+
+
+def vllm_step() -> dict:
+    """The optional vLLM rollout (see the header); never fails the script: an error is reported in the result."""
+    if args.no_vllm:
+        return {"ran": False, "why": "--no-vllm"}
+    left = float(os.environ.get("GPU_CHECK_TIMEOUT", 470)) - (time.time() - t_start)
+    if left < 150:
+        return {"ran": False, "why": f"only {left:.0f} s of the time limit left"}
+    try:
+        import vllm
+    except Exception as e:                       # not installed (the default), or a broken install
+        return {"ran": False, "why": f"vllm not importable ({type(e).__name__}: {e})"[:300]}
+    out = {"ran": True, "version": getattr(vllm, "__version__", "?")}
+    try:
+        from rlpt.engine.vllm_backend import VLLMBackend, shutdown_engines
+        prompts = [torch.randint(3, config.vocab_size, (args.prompt_len,), generator=g).tolist()
+                   for _ in range(args.prompts)]
+        batch_prompts = [q for q in prompts for _ in range(args.k)]
+        backend = VLLMBackend(dtype="float32", enforce_eager=True, max_model_len=args.prompt_len + args.max_tokens)
+        t = time.perf_counter()
+        backend(rollout_model, prompts[:1], sp, EOS, PAD, torch.Generator().manual_seed(0))   # start + warm-up
+        out["start_s"] = round(time.perf_counter() - t, 2)
+        t = time.perf_counter()
+        samples = backend(rollout_model, batch_prompts, sp, EOS, PAD, torch.Generator().manual_seed(1))
+        dt = time.perf_counter() - t
+        out["rollout_s"] = round(dt, 3)
+        out["tokens_per_s"] = round(sum(len(s.tokens) for s in samples) / dt, 1)
+        gaps = []                                # vLLM's processed log-probs vs the trainer's fp32 forward
+        with torch.no_grad():
+            for q, s in list(zip(batch_prompts, samples))[:8]:
+                if s.tokens:
+                    ids = torch.tensor([q + s.tokens], device=device)
+                    lp = per_token_logp(rollout_model, ids, sp.temperature)[0, len(q) - 1:].float().cpu()
+                    gaps.append((lp - torch.tensor(s.logps)).abs())
+        if gaps:
+            gap = torch.cat(gaps)
+            out["logp_mismatch_mean"], out["logp_mismatch_max"] = gap.mean().item(), gap.max().item()
+        with torch.no_grad():                    # an in-place touch (values unchanged) => one full weight push
+            next(rollout_model.parameters()).mul_(1.0)
+        t = time.perf_counter()
+        served = backend.engine(rollout_model)
+        out["reload_s"], out["reloads"] = round(time.perf_counter() - t, 3), served.reloads
+        shutdown_engines()
+    except Exception as e:
+        out["error"] = f"{type(e).__name__}: {e}"[:500]
+    return out
+
+
+vllm_result = vllm_step()
+print(f"[gpu_check] vllm: {json.dumps(vllm_result)}", flush=True)
 result = {"bench": "gpu_check", "card": card, "device": device.type, "dry_run": args.dry_run,
           "torch": torch.__version__, "params": n_params, "trainable": sum(p.numel() for p in trainable),
           "shape": SHAPE, "prompts": args.prompts, "k": args.k, "prompt_len": args.prompt_len,
           "max_tokens": args.max_tokens, "steps": args.steps, "sampler": sampler, "roles": roles,
           "fwd_bwd": variants, "sync_bytes": rows[-1]["sync/bytes"],
           "logp_mismatch_mean": med("check/logp_mismatch_mean"), "logp_mismatch_max": med("check/logp_mismatch"),
-          "loss_finite": all(math.isfinite(r["loss"]) for r in rows), "wall_s": round(time.time() - t_start, 1)}
+          "loss_finite": all(math.isfinite(r["loss"]) for r in rows), "vllm": vllm_result, "wall_s": round(time.time() - t_start, 1)}
 line = json.dumps(result)
 if os.environ.get("OUT"):
     with open(os.path.join(os.environ["OUT"], "gpu_check.json"), "w") as f:

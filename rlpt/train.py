@@ -109,9 +109,10 @@ class RolloutConfig(Section):
     max_tokens: int = Field(32, ge=1, description="response tokens per trajectory (multi-turn: tool output included)")
     max_turns: int = Field(4, ge=1, description="assistant turns per trajectory (multi-turn envs only)")
     turn_tokens: int = Field(0, ge=0, description="tokens per assistant turn (multi-turn envs only); 0 = max_tokens")
-    backend: Literal["engine", "simple"] = Field(
+    backend: Literal["engine", "simple", "vllm"] = Field(
         "engine", description="sampler: 'engine' (rlpt.engine: paged KV, continuous batching, one prefill per "
-                              "group) or 'simple' (rlpt.gpt_mini.generate: padded batches, dense KV cache)")
+                              "group), 'simple' (rlpt.gpt_mini.generate: padded batches, dense KV cache) or 'vllm' "
+                              "(a real vLLM, the optional extra for CUDA machines: rlpt/engine/vllm_backend.py)")
     verify_workers: int = Field(0, ge=0, description="verifier processes (lesson 28): 0 = verify inline after "
                                 "sampling; N = a pool of N processes verifying each sequence the moment the engine "
                                 "finishes it, overlapped with the rest of the sampling (rlpt/framework/dispatch.py)")
@@ -438,6 +439,9 @@ def build(job: TrainJob, init: Path):
 def run_train(job: TrainJob, resume: bool = False, allow_change: Collection[str] = ()) -> tuple[Controller, Run, dict]:
     if job.run.threads:
         torch.set_num_threads(job.run.threads)
+    if job.rollout.backend == "vllm":       # a missing vLLM: one line now, not after the SFT start is trained
+        from rlpt.engine.vllm_backend import import_vllm
+        import_vllm()
     torch.manual_seed(job.run.seed)
     run = Run(job.run.out_dir, job.run.name, job, resume=resume, allow_change=allow_change)   # locked first:
     try:                                                   # the SFT start is trained inside it

@@ -37,6 +37,9 @@ dropped). Its prefix cache is also dropped at the start of every `generate`, so 
 depends only on (weights, prompts, generator state) — the bit-identical resume contract — while the
 turns of one multi-turn step still reuse each other's K/V.
 
+A third, "vllm" (rlpt/engine/vllm_backend.py), keeps the engine's contract on a real vLLM (an optional extra for
+CUDA machines: processed log-probs, the same seeds from `self.generator`, weights reloaded in place on a change).
+
 Verification runs inline after sampling by default (`rollout.verify_workers=0`: the rollout side of a step is
 τ_R + τ_V). `use_verifier(W, timeout)` with W > 0 hands each sequence to a pool of W verifier processes the step
 the engine finishes it (rlpt/framework/dispatch.py, lesson 28), so verification overlaps the decoding of the
@@ -56,12 +59,13 @@ import torch
 
 from rlpt.engine.backend import EngineBackend
 from rlpt.engine.llm import serves
+from rlpt.engine.vllm_backend import VLLMBackend
 from rlpt.framework.dispatch import VerifierPool
 from rlpt.framework.environment import Prompt, Verdict, safe_verify
 from rlpt.framework.trajectory import Trajectory
 from rlpt.gpt_mini.generate import SamplingParams, generate
 
-BACKENDS = ("engine", "simple")
+BACKENDS = ("engine", "simple", "vllm")
 
 
 def backend_for(model) -> str:
@@ -105,7 +109,8 @@ class Rollout:
             raise ValueError(f"rollout.backend must be one of {BACKENDS}, got {backend!r}")
         self.backend = backend
         # one paged engine per model object (the rollout copy; evaluate may pass the trainer's)
-        self._engine = EngineBackend(max_num_seqs=min(self.batch_limit, 256)) if backend == "engine" else None
+        self._engine = EngineBackend(max_num_seqs=min(self.batch_limit, 256)) if backend == "engine" else \
+            VLLMBackend() if backend == "vllm" else None    # vllm: imported here, a clear error if missing
 
     def use_verifier(self, workers: int, timeout: float = 30.0) -> None:
         """Verify inline (workers = 0) or in a pool of `workers` processes overlapped with sampling (see module
