@@ -209,11 +209,18 @@ def test_plain_encoding_and_a_system_message(tmp_path, models):
     assert p.ids == _chat_ids(models["qwen2"], p.text, "Be brief.") != _chat_ids(models["qwen2"], p.text)
 
 
-def test_grpo_on_a_llama_config_with_its_own_tokenizer(tmp_path, models):
-    ctl, run, _ = run_train(_job(tmp_path, models["llama"], "run.name=llama", "data.heldout=0.5"))
-    trained = [r for r in _metrics(run) if r.get("step/skipped") == 0.0]
+def test_the_rlpt_train_command_on_a_llama_config_with_its_own_tokenizer(tmp_path, models, capsys):
+    from rlpt.cli import main
+    data = _gsm8k_file(tmp_path / "gsm8k.jsonl")
+    args = ["train", f"model.hf_path={models['llama']}", f"data.prompts={data}", "data.format=gsm8k", "env.name=math",
+            *FAST, "data.heldout=0.5", f"run.out_dir={tmp_path / 'runs'}", "run.name=llama"]
+    assert main(args) == 0
+    rows = [json.loads(r) for r in (tmp_path / "runs" / "llama" / "metrics.jsonl").read_text().splitlines()]
+    trained = [r for r in rows if r.get("step/skipped") == 0.0]
     assert trained and all(r["check/logp_mismatch_mean"] < 1e-5 for r in trained)
-    assert type(ctl.trainer.model.model).__name__ == "LlamaForCausalLM" and len(ctl.env.heldout(100)) == 8
+    assert [r["step"] for r in rows if "acc/heldout" in r] == [0, 2]              # held-out eval at start and end
+    cfg = (tmp_path / "runs" / "llama" / "config.yaml").read_text()
+    assert "format: gsm8k" in cfg and "heldout: 0.5" in cfg and "chat_template: false" in cfg
 
 
 def test_bad_data_settings_name_the_key(tmp_path, models):
