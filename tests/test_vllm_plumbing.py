@@ -135,20 +135,23 @@ def test_a_lora_policy_is_written_and_pushed_merged_and_its_changes_are_seen(tmp
     assert weight_signature(policy) == sig
 
 
-def test_vllm_calls_leave_the_runs_global_rngs_as_they_were():
+def test_vllm_calls_leave_the_runs_global_rngs_and_matmul_precision_as_they_were():
     import random
 
     import numpy as np
 
-    from rlpt.engine.vllm_backend import _kept_rng
+    from rlpt.engine.vllm_backend import _kept_globals
     torch.manual_seed(5)
     random.seed(5)
     np.random.seed(5)
-    with _kept_rng():            # what vLLM's worker start does in this process (set_random_seed), and more draws
+    precision = torch.get_float32_matmul_precision()
+    with _kept_globals():        # what vLLM's worker start does in this process (set_random_seed), and more draws
         torch.manual_seed(0)
         random.seed(0)
         np.random.seed(0)
         np.random.randint(0, 10)
+        torch.set_float32_matmul_precision("medium" if precision != "medium" else "high")
+    assert torch.get_float32_matmul_precision() == precision
     got = (torch.rand(3), random.random(), np.random.rand())
     torch.manual_seed(5)
     random.seed(5)

@@ -33,7 +33,9 @@ How it keeps the contract:
   the engine core runs in this process: VLLM_ENABLE_V1_MULTIPROCESSING defaults to 0 here (vLLM's own default is
   a separate process, where an RPC's tensors arrive as raw (dtype, shape, bytes) lists, not tensors). Where the
   variable is set to 1 anyway, the directory is rewritten and `reload_weights(weights_path=dir)` reads it.
-  vLLM seeds the global RNGs when its worker starts; rlpt's are put back around every vLLM call (`_kept_rng`).
+  vLLM seeds the global RNGs when its worker starts and sets torch's float32 matmul precision; rlpt's are put back
+  around every vLLM call (`_kept_globals`). In this process vLLM's extensible KV cache is off: it would cap the whole
+  process's torch allocator, the trainer's included.
 - **One engine per architecture per process**, shared by every VLLMBackend (the rollout's and evaluate's), since a
   vLLM engine owns a share of the GPU (`gpu_memory_utilization`, 0.3 here by default: the trainer lives on the
   same card). `shutdown_engines()` frees them.
@@ -67,7 +69,10 @@ from rlpt.validate import ConfigError
 
 LOGPROBS_MODE = "processed_logprobs"
 SEED_BOUND = 2 ** 62             # EngineBackend's seed range; child seeds seed + j stay inside int64
-DEFAULT_LLM_KWARGS = {"gpu_memory_utilization": 0.3, "enable_prefix_caching": True, "seed": 0}
+# in rlpt's process a vLLM engine shares the card with the trainer: a fixed share (0.3), and no extensible KV cache,
+# which would cap *this process's* torch allocator (torch.cuda.set_per_process_memory_fraction), the trainer's too
+DEFAULT_LLM_KWARGS = {"gpu_memory_utilization": 0.3, "enable_extensible_kv_cache": False,
+                      "enable_prefix_caching": True, "seed": 0}
 FIXED = ("model", "tokenizer", "skip_tokenizer_init")      # set by the backend itself
 INSTALL = ("rollout.backend=vllm needs vLLM, which cannot be imported here ({why}). It is an optional extra for a "
            "CUDA machine: `make test-vllm` builds .venv-vllm with it and runs its tests (by hand: `pip install "
@@ -204,16 +209,17 @@ def weight_signature(model) -> tuple:
 
 # -- the engines ------------------------------------------------------------------------------------------------
 @contextmanager
-def _kept_rng():
-    """vLLM seeds the global RNGs when it starts a worker (in this process, with the in-process engine core): put
-    the run's back, so rlpt's RNG stream (checkpointed for a bit-identical resume) does not depend on when the
-    engine was started."""
-    state = rng_state()
+def _kept_globals():
+    """vLLM seeds the global RNGs when it starts a worker, and draws from numpy's for unseeded requests, and sets
+    torch's float32 matmul precision (in this process, with the in-process engine core): put the run's back, so
+    rlpt's RNG stream (checkpointed for a bit-identical resume) and its matmuls do not depend on vLLM."""
+    state, precision = rng_state(), torch.get_float32_matmul_precision()
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
     try:
         yield
     finally:
         set_rng_state(state)
+        torch.set_float32_matmul_precision(precision)
         if cuda is not None:
             torch.cuda.set_rng_state_all(cuda)
 
@@ -292,14 +298,14 @@ class VLLMBackend:
             write_hf_dir(model, tmp.name, dtype)
             kwargs = {k: v for k, v in self.llm_kwargs.items() if k != "dtype"}
             inproc = not importlib.import_module("vllm.envs").VLLM_ENABLE_V1_MULTIPROCESSING
-            with _kept_rng():
+            with _kept_globals():
                 llm = self.vllm.LLM(model=tmp.name, skip_tokenizer_init=True, dtype=_DTYPES[dtype],
                                     logprobs_mode=LOGPROBS_MODE, **kwargs)
             max_len = int(kwargs.get("max_model_len") or config.max_position_embeddings)
             served = _ENGINES[key] = _Served(llm, tmp, dtype, max_len, inproc)
             served.holder, served.signature = weakref.ref(model), weight_signature(model)
         if served.holder() is not model or served.signature != weight_signature(model):
-            with _kept_rng():
+            with _kept_globals():
                 served.push(model)
         return served
 
@@ -319,7 +325,7 @@ class VLLMBackend:
         params = [self.vllm.SamplingParams(**sampling_kwargs(
             sp, len(g), s, eos_id, min(sp.max_tokens, served.max_model_len - len(k))))
             for k, g, s in zip(keys, groups, seeds)]
-        with _kept_rng():
+        with _kept_globals():
             outs = served.llm.generate([{"prompt_token_ids": list(k)} for k in keys], sampling_params=params,
                                        use_tqdm=False)
         samples: list[Sample | None] = [None] * len(prompts)
