@@ -304,8 +304,9 @@ def check_env_prompts(job: TrainJob) -> None:
     for p in env.heldout(8):
         if not p.ids:
             raise ValueError(f"env.name={job.env.name} asks {quote(p.text, 60)}, which gpt_mini's arithmetic "
-                             "alphabet cannot write (every prompt would be empty): this env needs a Hugging Face "
-                             "policy, which `rlpt train` does not load; use it from Python (rlpt.models.hf)")
+                             "alphabet cannot write (every prompt would be empty): it needs a Hugging Face policy "
+                             "with its own tokenizer, model.hf_path=<dir>, which `rlpt train` runs with env.name="
+                             f"{' / '.join(ANY_TOKENIZER_ENVS)} (docs/real_models.md, \"Your own model and data\")")
         if len(p.ids) >= job.model.max_seq_len:
             raise ValueError(f"env.name={job.env.name} asks prompts of {len(p.ids)} tokens but model.max_seq_len="
                              f"{job.model.max_seq_len} leaves no room to answer: raise model.max_seq_len")

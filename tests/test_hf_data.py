@@ -229,6 +229,9 @@ def test_bad_data_settings_name_the_key(tmp_path, models):
         run_train(load_train_job(None, [*FAST[:7], f"run.out_dir={tmp_path / 'runs'}", f"model.hf_path={q}"]))
     with pytest.raises(ConfigError, match="data.prompts is a prompt set for env.name=math, but env.name=arithmetic"):
         _job(tmp_path, q, "env.name=arithmetic")
+    data = _gsm8k_file(tmp_path / "gsm8k.jsonl")
+    with pytest.raises(ConfigError, match="gpt_mini's arithmetic alphabet cannot write.*model.hf_path=<dir>.*math"):
+        load_train_job(None, ["env.name=math", f"data.prompts={data}", "data.format=gsm8k"])   # gpt_mini's chars
     with pytest.raises(ConfigError, match="data.chat_template / data.system need model.hf_path"):
         load_train_job(None, ["env.name=math", "data.chat_template=true"])
     with pytest.raises(ConfigError, match="data.system is a system message"):
