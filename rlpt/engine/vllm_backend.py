@@ -36,9 +36,10 @@ How it keeps the contract:
   vLLM seeds the global RNGs when its worker starts and sets torch's float32 matmul precision; rlpt's are put back
   around every vLLM call (`_kept_globals`). In this process vLLM's extensible KV cache is off: it would cap the whole
   process's torch allocator, the trainer's included.
-- **One engine per architecture per process**, shared by every VLLMBackend (the rollout's and evaluate's), since a
-  vLLM engine owns a share of the GPU (`gpu_memory_utilization`, 0.3 here by default: the trainer lives on the
-  same card). `shutdown_engines()` frees them.
+- **One engine per process**, shared by every VLLMBackend (the rollout's and evaluate's) while the architecture and
+  the LLM arguments stay the same (another replaces it), since a vLLM engine owns a share of the GPU
+  (`gpu_memory_utilization`, 0.3 here by default: the trainer lives on the same card) and vLLM keeps process-wide
+  state (distributed groups) that two in-process engines would share. `shutdown_engines()` frees it.
 
 Differences from EngineBackend: vLLM runs on its own device (a GPU) in its own dtype (the model's, unless
 `dtype=` is given); its kernels are not rlpt's, so sampled tokens differ from the engine's at temperature > 0 (the
@@ -250,14 +251,19 @@ _ENGINES: dict[str, _Served] = {}
 
 
 def shutdown_engines() -> None:
-    """Drop every vLLM engine of this process (their GPU memory is freed when vLLM shuts them down)."""
+    """Drop the vLLM engine of this process, if any, and vLLM's process-wide state with it (its distributed groups:
+    `cleanup_dist_env_and_memory`, what vLLM's own tests call between two LLMs in one process)."""
+    if not _ENGINES:
+        return
     for served in list(_ENGINES.values()):
         core = getattr(getattr(served.llm, "llm_engine", None), "engine_core", None)
-        if hasattr(core, "shutdown"):          # v1: stop the engine-core process now, not at garbage collection
+        if hasattr(core, "shutdown"):          # stop the engine core (and its process, if it has one) now
             core.shutdown()
         served.llm = None
         served.tmp.cleanup()
     _ENGINES.clear()
+    from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+    cleanup_dist_env_and_memory()
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -294,6 +300,7 @@ class VLLMBackend:
         key, dtype, config = self._keys[model]
         served = _ENGINES.get(key)
         if served is None:
+            shutdown_engines()                  # one engine per process: another shape or other kwargs replace it
             tmp = tempfile.TemporaryDirectory(prefix="rlpt-vllm-")
             write_hf_dir(model, tmp.name, dtype)
             kwargs = {k: v for k, v in self.llm_kwargs.items() if k != "dtype"}
