@@ -240,10 +240,7 @@ class TrainJob(TrainStage):
                                  f"{e}") from None
         if self.init_from is not None:
             raise ValueError("init_from and model.hf_path are both set: the HF directory is the start; remove one")
-        if self.system.topology != "colocated":
-            raise ValueError(f"system.topology={self.system.topology} with model.hf_path is not supported yet: "
-                             "use system.topology=colocated")
-        return self
+        return self   # every system.topology: Ray actors load model.hf_path themselves (rlpt.systems.workers)
 
     @model_validator(mode="after")
     def _lag(self):

@@ -37,7 +37,7 @@ from rlpt.systems.ddp import start_ranks, wait_all
 from rlpt.systems.partial import token_staleness
 from rlpt.systems.restart import Restarts
 from rlpt.systems.streaming import AsyncDriver, merge_stats
-from rlpt.systems.transport import WeightSyncError, copy_into
+from rlpt.systems.transport import WeightSyncError, copy_trained, trained_weights
 from rlpt.systems.workers import actor_classes, require_ray
 
 
@@ -51,7 +51,7 @@ class _TrainerView:
     def model(self) -> torch.nn.Module:
         s = self._system
         if s.version != self.pulled:
-            copy_into(self._model, s.ray.get(s.trainer_actor.weights.remote()))
+            copy_trained(self._model, s.ray.get(s.trainer_actor.weights.remote()))   # under LoRA the adapters
             self.pulled = s.version
         return self._model
 
@@ -265,7 +265,7 @@ class RaySystem(AsyncDriver, Restarts):
         if len(workers) != self.N:
             raise ValueError(f"the checkpoint has {len(workers)} rollout workers' state, this run "
                              f"system.rollout_workers={self.N}: resume with the same number")
-        weights = {k: v.detach().clone() for k, v in self.trainer._model.named_parameters()}
+        weights = {k: v.clone() for k, v in trained_weights(self.trainer._model).items()}   # LoRA: adapters only
         ray.get([t.load_state_dict.remote(state, weights) for t in self.trainer_ranks] +
                 [w.load_state_dict.remote(s) for w, s in zip(self.workers, workers)])
         self.version = ray.get(self.trainer_actor.info.remote())["version"]

@@ -5,6 +5,11 @@
 
     digest(model) = sha256( for name in sorted(names): name ‖ fp32 bytes of the tensor )
 
+What moves is the trainer's `payload` (rlpt.framework.weight_sync's: every parameter by default; under LoRA,
+`lora.sync`, the adapters A, B only or the merged W + α/r·BA under the rollout's names, rlpt.models.lora), given
+to `make_transport(..., payload=)` on both sides: the receiver then copies the named subset (`partial`) and checks
+the digest over those names of its model, so a LoRA sync moves and hashes the adapters alone.
+
 Three transports, one interface:
 - `InProcess`: today's `copy_` (rlpt.framework.weight_sync), the payload is the tensors themselves.
 - `ObjectStore`: `ray.put` once, every worker `ray.get`s it (Ray's shared-memory object store on one node,
@@ -22,6 +27,7 @@ on stale weights. Every payload carries the version, which the worker stamps on 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -36,6 +42,12 @@ class WeightSyncError(RuntimeError):
 def named_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The parameters a sync moves, by name (what WeightSyncer.copy_weights copies)."""
     return {name: p.detach() for name, p in model.named_parameters()}
+
+
+def trained_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The parameters that train (all of gpt_mini's; a LoRA policy's adapters): what changes between two copies
+    built from the same start, so what the driver pulls and a resume pushes (the frozen base is model.hf_path's)."""
+    return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
 
 
 def digest(model_or_named) -> str:
@@ -55,39 +67,56 @@ class Payload:
     data: object            # the transport's own: tensors, an ObjectRef, or the tensor names (collective)
 
 
-def check(model: torch.nn.Module, payload: Payload, where: str = "rollout worker") -> None:
+def check(model: torch.nn.Module, payload: Payload, where: str = "rollout worker", names=None) -> None:
+    """The model's weights (those named `names`: a partial payload's; None = all) must hash to the sent digest."""
     if payload.digest is None:
         return
-    got = digest(model)
+    got = digest(model if names is None else {n: p for n, p in model.named_parameters() if n in set(names)})
     if got != payload.digest:
         raise WeightSyncError(f"weight sync to version {payload.version} failed its check: the {where}'s weights "
                               f"hash to {got[:16]}…, the trainer sent {payload.digest[:16]}… (a tensor was lost, "
                               "reordered or cast on the way); stopping rather than sampling from stale weights")
 
 
-def copy_into(model: torch.nn.Module, named: dict[str, torch.Tensor]) -> None:
+def copy_into(model: torch.nn.Module, named: dict[str, torch.Tensor], partial: bool = False) -> None:
     """The in-process syncer's copy (rlpt.framework.weight_sync.copy_named), its errors as WeightSyncError."""
     try:
-        copy_named(model, named)
+        copy_named(model, named, partial=partial)
     except ValueError as e:
         raise WeightSyncError(str(e)) from None
+
+
+def copy_trained(model: torch.nn.Module, named: dict[str, torch.Tensor]) -> None:
+    """copy_into of `trained_weights` from a twin: every parameter when all train, else the trained subset."""
+    copy_into(model, named, partial=not all(p.requires_grad for p in model.parameters()))
 
 
 class InProcess:
     """The payload is the trainer's tensors themselves; apply copies them (one process, or a test)."""
     name = "in_process"
 
-    def __init__(self, verify: bool = True):
+    def __init__(self, verify: bool = True, payload: Callable | None = None):
         self.verify = verify
+        self.payload = payload     # None: every parameter (names equal on both sides); else a partial payload
+
+    def named(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """What a sync of `model` moves, detached: every parameter, or the payload's tensors."""
+        if self.payload is None:
+            return named_weights(model)
+        return {k: v.detach() for k, v in self.payload(model).items()}
 
     def publish(self, model: torch.nn.Module, version: int) -> Payload:
-        named = named_weights(model)
+        named = self.named(model)
         return Payload(version, digest(named) if self.verify else None, named)
 
     def apply(self, payload: Payload, model: torch.nn.Module) -> int:
-        copy_into(model, payload.data)
-        check(model, payload)
+        self.land(model, payload.data, payload)
         return payload.version
+
+    def land(self, model: torch.nn.Module, named: dict[str, torch.Tensor], payload: Payload) -> None:
+        """Copy the received tensors in place and check the digest over what was sent."""
+        copy_into(model, named, partial=self.payload is not None)
+        check(model, payload, names=None if self.payload is None else named.keys())
 
 
 class ObjectStore(InProcess):
@@ -96,14 +125,13 @@ class ObjectStore(InProcess):
 
     def publish(self, model: torch.nn.Module, version: int) -> Payload:
         import ray
-        named = {k: v.to(torch.float32).contiguous() for k, v in named_weights(model).items()}
+        named = {k: v.to(torch.float32).contiguous() for k, v in self.named(model).items()}
         return Payload(version, digest(named) if self.verify else None, ray.put(named))
 
     def apply(self, payload: Payload, model: torch.nn.Module) -> int:
         import ray
         # a Payload passed to an actor has its ObjectRef inside a dataclass, so Ray does not resolve it: get it here
-        copy_into(model, ray.get(payload.data))
-        check(model, payload)
+        self.land(model, ray.get(payload.data), payload)
         return payload.version
 
 
@@ -116,8 +144,9 @@ class Collective(InProcess):
     """
     name = "gloo"
 
-    def __init__(self, verify: bool = True, group: str = "rlpt_sync", backend: str = "gloo"):
-        super().__init__(verify)
+    def __init__(self, verify: bool = True, group: str = "rlpt_sync", backend: str = "gloo",
+                 payload: Callable | None = None):
+        super().__init__(verify, payload)
         self.group, self.backend = group, backend
 
     def join(self, world_size: int, rank: int) -> None:
@@ -126,35 +155,41 @@ class Collective(InProcess):
             col.init_collective_group(world_size, rank, backend=self.backend, group_name=self.group)
 
     def publish(self, model: torch.nn.Module, version: int) -> Payload:
-        """The version and digest only, sent ahead through the driver; the bytes follow in `send`."""
-        return Payload(version, digest(model) if self.verify else None, None)
+        """The version, digest and tensor names only, sent ahead through the driver; the bytes follow in `send`."""
+        named = self.named(model)
+        return Payload(version, digest(named) if self.verify else None, sorted(named))
 
     def send(self, model: torch.nn.Module) -> None:
         import ray.util.collective as col
-        named = named_weights(model)
+        named = self.named(model)
         for name in sorted(named):
             col.broadcast(named[name].to(torch.float32).contiguous(), src_rank=0, group_name=self.group)
 
     @torch.no_grad()
-    def receive(self, model: torch.nn.Module) -> None:
+    def receive(self, model: torch.nn.Module, names: list[str]) -> None:
         import ray.util.collective as col
         params = dict(model.named_parameters())
-        for name in sorted(params):
+        missing = [n for n in names if n not in params]
+        if missing:   # before any broadcast: raising mid-way would leave the sender blocked
+            raise WeightSyncError(f"the sync payload names tensors the rollout model lacks: {missing[:4]}")
+        for name in sorted(names):
             buf = torch.empty(params[name].shape, dtype=torch.float32)
             col.broadcast(buf, src_rank=0, group_name=self.group)
             params[name].copy_(buf)
 
     def apply(self, payload: Payload, model: torch.nn.Module) -> int:
-        self.receive(model)
-        check(model, payload)
+        names = payload.data if payload.data is not None else sorted(n for n, _ in model.named_parameters())
+        self.receive(model, names)
+        check(model, payload, names=None if self.payload is None else names)
         return payload.version
 
 
-def make_transport(name: str, verify: bool = True, group: str = "rlpt_sync"):
+def make_transport(name: str, verify: bool = True, group: str = "rlpt_sync", payload: Callable | None = None):
+    """`payload`: what a sync moves (rlpt.framework.weight_sync's; None = every parameter), the same on both sides."""
     if name == "object_store":
-        return ObjectStore(verify)
+        return ObjectStore(verify, payload)
     if name == "gloo":
-        return Collective(verify, group=group)
+        return Collective(verify, group=group, payload=payload)
     if name == "in_process":
-        return InProcess(verify)
+        return InProcess(verify, payload)
     raise ValueError(f"system.transport must be object_store or gloo, got {name!r}")

@@ -28,7 +28,7 @@ from rlpt.framework.trajectory import Trajectory
 from rlpt.framework.weight_sync import WeightSyncer
 from rlpt.systems.ddp import RankGroup, ShardedReference, data_parallel, open_store
 from rlpt.systems.partial import PartialRollout
-from rlpt.systems.transport import Payload, digest, make_transport, named_weights
+from rlpt.systems.transport import Payload, copy_trained, digest, make_transport, trained_weights
 
 
 def require_ray():
@@ -38,6 +38,12 @@ def require_ray():
         raise ImportError("system.topology other than colocated runs on Ray, which is not installed: "
                           "pip install 'rlpt[ray]' (or run with system.topology=colocated)") from None
     return ray
+
+
+def sync_payload(ctl):
+    """What a sync moves, as the in-process syncer `build` made would (its `payload`: None = every parameter; under
+    LoRA the adapters or the merged weights, lora.sync): both ends of a transport take it."""
+    return getattr(ctl.syncer, "payload", None)
 
 
 def _seeded_build(build: Callable, job, init, seed: int, threads: int):
@@ -54,8 +60,10 @@ class RolloutWorker:
     def __init__(self, build: Callable, job, init, rank: int, transport: str, verify: bool, threads: int = 1,
                  group: str = "rlpt_sync"):
         ctl, _ = _seeded_build(build, job, init, job.run.seed + rank, threads)
+        # only the rollout (and env) stay: the worker's trainer, reference and critic are freed with `ctl` (an HF
+        # policy is loaded from model.hf_path here, never pickled; under LoRA the rollout copy keeps the one base)
         self.rank, self.rollout, self.env, self.k = rank, ctl.rollout, ctl.env, ctl.k
-        self.transport = make_transport(transport, verify, group)
+        self.transport = make_transport(transport, verify, group, sync_payload(ctl))
         self.syncs = 0                 # weight syncs received (the rollout stamps its version, the trainer's)
         self.slow: tuple[float, float, random.Random] | None = None
         self.crash_in = 0              # fault injection: see crash_on_generate
@@ -171,9 +179,10 @@ class TrainerWorker:
         ctl, _ = _seeded_build(build, job, init, job.run.seed, threads)
         self.has_group_filter = ctl.rollout.group_filter is not None
         ctl.rollout = Feed(ctl.rollout.model)
-        ctl.syncer = DeferredSyncer(job.sync.every)
+        payload = sync_payload(ctl)
+        ctl.syncer = DeferredSyncer(job.sync.every, payload)
         self.ctl = ctl
-        self.transport = make_transport(transport, verify, group)
+        self.transport = make_transport(transport, verify, group, payload)
 
     def rebuild(self, *args) -> None:
         self.__init__(*args)
@@ -218,7 +227,8 @@ class TrainerWorker:
         return digest(self.ctl.trainer.model)
 
     def weights(self) -> dict:
-        return {k: v.clone() for k, v in named_weights(self.ctl.trainer.model).items()}
+        """The trained parameters (every one of gpt_mini's; under LoRA the adapters: the base is model.hf_path's)."""
+        return {k: v.clone() for k, v in trained_weights(self.ctl.trainer.model).items()}
 
     def state_dict(self) -> dict:
         state = {"trainer": self.ctl.trainer.state_dict(), "sync": self.ctl.syncer.state_dict()}
@@ -227,9 +237,7 @@ class TrainerWorker:
         return state
 
     def load_state_dict(self, state: dict, weights: dict) -> None:
-        with torch.no_grad():
-            for name, p in self.ctl.trainer.model.named_parameters():
-                p.copy_(weights[name])
+        copy_trained(self.ctl.trainer.model, weights)
         self.ctl.trainer.load_state_dict(state["trainer"])
         self.ctl.syncer.load_state_dict(state["sync"])
         self.ctl.algorithm.load_state_dict(state.get("algorithm", {}))

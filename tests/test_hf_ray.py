@@ -1,0 +1,104 @@
+"""The Ray topologies with a Hugging Face policy (`system.topology=... model.hf_path=...`): each actor loads the
+policy from model.hf_path itself, a sync moves the HF parameters (under LoRA the `lora.sync` payload) and is checked
+by digest.
+
+disaggregated (η = 0) on the `rlpt export`ed gpt_mini gives the in-process Controller's metrics over 3 GRPO steps
+(as tests/test_systems_ray.py for gpt_mini); a LoRA run under one_step_off through `rlpt train` passes the log-prob
+check with adapter-only syncs. A local Ray (~10 s to start) and two actors per run that import torch, transformers
+and peft (~5 s each): `slow`."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("peft")
+ray = pytest.importorskip("ray")
+from rlpt.models.export import export_checkpoint  # noqa: E402
+from rlpt.sft import SFTJob, train_sft  # noqa: E402
+from rlpt.systems.transport import digest  # noqa: E402
+from rlpt.train import build, load_train_job, run_train  # noqa: E402
+
+from conftest import TINY_RL  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+FAST = [o for o in TINY_RL if not o.startswith(("model.", "sft."))] + ["eval.every=100", "eval.size=8"]
+NOT_COMPARED = ("time/", "mem/", "timeline/", "system/")
+
+
+@pytest.fixture(scope="module")
+def ray_up():
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    if not ray.is_initialized():   # 4 logical CPUs, as tests/test_systems_ray.py asks (the first file up starts it)
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    return ray
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    """A tiny gpt_mini after 30 CoT SFT steps (mixed groups: GRPO steps train), exported with `rlpt export`."""
+    root = tmp_path_factory.mktemp("hf_ray")
+    sft = load_train_job(None, [*TINY_RL, f"run.out_dir={root}", "run.name=s"])
+    job = SFTJob(run=sft.run.model_copy(update={"name": "sft"}), model=sft.model.gpt_mini(), task=sft.task,
+                 sft=sft.sft, eval=sft.eval.model_copy(update={"pass_k": 1, "size": 8}))
+    train_sft(job)
+    export_checkpoint(root / "sft", root / "hf")
+    return root / "hf"
+
+
+def _job(tmp_path, hf_dir, *overrides):
+    return load_train_job(None, [*FAST, f"run.out_dir={tmp_path / 'runs'}", f"model.hf_path={hf_dir}", *overrides])
+
+
+def _compared(m: dict) -> dict:
+    return {k: v for k, v in m.items() if not k.startswith(NOT_COMPARED)}
+
+
+def test_disaggregated_hf_policy_equals_in_process(ray_up, tmp_path, hf_dir):
+    """η = 0 on actors = the in-process Controller over 3 GRPO steps (same seeds) to 1e-6 on every metric, the
+    trainer's weights equal bit for bit, every sync verified by digest."""
+    from rlpt.systems.runner import RaySystem
+    job = _job(tmp_path, hf_dir, "system.topology=disaggregated", "steps=3")
+    init = hf_dir
+    torch.manual_seed(job.run.seed)
+    ctl, _ = build(job, init)
+    local = [ctl.step() for _ in range(3)]
+    assert sum(m["step/skipped"] == 0 for m in local) >= 1             # the comparison covers real training
+    torch.manual_seed(job.run.seed)
+    sys_ = RaySystem(job, build, init)
+    try:
+        got = [sys_.step() for _ in range(3)]
+        for i, (a, b) in enumerate(zip(local, got)):
+            a, b = _compared(a), _compared(b)
+            assert a.keys() == b.keys(), (i, sorted(a.keys() ^ b.keys()))
+            for k in a:
+                assert abs(a[k] - b[k]) <= 1e-6 if not isinstance(a[k], list) else a[k] == b[k], (i, k, a[k], b[k])
+            assert got[i]["system/staleness_max"] == 0
+        assert type(sys_.trainer.model.model).__name__ == "LlamaForCausalLM"
+        assert digest(sys_.trainer.model) == digest(ctl.trainer.model)
+        trained = sum(m.get("sync/done", 0) for m in got)
+        assert trained >= 1 and len(sys_.sync_log) == trained
+        assert all(e["worker_digests"] == [e["digest"]] for e in sys_.sync_log)
+        assert digest(ctl.rollout.model) == ray.get(sys_.workers[0].digest.remote())   # the rollout copies too
+    finally:
+        sys_.close()
+
+
+def test_lora_one_step_off_through_rlpt_train_syncs_the_adapters(ray_up, tmp_path, hf_dir):
+    """`rlpt train ... lora.r=4 system.topology=one_step_off`: 3 steps finish with the log-prob check passing on the
+    steps that train on fresh weights, every sync moves the adapters only (the digest is theirs) and is verified."""
+    job = _job(tmp_path, hf_dir, "system.topology=one_step_off", "steps=3", "lora.r=4", "lora.alpha=8",
+               "trainer.optim.lr=5e-3")
+    sys_, run, _ = run_train(job)
+    rows = [r for r in run.read_metrics() if "system/staleness_max" in r]
+    assert len(rows) == 3 and rows[0]["system/staleness_max"] == 0
+    checked = [r for r in rows if "check/logp_mismatch" in r]
+    assert checked and all(r["check/logp_mismatch"] < 1e-4 for r in checked)
+    assert sys_.syncs >= 1 and all(e["worker_digests"] == [e["digest"]] for e in sys_.sync_log)
+    policy = sys_.trainer.model
+    adapters = {n: p.detach() for n, p in policy.named_parameters() if p.requires_grad}
+    assert adapters and all("lora_" in n for n in adapters)
+    assert sys_.sync_log[-1]["digest"] == digest(adapters)           # the last sync moved exactly the adapters
+    assert any(p.abs().sum() > 0 for n, p in adapters.items() if "lora_B" in n)   # pulled from the trainer actor
