@@ -209,6 +209,19 @@ def test_plain_encoding_and_a_system_message(tmp_path, models):
     assert p.ids == _chat_ids(models["qwen2"], p.text, "Be brief.") != _chat_ids(models["qwen2"], p.text)
 
 
+def test_a_math_format_set_with_a_heldout_file(tmp_path, models):
+    train, held = tmp_path / "math_train.jsonl", tmp_path / "math_test.jsonl"
+    rec = [{"problem": f"Tom has {i} pens.", "solution": f"So $\\boxed{{\\frac{{{i}}}{{2}}}}$.", "level": "Level 1",
+            "type": "Algebra"} for i in range(1, 7)]
+    train.write_text("".join(json.dumps(r) + "\n" for r in rec[:4]))
+    held.write_text("".join(json.dumps(r) + "\n" for r in rec[4:]))
+    job = _job(tmp_path, models["llama"], f"data.prompts={train}", "data.format=math", f"data.heldout={held}")
+    ctl, heldout = build(job, models["llama"])
+    assert [(p.text, p.gold) for p in heldout] == [("Tom has 5 pens.", r"\frac{5}{2}"), ("Tom has 6 pens.", r"\frac{6}{2}")]
+    assert sorted(ctl.env.problems) == [(f"Tom has {i} pens.", rf"\frac{{{i}}}{{2}}") for i in range(1, 5)]
+    assert ctl.env.verify(heldout[1], "so the answer is 3<eos>").reward == 1.0      # 6/2 by value
+
+
 def test_the_rlpt_train_command_on_a_llama_config_with_its_own_tokenizer(tmp_path, models, capsys):
     from rlpt.cli import main
     data = _gsm8k_file(tmp_path / "gsm8k.jsonl")
