@@ -47,7 +47,7 @@ def test_backends_agree_at_temperature_zero():
         assert torch.allclose(torch.tensor(x.logps), torch.tensor(y.logps), atol=1e-5)
     assert evaluate(m, env, prompts, 12, backend="simple") == evaluate(m, env, prompts, 12, backend="engine")
     with pytest.raises(ValueError, match="rollout.backend must be one of"):
-        Rollout(m, TOK, 4, sp, backend="vllm")
+        Rollout(m, TOK, 4, sp, backend="sglang")   # "vllm" is a backend now (rlpt/engine/vllm_backend.py)
 
 
 def test_engine_backend_grpo_steps_pass_the_logp_check_and_see_weight_sync():
@@ -122,8 +122,9 @@ def test_rollout_backend_config_key():
     job = load_train_job(None, ["rollout.backend=engine"])
     assert job.rollout.backend == "engine" and load_train_job(None, []).rollout.backend == "engine"
     assert load_train_job(None, ["rollout.backend=simple"]).rollout.backend == "simple"
+    assert load_train_job(None, ["rollout.backend=vllm"]).rollout.backend == "vllm"   # rlpt/engine/vllm_backend.py
     with pytest.raises(ConfigError, match="rollout.backend"):
-        load_train_job(None, ["rollout.backend=vllm"])
+        load_train_job(None, ["rollout.backend=sglang"])
 
 
 def test_the_engine_is_the_default_and_names_the_fix_for_models_it_cannot_serve():
