@@ -34,7 +34,8 @@ from rlpt.gpt_mini.tokenizer import ALPHABET, CharTokenizer
 class TrainModelConfig(ModelConfig):
     """gpt_mini's shape, or a Hugging Face policy (`hf_path`; the shape keys are then unused)."""
     hf_path: str | None = Field(None, description="a local Hugging Face causal-LM directory as the policy, e.g. "
-                                "`rlpt export` output (its tokenizer must be gpt_mini's); None = gpt_mini")
+                                "`rlpt export` output (on the arithmetic envs its tokenizer must be gpt_mini's; "
+                                "env.name=math takes its own); None = gpt_mini")
 
     def gpt_mini(self) -> ModelConfig:
         """The gpt_mini shape alone (what load_model and SFT take)."""

@@ -97,7 +97,8 @@ class EnvConfig(Section):
     process_coef: float = Field(0.5, ge=0, lt=1, description="env.name=prm only: c in R = 1[verifier] − c·mean_k(1 − "
                                 "PRM step score) (rlpt/envs/prm.py); below 1 so that reward > 0 still means correct")
     format_coef: float = Field(0.5, ge=0, lt=1, description="env.name=format only: c in R = accuracy − c·(1 − "
-                               "well_formed) (rlpt/envs/format_reward.py); below 1 so that reward > 0 still means correct")
+                               "well_formed) (rlpt/envs/format_reward.py); below 1 so that reward > 0 still means "
+                               "correct")
 
 
 class RolloutConfig(Section):

@@ -130,7 +130,8 @@ def test_math_rows_take_the_last_boxed_answer_and_keep_level_and_type(tmp_path):
     assert last_boxed(r"\boxed{open") is None and last_boxed("none") is None
     f = tmp_path / "math.jsonl"
     recs = [{"problem": "Add.", "solution": r"It is $\boxed{\dfrac{1}{2}}$.", "level": "Level 2", "type": "Algebra"},
-            {"problem": "P", "solution": "s", "answer": "7", "subject": "Geometry", "level": 1, "unique_id": "t/1.json"}]
+            {"problem": "P", "solution": "s", "answer": "7", "subject": "Geometry", "level": 1,
+             "unique_id": "t/1.json"}]
     f.write_text("".join(json.dumps(r) + "\n" for r in recs))
     a, b = read_prompt_set(str(f), "math")
     assert (a.id, a.prompt, a.answer) == ("math-1", "Add.", r"\dfrac{1}{2}")
@@ -217,7 +218,8 @@ def test_a_math_format_set_with_a_heldout_file(tmp_path, models):
     held.write_text("".join(json.dumps(r) + "\n" for r in rec[4:]))
     job = _job(tmp_path, models["llama"], f"data.prompts={train}", "data.format=math", f"data.heldout={held}")
     ctl, heldout = build(job, models["llama"])
-    assert [(p.text, p.gold) for p in heldout] == [("Tom has 5 pens.", r"\frac{5}{2}"), ("Tom has 6 pens.", r"\frac{6}{2}")]
+    assert [(p.text, p.gold) for p in heldout] == [("Tom has 5 pens.", r"\frac{5}{2}"),
+                                                   ("Tom has 6 pens.", r"\frac{6}{2}")]
     assert sorted(ctl.env.problems) == [(f"Tom has {i} pens.", rf"\frac{{{i}}}{{2}}") for i in range(1, 5)]
     assert ctl.env.verify(heldout[1], "so the answer is 3<eos>").reward == 1.0      # 6/2 by value
 
@@ -255,9 +257,10 @@ def test_bad_data_settings_name_the_key(tmp_path, models):
         load_train_job(None, ["env.name=math", "data.format=math"])
     with pytest.raises(ConfigError, match="data.format"):
         _job(tmp_path, q, "data.format=csv")
-    with pytest.raises(ConfigError, match=r"row .gsm8k-\d+. \(gsm8k\) is \d+ tokens, and with rollout.max_tokens=250 it overflows.* 256"):
+    with pytest.raises(ConfigError, match=r"row .gsm8k-\d+. \(gsm8k\) is \d+ tokens, and with rollout.max_tokens=250 "
+                                          r"it overflows.* 256"):
         build(_job(tmp_path, q, "rollout.max_tokens=250"), q)
-    with pytest.raises(ConfigError, match=r"gsm8k.jsonl:1: .*question: unknown key .*read it as format gsm8k \(data.format\)"):
+    with pytest.raises(ConfigError, match=r"gsm8k.jsonl:1: .*question: unknown key .*as format gsm8k \(data.format\)"):
         build(_job(tmp_path, q, "data.format=rows"), q)
     with pytest.raises(ConfigError, match="has 16 rows: data.heldout=0.99 leaves none"):
         build(_job(tmp_path, q, "data.heldout=0.99"), q)
@@ -267,7 +270,8 @@ def test_format_coef_is_a_config_key():
     env = FormatEnv(format_coef=0.2)
     p = Prompt("<3+4+5>", [], 12)
     assert [env.verify(p, r).reward for r in ("3+4=7,7+5=12#", "12#", "13#")] == [1.0, 0.8, -0.2]
-    assert env_model_kwargs(load_train_job(None, ["env.name=format", "env.format_coef=0.2"]).env) == {"format_coef": 0.2}
+    job = load_train_job(None, ["env.name=format", "env.format_coef=0.2"])
+    assert env_model_kwargs(job.env) == {"format_coef": 0.2}
     with pytest.raises(ConfigError, match="env.format_coef is set but env.name=arithmetic has no format reward"):
         load_train_job(None, ["env.format_coef=0.2"])
     with pytest.raises(ConfigError, match="env.format_coef"):

@@ -15,9 +15,9 @@ above, or a published dataset's own fields (rlpt/data/formats.py: GSM8K, MATH).
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from collections.abc import Callable
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator

@@ -1,7 +1,7 @@
 """A Hugging Face tokenizer as the env's and the rollout's tokenizer, prompts optionally through its chat template.
 
     tok = PromptTokenizer(hf_tokenizer, chat_template=True, system="Reason step by step.")
-    tok.encode_prompt("What is 3+4?")   # == hf_tokenizer.apply_chat_template([system, user], add_generation_prompt=True)
+    tok.encode_prompt("What is 3+4?")   # == apply_chat_template([system, user], add_generation_prompt=True)
     tok.decode(response_ids)            # plain decode, special tokens kept (EOS included, as CharTokenizer does)
 
 chat_template=False: a prompt is `hf_tokenizer.encode(text)` with the tokenizer's own special tokens (a Llama's
