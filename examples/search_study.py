@@ -256,13 +256,14 @@ def probe_rows() -> list[str]:
     return rows
 
 
-KEPT = ("verdict", "3b")    # blocks of docs/search.md this script does not write: kept as they are on the page
+KEPT = ("verdict", "3b", "3c")    # blocks of docs/search.md this script does not write: kept as they are on the page
 
 
 def kept_blocks(text: str) -> dict[str, str]:
     """The page's hand-written blocks, `<!-- keep:NAME -->` ... `<!-- /keep:NAME -->` (markers included): the
-    verdict at the top and section 3b (bench/search_rank.py's numbers), so rewriting the study's sections does
-    not delete them. A block missing from the page comes back as an empty pair of markers."""
+    verdict at the top, sections 3b and 3c (bench/search_rank.py's and bench/search_logp.py's numbers), so
+    rewriting the study's sections does not delete them. A block missing from the page comes back as an empty
+    pair of markers."""
     out = {}
     for name in KEPT:
         start, end = f"<!-- keep:{name} -->", f"<!-- /keep:{name} -->"
@@ -627,6 +628,8 @@ reward model; many more responses per prompt), or keeping the completer's langua
 (the generative verifier above, fine-tuned on the MC labels).
 
 {keep["3b"]}
+
+{keep["3c"]}
 
 ## 4. Process rewards in GRPO
 

@@ -492,8 +492,10 @@ def test_search_study_page_keeps_the_marked_blocks_it_does_not_write():
            "<!-- keep:3b -->\n## 3b. rerun\n| a | b |\n<!-- /keep:3b -->\n## 4. generated\n")
     kept = study.kept_blocks(old)
     assert kept == {"verdict": "<!-- keep:verdict -->\n**Verdict.** by hand\n<!-- /keep:verdict -->",
-                    "3b": "<!-- keep:3b -->\n## 3b. rerun\n| a | b |\n<!-- /keep:3b -->"}
-    new = f"# title\n{kept['verdict']}\n## 3. regenerated\n{kept['3b']}\n## 4. regenerated\n"
+                    "3b": "<!-- keep:3b -->\n## 3b. rerun\n| a | b |\n<!-- /keep:3b -->",
+                    "3c": "<!-- keep:3c -->\n<!-- /keep:3c -->"}
+    new = f"# title\n{kept['verdict']}\n## 3. regenerated\n{kept['3b']}\n{kept['3c']}\n## 4. regenerated\n"
     assert study.kept_blocks(new) == kept                       # a second rewrite keeps them again
     assert study.kept_blocks("# a page without markers\n") == {  # a first page: empty blocks, markers in place
-        "verdict": "<!-- keep:verdict -->\n<!-- /keep:verdict -->", "3b": "<!-- keep:3b -->\n<!-- /keep:3b -->"}
+        "verdict": "<!-- keep:verdict -->\n<!-- /keep:verdict -->", "3b": "<!-- keep:3b -->\n<!-- /keep:3b -->",
+        "3c": "<!-- keep:3c -->\n<!-- /keep:3c -->"}

@@ -81,6 +81,8 @@ class ScorerConfig(LoopConfig):
     rank_coef: float = Field(0.0, ge=0, description="weight of the within-prompt ranking loss added to BCE "
                              "(pairwise logistic between a prompt's right and wrong responses' final scores); "
                              "> 0 draws whole prompts into a batch, and needs scorer.data.responses > 1")
+    logp_feature: bool = Field(False, description="add the trunk's own step / prefix / min token log-probs to the "
+                               "head (rlpt.search.scorer.logp_features); starts as the generative verifier")
     data: ScorerData = ScorerData()
 
 
@@ -213,7 +215,7 @@ def train_scorer(job: ScorerJob, resume: bool = False, allow_change: Collection[
     hard = hard_rows(job, llm)
     # the policy's weights become the trunk (the engine is done with them), unless another trunk is named
     trunk = load_model(job.trunk, job.model, tok) if job.trunk else policy
-    scorer = StepScorer(trunk, tok, cfg.kind)
+    scorer = StepScorer(trunk, tok, cfg.kind, cfg.logp_feature)
 
     groups = prompt_groups(train)
     if cfg.rank_coef > 0 and len(groups) == len(train):

@@ -15,6 +15,18 @@ The trunk starts from the SFT policy (it already reads the task), as rlpt.prefer
 
 Scoring a partial response (beam search) reads the PRM at its last delimiter: the prefix's score.
 
+`logp_feature=True` (`rlpt prm scorer.logp_feature=true`) adds the trunk's own generative-verifier reading
+to the logit, from the same forward pass (its language-model head, which the plain head never reads):
+
+    logit_t = w · h_t + b + a · f_t      f_t = (Σ_step log π, Σ_prefix log π, min_step log π) at position t
+    Σ_step / min_step: over the response tokens of the step that ends at t; Σ_prefix: over response tokens ≤ t
+
+with a = (0, 1, 0) at the start: the untrained PRM scores a prefix σ(log π(prefix)), the generative verifier
+(`LogProbScorer`) up to a monotone map, and BCE (and the ranking term) then move w, b, a and the trunk —
+gradients reach the step log-probs too, so the language model is fine-tuned as a verifier on the MC labels.
+Why: the plain head judges one step at AUROC 0.59-0.77 while the same trunk's log-prob separates the held-out
+steps perfectly (docs/search.md section 3b part 4): the information is in the LM head, not in h_t.
+
 Why the ranking term (`rank_loss`): best-of-N compares the candidates of *one* prompt, and BCE pooled over
 prompts mostly learns which prompts are hard (docs/search.md: pooled outcome AUROC 0.78, within a prompt
 0.54-0.61). The pairwise logistic loss of lesson 16's Bradley-Terry reward model, taken only between a
@@ -36,19 +48,24 @@ from rlpt.gpt_mini.tokenizer import CharTokenizer
 from rlpt.search.steps import END, SEP, outcome, step_ends, true_step_labels
 
 KINDS = ("prm", "orm")
+FEATURES = ("step_logp", "prefix_logp", "step_min_logp")      # what `logp_feature` adds, in this order
 
 
 class StepScorer(nn.Module):
     """A trunk with a scalar head read at chosen positions; `kind` is 'prm' (every delimiter) or 'orm' (the last)."""
 
-    def __init__(self, trunk: nn.Module, tok: CharTokenizer, kind: str = "prm"):
+    def __init__(self, trunk: nn.Module, tok: CharTokenizer, kind: str = "prm", logp_feature: bool = False):
         super().__init__()
         if kind not in KINDS:
             raise ValueError(f"scorer kind must be one of {KINDS}, got {kind!r}")
-        self.trunk, self.kind, self.tok = trunk, kind, tok
+        self.trunk, self.kind, self.tok, self.logp_feature = trunk, kind, tok, logp_feature
         self.head = nn.Linear(trunk.cfg.d_model, 1)
         nn.init.zeros_(self.head.weight)     # every score starts at σ(0) = 0.5; no RNG consumed
         nn.init.zeros_(self.head.bias)
+        if logp_feature:                     # ... or at σ(log π(prefix)): the generative verifier
+            self.feat = nn.Linear(len(FEATURES), 1, bias=False)
+            with torch.no_grad():
+                self.feat.weight.copy_(torch.tensor([[0.0, 1.0, 0.0]]))
 
     @property
     def cfg(self) -> GPTConfig:
@@ -57,8 +74,11 @@ class StepScorer(nn.Module):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """(B, T) -> head logits (B, T) at every position; the loss and `score` pick the ones they read."""
         with capture_hidden(self.trunk) as store:
-            self.trunk(ids)
-        return self.head(store[-1].float()).squeeze(-1)                        # (B, T)
+            lm = self.trunk(ids)
+        out = self.head(store[-1].float()).squeeze(-1)                         # (B, T)
+        if self.logp_feature:
+            out = out + self.feat(logp_features(lm, ids, self.tok)).squeeze(-1)
+        return out
 
     def read_positions(self, prompt_len: int, response_ids: list[int]) -> list[int]:
         """Full-sequence positions the head is read at: each step delimiter (PRM) or the last token (ORM)."""
@@ -88,7 +108,30 @@ class StepScorer(nn.Module):
         return out
 
     def meta(self) -> dict:
-        return {**self.cfg.to_dict(), "kind": self.kind}
+        return {**self.cfg.to_dict(), "kind": self.kind, "logp_feature": self.logp_feature}
+
+
+def logp_features(logits: torch.Tensor, ids: torch.Tensor, tok: CharTokenizer) -> torch.Tensor:
+    """LM logits (B, T, V) and ids (B, T) -> (B, T, 3) `FEATURES` at every position t, from the log-probs
+    log π(ids_u | ids_<u) of the response tokens u ≤ t only (after the prompt's `>`; a step starts after `>`,
+    `,` or `#`). Causal: position t reads nothing after t, so right padding never reaches a read position."""
+    B, T = ids.shape
+    lp = torch.log_softmax(logits.float(), -1)[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)   # (B, T-1)
+    lp = F.pad(lp, (1, 0))                                                      # lp[:, t]: token t's log-prob
+    gt = ids == tok.stoi[">"]
+    resp = (gt.long().cumsum(1) - gt.long()) > 0                                # strictly after the prompt
+    lp = lp * resp
+    prefix = lp.cumsum(1)                                                       # (B, T)
+    bound = gt | (ids == tok.stoi[SEP]) | (ids == tok.stoi[END])
+    pos = torch.arange(T).expand(B, T)
+    last = torch.where(bound, pos, torch.zeros_like(pos)).cummax(1).values      # last boundary ≤ t
+    before = F.pad(last[:, :-1], (1, 0))                                        # last boundary < t
+    step = prefix - prefix.gather(1, before)                                    # Σ over (before, t]
+    mins, run = [], lp[:, 0]
+    for t in range(T):                                                          # running min, reset per step
+        run = lp[:, t] if t == 0 else torch.where(bound[:, t - 1], lp[:, t], torch.minimum(run, lp[:, t]))
+        mins.append(run)
+    return torch.stack([step, prefix, torch.stack(mins, 1)], -1)               # (B, T, 3)
 
 
 def boundary_targets(scorer: StepScorer, prompts: list[list[int]], responses: list[list[int]],
@@ -142,10 +185,11 @@ def load_scorer(path, tok: CharTokenizer | None = None) -> StepScorer:
     path = resolve_checkpoint(path)
     meta = dict(read_checkpoint_meta(path))
     kind = meta.pop("kind", None)
+    logp_feature = bool(meta.pop("logp_feature", False))
     if kind not in KINDS:
         raise CheckpointError(f"checkpoint {str(path)!r} is not a PRM or ORM (kind {kind!r}): train one with "
                               "`rlpt prm init_from=<SFT checkpoint>` or `rlpt orm init_from=...`")
-    scorer = StepScorer(GPT(GPTConfig(**meta)), tok or CharTokenizer(), kind)
+    scorer = StepScorer(GPT(GPTConfig(**meta)), tok or CharTokenizer(), kind, logp_feature)
     load_weights(path, scorer)
     return scorer.eval()
 

@@ -1,0 +1,100 @@
+"""Lesson 17: the PRM that reads its trunk's own step log-probabilities (`rlpt prm scorer.logp_feature=true`).
+
+The head adds a · (Σ_step log π, Σ_prefix log π, min_step log π) at each delimiter to w · h + b. These tests
+check the features by hand, that the score moves with the trunk's log-prob of a step it reads and with
+nothing else the language-model head outputs, that the untrained scorer is the generative verifier, and that
+the flag survives a checkpoint.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from rlpt.checkpoint import save_checkpoint
+from rlpt.gpt_mini.task import Problem
+from rlpt.search.scorer import LogProbScorer, StepScorer, load_scorer, logp_features
+
+from conftest import TOK, tiny_gpt
+
+P3 = Problem((3, 4, 5))
+RESP = "3+4=7,7+5=12#"
+
+
+def token_logps(model, prompt: str, response: str) -> list[float]:
+    ids = torch.tensor([TOK.encode(prompt + response)])
+    logp = torch.log_softmax(model(ids).float(), -1)[0]
+    P = len(TOK.encode(prompt))
+    return [logp[t - 1, ids[0, t]].item() for t in range(P, ids.shape[1])]
+
+
+def test_logp_features_are_the_steps_summed_prefix_and_min_log_probs():
+    model = tiny_gpt()
+    lp = token_logps(model, P3.prompt, RESP)
+    ids = torch.tensor([TOK.encode(P3.prompt + RESP)])
+    f = logp_features(model(ids), ids, TOK)[0]                                # (T, 3)
+    P, cut = len(P3.prompt), RESP.index(",")
+    want = [(sum(lp[:cut + 1]), sum(lp[:cut + 1]), min(lp[:cut + 1])),       # step 1 ends at the `,`
+            (sum(lp[cut + 1:]), sum(lp), min(lp[cut + 1:]))]                  # step 2 at the `#`
+    for got, w in zip((f[P + cut], f[-1]), want):
+        assert got.tolist() == pytest.approx(list(w), rel=1e-5, abs=1e-6)
+    assert torch.equal(f[:P], torch.zeros(P, 3))                             # the prompt's tokens are not read
+
+
+def test_logp_prm_score_moves_with_the_step_log_prob_it_reads_and_nothing_else():
+    scorer = StepScorer(tiny_gpt(), TOK, "prm", logp_feature=True)
+    torch.nn.init.normal_(scorer.head.weight, std=0.1, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        scorer.feat.weight.copy_(torch.tensor([[0.3, 1.0, 0.2]]))
+    P, cut, T = len(P3.prompt), RESP.index(","), len(P3.prompt + RESP)
+    ids = torch.tensor([TOK.encode(P3.prompt + RESP)])
+    read = [P + cut, T - 1]                  # the delimiters, where the PRM is read (its logits: σ⁻¹ of the scores)
+    assert scorer.read_positions(P, TOK.encode(RESP)) == read
+
+    def bumped(pos: int | None = None, token: str = "9") -> list[float]:
+        """The head's logits at the delimiters with the LM logit of `token` at sequence position `pos` raised
+        by 3 (the hidden states are untouched: the hook changes the trunk's output logits only)."""
+        def hook(mod, args, out):
+            out = out.clone()
+            out[:, pos, TOK.stoi[token]] += 3.0
+            return out
+        h = scorer.trunk.register_forward_hook(hook) if pos is not None else None
+        try:
+            with torch.no_grad():
+                return scorer(ids)[0, read].tolist()
+        finally:
+            if h:
+                h.remove()
+
+    base = bumped()
+    step2 = bumped(P + cut + 1)              # the logits that predict the 2nd step's 2nd token (`+`)
+    assert step2[0] == base[0] and abs(step2[1] - base[1]) > 1e-3
+    step1 = bumped(P)                        # predicting step 1's 2nd token: both prefixes' scores move
+    assert abs(step1[0] - base[0]) > 1e-3 and abs(step1[1] - base[1]) > 1e-3
+    for pos in (*range(P - 1), T - 1):       # predicting prompt tokens, or past the `#`: never read
+        assert bumped(pos) == base
+    with torch.no_grad():                    # the same bump with the feature weights at zero: no effect at all
+        scorer.feat.weight.zero_()
+    base0 = bumped()
+    assert bumped(P + cut + 1) == base0 and bumped(P) == base0
+    plain = StepScorer(tiny_gpt(), TOK, "prm")
+    assert not hasattr(plain, "feat") and plain.meta()["logp_feature"] is False
+
+
+def test_untrained_logp_prm_is_the_generative_verifier_and_survives_a_checkpoint(tmp_path):
+    model = tiny_gpt()
+    rows = [(P3.prompt, RESP), (Problem((3, 4, 5, 6)).prompt, "3+4=8,8+5=13,")]
+    p = LogProbScorer(model, TOK).score(rows)
+    scorer = StepScorer(model, TOK, "prm", logp_feature=True)
+    got = scorer.score(rows)
+    for g, q in zip(got, p):                 # σ(log p) = p / (1 + p)
+        assert g == pytest.approx([x / (1 + x) for x in q], rel=1e-5)
+    with torch.no_grad():
+        scorer.head.bias.fill_(0.7)
+    save_checkpoint(tmp_path / "ckpt", scorer, scorer.meta(), {"step": 0})
+    back = load_scorer(tmp_path / "ckpt")
+    assert back.logp_feature
+    for a, b in zip(back.score(rows), scorer.score(rows)):
+        assert a == pytest.approx(b, rel=1e-6)
+    assert back.score(rows)[0][0] == pytest.approx(1 / (1 + math.exp(-(math.log(p[0][0]) + 0.7))), rel=1e-5)
