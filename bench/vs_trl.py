@@ -51,6 +51,8 @@ bf16 flags and the load average at the start and the end (this machine is shared
     python bench/vs_trl.py --init runs/x/sft/checkpoints/step_00000180 --steps 20 --only grpo
     python bench/vs_trl.py --init <ckpt> --only grpo --precision bf16     # best vs best (bf16 autocast both)
     python bench/vs_trl.py --only none --curve 180 --curve-seeds 0,1,2    # accuracy against wall-clock only
+    python bench/vs_trl.py --init <ckpt> --only grpo --threads 2          # both sides on 2 torch threads (wall)
+    python bench/vs_trl.py --init <ckpt> --only grpo --rlpt-precision bf16  # rlpt bf16 against TRL fp32 (its best)
 
 Needs `pip install rlpt[peers]` (trl==1.16.0) and `rlpt[hf]`.
 """
@@ -100,6 +102,10 @@ def parse_args():
                         "side's best CPU setting: rlpt trainer.precision=bf16 (autocast, fp32 master weights), "
                         "TRL bf16=True (the same autocast through accelerate); the samplers stay fp32 (the engine's "
                         "bf16 path is slower on this CPU: docs/engine.md)")
+    p.add_argument("--rlpt-precision", choices=["fp32", "bf16"], default=None,
+                   help="rlpt's GRPO training precision when it differs from TRL's (default: --precision): "
+                        "`--precision fp32 --rlpt-precision bf16` is best against best on a CPU where TRL's bf16 is "
+                        "slower than its fp32 (this one: docs/performance.md), in one process")
     p.add_argument("--no-packing", dest="packing", action="store_false",
                    help="rlpt's trainer, reference and DPO padded (trainer.packing / dpo packing off): the control")
     p.add_argument("--dpo-batches", default="8,64", help="DPO pairs per step, comma-separated")
@@ -117,6 +123,10 @@ def parse_args():
     p.add_argument("--target", default="0.6,0.62,0.64", help="held-out accuracies whose first crossing is timed, "
                                                              "comma-separated (the first is the headline)")
     p.add_argument("--plot", default="docs/img/perf_heldout_vs_wallclock.png")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads for every side (one process: TRL and rlpt alike). 1 (default): CPU time is the "
+                        "step's own cost, the steady ratio on a shared machine; 2 on this 2-core machine: each side's "
+                        "best wall time (read the wall ratio then, CPU time counts both threads)")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args()
 
@@ -169,7 +179,8 @@ def rlpt_grpo(args, ckpt: Path, beta: float, all_rows: bool, **settings):
         f"rollout.max_tokens={args.max_tokens}", f"rollout.temperature={s['temperature']}", f"algorithm.beta={beta}",
         f"trainer.mini_batches={s['mini_batches']}", f"trainer.optim.lr={args.lr}",
         "trainer.optim.schedule=constant", "trainer.optim.warmup_steps=0", "steps=100000", "eval.size=200",
-        f"trainer.packing={str(args.packing).lower()}", f"trainer.precision={s.get('precision', args.precision)}",
+        f"trainer.packing={str(args.packing).lower()}",
+        f"trainer.precision={s.get('precision', args.rlpt_precision or args.precision)}",
         "run.progress=false", f"run.seed={args.seed}"])
     ctl, heldout = build(job, ckpt)
     train_step = ctl.trainer.train_step
@@ -561,7 +572,8 @@ def mean(xs: list[dict], key: str) -> float:
 
 def report_grpo(beta: float, rec: dict) -> dict:
     trl, out = rec["trl"], {}
-    print(f"\nGRPO step, beta={beta}: median seconds per step over {len(trl)} steps (1 thread)")
+    print(f"\nGRPO step, beta={beta}: median seconds per step over {len(trl)} steps ({torch.get_num_threads()} "
+          "torch threads)")
     print(f"| {'side':<9} | {'step':>7} | {'rollout':>7} | {'verify':>6} | {'ref':>6} | {'train':>6} | "
           f"{'sync':>6} | {'TRL/x':>6} | {'cpu s':>6} | {'TRL/x':>5} | {'len':>5} | {'reward':>6} | {'rows':>5} |")
     trl_row = {"generate": med(trl, "generate"), "verify": med(trl, "verify"), "ref": med(trl, "ref"),
@@ -622,16 +634,18 @@ def report_dpo(batch: int, rec: dict) -> dict:
 
 def main():
     args = parse_args()
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     torch.set_num_interop_threads(1)
     quiet()
     tmp = Path(tempfile.mkdtemp(prefix="vs_trl_"))
     ckpt, sft_s = sft_start(args, tmp)
     hf_dir = export_hf(ckpt, tmp / "hf")
-    result = {"bench": "vs_trl", "threads": 1, "prompts": args.prompts, "k": args.k, "max_tokens": args.max_tokens,
+    result = {"bench": "vs_trl", "threads": args.threads, "prompts": args.prompts, "k": args.k,
+              "max_tokens": args.max_tokens,
               "mini_batches": args.mini_batches, "lr": args.lr, "warmup": args.warmup, "steps": args.steps,
               "sft_s": round(sft_s, 1), "cpu": _cpu(),
-              "precision": args.precision, "load_avg_start": os.getloadavg(),
+              "precision": args.precision, "rlpt_precision": args.rlpt_precision or args.precision,
+              "load_avg_start": os.getloadavg(),
               "rlpt": {**_rlpt_settings(), "packing_this_run": args.packing}, "grpo": {}, "dpo": {}}
     if args.only in ("grpo", "all"):
         for beta in (float(b) for b in args.betas.split(",")):
