@@ -164,12 +164,16 @@ def prompt_set_kwargs(job, tok=None, max_len: int | None = None) -> dict:
         picked = set(random.Random(0).sample(range(len(rows)), n_held))   # the same rows for every run
         train = [r for i, r in enumerate(rows) if i not in picked]
         held = [r for i, r in enumerate(rows) if i in picked]
+    own = next((r for r in train + held if r.system is not None), None)
+    if own is not None and not d.chat_template:
+        raise ConfigError(f"data.prompts: row {own.id!r} has its own system message, which only the chat template "
+                          "can carry: set data.chat_template=true (with model.hf_path), or drop the rows' system")
     if tok is not None and max_len is not None:
         encode = getattr(tok, "encode_prompt", tok.encode)
         room = max_len - job.rollout.max_tokens
         for r in train + held:
             try:
-                n = len(encode(r.prompt))
+                n = len(encode(r.prompt) if r.system is None else encode(r.prompt, r.system))
             except ValueError as e:   # CharTokenizer: a character outside gpt_mini's alphabet
                 raise ConfigError(f"data.prompts: row {r.id!r} cannot be encoded ({e}): gpt_mini writes only its "
                                   "arithmetic alphabet; use model.hf_path=<a model with its own tokenizer>") from None

@@ -208,6 +208,20 @@ def test_plain_encoding_and_a_system_message(tmp_path, models):
                    models["qwen2"])
     p = ctl.env.heldout(1)[0]
     assert p.ids == _chat_ids(models["qwen2"], p.text, "Be brief.") != _chat_ids(models["qwen2"], p.text)
+    rows = tmp_path / "rows.jsonl"                     # rlpt's own rows; one with its own system message
+    rows.write_text(json.dumps({"prompt": "Tom has 3 pens.", "answer": "3", "system": "Count."}) + "\n"
+                    + json.dumps({"prompt": "Ann has 2 cats.", "answer": "2"}) + "\n")
+    job = _job(tmp_path, models["qwen2"], f"data.prompts={rows}", "data.format=rows", f"data.heldout={rows}",
+               "data.chat_template=true", "data.system='Be brief.'")
+    own, plain = read_prompt_set(str(rows), "rows")
+    assert (own.system, plain.system) == ("Count.", None)
+    assert json.loads(own.to_json())["system"] == "Count." and "system" not in json.loads(plain.to_json())
+    ctl, held = build(job, models["qwen2"])
+    assert [p.ids for p in held] == [_chat_ids(models["qwen2"], "Tom has 3 pens.", "Count."),
+                                     _chat_ids(models["qwen2"], "Ann has 2 cats.", "Be brief.")]
+    with pytest.raises(ConfigError, match="row 'rows-1' has its own system message.*data.chat_template=true"):
+        build(_job(tmp_path, models["qwen2"], f"data.prompts={rows}", "data.format=rows", f"data.heldout={rows}"),
+              models["qwen2"])
 
 
 def test_a_math_format_set_with_a_heldout_file(tmp_path, models):

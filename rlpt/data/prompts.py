@@ -2,10 +2,12 @@
 (with `datasets`: `hf:owner/name`, or a local `save_to_disk` directory), written as JSONL.
 
     {"id": "arith-17", "prompt": "<3+4+5>", "answer": "12", "source": "arith", "metadata": {"operands": 3}}
+    {"prompt": "What is 3+4?", "answer": "7", "system": "Answer with a number."}   # optional: a system message
 
 A row is what RL consumes (lesson 18a: in RL the dataset is prompts only): the text the policy sees, the gold
 answer the verifier checks, where it came from (counted per source in every report: "it's a mix" with no
-numbers is the course's stage-1 alarm) and free metadata. `id` defaults to `<file stem>-<line>` and `source`
+numbers is the course's stage-1 alarm), free metadata and an optional system message (the chat template's, for
+that row alone: it replaces `data.system`). `id` defaults to `<file stem>-<line>` and `source`
 to the file stem, so a bare `{"prompt": ..., "answer": ...}` file is a prompt set. A bad row stops the read
 with one line naming the file and line and quoting the row (at most 200 characters).
 
@@ -32,9 +34,13 @@ class PromptRow:
     answer: str
     source: str = ""
     metadata: dict = field(default_factory=dict)
+    system: str | None = None
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), ensure_ascii=False)
+        d = asdict(self)
+        if d["system"] is None:     # a row without one is written as before
+            del d["system"]
+        return json.dumps(d, ensure_ascii=False)
 
 
 class _RowSchema(BaseModel):
@@ -45,6 +51,7 @@ class _RowSchema(BaseModel):
     answer: str | int
     source: str | None = None
     metadata: dict[str, Any] = Field(default_factory=dict)
+    system: str | None = None
 
     @field_validator("prompt")
     @classmethod
@@ -61,7 +68,7 @@ def _error_text(e: ValidationError) -> str:
     parts = []
     for err in e.errors():
         where = ".".join(str(x) for x in err["loc"]) or "row"
-        msg = "unknown key (known: id, prompt, answer, source, metadata)" if err["type"] == "extra_forbidden" \
+        msg = "unknown key (known: id, prompt, answer, source, metadata, system)" if err["type"] == "extra_forbidden" \
             else err["msg"]
         if err["type"] == "extra_forbidden" and where in _PUBLISHED:
             msg += f"; a {_PUBLISHED[where]} record? read it as format {_PUBLISHED[where]} (data.format)"
@@ -78,7 +85,8 @@ def parse_row(data: Any, where: str, default_id: str, default_source: str) -> Pr
     except ValidationError as e:
         raise ConfigError(f"{where}: bad prompt row ({_error_text(e)}): {quote(json.dumps(data))}") from None
     return PromptRow(id=str(r.id) if r.id is not None else default_id, prompt=r.prompt, answer=str(r.answer),
-                     source=r.source if r.source is not None else default_source, metadata=r.metadata)
+                     source=r.source if r.source is not None else default_source, metadata=r.metadata,
+                     system=r.system)
 
 
 RowParser = Callable[[Any, str, str, str], PromptRow]

@@ -138,6 +138,11 @@ def verify_math(response: str, gold: str, max_chars: int = MAX_ANSWER_CHARS,
     return float(ok), {"correct": ok, "answer": ans}
 
 
+def _problem(row) -> tuple:
+    """(text, gold), or (text, gold, system) for a row with its own system message."""
+    return (row.prompt, row.answer) if row.system is None else (row.prompt, row.answer, row.system)
+
+
 @register_env("math")
 class MathAnswerEnv(Environment):
     """`<a/b+c/d>` -> the sum as any equivalent form. `problems` (text, gold) or `rows` (PromptRow) replace the
@@ -148,9 +153,9 @@ class MathAnswerEnv(Environment):
         if rows is not None:
             if not rows:
                 raise ValueError("the math env got an empty prompt set (no training rows)")
-            problems = [(r.prompt, r.answer) for r in rows]
+            problems = [_problem(r) for r in rows]
         self.problems = problems
-        self.heldout_problems = [(r.prompt, r.answer) for r in heldout_rows] if heldout_rows else None
+        self.heldout_problems = [_problem(r) for r in heldout_rows] if heldout_rows else None
         self.tokenizer = tokenizer
         self.max_den = max_den
         self.rng = random.Random(seed)
@@ -163,10 +168,10 @@ class MathAnswerEnv(Environment):
         s = Fraction(x, a) + Fraction(y, b)
         return f"<{x}/{a}+{y}/{b}>", str(s)
 
-    def _prompt(self, text: str, gold: str) -> Prompt:
+    def _prompt(self, text: str, gold: str, system: str | None = None) -> Prompt:
         encode = getattr(self.tokenizer, "encode_prompt", None) or getattr(self.tokenizer, "encode", None)
         try:
-            ids = encode(text) if encode is not None else []
+            ids = [] if encode is None else encode(text, system) if system is not None else encode(text)
         except ValueError:
             ids = []
         return Prompt(text, ids, gold)

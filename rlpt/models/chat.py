@@ -28,13 +28,18 @@ class PromptTokenizer(HFTokenizerAdapter):
         self.chat_template = chat_template
         self.system = system
 
-    def messages(self, text: str) -> list[dict]:
-        sys = [{"role": "system", "content": self.system}] if self.system is not None else []
+    def messages(self, text: str, system: str | None = None) -> list[dict]:
+        """The chat: the system message (`system`, a row's own, else data.system's) and the user's `text`."""
+        system = system if system is not None else self.system
+        sys = [{"role": "system", "content": system}] if system is not None else []
         return [*sys, {"role": "user", "content": text}]
 
-    def encode_prompt(self, text: str) -> list[int]:
+    def encode_prompt(self, text: str, system: str | None = None) -> list[int]:
         if not self.chat_template:
+            if system is not None:
+                raise ValueError(f"a prompt with its own system message ({system[:60]!r}) needs "
+                                 "data.chat_template=true: plain encoding has nowhere to put it")
             return list(self.tok.encode(text))
-        ids = self.tok.apply_chat_template(self.messages(text), add_generation_prompt=True, tokenize=True,
+        ids = self.tok.apply_chat_template(self.messages(text, system), add_generation_prompt=True, tokenize=True,
                                            return_dict=False)
         return [int(i) for i in ids]
