@@ -21,8 +21,8 @@ reference are fixed, log π_ref of every pair is computed once at the start (`pr
 a DPO step then costs what a SimPO step costs (bench/dpo_step.py). Pairs are sampled once from the
 starting policy (rlpt.preference.data) and saved as `pairs.jsonl` in the run folder, so a resume
 trains on the same data. With `dpo.packing` the 2B rows of [chosen; rejected] run as one packed forward
-(rlpt.framework.trajectory.pack_rows: rows end to end, a block-diagonal causal mask, positions restarting per
-row), so no FLOP goes to padding; the loss equals the padded forward's to fp32 rounding.
+(rlpt.framework.trajectory.pack_batch: gpt_mini's varlen layout, rlpt.framework.varlen, or pack_rows' bins,
+each pair's prompt stored once), so no FLOP goes to padding; the loss equals the padded forward's to fp32 rounding.
 `dpo.nll_weight` > 0 adds α·NLL(y_w) per token (RPO; Pang et al. 2024's
 fix for reasoning tasks, where pure DPO can lower the chosen answers' likelihood).
 
@@ -44,7 +44,7 @@ from pydantic import Field
 from rlpt.config import ConfigError, EvalConfig, JobConfig, LoopConfig, OptimConfig, RunConfig, Section
 from rlpt.framework.environment import ArithmeticEnv
 from rlpt.framework.evaluate import evaluate
-from rlpt.framework.trajectory import pack_rows, per_token_logp, supports_packing, trained_lengths
+from rlpt.framework.trajectory import pack_batch, per_token_logp, supports_packing
 from rlpt.gpt_mini.model import load_model
 from rlpt.gpt_mini.task import make_task
 from rlpt.gpt_mini.tokenizer import CharTokenizer
@@ -80,7 +80,7 @@ def sequence_logp(model, ids: torch.Tensor, mask: torch.Tensor,
     packed = None
     if packing and supports_packing(model):   # chosen and rejected share one copy of their prompt
         prompt_len = (mask > 0).float().argmax(-1) + 1                  # response token 0 sits at column P-1
-        packed = pack_rows(ids, trained_lengths(mask), prefix_len=prompt_len)
+        packed = pack_batch(model, ids, mask, prompt_len)              # varlen for gpt_mini, else bins
     logp = per_token_logp(model, ids, packed=packed)        # (N, T-1)
     return (logp * mask).sum(-1), mask.sum(-1)
 
