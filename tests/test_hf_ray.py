@@ -5,7 +5,8 @@ by digest.
 disaggregated (η = 0) on the `rlpt export`ed gpt_mini gives the in-process Controller's metrics over 3 GRPO steps
 (as tests/test_systems_ray.py for gpt_mini); a LoRA run under one_step_off through `rlpt train` passes the log-prob
 check with adapter-only syncs. A local Ray (~10 s to start) and two actors per run that import torch, transformers
-and peft (~5 s each): `slow`."""
+and peft (~5 s each): those two are `slow`. Without Ray: a transport carrying the LoRA payload between two separately
+loaded copies (as two processes hold them) lands the adapters only, digest-checked."""
 from __future__ import annotations
 
 import os
@@ -14,15 +15,14 @@ import pytest
 import torch
 
 pytest.importorskip("peft")
-ray = pytest.importorskip("ray")
 from rlpt.models.export import export_checkpoint  # noqa: E402
+from rlpt.models.hf import load_hf_policy  # noqa: E402
+from rlpt.models.lora import LoraSpec, adapter_payload, apply_lora, merged_payload, rollout_copy  # noqa: E402
 from rlpt.sft import SFTJob, train_sft  # noqa: E402
-from rlpt.systems.transport import digest  # noqa: E402
+from rlpt.systems.transport import Payload, WeightSyncError, digest, make_transport  # noqa: E402
 from rlpt.train import build, load_train_job, run_train  # noqa: E402
 
-from conftest import TINY_RL  # noqa: E402
-
-pytestmark = pytest.mark.slow
+from conftest import TINY_RL, TOK  # noqa: E402
 
 FAST = [o for o in TINY_RL if not o.startswith(("model.", "sft."))] + ["eval.every=100", "eval.size=8"]
 NOT_COMPARED = ("time/", "mem/", "timeline/", "system/")
@@ -30,6 +30,7 @@ NOT_COMPARED = ("time/", "mem/", "timeline/", "system/")
 
 @pytest.fixture(scope="module")
 def ray_up():
+    ray = pytest.importorskip("ray")
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
     if not ray.is_initialized():   # 4 logical CPUs, as tests/test_systems_ray.py asks (the first file up starts it)
         ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
@@ -56,6 +57,38 @@ def _compared(m: dict) -> dict:
     return {k: v for k, v in m.items() if not k.startswith(NOT_COMPARED)}
 
 
+@pytest.mark.parametrize("sync", ["adapters", "merged"])
+def test_a_lora_payload_crosses_a_transport_between_separate_copies(hf_dir, sync):
+    """Trainer and rollout loaded apart (no shared storage, as in two actors): the transport moves the lora.sync
+    payload only, the rollout then computes the trainer's logits exactly, and the digest covers what moved; a
+    corrupted digest and a payload naming a tensor the rollout lacks are WeightSyncErrors."""
+    spec = LoraSpec(r=4, alpha=8)
+    payload = adapter_payload if sync == "adapters" else merged_payload
+    trainer = apply_lora(load_hf_policy(hf_dir), spec)
+    rollout = rollout_copy(apply_lora(load_hf_policy(hf_dir), spec), sync)
+    with torch.no_grad():
+        for n, p in trainer.named_parameters():
+            if p.requires_grad:
+                p.add_(0.02 * torch.randn(p.shape, generator=torch.Generator().manual_seed(len(n))))
+    ids = torch.tensor([TOK.encode("<12+7+9>28#")])
+    send, receive = make_transport("in_process", payload=payload), make_transport("in_process", payload=payload)
+    sent = send.publish(trainer, version=3)
+    assert sent.data.keys() == payload(trainer).keys() and sent.digest == digest(payload(trainer))
+    moved = sum(t.numel() for t in sent.data.values())
+    assert (moved == sum(p.numel() for p in trainer.parameters() if p.requires_grad)) == (sync == "adapters")
+    assert receive.apply(sent, rollout) == 3
+    with torch.no_grad():
+        if sync == "adapters":
+            assert torch.equal(rollout(ids), trainer(ids))
+        else:
+            torch.testing.assert_close(rollout(ids), trainer(ids), atol=1e-5, rtol=0)
+    with pytest.raises(WeightSyncError, match="version 4 failed its check"):
+        receive.apply(Payload(4, "0" * 64, sent.data), rollout)
+    with pytest.raises(WeightSyncError, match="lacks.*nowhere"):
+        receive.apply(Payload(5, None, {"nowhere.weight": torch.zeros(1)}), rollout)
+
+
+@pytest.mark.slow
 def test_disaggregated_hf_policy_equals_in_process(ray_up, tmp_path, hf_dir):
     """η = 0 on actors = the in-process Controller over 3 GRPO steps (same seeds) to 1e-6 on every metric, the
     trainer's weights equal bit for bit, every sync verified by digest."""
@@ -81,11 +114,12 @@ def test_disaggregated_hf_policy_equals_in_process(ray_up, tmp_path, hf_dir):
         trained = sum(m.get("sync/done", 0) for m in got)
         assert trained >= 1 and len(sys_.sync_log) == trained
         assert all(e["worker_digests"] == [e["digest"]] for e in sys_.sync_log)
-        assert digest(ctl.rollout.model) == ray.get(sys_.workers[0].digest.remote())   # the rollout copies too
+        assert digest(ctl.rollout.model) == ray_up.get(sys_.workers[0].digest.remote())   # the rollout copies too
     finally:
         sys_.close()
 
 
+@pytest.mark.slow
 def test_lora_one_step_off_through_rlpt_train_syncs_the_adapters(ray_up, tmp_path, hf_dir):
     """`rlpt train ... lora.r=4 system.topology=one_step_off`: 3 steps finish with the log-prob check passing on the
     steps that train on fresh weights, every sync moves the adapters only (the digest is theirs) and is verified."""
