@@ -2,8 +2,10 @@
 
     speed-up = tokens/s(train step, trainer.packing=true) / tokens/s(train step, padded)        goal: >= 1.4
 
-Packing here is the trainer's: rows end to end, and the rows of a group stored after one copy of their shared
-prompt (`pack_rows(..., prefix_len=prompt_len)`), so it removes the padding and the repeated prompts.
+Packing here is the trainer's: for gpt_mini the varlen layout (rlpt.framework.varlen: the tokens as one flat list,
+a group's prompt once, every projection on exactly those tokens, attention causal in the row layout), otherwise
+rows end to end in bins (`pack_rows(..., prefix_len=prompt_len)`); both remove the padding and the repeated
+prompts. The `packed_bins_fp32` side and `fb_packed` run the bins on gpt_mini too (the control for varlen).
 One batch is sampled once from the grpo_arith recipe's SFT start by rlpt's own roles (rollout, verifier,
 reference, GRPO advantages, degenerate groups dropped, collate): lengths as sampled. Every side then runs the
 trainer's full `train_step` on that very batch (micro-batches, forward, backward, clip, AdamW; its mini-batches)
@@ -31,6 +33,7 @@ import torch
 
 from rlpt.framework.trainer import Trainer, bf16_path
 from rlpt.framework.trajectory import collate, flatten, pack_rows, per_token_logp, trained_lengths
+from rlpt.framework.varlen import varlen_rows
 from rlpt.optim import make_optimizer
 
 
@@ -75,8 +78,10 @@ def rollout_batch(args, ckpt: Path):
     return ctl.trainer.model, collate(kept, ctl.pad_id), ctl.algorithm.compute_loss, job, ctl.pad_id
 
 
-def make_trainer(policy, job, packing: bool, precision: str) -> Trainer:
+def make_trainer(policy, job, packing: bool, precision: str, varlen: bool = True) -> Trainer:
     model = copy.deepcopy(policy)
+    if not varlen:
+        model.supports_varlen = False          # pack_batch falls back to pack_rows' bins
     t = job.trainer
     opt, sched = make_optimizer(model, t.optim, 10_000)
     return Trainer(model, opt, sched, t.optim.grad_clip, t.micro_batch_size, t.mini_batches, t.epochs,
@@ -98,7 +103,8 @@ def main():
     tokens = int((batch.input_ids != pad_id).sum())
     B, T = batch.input_ids.shape
     need = trained_lengths(batch.mask)
-    packed = pack_rows(batch.input_ids, need, prefix_len=batch.prompt_len)   # as the trainer packs
+    packed = pack_rows(batch.input_ids, need, prefix_len=batch.prompt_len)   # the bins
+    flat = varlen_rows(batch.input_ids, need, prefix_len=batch.prompt_len)     # as the trainer packs gpt_mini
     mb = max(job.trainer.mini_batches, 1)
 
     # correctness first: the packed gradient against the padded one, fresh weights, fp32
@@ -115,6 +121,7 @@ def main():
 
     sides = {f"{'packed' if pk else 'padded'}_{pr}": make_trainer(policy, job, pk, pr)
              for pk in (False, True) for pr in ("fp32", "bf16")}
+    sides["packed_bins_fp32"] = make_trainer(policy, job, True, "fp32", varlen=False)
     ref_model = copy.deepcopy(policy).eval()
 
     def ref_forward(packing: bool, precision: str):
@@ -127,8 +134,8 @@ def main():
     # the ceiling: forward + backward of the log-probs on the padded rows, the packed rows, and the same tokens
     # in full rows with no padding and no mask at all (what removing every padding FLOP could give)
     fb_model = copy.deepcopy(policy).train()
-    flat = batch.input_ids[batch.input_ids != pad_id]
-    dense = flat[:flat.numel() // T * T].view(-1, T)
+    nonpad = batch.input_ids[batch.input_ids != pad_id]
+    dense = nonpad[:nonpad.numel() // T * T].view(-1, T)
 
     def fwd_bwd(ids, packing=None):
         def run():
@@ -137,19 +144,21 @@ def main():
         return run
     runs = {k: (lambda tr=tr: tr.train_step(batch, loss_fn)) for k, tr in sides.items()}
     runs |= {"fb_padded": fwd_bwd(batch.input_ids), "fb_packed": fwd_bwd(batch.input_ids, packed),
-             "fb_dense_bound": fwd_bwd(dense)}
+             "fb_varlen": fwd_bwd(batch.input_ids, flat), "fb_dense_bound": fwd_bwd(dense)}
     runs |= {f"ref_{'packed' if pk else 'padded'}_{pr}": ref_forward(pk, pr)
              for pk in (False, True) for pr in ("fp32", "bf16")}
     for fn in runs.values():
         for _ in range(args.warmup):
             fn()
+    # one thread: process CPU time, the work itself (a shared machine moves wall time far more); else wall time
+    clock = time.process_time if args.threads == 1 else time.perf_counter
     times: dict[str, list[float]] = {k: [] for k in runs}
     names = list(runs)
     for r in range(args.rounds):
         for name in names if r % 2 == 0 else names[::-1]:
-            t0 = time.perf_counter()
+            t0 = clock()
             runs[name]()
-            times[name].append(time.perf_counter() - t0)
+            times[name].append(clock() - t0)
     med = {k: statistics.median(v) for k, v in times.items()}
     tps = {k: tokens / v for k, v in med.items()}
 
@@ -158,7 +167,7 @@ def main():
           f"{packed.input_ids.shape[0]} rows x {packed.input_ids.shape[1]}: {packed.tokens} tokens "
           f"({1 - packed.tokens / packed.input_ids.numel():.1%} padding); "
           f"{mb} mini-batch(es), micro-batch {args.micro_batch_size or 'whole'}; {args.threads} thread(s); "
-          f"bf16 path: {bf16_path()}; median of {args.rounds}")
+          f"bf16 path: {bf16_path()}; median of {args.rounds} ({'CPU' if args.threads == 1 else 'wall'} time)")
     print(f"| {'side (fb_: fwd+bwd only)':<24} | {'s/step':>8} | {'tokens/s':>9} | {'x padded':>13} |")
     print(f"|{'-' * 26}|{'-' * 9}:|{'-' * 10}:|{'-' * 14}:|")
     for k in names:
@@ -174,6 +183,9 @@ def main():
            "packed_bf16_speedup": round(med["padded_fp32"] / med["packed_bf16"], 3),
            "ref_packed_speedup": round(med["ref_padded_fp32"] / med["ref_packed_fp32"], 3),
            "fwd_bwd_packed_speedup": round(med["fb_padded"] / med["fb_packed"], 3),
+           "fwd_bwd_varlen_speedup": round(med["fb_padded"] / med["fb_varlen"], 3),
+           "varlen_over_bins_train_step": round(med["packed_bins_fp32"] / med["packed_fp32"], 3),
+           "varlen_tokens": flat.tokens,
            "fwd_bwd_no_padding_bound": round(dense.numel() / med["fb_dense_bound"] / (tokens / med["fb_padded"]), 3),
            "tokens_per_s": {k: round(v, 1) for k, v in tps.items()}, "s_per_step": {k: round(v, 5) for k, v in
                                                                                  med.items()},

@@ -120,6 +120,9 @@ def parse_args():
                         "barely moved by other jobs on a shared machine) or wall time")
     p.add_argument("--curve-evals", type=int, default=36,
                    help="held-out evaluations per side over --curve seconds (the grid that resolves time to target)")
+    p.add_argument("--heldout", type=int, default=200,
+                   help="held-out problems per evaluation of the curve (one evaluation's standard error ~ "
+                        "sqrt(p(1-p)/n): 0.035 at 200, 0.02 at 600)")
     p.add_argument("--target", default="0.6,0.62,0.64", help="held-out accuracies whose first crossing is timed, "
                                                              "comma-separated (the first is the headline)")
     p.add_argument("--plot", default="docs/img/perf_heldout_vs_wallclock.png")
@@ -178,7 +181,8 @@ def rlpt_grpo(args, ckpt: Path, beta: float, all_rows: bool, **settings):
         f"init_from={ckpt}", f"rollout.prompts_per_step={s['prompts']}", f"rollout.k={args.k}",
         f"rollout.max_tokens={args.max_tokens}", f"rollout.temperature={s['temperature']}", f"algorithm.beta={beta}",
         f"trainer.mini_batches={s['mini_batches']}", f"trainer.optim.lr={args.lr}",
-        "trainer.optim.schedule=constant", "trainer.optim.warmup_steps=0", "steps=100000", "eval.size=200",
+        "trainer.optim.schedule=constant", "trainer.optim.warmup_steps=0", "steps=100000",
+        f"eval.size={args.heldout}",
         f"trainer.packing={str(args.packing).lower()}",
         f"trainer.precision={s.get('precision', args.rlpt_precision or args.precision)}",
         "run.progress=false", f"run.seed={args.seed}"])
@@ -439,9 +443,9 @@ CURVE = {"prompts": 32, "temperature": 0.7, "mini_batches": 2, "beta": 0.05}   #
 
 
 def bench_curve(args, ckpt: Path, hf_dir: Path, tmp: Path) -> dict:
-    """Held-out greedy accuracy (200 problems, the same evaluator for both: TRL's weights go back to gpt_mini
-    with hf_to_gpt_mini) against each side's own training wall-clock, from the same SFT start, the recipe's
-    rollout / loss settings (constant lr). Interleaved: after each TRL GRPO step, rlpt steps until its clock
+    """Held-out greedy accuracy (--heldout problems, 200 by default; the same evaluator for both: TRL's weights go
+    back to gpt_mini with hf_to_gpt_mini) against each side's own training wall-clock, from the same SFT start, the
+    recipe's rollout / loss settings (constant lr). Interleaved: after each TRL GRPO step, rlpt steps until its clock
     catches up, so load drift hits both; evaluation time is not on either clock."""
     from datasets import Dataset
     from transformers import TrainerCallback
