@@ -63,7 +63,8 @@ class DataSection(Section):
     prompts: str | None = Field(None, description="the prompt set: a .jsonl or .parquet file, hf:owner/name or a "
                                 "`save_to_disk` directory; None = the env's built-in task (env.name=math only)")
     format: Literal["rows", "gsm8k", "math"] = Field(
-        "rows", description="rows: {prompt, answer, id, source, metadata}; gsm8k: {question, answer: '... #### 72'}; "
+        "rows", description="rows: {prompt, answer, id, source, metadata, system}; gsm8k: {question, answer: "
+                            "'... #### 72'}; "
                             "math: {problem, solution with \\boxed{}, level, type} (rlpt/data/formats.py)")
     heldout: str | float = Field(0.1, description="the held-out rows: a file in data.format, or the fraction of "
                                  "data.prompts held out (0 < f < 1, a fixed draw; those rows are never trained on)")
