@@ -113,6 +113,8 @@ def test_disaggregated_hf_policy_equals_in_process(ray_up, tmp_path, hf_dir):
         assert digest(sys_.trainer.model) == digest(ctl.trainer.model)
         trained = sum(m.get("sync/done", 0) for m in got)
         assert trained >= 1 and len(sys_.sync_log) == trained
+        full = sum(p.numel() * 4 for p in ctl.trainer.model.parameters())        # every parameter, fp32 (tied once)
+        assert [m["system/sync_bytes"] for m in got] == [full * m.get("sync/done", 0) for m in got]
         assert all(e["worker_digests"] == [e["digest"]] for e in sys_.sync_log)
         assert digest(ctl.rollout.model) == ray_up.get(sys_.workers[0].digest.remote())   # the rollout copies too
     finally:
@@ -135,4 +137,6 @@ def test_lora_one_step_off_through_rlpt_train_syncs_the_adapters(ray_up, tmp_pat
     adapters = {n: p.detach() for n, p in policy.named_parameters() if p.requires_grad}
     assert adapters and all("lora_" in n for n in adapters)
     assert sys_.sync_log[-1]["digest"] == digest(adapters)           # the last sync moved exactly the adapters
+    synced = [r["system/sync_bytes"] for r in rows if r["system/sync_bytes"]]
+    assert synced and set(synced) == {sum(p.numel() * 4 for p in adapters.values())}
     assert any(p.abs().sum() > 0 for n, p in adapters.items() if "lora_B" in n)   # pulled from the trainer actor

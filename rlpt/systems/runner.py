@@ -11,6 +11,7 @@ from the trainer; `time/sync`: publish to the last worker's check; `time/step`: 
     system/staleness_mean|max   trainer version − weights version of the trained groups, in syncs
                                 (the optimizer-step count of rlpt.framework's `staleness/*` is finer)
     system/syncs                syncs so far; every one verified by digest when system.verify
+    system/sync_bytes           bytes this step's sync moved to each worker (0 without one; LoRA: the adapters')
     system/restarts             rollout workers replaced so far (system.max_restarts, rlpt.systems.restart)
     timeline/<role>_t0|t1       start and end of each role in the step, seconds from the step's start
                                 (rollout0.., train, sync): the Gantt chart of one step
@@ -189,6 +190,7 @@ class RaySystem(AsyncDriver, Restarts):
         m["system/staleness_max"] = float(max(stale))
         m |= token_staleness(groups, res["version_before"])     # per token (partial rollouts mix versions)
         m["system/syncs"] = float(self.syncs)
+        m["system/sync_bytes"] = float(self.sync_log[-1]["bytes"]) if m.get("sync/done") else 0.0
         m["system/restarts"] = float(self.restarts)
         by_rank: dict[int, list[dict]] = {}
         for o in outs:
@@ -215,7 +217,8 @@ class RaySystem(AsyncDriver, Restarts):
         applies = [w.apply.remote(payload) for w in self.workers]
         sends = [self.trainer_actor.send.remote()] if self.cfg.transport == "gloo" else []
         self.syncs += 1
-        entry = {"version": payload.version, "digest": payload.digest, "applies": applies, "to": list(self.workers)}
+        entry = {"version": payload.version, "digest": payload.digest, "applies": applies, "to": list(self.workers),
+                 "bytes": payload.nbytes}
         self.sync_log.append(entry)
         if self.cfg.topology != "async":
             self._check_sync(entry, sends)

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rlpt.framework.weight_sync import copy_named
+from rlpt.framework.weight_sync import copy_named, payload_bytes
 
 
 class WeightSyncError(RuntimeError):
@@ -65,6 +65,7 @@ class Payload:
     version: int
     digest: str | None      # None when verification is off
     data: object            # the transport's own: tensors, an ObjectRef, or the tensor names (collective)
+    nbytes: int = 0         # bytes the sync moves to each worker (a LoRA payload: the adapters')
 
 
 def check(model: torch.nn.Module, payload: Payload, where: str = "rollout worker", names=None) -> None:
@@ -107,7 +108,7 @@ class InProcess:
 
     def publish(self, model: torch.nn.Module, version: int) -> Payload:
         named = self.named(model)
-        return Payload(version, digest(named) if self.verify else None, named)
+        return Payload(version, digest(named) if self.verify else None, named, payload_bytes(named))
 
     def apply(self, payload: Payload, model: torch.nn.Module) -> int:
         self.land(model, payload.data, payload)
@@ -126,7 +127,7 @@ class ObjectStore(InProcess):
     def publish(self, model: torch.nn.Module, version: int) -> Payload:
         import ray
         named = {k: v.to(torch.float32).contiguous() for k, v in self.named(model).items()}
-        return Payload(version, digest(named) if self.verify else None, ray.put(named))
+        return Payload(version, digest(named) if self.verify else None, ray.put(named), payload_bytes(named))
 
     def apply(self, payload: Payload, model: torch.nn.Module) -> int:
         import ray
@@ -157,7 +158,7 @@ class Collective(InProcess):
     def publish(self, model: torch.nn.Module, version: int) -> Payload:
         """The version, digest and tensor names only, sent ahead through the driver; the bytes follow in `send`."""
         named = self.named(model)
-        return Payload(version, digest(named) if self.verify else None, sorted(named))
+        return Payload(version, digest(named) if self.verify else None, sorted(named), payload_bytes(named))
 
     def send(self, model: torch.nn.Module) -> None:
         import ray.util.collective as col
