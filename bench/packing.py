@@ -128,8 +128,8 @@ def main():
         def run():
             with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16"):
                 per_token_logp(ref_model, batch.input_ids, job.rollout.temperature,
-                               packed=pack_rows(batch.input_ids, need, prefix_len=batch.prompt_len)
-                               if packing else None)
+                               packed=varlen_rows(batch.input_ids, need, prefix_len=batch.prompt_len)
+                               if packing else None)          # as the reference packs gpt_mini
         return run
     # the ceiling: forward + backward of the log-probs on the padded rows, the packed rows, and the same tokens
     # in full rows with no padding and no mask at all (what removing every padding FLOP could give)
