@@ -98,3 +98,33 @@ def test_untrained_logp_prm_is_the_generative_verifier_and_survives_a_checkpoint
     for a, b in zip(back.score(rows), scorer.score(rows)):
         assert a == pytest.approx(b, rel=1e-6)
     assert back.score(rows)[0][0] == pytest.approx(1 / (1 + math.exp(-(math.log(p[0][0]) + 0.7))), rel=1e-5)
+
+
+def test_aux_model_features_are_read_frozen_and_survive_a_checkpoint(tmp_path):
+    """scorer.logp_aux: a second model's three features join the trunk's; it gets no gradient, and at the start
+    the score is σ(log π(prefix) + log π_aux(prefix))."""
+    trunk, aux = tiny_gpt(0), tiny_gpt(1)
+    scorer = StepScorer(trunk, TOK, "prm", logp_feature=True, aux=aux)
+    rows = [(P3.prompt, RESP)]
+    p, q = LogProbScorer(trunk, TOK).score(rows)[0], LogProbScorer(aux, TOK).score(rows)[0]
+    ids = torch.tensor([TOK.encode(P3.prompt + RESP)])
+    read = scorer.read_positions(len(P3.prompt), TOK.encode(RESP))
+    logits = scorer(ids)[0, read]
+    assert logits.tolist() == pytest.approx([math.log(a * b) for a, b in zip(p, q)], rel=1e-5)
+    logits.sum().backward()
+    assert all(w.grad is None for w in aux.parameters()) and scorer.feat.weight.grad.shape == (1, 6)
+    assert scorer.feat.weight.grad[0, 3:].abs().sum() > 0              # the aux features reach the loss
+    with torch.no_grad():                    # bump the aux's logits inside step 2: the second score moves
+        def hook(mod, args, out):
+            out = out.clone()
+            out[:, len(P3.prompt) + RESP.index(",") + 1, TOK.stoi["9"]] += 3.0
+            return out
+        h = aux.register_forward_hook(hook)
+        bumped = scorer(ids)[0, read]
+        h.remove()
+    assert bumped[0] == logits[0] and abs(bumped[1] - logits[1]) > 1e-3
+    save_checkpoint(tmp_path / "ckpt", scorer, scorer.meta(), {"step": 0})
+    back = load_scorer(tmp_path / "ckpt")
+    assert back.aux is not None and back.score(rows)[0] == pytest.approx(scorer.score(rows)[0], rel=1e-6)
+    with pytest.raises(ValueError, match="logp_feature"):
+        StepScorer(tiny_gpt(), TOK, "prm", aux=tiny_gpt(1))

@@ -83,6 +83,8 @@ class ScorerConfig(LoopConfig):
                              "> 0 draws whole prompts into a batch, and needs scorer.data.responses > 1")
     logp_feature: bool = Field(False, description="add the trunk's own step / prefix / min token log-probs to the "
                                "head (rlpt.search.scorer.logp_features); starts as the generative verifier")
+    logp_aux: str | None = Field(None, description="with logp_feature: a second checkpoint (frozen) whose log-prob "
+                                 "features the head reads too")
     data: ScorerData = ScorerData()
 
 
@@ -215,7 +217,10 @@ def train_scorer(job: ScorerJob, resume: bool = False, allow_change: Collection[
     hard = hard_rows(job, llm)
     # the policy's weights become the trunk (the engine is done with them), unless another trunk is named
     trunk = load_model(job.trunk, job.model, tok) if job.trunk else policy
-    scorer = StepScorer(trunk, tok, cfg.kind, cfg.logp_feature)
+    if cfg.logp_aux and not cfg.logp_feature:
+        raise ConfigError("scorer.logp_aux is read through the log-prob features: set scorer.logp_feature=true")
+    aux = load_model(cfg.logp_aux, job.model, tok) if cfg.logp_aux else None
+    scorer = StepScorer(trunk, tok, cfg.kind, cfg.logp_feature, aux)
 
     groups = prompt_groups(train)
     if cfg.rank_coef > 0 and len(groups) == len(train):

@@ -26,6 +26,9 @@ with a = (0, 1, 0) at the start: the untrained PRM scores a prefix σ(log π(pre
 gradients reach the step log-probs too, so the language model is fine-tuned as a verifier on the MC labels.
 Why: the plain head judges one step at AUROC 0.59-0.77 while the same trunk's log-prob separates the held-out
 steps perfectly (docs/search.md section 3b part 4): the information is in the LM head, not in h_t.
+`aux` (`scorer.logp_aux=<checkpoint>`): a second, frozen language model whose three features the head reads
+too (a starts at (0, 1, 0, 0, 1, 0): σ(log π(prefix) + log π_aux(prefix)), a product of the two verifiers),
+e.g. one trained on prompts as long as the slice the trunk fails on (docs/search.md section 3c).
 
 Why the ranking term (`rank_loss`): best-of-N compares the candidates of *one* prompt, and BCE pooled over
 prompts mostly learns which prompts are hard (docs/search.md: pooled outcome AUROC 0.78, within a prompt
@@ -54,7 +57,8 @@ FEATURES = ("step_logp", "prefix_logp", "step_min_logp")      # what `logp_featu
 class StepScorer(nn.Module):
     """A trunk with a scalar head read at chosen positions; `kind` is 'prm' (every delimiter) or 'orm' (the last)."""
 
-    def __init__(self, trunk: nn.Module, tok: CharTokenizer, kind: str = "prm", logp_feature: bool = False):
+    def __init__(self, trunk: nn.Module, tok: CharTokenizer, kind: str = "prm", logp_feature: bool = False,
+                 aux: nn.Module | None = None):
         super().__init__()
         if kind not in KINDS:
             raise ValueError(f"scorer kind must be one of {KINDS}, got {kind!r}")
@@ -62,10 +66,16 @@ class StepScorer(nn.Module):
         self.head = nn.Linear(trunk.cfg.d_model, 1)
         nn.init.zeros_(self.head.weight)     # every score starts at σ(0) = 0.5; no RNG consumed
         nn.init.zeros_(self.head.bias)
+        if aux is not None and not logp_feature:
+            raise ValueError("a scorer's aux model is read through its log-prob features: set logp_feature=True")
+        self.aux = aux
+        if aux is not None:                  # frozen: the head learns how much to trust it, not its weights
+            aux.requires_grad_(False).eval()
         if logp_feature:                     # ... or at σ(log π(prefix)): the generative verifier
-            self.feat = nn.Linear(len(FEATURES), 1, bias=False)
+            n = 1 + (aux is not None)
+            self.feat = nn.Linear(n * len(FEATURES), 1, bias=False)
             with torch.no_grad():
-                self.feat.weight.copy_(torch.tensor([[0.0, 1.0, 0.0]]))
+                self.feat.weight.copy_(torch.tensor([[0.0, 1.0, 0.0] * n]))
 
     @property
     def cfg(self) -> GPTConfig:
@@ -77,7 +87,11 @@ class StepScorer(nn.Module):
             lm = self.trunk(ids)
         out = self.head(store[-1].float()).squeeze(-1)                         # (B, T)
         if self.logp_feature:
-            out = out + self.feat(logp_features(lm, ids, self.tok)).squeeze(-1)
+            f = logp_features(lm, ids, self.tok)                               # (B, T, 3)
+            if self.aux is not None:
+                with torch.no_grad():
+                    f = torch.cat([f, logp_features(self.aux(ids), ids, self.tok)], -1)   # (B, T, 6)
+            out = out + self.feat(f).squeeze(-1)
         return out
 
     def read_positions(self, prompt_len: int, response_ids: list[int]) -> list[int]:
@@ -108,7 +122,8 @@ class StepScorer(nn.Module):
         return out
 
     def meta(self) -> dict:
-        return {**self.cfg.to_dict(), "kind": self.kind, "logp_feature": self.logp_feature}
+        return {**self.cfg.to_dict(), "kind": self.kind, "logp_feature": self.logp_feature,
+                "aux": self.aux.cfg.to_dict() if self.aux is not None else None}
 
 
 def logp_features(logits: torch.Tensor, ids: torch.Tensor, tok: CharTokenizer) -> torch.Tensor:
@@ -186,10 +201,12 @@ def load_scorer(path, tok: CharTokenizer | None = None) -> StepScorer:
     meta = dict(read_checkpoint_meta(path))
     kind = meta.pop("kind", None)
     logp_feature = bool(meta.pop("logp_feature", False))
+    aux = meta.pop("aux", None)
     if kind not in KINDS:
         raise CheckpointError(f"checkpoint {str(path)!r} is not a PRM or ORM (kind {kind!r}): train one with "
                               "`rlpt prm init_from=<SFT checkpoint>` or `rlpt orm init_from=...`")
-    scorer = StepScorer(GPT(GPTConfig(**meta)), tok or CharTokenizer(), kind, logp_feature)
+    scorer = StepScorer(GPT(GPTConfig(**meta)), tok or CharTokenizer(), kind, logp_feature,
+                        GPT(GPTConfig(**aux)) if aux else None)
     load_weights(path, scorer)
     return scorer.eval()
 
