@@ -39,26 +39,29 @@ test-fast: sysdeps $(STAMP)
 	$(BIN)/python -m pytest -q $(XDIST) -m 'not slow'
 
 # rollout.backend=vllm against a real vLLM (tests/test_vllm_backend.py, skipped elsewhere, and the vLLM-free
-# tests/test_vllm_plumbing.py), on a CUDA machine only, in its own .venv-vllm: vllm==0.34.0 is a CUDA wheel that pins
-# torch==2.14.0 against rlpt's torch==2.13.0, so pip cannot resolve '.[hf,test,vllm]' as one set. vLLM goes in first
-# with its torch, rlpt without deps, then rlpt's requirements (core, hf, test, vllm) but torch, read from rlpt's
-# installed metadata. Needs Python >= 3.11 (vLLM's floor): PY=python3.11 make test-vllm.
+# tests/test_vllm_plumbing.py), on a CUDA machine only, in its own .venv-vllm. vLLM (pyproject's `vllm` extra) is a
+# CUDA wheel pinning torch==2.14.0 against rlpt's torch==2.13.0, and fastapi<0.137 against the test extra's
+# fastapi==0.165.0, so pip resolves neither '.[vllm]' nor '.[hf,test,vllm]' (both ResolutionImpossible, checked):
+# rlpt goes in without deps, then one resolution of its requirements (core, hf, vllm) minus torch, plus pytest,
+# read from pyproject.toml (tomllib: not the installed metadata, which a stale rlpt.egg-info in the checkout shadows).
+# vLLM needs Python >= 3.11: PY=python3.11 make test-vllm.
 VLLM_VENV := .venv-vllm
 VLLM_TESTS := tests/test_vllm_backend.py tests/test_vllm_plumbing.py
-VLLM_REQS := import re; from importlib.metadata import requires; [print(r.split(";")[0].strip()) for r in \
-	requires("rlpt") if re.split(r"[^A-Za-z0-9_.-]", r, maxsplit=1)[0].lower() != "torch" and (";" not in r or \
-	set(re.findall(r"extra == .([A-Za-z0-9_-]+).", r)) & {"hf", "test", "vllm"})]
+VLLM_REQS := import re, tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]; \
+	o = p["optional-dependencies"]; [print(r) for r in p["dependencies"] + o["hf"] + o["vllm"] \
+	if re.split(r"[^A-Za-z0-9_.-]", r, maxsplit=1)[0].lower() != "torch"]
 test-vllm:
 	@if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L >/dev/null 2>&1; then \
-		echo "make test-vllm: no CUDA GPU on this machine (nvidia-smi is missing or lists no GPU): vllm==0.34.0 is" \
-			"a CUDA wheel, so rollout.backend=vllm's tests run on a CUDA machine only; here make test reports" \
+		echo "make test-vllm: no CUDA GPU on this machine (nvidia-smi is missing or lists no GPU): vLLM's wheel" \
+			"is built for CUDA, so rollout.backend=vllm's tests run on a CUDA machine only; here make test reports" \
 			"tests/test_vllm_backend.py as skipped and runs tests/test_vllm_plumbing.py"; exit 2; fi
+	@$(PY) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "make test-vllm: vLLM needs" \
+		"Python >= 3.11, $(PY) is older: PY=python3.11 make test-vllm"; exit 2; }
 	test -x $(VLLM_VENV)/bin/python || $(PY) -m venv $(VLLM_VENV)
 	$(VLLM_VENV)/bin/python -m pip install --quiet --upgrade pip
-	$(VLLM_VENV)/bin/python -m pip install --quiet 'vllm==0.34.0'
 	$(VLLM_VENV)/bin/python -m pip install --quiet --no-deps -e .
 	$(VLLM_VENV)/bin/python -c '$(VLLM_REQS)' > $(VLLM_VENV)/rlpt-requirements.txt
-	$(VLLM_VENV)/bin/python -m pip install --quiet -r $(VLLM_VENV)/rlpt-requirements.txt
+	$(VLLM_VENV)/bin/python -m pip install --quiet -r $(VLLM_VENV)/rlpt-requirements.txt 'pytest>=8'
 	$(VLLM_VENV)/bin/python -m pytest -q -p no:cacheprovider -rs $(VLLM_TESTS)
 
 clean:

@@ -2,9 +2,10 @@
 gpt_mini, sampled log-probs equal the trainer's, a weight update changes the outputs and equals a fresh load, the
 generator's seeds reproduce, and `rlpt train rollout.backend=vllm` trains with the run-time log-prob check.
 
-Needs vllm==0.34.0, a CUDA wheel: `make test-vllm` builds .venv-vllm on a CUDA machine and runs this file (and
-tests/test_vllm_plumbing.py, the parts that need no vLLM and also run under `make test`). Elsewhere the whole
-module is reported as skipped, with the reason."""
+Needs vLLM (vllm==0.33.0, pyproject's `vllm` extra), a CUDA wheel: `make test-vllm` builds .venv-vllm on a CUDA
+machine and runs this file (and tests/test_vllm_plumbing.py, the parts that need no vLLM and also run under
+`make test`). Elsewhere the whole module is reported as skipped, with the reason; where vLLM imports but finds
+no device, the engine tests are."""
 from __future__ import annotations
 
 import copy
@@ -14,12 +15,16 @@ import pytest
 import torch
 
 vllm = pytest.importorskip(
-    "vllm", reason="vLLM is not installed in this environment: rollout.backend=vllm's tests need vllm==0.34.0, a "
+    "vllm", reason="vLLM is not installed in this environment: rollout.backend=vllm's tests need vllm==0.33.0, a "
                    "CUDA wheel (`make test-vllm` on a CUDA machine builds .venv-vllm with it and runs them); the "
                    "vLLM-free parts are tests/test_vllm_plumbing.py")
 
+from vllm.logprobs import Logprob  # noqa: E402
+from vllm.outputs import CompletionOutput  # noqa: E402
+from vllm.platforms import current_platform  # noqa: E402
+
 from rlpt.engine.backend import EngineBackend  # noqa: E402
-from rlpt.engine.vllm_backend import VLLMBackend, shutdown_engines  # noqa: E402
+from rlpt.engine.vllm_backend import VLLMBackend, sampling_kwargs, shutdown_engines, to_sample  # noqa: E402
 from rlpt.framework.environment import ArithmeticEnv  # noqa: E402
 from rlpt.framework.trajectory import per_token_logp  # noqa: E402
 from rlpt.gpt_mini.generate import SamplingParams  # noqa: E402
@@ -35,6 +40,31 @@ from conftest import TINY_RL, TOK  # noqa: E402
 SHAPE = ["model.d_model=128", "model.n_head=2", "model.n_kv_head=1", "model.d_ff=256"]
 KW = {"enforce_eager": True, "gpu_memory_utilization": 0.25}     # one engine, shared by the tests (same kwargs)
 TOL = 1e-4                                                       # fp32: vLLM's kernels vs the trainer's forward
+# vLLM imports on a machine without its device (a CUDA wheel on a CPU box) but cannot start an engine there
+engine = pytest.mark.skipif(current_platform.is_unspecified(), reason="vLLM is installed but finds no device to "
+                            "run on (no CUDA GPU for this CUDA build): the engine tests need one")
+
+
+def test_vllms_own_sampling_params_and_outputs_round_trip():
+    """No engine: vLLM's SamplingParams takes exactly what sampling_kwargs gives it, and to_sample reads vLLM's own
+    CompletionOutput / Logprob as LLM.generate returns them with logprobs=0 (the sampled token's log-prob)."""
+    sp = SamplingParams(max_tokens=12, temperature=0.7, top_p=0.9, top_k=5)
+    params = vllm.SamplingParams(**sampling_kwargs(sp, 4, 123, eos_id=11))
+    assert (params.n, params.temperature, params.top_p, params.top_k, params.max_tokens, params.logprobs,
+            params.seed, params.stop_token_ids, params.ignore_eos, params.detokenize) == \
+        (4, 0.7, 0.9, 5, 12, 0, 123, [11], True, False)
+    greedy = vllm.SamplingParams(**sampling_kwargs(SamplingParams(temperature=0.0), 1, None, 11))
+    assert greedy.sampling_type.name == "GREEDY"
+
+    def out(tokens, reason):
+        return CompletionOutput(index=0, text="", token_ids=tokens, cumulative_logprob=None, finish_reason=reason,
+                                logprobs=[{t: Logprob(logprob=-0.5 * (j + 1), rank=1)} for j, t in enumerate(tokens)])
+    s = to_sample(out([3, 4, 11], "stop"), eos_id=11)
+    assert (s.tokens, s.logps, s.finish_reason) == ([3, 4, 11], [-0.5, -1.0, -1.5], "stop")
+    assert to_sample(out([3, 4], "length"), eos_id=11).finish_reason == "length"
+    assert to_sample(out([3, 11], "length"), eos_id=11).finish_reason == "stop"       # EOS on the last budget token
+    with pytest.raises(RuntimeError, match="abort"):
+        to_sample(out([3], "abort"), eos_id=11)
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +95,7 @@ def _trainer_logps(model, prompt: list[int], tokens: list[int], temperature: flo
     return lp[len(prompt) - 1:]
 
 
+@engine
 def test_greedy_tokens_equal_the_engines_on_the_exported_gpt_mini(policy):
     prompts = _prompts(16)
     sp = SamplingParams(max_tokens=24, temperature=0.0)
@@ -77,6 +108,7 @@ def test_greedy_tokens_equal_the_engines_on_the_exported_gpt_mini(policy):
         assert max(abs(x - y) for x, y in zip(a.logps, b.logps)) < TOL
 
 
+@engine
 def test_sampled_logprobs_equal_the_trainers_at_the_rollout_temperature(policy):
     prompts = [p for p in _prompts(8) for _ in range(4)]             # 8 groups of K = 4: one request with n = 4 each
     T = 0.7
@@ -92,6 +124,7 @@ def test_sampled_logprobs_equal_the_trainers_at_the_rollout_temperature(policy):
     assert max(raw_gaps) > 1e-2          # the temperature is in them: processed, not raw, log-probs (lesson 02)
 
 
+@engine
 def test_the_generators_seeds_reproduce_and_another_seed_draws_otherwise(policy):
     prompts = [p for p in _prompts(4) for _ in range(4)]
     sp = SamplingParams(max_tokens=24, temperature=1.0)
@@ -103,6 +136,7 @@ def test_the_generators_seeds_reproduce_and_another_seed_draws_otherwise(policy)
     assert [s.tokens for s in a] != [s.tokens for s in c]
 
 
+@engine
 def test_a_weight_update_changes_the_outputs_and_equals_a_fresh_load(policy):
     model = copy.deepcopy(policy)
     prompts = [p for p in _prompts(6, seed=1) for _ in range(2)]
@@ -130,6 +164,7 @@ def test_a_weight_update_changes_the_outputs_and_equals_a_fresh_load(policy):
         assert max(abs(u - v) for sx, sy in zip(x, y) for u, v in zip(sx.logps, sy.logps)) < 1e-5
 
 
+@engine
 @pytest.mark.slow
 def test_rlpt_train_with_rollout_backend_vllm_trains_with_the_logp_check(tmp_path, hf_dir):
     fast = [o for o in TINY_RL if not o.startswith(("model.", "sft."))]

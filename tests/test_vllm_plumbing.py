@@ -40,7 +40,7 @@ def test_a_missing_vllm_is_one_config_error_naming_the_key_and_the_install(monke
     with pytest.raises(ConfigError) as e:
         Rollout(tiny_gpt(), TOK, 2, SamplingParams(), backend="vllm")
     msg = str(e.value)
-    assert "rollout.backend=vllm" in msg and "make test-vllm" in msg and "pip install vllm==0.34.0" in msg
+    assert "rollout.backend=vllm" in msg and "make test-vllm" in msg and "pip install vllm==0.33.0" in msg
     assert "rollout.backend=engine" in msg and "\n" not in msg                      # the way out, on one line
     rollout = Rollout(tiny_gpt(), TOK, 2, SamplingParams(), backend="engine")
     with pytest.raises(ConfigError, match="rollout.backend=vllm"):

@@ -26,7 +26,7 @@ How it keeps the contract:
   counters (and LoRA enable flags) are compared with those last loaded; on a change (a trainer step, a weight
   sync, another model object of the same shape) every weight is pushed in HF checkpoint names through vLLM's
   in-place reload, `llm.collective_rpc("reload_weights", kwargs={"weights_iterator": [(name, tensor), ...],
-  "is_checkpoint_format": True})` (vllm 0.34: `Worker.reload_weights` -> `model_runner.reload_weights` ->
+  "is_checkpoint_format": True})` (vllm 0.33 / 0.34: `Worker.reload_weights` -> `model_runner.reload_weights` ->
   model_loader/reload: `model.load_weights` between `start_reload` / `finish_reload`, the loader's post-processing
   re-run), and the prefix cache is dropped: no K/V of old weights survives. (A second bare `model.load_weights`
   after init fails on vLLM's repacked parameters: the research notes §4.2.) The tensors go by reference because
@@ -47,7 +47,7 @@ same seeds drive other draws) and log-probs agree with the trainer's to float ro
 `on_sample` is called after the whole batch, in prompt order (LLM.generate returns at the end).
 
 Verified where: the pure-Python parts (config, the missing-vLLM error, seeds, sampling arguments, the HF directory
-written for vLLM) by tests/test_vllm_backend.py everywhere; the vLLM tests in that file need vllm==0.34.0 on a
+written for vLLM) by tests/test_vllm_backend.py everywhere; the vLLM tests in that file need vllm==0.33.0 on a
 CUDA machine (`make test-vllm`) and are reported as skipped otherwise (docs/real_models.md says where they ran).
 """
 from __future__ import annotations
@@ -70,15 +70,17 @@ from rlpt.validate import ConfigError
 
 LOGPROBS_MODE = "processed_logprobs"
 SEED_BOUND = 2 ** 62             # EngineBackend's seed range; child seeds seed + j stay inside int64
-# in rlpt's process a vLLM engine shares the card with the trainer: a fixed share (0.3), and no extensible KV cache,
-# which would cap *this process's* torch allocator (torch.cuda.set_per_process_memory_fraction), the trainer's too
+# in rlpt's process a vLLM engine shares the card with the trainer: a fixed share (0.3), and (vLLM >= 0.34) no
+# extensible KV cache, which would cap *this process's* torch allocator (torch.cuda.set_per_process_memory_fraction),
+# the trainer's too; passed only where vLLM has the option (`_supported`)
 DEFAULT_LLM_KWARGS = {"gpu_memory_utilization": 0.3, "enable_extensible_kv_cache": False,
                       "enable_prefix_caching": True, "seed": 0}
 FIXED = ("model", "tokenizer", "skip_tokenizer_init")      # set by the backend itself
+VLLM_PIN = "vllm==0.33.0"         # pyproject's `vllm` extra; 0.34.0 pins flashinfer-python==0.7.3, not on PyPI
 INSTALL = ("rollout.backend=vllm needs vLLM, which cannot be imported here ({why}). It is an optional extra for a "
-           "CUDA machine: `make test-vllm` builds .venv-vllm with it and runs its tests (by hand: `pip install "
-           "vllm==0.34.0`, then `pip install --no-deps -e .` and rlpt's other requirements; pip cannot resolve "
-           "`pip install -e '.[vllm]'` in one go, vLLM's torch==2.14.0 against rlpt's torch==2.13.0 pin); on a "
+           f"CUDA machine: `make test-vllm` builds .venv-vllm with it and runs its tests (by hand: `pip install "
+           f"--no-deps -e .`, then `pip install {VLLM_PIN}` with rlpt's other requirements but torch; pip cannot "
+           "resolve `pip install -e '.[vllm]'`: vLLM's torch==2.14.0 against rlpt's torch==2.13.0 pin); on a "
            "machine without it use rollout.backend=engine (the default)")
 _DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
@@ -269,6 +271,13 @@ def shutdown_engines() -> None:
         torch.cuda.empty_cache()
 
 
+def _supported(vllm, kwargs: dict) -> dict:
+    """The defaults this vLLM's EngineArgs knows (enable_extensible_kv_cache is new in 0.34)."""
+    import dataclasses
+    known = {f.name for f in dataclasses.fields(vllm.EngineArgs)}
+    return {k: v for k, v in kwargs.items() if k in known}
+
+
 class VLLMBackend:
     def __init__(self, **llm_kwargs):
         mode = llm_kwargs.pop("logprobs_mode", LOGPROBS_MODE)
@@ -279,8 +288,8 @@ class VLLMBackend:
         if fixed:
             raise ValueError(f"VLLMBackend sets {', '.join(fixed)} itself (the model is written to a temporary HF "
                              "directory; prompts are token ids)")
-        self.llm_kwargs = {**DEFAULT_LLM_KWARGS, **llm_kwargs}
         self.vllm = import_vllm()
+        self.llm_kwargs = {**_supported(self.vllm, DEFAULT_LLM_KWARGS), **llm_kwargs}
         self._keys: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()    # model -> (key, dtype, config)
 
     def _key(self, model, config) -> tuple[str, torch.dtype]:
