@@ -1,6 +1,6 @@
 """The rollout backend `rollout.backend=vllm`: EngineBackend's contract (rlpt/engine/backend.py), served by vLLM.
 
-    backend = VLLMBackend()                    # needs vLLM: `pip install -e '.[vllm]'` on a CUDA machine
+    backend = VLLMBackend()                    # needs vLLM, on a CUDA machine (`make test-vllm` installs it)
     samples = backend(model, prompts, SamplingParams(max_tokens, temperature, top_p, top_k), eos_id, pad_id, generator)
     samples[i].tokens / .logps / .finish_reason          # one Sample per prompt, in order, as EngineBackend's
 
@@ -20,8 +20,8 @@ How it keeps the contract:
   under either backend and a run is reproducible from it. vLLM seeds child j of a request with `seed + j`.
 - **Stopping.** Only `eos_id` stops a sample (`stop_token_ids=[eos_id]`, `ignore_eos=True` so no EOS of a
   generation config adds another); the EOS is kept in `tokens`, as the engine keeps it. A sample that ends on EOS
-  is "stop" even at the token budget (vLLM checks the budget first), else "length".
-- **Weights.** The engine is built once per architecture from a temporary HF directory (config.json +
+  is "stop", also on the last token of its budget; any other is vLLM's "length".
+- **Weights.** The engine is built from a temporary HF directory (config.json +
   model.safetensors, written from the model's current weights). Before each generate the parameters' version
   counters (and LoRA enable flags) are compared with those last loaded; on a change (a trainer step, a weight
   sync, another model object of the same shape) every weight is pushed in HF checkpoint names through vLLM's
@@ -46,9 +46,11 @@ Differences from EngineBackend: vLLM runs on its own device (a GPU) in its own d
 same seeds drive other draws) and log-probs agree with the trainer's to float rounding, not bit for bit.
 `on_sample` is called after the whole batch, in prompt order (LLM.generate returns at the end).
 
-Verified where: the pure-Python parts (config, the missing-vLLM error, seeds, sampling arguments, the HF directory
-written for vLLM) by tests/test_vllm_backend.py everywhere; the vLLM tests in that file need vllm==0.33.0 on a
-CUDA machine (`make test-vllm`) and are reported as skipped otherwise (docs/real_models.md says where they ran).
+Verified where: the parts that need no vLLM (config, the missing-vLLM error, seeds, sampling arguments, the HF
+directory written for vLLM) by tests/test_vllm_plumbing.py everywhere; tests/test_vllm_backend.py needs vLLM
+(vllm==0.33.0) and, for its engine tests, a CUDA machine (`make test-vllm`), else it is reported as skipped;
+bench/vllm_weights_check.py checks the weight names and the in-place reload against vLLM's own model classes
+without a GPU. docs/real_models.md ("The vLLM backend") says what ran where.
 """
 from __future__ import annotations
 
