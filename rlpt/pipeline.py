@@ -16,10 +16,11 @@ the checkpoint the one before it left:
              extends the model past its demonstrations: more operands than any SFT trace shows
 
 The model is gpt_mini with rope_theta = 1e30 (model.rope_theta): at the default 1e4 the CoT model copies
-operands by their offset from the end of the prompt, so a 5-operand prompt, two tokens longer than any it
-was shown, puts every copy on the wrong operand (the chain reads a+c: 186 of 200) and no sample ever gets
-one right: RL has nothing to reinforce. With only the first two of 16 rotary frequency pairs turning (≈
-NoPE), half the 5-operand samples already take the right number of steps (docs/pipeline.md).
+operands by their offset from the token it writes, learned on prompts of at most 4 operands, so a 5-operand
+prompt, two tokens longer, puts the first copy on the wrong operand (the chain reads a+c: 186 of 200) and no
+sample at T = 1 gets one right (0 of 400): RL has nothing to reinforce. With only the first two of 16 rotary
+frequency pairs turning (≈ NoPE) the same SFT gets 5-6 % of 5-operand problems right; RL then raises that,
+but the goal of 0.8 is not reached (docs/pipeline.md: the start rarely samples a fourth step).
 
 Every stage is evaluated the same way at the end (evaluate_stage_rows): the same held-out problems, greedy
 and sampled at T = 1, on the training distribution and on each operand count beyond it.
@@ -28,6 +29,7 @@ Re-running with `--resume` skips the stages that finished and continues the one 
 """
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Collection
 from pathlib import Path
@@ -37,6 +39,7 @@ from pydantic import Field, model_validator
 
 from rlpt.checkpoint import finished_checkpoint
 from rlpt.config import (
+    ConfigError,
     EvalConfig,
     ModelConfig,
     OptimConfig,
@@ -210,7 +213,10 @@ def load_pipeline_job(path: str | None, overrides: list[str]) -> PipelineJob:
     < the recipe < overrides."""
     name = lookup(["rl", "algorithm", "name"], RL_ALGORITHM, [read_yaml(path) if path else {}], overrides)
     own = [f"rl.{o}" for o in algorithm_overrides(name)]
-    return load_config(PipelineJob, path, overrides, base=apply_overrides({}, own))
+    try:
+        return load_config(PipelineJob, path, overrides, base=apply_overrides({}, own))
+    except ConfigError as e:   # the algorithm names its keys `algorithm.<key>`: here they are `rl.algorithm.<key>`
+        raise ConfigError(re.sub(r"'algorithm\.", "'rl.algorithm.", str(e))) from None
 
 
 def _steps(job: PipelineJob, stage: str) -> int:

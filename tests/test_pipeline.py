@@ -146,6 +146,8 @@ def test_pipeline_bad_config_names_the_key(tmp_path):
         job(tmp_path, "rl.algorithm.name=grpoo")
     with pytest.raises(ConfigError, match="dpo.method"):
         job(tmp_path, "dpo.method=dpp")
+    with pytest.raises(ConfigError, match="key 'rl.algorithm.bet' for grpo. Did you mean 'rl.algorithm.beta'"):
+        job(tmp_path, "rl.algorithm.bet=1")          # the algorithm's own keys, named as the pipeline spells them
 
 
 def test_cli_pipeline(tmp_path, capsys):
