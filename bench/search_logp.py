@@ -16,7 +16,7 @@ prefix and min token log-probs (rlpt.search.scorer.logp_features) and starts as 
   3. The search bar as bench/search_rank.py runs it, with `prm_logp`: the temperature chosen on the dev split
      by the same rule (the worst margin of the bar, with weighted `prm_logp`), the test slice searched once.
 
-    python bench/search_logp.py [--temps 0.5,0.7,1.0] [--dev-prompts 300] [--report-only]
+    python bench/search_logp.py [--temps 0.5,0.7,1.0] [--dev-prompts 300] [--report-only] [--diagnose]
       -> runs/search_study/search_logp.json (per-prompt outcomes; reused when rerun), tables on stdout
 """
 from __future__ import annotations
@@ -40,7 +40,8 @@ NS, OUT = S.NS, S.OUT
 LOGP = "prm_logp"
 AUX = "prm_logp_aux"       # + the frozen log-probs of MIX, a model that counts operands (section 3c)
 MIX = "completer_mix"      # the completer tuned 300 steps on 2-4 operands of values 0-99 (prompts as long as 5 x 0-9)
-PRMS = (LOGP, AUX)
+PRMS = (LOGP, AUX)         # trained and in the step tables
+SEARCHED = (LOGP,)         # searched (AUX misses the held-out step bar: section 3c)
 PATH = OUT / "search_logp.json"
 
 
@@ -60,7 +61,7 @@ def mix_sft() -> Path:
 def build() -> tuple[Path, Path]:
     policy, completer = S.sft("policy", S.POLICY_STEPS), S.sft("completer", S.COMPLETER_STEPS)
     S.scorer("prm", policy, completer, LOGP, ["trunk={completer}", "scorer.logp_feature=true"])
-    mix_sft()
+    mix_sft()                  # prm_logp_aux: prm_logp's labelled rows, + the frozen MIX's features (calibrated start)
     S.scorer("prm", policy, completer, AUX, ["trunk={completer}", "scorer.logp_feature=true",
                                             f"scorer.logp_aux={OUT / MIX}",
                                             f"scorer.data.file={OUT / LOGP / 'steps.jsonl'}",
@@ -123,7 +124,7 @@ def step_table() -> dict:
     completer, mix = load_model(OUT / "completer"), load_model(OUT / MIX)
     scorers = {**{k: load_scorer(OUT / k, tok) for k in PRMS}, S.GEN: LogProbScorer(completer, tok),
                f"{MIX}_logprob": LogProbScorer(mix, tok),
-               f"{AUX} at step 0": StepScorer(completer, tok, "prm", True, mix)}   # σ(log π_c + log π_mix)
+               "product at step 0": StepScorer(completer, tok, "prm", True, mix)}   # σ(log π_c + log π_mix)
     out: dict = {}
     for name, rows in sets.items():
         kinds = [step_errors(parse_prompt(r.prompt), r.response) for r in rows]     # per row, per step
@@ -151,6 +152,34 @@ def step_table() -> dict:
     return out
 
 
+def diagnose() -> str:
+    """Why 5-operand chains are malformed: each model's greedy accuracy and its probability of `#` right after a
+    right first step (the chain must go on with `,` when more operands are left), on 4 and 5 operands."""
+    from rlpt.engine import LLM
+    from rlpt.gpt_mini.model import load_model
+    from rlpt.gpt_mini.task import ArithmeticTask
+    from rlpt.gpt_mini.tokenizer import CharTokenizer
+    from rlpt.preference.data import distinct_problems
+    from rlpt.search.steps import split_steps
+    from rlpt.search.strategies import greedy
+    tok = CharTokenizer()
+    lines = ["| model | operands | greedy accuracy | greedy chains ending before the last operand | P(`#`) after a "
+             "right first step | a greedy chain |", "|---|---:|---:|---:|---:|---|"]
+    for name in ("policy", "completer", MIX):
+        model = load_model(OUT / name)
+        for ops in (4, 5):
+            probs = distinct_problems(ArithmeticTask(min_operands=ops, max_operands=ops), random.Random(5), 128,
+                                      "heldout")
+            res = greedy(LLM(model, tok, seed=0), [p.prompt for p in probs])
+            early = sum(r.text.endswith("#") and len(split_steps(r.text)) < ops - 1 for r in res)
+            with torch.no_grad():
+                p_end = [torch.softmax(model(torch.tensor([tok.encode(p.prompt + p.cot().split(",")[0])]))[0, -1]
+                                       .float(), -1)[tok.stoi["#"]].item() for p in probs[:64]]
+            lines.append(f"| `{name}` | {ops} | {f3(sum(r.correct for r in res) / len(res))} | {early} / {len(res)} | "
+                         f"{sum(p_end) / len(p_end):.4f} | `{res[0].prompt}` → `{res[0].text}` |")
+    return "\n".join(lines)
+
+
 def study(args) -> dict:
     from rlpt.engine import LLM
     from rlpt.gpt_mini.model import load_model
@@ -163,7 +192,7 @@ def study(args) -> dict:
 
     def save():
         PATH.write_text(json.dumps(data))
-    if "steps" not in data:
+    if any(k not in data.get("steps", {}).get("5 operands", {}).get("scorers", {}) for k in PRMS):
         data["steps"] = step_table()
         save()
     tok = CharTokenizer()
@@ -176,7 +205,7 @@ def study(args) -> dict:
     if data.get("prompts", {"dev": dev, "test": test}) != {"dev": dev, "test": test}:
         raise SystemExit(f"{PATH} was made on other prompts (another --dev-prompts?): delete it to recompute")
     data["prompts"] = {"dev": dev, "test": test}
-    scorers = {k: load_scorer(OUT / k, tok) for k in PRMS}
+    scorers = {k: load_scorer(OUT / k, tok) for k in SEARCHED}
     for split, prompts in (("dev", dev), ("test", test)):
         data.setdefault(split, {})
         if "greedy" not in data[split]:
@@ -188,11 +217,11 @@ def study(args) -> dict:
         if str(t) not in data["dev"]:
             data["dev"][str(t)] = R.best_of_n_family(llm, dev, t, scorers, data["dev"]["greedy"])
             save()
-        for k in PRMS:                                         # a PRM added later: on the same samples
+        for k in SEARCHED:                                     # a PRM added later: on the same samples
             if f"weighted {k}@{NS[0]}" not in data["dev"][str(t)]["results"]:
                 R.add_scorer(llm, dev, t, k, scorers[k], data["dev"]["greedy"], data["dev"][str(t)])
                 save()
-    data["chosen"] = {k: max(args.temps, key=lambda t: margin(data["dev"][str(t)]["results"], k)) for k in PRMS}
+    data["chosen"] = {k: max(args.temps, key=lambda t: margin(data["dev"][str(t)]["results"], k)) for k in SEARCHED}
     for k, chosen in data["chosen"].items():                   # the test slice, once per PRM, at its chosen T
         if str(chosen) not in data["test"]:
             gen = {**scorers, S.GEN: LogProbScorer(load_model(completer), tok)}
@@ -238,11 +267,14 @@ def report(data: dict) -> str:
                   f"{f3(first['prm/step_auroc_heldout'])} at step 0), 5 operands {f3(fin.get('prm/step_auroc_5ops'))} "
                   f"(bar 0.85); outcome AUROC held-out {f3(fin.get('prm/outcome_auroc_heldout'))}; BCE held-out "
                   f"{f3(fin.get('loss/bce_heldout'))}; seconds {f3(max(r.get('time/elapsed', 0) for r in rows))}."]
+        lines += [f"`{k}` held-out evals (step: BCE, step AUROC): " + ", ".join(
+            f"{r['step']}: {f3(r['loss/bce_heldout'])}, {f3(r['prm/step_auroc_heldout'])}" for r in rows
+            if "prm/step_auroc_heldout" in r) + f"; last step logged {rows[-1]['step']}."]
     if "chosen" not in data:
         return "\n".join(lines)
     chosen = data["chosen"] if isinstance(data["chosen"], dict) else {LOGP: data["chosen"]}
     dg = data["dev"]["greedy"]["greedy@1"]["correct"]
-    prms = [k for k in PRMS if k in chosen]
+    prms = [k for k in SEARCHED if k in chosen]
     lines += ["", f"Dev split ({len(data['prompts']['dev'])} prompts), greedy {f3(sum(dg) / len(dg))}; accuracy at "
               "N = " + " / ".join(map(str, NS)) + "; the bar's worst margin per PRM:", "",
               "| T | majority | " + " | ".join(f"weighted `{k}` · within-prompt AUROC · margin" for k in prms) + " |",
@@ -291,8 +323,12 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--temps", type=lambda s: [float(x) for x in s.split(",")], default=[0.5, 0.7, 1.0])
     ap.add_argument("--dev-prompts", type=int, default=S.PROMPTS)
     ap.add_argument("--report-only", action="store_true")
+    ap.add_argument("--diagnose", action="store_true", help="the 5-operand diagnosis table only")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
+    if args.diagnose:
+        print(diagnose())
+        return 0
     print(report(json.loads(PATH.read_text()) if args.report_only else study(args)))
     return 0
 

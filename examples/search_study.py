@@ -484,12 +484,23 @@ rlpt prm init_from=runs/policy trunk=runs/completer scorer.data.file=runs/prm_st
   run.name=prm_strong_rank
 rlpt search policy=runs/policy scorer=runs/prm_strong_rank task.min_operands=4 task.max_operands=4 \\
   search.n=[4,16,64] search.temperature=0.5
+# section 3c: PRMs that read their trunk's own log-probs (and a second, operand-counting model's)
+python bench/search_logp.py --dev-prompts 300    # prm_logp, completer_mix, prm_logp_aux, the bar; tables of 3c
+python bench/search_logp.py --diagnose           # why the 5-operand chains are malformed
+python bench/search_logp.py --report-only        # the tables again, from runs/search_study/search_logp.json
+rlpt prm init_from=runs/policy scorer.data.completer=runs/completer {' '.join(SCORER)} trunk=runs/completer \\
+  scorer.logp_feature=true run.name=prm_logp
+rlpt sft sft.format=cot sft.steps=300 task.max_value=99 init_from=runs/completer run.name=completer_mix
+rlpt prm init_from=runs/policy scorer.data.completer=runs/completer {' '.join(SCORER)} trunk=runs/completer \\
+  scorer.logp_feature=true scorer.logp_aux=runs/completer_mix scorer.data.file=runs/prm_logp/steps.jsonl \\
+  scorer.data.heldout_file=runs/prm_logp/steps_heldout.jsonl run.name=prm_logp_aux
 ```
 
 Where the code is (`rlpt/search/`, floor 4): `steps.py` (split at `,` and the final `#`, delimiter positions,
 exact step truth), `labels.py` (Monte-Carlo labels, TRL stepwise JSONL: take them to TRL's `PRMTrainer` with
 `step_separator=""`, the delimiters are already in the steps), `scorer.py` (the ORM / PRM: SFT trunk + scalar
-head, BCE read only at the delimiters), `strategies.py` (greedy, majority, best-of-N with last / min / prod,
+head, BCE read only at the delimiters; `scorer.logp_feature` adds the trunk's own step log-probs to the head and
+`scorer.logp_aux` a second model's: section 3c), `strategies.py` (greedy, majority, best-of-N with last / min / prod,
 weighted best-of-N, step-level beam, DVTS; each returns the tokens it generated), `jobs.py` and `cli.py`
 (`rlpt prm`, `rlpt orm`, `rlpt search`); the RL hook is `rlpt/envs/prm.py` (PPO reads its per-step terms from
 `info["step_rewards"]`, GRPO its scalar reward). MCTS is left out: on chains of 3–4 steps a PRM-guided tree

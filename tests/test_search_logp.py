@@ -128,3 +128,28 @@ def test_aux_model_features_are_read_frozen_and_survive_a_checkpoint(tmp_path):
     assert back.aux is not None and back.score(rows)[0] == pytest.approx(scorer.score(rows)[0], rel=1e-6)
     with pytest.raises(ValueError, match="logp_feature"):
         StepScorer(tiny_gpt(), TOK, "prm", aux=tiny_gpt(1))
+
+
+def test_calibrate_folds_one_scale_and_shift_into_the_feature_path():
+    """StepScorer.calibrate: logit' = s · logit + c with (s, c) the logistic fit on the read positions, folded into
+    the feature weights and the bias (so the ranking at the read positions is unchanged)."""
+    from rlpt.search.scorer import bce_at, boundary_targets
+    scorer = StepScorer(tiny_gpt(0), TOK, "prm", logp_feature=True, aux=tiny_gpt(1))
+    rows = [(P3.prompt, RESP, [1.0, 1.0]), (P3.prompt, "3+4=8,8+5=13#", [0.0, 0.0]),
+            (Problem((3, 4, 5, 6)).prompt, "3+4=7,7+5=12,12+6=18#", [1.0, 1.0, 1.0])]
+    ids, target, mask = boundary_targets(scorer, [TOK.encode(p) for p, _, _ in rows],
+                                         [TOK.encode(r) for _, r, _ in rows], [y for *_, y in rows], [1.0, 0.0, 1.0])
+    with torch.no_grad():
+        before = scorer(ids)
+    s, c = scorer.calibrate(ids, target, mask)
+    with torch.no_grad():
+        after = scorer(ids)
+    assert torch.allclose(after, s * before + c, rtol=1e-4, atol=1e-3)
+    assert bce_at(after, target, mask) < bce_at(before, target, mask)
+    best = bce_at(s * before + c, target, mask)           # (s, c) is the fit: any nudge of either costs BCE
+    for ds, dc in ((0.05, 0), (-0.05, 0), (0, 0.05), (0, -0.05)):
+        assert bce_at((s + ds) * before + c + dc, target, mask) > best
+    with torch.no_grad():
+        scorer.head.weight.fill_(0.1)
+    with pytest.raises(ValueError, match="head weight zero"):
+        scorer.calibrate(ids, target, mask)

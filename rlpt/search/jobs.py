@@ -84,7 +84,8 @@ class ScorerConfig(LoopConfig):
     logp_feature: bool = Field(False, description="add the trunk's own step / prefix / min token log-probs to the "
                                "head (rlpt.search.scorer.logp_features); starts as the generative verifier")
     logp_aux: str | None = Field(None, description="with logp_feature: a second checkpoint (frozen) whose log-prob "
-                                 "features the head reads too")
+                                 "features the head reads too; the start is calibrated on 1024 training rows "
+                                 "(StepScorer.calibrate)")
     data: ScorerData = ScorerData()
 
 
@@ -256,6 +257,8 @@ def train_scorer(job: ScorerJob, resume: bool = False, allow_change: Collection[
         run.log(cfg.steps, final)
         return final
 
+    if aux is not None:                  # the product of two verifiers is far off the labels' scale: fit it first
+        print(f"[rlpt] {cfg.kind}: start calibrated, scale and shift {scorer.calibrate(*_batch(scorer, train[:1024]))}")
     loop = SupervisedLoop(run, ckpt, scorer, cfg, job.run.seed, meta=scorer.meta())
     if loop.start == 0:
         run.log(0, scorer_metrics(scorer, held, "heldout"))

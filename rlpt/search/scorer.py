@@ -121,6 +121,30 @@ class StepScorer(nn.Module):
         self.train(was)
         return out
 
+    def calibrate(self, ids: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> tuple[float, float]:
+        """Before training, with the hidden-state head still zero: fit one scale s and one shift c of the feature
+        path's logit, s · (a · f + b) + c, by logistic regression on these rows (BCE at the read positions;
+        LBFGS), and fold them into a and b. The start keeps the verifiers' ranking with probabilities on the
+        labels' scale (with an aux model the product σ(log π + log π_aux) starts at BCE ~10, and BCE training
+        from there destroyed the ranking: docs/search.md section 3c). -> (s, c)."""
+        if not self.logp_feature or bool(self.head.weight.any()):
+            raise ValueError("calibrate() fits the log-prob feature path of an untrained scorer (head weight zero)")
+        with torch.no_grad():
+            base = self(ids)                                                        # (B, T) = a · f + b
+        s, c = torch.ones(1, requires_grad=True), torch.zeros(1, requires_grad=True)
+        opt = torch.optim.LBFGS([s, c], max_iter=100, line_search_fn="strong_wolfe")
+
+        def closure():
+            opt.zero_grad()
+            loss = bce_at(s * base + c, target, mask)
+            loss.backward()
+            return loss
+        opt.step(closure)
+        with torch.no_grad():
+            self.feat.weight.mul_(s)
+            self.head.bias.copy_(s * self.head.bias + c)
+        return s.item(), c.item()
+
     def meta(self) -> dict:
         return {**self.cfg.to_dict(), "kind": self.kind, "logp_feature": self.logp_feature,
                 "aux": self.aux.cfg.to_dict() if self.aux is not None else None}
