@@ -13,6 +13,8 @@ prefix and min token log-probs (rlpt.search.scorer.logp_features) and starts as 
      completer's prefix probability, the untrained `prm_logp` up to a monotone map: its ceiling at the start).
   2. The 5-operand slice: what the policy writes there (kinds of malformed chains) and each scorer's AUROC
      on each kind's steps.
+  Section 3d: `prm_logp_nope`, the same recipe with its trunk `completer_nope` (the completer's SFT with
+     model.rope_theta=1e30), in the step tables beside `completer_nope_logprob`.
   3. The search bar as bench/search_rank.py runs it, with `prm_logp`: the temperature chosen on the dev split
      by the same rule (the worst margin of the bar, with weighted `prm_logp`), the test slice searched once.
 
@@ -40,7 +42,9 @@ NS, OUT = S.NS, S.OUT
 LOGP = "prm_logp"
 AUX = "prm_logp_aux"       # + the frozen log-probs of MIX, a model that counts operands (section 3c)
 MIX = "completer_mix"      # the completer tuned 300 steps on 2-4 operands of values 0-99 (prompts as long as 5 x 0-9)
-PRMS = (LOGP, AUX)         # trained and in the step tables
+NOPE_C = "completer_nope"  # the completer's recipe with model.rope_theta=1e30 (≈ no RoPE: positions from the mask)
+NOPE = "prm_logp_nope"     # prm_logp's rows and recipe, its trunk NOPE_C (section 3d)
+PRMS = (LOGP, AUX, NOPE)   # trained and in the step tables
 SEARCHED = (LOGP,)         # searched (AUX misses the held-out step bar: section 3c)
 PATH = OUT / "search_logp.json"
 
@@ -58,6 +62,21 @@ def mix_sft() -> Path:
     return run_stage(MIX, OUT / MIX, 300, lambda resume: train_sft(job, resume=resume))
 
 
+def nope_sft() -> Path:
+    """The completer's recipe (CoT SFT, 600 steps, 2-4 operands of 0-9) with model.rope_theta=1e30: the rotation is
+    ≈ 0, so a token's position is known only through the causal mask (docs/pipeline.md: the chain's step count
+    then carries to 5 operands much better than at theta 1e4)."""
+    from common import run_stage
+
+    from rlpt.config import load_config
+    from rlpt.sft import SFTJob, train_sft
+    steps = S.COMPLETER_STEPS
+    job = load_config(SFTJob, None, ["sft.format=cot", f"sft.steps={steps}", "eval.size=200", f"eval.every={steps}",
+                                     "model.rope_theta=1e30", f"run.out_dir={OUT}", f"run.name={NOPE_C}",
+                                     "run.threads=1", "run.progress=false"])
+    return run_stage(NOPE_C, OUT / NOPE_C, steps, lambda resume: train_sft(job, resume=resume))
+
+
 def build() -> tuple[Path, Path]:
     policy, completer = S.sft("policy", S.POLICY_STEPS), S.sft("completer", S.COMPLETER_STEPS)
     S.scorer("prm", policy, completer, LOGP, ["trunk={completer}", "scorer.logp_feature=true"])
@@ -66,6 +85,10 @@ def build() -> tuple[Path, Path]:
                                             f"scorer.logp_aux={OUT / MIX}",
                                             f"scorer.data.file={OUT / LOGP / 'steps.jsonl'}",
                                             f"scorer.data.heldout_file={OUT / LOGP / 'steps_heldout.jsonl'}"])
+    nope_sft()                 # prm_logp_nope: prm_logp's labelled rows, its trunk the rope_theta=1e30 completer
+    S.scorer("prm", policy, completer, NOPE, [f"trunk={OUT / NOPE_C}", "scorer.logp_feature=true",
+                                             f"scorer.data.file={OUT / LOGP / 'steps.jsonl'}",
+                                             f"scorer.data.heldout_file={OUT / LOGP / 'steps_heldout.jsonl'}"])
     return policy, completer
 
 
@@ -101,9 +124,10 @@ def step_errors(problem, text: str) -> list[str]:
     return out
 
 
-def step_table() -> dict:
+def step_table(only: set | None = None, old: dict | None = None) -> dict:
     """Per row set (held-out 2-4 operands: the run's own; 5 operands: the responses hard_rows draws, same seed and
-    policy) and scorer: pooled step AUROC, per position, and on the 5-operand slice per kind of response."""
+    policy) and scorer: pooled step AUROC, per position, and on the 5-operand slice per kind of response.
+    With `only`, just those scorers, added to `old`'s table (the rows are drawn again with the same seeds)."""
     from rlpt.engine import LLM
     from rlpt.gpt_mini.model import load_model
     from rlpt.gpt_mini.task import ArithmeticTask, parse_prompt
@@ -124,12 +148,15 @@ def step_table() -> dict:
     completer, mix = load_model(OUT / "completer"), load_model(OUT / MIX)
     scorers = {**{k: load_scorer(OUT / k, tok) for k in PRMS}, S.GEN: LogProbScorer(completer, tok),
                f"{MIX}_logprob": LogProbScorer(mix, tok),
-               "product at step 0": StepScorer(completer, tok, "prm", True, mix)}   # σ(log π_c + log π_mix)
-    out: dict = {}
+               "product at step 0": StepScorer(completer, tok, "prm", True, mix),   # σ(log π_c + log π_mix)
+               f"{NOPE_C}_logprob": LogProbScorer(load_model(OUT / NOPE_C), tok)}
+    scorers = {k: v for k, v in scorers.items() if only is None or k in only}
+    out: dict = old or {}
     for name, rows in sets.items():
         kinds = [step_errors(parse_prompt(r.prompt), r.response) for r in rows]     # per row, per step
         flat_kinds = [k for ks in kinds for k in ks if k != "right"]
-        out[name] = {"kinds": dict(Counter(flat_kinds)), "examples": {}, "scorers": {}}
+        out[name] = {**out.get(name, {}), "kinds": dict(Counter(flat_kinds)), "examples": {}}
+        out[name].setdefault("scorers", {})
         for r, ks in zip(rows, kinds):
             for k in ks:
                 out[name]["examples"].setdefault(k, f"{r.prompt} → {r.response}")
@@ -152,7 +179,7 @@ def step_table() -> dict:
     return out
 
 
-def diagnose() -> str:
+def diagnose(models=("policy", "completer", MIX, NOPE_C)) -> str:
     """Why 5-operand chains are malformed: each model's greedy accuracy and its probability of `#` right after a
     right first step (the chain must go on with `,` when more operands are left), on 4 and 5 operands."""
     from rlpt.engine import LLM
@@ -165,7 +192,7 @@ def diagnose() -> str:
     tok = CharTokenizer()
     lines = ["| model | operands | greedy accuracy | greedy chains ending before the last operand | P(`#`) after a "
              "right first step | a greedy chain |", "|---|---:|---:|---:|---:|---|"]
-    for name in ("policy", "completer", MIX):
+    for name in models:
         model = load_model(OUT / name)
         for ops in (4, 5):
             probs = distinct_problems(ArithmeticTask(min_operands=ops, max_operands=ops), random.Random(5), 128,
@@ -192,8 +219,10 @@ def study(args) -> dict:
 
     def save():
         PATH.write_text(json.dumps(data))
-    if any(k not in data.get("steps", {}).get("5 operands", {}).get("scorers", {}) for k in PRMS):
-        data["steps"] = step_table()
+    have = data.get("steps", {}).get("5 operands", {}).get("scorers", {})
+    if any(k not in have for k in (*PRMS, f"{NOPE_C}_logprob")):
+        data["steps"] = step_table(None if not have else {k for k in (*PRMS, f"{NOPE_C}_logprob") if k not in have},
+                                   data.get("steps"))
         save()
     tok = CharTokenizer()
     llm = LLM(load_model(policy), tok, max_num_seqs=256)
@@ -324,10 +353,11 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--dev-prompts", type=int, default=S.PROMPTS)
     ap.add_argument("--report-only", action="store_true")
     ap.add_argument("--diagnose", action="store_true", help="the 5-operand diagnosis table only")
+    ap.add_argument("--models", default=f"policy,completer,{MIX},{NOPE_C}", help="--diagnose: the run folders")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     if args.diagnose:
-        print(diagnose())
+        print(diagnose(args.models.split(",")))
         return 0
     print(report(json.loads(PATH.read_text()) if args.report_only else study(args)))
     return 0

@@ -494,6 +494,12 @@ rlpt sft sft.format=cot sft.steps=300 task.max_value=99 init_from=runs/completer
 rlpt prm init_from=runs/policy scorer.data.completer=runs/completer {' '.join(SCORER)} trunk=runs/completer \\
   scorer.logp_feature=true scorer.logp_aux=runs/completer_mix scorer.data.file=runs/prm_logp/steps.jsonl \\
   scorer.data.heldout_file=runs/prm_logp/steps_heldout.jsonl run.name=prm_logp_aux
+# section 3d: the completer trained with model.rope_theta=1e30 (≈ no RoPE) as prm_logp's trunk
+rlpt sft sft.format=cot sft.steps=600 model.rope_theta=1e30 run.name=completer_nope
+python bench/search_logp.py --diagnose --models completer_nope,completer
+rlpt prm init_from=runs/policy scorer.data.completer=runs/completer {' '.join(SCORER)} trunk=runs/completer_nope \\
+  scorer.logp_feature=true scorer.data.file=runs/prm_logp/steps.jsonl \\
+  scorer.data.heldout_file=runs/prm_logp/steps_heldout.jsonl run.name=prm_logp_nope
 ```
 
 Where the code is (`rlpt/search/`, floor 4): `steps.py` (split at `,` and the final `#`, delimiter positions,

@@ -16,7 +16,7 @@ from rlpt.checkpoint import save_checkpoint
 from rlpt.gpt_mini.task import Problem
 from rlpt.search.scorer import LogProbScorer, StepScorer, load_scorer, logp_features
 
-from conftest import TOK, tiny_gpt
+from conftest import TINY_SHAPE, TOK, tiny_gpt
 
 P3 = Problem((3, 4, 5))
 RESP = "3+4=7,7+5=12#"
@@ -153,3 +153,33 @@ def test_calibrate_folds_one_scale_and_shift_into_the_feature_path():
         scorer.head.weight.fill_(0.1)
     with pytest.raises(ValueError, match="head weight zero"):
         scorer.calibrate(ids, target, mask)
+
+
+def test_a_trunk_with_its_own_rope_theta_loads_and_the_prm_keeps_it(tmp_path):
+    """A PRM's trunk need not share the policy's `model.*` keys (docs/search.md 3d: a completer trained with
+    model.rope_theta=1e30 under a 1e4 policy): jobs.load_own reads the trunk's stored config where the policy's
+    check refuses it, and load_scorer rebuilds the trunk with that theta (the same weights at 1e4 score otherwise)."""
+    from rlpt.checkpoint import CheckpointError
+    from rlpt.config import ConfigError, ModelConfig
+    from rlpt.gpt_mini.model import GPT, GPTConfig, load_model
+    from rlpt.search.jobs import load_own
+    trunk = tiny_gpt(0, std=0.3, rope_theta=1e30)
+    save_checkpoint(tmp_path / "trunk", trunk, trunk.cfg.to_dict(), {"step": 0})
+    with pytest.raises(CheckpointError, match="rope_theta"):
+        load_model(tmp_path / "trunk", ModelConfig(**TINY_SHAPE), TOK)          # the policy's keys: refused
+    own = load_own(tmp_path / "trunk", TOK)
+    assert own.cfg.rope_theta == 1e30
+    wide = tiny_gpt(0, vocab_size=TOK.vocab_size + 1)                       # another tokenizer: a clear error
+    save_checkpoint(tmp_path / "wide", wide, wide.cfg.to_dict(), {"step": 0})
+    with pytest.raises(ConfigError, match="vocab_size"):
+        load_own(tmp_path / "wide", TOK)
+    rows = [(P3.prompt, RESP), (Problem((3, 4, 5, 6)).prompt, "3+4=8,8+5=13,")]
+    scorer = StepScorer(own, TOK, "prm", logp_feature=True)
+    save_checkpoint(tmp_path / "prm", scorer, scorer.meta(), {"step": 0})
+    back = load_scorer(tmp_path / "prm")
+    assert back.trunk.cfg.rope_theta == 1e30
+    assert back.score(rows) == scorer.score(rows)
+    other = GPT(GPTConfig(**{**own.cfg.to_dict(), "rope_theta": 1e4}))
+    other.load_state_dict(own.state_dict())
+    assert StepScorer(other, TOK, "prm", logp_feature=True).score(rows)[1] != pytest.approx(
+        scorer.score(rows)[1], rel=1e-3, abs=0)

@@ -203,6 +203,16 @@ def hard_rows(job: ScorerJob, llm: LLM) -> list[StepRow]:
     return outcome_rows(problems, sample_responses(llm, problems, d.temperature, d.max_tokens, job.run.seed + 2))
 
 
+def load_own(path, tok: CharTokenizer):
+    """A scorer's trunk or aux model with its own stored config: it need not share the policy's `model.*` keys
+    (e.g. a trunk trained with model.rope_theta=1e30, docs/search.md 3d); only the tokenizer must be the same."""
+    model = load_model(path)
+    if model.cfg.vocab_size != tok.vocab_size:
+        raise ConfigError(f"checkpoint {str(path)!r} has vocab_size {model.cfg.vocab_size}, the tokenizer "
+                          f"{tok.vocab_size}: a trunk must be a gpt_mini trained on the same character tokenizer")
+    return model
+
+
 def train_scorer(job: ScorerJob, resume: bool = False, allow_change: Collection[str] = ()
                  ) -> tuple[StepScorer, Run, dict]:
     """Train the PRM or ORM as a run folder; returns (scorer, run, final metrics)."""
@@ -217,10 +227,10 @@ def train_scorer(job: ScorerJob, resume: bool = False, allow_change: Collection[
     print(f"[rlpt] {cfg.kind}: {len(train)} training responses, {len(held)} held-out ({stats['source']})")
     hard = hard_rows(job, llm)
     # the policy's weights become the trunk (the engine is done with them), unless another trunk is named
-    trunk = load_model(job.trunk, job.model, tok) if job.trunk else policy
+    trunk = load_own(job.trunk, tok) if job.trunk else policy
     if cfg.logp_aux and not cfg.logp_feature:
         raise ConfigError("scorer.logp_aux is read through the log-prob features: set scorer.logp_feature=true")
-    aux = load_model(cfg.logp_aux, job.model, tok) if cfg.logp_aux else None
+    aux = load_own(cfg.logp_aux, tok) if cfg.logp_aux else None
     scorer = StepScorer(trunk, tok, cfg.kind, cfg.logp_feature, aux)
 
     groups = prompt_groups(train)
