@@ -121,3 +121,27 @@ def recipe_sft(tmp_path_factory):
     out = tmp_path_factory.mktemp("recipe_sft")
     job = load_train_job("recipes/grpo_arith.yaml", [f"run.out_dir={out}", "run.name=start", "run.progress=false"])
     return out, sft_init(job, resume=False)
+
+
+# -- a Hugging Face policy for the model.hf_path tests (test_hf_train, test_hf_ppo, test_hf_ray) ------------------
+HF_FAST = [o for o in TINY_RL if not o.startswith(("model.", "sft."))] + ["eval.every=100", "eval.size=8"]
+
+
+def export_tiny_sft(root):
+    """A tiny gpt_mini after TINY_RL's 30 CoT SFT steps (mixed groups: GRPO steps train), exported with
+    `rlpt export` into root/hf -> that directory."""
+    from rlpt.models.export import export_checkpoint
+    from rlpt.sft import train_sft
+    from rlpt.train import load_train_job
+    sft = load_train_job(None, [*TINY_RL, f"run.out_dir={root}", "run.name=start"])
+    job = SFTJob(run=sft.run.model_copy(update={"name": "sft"}), model=sft.model.gpt_mini(), task=sft.task,
+                 sft=sft.sft, eval=sft.eval.model_copy(update={"pass_k": 1, "size": 8}))
+    train_sft(job)
+    export_checkpoint(root / "sft", root / "hf")
+    return root / "hf"
+
+
+def hf_job(tmp_path, hf_dir, *overrides):
+    """`rlpt train model.hf_path=hf_dir` on HF_FAST's settings, its runs under tmp_path/runs."""
+    from rlpt.train import load_train_job
+    return load_train_job(None, [*HF_FAST, f"run.out_dir={tmp_path / 'runs'}", f"model.hf_path={hf_dir}", *overrides])

@@ -15,16 +15,14 @@ import pytest
 import torch
 
 pytest.importorskip("peft")
-from rlpt.models.export import export_checkpoint  # noqa: E402
 from rlpt.models.hf import load_hf_policy  # noqa: E402
 from rlpt.models.lora import LoraSpec, adapter_payload, apply_lora, merged_payload, rollout_copy  # noqa: E402
-from rlpt.sft import SFTJob, train_sft  # noqa: E402
 from rlpt.systems.transport import Payload, WeightSyncError, digest, make_transport  # noqa: E402
-from rlpt.train import build, load_train_job, run_train  # noqa: E402
+from rlpt.train import build, run_train  # noqa: E402
 
-from conftest import TINY_RL, TOK  # noqa: E402
+from conftest import HF_FAST, TOK, export_tiny_sft, hf_job  # noqa: E402
 
-FAST = [o for o in TINY_RL if not o.startswith(("model.", "sft."))] + ["eval.every=100", "eval.size=8"]
+FAST = HF_FAST
 NOT_COMPARED = ("time/", "mem/", "timeline/", "system/")
 
 
@@ -39,18 +37,11 @@ def ray_up():
 
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):
-    """A tiny gpt_mini after 30 CoT SFT steps (mixed groups: GRPO steps train), exported with `rlpt export`."""
-    root = tmp_path_factory.mktemp("hf_ray")
-    sft = load_train_job(None, [*TINY_RL, f"run.out_dir={root}", "run.name=s"])
-    job = SFTJob(run=sft.run.model_copy(update={"name": "sft"}), model=sft.model.gpt_mini(), task=sft.task,
-                 sft=sft.sft, eval=sft.eval.model_copy(update={"pass_k": 1, "size": 8}))
-    train_sft(job)
-    export_checkpoint(root / "sft", root / "hf")
-    return root / "hf"
+    """A tiny gpt_mini after 30 CoT SFT steps, exported with `rlpt export` (conftest.export_tiny_sft)."""
+    return export_tiny_sft(tmp_path_factory.mktemp("hf_ray"))
 
 
-def _job(tmp_path, hf_dir, *overrides):
-    return load_train_job(None, [*FAST, f"run.out_dir={tmp_path / 'runs'}", f"model.hf_path={hf_dir}", *overrides])
+_job = hf_job
 
 
 def _compared(m: dict) -> dict:
