@@ -28,6 +28,26 @@ from rlpt.engine.sampling import SamplingParams
 from rlpt.engine.weights import why_not_served
 from rlpt.gpt_mini.generate import Sample
 
+SEED_BOUND = 2 ** 62             # the seed range; child seeds seed + j stay inside int64
+
+
+def plan_requests(prompts: list[list[int]], temperature: float, generator: torch.Generator | None = None):
+    """(distinct prompts in first-seen order, the indices of each one's copies, one seed each or None if greedy):
+    identical prompts become one request with n = their count, one seed drawn per request from `generator`
+    (EngineBackend and the vLLM backend both plan with this, so either leaves the generator in the same state)."""
+    if not prompts:
+        raise ValueError("generate() needs at least one prompt")
+    empty = [i for i, p in enumerate(prompts) if len(p) == 0]
+    if empty:
+        raise ValueError(f"every prompt needs at least one token; prompts {empty[:4]} are empty")
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, p in enumerate(prompts):
+        groups.setdefault(tuple(int(t) for t in p), []).append(i)
+    keys = list(groups)
+    seeds = torch.randint(0, SEED_BOUND, (len(keys),), generator=generator).tolist() if temperature > 0 \
+        else [None] * len(keys)             # greedy draws nothing, like the engine and the simple sampler
+    return keys, [groups[k] for k in keys], seeds
+
 
 class EngineBackend:
     def __init__(self, **llm_kwargs):
@@ -53,17 +73,9 @@ class EngineBackend:
                  generator: torch.Generator | None = None, on_sample=None) -> list[Sample]:
         """`on_sample(i, sample)`, if given, gets each prompt's Sample the step it finishes (LLM.generate's
         on_finish); the samples returned are the same."""
-        if not prompts:
-            raise ValueError("generate() needs at least one prompt")
-        empty = [i for i, p in enumerate(prompts) if len(p) == 0]
-        if empty:
-            raise ValueError(f"every prompt needs at least one token; prompts {empty[:4]} are empty")
-        groups: dict[tuple[int, ...], list[int]] = {}
-        for i, p in enumerate(prompts):
-            groups.setdefault(tuple(p), []).append(i)
-        keys = list(groups)
-        seeds = torch.randint(0, 2 ** 62, (len(keys),), generator=generator).tolist() if sp.temperature > 0 \
-            else [0] * len(keys)                    # greedy draws nothing, like the simple sampler
+        keys, copies, seeds = plan_requests(prompts, sp.temperature, generator)
+        groups = dict(zip(keys, copies))
+        seeds = [0 if s is None else s for s in seeds]
         params = [SamplingParams(n=len(groups[k]), temperature=sp.temperature, top_p=sp.top_p, top_k=sp.top_k,
                                  max_tokens=sp.max_tokens, seed=s) for k, s in zip(keys, seeds)]
         llm = self.engine(model)

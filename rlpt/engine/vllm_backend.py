@@ -66,12 +66,12 @@ from pathlib import Path
 
 import torch
 
+from rlpt.engine.backend import SEED_BOUND, plan_requests  # noqa: F401  (SEED_BOUND: re-exported)
 from rlpt.gpt_mini.generate import Sample
 from rlpt.run import rng_state, set_rng_state
 from rlpt.validate import ConfigError
 
 LOGPROBS_MODE = "processed_logprobs"
-SEED_BOUND = 2 ** 62             # EngineBackend's seed range; child seeds seed + j stay inside int64
 # in rlpt's process a vLLM engine shares the card with the trainer: a fixed share (0.3), and (vLLM >= 0.34) no
 # extensible KV cache, which would cap *this process's* torch allocator (torch.cuda.set_per_process_memory_fraction),
 # the trainer's too; passed only where vLLM has the option (`_supported`)
@@ -96,23 +96,6 @@ def import_vllm():
     except ImportError as e:       # also a broken install (a missing CUDA library, a torch it was not built for)
         raise ConfigError(INSTALL.format(why=f"{type(e).__name__}: {e}")) from e
     return vllm
-
-
-def plan_requests(prompts: list[list[int]], temperature: float, generator: torch.Generator | None = None):
-    """(distinct prompts in first-seen order, the indices of each one's copies, one seed each or None if greedy):
-    identical prompts become one request with n = their count; seeds are drawn as EngineBackend draws them."""
-    if not prompts:
-        raise ValueError("generate() needs at least one prompt")
-    empty = [i for i, p in enumerate(prompts) if len(p) == 0]
-    if empty:
-        raise ValueError(f"every prompt needs at least one token; prompts {empty[:4]} are empty")
-    groups: dict[tuple[int, ...], list[int]] = {}
-    for i, p in enumerate(prompts):
-        groups.setdefault(tuple(int(t) for t in p), []).append(i)
-    keys = list(groups)
-    seeds = torch.randint(0, SEED_BOUND, (len(keys),), generator=generator).tolist() if temperature > 0 \
-        else [None] * len(keys)             # greedy draws nothing, like the engine and the simple sampler
-    return keys, [groups[k] for k in keys], seeds
 
 
 def sampling_kwargs(sp, n: int, seed: int | None, eos_id: int, max_tokens: int | None = None) -> dict:
