@@ -146,7 +146,7 @@ def test_math_rows_take_the_last_boxed_answer_and_keep_level_and_type(tmp_path):
 
 
 def test_gsm8k_parquet_and_a_save_to_disk_directory(tmp_path):
-    import datasets   # rlpt[hf] pins it
+    import datasets  # rlpt[hf] pins it
     recs = [{"question": "q1", "answer": "#### 4"}, {"question": "q2", "answer": "r\n#### 1,000"}]
     ds = datasets.Dataset.from_list(recs)
     ds.to_parquet(str(tmp_path / "g.parquet"))
