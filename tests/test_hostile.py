@@ -333,3 +333,26 @@ def test_math_answer_too_long_is_refused_unparsed_and_logged_as_a_preview(caplog
     assert r == 0.0 and info["reject"] == f"answer longer than {MAX_ANSWER_CHARS} chars"
     assert time.perf_counter() - t0 < 0.5 and len(caplog.text) < 400 and "(1000001 chars)" in caplog.text
     assert verify_math("\\boxed{5/6}", "5/6")[0] == 1.0          # the caps leave honest answers alone
+
+
+def test_math_time_cap_fires_again_after_a_bare_except_swallows_it():
+    """A bare `except:` in the interrupted code (sympy has some) eats one VerifyTimeout; the deadline's alarm
+    repeats (every RETRY_S) until the block ends, so the next one still stops it. A one-shot alarm hung CI here."""
+    from rlpt.envs.math_answer import RETRY_S, VerifyTimeout, time_cap
+
+    def spin(seconds: float) -> None:
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            pass
+
+    swallowed = []
+    t0 = time.perf_counter()
+    with pytest.raises(VerifyTimeout):
+        with time_cap(0.1):
+            try:
+                spin(1.0)
+            except BaseException as e:  # noqa: BLE001 - the hostile code under test
+                swallowed.append(e)
+            spin(5.0)
+    assert [type(e) for e in swallowed] == [VerifyTimeout]
+    assert time.perf_counter() - t0 < 0.1 + 10 * RETRY_S + 0.5      # not the 5 s the second spin asks for

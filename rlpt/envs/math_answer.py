@@ -47,6 +47,7 @@ _NUMBER = re.compile(r"-?\d{1,3}(?:,\d{3})+(?![\d,])(?:\.\d+)?|-?\d+(?:\.\d+)?(?
 MAX_ANSWER_CHARS = 256        # longer than any honest answer to a problem with a short gold
 VERIFY_TIME_S = 1.0           # parse + compare, per answer
 PREVIEW_CHARS = 80
+RETRY_S = 0.05                # the deadline's alarm repeats this often until it is honoured
 log = logging.getLogger(__name__)
 # our deadline replaces math-verify's alarm (off below), so its warning that no timeout is set does not apply
 math_verify.parser.TIMEOUT_WARNING_SHOWN = math_verify.grader.TIMEOUT_WARNING_SHOWN = True
@@ -113,7 +114,9 @@ def time_cap(seconds: float):
         raise VerifyTimeout
 
     old = signal.signal(signal.SIGALRM, on_alarm)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
+    # the alarm repeats every RETRY_S until the block ends: a bare `except:` in the code it interrupts (sympy has
+    # some) may swallow one VerifyTimeout, and a one-shot alarm would then never fire again (a CI run hung so)
+    signal.setitimer(signal.ITIMER_REAL, seconds, RETRY_S)
     try:
         yield
     finally:
