@@ -227,3 +227,68 @@ def checkpointed(job, model: torch.nn.Module) -> tuple[torch.nn.Module, dict]:
         return model, meta
     from rlpt.models.lora import AdapterWeights
     return AdapterWeights(model), meta
+
+
+# -- a multi-stage recipe on a Hugging Face policy (rlpt.recipe) ------------------------------------------------
+def check_char_stage_tokenizer(tokenizer, hf_dir: str | Path, kind: str) -> None:
+    """A recipe's sft / rm / dpo / rs_sft stage on an HF policy trains on the arithmetic task's character ids."""
+    try:
+        check_char_tokenizer(tokenizer, str(hf_dir))
+    except ValueError:
+        raise ValueError(f"model.hf_path={str(hf_dir)!r}: its tokenizer is not gpt_mini's character tokenizer, and a "
+                         f"recipe's {kind} stage trains on the arithmetic task in those ids (its demonstrations, "
+                         "pairs and samples). Use a directory written by `rlpt export`, or a recipe of train stages "
+                         "only (env.name=math with data.prompts=<file> takes any tokenizer)") from None
+
+
+def hf_tokenizer(hf_dir: str | Path):
+    """The tokenizer of an HF directory alone (rlpt's interface), without loading the weights."""
+    from transformers import AutoTokenizer
+
+    from rlpt.models.hf import HFTokenizerAdapter
+    try:
+        return HFTokenizerAdapter(AutoTokenizer.from_pretrained(hf_dir, local_files_only=True))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"model.hf_path={str(hf_dir)!r}: its tokenizer does not load ({e})") from None
+
+
+def load_char_policy(hf_dir: str | Path, kind: str = "sft"):
+    """The HF policy of `hf_dir` for a recipe stage of kind sft, rm, dpo or rs_sft (check_char_stage_tokenizer)."""
+    from rlpt.models.hf import load_hf_policy
+    policy = load_hf_policy(hf_dir)
+    check_char_stage_tokenizer(policy.tokenizer, hf_dir, kind)
+    return policy
+
+
+def hf_meta(hf_dir: str | Path) -> dict:
+    """A checkpoint's metadata for a fully fine-tuned HF policy that started from `hf_dir` (as `checkpointed`)."""
+    return {"hf_path": str(hf_dir), "lora": LoraSection().model_dump()}
+
+
+def save_stage_policy(job, start: str | Path, ckpt: Path, out: Path) -> Path:
+    """A stage's final weights as a `save_pretrained` directory `out` (the next stage's model.hf_path, and what a
+    user takes back to the HF ecosystem): the policy of `start` with checkpoint `ckpt` loaded, under LoRA merged
+    (W + α/r·BA, rlpt.models.lora.rollout_copy), plus the tokenizer. Written beside and renamed into place, so
+    `out` is whole or absent."""
+    import shutil
+
+    from rlpt.checkpoint import load_weights
+    from rlpt.models.hf import load_hf_policy, quiet_progress
+    policy = load_hf_policy(start)
+    lora = getattr(job, "lora", None)
+    if lora is not None and lora.r:
+        from rlpt.models.lora import LoraSpec, apply_lora, rollout_copy
+        policy = apply_lora(policy, LoraSpec(r=lora.r, alpha=lora.alpha, targets=lora.targets))
+        load_weights(ckpt, checkpointed(job, policy)[0])
+        policy = rollout_copy(policy, "merged")
+    else:
+        load_weights(ckpt, policy)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    with quiet_progress():
+        policy.model.save_pretrained(tmp)
+        policy.tokenizer.tok.save_pretrained(tmp)
+    (tmp / "rlpt_stage.json").write_text(json.dumps({"start": str(start), "checkpoint": str(ckpt)}, indent=1) + "\n")
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out

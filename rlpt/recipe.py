@@ -26,6 +26,16 @@ reward ≥ `rs.min_reward` and it ended with EOS, at most `rs.max_per_prompt` di
 (prompt, response) pairs are written to runs/<run.name>/<i>_<name>.jsonl and the stage is `rlpt sft` with
 `sft.data_file` on them, from the current policy.
 
+On a Hugging Face policy (`model.hf_path=<dir>`, docs/real_models.md "Recipes on a Hugging Face policy") every
+stage kind runs on that model: the first stage starts from the directory (pretrained weights, not random ones),
+each policy stage leaves its final weights as a `save_pretrained` directory <i>_<name>/hf/ (a LoRA train stage's
+adapters merged in), and the next stage starts from that directory (a train stage as its model.hf_path; an sft,
+rm, dpo or rs_sft stage gets the loaded policy, its checkpoints recording the directory). The sft, rm, dpo and
+rs_sft stages train on the arithmetic task in gpt_mini's character ids, so with any of them the model's tokenizer
+must be gpt_mini's (an `rlpt export` directory; checked before the first stage). A recipe of train stages takes any
+tokenizer (env.name=math with `<stage>.data.prompts=<file>`); its rows are then each stage's own last held-out
+evaluation, since there is no character-level task to score every stage on.
+
 `--resume` skips the stages that finished and continues the one that did not (as `rlpt pipeline`; the per-stage
 helpers both use, `run_job_stage`, `StageClock`, `evaluate_checkpoints`, `stage_table` and rejection sampling,
 live in rlpt.stages and are re-exported here). At the end
@@ -59,7 +69,16 @@ from rlpt.config import (
     quote,
     read_yaml,
 )
-from rlpt.hf_policy import TrainModelConfig
+from rlpt.hf_policy import (
+    ANY_TOKENIZER_ENVS,
+    TrainModelConfig,
+    check_char_stage_tokenizer,
+    check_hf_path,
+    hf_meta,
+    hf_tokenizer,
+    load_char_policy,
+    save_stage_policy,
+)
 from rlpt.lock import claim_folder
 from rlpt.preference.dpo import DPOJob, run_dpo
 from rlpt.preference.reward_model import RMJob, train_rm
@@ -113,6 +132,13 @@ class RecipeJob(Section):
                              f"({self.task.max_operands}): the harder slice has more operands than any training prompt")
         if self.model.hf_path is None:
             check_prompt_fits(self.task, self.model.max_seq_len, self.hard.operands, "hard.operands")
+        else:
+            n_pos = check_hf_path(self.model.hf_path).get("max_position_embeddings")
+            own = next((s.kind for s in self.stages if s.kind != "train"), None)
+            if own is not None:   # fail now, not after the stages before it have trained
+                check_char_stage_tokenizer(hf_tokenizer(self.model.hf_path), self.model.hf_path, own)
+            if not own_tokenizer(self) and n_pos:   # the final evaluation's harder slice, as on gpt_mini
+                check_prompt_fits(self.task, n_pos, self.hard.operands, "hard.operands")
         seen, policy, rm = set(), False, False
         for i, s in enumerate(self.stages):
             where = f"stages[{i}] {s.name!r}"
@@ -131,9 +157,6 @@ class RecipeJob(Section):
             if s.kind in ("rm", "dpo", "rs_sft") and not policy:
                 raise ValueError(f"{where} (kind {s.kind}) needs a policy stage before it (sft, dpo, train or "
                                  "rs_sft): it starts from the policy's weights")
-            if self.model.hf_path is not None and (s.kind != "train" or len(self.stages) > 1):
-                raise ValueError(f"model.hf_path with {where} (kind {s.kind}): only a recipe of one train stage runs "
-                                 "on a Hugging Face policy today (rlpt sft / rm / dpo train gpt_mini only)")
             env = s.own().get("env", {}) if isinstance(s.own().get("env"), dict) else {}
             if s.kind == "train" and env.get("name") == "reward_model" and not rm and "model_path" not in env:
                 raise ValueError(f"{where}: env.name=reward_model needs an rm stage before it (or env.model_path)")
@@ -155,14 +178,24 @@ class RecipeJob(Section):
     def folder(self, i: int) -> str:
         return f"{i + 1}_{self.stages[i].name}"
 
-    def stage_job(self, i: int, init: str | None, rm_dir: str | None) -> BaseModel:
+    def stage_job(self, i: int, init: str | None, rm_dir: str | None, hf_dir: str | None = None) -> BaseModel:
         """The ordinary job that runs stage i: the stage's own keys over what every stage shares (the run folder
-        runs/<run.name>/<i>_<name>/, the model, the task, the held-out eval, the previous stage's weights)."""
+        runs/<run.name>/<i>_<name>/, the model, the task, the held-out eval, the previous stage's weights).
+        On a Hugging Face policy the previous stage's weights are its save_pretrained directory `hf_dir` (None:
+        model.hf_path itself): a train stage's model.hf_path; an sft / rm / dpo / rs_sft stage gets the policy
+        from the runner, and its gpt_mini-shaped model section only carries the HF model's context length."""
         s = self.stages[i]
         cls, own = JOBS[s.kind], s.own()
         if s.kind == "rs_sft":
             own.pop("rs", None)   # the sampling's, not the SFT job's
         model = self.model.model_dump() if s.kind == "train" else self.model.gpt_mini().model_dump()
+        if self.model.hf_path is not None:
+            start = hf_dir or self.model.hf_path
+            if s.kind == "train":
+                model["hf_path"], init = start, None
+            else:
+                model["max_seq_len"] = check_hf_path(start).get("max_position_embeddings", model["max_seq_len"])
+                init = start if s.kind in ("rm", "dpo") else None   # required there; a record, never loaded
         base = {"run": self.run.model_copy(update={"out_dir": str(self.root), "name": self.folder(i)}).model_dump(),
                 "model": model, "init_from": init, "task": self.task.model_dump(),
                 "eval": self.eval.model_copy(update={"pass_k": 1}).model_dump()}
@@ -233,42 +266,66 @@ def run_recipe(job: RecipeJob, resume: bool = False, allow_change: Collection[st
 
 
 def _run_stages(job: RecipeJob, resume: bool, allow_change: Collection[str]) -> tuple[Path, list[dict]]:
-    root, clock = job.root, StageClock(job.root, resume)
-    init = rm_dir = None
+    root, clock, hf = job.root, StageClock(job.root, resume), job.model.hf_path is not None
+    init = rm_dir = hf_dir = None     # hf_dir: on an HF policy, the previous policy stage's save_pretrained copy
     ckpts: dict[str, Path] = {}
+    hf_dirs: dict[str, Path] = {}
     for i, spec in enumerate(job.stages):
         folder = job.folder(i)
-        stage = job.stage_job(i, str(init) if init is not None else None, str(rm_dir) if rm_dir else None)
+        start = str(hf_dir or job.model.hf_path) if hf else None
+        stage = job.stage_job(i, str(init) if init is not None else None, str(rm_dir) if rm_dir else None,
+                              start)
         steps, t0 = stage_steps(spec.kind, stage), time.perf_counter()
         done = finished_checkpoint(root / folder, steps) if resume else None
         if spec.kind == "rs_sft" and done is None:
             demos = root / f"{folder}.jsonl"
             if not (resume and demos.exists()):
-                stats = rejection_sample(init, job, i, demos)
+                load = (lambda d: load_char_policy(d, "rs_sft")) if hf else None
+                stats = rejection_sample(Path(start) if hf else init, job, i, demos, load)
                 print(f"[rlpt] recipe: {folder} rejection sampling kept {stats['kept']} of {stats['samples']} "
                       f"samples ({stats['prompts_kept']} of {stats['prompts']} prompts) -> {demos}")
             stage = stage.model_copy(update={"sft": stage.sft.model_copy(update={"data_file": str(demos)})})
         run = {"sft": train_sft, "rs_sft": train_sft, "rm": train_rm, "dpo": run_dpo, "train": run_train}[spec.kind]
-        ck = run_job_stage(f"{folder} ({spec.kind})", root / folder, steps,
-                           lambda again, run=run, stage=stage: run(stage, resume=again, allow_change=allow_change),
-                           resume)
+
+        def go(again, run=run, stage=stage, kind=spec.kind, start=start):
+            kw = {}
+            if hf and kind != "train":   # the HF policy in place of init_from's gpt_mini; its checkpoints say so
+                kw = {"model" if kind in ("sft", "rs_sft") else "policy": load_char_policy(start, kind),
+                      "meta": hf_meta(start)}
+            return run(stage, resume=again, allow_change=allow_change, **kw)
+        ck = run_job_stage(f"{folder} ({spec.kind})", root / folder, steps, go, resume)
         if done is None:
             clock.add(folder, t0)
         if spec.kind == "rm":
             rm_dir = root / folder
         else:
             init = ckpts[folder] = ck
+            if hf:   # the next stage starts from this directory; a stage run again writes it again
+                out = root / folder / "hf"
+                if done is None or not (out / "config.json").is_file():
+                    save_stage_policy(stage, start, ck, out)
+                hf_dir = hf_dirs[folder] = out
     t0 = time.perf_counter()
-    if job.model.hf_path is None:
+    if not hf:
         rows = evaluate_checkpoints(ckpts, job.model.gpt_mini(), job.task, job.eval, job.hard, job.final_eval,
                                     job.run.seed)
-    else:   # an HF policy's checkpoint is not a gpt_mini one: its own last held-out evaluation stands
+    elif not own_tokenizer(job):   # every stage on gpt_mini's characters: the same evaluation, of each directory
+        rows = evaluate_checkpoints(hf_dirs, job.model.gpt_mini(), job.task, job.eval, job.hard, job.final_eval,
+                                    job.run.seed, load=load_char_policy)
+    else:   # a prompt set scored as text: each stage's own last held-out evaluation stands
         rows = [hf_row(folder, ck) for folder, ck in ckpts.items()]
     for r in rows:
         r["seconds"] = clock.seconds.get(r["stage"], 0.0)
     (root / "stages.json").write_text(json.dumps(rows, indent=1))
     write_recipe_report(job, rows, sum(clock.seconds.values()), time.perf_counter() - t0)
     return root, rows
+
+
+def own_tokenizer(job: RecipeJob) -> bool:
+    """Whether a stage of this recipe runs an env that scores text in the HF model's own tokenizer (env.name=math):
+    then the recipe has no character-level task every stage can be evaluated on."""
+    return any(s.kind == "train" and (s.own().get("env") or {}).get("name") in ANY_TOKENIZER_ENVS
+               for s in job.stages)
 
 
 def hf_row(folder: str, ck: Path) -> dict:
@@ -279,7 +336,7 @@ def hf_row(folder: str, ck: Path) -> dict:
 
 
 def recipe_table(job: RecipeJob, rows: list[dict]) -> str:
-    fe = job.final_eval if job.model.hf_path is None else StageEval(samples=0)
+    fe = job.final_eval if job.model.hf_path is None or not own_tokenizer(job) else StageEval(samples=0)
     return stage_table(rows, job.task, job.eval.size, job.hard, fe)
 
 
@@ -288,7 +345,7 @@ def write_recipe_report(job: RecipeJob, rows: list[dict], train_s: float, eval_s
     parts = [f"# Recipe {job.run.name}: {order}", "", f"Measured on {machine()}.", "", recipe_table(job, rows), "",
              f"Wall clock: {train_s:.0f} s for the stages (seconds column: each stage, summed over the invocations "
              f"that ran it), {eval_s:.0f} s for this evaluation.", ""]
-    if job.model.hf_path is None:
+    if job.model.hf_path is None or not own_tokenizer(job):
         png = plot_stage_rows(rows, job.hard, job.final_eval, job.root / "stages.png")
         parts += [f"![accuracy after each stage]({png.name})", ""]
     path = job.root / "report.md"

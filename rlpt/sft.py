@@ -159,8 +159,11 @@ Demonstrations = Callable[[random.Random], tuple[torch.Tensor, torch.Tensor]]
 
 def train_sft(job: SFTJob, resume: bool = False, model: GPT | None = None,
               demonstrations: Demonstrations | None = None,
-              allow_change: Collection[str] = ()) -> tuple[GPT, Run, dict]:
+              allow_change: Collection[str] = (), meta: dict | None = None) -> tuple[GPT, Run, dict]:
     """Run SFT as a run folder; returns (model, run, final metrics).
+
+    `model` replaces the gpt_mini of init_from (or of random init); `meta` is what its checkpoints record (a
+    Hugging Face policy a recipe loaded passes {"hf_path": ...}: rlpt.recipe).
 
     `demonstrations(data_rng) -> (ids, mask)` draws one step's batch; the default is `sft.batch_size`
     training problems in `sft.format`. A caller with its own mix (the RLHF example's two styles) passes
@@ -206,7 +209,7 @@ def train_sft(job: SFTJob, resume: bool = False, model: GPT | None = None,
         run.log(job.sft.steps, final)
         return final
 
-    loop = SupervisedLoop(run, ckpt, model, job.sft, job.run.seed)
+    loop = SupervisedLoop(run, ckpt, model, job.sft, job.run.seed, meta=meta)
     final = loop.fit(loss_fn, eval_fn, job.eval.every, final_fn, job.run.progress, desc="sft",
                      show=("loss/sft", "acc/heldout"))
     return model, run, final

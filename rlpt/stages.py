@@ -73,8 +73,11 @@ class HardSlice(Section):
 
 
 def evaluate_checkpoints(ckpts: dict[str, Path], model: ModelConfig, task: TaskConfig, ev: EvalConfig,
-                         hard: HardSlice, fe: StageEval, seed: int) -> list[dict]:
-    """Greedy (and sampled) accuracy of every stage's final checkpoint on the same two held-out sets."""
+                         hard: HardSlice, fe: StageEval, seed: int,
+                         load: Callable[[Path], torch.nn.Module] | None = None) -> list[dict]:
+    """Greedy (and sampled) accuracy of every stage's final checkpoint on the same two held-out sets. `load` turns
+    a stage's entry into its policy (default: a gpt_mini checkpoint of shape `model`; a recipe on a Hugging Face
+    policy passes a loader of the stage's save_pretrained directory)."""
     tok = CharTokenizer()
     env = ArithmeticEnv(make_task(task), tokenizer=tok)
     hard_env = ArithmeticEnv(make_task(task.model_copy(update={"min_operands": hard.operands,
@@ -84,7 +87,7 @@ def evaluate_checkpoints(ckpts: dict[str, Path], model: ModelConfig, task: TaskC
     hard_tokens = max(ev.max_tokens, 8 * hard.operands)
     rows = []
     for stage, ck in ckpts.items():
-        m = load_model(ck, model, tok)
+        m = load(ck) if load is not None else load_model(ck, model, tok)
         a = evaluate(m, env, train_dist, ev.max_tokens, k=fe.samples, temperature=fe.temperature, seed=seed)
         h = evaluate(m, hard_env, hard_set, hard_tokens)
         row = {"stage": stage, "checkpoint": str(ck), "acc/heldout": a["acc"], "acc/hard": h["acc"],
@@ -151,13 +154,15 @@ def check_rs_env(name: str) -> None:
 
 
 @torch.no_grad()
-def rejection_sample(policy_ck: Path, job: Any, i: int, out: Path) -> dict:
+def rejection_sample(policy_ck: Path, job: Any, i: int, out: Path,
+                     load: Callable[[Path], torch.nn.Module] | None = None) -> dict:
     """Sample the policy, keep the samples the env rewards ≥ rs.min_reward, write them as SFT demonstrations.
-    `job` is the rlpt.recipe.RecipeJob (not imported: rlpt.recipe imports this module)."""
+    `job` is the rlpt.recipe.RecipeJob (not imported: rlpt.recipe imports this module); `load` as in
+    evaluate_checkpoints."""
     rs, tok = job.rs(i), CharTokenizer()
     task = make_task(job.task)
     env = make_env(rs.env, task=task, tokenizer=tok)
-    policy = load_model(policy_ck, job.model.gpt_mini(), tok)
+    policy = load(policy_ck) if load is not None else load_model(policy_ck, job.model.gpt_mini(), tok)
     problems = distinct_problems(task, random.Random(job.run.seed), rs.prompts, "train")
     gen = torch.Generator().manual_seed(job.run.seed)
     texts = sample_groups(policy, tok, [p.prompt for p in problems], rs.k,

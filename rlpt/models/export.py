@@ -113,14 +113,9 @@ def _step_of(ckpt: Path) -> int | None:
 
 
 def cmd_export(args) -> int:
-    from transformers.utils import logging as hf_logging
-    was = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()          # one summary line, not transformers' save / load bars
-    try:
+    from rlpt.models.hf import quiet_progress
+    with quiet_progress():                     # one summary line, not transformers' save / load bars
         summary = export_checkpoint(args.source, args.out_dir, force=args.force)
-    finally:
-        if was:
-            hf_logging.enable_progress_bar()
     print(f"exported {summary['source_checkpoint']} (step {summary['step']}, {summary['params']:,} params) as "
           f"LlamaForCausalLM + PreTrainedTokenizerFast to {summary['out_dir']}; "
           f"read back with transformers: max |Δlogit| = {summary['max_abs_logit_gap']:.2g}")

@@ -22,6 +22,8 @@ Needs the optional dependency: `pip install rlpt[hf]`.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -241,6 +243,20 @@ class HFTokenizerAdapter:
         return self.tok.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
 
+@contextmanager
+def quiet_progress() -> Iterator[None]:
+    """transformers' own progress bars (loading and writing weights shards) off inside the block: a recipe loads
+    and saves a model at every stage, and one bar a load is noise there."""
+    from transformers.utils import logging as hf_logging
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+
+
 def load_hf_policy(path_or_dir: str | Path, dtype: torch.dtype = torch.float32, device=None,
                    attn_implementation: str | None = None) -> HFPolicy:
     """A policy (with `.tokenizer`) from a local `save_pretrained` directory; never touches the network."""
@@ -253,8 +269,9 @@ def load_hf_policy(path_or_dir: str | Path, dtype: torch.dtype = torch.float32, 
                          "(write one with model.save_pretrained(dir) and tokenizer.save_pretrained(dir))")
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        with quiet_progress():
+            model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype, **kwargs)
+            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as e:
         raise ValueError(f"could not load a HF causal LM and tokenizer from {str(path)!r}: {e}") from e
     if device is not None:

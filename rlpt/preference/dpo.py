@@ -291,9 +291,11 @@ def prepare_pairs(job: DPOJob, policy, tok: CharTokenizer, run: Run, resume: boo
     return pairs, {**stats, "source": "sampled"}
 
 
-def run_dpo(job: DPOJob, resume: bool = False,
-            allow_change: Collection[str] = ()) -> tuple[torch.nn.Module, Run, dict]:
-    """The DPO-family job as a run folder; returns (model, run, final metrics)."""
+def run_dpo(job: DPOJob, resume: bool = False, allow_change: Collection[str] = (),
+            policy: torch.nn.Module | None = None, meta: dict | None = None) -> tuple[torch.nn.Module, Run, dict]:
+    """The DPO-family job as a run folder; returns (model, run, final metrics). `policy` (with the checkpoints'
+    `meta`) replaces the gpt_mini of init_from: a Hugging Face policy a recipe loaded (rlpt.recipe); it must speak
+    gpt_mini's character ids, since the pairs are arithmetic. Its reference is its own frozen copy."""
     if not job.init_from:
         raise ConfigError("init_from is required for rlpt dpo: set init_from=<an SFT checkpoint or run folder>, "
                           "e.g. init_from=runs/sft (DPO refines a policy; its reference is that policy)")
@@ -302,7 +304,8 @@ def run_dpo(job: DPOJob, resume: bool = False,
     tok, task, cfg = CharTokenizer(), make_task(job.task), job.dpo
     run, ckpt = open_run(job, resume, allow_change)
     try:
-        policy = load_model(job.init_from, job.model, tok)
+        if policy is None:
+            policy = load_model(job.init_from, job.model, tok)
         reference = make_reference(policy, cfg.method)          # from init_from, before any resume
         env = ArithmeticEnv(task, tokenizer=tok)
         heldout = env.heldout(job.eval.size)
@@ -336,7 +339,7 @@ def run_dpo(job: DPOJob, resume: bool = False,
                 final[k] = last[0][k]
         return final
 
-    loop = SupervisedLoop(run, ckpt, policy, cfg, job.run.seed)
+    loop = SupervisedLoop(run, ckpt, policy, cfg, job.run.seed, meta=meta)
     if loop.start == 0:
         run.log(0, {**eval_fn(), **{f"pairs/{k}": v for k, v in pair_stats.items() if not isinstance(v, str)}})
     final = loop.fit(loss_fn, eval_fn, job.eval.every, final_fn, job.run.progress, desc=cfg.method,

@@ -34,7 +34,7 @@ from torch import nn
 
 from rlpt.checkpoint import CheckpointError, load_weights, read_checkpoint_meta, resolve_checkpoint
 from rlpt.config import ConfigError, JobConfig, LoopConfig, OptimConfig, RunConfig, Section, quote
-from rlpt.framework.critic import capture_hidden
+from rlpt.framework.critic import capture_hidden, output_projection
 from rlpt.framework.environment import ArithmeticEnv, Prompt, Verdict, register_env
 from rlpt.framework.trajectory import pad_sequences
 from rlpt.gpt_mini.generate import SamplingParams
@@ -91,17 +91,20 @@ def sample_ranked_pairs(policy, tok: CharTokenizer, problems: list[Problem], k: 
 
 # -- the model ----------------------------------------------------------------------------------------------
 class RewardModel(nn.Module):
-    def __init__(self, trunk: nn.Module, pad_id: int):
+    """A trunk (gpt_mini, or a Hugging Face policy: `trunk_meta` = {"hf_path": ...}) and a scalar head."""
+
+    def __init__(self, trunk: nn.Module, pad_id: int, trunk_meta: dict | None = None):
         super().__init__()
         self.trunk = trunk
         self.pad_id = pad_id
-        d = trunk.cfg.d_model
+        self.trunk_meta = trunk_meta if trunk_meta is not None else trunk.cfg.to_dict()
+        d = output_projection(trunk).in_features          # the final hidden state's width, whatever the trunk
         self.head = nn.Linear(d, 1)
         nn.init.zeros_(self.head.weight)   # every score starts at 0; no RNG consumed
         nn.init.zeros_(self.head.bias)
 
     @property
-    def cfg(self) -> GPTConfig:
+    def cfg(self):
         return self.trunk.cfg
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
@@ -125,7 +128,7 @@ class RewardModel(nn.Module):
         return out
 
     def meta(self) -> dict:
-        return {**self.cfg.to_dict(), "kind": KIND}
+        return {**self.trunk_meta, "kind": KIND}
 
 
 def load_reward_model(path, tok: CharTokenizer | None = None) -> RewardModel:
@@ -135,7 +138,17 @@ def load_reward_model(path, tok: CharTokenizer | None = None) -> RewardModel:
     if meta.pop("kind", None) != KIND:
         raise CheckpointError(f"checkpoint {str(path)!r} is a policy, not a reward model: train one with "
                               "`rlpt rm init_from=<SFT checkpoint>` and point env.model_path at its run folder")
-    rm = RewardModel(GPT(GPTConfig(**meta)), (tok or CharTokenizer()).pad_id)
+    if "hf_path" in meta:   # a Hugging Face trunk: its architecture from that directory, every weight from here
+        from rlpt.models.hf import load_hf_policy
+        try:
+            trunk = load_hf_policy(meta["hf_path"])
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"reward model {str(path)!r} has a Hugging Face trunk whose architecture is read "
+                                  f"from {meta['hf_path']!r}, which no longer loads ({e}): restore that directory"
+                                  ) from None
+    else:
+        trunk = GPT(GPTConfig(**meta))
+    rm = RewardModel(trunk, (tok or CharTokenizer()).pad_id, trunk_meta=meta)
     load_weights(path, rm)
     return rm.eval()
 
@@ -242,22 +255,24 @@ def rm_pairs(job: RMJob, policy, tok: CharTokenizer, run: Run, resume: bool):
     return train, held, {**stats, "pairs_heldout": len(held)}
 
 
-def train_rm(job: RMJob, resume: bool = False,
-             allow_change: Collection[str] = ()) -> tuple[RewardModel, Run, dict]:
-    """Train the RM as a run folder; returns (rm, run, final metrics)."""
+def train_rm(job: RMJob, resume: bool = False, allow_change: Collection[str] = (),
+             policy: nn.Module | None = None, meta: dict | None = None) -> tuple[RewardModel, Run, dict]:
+    """Train the RM as a run folder; returns (rm, run, final metrics). `policy` (with its checkpoint `meta`, e.g.
+    {"hf_path": ...}) replaces the gpt_mini of init_from: a Hugging Face policy a recipe loaded (rlpt.recipe)."""
     if not job.init_from:
         raise ConfigError("init_from is required for rlpt rm: set init_from=<an SFT checkpoint or run folder> "
                           "(it samples the pairs and initialises the RM's trunk)")
     tok, cfg = CharTokenizer(), job.rm
     run, ckpt = open_run(job, resume, allow_change)
     try:
-        policy = load_model(job.init_from, job.model, tok)
+        if policy is None:
+            policy = load_model(job.init_from, job.model, tok)
         train, held, stats = rm_pairs(job, policy, tok, run, resume=ckpt is not None)
     except BaseException:
         run.abandon()   # a failed start leaves no new run folder behind
         raise
     print(f"[rlpt] reward model: {len(train)} training pairs, {len(held)} held-out ({stats['source']})")
-    rm = RewardModel(policy, tok.pad_id)      # the policy's weights become the trunk (nothing else uses them)
+    rm = RewardModel(policy, tok.pad_id, meta)   # the policy's weights become the trunk (nothing else uses them)
 
     def loss_fn(rng: random.Random) -> tuple[torch.Tensor, dict]:
         idx = rng.sample(range(len(train)), min(cfg.batch_size, len(train)))
