@@ -150,7 +150,11 @@ def env_tokenizer(job, policy, tok: CharTokenizer):
 def prompt_set_kwargs(job, tok=None, max_len: int | None = None) -> dict:
     """The math env's `rows` and `heldout_rows` from data.prompts (none without it). With `tok` and `max_len`,
     every prompt is encoded once and must leave rollout.max_tokens of room in the model's context."""
-    d = job.data
+    return prompt_set_rows(job.data, job.rollout.max_tokens, tok, max_len)
+
+
+def prompt_set_rows(d: DataSection, max_tokens: int, tok=None, max_len: int | None = None) -> dict:
+    """prompt_set_kwargs for a data section and the response length `max_tokens` it must leave room for."""
     if d.prompts is None:
         return {}
     from rlpt.data.formats import read_prompt_set
@@ -171,7 +175,7 @@ def prompt_set_kwargs(job, tok=None, max_len: int | None = None) -> dict:
                           "can carry: set data.chat_template=true (with model.hf_path), or drop the rows' system")
     if tok is not None and max_len is not None:
         encode = getattr(tok, "encode_prompt", tok.encode)
-        room = max_len - job.rollout.max_tokens
+        room = max_len - max_tokens
         for r in train + held:
             try:
                 n = len(encode(r.prompt) if r.system is None else encode(r.prompt, r.system))
@@ -180,7 +184,7 @@ def prompt_set_kwargs(job, tok=None, max_len: int | None = None) -> dict:
                                   "arithmetic alphabet; use model.hf_path=<a model with its own tokenizer>") from None
             if n > room:
                 raise ConfigError(f"data.prompts: row {r.id!r} ({r.source}) is {n} tokens, and with "
-                                  f"rollout.max_tokens={job.rollout.max_tokens} it overflows the model's context of "
+                                  f"rollout.max_tokens={max_tokens} it overflows the model's context of "
                                   f"{max_len}: lower rollout.max_tokens, or drop the longer rows")
     return {"rows": train, "heldout_rows": held}
 

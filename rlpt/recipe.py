@@ -32,8 +32,11 @@ each policy stage leaves its final weights as a `save_pretrained` directory <i>_
 adapters merged in), and the next stage starts from that directory (a train stage as its model.hf_path; an sft,
 rm, dpo or rs_sft stage gets the loaded policy, its checkpoints recording the directory). The sft, rm, dpo and
 rs_sft stages train on the arithmetic task in gpt_mini's character ids, so with any of them the model's tokenizer
-must be gpt_mini's (an `rlpt export` directory; checked before the first stage). A recipe of train stages takes any
-tokenizer (env.name=math with `<stage>.data.prompts=<file>`); its rows are then each stage's own last held-out
+must be gpt_mini's (an `rlpt export` directory; checked before the first stage) -- unless the recipe's shared
+`data:` section names a prompt set (`data.prompts=<file>`, as `rlpt train`'s): then every stage trains on it in the
+model's own tokenizer (rlpt.text_stages): sft on the rows' solutions (or sft.data_file), dpo on the policy's own
+samples ranked by the math verifier, rs_sft on its verified samples, train stages with env.name=math (an rm stage
+is refused: the reward model scores arithmetic only). The rows of such a recipe are each stage's own last held-out
 evaluation, since there is no character-level task to score every stage on.
 
 `--resume` skips the stages that finished and continues the one that did not (as `rlpt pipeline`; the per-stage
@@ -71,6 +74,7 @@ from rlpt.config import (
 )
 from rlpt.hf_policy import (
     ANY_TOKENIZER_ENVS,
+    DataSection,
     TrainModelConfig,
     check_char_stage_tokenizer,
     check_hf_path,
@@ -96,6 +100,7 @@ from rlpt.stages import (  # noqa: F401 - the stage helpers, re-exported: rlpt.p
     run_job_stage,
     stage_table,
 )
+from rlpt.text_stages import TextTask, rejection_sample_text, sample_text_pairs, text_demonstrations
 from rlpt.train import TrainJob, load_train_job, run_train
 
 # -- the recipe's schema ---------------------------------------------------------------------------------------
@@ -123,6 +128,7 @@ class RecipeJob(Section):
     eval: EvalConfig = EvalConfig(every=100, size=400, pass_k=1)
     hard: HardSlice = HardSlice()
     final_eval: StageEval = StageEval()
+    data: DataSection = DataSection()   # a prompt set (with model.hf_path): every stage trains on it (text_stages)
     stages: list[StageSpec] = Field(default_factory=list, description="the stages, in order: {name, kind, ...}")
 
     @model_validator(mode="after")
@@ -130,12 +136,19 @@ class RecipeJob(Section):
         if self.hard.operands <= self.task.max_operands:
             raise ValueError(f"hard.operands ({self.hard.operands}) must exceed task.max_operands "
                              f"({self.task.max_operands}): the harder slice has more operands than any training prompt")
+        self.data.check("math", self.model.hf_path)
+        if self.data.prompts is not None and self.model.hf_path is None:
+            raise ValueError("data.prompts is a prompt set for a model with its own tokenizer: set model.hf_path=<dir> "
+                             "(gpt_mini's stages train on the arithmetic task)")
         if self.model.hf_path is None:
             check_prompt_fits(self.task, self.model.max_seq_len, self.hard.operands, "hard.operands")
         else:
             n_pos = check_hf_path(self.model.hf_path).get("max_position_embeddings")
             own = next((s.kind for s in self.stages if s.kind != "train"), None)
-            if own is not None:   # fail now, not after the stages before it have trained
+            if self.data.prompts is not None and any(s.kind == "rm" for s in self.stages):
+                raise ValueError("an rm stage with data.prompts: the reward model and its env score the arithmetic "
+                                 "task only; on a prompt set use a verifier-rewarded recipe (tulu3, r1, qwen_dapo)")
+            if own is not None and self.data.prompts is None:   # fail now, not after the stages before it trained
                 check_char_stage_tokenizer(hf_tokenizer(self.model.hf_path), self.model.hf_path, own)
             if not own_tokenizer(self) and n_pos:   # the final evaluation's harder slice, as on gpt_mini
                 check_prompt_fits(self.task, n_pos, self.hard.operands, "hard.operands")
@@ -199,6 +212,8 @@ class RecipeJob(Section):
         base = {"run": self.run.model_copy(update={"out_dir": str(self.root), "name": self.folder(i)}).model_dump(),
                 "model": model, "init_from": init, "task": self.task.model_dump(),
                 "eval": self.eval.model_copy(update={"pass_k": 1}).model_dump()}
+        if self.data.prompts is not None:   # a train stage's prompts and env; the others get them from the runner
+            base["data"], base["env"] = self.data.model_dump(), {"name": "math"}
         base = {k: v for k, v in base.items() if k in cls.model_fields}
         if s.kind == "train" and own.get("env", {}).get("name") == "reward_model" and rm_dir is not None:
             base["env"] = {"model_path": rm_dir}
@@ -267,6 +282,9 @@ def run_recipe(job: RecipeJob, resume: bool = False, allow_change: Collection[st
 
 def _run_stages(job: RecipeJob, resume: bool, allow_change: Collection[str]) -> tuple[Path, list[dict]]:
     root, clock, hf = job.root, StageClock(job.root, resume), job.model.hf_path is not None
+    text = job.data.prompts is not None   # every stage on the prompt set, in the model's own tokenizer
+    if hf:
+        from rlpt.models.hf import load_hf_policy
     init = rm_dir = hf_dir = None     # hf_dir: on an HF policy, the previous policy stage's save_pretrained copy
     ckpts: dict[str, Path] = {}
     hf_dirs: dict[str, Path] = {}
@@ -280,8 +298,13 @@ def _run_stages(job: RecipeJob, resume: bool, allow_change: Collection[str]) -> 
         if spec.kind == "rs_sft" and done is None:
             demos = root / f"{folder}.jsonl"
             if not (resume and demos.exists()):
-                load = (lambda d: load_char_policy(d, "rs_sft")) if hf else None
-                stats = rejection_sample(Path(start) if hf else init, job, i, demos, load)
+                if text:
+                    policy = load_hf_policy(start)
+                    task = TextTask(job.data, policy, job.rs(i).max_tokens, job.run.seed, "rs_sft")
+                    stats = rejection_sample_text(policy, task, job.rs(i), job.run.seed, demos, job.run.progress)
+                else:
+                    load = (lambda d: load_char_policy(d, "rs_sft")) if hf else None
+                    stats = rejection_sample(Path(start) if hf else init, job, i, demos, load)
                 print(f"[rlpt] recipe: {folder} rejection sampling kept {stats['kept']} of {stats['samples']} "
                       f"samples ({stats['prompts_kept']} of {stats['prompts']} prompts) -> {demos}")
             stage = stage.model_copy(update={"sft": stage.sft.model_copy(update={"data_file": str(demos)})})
@@ -290,8 +313,10 @@ def _run_stages(job: RecipeJob, resume: bool, allow_change: Collection[str]) -> 
         def go(again, run=run, stage=stage, kind=spec.kind, start=start):
             kw = {}
             if hf and kind != "train":   # the HF policy in place of init_from's gpt_mini; its checkpoints say so
-                kw = {"model" if kind in ("sft", "rs_sft") else "policy": load_char_policy(start, kind),
-                      "meta": hf_meta(start)}
+                kw = {"model" if kind in ("sft", "rs_sft") else "policy": load_hf_policy(start) if text else
+                      load_char_policy(start, kind), "meta": hf_meta(start)}
+            if text and kind != "train":   # the prompt set's data, env and tokenizer in place of the arithmetic task's
+                kw.update(text_stage_kwargs(job, kind, stage, kw.get("model", kw.get("policy"))))
             return run(stage, resume=again, allow_change=allow_change, **kw)
         ck = run_job_stage(f"{folder} ({spec.kind})", root / folder, steps, go, resume)
         if done is None:
@@ -313,7 +338,7 @@ def _run_stages(job: RecipeJob, resume: bool, allow_change: Collection[str]) -> 
         rows = evaluate_checkpoints(hf_dirs, job.model.gpt_mini(), job.task, job.eval, job.hard, job.final_eval,
                                     job.run.seed, load=load_char_policy)
     else:   # a prompt set scored as text: each stage's own last held-out evaluation stands
-        rows = [hf_row(folder, ck) for folder, ck in ckpts.items()]
+        rows = [hf_row(folder, ck, hf_dirs.get(folder)) for folder, ck in ckpts.items()]
     for r in rows:
         r["seconds"] = clock.seconds.get(r["stage"], 0.0)
     (root / "stages.json").write_text(json.dumps(rows, indent=1))
@@ -322,16 +347,32 @@ def _run_stages(job: RecipeJob, resume: bool, allow_change: Collection[str]) -> 
 
 
 def own_tokenizer(job: RecipeJob) -> bool:
-    """Whether a stage of this recipe runs an env that scores text in the HF model's own tokenizer (env.name=math):
+    """Whether a stage of this recipe runs on text in the HF model's own tokenizer (data.prompts, or env.name=math):
     then the recipe has no character-level task every stage can be evaluated on."""
-    return any(s.kind == "train" and (s.own().get("env") or {}).get("name") in ANY_TOKENIZER_ENVS
-               for s in job.stages)
+    return job.data.prompts is not None or any(
+        s.kind == "train" and (s.own().get("env") or {}).get("name") in ANY_TOKENIZER_ENVS for s in job.stages)
 
 
-def hf_row(folder: str, ck: Path) -> dict:
+def text_stage_kwargs(job: RecipeJob, kind: str, stage: Any, policy) -> dict:
+    """What an sft / rs_sft / dpo stage on data.prompts runs with (rlpt.text_stages): the math env over the prompt
+    set (its held-out evaluation), and the SFT batches or the DPO pairs and tokenizer. sft.format, sft.cot_frac,
+    dpo.pairs.format and dpo.pairs.rejected name arithmetic data and are not read here."""
+    if kind in ("sft", "rs_sft"):
+        task = TextTask(job.data, policy, stage.eval.max_tokens, job.run.seed, kind)
+        return {"env": task.env, "demonstrations": text_demonstrations(task, stage.sft.batch_size,
+                                                                       stage.sft.data_file)}
+    pc = stage.dpo.pairs
+    task = TextTask(job.data, policy, max(pc.max_tokens, stage.eval.max_tokens), job.run.seed, kind)
+    return {"tok": task.tok, "env": task.env,
+            "sample": lambda: sample_text_pairs(policy, task, pc.prompts, pc.k, pc.temperature, pc.max_tokens,
+                                                job.run.seed, pc.max_pairs_per_prompt, job.run.progress)}
+
+
+def hf_row(folder: str, ck: Path, out: Path | None = None) -> dict:
+    """A stage's row from its own last held-out evaluation (metrics.jsonl); `out`: its save_pretrained directory."""
     rows = [json.loads(x) for x in (ck.parent.parent / "metrics.jsonl").read_text().splitlines() if x.strip()]
     last = [r for r in rows if "acc/heldout" in r][-1]
-    return {"stage": folder, "checkpoint": str(ck), "acc/heldout": last["acc/heldout"], "acc/hard": float("nan"),
+    return {"stage": folder, "checkpoint": str(out or ck), "acc/heldout": last["acc/heldout"], "acc/hard": float("nan"),
             "len/heldout": last.get("response/len_heldout", float("nan"))}
 
 

@@ -159,11 +159,12 @@ Demonstrations = Callable[[random.Random], tuple[torch.Tensor, torch.Tensor]]
 
 def train_sft(job: SFTJob, resume: bool = False, model: GPT | None = None,
               demonstrations: Demonstrations | None = None,
-              allow_change: Collection[str] = (), meta: dict | None = None) -> tuple[GPT, Run, dict]:
+              allow_change: Collection[str] = (), meta: dict | None = None, env=None) -> tuple[GPT, Run, dict]:
     """Run SFT as a run folder; returns (model, run, final metrics).
 
     `model` replaces the gpt_mini of init_from (or of random init); `meta` is what its checkpoints record (a
-    Hugging Face policy a recipe loaded passes {"hf_path": ...}: rlpt.recipe).
+    Hugging Face policy a recipe loaded passes {"hf_path": ...}: rlpt.recipe); `env` replaces the arithmetic env
+    of the held-out evaluation (a prompt set's math env in the model's own tokenizer: rlpt.text_stages).
 
     `demonstrations(data_rng) -> (ids, mask)` draws one step's batch; the default is `sft.batch_size`
     training problems in `sft.format`. A caller with its own mix (the RLHF example's two styles) passes
@@ -173,7 +174,7 @@ def train_sft(job: SFTJob, resume: bool = False, model: GPT | None = None,
     torch.manual_seed(job.run.seed)   # the init open_run's seed gave when it came first
     if model is None:
         model = load_model(job.init_from, job.model, tok) if job.init_from else make_model(job.model, tok)
-    env = sft_env(job.sft.format, task, tok)
+    env = env if env is not None else sft_env(job.sft.format, task, tok)
     heldout = env.heldout(job.eval.size)
     if tf is not None and tf.check is not None:   # e.g. eval.max_tokens too short for a tool trace: fail now
         tf.check(task.heldout_set(job.eval.size), job.eval.max_tokens)

@@ -21,7 +21,7 @@ FLOORS = {
     "rlpt/sft.py": 6, "rlpt/train.py": 6, "rlpt/pipeline.py": 6, "rlpt/recipe.py": 6, "rlpt/stages.py": 6,
     "rlpt/compare.py": 6,
     "rlpt/cli.py": 6, "rlpt/eval_cmd.py": 6,
-    "rlpt/lab/": 6, "rlpt/hf_policy.py": 6,
+    "rlpt/lab/": 6, "rlpt/hf_policy.py": 6, "rlpt/text_stages.py": 6,
 }
 
 

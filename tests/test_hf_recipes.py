@@ -162,3 +162,110 @@ def test_qwen_dapo_on_a_qwen2_with_its_own_tokenizer_and_a_gsm8k_file(tmp_path):
     logged = [r for r in map(json.loads, (root / "1_dapo" / "metrics.jsonl").read_text().splitlines())
               if "acc/heldout" in r][-1]
     assert [(r["stage"], r["acc/heldout"]) for r in rows] == [("1_dapo", logged["acc/heldout"])]
+
+
+# -- a prompt set in the model's own tokenizer (data.prompts: rlpt/text_stages.py) --------------------------------
+TEXT = ["run.progress=false", "eval.size=8", "eval.every=100", "eval.max_tokens=8", "data.format=rows",
+        "data.heldout=0.25"]
+RL_TEXT = ["rollout.k=8", "rollout.prompts_per_step=4", "rollout.max_tokens=8", "steps=2", "env.name=math"]
+
+
+def _rows_file(path, n: int = 32):
+    """Distinct word problems (tests/test_hf_data.py's) with a short solution to imitate, `a+b=c`."""
+    import random
+
+    from test_hf_data import _question
+    rng, rows = random.Random(1), {}
+    while len(rows) < n:
+        q, a, b = _question(rng)
+        rows[q] = {"prompt": q, "answer": str(a + b), "metadata": {"solution": f"{a}+{b}={a + b}"}}
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows.values()))
+    return path
+
+
+@pytest.fixture
+def qwen(tmp_path):
+    from test_hf_data import _save
+    return _save(tmp_path, "qwen2"), _rows_file(tmp_path / "rows.jsonl")
+
+
+def text_recipe(name, tmp_path, qwen, *overrides):
+    return load_recipe(f"recipes/{name}.yaml", [f"run.out_dir={tmp_path / 'runs'}", *TEXT, f"model.hf_path={qwen[0]}",
+                                                f"data.prompts={qwen[1]}", *overrides])
+
+
+def test_text_demonstrations_are_the_rows_solutions_through_the_chat_template(qwen):
+    import random
+
+    from rlpt.hf_policy import DataSection
+    from rlpt.text_stages import TextTask, text_demonstrations
+    policy = load_hf_policy(qwen[0])
+    data = DataSection(prompts=str(qwen[1]), format="rows", heldout=0.25, chat_template=True, system="Be brief.")
+    task = TextTask(data, policy, 8, 0, "sft")
+    assert len(task.rows) == 24 and not {r.prompt for r in task.rows} & {r.prompt for r in task.heldout_rows}
+    ids, mask = text_demonstrations(task, 4)(random.Random(0))
+    hf = AutoTokenizer.from_pretrained(qwen[0])
+    rng = random.Random(0)
+    for i, row in enumerate([task.rows[rng.randrange(len(task.rows))] for _ in range(4)]):
+        p = list(hf.apply_chat_template([{"role": "system", "content": "Be brief."},
+                                         {"role": "user", "content": row.prompt}], add_generation_prompt=True,
+                                        tokenize=True, return_dict=False))
+        r = hf.encode(row.metadata["solution"], add_special_tokens=False) + [hf.eos_token_id]
+        assert ids[i, :len(p) + len(r)].tolist() == p + r                   # prompt, then solution + EOS
+        # the loss reads the response's tokens only: column j predicts token j + 1
+        assert mask[i].tolist() == [0] * (len(p) - 1) + [1] * len(r) + [0] * (ids.shape[1] - len(p) - len(r))
+
+
+def test_tulu3_on_a_qwen2_with_its_own_tokenizer_and_a_prompt_set(tmp_path, qwen):
+    """SFT on the rows' solutions -> DPO on the policy's own samples ranked by the math verifier -> RLVR, every
+    stage on the Qwen2 and its BPE tokenizer; nothing trains on a held-out row."""
+    from rlpt.envs.math_answer import verify_math
+    from rlpt.hf_policy import DataSection, prompt_set_rows
+    r = text_recipe("tulu3", tmp_path, qwen, "sft.sft.steps=40", "sft.sft.batch_size=8", "dpo.dpo.steps=3",
+                    "dpo.dpo.batch_size=4", "dpo.dpo.pairs.prompts=16", "dpo.dpo.pairs.k=8",
+                    "dpo.dpo.pairs.max_tokens=8", *[f"rlvr.{o}" for o in RL_TEXT])
+    root, rows = run_recipe(r)
+    assert [x["stage"] for x in rows] == ["1_sft", "2_dpo", "3_rlvr"]
+    split = prompt_set_rows(DataSection(prompts=str(qwen[1]), format="rows", heldout=0.25), 8)
+    gold = {x.prompt: x.answer for x in split["rows"]}
+    sft = [x["loss/sft"] for x in map(json.loads, (root / "1_sft" / "metrics.jsonl").read_text().splitlines())
+           if "loss/sft" in x]
+    assert sft[-1] < 0.7 * sft[0]                                              # it learned the demonstrations
+    pairs = [json.loads(x) for x in (root / "2_dpo" / "pairs.jsonl").read_text().splitlines()]
+    assert pairs and all(p["prompt"] in gold for p in pairs)                   # training rows only
+    for p in pairs:
+        assert verify_math(p["chosen"], gold[p["prompt"]])[0] == 1.0 and p["chosen"].endswith("<eos>")
+        assert verify_math(p["rejected"], gold[p["prompt"]])[0] == 0.0
+    prev = qwen[0]
+    for x in rows:
+        out = root / x["stage"] / "hf"
+        assert x["checkpoint"] == str(out) and read_checkpoint_meta(latest_checkpoint(root / x["stage"]))[
+            "hf_path"] == str(prev)
+        assert AutoTokenizer.from_pretrained(out).get_vocab() == AutoTokenizer.from_pretrained(qwen[0]).get_vocab()
+        prev = out
+    assert "name: math" in (root / "3_rlvr" / "config.yaml").read_text()
+
+
+def test_r1_rejection_samples_the_prompt_set_with_the_math_verifier(tmp_path, qwen):
+    from rlpt.envs.math_answer import verify_math
+    rl = [*RL_TEXT]
+    r = text_recipe("r1", tmp_path, qwen, "cold.sft.steps=40", "cold.sft.batch_size=8", *[f"rl1.{o}" for o in rl],
+                    "rs.rs.prompts=16", "rs.rs.k=8", "rs.rs.max_tokens=8", "rs.sft.steps=3", "rs.sft.batch_size=8",
+                    *[f"rl2.{o}" for o in rl])
+    root, rows = run_recipe(r)
+    assert [x["stage"] for x in rows] == ["1_cold", "2_rl1", "3_rs", "4_rl2"]
+    gold = {json.loads(x)["prompt"]: json.loads(x)["answer"] for x in qwen[1].read_text().splitlines()}
+    kept = [json.loads(x) for x in (root / "3_rs.jsonl").read_text().splitlines()]
+    assert kept and all(verify_math(k["response"], gold[k["prompt"]])[0] == 1.0 for k in kept)
+    assert not any(k["response"].endswith("<eos>") for k in kept)              # SFT appends the EOS id itself
+
+
+def test_bad_prompt_set_recipes_are_refused(tmp_path, qwen):
+    from rlpt.config import ConfigError
+    with pytest.raises(ConfigError, match="data.prompts is a prompt set for a model with its own tokenizer"):
+        load_recipe("recipes/tulu3.yaml", [f"data.prompts={qwen[1]}"])
+    with pytest.raises(ConfigError, match="an rm stage with data.prompts"):
+        text_recipe("instructgpt", tmp_path, qwen)
+    with pytest.raises(ConfigError, match=r"stages\[2\] 'rlvr' \(kind train\): data.prompts is a prompt set for "
+                                          r"env.name=math, but env.name=arithmetic"):
+        text_recipe("tulu3", tmp_path, qwen)                                    # rlvr.env.name=math not given

@@ -118,7 +118,8 @@ def sample_texts(model, tok, prompts: list[str], k: int, sp: SamplingParams,
                  generator: torch.Generator | None = None, batch: int = 512) -> list[str]:
     """k decoded samples of each prompt text, in order: prompt i's samples are [i*k:(i+1)*k].
     Batches of `batch` sequences, drawn from `generator` (a seeded one gives the same samples again)."""
-    ids = [tok.encode(p) for p in prompts for _ in range(k)]
+    encode = getattr(tok, "encode_prompt", tok.encode)   # a chat model's prompt through its template (models/chat)
+    ids = [encode(p) for p in prompts for _ in range(k)]
     outs = []
     for i in range(0, len(ids), batch):
         outs += generate(model, ids[i:i + batch], sp, tok.eos_id, tok.pad_id, generator)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import random
 import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -88,6 +89,8 @@ def load_pairs(path: str | Path, tok: CharTokenizer, max_seq_len: int) -> tuple[
             if not isinstance(row[f], str):
                 raise PreferenceDataError(f"{where}:{n}: field {f!r} must be a string, got "
                                           f"{type(row[f]).__name__} {quote(row[f])}")
+            if not hasattr(tok, "stoi"):    # a model's own tokenizer takes any text (rlpt.text_stages)
+                continue
             bad = next((i for i, ch in enumerate(row[f]) if ch not in tok.stoi or ch == PAD), None)
             if bad is not None:
                 ch = row[f][bad]
@@ -96,7 +99,7 @@ def load_pairs(path: str | Path, tok: CharTokenizer, max_seq_len: int) -> tuple[
                 raise PreferenceDataError(f"{where}:{n}: character {ch!r} (position {bad} of field {f!r}) is "
                                           f"{what}; remove it")
         pair = PreferencePair(row["prompt"], row["chosen"], row["rejected"])
-        lens = [len(tok.encode(getattr(pair, f))) for f in FIELDS]
+        lens = [len(encode_prompt(tok, pair.prompt))] + [len(tok.encode(getattr(pair, f))) for f in FIELDS[1:]]
         if lens[0] == 0 or lens[1] == 0 or lens[2] == 0:
             raise PreferenceDataError(f"{where}:{n}: prompt, chosen and rejected must be non-empty strings")
         if pair.chosen == pair.rejected:
@@ -184,22 +187,25 @@ def sample_pairs(model, tok: CharTokenizer, task: ArithmeticTask, n_prompts: int
         right = sorted({t for t in group if verify(t, p.gold)}, key=lambda t: cleanliness(t, _canonical(p, fmt)))
         wrong = sorted({t for t in group if not verify(t, p.gold)})
         n_correct += sum(verify(t, p.gold) for t in group)
-        if not wrong:
-            stats["prompts_all_correct"] += 1
-            continue
-        if not right:
-            stats["prompts_all_wrong"] += 1
-            continue
-        rng.shuffle(wrong)
-        made = []
-        for i, w in enumerate(wrong[:max_pairs_per_prompt]):
-            c = right[i % len(right)]
-            made.append(PreferencePair(p.prompt, c, cut_at_first_error(c, w) if rejected == "first_error" else w))
-        pairs += made
-        stats["prompts_with_pairs"] += 1
+        pairs += pair_group(p.prompt, right, wrong, rng, max_pairs_per_prompt, stats,
+                            cut_at_first_error if rejected == "first_error" else None)
     stats["sample_acc"] = n_correct / max(1, len(texts))
     stats["pairs"] = len(pairs)
     return pairs, stats
+
+
+def pair_group(prompt: str, right: list[str], wrong: list[str], rng: random.Random, max_pairs: int, stats: dict,
+               cut: Callable[[str, str], str] | None = None) -> list[PreferencePair]:
+    """One prompt's pairs: each distinct wrong sample (shuffled by `rng`, at most `max_pairs`) against the next right
+    one in `right`'s order (best first), the rejected one `cut(chosen, rejected)` when given. A group with no wrong
+    or no right sample gives none and is counted in `stats` (prompts_all_correct / _wrong, else _with_pairs)."""
+    if not wrong or not right:
+        stats["prompts_all_correct" if not wrong else "prompts_all_wrong"] += 1
+        return []
+    rng.shuffle(wrong)
+    stats["prompts_with_pairs"] += 1
+    chosen = [right[i % len(right)] for i in range(min(max_pairs, len(wrong)))]
+    return [PreferencePair(prompt, c, cut(c, w) if cut else w) for c, w in zip(chosen, wrong)]
 
 
 def cut_at_first_error(chosen: str, rejected: str) -> str:
@@ -236,9 +242,15 @@ def collate_pairs(pairs: list[PreferencePair], tok: CharTokenizer) -> PairBatch:
     """Tokenise and pad [chosen_1..chosen_B, rejected_1..rejected_B] -> PairBatch."""
     if not pairs:
         raise ValueError("collate_pairs() got no pairs")
-    seqs = [(tok.encode(x.prompt), tok.encode(x.chosen)) for x in pairs] + \
-           [(tok.encode(x.prompt), tok.encode(x.rejected)) for x in pairs]
+    seqs = [(encode_prompt(tok, x.prompt), tok.encode(x.chosen)) for x in pairs] + \
+           [(encode_prompt(tok, x.prompt), tok.encode(x.rejected)) for x in pairs]
     return collate_responses(seqs, tok.pad_id, n=len(pairs))
+
+
+def encode_prompt(tok, text: str) -> list[int]:
+    """A prompt's ids as the env gives them to the policy: a model's own tokenizer through its chat template when it
+    has one (rlpt.models.chat.PromptTokenizer.encode_prompt), else plain `encode` (CharTokenizer)."""
+    return getattr(tok, "encode_prompt", tok.encode)(text)
 
 
 def collate_responses(seqs: list[tuple[list[int], list[int]]], pad_id: int, n: int = 0) -> PairBatch:

@@ -33,7 +33,7 @@ from __future__ import annotations
 import copy
 import random
 import shutil
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Literal
 
@@ -267,8 +267,11 @@ def precompute_reference(reference, pairs: list[PreferencePair], tok: CharTokeni
 
 
 # -- the job --------------------------------------------------------------------------------------------
-def prepare_pairs(job: DPOJob, policy, tok: CharTokenizer, run: Run, resume: bool) -> tuple[list[PreferencePair], dict]:
-    """Pairs for this run: the run folder's pairs.jsonl on resume, else the file, else sampled now."""
+def prepare_pairs(job: DPOJob, policy, tok: CharTokenizer, run: Run, resume: bool,
+                  sample: Callable[[], tuple[list[PreferencePair], dict]] | None = None
+                  ) -> tuple[list[PreferencePair], dict]:
+    """Pairs for this run: the run folder's pairs.jsonl on resume, else the file, else sampled now (by `sample()`
+    when given, else from the arithmetic task)."""
     saved = run.dir / "pairs.jsonl"
     pc = job.dpo.pairs
     if resume and saved.exists():
@@ -280,9 +283,13 @@ def prepare_pairs(job: DPOJob, policy, tok: CharTokenizer, run: Run, resume: boo
             shutil.copyfile(pc.file, saved)
         return pairs, {"pairs": len(pairs), "skipped_identical": skips["identical"],
                        "skipped_too_long": skips["too_long"], "source": pc.file}
-    pairs, stats = sample_pairs(policy, tok, make_task(job.task), pc.prompts, pc.k, pc.temperature, pc.max_tokens,
-                                seed=job.run.seed, fmt=pc.format, max_pairs_per_prompt=pc.max_pairs_per_prompt,
-                                rejected=pc.rejected, progress=job.run.progress)
+    if sample is not None:
+        pairs, stats = sample()
+    else:
+        pairs, stats = sample_pairs(policy, tok, make_task(job.task), pc.prompts, pc.k, pc.temperature,
+                                    pc.max_tokens, seed=job.run.seed, fmt=pc.format,
+                                    max_pairs_per_prompt=pc.max_pairs_per_prompt, rejected=pc.rejected,
+                                    progress=job.run.progress)
     if not pairs:
         raise ConfigError(f"sampling gave no preference pair ({stats}): every prompt's {pc.k} samples were all "
                           "right or all wrong. Raise dpo.pairs.k or dpo.pairs.temperature, or start from a "
@@ -292,24 +299,26 @@ def prepare_pairs(job: DPOJob, policy, tok: CharTokenizer, run: Run, resume: boo
 
 
 def run_dpo(job: DPOJob, resume: bool = False, allow_change: Collection[str] = (),
-            policy: torch.nn.Module | None = None, meta: dict | None = None) -> tuple[torch.nn.Module, Run, dict]:
+            policy: torch.nn.Module | None = None, meta: dict | None = None, tok=None, env=None,
+            sample: Callable[[], tuple[list[PreferencePair], dict]] | None = None) -> tuple[torch.nn.Module, Run, dict]:
     """The DPO-family job as a run folder; returns (model, run, final metrics). `policy` (with the checkpoints'
-    `meta`) replaces the gpt_mini of init_from: a Hugging Face policy a recipe loaded (rlpt.recipe); it must speak
-    gpt_mini's character ids, since the pairs are arithmetic. Its reference is its own frozen copy."""
+    `meta`) replaces the gpt_mini of init_from: a Hugging Face policy a recipe loaded (rlpt.recipe); its reference
+    is its own frozen copy. On a prompt set in the model's own tokenizer (rlpt.text_stages) `tok` and `env` replace
+    CharTokenizer and the arithmetic env, and `sample()` draws the pairs in place of the arithmetic sampler."""
     if not job.init_from:
         raise ConfigError("init_from is required for rlpt dpo: set init_from=<an SFT checkpoint or run folder>, "
                           "e.g. init_from=runs/sft (DPO refines a policy; its reference is that policy)")
     if job.dpo.beta is None and job.dpo.method != "orpo":   # config.yaml records the β that trained (ORPO has none)
         job = job.model_copy(update={"dpo": job.dpo.model_copy(update={"beta": job.dpo.beta_value})})
-    tok, task, cfg = CharTokenizer(), make_task(job.task), job.dpo
+    tok, task, cfg = tok or CharTokenizer(), make_task(job.task), job.dpo
     run, ckpt = open_run(job, resume, allow_change)
     try:
         if policy is None:
             policy = load_model(job.init_from, job.model, tok)
         reference = make_reference(policy, cfg.method)          # from init_from, before any resume
-        env = ArithmeticEnv(task, tokenizer=tok)
+        env = env if env is not None else ArithmeticEnv(task, tokenizer=tok)
         heldout = env.heldout(job.eval.size)
-        pairs, pair_stats = prepare_pairs(job, policy, tok, run, resume=ckpt is not None)
+        pairs, pair_stats = prepare_pairs(job, policy, tok, run, resume=ckpt is not None, sample=sample)
     except BaseException:
         run.abandon()   # a failed start leaves no new run folder behind
         raise
