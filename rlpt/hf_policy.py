@@ -82,7 +82,7 @@ class DataSection(Section):
                 raise ValueError(f"data.{changed[0]} is set but data.prompts is not: set data.prompts=<file>")
         elif env_name not in ANY_TOKENIZER_ENVS:
             raise ValueError(f"data.prompts is a prompt set for env.name=math, but env.name={env_name} draws its own "
-                             "prompts: set env.name=math, or remove data.prompts")
+                             "prompts: set env.name=math (or math_reward_model), or remove data.prompts")
         if (self.chat_template or self.system is not None) and hf_path is None:
             raise ValueError("data.chat_template / data.system need model.hf_path: gpt_mini has no chat template")
         if self.chat_template and env_name not in ANY_TOKENIZER_ENVS:
@@ -93,7 +93,8 @@ class DataSection(Section):
 
 
 HF_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")   # what the engine serves
-ANY_TOKENIZER_ENVS = ("math",)   # envs that score decoded text: they run an HF model with its own tokenizer
+# envs that score decoded text: they run an HF model with its own tokenizer, on data.prompts
+ANY_TOKENIZER_ENVS = ("math", "math_reward_model")
 
 
 def check_hf_path(path: str) -> dict:

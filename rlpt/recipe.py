@@ -34,10 +34,10 @@ rm, dpo or rs_sft stage gets the loaded policy, its checkpoints recording the di
 rs_sft stages train on the arithmetic task in gpt_mini's character ids, so with any of them the model's tokenizer
 must be gpt_mini's (an `rlpt export` directory; checked before the first stage) -- unless the recipe's shared
 `data:` section names a prompt set (`data.prompts=<file>`, as `rlpt train`'s): then every stage trains on it in the
-model's own tokenizer (rlpt.text_stages): sft on the rows' solutions (or sft.data_file), dpo on the policy's own
-samples ranked by the math verifier, rs_sft on its verified samples, train stages with env.name=math (an rm stage
-is refused: the reward model scores arithmetic only). The rows of such a recipe are each stage's own last held-out
-evaluation, since there is no character-level task to score every stage on.
+model's own tokenizer (rlpt.text_stages): sft on the rows' solutions (or sft.data_file), dpo and rm on the
+policy's own samples ranked by the math verifier, rs_sft on its verified samples, train stages with env.name=math
+(or math_reward_model: the rm stage's RM scores the prompt set). The rows of such a recipe are each stage's own
+last held-out evaluation, since there is no character-level task to score every stage on.
 
 `--resume` skips the stages that finished and continues the one that did not (as `rlpt pipeline`; the per-stage
 helpers both use, `run_job_stage`, `StageClock`, `evaluate_checkpoints`, `stage_table` and rejection sampling,
@@ -108,6 +108,7 @@ KINDS = ("sft", "rm", "dpo", "train", "rs_sft")
 JOBS: dict[str, type[BaseModel]] = {"sft": SFTJob, "rm": RMJob, "dpo": DPOJob, "train": TrainJob, "rs_sft": SFTJob}
 MAKES_POLICY = {"sft", "dpo", "train", "rs_sft"}       # an rm stage leaves the policy as it was
 RUNNER_KEYS = ("run", "model", "init_from")          # set by the runner, never by a stage
+RM_ENVS = ("reward_model", "math_reward_model")      # a train stage on one of these is scored by the rm stage's RM
 _NAME = re.compile(r"[a-z][a-z0-9_]*")
 
 
@@ -145,9 +146,6 @@ class RecipeJob(Section):
         else:
             n_pos = check_hf_path(self.model.hf_path).get("max_position_embeddings")
             own = next((s.kind for s in self.stages if s.kind != "train"), None)
-            if self.data.prompts is not None and any(s.kind == "rm" for s in self.stages):
-                raise ValueError("an rm stage with data.prompts: the reward model and its env score the arithmetic "
-                                 "task only; on a prompt set use a verifier-rewarded recipe (tulu3, r1, qwen_dapo)")
             if own is not None and self.data.prompts is None:   # fail now, not after the stages before it trained
                 check_char_stage_tokenizer(hf_tokenizer(self.model.hf_path), self.model.hf_path, own)
             if not own_tokenizer(self) and n_pos:   # the final evaluation's harder slice, as on gpt_mini
@@ -171,8 +169,8 @@ class RecipeJob(Section):
                 raise ValueError(f"{where} (kind {s.kind}) needs a policy stage before it (sft, dpo, train or "
                                  "rs_sft): it starts from the policy's weights")
             env = s.own().get("env", {}) if isinstance(s.own().get("env"), dict) else {}
-            if s.kind == "train" and env.get("name") == "reward_model" and not rm and "model_path" not in env:
-                raise ValueError(f"{where}: env.name=reward_model needs an rm stage before it (or env.model_path)")
+            if s.kind == "train" and env.get("name") in RM_ENVS and not rm and "model_path" not in env:
+                raise ValueError(f"{where}: env.name={env['name']} needs an rm stage before it (or env.model_path)")
             try:
                 self.stage_job(i, "<previous stage>" if policy else None, "<rm stage>" if rm else None)
                 if s.kind == "rs_sft":
@@ -215,7 +213,7 @@ class RecipeJob(Section):
         if self.data.prompts is not None:   # a train stage's prompts and env; the others get them from the runner
             base["data"], base["env"] = self.data.model_dump(), {"name": "math"}
         base = {k: v for k, v in base.items() if k in cls.model_fields}
-        if s.kind == "train" and own.get("env", {}).get("name") == "reward_model" and rm_dir is not None:
+        if s.kind == "train" and own.get("env", {}).get("name") in RM_ENVS and rm_dir is not None:
             base["env"] = {"model_path": rm_dir}
         if s.kind == "rs_sft":
             base["sft"] = {"data_file": f"<{self.folder(i)}.jsonl>"}
@@ -354,18 +352,27 @@ def own_tokenizer(job: RecipeJob) -> bool:
 
 
 def text_stage_kwargs(job: RecipeJob, kind: str, stage: Any, policy) -> dict:
-    """What an sft / rs_sft / dpo stage on data.prompts runs with (rlpt.text_stages): the math env over the prompt
+    """What an sft / rs_sft / dpo / rm stage on data.prompts runs with (rlpt.text_stages): the math env over the prompt
     set (its held-out evaluation), and the SFT batches or the DPO pairs and tokenizer. sft.format, sft.cot_frac,
-    dpo.pairs.format and dpo.pairs.rejected name arithmetic data and are not read here."""
+    dpo.pairs.format, dpo.pairs.rejected and rm.pairs.preference name arithmetic data and are not read here."""
     if kind in ("sft", "rs_sft"):
         task = TextTask(job.data, policy, stage.eval.max_tokens, job.run.seed, kind)
         return {"env": task.env, "demonstrations": text_demonstrations(task, stage.sft.batch_size,
                                                                        stage.sft.data_file)}
-    pc = stage.dpo.pairs
-    task = TextTask(job.data, policy, max(pc.max_tokens, stage.eval.max_tokens), job.run.seed, kind)
-    return {"tok": task.tok, "env": task.env,
-            "sample": lambda: sample_text_pairs(policy, task, pc.prompts, pc.k, pc.temperature, pc.max_tokens,
-                                                job.run.seed, pc.max_pairs_per_prompt, job.run.progress)}
+    pc = stage.dpo.pairs if kind == "dpo" else stage.rm.pairs
+    task = TextTask(job.data, policy, pc.max_tokens if kind == "rm" else max(pc.max_tokens, stage.eval.max_tokens),
+                    job.run.seed, kind)
+
+    def pairs(heldout: bool = False, n: int = pc.prompts, seed: int = job.run.seed):
+        return sample_text_pairs(policy, task, n, pc.k, pc.temperature, pc.max_tokens, seed, pc.max_pairs_per_prompt,
+                                 job.run.progress, heldout)
+    if kind == "dpo":
+        return {"tok": task.tok, "env": task.env, "sample": pairs}
+
+    def rm_sample():   # the RM's held-out pairs from the held-out rows, as rm_pairs draws them from held-out prompts
+        (train, stats), (held, _) = pairs(), pairs(True, pc.heldout_prompts, job.run.seed + 1)
+        return train, held, {**stats, "source": "sampled (the math verifier)"}
+    return {"tok": task.tok, "sample": rm_sample}
 
 
 def hf_row(folder: str, ck: Path, out: Path | None = None) -> dict:

@@ -1,4 +1,4 @@
-"""A recipe's sft, dpo and rs_sft stages on a prompt set in the model's own tokenizer (`data.prompts` with
+"""A recipe's sft, rm, dpo and rs_sft stages on a prompt set in the model's own tokenizer (`data.prompts` with
 `model.hf_path`): what a real Llama / Qwen needs to run tulu3 or r1 (docs/real_models.md "Recipes on a Hugging
 Face policy"). The arithmetic stages (rlpt.sft, rlpt.preference.dpo, rlpt.stages' rejection sampling) do the
 training; this module gives them the prompt set's data instead of the arithmetic task's.
@@ -10,8 +10,8 @@ training; this module gives them the prompt set's data instead of the arithmetic
     text_demonstrations   an SFT stage's batches: the rows' demonstrations, or sft.data_file's {prompt, response}
                           rows (rs_sft's kept samples); prompt ids through the template, response + EOS, loss on
                           the response only
-    sample_text_pairs     DPO pairs from the policy's own k samples per training prompt, ranked by the math
-                          verifier (a right answer that ended with EOS ≻ a wrong one)
+    sample_text_pairs     DPO and RM pairs from the policy's own k samples per prompt, ranked by the math verifier
+                          (a right answer that ended with EOS ≻ a wrong one)
     rejection_sample_text rs_sft: the policy's verified samples as {prompt, response} rows
 
 Text pairs hold the prompt as the row's text and the responses as decoded text (EOS included), re-encoded when
@@ -113,10 +113,11 @@ def text_demonstrations(task: TextTask, batch_size: int, data_file: str | None =
 
 
 def _groups(policy, task: TextTask, n_prompts: int, k: int, temperature: float, max_tokens: int, seed: int,
-            progress: bool) -> tuple[list, list[list[tuple[str, float]]]]:
-    """n distinct training rows and, for each, its k samples as (text, reward)."""
+            progress: bool, rows: list | None = None) -> tuple[list, list[list[tuple[str, float]]]]:
+    """n distinct rows (training rows unless `rows`) and, for each, its k samples as (text, reward)."""
     rng = random.Random(seed)
-    rows = rng.sample(task.rows, min(n_prompts, len(task.rows)))
+    pool = task.rows if rows is None else rows
+    rows = rng.sample(pool, min(n_prompts, len(pool)))
     gen = torch.Generator().manual_seed(seed)
     texts = sample_groups(policy, task.tok, [r.prompt for r in rows], k,
                           SamplingParams(max_tokens=max_tokens, temperature=temperature), gen, progress=progress)
@@ -126,13 +127,15 @@ def _groups(policy, task: TextTask, n_prompts: int, k: int, temperature: float, 
 
 @torch.no_grad()
 def sample_text_pairs(policy, task: TextTask, n_prompts: int, k: int, temperature: float, max_tokens: int,
-                      seed: int, max_pairs_per_prompt: int = 2, progress: bool = False
+                      seed: int, max_pairs_per_prompt: int = 2, progress: bool = False, heldout: bool = False
                       ) -> tuple[list[PreferencePair], dict]:
-    """DPO pairs from the policy's own samples: per prompt, each distinct wrong sample (up to max_pairs_per_prompt)
-    against a right one that ended with EOS, the shortest first. -> (pairs, stats) as rlpt.preference.data's."""
+    """DPO / RM pairs from the policy's own samples: per prompt, each distinct wrong sample (up to
+    max_pairs_per_prompt) against a right one that ended with EOS, the shortest first; on the training rows, or the
+    held-out ones (`heldout`: an RM's held-out pairs). -> (pairs, stats) as rlpt.preference.data's."""
     if k < 2:
-        raise ConfigError(f"dpo.pairs.k={k}: a pair needs k >= 2 samples per prompt")
-    rows, groups = _groups(policy, task, n_prompts, k, temperature, max_tokens, seed, progress)
+        raise ConfigError(f"pairs.k={k}: a pair needs k >= 2 samples per prompt")
+    rows, groups = _groups(policy, task, n_prompts, k, temperature, max_tokens, seed, progress,
+                           task.heldout_rows if heldout else None)
     rng = random.Random(seed)
     pairs, stats = [], {"prompts": len(rows), "samples": len(rows) * k, "prompts_all_correct": 0,
                         "prompts_all_wrong": 0, "prompts_with_pairs": 0}

@@ -260,12 +260,33 @@ def test_r1_rejection_samples_the_prompt_set_with_the_math_verifier(tmp_path, qw
     assert not any(k["response"].endswith("<eos>") for k in kept)              # SFT appends the EOS id itself
 
 
+def test_instructgpt_on_a_prompt_set_scores_ppo_with_its_own_reward_model(tmp_path, qwen):
+    """SFT -> an RM on the Qwen2 trunk from verifier-ranked pairs (held-out pairs from held-out rows) -> PPO on
+    env.name=math_reward_model: rewarded by that RM's score, the math verifier's verdict beside it."""
+    from rlpt.envs.math_answer import verify_math
+    r = text_recipe("instructgpt", tmp_path, qwen, "sft.sft.steps=40", "sft.sft.batch_size=8", "rm.rm.steps=3",
+                    "rm.rm.pairs.prompts=24", "rm.rm.pairs.heldout_prompts=8", "rm.rm.pairs.k=8",
+                    "rm.rm.pairs.max_tokens=8", *[f"ppo.{o}" for o in RL_TEXT if o != "env.name=math"],
+                    "ppo.env.name=math_reward_model")
+    root, rows = run_recipe(r)
+    assert [x["stage"] for x in rows] == ["1_sft", "3_ppo"]
+    rm = load_reward_model(root / "2_rm")
+    assert type(rm.trunk.model).__name__ == "Qwen2ForCausalLM"
+    gold = {json.loads(x)["prompt"]: json.loads(x)["answer"] for x in qwen[1].read_text().splitlines()}
+    for f in ("pairs.jsonl", "pairs_heldout.jsonl"):
+        for p in map(json.loads, (root / "2_rm" / f).read_text().splitlines()):
+            assert verify_math(p["chosen"], gold[p["prompt"]])[0] > verify_math(p["rejected"], gold[p["prompt"]])[0]
+    cfg = (root / "3_ppo" / "config.yaml").read_text()
+    assert "name: math_reward_model" in cfg and f"model_path: {root / '2_rm'}" in cfg
+    trained = [x for x in map(json.loads, (root / "3_ppo" / "metrics.jsonl").read_text().splitlines())
+               if "reward/mean" in x]
+    assert trained and all(x["reward/mean"] not in (0.0, 1.0) for x in trained)   # RM scores, not 0/1 verdicts
+
+
 def test_bad_prompt_set_recipes_are_refused(tmp_path, qwen):
     from rlpt.config import ConfigError
     with pytest.raises(ConfigError, match="data.prompts is a prompt set for a model with its own tokenizer"):
         load_recipe("recipes/tulu3.yaml", [f"data.prompts={qwen[1]}"])
-    with pytest.raises(ConfigError, match="an rm stage with data.prompts"):
-        text_recipe("instructgpt", tmp_path, qwen)
     with pytest.raises(ConfigError, match=r"stages\[2\] 'rlvr' \(kind train\): data.prompts is a prompt set for "
                                           r"env.name=math, but env.name=arithmetic"):
         text_recipe("tulu3", tmp_path, qwen)                                    # rlvr.env.name=math not given

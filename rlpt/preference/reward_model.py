@@ -17,6 +17,8 @@ the RLHF demo: right and concise ≻ right and verbose ≻ wrong. Held-out pairs
 
 The `reward_model` env (any algorithm can train against it) scores each response with the RM and
 keeps the gold verdict in `info["correct"]`, so over-optimisation is visible: reward up, gold flat.
+`math_reward_model` is the same over a prompt set (data.prompts, the math env's rows) in the model's own
+tokenizer, the math verifier's verdict in `info["correct"]`; its RM comes from a recipe's rm stage on that set.
 
     rlpt rm init_from=runs/sft_cot [rm.pairs.preference=human] [key=value ...] [--resume]
     rlpt train env.name=reward_model env.model_path=runs/rm algorithm.name=ppo
@@ -34,6 +36,7 @@ from torch import nn
 
 from rlpt.checkpoint import CheckpointError, load_weights, read_checkpoint_meta, resolve_checkpoint
 from rlpt.config import ConfigError, JobConfig, LoopConfig, OptimConfig, RunConfig, Section, quote
+from rlpt.envs.math_answer import MathAnswerEnv, verify_math
 from rlpt.framework.critic import capture_hidden, output_projection
 from rlpt.framework.environment import ArithmeticEnv, Prompt, Verdict, register_env
 from rlpt.framework.trajectory import pad_sequences
@@ -216,8 +219,10 @@ class RMJob(JobConfig):
     rm: RMConfig = RMConfig()
 
 
-def rm_pairs(job: RMJob, policy, tok: CharTokenizer, run: Run, resume: bool):
-    """(train pairs, held-out pairs, stats), saved in the run folder so a resume reuses them."""
+def rm_pairs(job: RMJob, policy, tok: CharTokenizer, run: Run, resume: bool,
+             sample: Callable[[], tuple[list[PreferencePair], list[PreferencePair], dict]] | None = None):
+    """(train pairs, held-out pairs, stats), saved in the run folder so a resume reuses them. `sample()` draws
+    both sets in place of the arithmetic sampler (a prompt set: rlpt.text_stages)."""
     tr_path, ho_path = run.dir / "pairs.jsonl", run.dir / "pairs_heldout.jsonl"
     L = policy.cfg.max_seq_len
     if resume and tr_path.exists() and ho_path.exists():
@@ -236,6 +241,8 @@ def rm_pairs(job: RMJob, policy, tok: CharTokenizer, run: Run, resume: bool):
             n_ho = max(1, len(train) // 10)
             held, train = train[:n_ho], train[n_ho:]
         stats = {"source": pc.file, **{f"skipped_{k}": v for k, v in skips.items()}}
+    elif sample is not None:
+        train, held, stats = sample()
     else:
         task, score = ArithmeticTask(**job.task.model_dump()), PREFERENCES[pc.preference]
         seed, sampling = job.run.seed, (pc.k, pc.temperature, pc.max_tokens, score)
@@ -256,18 +263,21 @@ def rm_pairs(job: RMJob, policy, tok: CharTokenizer, run: Run, resume: bool):
 
 
 def train_rm(job: RMJob, resume: bool = False, allow_change: Collection[str] = (),
-             policy: nn.Module | None = None, meta: dict | None = None) -> tuple[RewardModel, Run, dict]:
+             policy: nn.Module | None = None, meta: dict | None = None, tok=None,
+             sample: Callable[[], tuple[list[PreferencePair], list[PreferencePair], dict]] | None = None
+             ) -> tuple[RewardModel, Run, dict]:
     """Train the RM as a run folder; returns (rm, run, final metrics). `policy` (with its checkpoint `meta`, e.g.
-    {"hf_path": ...}) replaces the gpt_mini of init_from: a Hugging Face policy a recipe loaded (rlpt.recipe)."""
+    {"hf_path": ...}) replaces the gpt_mini of init_from: a Hugging Face policy a recipe loaded (rlpt.recipe). On a
+    prompt set (rlpt.text_stages) `tok` is the model's own tokenizer and `sample()` draws the pairs."""
     if not job.init_from:
         raise ConfigError("init_from is required for rlpt rm: set init_from=<an SFT checkpoint or run folder> "
                           "(it samples the pairs and initialises the RM's trunk)")
-    tok, cfg = CharTokenizer(), job.rm
+    tok, cfg = tok or CharTokenizer(), job.rm
     run, ckpt = open_run(job, resume, allow_change)
     try:
         if policy is None:
             policy = load_model(job.init_from, job.model, tok)
-        train, held, stats = rm_pairs(job, policy, tok, run, resume=ckpt is not None)
+        train, held, stats = rm_pairs(job, policy, tok, run, resume=ckpt is not None, sample=sample)
     except BaseException:
         run.abandon()   # a failed start leaves no new run folder behind
         raise
@@ -302,7 +312,20 @@ def calibrate(rm: RewardModel, held: list[PreferencePair], tok: CharTokenizer) -
     rm.head.bias -= 0.5 * (m["rm/chosen_mean_heldout"] + m["rm/rejected_mean_heldout"])
 
 
-# -- the env -------------------------------------------------------------------------------------------------
+# -- the envs ------------------------------------------------------------------------------------------------
+def frozen_reward_model(name: str, reward_model: RewardModel | None, model_path: str | None, tok) -> RewardModel:
+    """An RM env's reward model: the one given, else loaded from env.model_path; frozen (eval, no grad) during RL,
+    where the RM is an amortised human, not a learner."""
+    if reward_model is None:
+        if model_path is None:
+            raise ConfigError(f"env '{name}' needs a trained reward model: set env.model_path=<an rlpt rm run folder "
+                              "or checkpoint> (train one with `rlpt rm init_from=<SFT checkpoint>`)")
+        reward_model = load_reward_model(model_path, tok)
+    for p in reward_model.parameters():
+        p.requires_grad_(False)
+    return reward_model.eval()
+
+
 @register_env("reward_model")
 class RewardModelEnv(ArithmeticEnv):
     """Arithmetic prompts, rewarded by a reward model's score; the gold verdict rides along in info."""
@@ -311,16 +334,24 @@ class RewardModelEnv(ArithmeticEnv):
     def __init__(self, task=None, seed: int = 0, tokenizer=None, reward_model: RewardModel | None = None,
                  model_path: str | None = None):
         super().__init__(task, seed, tokenizer)
-        if reward_model is None:
-            if model_path is None:
-                raise ConfigError("env 'reward_model' needs a trained reward model: set env.model_path=<an rlpt rm "
-                                  "run folder or checkpoint> (train one with `rlpt rm init_from=<SFT checkpoint>`)")
-            reward_model = load_reward_model(model_path, self.tokenizer)
-        self.rm = reward_model.eval()
-        for p in self.rm.parameters():   # frozen during RL: the RM is an amortised human, not a learner
-            p.requires_grad_(False)
+        self.rm = frozen_reward_model("reward_model", reward_model, model_path, self.tokenizer)
 
     def verify(self, prompt: Prompt, response: str) -> Verdict:
         score = self.rm.score_texts(self.tokenizer, [(prompt.ids, response)])[0]
         return Verdict(score, {"correct": verify(response, prompt.gold) == 1.0,
                                "human_score": human_score(response, prompt.gold)})
+
+
+@register_env("math_reward_model")
+class MathRewardModelEnv(MathAnswerEnv):
+    """The math env's prompts (a prompt set: data.prompts), rewarded by a reward model's score in the model's own
+    tokenizer; the math verifier's verdict rides along in info["correct"] (what over-optimisation is read against)."""
+    model_path_arg = "model_path"
+
+    def __init__(self, reward_model: RewardModel | None = None, model_path: str | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.rm = frozen_reward_model("math_reward_model", reward_model, model_path, self.tokenizer)
+
+    def verify(self, prompt: Prompt, response: str) -> Verdict:
+        score = self.rm.score_texts(self.tokenizer, [(prompt.ids, response)])[0]
+        return Verdict(score, {"correct": verify_math(response, str(prompt.gold))[0] == 1.0})
