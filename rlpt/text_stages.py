@@ -130,8 +130,11 @@ def sample_text_pairs(policy, task: TextTask, n_prompts: int, k: int, temperatur
                       seed: int, max_pairs_per_prompt: int = 2, progress: bool = False, heldout: bool = False
                       ) -> tuple[list[PreferencePair], dict]:
     """DPO / RM pairs from the policy's own samples: per prompt, each distinct wrong sample (up to
-    max_pairs_per_prompt) against a right one that ended with EOS, the shortest first; on the training rows, or the
-    held-out ones (`heldout`: an RM's held-out pairs). -> (pairs, stats) as rlpt.preference.data's."""
+    max_pairs_per_prompt) against a distinct right one that ended with EOS, in the order sampled; on the training
+    rows, or the held-out ones (`heldout`: an RM's held-out pairs). -> (pairs, stats) as rlpt.preference.data's.
+    No ranking among the right ones: the math verifier reads only the final answer, so it cannot tell a clean
+    derivation from a lucky one (the arithmetic sampler can, and prefers the clean ones), and "shortest first"
+    chose chains that skip steps."""
     if k < 2:
         raise ConfigError(f"pairs.k={k}: a pair needs k >= 2 samples per prompt")
     rows, groups = _groups(policy, task, n_prompts, k, temperature, max_tokens, seed, progress,
@@ -142,7 +145,7 @@ def sample_text_pairs(policy, task: TextTask, n_prompts: int, k: int, temperatur
     n_right = 0
     for row, group in zip(rows, groups):
         n_right += sum(r > 0 for _, r in group)
-        right = sorted({t for t, r in group if r > 0 and task.strip_eos(t) is not None}, key=lambda t: (len(t), t))
+        right = list(dict.fromkeys(t for t, r in group if r > 0 and task.strip_eos(t) is not None))   # as sampled
         wrong = sorted({t for t, r in group if r <= 0})
         pairs += pair_group(row.prompt, right, wrong, rng, max_pairs_per_prompt, stats)
     stats["sample_acc"] = n_right / max(1, stats["samples"])
