@@ -9,6 +9,7 @@
     rlpt pipeline [recipe.yaml] [key=value ...] [--resume]       SFT -> CoT -> DPO -> RLVR (`make run`)
     rlpt recipe recipes/<x>.yaml [key=value ...] [--resume]     a multi-stage recipe (lesson 23, rlpt/recipe.py)
     rlpt eval CHECKPOINT [key=value ...] [--split heldout|train] [--pass-k K] [--format direct|cot|tool]
+                                                                 (an HF run: its own model, tokenizer, env and data)
     rlpt prm | orm [recipe.yaml] [key=value ...] [--resume]     process / outcome reward models (rlpt/search/cli.py)
     rlpt search [recipe.yaml] [key=value ...]                    test-time search strategies vs budget
     rlpt perf memory|kv|throughput [options]                     lesson 22's math (rlpt/perf/cli.py)

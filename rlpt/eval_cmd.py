@@ -53,6 +53,8 @@ def cmd_eval(args) -> int:
     path, overrides = split_recipe_args(args.items)
     if path is not None:
         raise ConfigError(f"rlpt eval takes key=value overrides after the checkpoint, not {path!r}")
+    if "hf_path" in _meta(args.checkpoint):   # a Hugging Face policy's run: its own model, tokenizer and env
+        return _eval_hf_run(args, overrides)
     job = load_config(EvalJob, None, overrides)
     model = load_model(args.checkpoint)
     try:
@@ -73,6 +75,60 @@ def cmd_eval(args) -> int:
     print(table([(f"{k}/{args.split}", fmt(v)) for k, v in res.items()]
                 + [("problems", str(len(prompts))), ("format", form)]))
     return 0
+
+
+def _meta(checkpoint: str) -> dict:
+    from rlpt.checkpoint import read_checkpoint_meta, resolve_checkpoint
+    return read_checkpoint_meta(resolve_checkpoint(checkpoint))
+
+
+def _eval_hf_run(args, overrides: list[str]) -> int:
+    """`rlpt eval` of an `rlpt train model.hf_path=...` run (load_hf_run), scored like a gpt_mini checkpoint."""
+    from rlpt.report import fmt, table
+    if args.format is not None:
+        raise ConfigError("--format is gpt_mini's answer format; an HF run is scored with the env it trained on")
+    job, policy, env = load_hf_run(args.checkpoint, overrides)
+    if args.split == "heldout":
+        prompts = env.heldout(job.eval.size)
+    else:
+        prompts = [env.reset("train") for _ in range(job.eval.size)]
+    # the run scored itself with the rollout's budget (rlpt.train's eval_fn): so here, unless eval.max_tokens is set
+    given = any(o.split("=", 1)[0] == "eval.max_tokens" for o in overrides)
+    max_tokens = job.eval.max_tokens if given else job.rollout.max_tokens
+    res = evaluate_in_chunks(policy.eval(), env, prompts, max_tokens, k=args.pass_k)
+    if args.pass_k:
+        res.pop("acc_sampled")
+    print(table([(f"{k}/{args.split}", fmt(v)) for k, v in res.items()]
+                + [("problems", str(len(prompts))), ("max_tokens", str(max_tokens)), ("model", job.model.hf_path),
+                   ("env", job.env.name)]))
+    return 0
+
+
+def load_hf_run(checkpoint: str, overrides: list[str] = ()):
+    """An `rlpt train model.hf_path=...` checkpoint -> (the job as its config.yaml recorded it < eval.* / data.*
+    overrides, the policy: model.hf_path with the checkpoint's weights or LoRA adapters, the env it trained on in
+    the tokenizer it trained with: a prompt set's held-out rows for env.name=math)."""
+    from rlpt.checkpoint import load_weights, resolve_checkpoint
+    from rlpt.framework.environment import make_env
+    from rlpt.gpt_mini.task import make_task
+    from rlpt.gpt_mini.tokenizer import CharTokenizer
+    from rlpt.train import checkpointed, env_model_kwargs, env_tokenizer, load_policy, load_train_job, prompt_set_kwargs
+    ck = resolve_checkpoint(checkpoint)
+    cfg = ck.parent.parent / "config.yaml"
+    if not cfg.is_file() or "rollout" not in (text := cfg.read_text()) or "\nenv:" not in "\n" + text:
+        raise ConfigError(f"checkpoint {str(ck)!r} holds a Hugging Face policy, and rlpt eval reads such a checkpoint "
+                          f"through its `rlpt train` run's config.yaml, which {str(cfg)!r} is not; a recipe stage's "
+                          "final weights are also in its hf/ folder (a save_pretrained directory)")
+    job = load_train_job(str(cfg), [o for o in overrides if o.split("=", 1)[0].split(".")[0] in ("eval", "data")])
+    if bad := [o for o in overrides if o.split("=", 1)[0].split(".")[0] not in ("eval", "data")]:
+        raise ConfigError(f"rlpt eval of an HF run takes eval.* and data.* overrides (the rest is the run's), not "
+                          f"{bad[0]!r}")
+    policy = load_policy(job, Path(job.model.hf_path), CharTokenizer())
+    load_weights(ck, checkpointed(job, policy)[0])
+    tok = env_tokenizer(job, policy, CharTokenizer())
+    env = make_env(job.env.name, task=make_task(job.task), seed=job.run.seed, tokenizer=tok,
+                   **env_model_kwargs(job.env), **prompt_set_kwargs(job, tok, policy.cfg.max_seq_len))
+    return job, policy, env
 
 
 def _run_format(checkpoint: str) -> str:

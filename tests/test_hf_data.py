@@ -292,3 +292,35 @@ def test_format_coef_is_a_config_key():
         load_train_job(None, ["env.name=format", "env.format_coef=1"])
     with pytest.raises(ValueError, match="format_coef=1.5 must be in"):
         FormatEnv(format_coef=1.5)
+
+
+def test_rlpt_eval_scores_an_hf_run_with_its_own_env_and_tokenizer(tmp_path, models, capsys):
+    """`rlpt eval RUN` of a model.hf_path run (here under LoRA): the run's config.yaml gives the model, the prompt set
+    and the held-out rows; the held-out accuracy equals the run's own last evaluation of the same weights."""
+    from rlpt.cli import main
+    data = _gsm8k_file(tmp_path / "gsm8k.jsonl")
+    run = tmp_path / "runs" / "q"
+    assert main(["train", f"model.hf_path={models['qwen2']}", f"data.prompts={data}", "data.format=gsm8k",
+                 "data.chat_template=true", *FAST, "lora.r=4", "trainer.optim.lr=1e-2", f"run.out_dir={run.parent}",
+                 "run.name=q"]) == 0
+    logged = [json.loads(r) for r in (run / "metrics.jsonl").read_text().splitlines()]
+    last = [r for r in logged if "acc/heldout" in r][-1]
+    from safetensors.torch import load_file
+
+    from rlpt.checkpoint import latest_checkpoint
+    from rlpt.eval_cmd import load_hf_run
+    from rlpt.models.lora import lora_state_dict
+    job, policy, env = load_hf_run(str(run))
+    saved = load_file(str(latest_checkpoint(run) / "model.safetensors"))
+    mine = lora_state_dict(policy)                                               # peft's names, as checkpointed
+    assert mine.keys() == saved.keys() and all(torch.equal(mine[n], saved[n]) for n in saved)
+    assert any("lora_B" in n and v.abs().max() > 0 for n, v in saved.items())   # trained: lora_B starts at 0
+    assert [p.ids for p in env.heldout(8)] == [_chat_ids(models["qwen2"], p.text) for p in env.heldout(8)]
+    capsys.readouterr()
+    assert main(["eval", str(run)]) == 0
+    rows = dict(line.strip("|").replace(" ", "").split("|")[:2] for line in capsys.readouterr().out.splitlines()[2:])
+    assert float(rows["acc/heldout"]) == pytest.approx(last["acc/heldout"], abs=1e-4)
+    assert float(rows["len/heldout"]) == pytest.approx(last["response/len_heldout"], abs=1e-4)
+    assert (rows["problems"], rows["env"]) == ("4", "math")
+    assert main(["eval", str(run), "rollout.k=2"]) == 2
+    assert "takes eval.* and data.* overrides" in capsys.readouterr().err
