@@ -29,7 +29,7 @@ import torch
 from rlpt.config import ConfigError, quote, read_text
 from rlpt.framework.environment import Prompt, make_env
 from rlpt.framework.trajectory import pad_sequences
-from rlpt.gpt_mini.generate import SamplingParams
+from rlpt.gpt_mini.generate import SamplingParams, stop_ids
 from rlpt.hf_policy import DataSection, prompt_set_rows
 from rlpt.preference.data import PreferencePair, pair_group, sample_groups
 
@@ -49,14 +49,14 @@ class TextTask:
             raise ConfigError(f"data.prompts: row {own.id!r} has its own system message, which a {what} stage's "
                               "demonstrations and pairs do not carry; give it to every row with data.system instead")
         self.env = make_env("math", tokenizer=self.tok, seed=seed, **kw)
-        self.eos_text = self.tok.decode([self.tok.eos_id])
+        self.stop_texts = [self.tok.decode([i]) for i in stop_ids(self.tok)]   # EOS, and a chat model's end of turn
 
     def prompt(self, row) -> Prompt:
         return Prompt(row.prompt, self.tok.encode_prompt(row.prompt), row.answer)
 
     def strip_eos(self, text: str) -> str | None:
-        """`text` without its final EOS, or None when it did not end with one (cut at max_tokens)."""
-        return text[:-len(self.eos_text)] if text.endswith(self.eos_text) else None
+        """`text` without its final stop token, or None when it did not end with one (cut at max_tokens)."""
+        return next((text[:-len(s)] for s in self.stop_texts if s and text.endswith(s)), None)
 
 
 def demonstration(row, fmt: str) -> str:

@@ -324,3 +324,37 @@ def test_rlpt_eval_scores_an_hf_run_with_its_own_env_and_tokenizer(tmp_path, mod
     assert (rows["problems"], rows["env"]) == ("4", "math")
     assert main(["eval", str(run), "rollout.k=2"]) == 2
     assert "takes eval.* and data.* overrides" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("backend", ["engine", "simple"])
+def test_a_stop_token_from_generation_config_ends_a_response(tmp_path, backend):
+    """A chat model whose turn ends with a token other than its tokenizer's EOS (Llama 3 Instruct: <|eot_id|> beside
+    <|end_of_text|>) lists it in generation_config.json: a response stops at its first such token (finish 'stop'),
+    on both backends. Greedy first runs without it (the control, to max_tokens); the token it wrote third then
+    becomes a stop token, and the same greedy response ends there."""
+    from transformers import AutoTokenizer
+
+    from rlpt.framework.rollout import Rollout
+    from rlpt.gpt_mini.generate import SamplingParams
+    from rlpt.models.hf import load_hf_policy
+    d = _save(tmp_path, "llama")
+    tok = AutoTokenizer.from_pretrained(d)
+    sp = SamplingParams(max_tokens=6, temperature=0.0)
+
+    def greedy(policy, prompt):
+        return Rollout(policy, policy.tokenizer, 1, sp, backend=backend)._sample([prompt], sp)[0]
+    plain = load_hf_policy(d)
+    assert plain.tokenizer.stop_ids == (tok.eos_token_id,)
+    # a prompt whose greedy response does not meet EOS within 6 tokens (this random model's first one that doesn't)
+    prompt, control = next((p, c) for p in (tok.encode(_question(random.Random(i))[0]) for i in range(50))
+                           if (c := greedy(plain, p)).finish_reason == "length")
+    assert len(control.tokens) == 6 and tok.eos_token_id not in control.tokens
+    end = control.tokens[2]
+    cut = control.tokens.index(end) + 1
+    plain.model.generation_config.eos_token_id = [tok.eos_token_id, end]
+    plain.model.save_pretrained(d)
+    with_stop = load_hf_policy(d)
+    assert with_stop.tokenizer.stop_ids == (tok.eos_token_id, end)
+    s = greedy(with_stop, prompt)
+    assert (s.tokens, s.finish_reason) == (control.tokens[:cut], "stop") and cut < 6
+    torch.testing.assert_close(torch.tensor(s.logps), torch.tensor(control.logps[:cut]), atol=1e-6, rtol=0)

@@ -32,6 +32,7 @@ from rlpt.engine.scheduler import ScheduledSeq, Scheduler
 from rlpt.engine.sequence import CompletionOutput, Request, RequestOutput, Sequence
 from rlpt.engine.spec_decode import SpeculativeDecoder
 from rlpt.engine.weights import served_model, why_not_served
+from rlpt.gpt_mini.generate import stop_set
 
 
 def serves(model) -> bool:
@@ -50,7 +51,7 @@ class LLM:
     def __init__(self, model, tokenizer=None, *, block_size: int = 16, num_blocks: int | None = None,
                  kv_cache_bytes: int = 256 << 20, max_num_seqs: int = 256, max_num_batched_tokens: int = 2048,
                  enable_prefix_caching: bool = True, draft_model=None, num_speculative_tokens: int = 4,
-                 eos_id: int | None = None, seed: int = 0, max_model_len: int | None = None):
+                 eos_id: int | tuple[int, ...] | None = None, seed: int = 0, max_model_len: int | None = None):
         _check_model(model, "model")
         if block_size < 1 or max_num_seqs < 1 or max_num_batched_tokens < 1:
             raise ValueError("block_size, max_num_seqs and max_num_batched_tokens must be >= 1, got "
@@ -60,9 +61,10 @@ class LLM:
         served = served_model(model, max_model_len)
         c = served.cfg
         self.max_seq_len, self.vocab_size = c.max_seq_len, c.vocab_size
-        if eos_id is None:              # rlpt's tokenizers say eos_id, HF's eos_token_id
-            eos_id = getattr(tokenizer, "eos_id", getattr(tokenizer, "eos_token_id", None))
-        self.eos_id = eos_id
+        if eos_id is None:   # rlpt's tokenizers say eos_id (an HF model's may add stop_ids), HF's eos_token_id
+            eos_id = getattr(tokenizer, "stop_ids", None) or getattr(tokenizer, "eos_id",
+                                                                     getattr(tokenizer, "eos_token_id", None))
+        self.eos_id = eos_id            # one id, or several (a model's generation_config may list more)
         per_seq = cdiv(self.max_seq_len, block_size)
         if num_blocks is None:
             per_block = 2 * c.n_layer * c.n_kv_head * c.head_dim * block_size * served.embed.element_size()
@@ -326,7 +328,8 @@ class LLM:
 
     def _add_request(self, prompt, ids: list[int], sp: SamplingParams) -> Request:
         seed = sp.seed if sp.seed is not None else int(torch.randint(0, 2 ** 62, (1,), generator=self.generator))
-        stop = set(sp.stop_token_ids) | ({self.eos_id} if self.eos_id is not None and not sp.ignore_eos else set())
+        eos = set(stop_set(self.eos_id)) if self.eos_id is not None and not sp.ignore_eos else set()   # one or several
+        stop = set(sp.stop_token_ids) | eos
         if sp.stop and self.tokenizer is None:
             raise ValueError("SamplingParams.stop (stop strings) needs a tokenizer to decode text")
         req = Request(next(self._ids), prompt if isinstance(prompt, str) else None, ids, sp, seed,

@@ -18,9 +18,10 @@ How it keeps the contract:
   one seed per distinct prompt is drawn from `generator` exactly as EngineBackend draws it
   (`torch.randint(0, 2**62, (distinct,))`, nothing at temperature 0), so the generator's state advances the same
   under either backend and a run is reproducible from it. vLLM seeds child j of a request with `seed + j`.
-- **Stopping.** Only `eos_id` stops a sample (`stop_token_ids=[eos_id]`, `ignore_eos=True` so no EOS of a
-  generation config adds another); the EOS is kept in `tokens`, as the engine keeps it. A sample that ends on EOS
-  is "stop", also on the last token of its budget; any other is vLLM's "length".
+- **Stopping.** Only rlpt's stop ids stop a sample (`stop_token_ids=` the tokenizer's EOS and what the model's
+  generation_config lists, rlpt.gpt_mini.generate.stop_ids; `ignore_eos=True` so vLLM adds none of its own); the
+  stop token is kept in `tokens`, as the engine keeps it. A sample that ends on one is "stop", also on the last
+  token of its budget; any other is vLLM's "length".
 - **Weights.** The engine is built from a temporary HF directory (config.json +
   model.safetensors, written from the model's current weights). Before each generate the parameters' version
   counters (and LoRA enable flags) are compared with those last loaded; on a change (a trainer step, a weight
@@ -67,7 +68,7 @@ from pathlib import Path
 import torch
 
 from rlpt.engine.backend import SEED_BOUND, plan_requests  # noqa: F401  (SEED_BOUND: re-exported)
-from rlpt.gpt_mini.generate import Sample
+from rlpt.gpt_mini.generate import Sample, stop_set
 from rlpt.run import rng_state, set_rng_state
 from rlpt.validate import ConfigError
 
@@ -102,7 +103,7 @@ def sampling_kwargs(sp, n: int, seed: int | None, eos_id: int, max_tokens: int |
     """vllm.SamplingParams(**these) for rlpt's `sp` (max_tokens, temperature, top_p, top_k; top_k 0 = off in both)."""
     return {"n": n, "temperature": float(sp.temperature), "top_p": float(sp.top_p), "top_k": int(sp.top_k),
             "max_tokens": int(sp.max_tokens if max_tokens is None else max_tokens), "logprobs": 0,
-            "seed": seed, "stop_token_ids": [int(eos_id)], "ignore_eos": True, "detokenize": False}
+            "seed": seed, "stop_token_ids": list(stop_set(eos_id)), "ignore_eos": True, "detokenize": False}
 
 
 def to_sample(completion, eos_id: int) -> Sample:
@@ -114,7 +115,7 @@ def to_sample(completion, eos_id: int) -> Sample:
     if completion.logprobs is None or len(completion.logprobs) != len(tokens):
         raise RuntimeError("vLLM returned no log-prob per sampled token: the request must set logprobs=0")
     logps = [float(completion.logprobs[j][t].logprob) for j, t in enumerate(tokens)]
-    reason = "stop" if tokens and tokens[-1] == eos_id else completion.finish_reason
+    reason = "stop" if tokens and tokens[-1] in stop_set(eos_id) else completion.finish_reason
     return Sample(tokens, logps, reason)
 
 

@@ -29,7 +29,7 @@ import torch
 from rlpt.framework.environment import Prompt, Verdict
 from rlpt.framework.rollout import Rollout
 from rlpt.framework.trajectory import Trajectory
-from rlpt.gpt_mini.generate import SamplingParams
+from rlpt.gpt_mini.generate import SamplingParams, stop_ids
 
 
 class MultiTurnEnv(Protocol):
@@ -121,7 +121,7 @@ class MultiTurnRollout(Rollout):
                 toks, logps = s.tokens[:budget], s.logps[:budget]           # rows with less budget cut here
                 e.extend(toks, logps)
                 e.turns += 1
-                if not toks or toks[-1] != self.tokenizer.eos_id:
+                if not toks or toks[-1] not in stop_ids(self.tokenizer):
                     e.stop("length")                                       # turn cut before its `#`
                     continue
                 obs, r, done, info = safe_step(env, self.tokenizer.decode(toks), e.state)

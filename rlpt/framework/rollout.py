@@ -63,7 +63,7 @@ from rlpt.engine.vllm_backend import VLLMBackend
 from rlpt.framework.dispatch import VerifierPool
 from rlpt.framework.environment import Prompt, Verdict, safe_verify
 from rlpt.framework.trajectory import Trajectory
-from rlpt.gpt_mini.generate import SamplingParams, generate
+from rlpt.gpt_mini.generate import SamplingParams, generate, stop_ids
 
 BACKENDS = ("engine", "simple", "vllm")
 
@@ -134,11 +134,11 @@ class Rollout:
         """Samples in prompt order; `on_sample(i, sample)` sees each as it finishes (engine: the step it ends;
         simple: at the end of its padded batch)."""
         if self._engine is not None:            # continuous batching: every prompt in one call
-            return self._engine(model or self.model, prompts, sp, self.tokenizer.eos_id, self.tokenizer.pad_id,
+            return self._engine(model or self.model, prompts, sp, stop_ids(self.tokenizer), self.tokenizer.pad_id,
                                 generator, on_sample=on_sample)
         out = []
         for i in range(0, len(prompts), self.batch_limit):
-            out += generate(model or self.model, prompts[i:i + self.batch_limit], sp, self.tokenizer.eos_id,
+            out += generate(model or self.model, prompts[i:i + self.batch_limit], sp, stop_ids(self.tokenizer),
                             self.tokenizer.pad_id, generator)
             for j in range(i, len(out)) if on_sample is not None else ():
                 on_sample(j, out[j])

@@ -60,9 +60,21 @@ def processed_logp(logits: torch.Tensor, sp: SamplingParams) -> torch.Tensor:
     return torch.log_softmax(logits, dim=-1)
 
 
+def stop_set(eos) -> tuple[int, ...]:
+    """The ids that end a sample: `eos` is one id, or several (a model's generation_config can list more than its
+    tokenizer's EOS, e.g. a chat model's end-of-turn token)."""
+    return (int(eos),) if isinstance(eos, int) else tuple(int(i) for i in eos)
+
+
+def stop_ids(tok) -> tuple[int, ...]:
+    """A tokenizer's stop ids: its `stop_ids` when it has them (an HF model's: rlpt.models.hf), else (eos_id,)."""
+    return tuple(getattr(tok, "stop_ids", None) or (tok.eos_id,))
+
+
 @torch.no_grad()
-def generate(model, prompts: list[list[int]], sp: SamplingParams, eos_id: int, pad_id: int,
+def generate(model, prompts: list[list[int]], sp: SamplingParams, eos_id: int | tuple[int, ...], pad_id: int,
              generator: torch.Generator | None = None) -> list[Sample]:
+    stops = stop_set(eos_id)          # one EOS id, or several (stop_ids)
     if not prompts:
         raise ValueError("generate() needs at least one prompt")
     if any(len(p) == 0 for p in prompts):
@@ -98,7 +110,7 @@ def generate(model, prompts: list[list[int]], sp: SamplingParams, eos_id: int, p
         nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
         out_tok[:, t] = nxt
         out_logp[:, t] = logp.gather(-1, nxt[:, None]).squeeze(-1) * (~done)
-        done = done | (nxt == eos_id)
+        done = done | torch.isin(nxt, torch.tensor(stops))
         n = t + 1
         if bool(done.all()) or t == steps - 1:
             break
@@ -108,8 +120,8 @@ def generate(model, prompts: list[list[int]], sp: SamplingParams, eos_id: int, p
     samples = []
     for i in range(B):
         toks = out_tok[i, :n].tolist()
-        k = toks.index(eos_id) + 1 if eos_id in toks else n
-        samples.append(Sample(toks[:k], out_logp[i, :k].tolist(), "stop" if eos_id in toks[:k] else "length"))
+        k = next((j + 1 for j, t in enumerate(toks) if t in stops), n)
+        samples.append(Sample(toks[:k], out_logp[i, :k].tolist(), "stop" if toks[k - 1] in stops else "length"))
     return samples
 
 
@@ -122,5 +134,5 @@ def sample_texts(model, tok, prompts: list[str], k: int, sp: SamplingParams,
     ids = [encode(p) for p in prompts for _ in range(k)]
     outs = []
     for i in range(0, len(ids), batch):
-        outs += generate(model, ids[i:i + batch], sp, tok.eos_id, tok.pad_id, generator)
+        outs += generate(model, ids[i:i + batch], sp, stop_ids(tok), tok.pad_id, generator)
     return [tok.decode(o.tokens) for o in outs]

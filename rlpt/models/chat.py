@@ -17,7 +17,7 @@ class PromptTokenizer(HFTokenizerAdapter):
     """HFTokenizerAdapter plus `encode_prompt`: the ids the policy sees for a user message."""
 
     def __init__(self, tokenizer, chat_template: bool = False, system: str | None = None):
-        super().__init__(getattr(tokenizer, "tok", tokenizer))
+        super().__init__(getattr(tokenizer, "tok", tokenizer), stop_ids=getattr(tokenizer, "stop_ids", None))
         if chat_template and not getattr(self.tok, "chat_template", None):
             raise ValueError(f"data.chat_template=true but the tokenizer {getattr(self.tok, 'name_or_path', '')!r} "
                              "has no chat_template (a base model): set data.chat_template=false, or add one to its "

@@ -219,13 +219,16 @@ class HFPolicy(nn.Module):
 class HFTokenizerAdapter:
     """A HF tokenizer with rlpt's tokenizer interface. Like CharTokenizer, decode() drops pads but keeps EOS."""
 
-    def __init__(self, tokenizer, add_special_tokens: bool = False):
+    def __init__(self, tokenizer, add_special_tokens: bool = False, stop_ids=None):
         if tokenizer.eos_token_id is None:
             raise ValueError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no eos_token; "
                              "rlpt needs one to stop generation")
         self.tok = tokenizer
         self.add_special_tokens = add_special_tokens     # e.g. True to prepend Llama's BOS
         self.eos_id = int(tokenizer.eos_token_id)
+        # every id that ends a response: EOS first, then what the model's generation_config.json adds (a chat model's
+        # end-of-turn token, e.g. Llama 3's <|eot_id|> beside <|end_of_text|>); rlpt.gpt_mini.generate.stop_ids
+        self.stop_ids = tuple(dict.fromkeys([self.eos_id, *(int(i) for i in stop_ids or ())]))
         # Many causal LMs ship without a pad token; pads are masked out anyway, so EOS serves.
         self.pad_id = int(tokenizer.pad_token_id) if tokenizer.pad_token_id is not None else self.eos_id
 
@@ -276,4 +279,10 @@ def load_hf_policy(path_or_dir: str | Path, dtype: torch.dtype = torch.float32, 
         raise ValueError(f"could not load a HF causal LM and tokenizer from {str(path)!r}: {e}") from e
     if device is not None:
         model = model.to(device)
-    return HFPolicy(model.eval(), tokenizer)
+    return HFPolicy(model.eval(), HFTokenizerAdapter(tokenizer, stop_ids=generation_stop_ids(model)))
+
+
+def generation_stop_ids(model) -> list[int]:
+    """The EOS ids a model's generation_config.json lists (an int or a list there; none without one)."""
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    return [] if eos is None else [int(eos)] if isinstance(eos, int) else [int(i) for i in eos]
