@@ -78,8 +78,13 @@ def cmd_eval(args) -> int:
 
 
 def _meta(checkpoint: str) -> dict:
-    from rlpt.checkpoint import read_checkpoint_meta, resolve_checkpoint
-    return read_checkpoint_meta(resolve_checkpoint(checkpoint))
+    """The checkpoint's metadata; {} where there is none to read (the gpt_mini path then names the problem, after
+    checking the overrides)."""
+    from rlpt.checkpoint import CheckpointError, read_checkpoint_meta, resolve_checkpoint
+    try:
+        return read_checkpoint_meta(resolve_checkpoint(checkpoint))
+    except CheckpointError:
+        return {}
 
 
 def _eval_hf_run(args, overrides: list[str]) -> int:
