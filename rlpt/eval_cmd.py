@@ -124,10 +124,10 @@ def load_hf_run(checkpoint: str, overrides: list[str] = ()):
         raise ConfigError(f"checkpoint {str(ck)!r} holds a Hugging Face policy, and rlpt eval reads such a checkpoint "
                           f"through its `rlpt train` run's config.yaml, which {str(cfg)!r} is not; a recipe stage's "
                           "final weights are also in its hf/ folder (a save_pretrained directory)")
-    job = load_train_job(str(cfg), [o for o in overrides if o.split("=", 1)[0].split(".")[0] in ("eval", "data")])
     if bad := [o for o in overrides if o.split("=", 1)[0].split(".")[0] not in ("eval", "data")]:
         raise ConfigError(f"rlpt eval of an HF run takes eval.* and data.* overrides (the rest is the run's), not "
                           f"{bad[0]!r}")
+    job = load_train_job(str(cfg), list(overrides))
     policy = load_policy(job, Path(job.model.hf_path), CharTokenizer())
     load_weights(ck, checkpointed(job, policy)[0])
     tok = env_tokenizer(job, policy, CharTokenizer())

@@ -95,12 +95,13 @@ from rlpt.stages import (  # noqa: F401 - the stage helpers, re-exported: rlpt.p
     StageEval,
     check_rs_env,
     evaluate_checkpoints,
+    hf_row,
     plot_stage_rows,
     rejection_sample,
     run_job_stage,
     stage_table,
 )
-from rlpt.text_stages import TextTask, rejection_sample_text, sample_text_pairs, text_demonstrations
+from rlpt.text_stages import TextTask, rejection_sample_text, text_stage_kwargs
 from rlpt.train import TrainJob, load_train_job, run_train
 
 # -- the recipe's schema ---------------------------------------------------------------------------------------
@@ -314,7 +315,8 @@ def _run_stages(job: RecipeJob, resume: bool, allow_change: Collection[str]) -> 
                 kw = {"model" if kind in ("sft", "rs_sft") else "policy": load_hf_policy(start) if text else
                       load_char_policy(start, kind), "meta": hf_meta(start)}
             if text and kind != "train":   # the prompt set's data, env and tokenizer in place of the arithmetic task's
-                kw.update(text_stage_kwargs(job, kind, stage, kw.get("model", kw.get("policy"))))
+                kw.update(text_stage_kwargs(job.data, job.run.seed, job.run.progress, kind, stage,
+                                            kw.get("model", kw.get("policy"))))
             return run(stage, resume=again, allow_change=allow_change, **kw)
         ck = run_job_stage(f"{folder} ({spec.kind})", root / folder, steps, go, resume)
         if done is None:
@@ -345,46 +347,14 @@ def _run_stages(job: RecipeJob, resume: bool, allow_change: Collection[str]) -> 
 
 
 def own_tokenizer(job: RecipeJob) -> bool:
-    """Whether a stage of this recipe runs on text in the HF model's own tokenizer (data.prompts, or env.name=math):
-    then the recipe has no character-level task every stage can be evaluated on."""
-    return job.data.prompts is not None or any(
-        s.kind == "train" and (s.own().get("env") or {}).get("name") in ANY_TOKENIZER_ENVS for s in job.stages)
-
-
-def text_stage_kwargs(job: RecipeJob, kind: str, stage: Any, policy) -> dict:
-    """What an sft / rs_sft / dpo / rm stage on data.prompts runs with (rlpt.text_stages): the math env over the prompt
-    set (its held-out evaluation), and the SFT batches or the DPO pairs and tokenizer. sft.format, sft.cot_frac,
-    dpo.pairs.format, dpo.pairs.rejected and rm.pairs.preference name arithmetic data and are not read here."""
-    if kind in ("sft", "rs_sft"):
-        task = TextTask(job.data, policy, stage.eval.max_tokens, job.run.seed, kind)
-        return {"env": task.env, "demonstrations": text_demonstrations(task, stage.sft.batch_size,
-                                                                       stage.sft.data_file)}
-    pc = stage.dpo.pairs if kind == "dpo" else stage.rm.pairs
-    task = TextTask(job.data, policy, pc.max_tokens if kind == "rm" else max(pc.max_tokens, stage.eval.max_tokens),
-                    job.run.seed, kind)
-
-    def pairs(heldout: bool = False, n: int = pc.prompts, seed: int = job.run.seed):
-        return sample_text_pairs(policy, task, n, pc.k, pc.temperature, pc.max_tokens, seed, pc.max_pairs_per_prompt,
-                                 job.run.progress, heldout)
-    if kind == "dpo":
-        return {"tok": task.tok, "env": task.env, "sample": pairs}
-
-    def rm_sample():   # the RM's held-out pairs from the held-out rows, as rm_pairs draws them from held-out prompts
-        (train, stats), (held, _) = pairs(), pairs(True, pc.heldout_prompts, job.run.seed + 1)
-        return train, held, {**stats, "source": "sampled (the math verifier)"}
-    return {"tok": task.tok, "sample": rm_sample}
-
-
-def hf_row(folder: str, ck: Path, out: Path | None = None) -> dict:
-    """A stage's row from its own last held-out evaluation (metrics.jsonl); `out`: its save_pretrained directory."""
-    rows = [json.loads(x) for x in (ck.parent.parent / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    last = [r for r in rows if "acc/heldout" in r][-1]
-    return {"stage": folder, "checkpoint": str(out or ck), "acc/heldout": last["acc/heldout"], "acc/hard": float("nan"),
-            "len/heldout": last.get("response/len_heldout", float("nan"))}
+    """Whether this recipe runs an HF policy on text in its own tokenizer (data.prompts, or a train stage's
+    env.name=math): then it has no character-level task every stage can be evaluated on."""
+    return job.model.hf_path is not None and (job.data.prompts is not None or any(
+        s.kind == "train" and (s.own().get("env") or {}).get("name") in ANY_TOKENIZER_ENVS for s in job.stages))
 
 
 def recipe_table(job: RecipeJob, rows: list[dict]) -> str:
-    fe = job.final_eval if job.model.hf_path is None or not own_tokenizer(job) else StageEval(samples=0)
+    fe = StageEval(samples=0) if own_tokenizer(job) else job.final_eval
     return stage_table(rows, job.task, job.eval.size, job.hard, fe)
 
 
@@ -393,7 +363,7 @@ def write_recipe_report(job: RecipeJob, rows: list[dict], train_s: float, eval_s
     parts = [f"# Recipe {job.run.name}: {order}", "", f"Measured on {machine()}.", "", recipe_table(job, rows), "",
              f"Wall clock: {train_s:.0f} s for the stages (seconds column: each stage, summed over the invocations "
              f"that ran it), {eval_s:.0f} s for this evaluation.", ""]
-    if job.model.hf_path is None or not own_tokenizer(job):
+    if not own_tokenizer(job):
         png = plot_stage_rows(rows, job.hard, job.final_eval, job.root / "stages.png")
         parts += [f"![accuracy after each stage]({png.name})", ""]
     path = job.root / "report.md"

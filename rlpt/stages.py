@@ -4,6 +4,7 @@ stage with, and how they score every stage's final weights the same way.
     run_job_stage        run one stage's job into its folder (skip a finished one, continue an unfinished one)
     StageClock           each stage's wall clock, kept across --resume invocations
     evaluate_checkpoints greedy (and sampled) held-out accuracy and the harder slice of every stage's weights
+    hf_row               a stage's row from its own last held-out evaluation (an HF policy on a prompt set)
     stage_table          the markdown table of those rows; plot_stage_rows: the same as a figure
     RSConfig, rejection_sample, check_rs_env    rejection-sampled SFT's data (DeepSeek-R1's third stage)
 
@@ -96,6 +97,14 @@ def evaluate_checkpoints(ckpts: dict[str, Path], model: ModelConfig, task: TaskC
             row["acc/heldout_sampled"] = a["acc_sampled"]
         rows.append(row)
     return rows
+
+
+def hf_row(folder: str, ck: Path, out: Path | None = None) -> dict:
+    """A stage's row from its own last held-out evaluation (metrics.jsonl); `out`: its save_pretrained directory."""
+    rows = [json.loads(x) for x in (ck.parent.parent / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    last = [r for r in rows if "acc/heldout" in r][-1]
+    return {"stage": folder, "checkpoint": str(out or ck), "acc/heldout": last["acc/heldout"], "acc/hard": float("nan"),
+            "len/heldout": last.get("response/len_heldout", float("nan"))}
 
 
 def stage_table(rows: list[dict], task: TaskConfig, eval_size: int, hard: HardSlice, fe: StageEval) -> str:

@@ -13,6 +13,7 @@ training; this module gives them the prompt set's data instead of the arithmetic
     sample_text_pairs     DPO and RM pairs from the policy's own k samples per prompt, ranked by the math verifier
                           (a right answer that ended with EOS ≻ a wrong one)
     rejection_sample_text rs_sft: the policy's verified samples as {prompt, response} rows
+    text_stage_kwargs     what rlpt.recipe hands an sft / rs_sft / dpo / rm stage's runner on a prompt set
 
 Text pairs hold the prompt as the row's text and the responses as decoded text (EOS included), re-encoded when
 trained on (TRL does the same); a row with its own system message is refused here (a pair has no field for it).
@@ -177,3 +178,28 @@ def rejection_sample_text(policy, task: TextTask, rs, seed: int, out: Path, prog
     tmp.write_text("".join(json.dumps(r) + "\n" for r in kept_rows))
     tmp.replace(out)
     return {"prompts": len(rows), "samples": len(rows) * rs.k, "kept": len(kept_rows), "prompts_kept": kept_prompts}
+
+
+# -- what a recipe's stage runs with on a prompt set (rlpt.recipe) ------------------------------------------------
+def text_stage_kwargs(data: DataSection, seed: int, progress: bool, kind: str, stage, policy) -> dict:
+    """What an sft / rs_sft / dpo / rm stage on data.prompts runs with (rlpt.text_stages): the math env over the prompt
+    set (its held-out evaluation), and the SFT batches or the DPO pairs and tokenizer. sft.format, sft.cot_frac,
+    dpo.pairs.format, dpo.pairs.rejected and rm.pairs.preference name arithmetic data and are not read here."""
+    if kind in ("sft", "rs_sft"):
+        task = TextTask(data, policy, stage.eval.max_tokens, seed, kind)
+        return {"env": task.env, "demonstrations": text_demonstrations(task, stage.sft.batch_size,
+                                                                       stage.sft.data_file)}
+    pc = stage.dpo.pairs if kind == "dpo" else stage.rm.pairs
+    task = TextTask(data, policy, pc.max_tokens if kind == "rm" else max(pc.max_tokens, stage.eval.max_tokens),
+                    seed, kind)
+
+    def pairs(heldout: bool = False, n: int = pc.prompts, seed: int = seed):
+        return sample_text_pairs(policy, task, n, pc.k, pc.temperature, pc.max_tokens, seed, pc.max_pairs_per_prompt,
+                                 progress, heldout)
+    if kind == "dpo":
+        return {"tok": task.tok, "env": task.env, "sample": pairs}
+
+    def rm_sample():   # the RM's held-out pairs from the held-out rows, as rm_pairs draws them from held-out prompts
+        (train, stats), (held, _) = pairs(), pairs(True, pc.heldout_prompts, seed + 1)
+        return train, held, {**stats, "source": "sampled (the math verifier)"}
+    return {"tok": task.tok, "sample": rm_sample}

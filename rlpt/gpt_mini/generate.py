@@ -66,6 +66,12 @@ def stop_set(eos) -> tuple[int, ...]:
     return (int(eos),) if isinstance(eos, int) else tuple(int(i) for i in eos)
 
 
+def encode_prompt(tok, text: str) -> list[int]:
+    """A prompt's ids as the env gives them to the policy: a model's own tokenizer through its chat template when it
+    has one (rlpt.models.chat.PromptTokenizer.encode_prompt), else plain `encode` (CharTokenizer)."""
+    return getattr(tok, "encode_prompt", tok.encode)(text)
+
+
 def stop_ids(tok) -> tuple[int, ...]:
     """A tokenizer's stop ids: its `stop_ids` when it has them (an HF model's: rlpt.models.hf), else (eos_id,)."""
     return tuple(getattr(tok, "stop_ids", None) or (tok.eos_id,))
@@ -130,8 +136,7 @@ def sample_texts(model, tok, prompts: list[str], k: int, sp: SamplingParams,
                  generator: torch.Generator | None = None, batch: int = 512) -> list[str]:
     """k decoded samples of each prompt text, in order: prompt i's samples are [i*k:(i+1)*k].
     Batches of `batch` sequences, drawn from `generator` (a seeded one gives the same samples again)."""
-    encode = getattr(tok, "encode_prompt", tok.encode)   # a chat model's prompt through its template (models/chat)
-    ids = [encode(p) for p in prompts for _ in range(k)]
+    ids = [encode_prompt(tok, p) for p in prompts for _ in range(k)]
     outs = []
     for i in range(0, len(ids), batch):
         outs += generate(model, ids[i:i + batch], sp, stop_ids(tok), tok.pad_id, generator)

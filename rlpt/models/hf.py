@@ -31,6 +31,7 @@ import torch
 import torch.nn as nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, LlamaConfig, LlamaForCausalLM
 
+from rlpt.gpt_mini.generate import stop_set
 from rlpt.gpt_mini.model import GPT, GPTConfig
 
 # gpt_mini block name -> Llama block name; embedding, final norm and lm_head are mapped separately.
@@ -285,4 +286,4 @@ def load_hf_policy(path_or_dir: str | Path, dtype: torch.dtype = torch.float32, 
 def generation_stop_ids(model) -> list[int]:
     """The EOS ids a model's generation_config.json lists (an int or a list there; none without one)."""
     eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    return [] if eos is None else [int(eos)] if isinstance(eos, int) else [int(i) for i in eos]
+    return [] if eos is None else list(stop_set(eos))

@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from rlpt.config import QUOTE_CHARS, ConfigError, quote, read_text
 from rlpt.framework.trajectory import pad_sequences
-from rlpt.gpt_mini.generate import SamplingParams, sample_texts
+from rlpt.gpt_mini.generate import SamplingParams, encode_prompt, sample_texts
 from rlpt.gpt_mini.task import ArithmeticTask, Problem, verify
 from rlpt.gpt_mini.tokenizer import PAD, CharTokenizer
 
@@ -245,12 +245,6 @@ def collate_pairs(pairs: list[PreferencePair], tok: CharTokenizer) -> PairBatch:
     seqs = [(encode_prompt(tok, x.prompt), tok.encode(x.chosen)) for x in pairs] + \
            [(encode_prompt(tok, x.prompt), tok.encode(x.rejected)) for x in pairs]
     return collate_responses(seqs, tok.pad_id, n=len(pairs))
-
-
-def encode_prompt(tok, text: str) -> list[int]:
-    """A prompt's ids as the env gives them to the policy: a model's own tokenizer through its chat template when it
-    has one (rlpt.models.chat.PromptTokenizer.encode_prompt), else plain `encode` (CharTokenizer)."""
-    return getattr(tok, "encode_prompt", tok.encode)(text)
 
 
 def collate_responses(seqs: list[tuple[list[int], list[int]]], pad_id: int, n: int = 0) -> PairBatch:
