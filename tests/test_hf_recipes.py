@@ -36,9 +36,15 @@ def start(tmp_path_factory):
     return root
 
 
+# more prompts for the sampled data than test_recipes' SMALL: from this start, at 5 seeds, SMALL's r1 kept 0-6
+# rejection samples (none at seed 3), tulu3 found 5-12 DPO pairs and instructgpt 4-16 held-out RM pairs
+MORE = {"r1": ["rs.rs.prompts=128", "rs.rs.k=8"], "tulu3": ["dpo.dpo.pairs.prompts=96"],
+        "instructgpt": ["rm.rm.pairs.prompts=96", "rm.rm.pairs.heldout_prompts=64"]}
+
+
 def hf_recipe(name, root, *overrides):
     return load_recipe(f"recipes/{name}.yaml", [f"run.out_dir={root / 'runs'}", *TINY, *SMALL[name],
-                                                f"model.hf_path={root / 'hf'}", *overrides])
+                                                *MORE.get(name, []), f"model.hf_path={root / 'hf'}", *overrides])
 
 
 def weights(model) -> dict[str, torch.Tensor]:
@@ -55,7 +61,9 @@ def test_sft_on_the_exported_policy_follows_gpt_mini_step_for_step(start, tmp_pa
                         meta=hf_meta(start / "hf"))
     la, lb = ([r["loss/sft"] for r in run.read_metrics() if "loss/sft" in r] for run in (a, b))
     assert len(la) == len(lb) == 6 and la[-1] < la[0]
-    assert max(abs(x - y) for x, y in zip(la, lb)) <= 1e-5
+    # equal to the last bit on this AMD EPYC; 1e-3 (of a ~3.4 loss) leaves room for another CPU's kernels and still
+    # catches a wrong mask, position or token id (each moves the loss by far more)
+    assert max(abs(x - y) for x, y in zip(la, lb)) <= 1e-3
     assert read_checkpoint_meta(latest_checkpoint(b.dir))["hf_path"] == str(start / "hf")
 
 
@@ -222,7 +230,7 @@ def test_tulu3_on_a_qwen2_with_its_own_tokenizer_and_a_prompt_set(tmp_path, qwen
     from rlpt.envs.math_answer import verify_math
     from rlpt.hf_policy import DataSection, prompt_set_rows
     r = text_recipe("tulu3", tmp_path, qwen, "sft.sft.steps=40", "sft.sft.batch_size=8", "dpo.dpo.steps=3",
-                    "dpo.dpo.batch_size=4", "dpo.dpo.pairs.prompts=16", "dpo.dpo.pairs.k=8",
+                    "dpo.dpo.batch_size=4", "dpo.dpo.pairs.prompts=24", "dpo.dpo.pairs.k=16",
                     "dpo.dpo.pairs.max_tokens=8", *[f"rlvr.{o}" for o in RL_TEXT])
     root, rows = run_recipe(r)
     assert [x["stage"] for x in rows] == ["1_sft", "2_dpo", "3_rlvr"]
@@ -250,7 +258,7 @@ def test_r1_rejection_samples_the_prompt_set_with_the_math_verifier(tmp_path, qw
     from rlpt.envs.math_answer import verify_math
     rl = [*RL_TEXT]
     r = text_recipe("r1", tmp_path, qwen, "cold.sft.steps=40", "cold.sft.batch_size=8", *[f"rl1.{o}" for o in rl],
-                    "rs.rs.prompts=16", "rs.rs.k=8", "rs.rs.max_tokens=8", "rs.sft.steps=3", "rs.sft.batch_size=8",
+                    "rs.rs.prompts=24", "rs.rs.k=16", "rs.rs.max_tokens=8", "rs.sft.steps=3", "rs.sft.batch_size=8",
                     *[f"rl2.{o}" for o in rl])
     root, rows = run_recipe(r)
     assert [x["stage"] for x in rows] == ["1_cold", "2_rl1", "3_rs", "4_rl2"]
@@ -265,7 +273,7 @@ def test_instructgpt_on_a_prompt_set_scores_ppo_with_its_own_reward_model(tmp_pa
     env.name=math_reward_model: rewarded by that RM's score, the math verifier's verdict beside it."""
     from rlpt.envs.math_answer import verify_math
     r = text_recipe("instructgpt", tmp_path, qwen, "sft.sft.steps=40", "sft.sft.batch_size=8", "rm.rm.steps=3",
-                    "rm.rm.pairs.prompts=24", "rm.rm.pairs.heldout_prompts=8", "rm.rm.pairs.k=8",
+                    "rm.rm.pairs.prompts=16", "rm.rm.pairs.heldout_prompts=16", "rm.rm.pairs.k=16", "data.heldout=0.5",
                     "rm.rm.pairs.max_tokens=8", *[f"ppo.{o}" for o in RL_TEXT if o != "env.name=math"],
                     "ppo.env.name=math_reward_model")
     root, rows = run_recipe(r)
