@@ -70,7 +70,12 @@ class ModelConfig(Section):
     d_ff: int = Field(352, ge=1)
     max_seq_len: int = Field(64, ge=8)
     rope_theta: float = Field(10000.0, gt=0)
+    # False: no rotary positions (NoPE): token order comes from the causal mask alone (and the operand index)
+    rope: bool = True
     tie_embeddings: bool = True
+    # > 0: rows of an operand-index embedding (rlpt.gpt_mini.model.operand_index: each token also embeds which `+`
+    # term of the prompt, or which step of the response, it belongs to); 0: none. gpt_mini only.
+    operand_index: int = Field(0, ge=0)
 
     @model_validator(mode="after")
     def _shapes(self):
@@ -171,6 +176,9 @@ class SFTConfig(LoopConfig):
                             "instead of sft.format (a 'base model' that saw some worked sums: recipes/r1_zero.yaml)")
     data_file: str | None = Field(None, description="a JSONL file of demonstrations {\"prompt\": ..., \"response\": "
                                   "...} to train on instead of the task's own (rlpt.sft.load_demonstrations)")
+    operand_offset: int = Field(0, ge=0, description="with model.operand_index: each row's operand indices shifted by "
+                                "a random 0..operand_offset, so index rows past the demonstrations' operand count are "
+                                "trained too (Abacus' random offset; docs/pipeline.md)")
 
 
 Job = TypeVar("Job", bound=BaseModel)

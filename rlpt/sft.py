@@ -54,7 +54,19 @@ class SFTJob(JobConfig):
                 raise ValueError(f"sft.cot_frac mixes chains of thought into plain demonstrations, not into "
                                  f"sft.format={self.sft.format}: set sft.cot_frac=0 or sft.format=direct")
             check_demonstration_fits(self.task, "cot", self.model.max_seq_len, "sft.cot_frac")
+        check_operand_offset(self.sft.operand_offset, self.model.operand_index, self.task.max_operands)
         return self
+
+
+def check_operand_offset(offset: int, rows: int, max_operands: int) -> None:
+    """The largest index SFT trains (max_operands - 1 + offset) must have its own row of the embedding."""
+    if offset and not rows:
+        raise ValueError(f"sft.operand_offset={offset} shifts operand-index embeddings, but model.operand_index=0 "
+                         "(none): set model.operand_index (e.g. 16) or sft.operand_offset=0")
+    if offset and max_operands + offset > rows:
+        raise ValueError(f"sft.operand_offset={offset} with task.max_operands={max_operands} reaches operand index "
+                         f"{max_operands - 1 + offset}, past model.operand_index={rows} rows: set model.operand_index "
+                         f">= {max_operands + offset} or a smaller sft.operand_offset")
 
 
 def check_demonstration_fits(task, fmt: str, max_seq_len: int, key: str = "sft.format") -> None:
@@ -140,8 +152,8 @@ def sft_mixed_batch(problems: list[Problem], formats: list[str],
                          [tok.encode(demonstration(p, f)[0]) for p, f in zip(problems, formats)], tok.pad_id)
 
 
-def sft_loss(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    logits = model(ids)[:, :-1]                                              # (B, T-1, V)
+def sft_loss(model, ids: torch.Tensor, mask: torch.Tensor, operand_offset: torch.Tensor | None = None) -> torch.Tensor:
+    logits = (model(ids) if operand_offset is None else model(ids, operand_offset=operand_offset))[:, :-1]   # (B,T-1,V)
     nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none")
     return (nll.view_as(mask) * mask).sum() / mask.sum().clamp(min=1)
 
@@ -195,7 +207,10 @@ def train_sft(job: SFTJob, resume: bool = False, model: GPT | None = None,
 
     def loss_fn(rng: random.Random) -> tuple[torch.Tensor, dict]:
         ids, mask = demonstrations(rng)
-        loss = sft_loss(model, ids, mask)
+        offset = None
+        if job.sft.operand_offset:   # drawn only when set: other runs keep their data stream
+            offset = torch.tensor([[rng.randint(0, job.sft.operand_offset)] for _ in range(len(ids))])
+        loss = sft_loss(model, ids, mask, offset)
         return loss, {"loss/sft": loss.detach(), "tokens/step": int((mask > 0).sum())}
 
     def eval_fn() -> dict:

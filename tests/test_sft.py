@@ -87,14 +87,14 @@ def _interrupt_at(monkeypatch, step: int, how: str):
     """Make training step `step` (0-based) deliver a real SIGINT (how='sigint') or crash (how='crash')."""
     real, calls = sft.sft_loss, []
 
-    def patched(model, ids, mask):
+    def patched(model, ids, mask, *rest):
         calls.append(1)
         if len(calls) == step + 1:
             if how == "sigint":
                 os.kill(os.getpid(), signal.SIGINT)        # the real Ctrl-C path: the step still finishes
             else:
                 raise RuntimeError("simulated crash")
-        return real(model, ids, mask)
+        return real(model, ids, mask, *rest)
 
     monkeypatch.setattr(sft, "sft_loss", patched)
     return calls

@@ -183,8 +183,10 @@ class LLM:
                 self.spec.runner.kv.copy_blocks(src, dst)
         spec_items = [it for it in sched.scheduled if it.k]
         q = self.spec.propose(spec_items) if spec_items else None
+        ctx = self.runner.needs_context   # a model with operand-index embeddings reads each sequence's tokens so far
         logits = self.runner.run([Chunk(it.seq.token_ids[it.start:it.start + it.n_tokens] + it.draft, it.start,
-                                        it.seq.block_table, it.k + 1 if it.k else int(it.samples))
+                                        it.seq.block_table, it.k + 1 if it.k else int(it.samples),
+                                        it.seq.token_ids[:it.start + it.n_tokens] + it.draft if ctx else None)
                                   for it in sched.scheduled])
         self._postprocess(sched.scheduled, logits, q)
         self.stats["engine/steps"] += 1

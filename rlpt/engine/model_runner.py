@@ -41,6 +41,7 @@ from rlpt.engine.paged_attention import (
     paged_decode_attention,
 )
 from rlpt.engine.weights import adapter_state, linear_weight, served_model
+from rlpt.gpt_mini.model import operand_index_list
 
 
 @dataclass
@@ -49,6 +50,7 @@ class Chunk:
     start: int               # position of tokens[0]
     block_table: list[int]   # covers positions [0, start + len(tokens))
     n_logits: int            # how many trailing positions need logits (0: mid-prefill chunk)
+    context: list[int] | None = None   # every token up to the chunk's last: a model with operand-index embeddings
 
 
 @dataclass
@@ -68,6 +70,7 @@ class ForwardBatch:
     tiles: torch.Tensor | None = None      # (2·B·H_kv·nb,) K then V tiles of each sequence's blocks
     pad_index: torch.Tensor | None = None  # (N,) row of each token in the (B·T) padded grid
     bias: torch.Tensor | None = None       # (B·H_kv, g·T, S)
+    operand: tuple[torch.Tensor, torch.Tensor] | None = None   # (N,) operand index and part of each token
 
 
 class ModelRunner:
@@ -135,6 +138,29 @@ class ModelRunner:
     # -- inputs -------------------------------------------------------------------------------
     def prepare(self, chunks: list[Chunk]) -> ForwardBatch:
         """Host-side metadata for one forward, in numpy, then moved to the model's device once."""
+        fb = self._prepare(chunks)
+        if self.needs_context:
+            fb.operand = self._operand(chunks, fb.input_ids.device)
+        return fb
+
+    @property
+    def needs_context(self) -> bool:
+        """Whether chunks must carry `context`: gpt_mini with model.operand_index (rlpt.gpt_mini.model)."""
+        return self.served.operand_embed is not None
+
+    @staticmethod
+    def _operand(chunks: list[Chunk], dev) -> tuple[torch.Tensor, torch.Tensor]:
+        index, resp = [], []
+        for c in chunks:
+            if c.context is None or len(c.context) != c.start + len(c.tokens):
+                raise ValueError("this model has operand-index embeddings: each Chunk needs `context`, every token "
+                                 "up to its last")
+            i, r = operand_index_list(c.context)
+            index += i[c.start:]
+            resp += r[c.start:]
+        return torch.tensor(index, device=dev), torch.tensor(resp, device=dev)
+
+    def _prepare(self, chunks: list[Chunk]) -> ForwardBatch:
         B, bs, H, Hkv = len(chunks), self.block_size, self.H, self.Hkv
         q_lens = np.fromiter((len(c.tokens) for c in chunks), np.int64, B)
         starts = np.fromiter((c.start for c in chunks), np.int64, B)
@@ -184,6 +210,10 @@ class ModelRunner:
         d = m.cfg.d_model
         cis = self.cis[fb.positions]                                                # (N, 1, hd/2) complex
         x = F.embedding(fb.input_ids, m.embed)                                      # (N, d)
+        if fb.operand is not None:
+            index, resp = fb.operand
+            x = x + F.embedding(index.clamp(max=m.operand_embed.shape[0] - 1), m.operand_embed) + \
+                F.embedding(resp, m.segment_embed)
         for i, layer in enumerate(m.layers):
             h = self.rms_norm(x, (d,), layer.input_norm, eps)
             qkv = F.linear(h, self.w_qkv[i], self.b_qkv[i])                         # (N, (H+2H_kv)·hd)

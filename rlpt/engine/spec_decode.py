@@ -44,8 +44,9 @@ class SpeculativeDecoder:
         K = max(it.k for it in items)
         q_all = None
         active = list(range(len(items)))                                   # rows of items still drafting
-        chunks = [Chunk(it.seq.token_ids[it.seq.draft_computed:], it.seq.draft_computed, it.seq.block_table, 1)
-                  for it in items]                                          # catch up, then propose d_1
+        ctx = self.runner.needs_context
+        chunks = [Chunk(it.seq.token_ids[it.seq.draft_computed:], it.seq.draft_computed, it.seq.block_table, 1,
+                        list(it.seq.token_ids) if ctx else None) for it in items]   # catch up, then propose d_1
         for i in range(K):
             its = [items[r] for r in active]
             logits = self.runner.run(chunks)                                # (S_active, V)
@@ -59,8 +60,8 @@ class SpeculativeDecoder:
             for it, t in zip(its, tok):
                 it.draft.append(t)
             active = [r for r in active if items[r].k > i + 1]
-            chunks = [Chunk([items[r].draft[-1]], items[r].seq.num_tokens + i, items[r].seq.block_table, 1)
-                      for r in active]
+            chunks = [Chunk([items[r].draft[-1]], items[r].seq.num_tokens + i, items[r].seq.block_table, 1,
+                            list(items[r].seq.token_ids) + items[r].draft if ctx else None) for r in active]
             if not active:
                 break
         return q_all

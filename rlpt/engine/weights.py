@@ -79,6 +79,8 @@ class ServedModel:
     rope_sin: torch.Tensor
     tied_names: tuple[str, str] | None    # (embedding, head) names in module.state_dict() when tied
     kind: str                         # "gpt_mini" or the HF model_type
+    operand_embed: torch.Tensor | None = None    # gpt_mini's model.operand_index rows (K, d), and its (2, d) part rows
+    segment_embed: torch.Tensor | None = None
 
     def lora_layers(self) -> list[nn.Module]:
         return [m for layer in self.layers for m in (layer.q, layer.k, layer.v, layer.o, layer.gate, layer.up,
@@ -155,8 +157,9 @@ def _from_gpt_mini(m, max_seq_len) -> ServedModel:
         raise ValueError("LoRA on the embedding is not served by the engine; target the linear layers only")
     layers = [LayerRefs(b.input_norm.weight, b.post_attn_norm.weight, b.attn.q_proj, b.attn.k_proj, b.attn.v_proj,
                         b.attn.o_proj, b.mlp.gate_proj, b.mlp.up_proj, b.mlp.down_proj) for b in m.layers]
+    op = (m.operand_embed.weight, m.segment_embed.weight) if c.operand_index else (None, None)
     return ServedModel(m, cfg, m.embed.weight, m.norm.weight, m.lm_head, layers, m.rope_cos[:L], m.rope_sin[:L],
-                       ("embed.weight", "lm_head.weight") if c.tie_embeddings else None, "gpt_mini")
+                       ("embed.weight", "lm_head.weight") if c.tie_embeddings else None, "gpt_mini", *op)
 
 
 def _from_hf(m, config, max_seq_len) -> ServedModel:

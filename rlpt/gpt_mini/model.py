@@ -41,8 +41,10 @@ class GPTConfig:
     d_ff: int = 352             # SwiGLU hidden size (≈ 8/3 · d_model, rounded)
     max_seq_len: int = 64
     rope_theta: float = 10000.0
+    rope: bool = True           # False: no rotary positions at all (NoPE, Kazemnejad et al. 2023)
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
+    operand_index: int = 0      # > 0: operand-index embeddings with this many rows (below); 0: none
 
     def __post_init__(self):
         if self.d_model % self.n_head:
@@ -51,6 +53,8 @@ class GPTConfig:
             raise ValueError(f"model.n_head={self.n_head} must be divisible by model.n_kv_head={self.n_kv_head}")
         if (self.d_model // self.n_head) % 2:
             raise ValueError("head dim (model.d_model / model.n_head) must be even for rotary positions")
+        if self.operand_index < 0:
+            raise ValueError(f"model.operand_index={self.operand_index} must be >= 0 (0: no operand-index embedding)")
 
     @property
     def head_dim(self) -> int:
@@ -84,6 +88,81 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
+# -- operand-index embeddings (model.operand_index; Abacus-style: McLeish et al. 2024) ----------------------------
+# A token's operand index is how many `+` come before it (itself included) in its own part of the sequence: the
+# prompt up to `>`, or the response after it. In "<3+4+5>3+4=7,7+5=12#" the prompt's 3 is 0, its 4 and 5 are 1 and
+# 2; in the response the step that adds operand i (`+4`, `+5`) carries index i, and so does the rest of that step.
+# Writing step i means finding the prompt operand with the same index: a match by content, not by a distance
+# counted from the prompt's end, which is what a plain decoder learns and what breaks on longer prompts
+# (docs/pipeline.md). SFT adds one random offset per row to every index (sft.operand_offset), so rows of every
+# index up to model.operand_index - 1 are trained although its prompts have at most 4 operands.
+def _operand_token_ids() -> tuple[int, int]:
+    from rlpt.gpt_mini.tokenizer import ALPHABET
+    return ALPHABET.index("+"), ALPHABET.index(">")
+
+
+PLUS_ID, CLOSE_ID = _operand_token_ids()
+
+
+def _segmented_cumsum(v: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
+    """Inclusive cumsum of v (B, T) along T that restarts wherever `starts` (B, T) is True."""
+    cs = v.cumsum(1)
+    col = torch.arange(v.shape[1], device=v.device).expand_as(v)
+    first = torch.where(starts, col, torch.zeros_like(col)).cummax(1).values
+    return cs - (cs - v).gather(1, first)
+
+
+def operand_index(ids: torch.Tensor, starts: torch.Tensor | None = None, state: torch.Tensor | None = None,
+                  prefix: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ids (B, T) -> (index (B, T), response (B, T) bool, state (B, 3)).
+
+    `starts` (B, T): where a new sequence begins (packed rows); `state` (B, 3): the counts (after `>`, prompt `+`,
+    response `+`) of the tokens before ids (a KV cache's next chunk); `prefix` (B, T, 3): counts to add per token
+    (a shared-prefix branch sees the prefix's). The returned state is the counts after ids' last column."""
+    close, plus = (ids == CLOSE_ID).long(), (ids == PLUS_ID).long()
+    if starts is None:
+        starts = torch.zeros_like(ids, dtype=torch.bool)
+        starts[:, 0] = True
+    seen_close = _segmented_cumsum(close, starts) - close            # '>' strictly before the token
+    if state is not None:
+        seen_close = seen_close + state[:, :1]
+    if prefix is not None:
+        seen_close = seen_close + prefix[..., 0]
+    resp = seen_close > 0
+    counts = [_segmented_cumsum(plus * ~resp, starts), _segmented_cumsum(plus * resp, starts)]
+    for j in (0, 1):
+        if state is not None:
+            counts[j] = counts[j] + state[:, j + 1:j + 2]
+        if prefix is not None:
+            counts[j] = counts[j] + prefix[..., j + 1]
+    index = torch.where(resp, counts[1], counts[0])
+    new_state = torch.stack([(seen_close + close)[:, -1], counts[0][:, -1], counts[1][:, -1]], 1)
+    return index, resp, new_state
+
+
+def operand_index_list(tokens: list[int]) -> tuple[list[int], list[int]]:
+    """operand_index for one token list in plain Python (the engine's per-sequence path): (index, response)."""
+    index, resp = [], []
+    after = prompt = response = 0
+    for t in tokens:
+        if after:
+            response += t == PLUS_ID
+        else:
+            prompt += t == PLUS_ID
+        index.append(response if after else prompt)
+        resp.append(after)
+        after = after or int(t == CLOSE_ID)
+    return index, resp
+
+
+def _branch_prefix(values: torch.Tensor, segment_ids: torch.Tensor, branch_ids: torch.Tensor) -> torch.Tensor:
+    """Per token of a branch (> 0), the sum of `values` (B, T, C) over its segment's shared prefix (branch 0)."""
+    same = (segment_ids[:, :, None] == segment_ids[:, None, :]) & (branch_ids[:, None, :] == 0)   # (B, T, T)
+    total = torch.einsum("bij,bjc->bic", same.to(values.dtype), values)
+    return total * (branch_ids > 0)[..., None]
+
+
+
 class KVCache:
     """Pre-allocated per-layer keys/values (B, H_kv, max_len, hd) plus which slots hold real tokens.
 
@@ -96,6 +175,7 @@ class KVCache:
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
         self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
         self.pos = 0            # number of slots written so far
+        self.operand_state = torch.zeros(batch_size, 3, dtype=torch.long, device=device)   # operand_index's counts
         self.max_len = max_len
 
     def select(self, rows: torch.Tensor) -> None:
@@ -103,6 +183,7 @@ class KVCache:
         self.k = [k[rows] for k in self.k]
         self.v = [v[rows] for v in self.v]
         self.valid = self.valid[rows]
+        self.operand_state = self.operand_state[rows]
 
 
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -196,12 +277,17 @@ class GPT(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        if cfg.operand_index:   # one row per operand index, and one per part (prompt, response)
+            self.operand_embed = nn.Embedding(cfg.operand_index, cfg.d_model)
+            self.segment_embed = nn.Embedding(2, cfg.d_model)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        if not cfg.rope:   # NoPE: the identity rotation (every path, the engine's too, reads these tables)
+            cos, sin = torch.ones_like(cos), torch.zeros_like(sin)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.apply(self._init)
@@ -228,7 +314,8 @@ class GPT(nn.Module):
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None,
                 positions: torch.Tensor | None = None, key_mask: torch.Tensor | None = None,
                 segment_ids: torch.Tensor | None = None, branch_ids: torch.Tensor | None = None,
-                row_index: torch.Tensor | None = None, token_slot: torch.Tensor | None = None) -> torch.Tensor:
+                row_index: torch.Tensor | None = None, token_slot: torch.Tensor | None = None,
+                operand_offset: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids (B, T) -> logits (B, T, V).
 
         Without a cache: a plain causal forward from position 0 (right padding is harmless).
@@ -239,6 +326,7 @@ class GPT(nn.Module):
         `branch_ids` (B, T), branch_ids[j] is 0 (a shared prefix) or branch_ids[i].
         Varlen (rlpt.framework.varlen): input_ids and positions (N,) flat tokens, `row_index` (R, T) the flat token
         at each column of each row, `token_slot` (N,) one slot of R·T per token -> logits (N, V).
+        `operand_offset` (B, 1): added to every operand index of the row (model.operand_index; SFT's augmentation).
         """
         if row_index is not None:
             return self._forward_varlen(input_ids, positions, row_index, token_slot)
@@ -261,6 +349,11 @@ class GPT(nn.Module):
             # A left-pad query sees no valid key and would give NaN: let it see itself.
             mask = (mask | (k_pos == q_pos)).unsqueeze(1)                      # (B, 1, T, S)
         x = self.embed(input_ids)
+        if self.cfg.operand_index:
+            index, resp, state = operand_index(input_ids, state=None if cache is None else cache.operand_state)
+            if cache is not None:
+                cache.operand_state = state
+            x = x + self._operand_embedding(index if operand_offset is None else index + operand_offset, resp)
         for i, layer in enumerate(self.layers):
             x = self._block(layer, x, cos, sin, i, cache, mask)
         if cache is not None:
@@ -284,6 +377,8 @@ class GPT(nn.Module):
             mask &= (branch_ids[:, None, :] == 0) | (branch_ids[:, :, None] == branch_ids[:, None, :])
         mask = mask.unsqueeze(1)                                                                # (B, 1, T, T)
         x = self.embed(input_ids)
+        if self.cfg.operand_index:
+            x = x + self._operand_embedding(*self._packed_operand_index(input_ids, segment_ids, branch_ids))
         for i, layer in enumerate(self.layers):
             x = self._block(layer, x, cos, sin, i, None, mask)
         return self.lm_head(self.norm(x))
@@ -296,9 +391,28 @@ class GPT(nn.Module):
                              f"model.max_seq_len={self.cfg.max_seq_len}")
         cos, sin = self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1)   # (N, 1, hd)
         x = self.embed(input_ids)                                                                   # (N, d)
+        if self.cfg.operand_index:   # per row over its columns, then each flat token from its one slot
+            index, resp, _ = operand_index(input_ids[row_index])
+            x = x + self._operand_embedding(index.reshape(-1)[token_slot], resp.reshape(-1)[token_slot])
         for i, layer in enumerate(self.layers):
             x = self._block(layer, x, cos, sin, i, None, (row_index, token_slot))
         return self.lm_head(self.norm(x))
+
+    def _operand_embedding(self, index: torch.Tensor, resp: torch.Tensor) -> torch.Tensor:
+        """Indices past the table's last row share it (a prompt of more operands than rows)."""
+        return self.operand_embed(index.clamp(max=self.cfg.operand_index - 1)) + self.segment_embed(resp.long())
+
+    @staticmethod
+    def _packed_operand_index(ids, segment_ids, branch_ids):
+        starts = torch.ones_like(ids, dtype=torch.bool)
+        starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+        if branch_ids is None:
+            return operand_index(ids, starts)[:2]
+        starts[:, 1:] |= branch_ids[:, 1:] != branch_ids[:, :-1]
+        _, resp, _ = operand_index(ids, starts)                    # right for the shared prefixes (branch 0)
+        plus = (ids == PLUS_ID).long()
+        counts = torch.stack([(ids == CLOSE_ID).long(), plus * ~resp, plus * resp], -1)
+        return operand_index(ids, starts, prefix=_branch_prefix(counts, segment_ids, branch_ids))[:2]
 
     def _block(self, layer: Block, x, cos, sin, i, cache, mask) -> torch.Tensor:
         """One block. With `grad_checkpointing` (training, grad on) only its input is kept for backward and its
@@ -329,7 +443,9 @@ def load_model(path, expect=None, tok=None) -> GPT:
                               "an SFT or RL run folder (rlpt sft / train / dpo), e.g. init_from=runs/sft")
     if expect is not None:
         want = GPTConfig(vocab_size=(tok or CharTokenizer()).vocab_size, **expect.model_dump()).to_dict()
-        diff = [f"model.{k}: checkpoint {meta.get(k)!r} vs config {v!r}" for k, v in want.items() if meta.get(k) != v]
+        old = GPTConfig().to_dict()   # a key older checkpoints do not record holds its default
+        diff = [f"model.{k}: checkpoint {meta.get(k, old[k])!r} vs config {v!r}" for k, v in want.items()
+                if meta.get(k, old[k]) != v]
         if diff:
             raise CheckpointError(f"checkpoint {str(path)!r} was trained with a different model than the config "
                                   f"describes ({'; '.join(diff)}). Set those keys to the checkpoint's values "

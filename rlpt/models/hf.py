@@ -55,6 +55,13 @@ def gpt_mini_to_hf(model: GPT, attn_implementation: str = "sdpa", **config_kwarg
     """An equivalent `LlamaForCausalLM` (same device and dtype). `config_kwargs` go to `LlamaConfig`
     (e.g. `eos_token_id=...`); the architecture fields are fixed by `model.cfg`."""
     c = model.cfg
+    if not c.rope:
+        raise ValueError("this gpt_mini has no rotary positions (model.rope=false), which a Llama always applies: it "
+                         "cannot be exported to Hugging Face or served by vLLM; train with model.rope=true to export")
+    if c.operand_index:
+        raise ValueError(f"this gpt_mini has operand-index embeddings (model.operand_index={c.operand_index}), which a "
+                         "Llama has no place for: it cannot be exported to Hugging Face or served by vLLM; train "
+                         "with model.operand_index=0 to export")
     config = LlamaConfig(**{
         "bos_token_id": None, "eos_token_id": None, "pad_token_id": None, **config_kwargs,
         "vocab_size": c.vocab_size, "hidden_size": c.d_model, "intermediate_size": c.d_ff,
