@@ -119,7 +119,8 @@ def test_each_stage_is_its_jobs_schema_with_what_the_stages_share(tmp_path):
 def test_the_defaults_are_the_measured_recipe(tmp_path):
     j = load_pipeline_job(None, [f"run.out_dir={tmp_path}"])
     assert (j.task.max_operands, j.hard.operands, j.rl.max_operands, j.slices) == (4, 5, 6, [5, 6])
-    assert j.model.rope_theta == 1e30 and j.cot.steps == 500 and j.rl.rollout.temperature == 1.0
+    assert (j.model.rope, j.model.operand_index, j.cot.operand_offset, j.cot.steps) == (False, 16, 8, 1500)
+    assert (j.dpo.steps, j.dpo.pairs.temperature, j.rl.steps, j.rl.rollout.temperature) == (30, 1.6, 200, 1.0)
     c = j.rl.env.curriculum
     assert (j.rl.env.name, c.start_operands, c.threshold, c.probe) == ("curriculum", 5, 0.8, 4)
 
