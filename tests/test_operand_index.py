@@ -13,7 +13,8 @@ from rlpt.config import ModelConfig, load_config
 from rlpt.engine.llm import LLM
 from rlpt.engine.sampling import SamplingParams
 from rlpt.framework.varlen import varlen_rows
-from rlpt.gpt_mini.model import GPT, GPTConfig, load_model, operand_index, operand_index_list
+from rlpt.gpt_mini.model import GPT, GPTConfig, load_model
+from rlpt.gpt_mini.operand_index import operand_index, operand_index_list
 from rlpt.gpt_mini.tokenizer import CharTokenizer
 from rlpt.models.hf import gpt_mini_to_hf
 from rlpt.sft import SFTJob

@@ -41,7 +41,7 @@ from rlpt.engine.paged_attention import (
     paged_decode_attention,
 )
 from rlpt.engine.weights import adapter_state, linear_weight, served_model
-from rlpt.gpt_mini.model import operand_index_list
+from rlpt.gpt_mini.operand_index import operand_index_list
 
 
 @dataclass
