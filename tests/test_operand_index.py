@@ -148,3 +148,13 @@ def test_bad_settings_and_exports_are_refused(tmp_path):
     assert "operand_index" not in read_checkpoint_meta(tmp_path / "old")
     old = load_model(tmp_path / "old", ModelConfig(), TOK)
     assert old.cfg.operand_index == 0 and old.cfg.rope
+
+
+def test_rlpt_export_refuses_such_a_run_cleanly(tiny_job, tmp_path, capsys):
+    from rlpt.cli import main
+    _, run, _ = sft.train_sft(tiny_job("model.rope=false", "model.operand_index=8", "sft.steps=2", "run.name=nope"))
+    assert main(["export", str(run.dir), str(tmp_path / "hf")]) != 0
+    err = capsys.readouterr().err
+    assert "no rotary positions (model.rope=false)" in err and "Traceback" not in err
+    assert not (tmp_path / "hf").exists()                                   # nothing written
+

@@ -82,7 +82,10 @@ def export_checkpoint(src: str | Path, out_dir: str | Path, force: bool = False)
                               f"tokenizer has {tok.vocab_size} tokens: only models trained on "
                               "rlpt.gpt_mini.tokenizer.ALPHABET can be exported with their tokenizer")
     gpt = load_model(ckpt).float().eval()
-    hf = gpt_mini_to_hf(gpt, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id, bos_token_id=None)
+    try:   # a gpt_mini without RoPE or with operand-index embeddings has no Llama form: nothing is written
+        hf = gpt_mini_to_hf(gpt, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id, bos_token_id=None)
+    except ValueError as e:
+        raise CheckpointError(f"checkpoint {str(ckpt)!r}: {e}") from None
     hf.generation_config.eos_token_id, hf.generation_config.pad_token_id = tok.eos_id, tok.pad_id
     hf.generation_config.bos_token_id = None
     out_dir.mkdir(parents=True, exist_ok=True)
