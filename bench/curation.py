@@ -56,20 +56,31 @@ def parse_args():
     p.add_argument("--eval-size", type=int, default=400)
     p.add_argument("--lr", type=float, default=5e-5, help="trainer.optim.lr (recipes/grpo_arith.yaml's)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--start", default=None, help="an existing CoT checkpoint or run folder as the start (no SFT)")
+    p.add_argument("--model", default="", help="model.* overrides of the start and the RL runs, comma-separated "
+                   "(the pipeline's: rope=false,operand_index=16,rope_theta=1e30)")
+    p.add_argument("--max-operands", type=int, default=4, help="task.max_operands of the pool, held-out set and RL")
     p.add_argument("--report", action="store_true", help="only tabulate the runs already finished under --out")
     return p.parse_args()
+
+
+def model_overrides(args) -> list[str]:
+    return [f"model.{kv}" for kv in args.model.split(",") if kv]
 
 
 def sft_start(out: Path, args) -> Path:
     from rlpt.config import load_config
     from rlpt.sft import SFTJob, train_sft
+    if args.start:
+        return Path(args.start)
     folder = out / "start"
     if (folder / "checkpoints" / "latest").exists():
         return folder
     job = load_config(SFTJob, None, [f"run.out_dir={out}", "run.name=start", "sft.format=cot",
                                      f"sft.steps={args.sft_steps}", "sft.optim.lr=3e-3", "eval.size=400",
                                      f"eval.every={args.sft_steps}", "eval.max_tokens=40", "run.progress=false",
-                                     f"run.threads={args.threads}", f"sft.ckpt_every={args.sft_steps}"])
+                                     f"run.threads={args.threads}", f"sft.ckpt_every={args.sft_steps}",
+                                     *model_overrides(args)])
     train_sft(job)
     return folder
 
@@ -81,8 +92,9 @@ def pools(out: Path, start: Path, args) -> tuple[Path, Path, float]:
     from rlpt.data.curate import CurateJob, curate
     train, held = out / "pool.jsonl", out / "held.jsonl"
     if not train.exists():
-        assert main(["data", "make-arith", str(train), "--n", str(args.pool)]) == 0
-        assert main(["data", "make-arith", str(held), "--n", str(args.heldout), "--split", "heldout"]) == 0
+        task = [f"task.max_operands={args.max_operands}"]
+        assert main(["data", "make-arith", str(train), "--n", str(args.pool), *task]) == 0
+        assert main(["data", "make-arith", str(held), "--n", str(args.heldout), "--split", "heldout", *task]) == 0
     stamp = out / "curate" / "seconds.json"
     if not stamp.exists():
         job = load_config(CurateJob, None, [f"run.out_dir={out}", "run.name=curate", f"difficulty.k={args.k}",
@@ -110,7 +122,9 @@ def rl_run(out: Path, start: Path, prompts: Path, algo: str, arm: str, seed: int
         f"env.curriculum.floor={floor}", "env.curriculum.probe=0", "env.curriculum.start_operands=0",
         f"rollout.k={args.k}", f"rollout.prompts_per_step={args.prompts_per_step}",
         f"rollout.temperature={args.temperature}", f"rollout.max_tokens={args.max_tokens}",
-        f"eval.every={args.eval_every}", f"eval.size={args.eval_size}", f"trainer.optim.lr={args.lr}"])
+        f"eval.every={args.eval_every}", f"eval.size={args.eval_size}", f"trainer.optim.lr={args.lr}",
+        f"task.max_operands={args.max_operands}", f"eval.max_tokens={max(args.max_tokens, 8 * args.max_operands)}",
+        *model_overrides(args)])
     _, run, _ = run_train(job)
     summary = summarise(run.dir, str(prompts), algo, arm, seed)
     done.write_text(json.dumps(summary))
