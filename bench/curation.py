@@ -20,7 +20,8 @@ and per run:
                           seconds), each run read at its last eval at or before W; and at equal steps (the last eval)
 
 The arms are `uncurated` (the pool as made), `curated` (curated.jsonl) and, with --arms, `online` (curated.jsonl
-with the online p(1-p) sampler: env.curriculum.floor=0.01, counts warm-started from curate's p̂).
+with the online p(1-p) sampler: env.curriculum.floor=0.01, counts warm-started from curate's p̂) and
+`online_pool` (the uncurated pool with the online sampler: no curation, p̂ learned from the run's own groups).
 
     python bench/curation.py --out runs/curation_study                     # all of it (resumes: finished runs
     python bench/curation.py --out runs/curation_study --seeds 0 --steps 10 #  and the start are reused)
@@ -47,7 +48,7 @@ def parse_args():
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--algos", default="grpo,dapo")
-    p.add_argument("--arms", default="uncurated,curated", help="of uncurated, curated, online")
+    p.add_argument("--arms", default="uncurated,curated", help="of uncurated, curated, online, online_pool")
     p.add_argument("--prompts-per-step", type=int, default=16)
     p.add_argument("--k", type=int, default=8, help="samples per prompt, in curation and in RL")
     p.add_argument("--temperature", type=float, default=0.7, help="in curation and in RL (the recipe's)")
@@ -114,7 +115,7 @@ def rl_run(out: Path, start: Path, prompts: Path, algo: str, arm: str, seed: int
     done = out / "rl" / name / "summary.json"
     if done.exists():
         return summarise(out / "rl" / name, json.loads(done.read_text())["prompts"], algo, arm, seed)
-    floor = 0.01 if arm == "online" else 0.25
+    floor = 0.01 if arm.startswith("online") else 0.25
     job = load_train_job(None, [
         f"run.out_dir={out / 'rl'}", f"run.name={name}", f"run.seed={seed}", "run.progress=false",
         f"run.threads={args.threads}", f"init_from={start}", f"algorithm.name={algo}", f"steps={args.steps}",
@@ -209,7 +210,7 @@ def main() -> None:
     start = sft_start(out, args)
     print(f"start: {start} ({time.perf_counter() - t0:.0f} s)", flush=True)
     uncurated, curated, curate_s = pools(out, start, args)
-    files = {"uncurated": uncurated, "curated": curated, "online": curated}
+    files = {"uncurated": uncurated, "curated": curated, "online": curated, "online_pool": uncurated}
     curated_rows = sum(1 for line in curated.read_text().splitlines() if line.strip())
     print(f"curated: {curated_rows} rows in {curate_s:.1f} s", flush=True)
     results = []
