@@ -161,9 +161,8 @@ def hf_state(model, dtype: torch.dtype | None = None, device="cpu") -> dict[str,
     """The model's weights under HF checkpoint names, on `device` (None: where they are) in `dtype` (None: theirs),
     LoRA merged in, a tied head left out (vLLM ties it itself): what vLLM loads at start and each update pushes."""
     if _is_gpt_mini(model):
-        from rlpt.models.hf import _to_hf_name, gpt_mini_to_hf
-        if model.cfg.operand_index or not model.cfg.rope:
-            gpt_mini_to_hf(model)   # the error naming the key
+        from rlpt.models.hf import _to_hf_name, check_llama_form
+        check_llama_form(model.cfg)
         state, tied = {_to_hf_name(k): v for k, v in model.state_dict().items()}, model.cfg.tie_embeddings
     else:
         hf = _hf_module(model)

@@ -30,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from rlpt.gpt_mini.operand_index import CLOSE_ID, PLUS_ID, branch_prefix, operand_index
+from rlpt.gpt_mini.operand_index import operand_index, packed_operand_index
 
 
 @dataclass
@@ -305,7 +305,7 @@ class GPT(nn.Module):
         mask = mask.unsqueeze(1)                                                                # (B, 1, T, T)
         x = self.embed(input_ids)
         if self.cfg.operand_index:
-            x = x + self._operand_embedding(*self._packed_operand_index(input_ids, segment_ids, branch_ids))
+            x = x + self._operand_embedding(*packed_operand_index(input_ids, segment_ids, branch_ids))
         for i, layer in enumerate(self.layers):
             x = self._block(layer, x, cos, sin, i, None, mask)
         return self.lm_head(self.norm(x))
@@ -328,18 +328,6 @@ class GPT(nn.Module):
     def _operand_embedding(self, index: torch.Tensor, resp: torch.Tensor) -> torch.Tensor:
         """Indices past the table's last row share it (a prompt of more operands than rows)."""
         return self.operand_embed(index.clamp(max=self.cfg.operand_index - 1)) + self.segment_embed(resp.long())
-
-    @staticmethod
-    def _packed_operand_index(ids, segment_ids, branch_ids):
-        starts = torch.ones_like(ids, dtype=torch.bool)
-        starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
-        if branch_ids is None:
-            return operand_index(ids, starts)[:2]
-        starts[:, 1:] |= branch_ids[:, 1:] != branch_ids[:, :-1]
-        _, resp, _ = operand_index(ids, starts)                    # right for the shared prefixes (branch 0)
-        plus = (ids == PLUS_ID).long()
-        counts = torch.stack([(ids == CLOSE_ID).long(), plus * ~resp, plus * resp], -1)
-        return operand_index(ids, starts, prefix=branch_prefix(counts, segment_ids, branch_ids))[:2]
 
     def _block(self, layer: Block, x, cos, sin, i, cache, mask) -> torch.Tensor:
         """One block. With `grad_checkpointing` (training, grad on) only its input is kept for backward and its

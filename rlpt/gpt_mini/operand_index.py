@@ -68,8 +68,23 @@ def operand_index_list(tokens: list[int]) -> tuple[list[int], list[int]]:
     return index, resp
 
 
-def branch_prefix(values: torch.Tensor, segment_ids: torch.Tensor, branch_ids: torch.Tensor) -> torch.Tensor:
+def _branch_prefix(values: torch.Tensor, segment_ids: torch.Tensor, branch_ids: torch.Tensor) -> torch.Tensor:
     """Per token of a branch (> 0), the sum of `values` (B, T, C) over its segment's shared prefix (branch 0)."""
     same = (segment_ids[:, :, None] == segment_ids[:, None, :]) & (branch_ids[:, None, :] == 0)   # (B, T, T)
     total = torch.einsum("bij,bjc->bic", same.to(values.dtype), values)
     return total * (branch_ids > 0)[..., None]
+
+
+def packed_operand_index(ids: torch.Tensor, segment_ids: torch.Tensor,
+                         branch_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """operand_index of packed rows (B, T): counts restart with every segment, and a branch (> 0) of a shared-prefix
+    tree starts from its prefix's (branch 0) counts -> (index, response)."""
+    starts = torch.ones_like(ids, dtype=torch.bool)
+    starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    if branch_ids is None:
+        return operand_index(ids, starts)[:2]
+    starts[:, 1:] |= branch_ids[:, 1:] != branch_ids[:, :-1]
+    _, resp, _ = operand_index(ids, starts)                    # right for the shared prefixes (branch 0)
+    plus = (ids == PLUS_ID).long()
+    counts = torch.stack([(ids == CLOSE_ID).long(), plus * ~resp, plus * resp], -1)
+    return operand_index(ids, starts, prefix=_branch_prefix(counts, segment_ids, branch_ids))[:2]

@@ -51,10 +51,8 @@ def _to_hf_name(name: str) -> str:
     return "model." + ".".join(parts)
 
 
-def gpt_mini_to_hf(model: GPT, attn_implementation: str = "sdpa", **config_kwargs) -> LlamaForCausalLM:
-    """An equivalent `LlamaForCausalLM` (same device and dtype). `config_kwargs` go to `LlamaConfig`
-    (e.g. `eos_token_id=...`); the architecture fields are fixed by `model.cfg`."""
-    c = model.cfg
+def check_llama_form(c) -> None:
+    """A ValueError naming the key when gpt_mini config `c` has no Llama equivalent (NoPE, operand-index rows)."""
     if not c.rope:
         raise ValueError("this gpt_mini has no rotary positions (model.rope=false), which a Llama always applies: it "
                          "cannot be exported to Hugging Face or served by vLLM; train with model.rope=true to export")
@@ -62,6 +60,13 @@ def gpt_mini_to_hf(model: GPT, attn_implementation: str = "sdpa", **config_kwarg
         raise ValueError(f"this gpt_mini has operand-index embeddings (model.operand_index={c.operand_index}), which a "
                          "Llama has no place for: it cannot be exported to Hugging Face or served by vLLM; train "
                          "with model.operand_index=0 to export")
+
+
+def gpt_mini_to_hf(model: GPT, attn_implementation: str = "sdpa", **config_kwargs) -> LlamaForCausalLM:
+    """An equivalent `LlamaForCausalLM` (same device and dtype). `config_kwargs` go to `LlamaConfig`
+    (e.g. `eos_token_id=...`); the architecture fields are fixed by `model.cfg`."""
+    c = model.cfg
+    check_llama_form(c)
     config = LlamaConfig(**{
         "bos_token_id": None, "eos_token_id": None, "pad_token_id": None, **config_kwargs,
         "vocab_size": c.vocab_size, "hidden_size": c.d_model, "intermediate_size": c.d_ff,
