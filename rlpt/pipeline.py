@@ -69,7 +69,7 @@ from rlpt.sft import SFTJob, check_demonstration_fits, train_sft
 from rlpt.stages import HardSlice, StageClock, StageEval, run_job_stage
 from rlpt.train import EnvConfig, RolloutConfig, TrainerConfig, TrainJob, TrainStage, algorithm_overrides, run_train
 
-RL_ALGORITHM = "grpo"   # keeps every group, so the curriculum sees every prompt's rewards (DAPO's filter hides them)
+RL_ALGORITHM = "grpo"   # keeps every group: the degenerate ones count in the reported degenerate fraction
 
 
 class RLStage(TrainStage):

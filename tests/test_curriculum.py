@@ -342,3 +342,19 @@ def test_the_controller_hands_each_step_groups_to_the_env_and_logs_the_data_metr
     expected = signal_metrics([group(r) for r in env.calls[0]])
     assert {k: m[k] for k in expected} == expected
     assert m["data/wasted_realised"] == 4 * m["groups/degenerate_frac"]
+
+
+def test_dapo_hands_the_env_the_groups_its_filter_dropped_too(tmp_path):
+    """DAPO's GroupFilter drops the degenerate groups before training; the env must still see them, or a curriculum
+    never learns that a solved prompt is solved. A random tiny policy fails almost every sample, so the filter drops
+    nearly every group and redraws up to its cap: the curriculum's counts must hold K samples per group drawn."""
+    rows = train_rows(ArithmeticTask(max_operands=3), 40)
+    path = write_rows(tmp_path / "forty.jsonl", rows)
+    job = tiny(tmp_path, "env.name=curriculum", f"env.curriculum.prompts={path}", "env.curriculum.probe=0",
+               "steps=1", "algorithm.name=dapo")
+    ctl, run, _ = run_train(job)
+    step = next(json.loads(line) for line in (run.dir / "metrics.jsonl").read_text().splitlines()
+                if "sampling/groups_drawn" in line)
+    assert step["sampling/groups_drawn"] > job.rollout.prompts_per_step      # some groups were dropped and redrawn
+    assert sum(ctl.env.curriculum.n) == job.rollout.k * step["sampling/groups_drawn"]
+    assert len(ctl.rollout.drawn) == step["sampling/groups_drawn"]

@@ -29,9 +29,9 @@ and env.curriculum.start_operands=4: the 5-operand prompts open when the 4-opera
 The pass-rate table, the sampler's RNG, the ramp's width and window and the rest of the step's order are in
 `state_dict`, so a resumed `rlpt train` run draws the same prompts as an uninterrupted one.
 
-Only the groups that reach the controller are observed: with an algorithm that drops degenerate groups at
-sampling time (DAPO's GroupFilter), those groups' prompts keep their p̂, so pair the curriculum with GRPO-style
-algorithms that keep every group, or read curriculum/* knowing it.
+Every group the rollout drew is observed, the ones an algorithm's GroupFilter dropped (DAPO's dynamic sampling)
+too: the rollout keeps them in `Rollout.drawn` and the controller hands those to `observe`, so a solved prompt's
+p̂ moves even when its group never reaches the loss.
 """
 from __future__ import annotations
 

@@ -81,7 +81,8 @@ class Controller:
         metrics = {**rollout_metrics(groups), **self.rollout.stats, "groups/kept": len(kept) / len(flatten(groups)),
                    **length_quantiles([len(t.response_ids) for t in flatten(groups)])}
         metrics["groups/signal_frac"] = 1.0 - metrics["groups/degenerate_frac"]
-        metrics |= signal_metrics(groups) | self.env.observe(groups)              # data/*; the env sees the groups
+        # data/*; the env sees every group drawn, those a GroupFilter dropped too (a curriculum's p̂ needs them)
+        metrics |= signal_metrics(groups) | self.env.observe(getattr(self.rollout, "drawn", None) or groups)
         if kept:
             batch = collate(kept, self.pad_id)                                      # 4 collate
             with self.timed("train"):

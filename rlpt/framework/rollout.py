@@ -19,7 +19,9 @@ repeats until `prompts_per_step` groups passed (surplus dropped) or `max_draws` 
 At the cap it returns what passed, fewer groups than asked; if none passed, the last round as
 drawn, which the algorithm marks degenerate so the step is skipped. It never loops forever.
 `stats` reports `sampling/draws`, `sampling/groups_drawn`, `sampling/groups_kept`,
-`sampling/filtered_frac` (the measured degenerate fraction) and `sampling/cap_hit`.
+`sampling/filtered_frac` (the measured degenerate fraction) and `sampling/cap_hit`. `drawn` holds every
+group the step sampled, the dropped ones too: the controller hands those to `env.observe`, so a curriculum
+learns from the groups the filter hid (else a solved prompt's p̂ would never move).
 
 Two sampling backends behind `_sample`, chosen by `rollout.backend`: "engine", the default (`rlpt.engine`:
 paged KV, continuous batching over every prompt at once, the K samples of a group as one request with
@@ -99,6 +101,7 @@ class Rollout:
         self.version = 0
         self.group_filter = group_filter
         self.stats: dict = {}
+        self.drawn: list[list[Trajectory]] = []     # every group the last `generate` sampled (filtered ones too)
         self.use_backend(backend)
         self.verify_workers, self.verify_timeout, self._pool, self._pool_env = 0, 30.0, None, None
         self._t_start: float | None = None
@@ -152,10 +155,13 @@ class Rollout:
             self._engine.reset_prefix_caches()
         target, f = self.prompts_per_step, self.group_filter
         if f is None:
-            return self._draw(env, K, target, first=0)
+            self.drawn = self._draw(env, K, target, first=0)
+            return self.drawn
         kept, last, draws, drawn, rewards = [], [], 0, 0, []
+        self.drawn = []
         while len(kept) < target and draws < f.max_draws:
             last = self._draw(env, K, math.ceil((target - len(kept)) * f.oversample), first=drawn)
+            self.drawn += last
             draws, drawn = draws + 1, drawn + len(last)
             rewards += [t.reward for g in last for t in g]
             kept += [g for g in last if f.keep(g)]
