@@ -12,7 +12,7 @@ import pytest
 
 from rlpt.cli import main
 from rlpt.config import ConfigError
-from rlpt.data.decontam import EvalIndex, decontaminate
+from rlpt.data.decontam import EvalIndex, decontaminate, ngrams
 from rlpt.data.dedup import exact_dedup, near_dedup, normalise
 from rlpt.data.difficulty import Z95, bucket, in_band, wilson
 from rlpt.data.prompts import PromptRow, read_jsonl, read_prompts
@@ -153,6 +153,19 @@ def test_decontamination_flags_every_injected_eval_row_and_nothing_disjoint():
     assert sorted(x.row.id for x in removed) == sorted([r.id for r in injected] + ["s1"])
     assert {x.reason for x in removed if x.row.id.startswith("e")} == {"overlaps farm (8-gram), farm (13-gram)"}
     assert len(kept) == 501
+
+
+def test_decontamination_counts_words_so_a_long_sum_matches_only_itself():
+    """n counts words, not `+` and `<`: a 6-operand sum sharing the sorted run 3+4+5+6 with an eval sum is not a
+    leak (as symbol-counted 8-grams had it), a reordering of the eval sum is, and a 9-word text is cut in words."""
+    index = EvalIndex((8,))
+    index.add("held", ["<1+3+4+5+6+9>", "one two three four five six seven eight nine"])
+    rows = [PromptRow("run", "<2+3+4+5+6+7>", "27"), PromptRow("reorder", "<9+6+5+4+3+1>", "28"),
+            PromptRow("words", "zero, two three four five six seven eight nine!", "0")]
+    kept, removed = decontaminate(rows, index)
+    assert [r.id for r in kept] == ["run"] and [x.row.id for x in removed] == ["reorder", "words"]
+    assert ngrams("a + b c d", 3) == {("a", "+", "b", "c"), ("b", "c", "d")} and ngrams("<1+2>", 8) == {
+        ("<", "1", "+", "2", ">")}
 
 
 # -- reading prompt sets ------------------------------------------------------------------------------------------
