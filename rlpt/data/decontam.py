@@ -8,7 +8,8 @@ named, and the report says which set and which n caught each row. Tokens are ded
 reordered sum do not hide a leaked eval row. n counts words (tokens with a letter or digit); an n-gram
 holds the symbols between its words. A text of at most n words is one n-gram, its whole self: arithmetic
 prompts (`<3+4+5+6+7+8>`, six words) match only exactly, as the arithmetic task's multiset split needs. What
-this misses: a paraphrase with other words (the course's "5 % -> 95 % on an untouched topic" test is what catches those).
+this misses: a paraphrase with other words (the course's "5 % -> 95 % on an untouched topic" test is what
+catches those).
 """
 from __future__ import annotations
 
