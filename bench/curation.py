@@ -61,6 +61,10 @@ def parse_args():
     p.add_argument("--model", default="", help="model.* overrides of the start and the RL runs, comma-separated "
                    "(the pipeline's: rope=false,operand_index=16,rope_theta=1e30)")
     p.add_argument("--max-operands", type=int, default=4, help="task.max_operands of the pool, held-out set and RL")
+    p.add_argument("--band", default="0,1", help="curate's band LO,HI: keep LO < p̂ < HI (difficulty.low/high); "
+                   "0.2,0.8 keeps 2/8..6/8 at K = 8")
+    p.add_argument("--floor", type=float, default=0.01, help="env.curriculum.floor of the online arms")
+    p.add_argument("--decay", type=float, default=1.0, help="env.curriculum.decay of the online arms")
     p.add_argument("--report", action="store_true", help="only tabulate the runs already finished under --out")
     return p.parse_args()
 
@@ -100,7 +104,9 @@ def pools(out: Path, start: Path, args) -> tuple[Path, Path, float]:
     if not stamp.exists():
         job = load_config(CurateJob, None, [f"run.out_dir={out}", "run.name=curate", f"difficulty.k={args.k}",
                                             f"difficulty.temperature={args.temperature}",
-                                            f"difficulty.max_tokens={args.max_tokens}", f"run.threads={args.threads}"],
+                                            f"difficulty.max_tokens={args.max_tokens}", f"run.threads={args.threads}",
+                                            f"difficulty.low={args.band.split(',')[0]}",
+                                            f"difficulty.high={args.band.split(',')[1]}"],
                           base={"input": str(train), "policy": str(start), "eval": [f"held={held}"]})
         t0 = time.perf_counter()
         curate(job)
@@ -115,12 +121,14 @@ def rl_run(out: Path, start: Path, prompts: Path, algo: str, arm: str, seed: int
     done = out / "rl" / name / "summary.json"
     if done.exists():
         return summarise(out / "rl" / name, json.loads(done.read_text())["prompts"], algo, arm, seed)
-    floor = 0.01 if arm.startswith("online") else 0.25
+    online = arm.startswith("online")
+    floor, decay = (args.floor, args.decay) if online else (0.25, 1.0)
     job = load_train_job(None, [
         f"run.out_dir={out / 'rl'}", f"run.name={name}", f"run.seed={seed}", "run.progress=false",
         f"run.threads={args.threads}", f"init_from={start}", f"algorithm.name={algo}", f"steps={args.steps}",
         f"ckpt_every={args.steps}", "env.name=curriculum", f"env.curriculum.prompts={prompts}",
-        f"env.curriculum.floor={floor}", "env.curriculum.probe=0", "env.curriculum.start_operands=0",
+        f"env.curriculum.floor={floor}", f"env.curriculum.decay={decay}", "env.curriculum.probe=0",
+        "env.curriculum.start_operands=0",
         f"rollout.k={args.k}", f"rollout.prompts_per_step={args.prompts_per_step}",
         f"rollout.temperature={args.temperature}", f"rollout.max_tokens={args.max_tokens}",
         f"eval.every={args.eval_every}", f"eval.size={args.eval_size}", f"trainer.optim.lr={args.lr}",
@@ -186,17 +194,23 @@ def tables(results: list[dict], curate_s: float, args, curated_rows: int) -> str
                        f"{mean_sd([r['groups_kept'] for r in rs])} | {mean_sd([r['skipped'] for r in rs])} | "
                        f"{mean_sd([r['evals'][0][2] for r in rs])} | {mean_sd([r['evals'][-1][2] for r in rs])} | "
                        f"{mean_sd([r['wall_s'] for r in rs])} |")
+    users = sum(r["arm"] in ("curated", "online") for r in results)      # the runs that share one curation
     out += ["", "Held-out accuracy at equal wall-clock (per algorithm and seed: W = the shorter run, the curated "
-            "one charged the curation):", "", "| algorithm | seed | W s | uncurated | curated | curated − uncurated |",
-            "|---|---|---:|---:|---:|---:|"]
+            f"one charged the whole curation; 'shared': charged 1/{users} of it, the curation reused by the "
+            f"study's {users} runs on the curated pool):", "",
+            "| algorithm | seed | W s | uncurated | curated | curated − uncurated | W s, shared | uncurated | "
+            "curated | curated − uncurated |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for algo in args.algos.split(","):
         for seed in seeds:
             u = next((r for r in results if (r["algo"], r["arm"], r["seed"]) == (algo, "uncurated", seed)), None)
             c = next((r for r in results if (r["algo"], r["arm"], r["seed"]) == (algo, "curated", seed)), None)
             if u and c:
-                w = min(u["wall_s"], c["wall_s"] + curate_s)
-                au, ac = acc_at(u, w), acc_at(c, w, curate_s)
-                out.append(f"| {algo} | {seed} | {w:.0f} | {au:.4f} | {ac:.4f} | {ac - au:+.4f} |")
+                cells = []
+                for charge in (curate_s, curate_s / max(users, 1)):
+                    w = min(u["wall_s"], c["wall_s"] + charge)
+                    au, ac = acc_at(u, w), acc_at(c, w, charge)
+                    cells.append(f"{w:.0f} | {au:.4f} | {ac:.4f} | {ac - au:+.4f}")
+                out.append(f"| {algo} | {seed} | {' | '.join(cells)} |")
     return "\n".join(out) + "\n"
 
 

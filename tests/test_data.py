@@ -379,3 +379,21 @@ def test_curriculum_samples_by_weight_and_resumes_bit_identically():
     assert [r.sample(2) for _ in range(5)] == after
     with pytest.raises(ValueError, match="saved prompt ids differ"):
         Curriculum(["a", "b"]).load_state_dict(saved)
+
+
+def test_band_ceiling_reads_the_band_on_one_measurement_and_the_degenerate_fraction_on_the_other():
+    """bench/band_ceiling.py's table by hand: the band on the first K samples, degeneracy (0 or K of K) on the
+    second."""
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).parents[1] / "bench" / "band_ceiling.py"
+    spec = importlib.util.spec_from_file_location("band_ceiling", path)
+    bc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bc)
+    table = {r["band"]: r for r in bc.ceiling([0, 4, 8, 3, 5, 1], [0, 4, 8, 8, 2, 0], 8)}
+    assert {b: (r["rows"], r["degenerate_second"]) for b, r in table.items()} == {
+        "none": (6, 4 / 6), "1..7 of 8": (4, 0.5), "2..6 of 8": (3, 1 / 3), "3..5 of 8": (3, 1 / 3),
+        "4..4 of 8": (1, 0.0)}
+    assert table["4..4 of 8"]["expected_first"] == 2 * 0.5 ** 8
+    p8 = {a: (a / 8) ** 8 + (1 - a / 8) ** 8 for a in range(9)}
+    assert table["none"]["expected_first"] == pytest.approx(sum(p8[a] for a in [0, 4, 8, 3, 5, 1]) / 6, abs=1e-15)
