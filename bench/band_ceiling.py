@@ -5,6 +5,11 @@ choose the band on the first K and read the degenerate fraction (all K rewards e
 step 1 of RL on the band would see, regression to the mean included, before any learning moves the policy.
 
     python bench/band_ceiling.py --policy runs/pipeline/1_cot --pool 8000      # ~3,700 distinct sums, ~2.5 min
+    python bench/band_ceiling.py ... --save runs/bands                         # and write each band as a prompt set
+
+With --save DIR: DIR/band_LO_HI.jsonl for every band of the table (the rows' first measurement as metadata p_hat
+and k, as rlpt data curate writes them, so `bench/curation.py --curated DIR/band_3_5.jsonl` trains on it) and
+DIR/seconds.json (the first scoring's seconds: what curating one band cost).
 
 Prints a table (band on the first K, rows kept, degenerate on the second K, expected by the first K's own p̂) and
 one JSON line last.
@@ -25,6 +30,7 @@ def parse_args():
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--max-tokens", type=int, default=48)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--save", default=None, metavar="DIR", help="write each band as a prompt set (module doc)")
     return p.parse_args()
 
 
@@ -46,6 +52,19 @@ def ceiling(first: list[int], second: list[int], k: int) -> list[dict]:
                         "degenerate_second": sum(degenerate(b, k) for _, b in kept) / len(kept),
                         "expected_first": sum((a / k) ** k + (1 - a / k) ** k for a, _ in kept) / len(kept)})
     return out
+
+
+def save_bands(folder, rows, successes: list[int], k: int, seconds: float) -> None:
+    """Each symmetric band lo..k-lo of the first measurement as a prompt set, p̂ and k in each row's metadata."""
+    from dataclasses import replace
+
+    from rlpt.data.prompts import write_prompts
+    folder.mkdir(parents=True, exist_ok=True)
+    for lo in range(1, k // 2 + 1):
+        kept = [replace(r, metadata={**r.metadata, "p_hat": s / k, "k": k})
+                for r, s in zip(rows, successes) if lo <= s <= k - lo]
+        write_prompts(folder / f"band_{lo}_{k - lo}.jsonl", kept)
+    (folder / "seconds.json").write_text(json.dumps({"seconds": seconds}))
 
 
 def main() -> None:
@@ -79,6 +98,8 @@ def main() -> None:
                                                        seed=seed, gold=int)])
         seconds.append(time.perf_counter() - t0)
     table = ceiling(scored[0], scored[1], args.k)
+    if args.save:
+        save_bands(Path(args.save), rows, scored[0], args.k, seconds[0])
     print(f"Measured on {machine()}; {len(rows)} distinct prompts of {args.pool}, K = {args.k}, "
           f"T = {args.temperature}, policy {args.policy}; scoring {seconds[0]:.1f} s + {seconds[1]:.1f} s\n")
     print("| band on the first K | rows kept | degenerate on the second K (step 1) | expected by the first K's p̂ |")

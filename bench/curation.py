@@ -65,6 +65,13 @@ def parse_args():
                    "0.2,0.8 keeps 2/8..6/8 at K = 8")
     p.add_argument("--floor", type=float, default=0.01, help="env.curriculum.floor of the online arms")
     p.add_argument("--decay", type=float, default=1.0, help="env.curriculum.decay of the online arms")
+    p.add_argument("--algorithm", default="", help="algorithm.* overrides of the RL runs, comma-separated (an "
+                   "equal-work DAPO: max_draws=16,oversample=1.5 trains 16 informative groups every step in both arms)")
+    p.add_argument("--set", default="", help="any other overrides of the RL runs, comma-separated KEY=VALUE "
+                   "(trainer.optim.warmup_steps=20)")
+    p.add_argument("--curated", default=None, metavar="FILE", help="train the curated arms on this prompt set "
+                   "instead of curating the pool (bench/band_ceiling.py --save's bands; charged the seconds.json "
+                   "beside it, else 0)")
     p.add_argument("--report", action="store_true", help="only tabulate the runs already finished under --out")
     return p.parse_args()
 
@@ -133,7 +140,8 @@ def rl_run(out: Path, start: Path, prompts: Path, algo: str, arm: str, seed: int
         f"rollout.temperature={args.temperature}", f"rollout.max_tokens={args.max_tokens}",
         f"eval.every={args.eval_every}", f"eval.size={args.eval_size}", f"trainer.optim.lr={args.lr}",
         f"task.max_operands={args.max_operands}", f"eval.max_tokens={max(args.max_tokens, 8 * args.max_operands)}",
-        *model_overrides(args)])
+        *model_overrides(args), *[f"algorithm.{kv}" for kv in args.algorithm.split(",") if kv],
+        *[kv for kv in args.set.split(",") if kv]])
     _, run, _ = run_train(job)
     summary = summarise(run.dir, str(prompts), algo, arm, seed)
     done.write_text(json.dumps(summary))
@@ -224,6 +232,10 @@ def main() -> None:
     start = sft_start(out, args)
     print(f"start: {start} ({time.perf_counter() - t0:.0f} s)", flush=True)
     uncurated, curated, curate_s = pools(out, start, args)
+    if args.curated:
+        curated = Path(args.curated)
+        charge = curated.parent / "seconds.json"
+        curate_s = json.loads(charge.read_text())["seconds"] if charge.exists() else 0.0
     files = {"uncurated": uncurated, "curated": curated, "online": curated, "online_pool": uncurated}
     curated_rows = sum(1 for line in curated.read_text().splitlines() if line.strip())
     print(f"curated: {curated_rows} rows in {curate_s:.1f} s", flush=True)
