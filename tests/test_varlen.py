@@ -102,3 +102,22 @@ def test_a_model_without_varlen_keeps_the_bins():
     ref, _ = grads_of(policy, batch, loss_fn)
     got, _ = grads_of(bins, batch, loss_fn, packing=True)
     assert max((a - b).abs().max().item() for a, b in zip(got, ref)) <= 1e-6
+
+
+def test_the_matmul_attention_path_keeps_the_flash_paths_gradients(monkeypatch):
+    """rlpt.gpt_mini.attention.MATH_MAX_T (off by default: it measured a tie, bench/attention.py): with it on, the
+    trainer's varlen and padded forwards take causal_math, and the gradients stay the flash path's to 1e-6."""
+    import rlpt.gpt_mini.attention as attn
+    policy, trajs = rollouts(seed=4)
+    batch = collate(trajs, TOK.pad_id)
+    loss_fn = make_algorithm({"name": "grpo", "beta": 0.0}, 4, 20).compute_loss
+    assert attn.MATH_MAX_T == 0
+    flash, m_flash = grads_of(policy, batch, loss_fn, packing=True)
+    calls = []
+    monkeypatch.setattr(attn, "MATH_MAX_T", 64)
+    monkeypatch.setattr(attn, "causal_math", lambda q, k, v, f=attn.causal_math: calls.append(q.shape) or f(q, k, v))
+    for packing in (True, False):
+        got, m = grads_of(policy, batch, loss_fn, packing=packing)
+        assert m["loss"] == pytest.approx(m_flash["loss"], abs=1e-6)
+        assert max((a - b).abs().max().item() for a, b in zip(got, flash)) <= 1e-6
+    assert len(calls) >= 2 * policy.cfg.n_layer          # every layer of both forwards took the matmul path

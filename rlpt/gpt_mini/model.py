@@ -30,6 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from rlpt.gpt_mini.attention import sdpa
 from rlpt.gpt_mini.operand_index import operand_index, packed_operand_index
 
 
@@ -111,22 +112,6 @@ class KVCache:
         self.v = [v[rows] for v in self.v]
         self.valid = self.valid[rows]
         self.operand_state = self.operand_state[rows]
-
-
-def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """softmax(q·kᵀ/√d + mask)·v, causal when `mask` is None. Under bf16 autocast on a CPU the attention itself
-    runs in fp32 (q, k, v cast up; the next projection casts the output back to bf16): the CPU's bf16
-    flash-attention backward is ~9x slower than fp32 at these head sizes, which cancelled the bf16 matmuls' gain
-    (the recipe's model: bf16 step 0.99x fp32 with bf16 attention, 1.85x with fp32 attention;
-    `bench/train_throughput.py --bf16 [--attn-bf16]`). The logits only get closer to fp32's."""
-    if q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
-        with torch.autocast("cpu", enabled=False):
-            if mask is not None and mask.is_floating_point():
-                mask = mask.float()
-            return sdpa(q.float(), k.float(), v.float(), mask)
-    if mask is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
 class Attention(nn.Module):
