@@ -67,7 +67,7 @@ def train_step(args) -> dict:
     import rlpt.gpt_mini.attention as attn
     from rlpt.config import ModelConfig, OptimConfig
     from rlpt.framework.algorithm import make_algorithm
-    from rlpt.framework.trainer import Trainer
+    from rlpt.framework.trainer import Trainer, autocast
     from rlpt.framework.trajectory import per_token_logp
     from rlpt.gpt_mini.model import make_model
     from rlpt.gpt_mini.tokenizer import CharTokenizer
@@ -80,26 +80,36 @@ def train_step(args) -> dict:
     with torch.no_grad():
         batch.old_logp = per_token_logp(base, batch.input_ids) * batch.mask      # on-policy: ρ = 1
     algo = make_algorithm({"name": "grpo"}, 8, shape.response)
-    out, default = {}, attn.MATH_MAX_T
-    for precision in ("fp32", "bf16"):
+    with torch.no_grad():
+        reference = per_token_logp(base, batch.input_ids)                            # fp32, flash
+    defaults = attn.MATH_MAX_T, attn.BF16_MATH_MAX_T
+    out = {}
+    for precision, knob in (("fp32", "MATH_MAX_T"), ("bf16", "BF16_MATH_MAX_T")):
         sides = {}
         for name in ("flash", "math"):
             model = copy.deepcopy(base)
             opt, sched = make_optimizer(model, OptimConfig(lr=1e-5, warmup_steps=0, schedule="constant"), 10 ** 6)
             sides[name] = Trainer(model, opt, sched, 1.0, 0, 1, 1, precision=precision)
+        gap = {}
+        for name in sides:                          # |log π - log π_fp32,flash| on the trained tokens, at the start
+            setattr(attn, knob, 64 if name == "math" else 0)
+            with torch.no_grad(), autocast(precision):
+                lp = per_token_logp(base, batch.input_ids).float()
+            gap[name] = ((lp - reference).abs() * batch.mask).sum().item() / batch.mask.sum().item()
         times = {n: [] for n in sides}
         for r in range(args.rounds + 1):                 # round 0 warms up
             for name in (list(sides) if r % 2 else list(sides)[::-1]):
-                attn.MATH_MAX_T = 64 if name == "math" else 0
+                setattr(attn, knob, 64 if name == "math" else 0)
                 c = time.process_time()
                 for _ in range(args.steps):
                     sides[name].train_step(batch, algo.compute_loss)
                 if r:
                     times[name].append((time.process_time() - c) / args.steps)
-        attn.MATH_MAX_T = default
+        attn.MATH_MAX_T, attn.BF16_MATH_MAX_T = defaults
         ms = {n: statistics.median(ts) * 1e3 for n, ts in times.items()}
         out[precision] = {"flash_ms": round(ms["flash"], 2), "math_ms": round(ms["math"], 2),
-                          "flash_over_math": round(ms["flash"] / ms["math"], 3)}
+                          "flash_over_math": round(ms["flash"] / ms["math"], 3),
+                          "mean_abs_dlogp_flash": gap["flash"], "mean_abs_dlogp_math": gap["math"]}
     return out
 
 
@@ -114,9 +124,11 @@ def main() -> None:
         print(f"| {r['T']} | {r['rows']} | {r['flash_ms']} | {r['math_ms']} | {r['flash_over_math']} | "
               f"{r['max_abs_diff']:.1e} |")
     step = train_step(args)
-    print(f"\nTrainer.train_step, 64 rows x {args.seq} tokens, CPU ms (MATH_MAX_T 0 = flash / 64 = math):")
+    print(f"\nTrainer.train_step, 64 rows x {args.seq} tokens, CPU ms (flash: MATH_MAX_T / BF16_MATH_MAX_T = 0, "
+          "fp32 attention; math: 64, in the step's precision):")
     for precision, s in step.items():
-        print(f"  {precision}: flash {s['flash_ms']} ms, math {s['math_ms']} ms, {s['flash_over_math']}x")
+        print(f"  {precision}: flash {s['flash_ms']} ms, math {s['math_ms']} ms, {s['flash_over_math']}x; mean |dlogp| "
+              f"against fp32 flash: {s['mean_abs_dlogp_flash']:.1e} flash, {s['mean_abs_dlogp_math']:.1e} math")
     print(json.dumps({"bench": "attention", "threads": args.threads, "kernel": rows, "train_step": step}))
 
 

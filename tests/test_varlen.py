@@ -121,3 +121,26 @@ def test_the_matmul_attention_path_keeps_the_flash_paths_gradients(monkeypatch):
         assert m["loss"] == pytest.approx(m_flash["loss"], abs=1e-6)
         assert max((a - b).abs().max().item() for a, b in zip(got, flash)) <= 1e-6
     assert len(calls) >= 2 * policy.cfg.n_layer          # every layer of both forwards took the matmul path
+
+
+def test_under_bf16_autocast_short_causal_rows_take_the_bf16_matmul_path(monkeypatch):
+    """BF16_MATH_MAX_T (on: 64): under CPU bf16 autocast a causal row of <= 64 tokens runs causal_math in bf16 (the
+    trainer step 1.07-1.10x faster than fp32 flash, bench/attention.py); its log-probs stay as close to fp32's as
+    the fp32-attention path's, and with the knob at 0 attention runs in fp32 again."""
+    import rlpt.gpt_mini.attention as attn
+    from rlpt.framework.trainer import autocast
+    policy, trajs = rollouts(seed=4)
+    ids = collate(trajs, TOK.pad_id).input_ids
+    seen = []
+    monkeypatch.setattr(attn, "causal_math", lambda q, k, v, f=attn.causal_math: seen.append(
+        torch.matmul(q, k.transpose(-1, -2)).dtype) or f(q, k, v))           # the dtype its matmuls run in
+    with torch.no_grad():
+        fp32 = per_token_logp(policy, ids)
+        got = {}
+        for knob in (64, 0):
+            monkeypatch.setattr(attn, "BF16_MATH_MAX_T", knob)
+            with autocast("bf16"):
+                got[knob] = per_token_logp(policy, ids).float()
+    assert attn.BF16_MATH_MAX_T == 0 and seen == [torch.bfloat16] * policy.cfg.n_layer    # knob 64 only
+    gaps = {knob: (lp - fp32).abs().mean().item() for knob, lp in got.items()}
+    assert 0 < gaps[64] <= 2 * gaps[0] + 1e-3 and gaps[0] <= 1e-2, gaps

@@ -1,24 +1,31 @@
 """gpt_mini's attention kernel: softmax(q·kᵀ/√d + mask)·v, causal when no mask is given.
 
-Two CPU choices, both measured (`python bench/attention.py`):
+Three CPU choices, all measured (`python bench/attention.py`, AMD EPYC with AVX-512-BF16, 1 thread, 3 Dec):
 
-- **fp32 under bf16 autocast.** The CPU's bf16 flash-attention backward is ~9x slower than fp32 at these head
-  sizes, which cancelled the bf16 matmuls' gain (the recipe's model: bf16 step 0.99x fp32 with bf16 attention,
-  1.85x with fp32 attention; `bench/train_throughput.py --bf16 [--attn-bf16]`). So q, k, v are cast up and the
-  next projection casts the output back to bf16; the logits only get closer to fp32's.
-- **Flash, not matmuls, for short causal rows** (measured, 3 Dec, AMD EPYC, 1 thread): two batched matmuls + a
-  softmax against PyTorch's CPU flash kernel, forward + backward on (64, 4, T, 32) in fp32, alternating medians:
-  flash / math 1.40x at T = 16, 0.90x at 32, 1.04x at 48, 0.88x at 64, 0.61x at 256 (8 rows); in the trainer's
-  GRPO step (64 rows x 40 tokens) 0.995x in fp32 and 1.015x in bf16: a tie. So `MATH_MAX_T` is 0 (off); set it
-  (causal rows up to that length take `causal_math` on a CPU) and rerun `python bench/attention.py` on a CPU
-  where the balance may differ (the Intel machines' AMX). The two agree to ~1e-6 (fp32 rounding; the test).
+- **Under bf16 autocast, short causal rows by bf16 matmuls** (`BF16_MATH_MAX_T` = 64, on): two batched matmuls +
+  a softmax, which autocast runs in bf16. The trainer's GRPO step (64 rows x 34 tokens) 1.07-1.10x faster than
+  with fp32 flash attention, its log-probs as close to fp32's (mean |Δ| 8.7e-4 against 9.1e-4); per layer,
+  forward + backward, 2.5 ms against 4.3 ms.
+- **Otherwise fp32 under bf16 autocast.** The CPU's bf16 flash-attention backward is ~9x slower than fp32 at these
+  head sizes, which cancelled the bf16 matmuls' gain (the recipe's model: bf16 step 0.99x fp32 with bf16 flash
+  attention, 1.85x with fp32; `bench/train_throughput.py --bf16 [--attn-bf16]`). So for masked attention and
+  rows longer than 64, q, k, v are cast up and the next projection casts the output back to bf16.
+- **In fp32, flash, not matmuls, for short causal rows** (`MATH_MAX_T` = 0, off): the matmul path against
+  PyTorch's CPU flash kernel, forward + backward on (64, 4, T, 32), alternating medians: flash / math 1.40x at
+  T = 16, 0.90x at 32, 1.04x at 48, 0.88x at 64, 0.61x at 256 (8 rows); in the fp32 trainer step 0.98-1.0x, a
+  tie. Set it and rerun the bench on a CPU where the balance may differ (the Intel machines' AMX). The two agree
+  to ~1e-6 (fp32 rounding; tests/test_varlen.py).
+
+The engine's paged attention is its own (rlpt/engine); these choices are the trainer's, the reference's, DPO's
+and the plain forward's.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-MATH_MAX_T = 0           # causal rows up to this length take the matmul path on a CPU (0: never; module doc)
+MATH_MAX_T = 0           # fp32: causal rows up to this length take the matmul path on a CPU (0: never; module doc)
+BF16_MATH_MAX_T = 64     # bf16 autocast: causal rows up to this length take the matmul path in bf16 (0: never)
 _CAUSAL: dict[tuple, torch.Tensor] = {}
 
 
@@ -40,6 +47,8 @@ def causal_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tens
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """softmax(q·kᵀ/√d + mask)·v, causal when `mask` is None (module doc: which kernel runs)."""
     if q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+        if mask is None and q.shape[-2] <= BF16_MATH_MAX_T and k.shape[-2] == q.shape[-2]:
+            return causal_math(q, k, v)                 # under autocast: bf16 matmuls and softmax
         with torch.autocast("cpu", enabled=False):
             if mask is not None and mask.is_floating_point():
                 mask = mask.float()
