@@ -66,8 +66,9 @@ def parse_args():
     g.add_argument("--rows", type=int, default=64, help="rows per train step (one mini-batch)")
     g.add_argument("--packing", action=argparse.BooleanOptionalAction, default=True)
     g.add_argument("--attn-bf16", action="store_true", help="the control: under bf16, run scaled_dot_product_"
-                   "attention in bf16 too (gpt_mini runs it in fp32 under autocast, rlpt.gpt_mini.model.sdpa: this "
-                   "CPU's bf16 flash-attention backward is the slow kernel at small d_model)")
+                   "attention (flash) in bf16 too (gpt_mini runs rows <= 64 tokens by bf16 matmuls and the rest "
+                   "by fp32 flash under autocast, rlpt.gpt_mini.attention.sdpa: this CPU's bf16 flash-attention "
+                   "backward is the slow kernel at small d_model)")
     return p.parse_args()
 
 
@@ -149,7 +150,7 @@ def matmul_ceiling(d_in_out: list[tuple[int, int]], tokens: int, reps: int) -> d
 
 
 def sdpa_in_bf16() -> None:
-    """--attn-bf16: the control for rlpt.gpt_mini.model.sdpa's fp32 attention under autocast: attention on whatever
+    """--attn-bf16: the control for rlpt.gpt_mini.attention.sdpa's choice under autocast: flash attention on whatever
     autocast hands it (bf16). Patches gpt_mini's `sdpa` for this process only."""
     import rlpt.gpt_mini.model as gm
 
