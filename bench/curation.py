@@ -72,6 +72,8 @@ def parse_args():
     p.add_argument("--curated", default=None, metavar="FILE", help="train the curated arms on this prompt set "
                    "instead of curating the pool (bench/band_ceiling.py --save's bands; charged the seconds.json "
                    "beside it, else 0)")
+    p.add_argument("--plot", default=None, metavar="PNG", help="also draw the degenerate fraction by step and held-out "
+                   "accuracy against wall-clock, mean over seeds (default OUT/curation.png)")
     p.add_argument("--report", action="store_true", help="only tabulate the runs already finished under --out")
     return p.parse_args()
 
@@ -222,6 +224,38 @@ def tables(results: list[dict], curate_s: float, args, curated_rows: int) -> str
     return "\n".join(out) + "\n"
 
 
+def per_step(folder: Path, key: str) -> list[float]:
+    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return [r.get(key, float("nan")) for r in rows if "reward/mean" in r]
+
+
+def plot(out: Path, results: list[dict], curate_s: float, path: Path) -> Path:
+    """Left: each algorithm x arm's degenerate fraction by step (GRPO: as sampled; DAPO: the drawn groups its
+    filter dropped), mean over seeds. Right: held-out accuracy against wall-clock, the curated arms shifted by the
+    curation's seconds, mean over seeds at each eval."""
+    from rlpt.report import figure
+    with figure(path, ncols=2, size=(12, 4.5)) as (left, right):
+        for algo in sorted({r["algo"] for r in results}):
+            for arm in sorted({r["arm"] for r in results if r["algo"] == algo}):
+                rs = [r for r in results if (r["algo"], r["arm"]) == (algo, arm)]
+                key = "sampling/filtered_frac" if algo == "dapo" else "groups/degenerate_frac"
+                curves = [per_step(out / "rl" / f"{algo}_{arm}_s{r['seed']}", key) for r in rs]
+                n = min(len(c) for c in curves)
+                left.plot(range(1, n + 1), [sum(c[i] for c in curves) / len(curves) for i in range(n)],
+                          label=f"{algo} {arm}")
+                shift = curate_s if arm in ("curated", "online") else 0.0
+                m = min(len(r["evals"]) for r in rs)
+                right.plot([shift + sum(r["evals"][i][1] for r in rs) / len(rs) for i in range(m)],
+                           [sum(r["evals"][i][2] for r in rs) / len(rs) for i in range(m)], marker="o",
+                           label=f"{algo} {arm}")
+        left.axhline(0.1, color="grey", linestyle=":", label="10 %")
+        left.set(xlabel="step", ylabel="degenerate fraction (DAPO: filtered)", ylim=(0, 1))
+        right.set(xlabel=f"wall-clock s (curated arms + {curate_s:.0f} s of curation)", ylabel="held-out accuracy")
+        left.legend(fontsize=8)
+        right.legend(fontsize=8)
+    return path
+
+
 def main() -> None:
     args = parse_args()
     import torch
@@ -254,6 +288,8 @@ def main() -> None:
                 (out / "results.json").write_text(json.dumps({"curate_s": curate_s, "curated_rows": curated_rows,
                                                               "args": vars(args), "runs": results}, indent=1))
                 (out / "curation.md").write_text(tables(results, curate_s, args, curated_rows))
+    if results:
+        print(f"plot: {plot(out, results, curate_s, Path(args.plot or out / 'curation.png'))}")
     print((out / "curation.md").read_text())
 
 
