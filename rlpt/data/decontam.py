@@ -15,21 +15,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from rlpt.data.dedup import Removed, tokens
+from rlpt.data.dedup import Removed, tokens, word_ngrams
 from rlpt.data.prompts import PromptRow
 
 
 def ngrams(text: str, n: int) -> set[tuple[str, ...]]:
-    """The token spans that hold n consecutive words (a word: a token with a letter or digit), with the symbols
-    between them; the whole token sequence if the text has at most n words. n counts words, as in GPT-3's and
-    open-r1's n-grams: counting `+` and `<` as words made a 6-operand sum's 8-grams four sorted terms long, and
-    one of them matched the run of some held-out sum (568 of 1,385 distinct training sums of 2-6 operands flagged
-    against 200 held-out ones; 0 now, as the task's multiset split promises)."""
-    t = tuple(tokens(text))
-    words = [i for i, x in enumerate(t) if any(c.isalnum() for c in x)]
-    if len(words) <= n:
-        return {t}
-    return {t[words[i]:words[i + n - 1] + 1] for i in range(len(words) - n + 1)}
+    """The word n-grams of tokens(text) (rlpt.data.dedup.word_ngrams: n words with the symbols between them; the
+    whole text if it has at most n words). n counts words, as in GPT-3's and open-r1's n-grams: counting `+` and
+    `<` as words made a 6-operand sum's 8-grams four sorted terms long, and one of them matched the run of some
+    held-out sum (568 of 1,385 distinct training sums of 2-6 operands flagged against 200 held-out ones; 0 now, as
+    the task's multiset split promises)."""
+    return set(word_ngrams(tokens(text), n))
 
 
 @dataclass
