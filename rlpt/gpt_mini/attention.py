@@ -5,7 +5,9 @@ Three CPU choices, all measured (`python bench/attention.py`, AMD EPYC with AVX-
 - **Under bf16 autocast, short causal rows by bf16 matmuls** (`BF16_MATH_MAX_T` = 64, on): two batched matmuls +
   a softmax, which autocast runs in bf16. The trainer's GRPO step (64 rows x 34 tokens) 1.07-1.10x faster than
   with fp32 flash attention, its log-probs as close to fp32's (mean |Δ| 8.7e-4 against 9.1e-4); per layer,
-  forward + backward, 2.5 ms against 4.3 ms.
+  forward + backward, 2.5 ms against 4.3 ms. With bf16 emulated (AVX2 only: `ONEDNN_MAX_CPU_ISA=AVX2
+  ATEN_CPU_CAPABILITY=avx2` on this CPU) the path is 0.96x, but there the bf16 step is 8x slower than fp32 either
+  way (1.78 s against 0.21 s): keep `trainer.precision=fp32` on such CPUs (the trainer prints its bf16 path).
 - **Otherwise fp32 under bf16 autocast.** The CPU's bf16 flash-attention backward is ~9x slower than fp32 at these
   head sizes, which cancelled the bf16 matmuls' gain (the recipe's model: bf16 step 0.99x fp32 with bf16 flash
   attention, 1.85x with fp32; `bench/train_throughput.py --bf16 [--attn-bf16]`). So for masked attention and
