@@ -34,23 +34,20 @@ def parse_args():
     return p.parse_args()
 
 
-def degenerate(successes: int, k: int) -> bool:
-    return successes in (0, k)
-
-
 def ceiling(first: list[int], second: list[int], k: int) -> list[dict]:
     """For each band lo..hi of successes out of k on the first measurement (the symmetric bands 1..k-1, 2..k-2,
-    ...): rows kept, the degenerate fraction of their second measurement, and the plug-in expectation
-    p^k + (1-p)^k at the first measurement's p̂."""
-    out = [{"band": "none", "rows": len(first), "degenerate_second": sum(degenerate(s, k) for s in second)
-            / len(second), "expected_first": sum((a / k) ** k + (1 - a / k) ** k for a in first) / len(first)}]
+    ...): rows kept, the degenerate fraction (0 or k of k) of their second measurement, and the plug-in
+    expectation p^k + (1-p)^k at the first measurement's p̂ (rlpt.data.signal.wasted_fraction)."""
+    from rlpt.data.signal import wasted_fraction
+
+    def row(band: str, kept: list[tuple[int, int]]) -> dict:
+        return {"band": band, "rows": len(kept), "degenerate_second": sum(b in (0, k) for _, b in kept) / len(kept),
+                "expected_first": wasted_fraction([a / k for a, _ in kept], k)}
+    pairs = list(zip(first, second))
+    out = [row("none", pairs)]
     for lo in range(1, k // 2 + 1):
-        hi = k - lo
-        kept = [(a, b) for a, b in zip(first, second) if lo <= a <= hi]
-        if kept:
-            out.append({"band": f"{lo}..{hi} of {k}", "rows": len(kept),
-                        "degenerate_second": sum(degenerate(b, k) for _, b in kept) / len(kept),
-                        "expected_first": sum((a / k) ** k + (1 - a / k) ** k for a, _ in kept) / len(kept)})
+        if kept := [(a, b) for a, b in pairs if lo <= a <= k - lo]:
+            out.append(row(f"{lo}..{k - lo} of {k}", kept))
     return out
 
 

@@ -150,9 +150,14 @@ def rl_run(out: Path, start: Path, prompts: Path, algo: str, arm: str, seed: int
     return summary
 
 
+def metric_rows(folder: Path) -> list[dict]:
+    """A run's metrics.jsonl, one dict a line."""
+    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
 def summarise(folder: Path, prompts: str, algo: str, arm: str, seed: int) -> dict:
     """A finished run's summary, from its metrics.jsonl (module doc)."""
-    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = metric_rows(folder)
     steps = [r for r in rows if "reward/mean" in r]
 
     def mean(key):
@@ -225,8 +230,8 @@ def tables(results: list[dict], curate_s: float, args, curated_rows: int) -> str
 
 
 def per_step(folder: Path, key: str) -> list[float]:
-    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return [r.get(key, float("nan")) for r in rows if "reward/mean" in r]
+    """`key` at every train step of a run (NaN where the step did not log it)."""
+    return [r.get(key, float("nan")) for r in metric_rows(folder) if "reward/mean" in r]
 
 
 def plot(out: Path, results: list[dict], curate_s: float, path: Path) -> Path:

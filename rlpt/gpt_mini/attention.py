@@ -46,18 +46,22 @@ def causal_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tens
     return torch.matmul(scores.softmax(-1), v)
 
 
+def short_causal(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, limit: int) -> bool:
+    """A causal self-attention (no mask, as many keys as queries) of at most `limit` tokens, on a CPU."""
+    return q.device.type == "cpu" and mask is None and k.shape[-2] == q.shape[-2] <= limit
+
+
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """softmax(q·kᵀ/√d + mask)·v, causal when `mask` is None (module doc: which kernel runs)."""
     if q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
-        if mask is None and q.shape[-2] <= BF16_MATH_MAX_T and k.shape[-2] == q.shape[-2]:
+        if short_causal(q, k, mask, BF16_MATH_MAX_T):
             return causal_math(q, k, v)                 # under autocast: bf16 matmuls and softmax
         with torch.autocast("cpu", enabled=False):
             if mask is not None and mask.is_floating_point():
                 mask = mask.float()
             return sdpa(q.float(), k.float(), v.float(), mask)
+    if short_causal(q, k, mask, MATH_MAX_T):
+        return causal_math(q, k, v)
     if mask is None:
-        T = q.shape[-2]
-        if q.device.type == "cpu" and T <= MATH_MAX_T and k.shape[-2] == T:
-            return causal_math(q, k, v)
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
